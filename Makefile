@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv/ on first use.
+PY := .venv/bin/python
+# PyTorch's CPU build, pinned so set-up never pulls a multi-GB CUDA build; the package itself asks only torch>=2.4.
+TORCH := torch==2.13.0
+
+.PHONY: install demo test test-slow bench clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -d .venv || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	.venv/bin/build-llm train --out runs/abc-demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	.venv/bin/build-llm bench
+
+clean:
+	rm -rf .venv runs build *.egg-info

@@ -1,0 +1,125 @@
+"""Causal multi-head self-attention, with a preallocated key/value cache for decoding.
+
+Two paths compute the same function: the book's explicit one (scores, causal mask, softmax,
+dropout on the weights, weighted sum) and PyTorch's fused `scaled_dot_product_attention`, which
+never materialises the T x T weights. "auto" takes the fused path except when dropout on the
+weights is active, because the fused kernel draws its dropout mask differently and the seed's
+training-mode numbers are those of the explicit path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ATTN_IMPLS
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions, allocated once.
+
+    `pos` is the number of positions already written; the model advances it after each forward.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
+                 *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        shape = (n_layers, batch_size, n_heads, max_len, head_dim)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def layer(self, i: int) -> "LayerKV":
+        return LayerKV(self.k[i], self.v[i], self.pos)
+
+
+class LayerKV:
+    """One layer's view of a KVCache: (B, nh, max_len, hs) buffers and the write position."""
+
+    __slots__ = ("k", "v", "pos")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        self.k, self.v, self.pos = k, v, pos
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
+                 qkv_bias: bool = False, *, fused_qkv: bool = False, out_bias: bool = True,
+                 impl: str = "auto") -> None:
+        super().__init__()
+        if d_out % num_heads:
+            raise ValueError(f"MultiHeadAttention: d_out={d_out} is not divisible by num_heads={num_heads}")
+        if impl not in ATTN_IMPLS:
+            raise ValueError(f"MultiHeadAttention: impl={impl!r} is invalid; expected one of {ATTN_IMPLS}")
+        self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
+        self.impl = impl
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.W_qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)
+        else:  # the book's three projections, created in its order (the seed's numbers depend on it)
+            self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+            self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
+        self.dropout = nn.Dropout(dropout)
+        # True above the diagonal: position i may not look at j > i. Not saved with the weights.
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool),
+                                                diagonal=1), persistent=False)
+
+    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project x (B, T, d_in) to queries, keys and values, each (B, nh, T, hs)."""
+        b, num_tokens, _ = x.shape
+        if self.fused_qkv:
+            queries, keys, values = self.W_qkv(x).split(self.d_out, dim=2)
+        else:
+            keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
+        split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
+        return split(queries), split(keys), split(values)  # (B, nh, T, hs)
+
+    def use_fused(self) -> bool:
+        if self.impl == "auto":
+            return not (self.training and self.dropout.p > 0)
+        return self.impl == "sdpa"
+
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        b, num_tokens, _ = x.shape
+        queries, keys, values = self.qkv(x)  # (B, nh, T, hs)
+        start = 0
+        if cache is not None:
+            start, end = cache.pos, cache.pos + num_tokens
+            cache.k[:, :, start:end] = keys
+            cache.v[:, :, start:end] = values
+            keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # (B, nh, start+T, hs)
+
+        if self.use_fused():
+            dropout_p = self.dropout.p if self.training else 0.0
+            if start == 0:
+                context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
+            else:  # queries sit at positions start..start+T-1 and see every key up to their own position
+                allowed = self.causal_mask(start, num_tokens, x.device).logical_not()
+                context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+        else:
+            attn_weights = self.dropout(self.weights(queries, keys, start))
+            context = attn_weights @ values  # (B, nh, T, hs)
+
+        context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, C)
+        return self.out_proj(context)
+
+    def causal_mask(self, start: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+        """(T, start+T) bool, True where a query may NOT attend."""
+        if start + num_tokens <= self.mask.shape[0]:
+            return self.mask[start:start + num_tokens, :start + num_tokens]
+        rows = torch.arange(start, start + num_tokens, device=device)[:, None]
+        return torch.arange(start + num_tokens, device=device)[None, :] > rows
+
+    def weights(self, queries: torch.Tensor, keys: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Softmax attention weights (B, nh, T, S), as the book computes them (no dropout)."""
+        attn_scores = queries @ keys.transpose(2, 3)  # (B, nh, T, S)
+        attn_scores = attn_scores.masked_fill(self.causal_mask(start, queries.shape[2], queries.device), -torch.inf)
+        return torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """The weights this layer puts on each earlier position for input x (B, T, d_in)."""
+        queries, keys, _ = self.qkv(x)
+        return self.weights(queries, keys)

@@ -1,0 +1,90 @@
+"""GPTModel: token + position embeddings, a stack of TransformerBlocks, final norm, vocabulary head."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .attention import KVCache
+from .config import GPTConfig
+from .layer import LayerNorm
+from .transformer import TransformerBlock
+
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = GPTConfig.coerce(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim, padding_idx=cfg.padding_idx)
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        self.drop_emb = nn.Dropout(cfg.drop_rate)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.out_head.weight = self.tok_emb.weight
+        if cfg.init_std is not None:
+            self.apply(self._init_gpt2)
+
+    def _init_gpt2(self, module: nn.Module) -> None:
+        # GPT-2's scheme: N(0, std) weights, zero biases; the projections that write into the
+        # residual stream are scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
+        std = self.cfg.init_std
+        if isinstance(module, nn.Linear):
+            is_residual_out = module in {b.att.out_proj for b in self.trf_blocks} | {b.ff.layers[2] for b in self.trf_blocks}
+            nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if is_residual_out else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos."""
+        start = 0 if cache is None else cache.pos
+        self.check_input(in_idx, start)
+        batch_size, seq_len = in_idx.shape
+
+        tok_embeds = self.tok_emb(in_idx)  # (B, T, C)
+        pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
+        pos_embeds = self.pos_emb(pos_ids)  # (T, C), broadcast over B
+        x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, C)
+
+        if cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for i, block in enumerate(self.trf_blocks):
+                x = block(x, cache.layer(i))
+            cache.pos += seq_len
+
+        x = self.final_norm(x)
+        return self.out_head(x)  # (B, T, vocab_size)
+
+    def check_input(self, in_idx: torch.Tensor, start: int = 0) -> None:
+        if not isinstance(in_idx, torch.Tensor):
+            raise TypeError(f"in_idx: expected a torch.Tensor of token ids, got {type(in_idx).__name__}")
+        if in_idx.ndim != 2:
+            raise ValueError(f"in_idx: expected shape (batch_size, seq_len), got {tuple(in_idx.shape)}")
+        if in_idx.dtype not in INT_DTYPES:
+            raise TypeError(f"in_idx: expected an integer dtype (e.g. torch.long), got {in_idx.dtype}")
+        if in_idx.shape[1] < 1:
+            raise ValueError("in_idx: seq_len is 0; give at least one token")
+        if start + in_idx.shape[1] > self.cfg.context_length:
+            raise ValueError(
+                f"in_idx: {start + in_idx.shape[1]} positions exceed context_length={self.cfg.context_length}; "
+                "crop the input to the last context_length tokens"
+            )
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KVCache for this model, sized by its context length."""
+        ref = self.pos_emb.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len or self.cfg.context_length,
+                       self.cfg.head_dim, device=ref.device, dtype=ref.dtype)

@@ -1,0 +1,39 @@
+"""TransformerBlock: pre-norm attention and feed-forward, each added back to the residual stream."""
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from .attention import LayerKV, MultiHeadAttention
+from .config import GPTConfig
+from .layer import LayerNorm
+from .mlp import FeedForward
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
+        super().__init__()
+        cfg = GPTConfig.coerce(cfg)
+        # Creation order is the book's: the seed's random initialisation depends on it.
+        self.att = MultiHeadAttention(
+            d_in=cfg.emb_dim, d_out=cfg.emb_dim, context_length=cfg.context_length,
+            dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias,
+            fused_qkv=cfg.fused_qkv, out_bias=cfg.bias, impl=cfg.attn_impl,
+        )
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.norm2 = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.drop_shortcut = nn.Dropout(cfg.drop_rate)
+        self.attn_out_dropout = cfg.attn_out_dropout
+
+    def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
+        shortcut = x
+        x = self.att(self.norm1(x), cache)
+        if self.attn_out_dropout:
+            x = self.drop_shortcut(x)
+        x = x + shortcut
+
+        shortcut = x
+        x = self.drop_shortcut(self.ff(self.norm2(x)))
+        return x + shortcut

@@ -30,21 +30,22 @@ class GPTModel(nn.Module):
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
         if cfg.init_std is not None:
-            self.apply(self._init_gpt2)
+            self.init_gpt2(cfg.init_std)
 
-    def _init_gpt2(self, module: nn.Module) -> None:
-        # GPT-2's scheme: N(0, std) weights, zero biases; the projections that write into the
-        # residual stream are scaled by 1/sqrt(2 * n_layers) so its variance does not grow with depth.
-        std = self.cfg.init_std
-        if isinstance(module, nn.Linear):
-            is_residual_out = module in {b.att.out_proj for b in self.trf_blocks} | {b.ff.layers[2] for b in self.trf_blocks}
-            nn.init.normal_(module.weight, 0.0, std / math.sqrt(2 * self.cfg.n_layers) if is_residual_out else std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
+    @torch.no_grad()
+    def init_gpt2(self, std: float) -> None:
+        """GPT-2's scheme: N(0, std) weights, zero biases; the projections that write into the
+        residual stream get std / sqrt(2 * n_layers) so its variance does not grow with depth."""
+        residual_out = {id(m) for b in self.trf_blocks for m in (b.att.out_proj, b.ff.layers[2])}
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                scale = math.sqrt(2 * self.cfg.n_layers) if id(module) in residual_out else 1.0
+                module.weight.normal_(0.0, std / scale)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std)
+                if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:

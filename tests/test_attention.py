@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from build_llm import GPTConfig, GPTModel, MultiHeadAttention
+
+
+def pair(**kw):
+    """The same attention weights behind the explicit and the fused path."""
+    torch.manual_seed(0)
+    explicit = MultiHeadAttention(32, 32, 16, 0.0, 4, impl="explicit", **kw)
+    fused = MultiHeadAttention(32, 32, 16, 0.0, 4, impl="sdpa", **kw)
+    fused.load_state_dict(explicit.state_dict())
+    return explicit, fused
+
+
+@pytest.mark.parametrize("kw", [{}, {"qkv_bias": True, "fused_qkv": True}])
+def test_explicit_and_fused_paths_agree_on_outputs_and_gradients(kw):
+    explicit, fused = pair(**kw)
+    x = torch.randn(3, 16, 32, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    out_e, out_f = explicit(x), fused(y)
+    torch.testing.assert_close(out_e, out_f, atol=1e-5, rtol=0)
+    out_e.square().sum().backward()
+    out_f.square().sum().backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), q in zip(explicit.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_whole_model_paths_agree_in_eval_mode():
+    cfg = GPTConfig.from_preset("gpt2-small", n_layers=2, vocab_size=97, context_length=24)
+    torch.manual_seed(0)
+    explicit = GPTModel(cfg.replace(attn_impl="explicit")).eval()
+    fused = GPTModel(cfg.replace(attn_impl="sdpa")).eval()
+    fused.load_state_dict(explicit.state_dict())
+    idx = torch.randint(0, 97, (2, 24))
+    torch.testing.assert_close(explicit(idx), fused(idx), atol=1e-5, rtol=0)
+
+
+def test_auto_keeps_the_explicit_path_only_while_dropout_is_active():
+    att = MultiHeadAttention(8, 8, 4, 0.1, 2)
+    assert att.train().use_fused() is False
+    assert att.eval().use_fused() is True
+    assert MultiHeadAttention(8, 8, 4, 0.0, 2).train().use_fused() is True
+
+
+def test_matches_torch_multihead_attention_as_used_by_the_r_notebook():
+    # Independent reference: the R model's nn_multihead_attention is PyTorch's nn.MultiheadAttention.
+    torch.manual_seed(0)
+    ours = MultiHeadAttention(32, 32, 16, 0.0, 4, qkv_bias=True, fused_qkv=True).eval()
+    ref = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.W_qkv.weight)
+        ref.in_proj_bias.copy_(ours.W_qkv.bias)
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    x = torch.randn(2, 10, 32)
+    mask = torch.triu(torch.ones(10, 10, dtype=torch.bool), diagonal=1)
+    expected, weights = ref(x, x, x, attn_mask=mask, need_weights=True, average_attn_weights=False)
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.attention_weights(x), weights, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_cache_in_chunks_equals_one_pass(impl):
+    cfg = GPTConfig.from_preset("r-abc", drop_rate=0.0, attn_impl=impl, vocab_size=11)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    idx = torch.randint(0, 11, (2, 16))
+    full = model(idx)
+    cache = model.new_cache(batch_size=2)
+    pieces = [model(idx[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 13), (13, 16)]]
+    assert cache.pos == 16
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="exceed context_length"):
+        model(idx[:, :1], cache=cache)
+
+
+def test_attention_weights_are_causal_rows_summing_to_one():
+    att = MultiHeadAttention(16, 16, 8, 0.0, 2)
+    w = att.attention_weights(torch.randn(3, 8, 16))
+    assert w.shape == (3, 2, 8, 8)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, 2, 8))
+    assert torch.all(w.triu(diagonal=1) == 0)

@@ -1,0 +1,72 @@
+"""The command line: stdout carries only the result; bad input is one stderr line and exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from build_llm.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "build_llm.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_prints_the_table_total_and_sizes(capsys):
+    assert main(["info", "--preset", "r-abc"]) == 0
+    out = capsys.readouterr().out
+    assert "trf_blocks.0.att.W_qkv.weight" in out and "384 x 128" in out
+    assert "Total parameters: 400,128" in out
+    assert "Size: 1.53 MB (fp32), 0.76 MB (bf16)" in out
+
+
+def test_info_defaults_to_the_seed_model(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "Total parameters: 163,009,536" in out and "621.83 MB (fp32)" in out
+
+
+def test_generate_with_a_random_preset_prints_only_the_text():
+    # A subprocess, as a user runs it: nothing but the text on stdout.
+    result = run("generate", "--preset", "gpt2-small", "--prompt", "Hello, I am", "--max-new-tokens", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Hello, I am") and len(lines[0]) > len("Hello, I am")
+
+
+def test_generate_is_seeded(capsys):
+    args = ["generate", "--preset", "gpt2-small", "--prompt", "A", "--max-new-tokens", "4", "--temperature", "1.0"]
+    outputs = []
+    for seed in ("3", "3", "4"):
+        assert main([*args, "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["info", "--preset", "gpt5"], ["invalid choice: 'gpt5'", "gpt2-small"]),
+    (["generate", "--preset", "gpt2-small"], ["--prompt"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-k", "0"], ["--top-k", "expected an integer >= 1"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["top_p=2.0", "(0, 1]"]),
+    (["generate", "--checkpoint", "no/such/dir", "--prompt", "x"], ["'no/such/dir' does not exist"]),
+    (["generate", "--preset", "r-abc", "--prompt", "x"], ["no tokenizer"]),
+    (["bogus"], ["invalid choice: 'bogus'"]),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words, capsys):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and "\n" not in err and "Traceback" not in err
+    for word in words:
+        assert word in err
+
+
+def test_every_verb_has_help():
+    from build_llm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb")
+    for verb in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            main([verb, "--help"])
+        assert e.value.code == 0

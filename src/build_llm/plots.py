@@ -1,0 +1,178 @@
+"""matplotlib figures: loss curves, attention maps, next-token distributions, per-layer statistics.
+
+Every function writes one PNG and returns its path. The Agg backend is used, so no display is
+needed; `import build_llm` does not import matplotlib (only calling a function here does).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+# --- attention maps --------------------------------------------------------------------------------
+def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[str], path: str | Path,
+                        title: str = "Attention weights") -> Path:
+    """One heatmap per layer (rows) and head (columns): row = query token, column = key token.
+
+    `attention` is (n_layers, n_heads, T, T) or a list of (1, n_heads, T, T) tensors (as
+    `probe.return_intermediates` gives them). The forbidden future (above the diagonal) is grey,
+    so a leak would show as colour there. Token labels are drawn on the left column and bottom row.
+    """
+    plt = _pyplot()
+    att = np.stack([np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=float).reshape(a.shape[-3:])
+                    for a in attention])  # (L, nh, T, T)
+    n_layers, n_heads, T, _ = att.shape
+    cell = max(1.3, min(3.2, 0.16 * T + 0.5))  # inches per map: room for T labels, but bounded
+    fontsize = 8 if T <= 20 else 6 if T <= 40 else 5
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1.6, cell * n_layers + 1.0),
+                             squeeze=False, dpi=100)
+    upper = np.triu(np.ones((T, T), dtype=bool), k=1)
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#d9d9d9")
+    image = None
+    for i in range(n_layers):
+        for h in range(n_heads):
+            ax = axes[i, h]
+            shown = np.ma.masked_where(upper & (att[i, h] == 0), att[i, h])  # grey: masked, and truly 0
+            image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks(range(T))
+            ax.set_yticks(range(T))
+            if i == n_layers - 1:
+                ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
+                ax.set_xlabel("key (attended to)", fontsize=8)
+            else:
+                ax.set_xticklabels([])
+            if h == 0:
+                ax.set_yticklabels(labels, fontsize=fontsize)
+                ax.set_ylabel(f"layer {i + 1}\nquery", fontsize=9)
+            else:
+                ax.set_yticklabels([])
+            ax.tick_params(length=0)
+            if i == 0:
+                ax.set_title(f"head {h + 1}", fontsize=9)
+    fig.suptitle(f"{title}\nrow = query position, column = key position; grey = masked future", fontsize=10)
+    fig.colorbar(image, ax=axes, fraction=0.025 if n_heads > 2 else 0.05, pad=0.02, label="attention weight")
+    return _save(fig, path)
+
+
+# --- next-token distribution -----------------------------------------------------------------------
+def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[str], ids: Sequence[int],
+                    path: str | Path, top_k: int | None = None, top_p: float | None = None,
+                    title: str = "Next-token distribution", true_probs: Sequence[float] | None = None) -> Path:
+    """Bars of P(next token) for the tokens `ids` (most likely first), one panel per temperature.
+
+    `distributions` come from `probe.tempered_distributions`. Blue bars are the tokens the sampler
+    keeps after the top-k and top-p cuts, grey bars the ones it drops; dashed lines mark the
+    top-k and top-p cut-offs. `true_probs` (one per id), when the source is known, are drawn as
+    black ticks on the temperature-1 panel.
+    """
+    plt = _pyplot()
+    n = len(ids)
+    fig, axes = plt.subplots(len(distributions), 1, figsize=(max(6.0, 0.45 * n + 2.5), 2.3 * len(distributions) + 0.8),
+                             squeeze=False, sharex=True, dpi=100)
+    x = np.arange(n)
+    for ax, d in zip(axes[:, 0], distributions):
+        probs = d["probs"][list(ids)].float().cpu().numpy()
+        keep = d["keep"][list(ids)].cpu().numpy()
+        kept_total = int(d["keep"].sum())
+        ax.bar(x, probs, color=np.where(keep, "#1f77b4", "#b0b0b0"), edgecolor="black", linewidth=0.4)
+        top = probs.max()
+        show_truth = true_probs is not None and d["temperature"] == 1
+        if show_truth:
+            ax.scatter(x, true_probs, marker="_", s=900, linewidths=2.5, color="black", zorder=3)
+            top = max(top, float(np.max(true_probs)))
+        for xi, p in zip(x, probs):
+            if p >= 0.005:
+                ax.text(xi, p, f"{p:.2f}", ha="center", va="bottom", fontsize=7)
+        if top_k is not None and top_k < n:
+            ax.axvline(top_k - 0.5, color="#d62728", linestyle="--", linewidth=1.2)
+            ax.text(top_k - 0.45, 0.97, f" top-k = {top_k}", color="#d62728", fontsize=8, va="top",
+                    transform=ax.get_xaxis_transform())
+        if top_p is not None:
+            n_p = _top_p_count(d["probs"], top_p)
+            if n_p < n:
+                ax.axvline(n_p - 0.5, color="#2ca02c", linestyle=":", linewidth=1.6)
+                right_half = n_p - 0.5 > n / 2
+                ax.text(n_p - 0.5 + (-0.05 if right_half else 0.05), 0.80, f" top-p = {top_p} ({n_p} tokens) ",
+                        color="#2ca02c", fontsize=8, va="top", ha="right" if right_half else "left",
+                        transform=ax.get_xaxis_transform())
+        ax.set_ylim(0, min(1.05, top * 1.25 + 0.02))
+        ax.set_ylabel("probability")
+        ax.set_title(f"temperature {d['temperature']:g}: the sampler draws from {kept_total} token(s)"
+                     + ("; black ticks: the true probability" if show_truth else ""), fontsize=9)
+    axes[-1, 0].set_xticks(x)
+    axes[-1, 0].set_xticklabels(labels, rotation=60 if n > 8 else 0, ha="right" if n > 8 else "center", fontsize=9)
+    axes[-1, 0].set_xlabel("next token (most likely first; blue = kept by the top-k/top-p cuts, grey = cut)")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _top_p_count(probs: Any, top_p: float) -> int:
+    """How many of the most likely tokens the top-p cut keeps: the smallest set with mass >= top_p."""
+    p = np.sort(np.asarray(probs.float().cpu() if hasattr(probs, "cpu") else probs, dtype=float))[::-1]
+    before = np.cumsum(p) - p
+    return int((before < top_p).sum())
+
+
+# --- per-layer statistics --------------------------------------------------------------------------
+def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, path: str | Path,
+                     labels: Sequence[str] | None = None, title: str = "Inside the layers") -> Path:
+    """Left: the residual-stream norm at each depth (one thin line per token, bold mean).
+    Right: each head's mean attention entropy per layer, against uniform attention (the maximum).
+
+    `norms` is (n_layers + 1, T) (`probe.residual_norms`), `entropy` (n_layers, n_heads) in bits
+    (`probe.attention_entropy`), `uniform` from `probe.uniform_attention_entropy`.
+    """
+    plt = _pyplot()
+    norms, entropy = np.asarray(norms, dtype=float), np.asarray(entropy, dtype=float)
+    n_layers, n_heads = entropy.shape
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100)
+    depth = np.arange(norms.shape[0])
+    for t in range(norms.shape[1]):
+        left.plot(depth, norms[:, t], color="#999999", linewidth=0.7, alpha=0.7)
+    left.plot(depth, norms.mean(axis=1), color="#1f77b4", linewidth=2.2, marker="o", label="mean over tokens")
+    if labels is not None and norms.shape[1] > 0:
+        first = labels[0]
+        left.plot(depth, norms[:, 0], color="#ff7f0e", linewidth=1.2, linestyle="--", label=f"first token ({first})")
+    left.set_xticks(depth)
+    left.set_xticklabels(["emb"] + [str(i) for i in range(1, norms.shape[0])])
+    left.set_xlabel("depth (emb = embeddings, i = after block i)")
+    left.set_ylabel("L2 norm of the residual stream")
+    left.set_title("Residual-stream norm (grey: one line per token)", fontsize=10)
+    left.legend(fontsize=8)
+    layers = np.arange(1, n_layers + 1)
+    for h in range(n_heads):
+        right.scatter(layers, entropy[:, h], s=18, alpha=0.8, label=f"head {h + 1}" if n_heads <= 12 else None)
+    right.plot(layers, entropy.mean(axis=1), color="black", linewidth=1.8, label="mean over heads")
+    right.axhline(uniform, color="#d62728", linestyle="--", linewidth=1.2, label=f"uniform ({uniform:.2f} bits)")
+    right.set_ylim(0, uniform * 1.15 + 0.05)
+    right.set_xticks(layers)
+    right.set_xlim(0.5, n_layers + 0.5)
+    right.set_xlabel("layer")
+    right.set_ylabel("mean attention entropy, bits")
+    right.set_title("Attention entropy: 0 = one token, red = spread evenly", fontsize=10)
+    right.legend(fontsize=7, ncol=2 if n_heads > 4 else 1)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -56,7 +56,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def saved(reference, tmp_path_factory):
-    """The reference saved three ways: save_pretrained, a legacy .bin, and OpenAI's original names."""
+    """The reference saved four ways: save_pretrained, .bin (zip and pre-1.6 formats), OpenAI's names."""
     root = tmp_path_factory.mktemp("hf")
     reference.save_pretrained(root / "safetensors")
     config = json.loads((root / "safetensors" / "config.json").read_text())
@@ -65,6 +65,9 @@ def saved(reference, tmp_path_factory):
     (root / "bin").mkdir()
     (root / "bin" / "config.json").write_text(json.dumps(config))
     torch.save(state, root / "bin" / "pytorch_model.bin")
+    (root / "old-bin").mkdir()  # torch < 1.6's format, which cannot be memory-mapped
+    (root / "old-bin" / "config.json").write_text(json.dumps(config))
+    torch.save(state, root / "old-bin" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
 
     # The files on the hub for openai-community/gpt2 name tensors without `transformer.` and carry
     # each layer's causal-mask buffer as `h.N.attn.bias`.
@@ -84,7 +87,7 @@ def saved(reference, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "bin", "legacy", "object"])
+@pytest.mark.parametrize("layout", ["safetensors", "bin", "old-bin", "legacy", "object"])
 def test_import_gives_the_same_logits(reference, saved, layout):
     model = from_hf(reference if layout == "object" else saved / layout)
     assert isinstance(model, GPTModel) and not model.training
@@ -287,3 +290,19 @@ def test_save_hf_output_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file", "out"]  # no temporary left over
     with pytest.raises(TypeError, match="expected a GPTModel"):
         save_hf(torch.nn.Linear(2, 2), tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_full_size_gpt2_small(tmp_path):
+    """The real gpt2 shape (124M parameters), in OpenAI's file layout, imported and exported."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()
+    hf.save_pretrained(tmp_path / "gpt2")
+    model = from_hf(tmp_path / "gpt2")
+    assert model.cfg == GPTConfig.from_preset("gpt2-small")
+    idx = tokens(50257, (1, 256), seed=3)
+    expected = hf_logits(hf, idx)
+    torch.testing.assert_close(our_logits(model, idx), expected, atol=ATOL, rtol=0)
+    save_hf(model, tmp_path / "back")
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    torch.testing.assert_close(hf_logits(loaded, idx), expected, atol=ATOL, rtol=0)

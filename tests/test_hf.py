@@ -56,9 +56,12 @@ def reference():
 
 @pytest.fixture(scope="module")
 def saved(reference, tmp_path_factory):
-    """The reference saved four ways: save_pretrained, .bin (zip and pre-1.6 formats), OpenAI's names."""
+    """The reference saved five ways: save_pretrained (whole and sharded), .bin (zip and pre-1.6
+    formats), and OpenAI's original names."""
     root = tmp_path_factory.mktemp("hf")
     reference.save_pretrained(root / "safetensors")
+    reference.save_pretrained(root / "sharded", max_shard_size="200KB")
+    assert (root / "sharded" / "model.safetensors.index.json").is_file()
     config = json.loads((root / "safetensors" / "config.json").read_text())
     state = {k: v.clone() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
 
@@ -87,7 +90,7 @@ def saved(reference, tmp_path_factory):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["safetensors", "bin", "old-bin", "legacy", "object"])
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin", "old-bin", "legacy", "object"])
 def test_import_gives_the_same_logits(reference, saved, layout):
     model = from_hf(reference if layout == "object" else saved / layout)
     assert isinstance(model, GPTModel) and not model.training
@@ -241,6 +244,18 @@ def test_export_our_models(name, tmp_path):
     torch.testing.assert_close(hf_logits(to_hf(model), idx), expected, atol=ATOL, rtol=0)
     # and back again: the same function, now in GPT-2's layout
     torch.testing.assert_close(our_logits(from_hf(tmp_path), idx), expected, atol=ATOL, rtol=0)
+
+
+def test_to_hf_copies_the_weights():
+    model = GPTModel(our_shapes["gpt2"]).eval()
+    hf = to_hf(model)
+    idx = tokens(500, (1, 16))
+    before = hf_logits(hf, idx)
+    with torch.no_grad():
+        model.trf_blocks[0].att.W_qkv.weight.add_(1.0)
+        model.tok_emb.weight.add_(1.0)
+    torch.testing.assert_close(hf_logits(hf, idx), before, atol=0, rtol=0)
+    assert hf.lm_head.weight is hf.transformer.wte.weight
 
 
 def test_export_refuses_what_gpt2_cannot_express(monkeypatch, tmp_path):

@@ -99,9 +99,9 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
     if activation not in ACTIVATIONS:
         raise ValueError(f"config.json: activation_function={activation!r} is not supported; valid values are "
                          f"{sorted(ACTIVATIONS)}")
-    if drop_rate is None:
-        drop_rate = max(float(hf.get(k, 0.1)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
     try:
+        if drop_rate is None:
+            drop_rate = max(float(hf.get(k, 0.1)) for k in ("embd_pdrop", "attn_pdrop", "resid_pdrop"))
         return GPTConfig(
             vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
             n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=drop_rate, qkv_bias=True,
@@ -269,14 +269,12 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
     with torch.no_grad():
         for name, key in by_hf.items():  # one tensor in memory at a time, beside the model
             ours, transposed = names[name]
-            tensor = loaders[key]()
-            if transposed and tensor.ndim == 2:
-                tensor = tensor.t()
             target = params[ours]
-            if tensor.shape != target.shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies "
-                                 f"{tuple(target.shape[::-1]) if transposed else tuple(target.shape)}")
-            target.copy_(tensor)
+            expected = tuple(target.shape[::-1] if transposed else target.shape)
+            tensor = loaders[key]()
+            if tuple(tensor.shape) != expected:
+                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {expected}")
+            target.copy_(tensor.t() if transposed else tensor)  # Conv1D (in, out) -> Linear (out, in)
             del tensor
     return model
 
@@ -364,13 +362,18 @@ def to_hf(model: nn.Module) -> Any:
     except ImportError as e:
         raise ImportError("to_hf needs the optional package 'transformers' (pip install transformers); "
                           "save_hf writes a loadable directory without it") from e
-    state = {name: t.detach().float().cpu() for name, t in hf_tensors(model)}  # checks the type
+    # Copies, so that the two models do not share (and later silently co-train) their weights.
+    state = {name: t.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+             for name, t in hf_tensors(model)}  # hf_tensors checks the type
     model = unwrap(model)
     hf_config = config_to_hf(model.cfg)
     hf_config.pop("architectures")
     hf_config.pop("torch_dtype")
-    with torch.device("meta"):
-        hf = GPT2LMHeadModel(GPT2Config(**hf_config))
+    config = GPT2Config(**hf_config)
+    with torch.device("meta"):  # no memory and no random initialisation for weights about to be replaced
+        hf = GPT2LMHeadModel(config)
+    if any(b.is_meta for b in hf.buffers()):  # older transformers keep a causal-mask buffer: build it for real
+        hf = GPT2LMHeadModel(config)
     if model.cfg.tie_weights:
         state["lm_head.weight"] = state["transformer.wte.weight"]
     hf.load_state_dict(state, strict=False, assign=True)

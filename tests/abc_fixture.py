@@ -46,3 +46,12 @@ def abc_checkpoint(tmp_path_factory) -> Path:
             torch.set_num_threads(threads)
         save_checkpoint(path, model, tokenizer)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -326,8 +326,301 @@ def run_tokenizer_stats(args: argparse.Namespace) -> None:
               f"{r['tokens_per_char']:>11.4f}  {r['bytes_per_token']:>11.4f}")
 
 
+# --- inspect / surprisal / doctor ----------------------------------------------------------------
+def _probe_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):
+    """(model, tokenizer, untrained) for the looking-inside verbs. A preset with the ABC vocabulary
+    (r-abc) gets the ABC character tokenizer; a checkpoint needs a tokenizer only if `need_tokenizer`."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .config import GPTConfig
+    from .gpt import GPTModel
+    from .markov import ABC
+    from .runtime import set_seed
+    from .tokenizer import PAD, CharTokenizer
+
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint, device)
+        if ckpt.tokenizer is None and need_tokenizer:
+            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text")
+        return ckpt.model, ckpt.tokenizer, False
+    cfg = GPTConfig.from_preset(args.preset)
+    if cfg.vocab_size == len(ABC.alphabet) + 1:
+        set_seed(args.seed)
+        with torch.device(device):
+            model = GPTModel(cfg).eval()
+        return model, CharTokenizer([PAD, *ABC.alphabet]), True
+    if not need_tokenizer and cfg.vocab_size != 50257:
+        set_seed(args.seed)
+        with torch.device(device):
+            return GPTModel(cfg).eval(), None, True
+    model, tokenizer = load_source(args, device)
+    return model, tokenizer, True
+
+
+def _read_text(path: str, flag: str = "--data") -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {path!r} is not a file; give a UTF-8 text file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{flag} {path!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
+    if not text:
+        raise UsageError(f"{flag} {path!r} is empty")
+    return text
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not values or any(not t > 0 for t in values):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected temperatures > 0, e.g. 0.5,1,2")
+    return values
+
+
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="attention maps, causal mask, next-token table and layer statistics",
+                       description="Run the model on a prompt and write, in --out: attention.png (a map per layer and "
+                                   "head), mask.txt (positions and the causal mask), next_token.txt and next_token.png "
+                                   "(top-k table; bars at several temperatures with the top-k and top-p cut-offs), "
+                                   "layers.png (residual-stream norms and attention entropy) and inspect.json (all "
+                                   "the numbers). The summary is printed too.")
+    model_source(p)
+    p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
+    p.add_argument("--out", required=True, help="directory for the files (created if needed)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="top-k cut-off (default: half the vocabulary, at most 10)")
+    p.add_argument("--top-p", type=float, default=0.9, help="top-p (nucleus) cut-off, in (0, 1] (default 0.9)")
+    p.add_argument("--temperatures", type=_temperatures, default=(0.5, 1.0, 2.0), help="comma-separated, default 0.5,1,2")
+    p.add_argument("--max-tokens", type=positive_int, default=48, help="use at most this many prompt tokens (default 48)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a --preset's random weights")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(run=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .generate import check_sampling
+    from .probe import inspect_model
+    from .runtime import get_device
+
+    check_sampling(1.0, args.top_k, args.top_p)
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give at least one character")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} is a file; give a directory")
+    model, tokenizer, _ = _probe_source(args, get_device(args.device))
+    title = f"{args.preset or Path(args.checkpoint).name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
+    report = inspect_model(model, tokenizer, args.prompt, args.out, top_k=args.top_k, top_p=args.top_p,
+                           temperatures=args.temperatures, max_tokens=args.max_tokens, title=title)
+    print(report["text"])
+    print()
+    for name, path in report["files"].items():
+        print(f"wrote {path}")
+
+
+def add_surprisal(sub) -> None:
+    p = sub.add_parser("surprisal", help="colour each token of a text by its surprisal (HTML)",
+                       description="Score a text with the model and write an HTML page where each token is coloured by "
+                                   "its surprisal -log2 p, with bits per token, bits per character and perplexity. For "
+                                   "the ABC source (a character model over its alphabet, or --abc) the page also shows "
+                                   "the excess over the exact Bayes-optimal prediction. Texts longer than the context "
+                                   "are scored in sliding windows.")
+    model_source(p)
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", help="the text to score")
+    text.add_argument("--data", help="a UTF-8 text file to score (its first --max-tokens tokens)")
+    p.add_argument("--abc", action="store_true",
+                   help="compare with the exact ABC optimum (automatic for an ABC model); with no text, sample ABC text")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="window step for long texts (default half the context)")
+    p.add_argument("--max-tokens", type=positive_int, default=4000, help="score at most this many tokens (default 4000)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampled ABC text and of a --preset")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(run=run_surprisal)
+
+
+def run_surprisal(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .markov import ABC, abc_text
+    from .probe import is_abc_tokenizer, surprisal_html, surprisal_report
+    from .runtime import get_device
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a directory; give a file name such as surprisal.html")
+    model, tokenizer, _ = _probe_source(args, get_device(args.device))
+    is_abc = is_abc_tokenizer(tokenizer)
+    if args.abc and not is_abc:
+        raise UsageError(f"--abc needs a character model over the ABC alphabet {''.join(ABC.alphabet)!r}; "
+                         f"this one has {tokenizer!r}")
+    if args.text is not None:
+        text = args.text
+    elif args.data:
+        text = _read_text(args.data)
+    elif is_abc:
+        text = abc_text(max(2, args.max_tokens // 7), seed=args.seed)  # words average 7.2 characters
+    else:
+        raise UsageError("give the text to score: --text TEXT or --data PATH")
+    if len(text) < 2:
+        raise UsageError(f"the text {text!r} is too short; give at least two tokens")
+    ids = tokenizer.encode(text)
+    if len(ids) > args.max_tokens:
+        text = tokenizer.decode(ids[:args.max_tokens])
+        print(f"build-llm: scoring the first {args.max_tokens} of {len(ids)} tokens (see --max-tokens)", file=sys.stderr)
+    source = ABC if (args.abc or is_abc) else None
+    try:
+        report = surprisal_report(model, tokenizer, text, stride=args.stride, source=source)
+    except ValueError as e:
+        if args.abc or source is None or "cannot occur" not in str(e):
+            raise
+        print(f"build-llm: no exact optimum: {' '.join(str(e).split())}", file=sys.stderr)
+        report = surprisal_report(model, tokenizer, text, stride=args.stride)
+    name = args.preset or str(args.checkpoint)
+    page = surprisal_html(report, title=f"Surprisal of {report['tokens'] + 1} tokens under {name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)  # a reader never sees half a page
+    print(f"tokens scored: {report['tokens']}  characters scored: {report['characters']}")
+    print(f"bits per token: {report['bits_per_token']:.4f}  bits per character: {report['bits_per_char']:.4f}  "
+          f"perplexity: {report['perplexity']:.4f}")
+    if "optimal_bits" in report:
+        print(f"exact optimum (ABC source): {report['optimal_bits_per_token']:.4f} bits per token; "
+              f"the model's excess: {report['excess_bits_per_token']:+.4f} bits per token")
+    print(f"wrote {out}")
+
+
+def add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help="quick checks for the silent bugs of a GPT (pass/fail)",
+                       description="Check a model: tokenizer round-trip on the data, initial loss near ln(vocab) for "
+                                   "an untrained model (below it for a trained one), no causal leak, KV cache equal to "
+                                   "recomputation, finite gradients, and one batch overfits within --steps. One "
+                                   "PASS/FAIL line each; exit code 1 if any check fails.")
+    model_source(p)
+    p.add_argument("--data", help="a UTF-8 text file for the round-trip and the batch (default: ABC text for an ABC "
+                                  "model, otherwise a built-in sample)")
+    p.add_argument("--untrained", action="store_true",
+                   help="the checkpoint is freshly initialised: require its loss near ln(vocab) (always so for --preset)")
+    p.add_argument("--steps", type=positive_int, default=60, help="AdamW steps allowed to overfit one batch (default 60)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the overfit check (default 1e-3)")
+    p.add_argument("--seq-len", type=positive_int, default=16, help="tokens per check sequence (default 16)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(run=run_doctor)
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_checks
+    from .runtime import get_device
+
+    if not args.lr > 0:
+        raise UsageError(f"--lr {args.lr!r} is invalid; expected a number > 0")
+    text = _read_text(args.data) if args.data else None
+    model, tokenizer, untrained = _probe_source(args, get_device(args.device), need_tokenizer=False)
+    results = []
+    for result in run_checks(model, tokenizer, text, untrained=untrained or args.untrained, steps=args.steps,
+                             lr=args.lr, seq_len=args.seq_len, seed=args.seed):
+        print(result.line(), flush=True)
+        results.append(result)
+    failed = [r.name for r in results if r.failed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+# --- train / eval --------------------------------------------------------------------------------
+def _float_pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two comma-separated numbers (e.g. 0.9,0.95)") from None
+    return a, b
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no data option: the R notebook's ABC experiment)",
+                       description="Train a GPT. With no --data it runs the R notebook's ABC experiment and "
+                                   "compares the validation loss with the exact optimum. Writes OUT/metrics.jsonl, "
+                                   "OUT/loss.png and OUT/checkpoint/. Works unchanged under torchrun.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a UTF-8 text file or a folder of them")
+    src.add_argument("--abc", action="store_true", help="the ABC Markov text of the R notebook (the default)")
+    p.add_argument("--tokenizer", help="char (default), gpt2 or a tokenizer JSON path")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: r-abc for ABC, a 6-layer "
+                   "384-wide char model with context 256 for --data)")
+    m = p.add_argument_group("model (override the preset)")
+    m.add_argument("--context-length", type=positive_int)
+    m.add_argument("--emb-dim", type=positive_int)
+    m.add_argument("--n-layers", type=positive_int)
+    m.add_argument("--n-heads", type=positive_int)
+    m.add_argument("--drop-rate", type=float)
+    m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--batch-size", type=positive_int, help="windows per micro-batch, over all processes")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--weight-decay", type=float)
+    o.add_argument("--betas", type=_float_pair, help="AdamW betas, e.g. 0.9,0.95")
+    o.add_argument("--warmup-steps", type=non_negative_int)
+    o.add_argument("--lr-decay", choices=("cosine", "constant"))
+    o.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
+    o.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
+    o.add_argument("--steps", type=positive_int, help="total optimizer steps, also when resuming")
+    o.add_argument("--eval-every", type=positive_int, help="evaluate, log and checkpoint every N steps")
+    o.add_argument("--eval-batches", type=positive_int, help="fixed validation batches per evaluation")
+    o.add_argument("--val-ratio", type=float, help="share of the tokens held out for validation")
+    o.add_argument("--seed", type=non_negative_int)
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each process's local GPU)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast forward and loss")
+    r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the model (FSDP2)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--out", required=True, help="run directory")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from .train import run_training
+
+    model_keys = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
+    train_keys = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_decay", "grad_clip", "grad_accum",
+                  "steps", "eval_every", "eval_batches", "val_ratio", "seed", "device", "dtype", "compile", "fsdp")
+    run_training(args.out, data=args.data, tokenizer=args.tokenizer, preset=args.preset,
+                 model_options={k: getattr(args, k) for k in model_keys},
+                 train_options={k: getattr(args, k) for k in train_keys}, resume=args.resume)
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text",
+                       description="Print JSON with loss, perplexity and tokens of a checkpoint on the "
+                                   "non-overlapping windows of a text; for the ABC source (no --data, or a model "
+                                   "trained on ABC) also the exact optimum on the same windows and the excess.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a UTF-8 text file or folder (default: a held-out ABC draw)")
+    src.add_argument("--abc", action="store_true", help="a held-out draw of the ABC source (the default)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .train import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device), indent=2))
+
+
 # --- the command ---------------------------------------------------------------------------------
-VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer]
+VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         args = build_parser().parse_args(argv)
-        args.run(args)
+        status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)
     except (UsageError, ValueError, TypeError, OSError) as e:
         if os.environ.get("BUILD_LLM_DEBUG"):
             raise
@@ -356,7 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("build-llm: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
     """Bars of P(next token) for the tokens `ids` (most likely first), one panel per temperature.
 
     `distributions` come from `probe.tempered_distributions`. Blue bars are the tokens the sampler
-    keeps after the top-k and top-p cuts, grey bars the ones it drops; dashed lines mark the
-    top-k and top-p cut-offs. `true_probs` (one per id), when the source is known, are drawn as
+    keeps (top-k first, then top-p on what is left, as `generate` does), grey bars the ones it
+    drops; the dashed line marks where top-k alone cuts, the dotted one where top-p alone would. `true_probs` (one per id), when the source is known, are drawn as
     black ticks on the temperature-1 panel.
     """
     plt = _pyplot()
@@ -113,7 +113,7 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
             if n_p < n:
                 ax.axvline(n_p - 0.5, color="#2ca02c", linestyle=":", linewidth=1.6)
                 right_half = n_p - 0.5 > n / 2
-                ax.text(n_p - 0.5 + (-0.05 if right_half else 0.05), 0.80, f" top-p = {top_p} ({n_p} tokens) ",
+                ax.text(n_p - 0.5 + (-0.05 if right_half else 0.05), 0.80, f" top-p = {top_p} alone: {n_p} tokens ",
                         color="#2ca02c", fontsize=8, va="top", ha="right" if right_half else "left",
                         transform=ax.get_xaxis_transform())
         ax.set_ylim(0, min(1.05, top * 1.25 + 0.02))
@@ -122,7 +122,7 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
                      + ("; black ticks: the true probability" if show_truth else ""), fontsize=9)
     axes[-1, 0].set_xticks(x)
     axes[-1, 0].set_xticklabels(labels, rotation=60 if n > 8 else 0, ha="right" if n > 8 else "center", fontsize=9)
-    axes[-1, 0].set_xlabel("next token (most likely first; blue = kept by the top-k/top-p cuts, grey = cut)")
+    axes[-1, 0].set_xlabel("next token (most likely first); blue = kept by the sampler's top-k and top-p cuts, grey = cut")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)
@@ -174,5 +174,26 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     right.set_title("Attention entropy: 0 = one token, red = spread evenly", fontsize=10)
     right.legend(fontsize=7, ncol=2 if n_heads > 4 else 1)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- loss curves -----------------------------------------------------------------------------------
+def plot_losses(tokens_seen: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
+                path: str | Path, optimal_loss: float | None = None, title: str = "Training") -> Path:
+    """Training and validation loss against tokens seen; for a synthetic source, the exact optimum
+    as a horizontal line (the gap to it is what the model has still to learn)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    ax.plot(tokens_seen, train_losses, marker=".", label="train (mean since previous evaluation)")
+    ax.plot(tokens_seen, val_losses, marker=".", label="validation")
+    if optimal_loss is not None:
+        ax.axhline(optimal_loss, color="black", linestyle="--", linewidth=1,
+                   label=f"exact optimum {optimal_loss:.4f}")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path)

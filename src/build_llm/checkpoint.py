@@ -53,10 +53,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
-                    extra_files: dict[str, Any] | None = None) -> Path:
+                    extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory at `path`, atomically replacing any checkpoint already there.
 
     `extra_files` maps file names to callables that write them given a Path (the trainer's state).
+    `state` is the weights when they are not `model`'s own (a sharded model's gathered full state).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -64,7 +65,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_file(model_state(model), tmp / MODEL_FILE, metadata={"format": "pt"})
+        if state is not None and unwrap(model).cfg.tie_weights:
+            state = {k: v for k, v in state.items() if k != "out_head.weight"}
+        save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
+                  tmp / MODEL_FILE, metadata={"format": "pt"})
         write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
         if tokenizer is not None:
             tokenizer.save(tmp / TOKENIZER_FILE)
@@ -175,3 +179,92 @@ def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> di
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
     """The model of a checkpoint (or a run directory's newest), in eval mode, ready for generation."""
     return load_checkpoint(path, device).model
+
+
+# --- the trainer's state -------------------------------------------------------------------------
+# Beside the model: optimizer.safetensors (the optimizer's tensors, keyed "<parameter name>/<key>"),
+# rng.safetensors (torch generator states as uint8 tensors) and trainer_state.json (step, train
+# config, data identity, NumPy and Python RNG states, optimizer param groups). No pickle anywhere.
+OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE = "optimizer.safetensors", "rng.safetensors", "trainer_state.json"
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Every random generator's state: torch's as tensors, NumPy's and Python's as JSON."""
+    import random
+
+    import numpy as np
+
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+                     "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def trainer_files(optimizer_state: dict[str, Any], trainer_state: dict[str, Any]) -> dict[str, Any]:
+    """`extra_files` for save_checkpoint: the optimizer state (parameter-name keyed, as
+    torch.distributed.checkpoint's get_optimizer_state_dict gives it), RNG states and `trainer_state`."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for name, entry in optimizer_state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+              for g in optimizer_state["param_groups"]]
+    rng_tensors, rng_json = rng_state()
+    state = {**trainer_state, "rng": rng_json, "optimizer": {"param_groups": groups, "scalars": scalars}}
+    return {
+        OPTIMIZER_FILE: lambda p: save_file(tensors, p),
+        RNG_FILE: lambda p: save_file(rng_tensors, p),
+        TRAINER_FILE: lambda p: write_json(p, state),
+    }
+
+
+@dataclass
+class TrainerState:
+    state: dict[str, Any]        # trainer_state.json (step, train_config, data, rng, ...)
+    optimizer: dict[str, Any]    # {"state": {name: {key: value}}, "param_groups": [...]}
+    rng: dict[str, torch.Tensor]
+    path: Path
+
+
+def load_trainer_state(path: str | Path) -> TrainerState:
+    """The trainer state saved beside a checkpoint's model (for --resume)."""
+    path = resolve_checkpoint(path)
+    for name in (TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE):
+        if not (path / name).is_file():
+            raise ValueError(f"checkpoint {str(path)!r} has no {name}: it holds a model but no trainer state "
+                             "to resume from")
+    try:
+        state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(path / OPTIMIZER_FILE)
+        rng = load_file(path / RNG_FILE)
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"checkpoint {str(path)!r}: trainer state is unreadable or truncated ({e})") from e
+    entries: dict[str, dict[str, Any]] = {k: dict(v) for k, v in state["optimizer"]["scalars"].items()}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("/")
+        entries.setdefault(name, {})[field] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["optimizer"]["param_groups"]]
+    return TrainerState(state, {"state": entries, "param_groups": groups}, rng, path)

@@ -151,3 +151,25 @@ def test_bad_input_is_one_line_exit_2_and_leaves_files_alone(corpus, trained, tm
         assert stdout == "" and err.count("\n") == 1 and words in err, (argv, err)
     assert out.read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "keep.json", "latin1.txt", "nodocs"]
+
+
+def test_a_trained_tokenizer_trains_a_model_that_exports_to_hugging_face(trained, corpus, tmp_path, capsys):
+    """tokenizer train -> train --tokenizer FILE -> export-hf: the same ids and logits in transformers."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    code, _, err = run(capsys, "train", "--data", corpus, "--tokenizer", trained, "--steps", 2, "--eval-every", 2,
+                       "--eval-batches", 1, "--batch-size", 2, "--context-length", 16, "--emb-dim", 16,
+                       "--n-layers", 1, "--n-heads", 2, "--device", "cpu", "--out", tmp_path / "run")
+    assert code == 0, err
+    ckpt = load_checkpoint(tmp_path / "run")
+    text = "A chuva cai sobre a cidade."
+    ids = HFTokenizer.from_file(str(trained)).encode(text, add_special_tokens=False).ids
+    assert ckpt.tokenizer.encode(text) == ids
+    code, _, err = run(capsys, "export-hf", "--checkpoint", tmp_path / "run", "--out", tmp_path / "hf")
+    assert code == 0, err
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")(text)["input_ids"] == ids
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    idx = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ckpt.model(idx), atol=1e-5, rtol=0)

@@ -47,8 +47,7 @@ def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1.6, cell * n_layers + 1.0),
                              squeeze=False, dpi=100)
     upper = np.triu(np.ones((T, T), dtype=bool), k=1)
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#d9d9d9")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     image = None
     for i in range(n_layers):
         for h in range(n_heads):

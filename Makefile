@@ -15,6 +15,7 @@ install: .venv/.installed
 	touch $@
 
 demo: install
+	rm -rf runs/abc-demo
 	.venv/bin/build-llm train --out runs/abc-demo
 
 test: install

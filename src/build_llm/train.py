@@ -120,7 +120,7 @@ class TrainConfig:
 # optim_adamw), batch 64, 80/20 split. The notebook keeps the lr constant for 400 steps; a short
 # warm-up and a cosine decay over more steps bring the loss to within 0.01 nats of the optimum.
 ABC_TRAIN = TrainConfig(lr=0.003, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=50, lr_decay="cosine",
-                        min_lr_ratio=0.05, grad_clip=1.0, batch_size=64, steps=1500, eval_every=250,
+                        min_lr_ratio=0.05, grad_clip=1.0, batch_size=64, steps=800, eval_every=200,
                         eval_batches=20, seed=1, val_ratio=0.2)
 
 
@@ -557,7 +557,7 @@ def plot_run(out_dir: Path, history: list[dict[str, Any]], optimal_loss: float |
 # With --data and no --preset: a character model that trains on a laptop (nanoGPT's shakespeare-char).
 DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False)
 # What --resume may change: when and how the steps run, not what they compute.
-RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype"}
+RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype", "fsdp"}
 ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training uses seed 1)
 
 

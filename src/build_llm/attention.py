@@ -96,6 +96,8 @@ class MultiHeadAttention(nn.Module):
             dropout_p = self.dropout.p if self.training else 0.0
             if start == 0:
                 context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p, is_causal=True)
+            elif num_tokens == 1:  # one decoding step: the newest query sees every key, so no mask to build
+                context = F.scaled_dot_product_attention(queries, keys, values, dropout_p=dropout_p)
             else:  # queries sit at positions start..start+T-1 and see every key up to their own position
                 allowed = self.causal_mask(start, num_tokens, x.device).logical_not()
                 context = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)

@@ -1,0 +1,527 @@
+"""Benchmarks against peers, measured side by side in one run.
+
+Every comparison runs its candidates in alternating rounds inside this one process (A B C, A B C,
+...), so that a machine that gets busier or quieter part-way slows every candidate alike; the report
+gives the median of the rounds and ratios of medians, never a single timing.
+
+- decoding: `gpt2-small` (random weights), batch 1, greedy, from a short prompt: this package's
+  cached `generate` (fp32, and bf16 weights as an opt-in row) vs Hugging Face
+  `GPT2LMHeadModel.generate` holding the same weights (so the tokens can be compared too) vs the
+  seed's `generate_text_simple`, which recomputes the whole context for every token.
+- training: tokens/s of one optimizer step (forward, loss, backward, AdamW) of GPTModel vs
+  GPT2LMHeadModel of the same shape, fp32 and under bf16 autocast.
+- ceilings, measured in the same run: memory bandwidth (a matrix-vector product far larger than the
+  caches) and matrix-multiply FLOP/s; decoding is reported as a fraction of the bandwidth bound
+  (weight bytes read per token), training as model FLOPs utilisation (PaLM appendix B: 6N plus
+  12 * layers * context * width FLOPs per token) against the measured matmul rate of its dtype.
+- peak memory of decoding and training, each measured in a fresh child process (peak RSS above an
+  interpreter with torch imported).
+
+`generate_text_simple` at 1,000 new tokens costs minutes on a CPU (step t runs a t-token forward),
+so its time is integrated over the context length from steps measured at a few lengths: each
+measured step is one call of the real function, and the total is the trapezoid sum over all steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import GPTConfig
+from .generate import generate, generate_text_simple
+from .gpt import GPTModel
+
+PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    name: str
+    cfg: GPTConfig
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run measures: the full benchmark or the seconds-long `--quick` one."""
+
+    decode_cfg: GPTConfig
+    decode_tokens: int
+    long_tokens: int
+    simple_samples: int
+    train_shapes: tuple[TrainShape, ...]
+    rounds: int
+    bandwidth_mb: int
+    matmul_n: int
+    memory_peers: bool
+
+
+def shakespeare_char(**overrides: Any) -> GPTConfig:
+    """nanoGPT's shakespeare-char shape in GPT-2's layout: 6 layers, 6 heads, 384 wide, context 256,
+    a 65-character vocabulary and its dropout of 0.2."""
+    return GPTConfig.from_preset("gpt2-small", **{"vocab_size": 65, "context_length": 256, "emb_dim": 384,
+                                                  "n_heads": 6, "n_layers": 6, "drop_rate": 0.2, **overrides})
+
+
+def full_plan() -> Plan:
+    return Plan(
+        decode_cfg=GPTConfig.from_preset("gpt2-small"), decode_tokens=200, long_tokens=1000, simple_samples=6,
+        train_shapes=(TrainShape("shakespeare-char", shakespeare_char(), 8),
+                      TrainShape("gpt2-small ctx256", GPTConfig.from_preset("gpt2-small", context_length=256), 2)),
+        rounds=3, bandwidth_mb=512, matmul_n=2048, memory_peers=True,
+    )
+
+
+def quick_plan() -> Plan:
+    tiny = dict(vocab_size=96, context_length=64, emb_dim=64, n_heads=4, n_layers=2)
+    return Plan(
+        decode_cfg=GPTConfig.from_preset("gpt2-small", **tiny), decode_tokens=12, long_tokens=40, simple_samples=3,
+        train_shapes=(TrainShape("tiny-char", shakespeare_char(**{**tiny, "context_length": 32}), 2),),
+        rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False,
+    )
+
+
+# --- timing --------------------------------------------------------------------------------------
+def alternate(candidates: dict[str, Callable[[], float]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Run each candidate once per round, in turn; each returns its units of work (tokens).
+
+    Returns the rate (units per second) of every round, per candidate.
+    """
+    for run in candidates.values():
+        for _ in range(warmup):
+            run()
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            units = run()
+            rates[name].append(units / (time.perf_counter() - start))
+    return rates
+
+
+def medians(rates: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+# --- ceilings ------------------------------------------------------------------------------------
+def measure_bandwidth(megabytes: int = 512, rounds: int = 5) -> float:
+    """Memory bandwidth in GB/s: an fp32 matrix-vector product whose matrix is far larger than the
+    caches, so that each round streams it from memory once (what decoding does with the weights)."""
+    cols = 4096
+    matrix = torch.randn(megabytes * 2**20 // (4 * cols), cols)
+    vector = torch.randn(cols)
+    times = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        times.append(time.perf_counter() - start)
+    return matrix.numel() * 4 / statistics.median(times[1:]) / 1e9
+
+
+def measure_matmul(dtype: torch.dtype, n: int = 2048, rounds: int = 5) -> float:
+    """Matrix-multiply throughput in GFLOP/s for square n x n matrices of `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    times = []
+    for _ in range(rounds + 1):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times[1:]) / 1e9
+
+
+# --- model arithmetic ----------------------------------------------------------------------------
+def decode_bytes_per_token(model: GPTModel) -> int:
+    """Bytes of weights one decoding step reads: every parameter once, except the embedding tables,
+    of which a lookup reads one row (a tied table is read whole, as the output head)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
+    tables = [model.pos_emb.weight] + ([] if model.cfg.tie_weights else [model.tok_emb.weight])
+    return total - sum(t.numel() * t.element_size() for t in tables)
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """N of the FLOP count: parameters that take part in matrix products (not the lookup tables)."""
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    return n if cfg.tie_weights else n - model.tok_emb.weight.numel()
+
+
+def train_flops_per_token(cfg: GPTConfig) -> int:
+    """PaLM appendix B: 6N for the matrix products (forward 2N, backward 4N) plus 12 * L * T * C for
+    attention's scores and weighted sums over a context of T."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.context_length * cfg.emb_dim
+
+
+# --- decoding ------------------------------------------------------------------------------------
+def prompt_ids(cfg: GPTConfig) -> torch.Tensor:
+    ids = PROMPT if cfg.vocab_size > max(PROMPT) else [i % cfg.vocab_size for i in PROMPT]
+    return torch.tensor([ids])
+
+
+def hf_twin(model: GPTModel) -> nn.Module:
+    """GPT2LMHeadModel holding copies of `model`'s weights; it never stops early at an end token."""
+    from .hf import to_hf
+
+    hf = to_hf(model).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def hf_generate(hf: nn.Module, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
+
+
+def simple_step_lengths(prompt_len: int, new_tokens: int, samples: int) -> list[int]:
+    """Context lengths at which to time one step of generate_text_simple (first and last included)."""
+    last = prompt_len + new_tokens - 1
+    return sorted({round(prompt_len + i * (last - prompt_len) / (samples - 1)) for i in range(samples)})
+
+
+def integrate_steps(lengths: list[int], step_seconds: list[float]) -> float:
+    """Total seconds of the steps at every length from lengths[0] to lengths[-1], interpolating
+    linearly between the measured lengths (exact when a step's cost is linear in its length)."""
+    total = step_seconds[0]
+    for (a, ta), (b, tb) in zip(zip(lengths, step_seconds), zip(lengths[1:], step_seconds[1:])):
+        total += (b - a) * (ta + tb) / 2 + (tb - ta) / 2  # the steps a+1..b
+    return total
+
+
+def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = plan.decode_cfg
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    model_bf16 = GPTModel(cfg).eval()
+    model_bf16.load_state_dict(model.state_dict())
+    model_bf16.to(torch.bfloat16)
+    hf = hf_twin(model)
+    idx = prompt_ids(cfg)
+    n, n_long = plan.decode_tokens, plan.long_tokens
+    if idx.shape[1] + n_long > cfg.context_length:
+        raise ValueError(f"bench: prompt + {n_long} tokens exceed the context {cfg.context_length}")
+
+    ours = generate(model, idx, n)
+    same_as_hf = torch.equal(ours, hf_generate(hf, idx, n))
+    bf16_agree = int((generate(model_bf16, idx, n) == ours)[0, idx.shape[1]:].cumprod(0).sum())
+    log(f"decoding {n} tokens: ours == Hugging Face tokens: {same_as_hf}; bf16 weights agree on the first {bf16_agree}")
+
+    lengths = {k: simple_step_lengths(idx.shape[1], k, plan.simple_samples) for k in (n, n_long)}
+    step_times: dict[int, list[float]] = {}
+
+    def simple_step(length: int) -> Callable[[], float]:
+        # One step at `length` context tokens; their values do not change its cost.
+        window = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+
+        def run() -> float:
+            start = time.perf_counter()
+            generate_text_simple(model, window, 1, cfg.context_length)
+            step_times.setdefault(length, []).append(time.perf_counter() - start)
+            return 1.0
+        return run
+
+    candidates = {
+        "ours": lambda: generate(model, idx, n).shape[1] - idx.shape[1],
+        "ours bf16 weights": lambda: generate(model_bf16, idx, n).shape[1] - idx.shape[1],
+        "hf generate": lambda: hf_generate(hf, idx, n).shape[1] - idx.shape[1],
+        f"ours {n_long}": lambda: generate(model, idx, n_long).shape[1] - idx.shape[1],
+    }
+    for length in sorted(set(lengths[n]) | set(lengths[n_long])):
+        candidates[f"simple step @{length}"] = simple_step(length)
+    log(f"decoding: {len(candidates)} candidates x {plan.rounds} rounds")
+    rates = alternate(candidates, plan.rounds, warmup=0)
+    step_times = {k: v[-plan.rounds:] for k, v in step_times.items()}
+    tps = medians({k: v for k, v in rates.items() if not k.startswith("simple")})
+
+    seed_style = {}
+    for k in (n, n_long):
+        per_round = [integrate_steps(lengths[k], [step_times[length][r] for length in lengths[k]])
+                     for r in range(plan.rounds)]
+        cached = tps["ours"] if k == n else tps[f"ours {n_long}"]
+        simple_tps = k / statistics.median(per_round)
+        seed_style[str(k)] = {"new_tokens": k, "simple_tokens_per_s": simple_tps, "cached_tokens_per_s": cached,
+                              "speedup": cached / simple_tps, "measured_lengths": lengths[k]}
+
+    bytes32, bytes16 = decode_bytes_per_token(model), decode_bytes_per_token(model_bf16)
+    kv = 2 * cfg.n_layers * cfg.context_length * cfg.emb_dim * 4
+    return {
+        "model": cfg.to_dict(), "prompt_tokens": idx.shape[1], "new_tokens": n,
+        "tokens_per_s": {"ours": tps["ours"], "ours bf16 weights": tps["ours bf16 weights"], "hf generate": tps["hf generate"]},
+        "rounds": rates, "same_tokens_as_hf": same_as_hf, "bf16_tokens_agree": bf16_agree,
+        "weight_bytes_per_token": {"float32": bytes32, "bfloat16": bytes16}, "kv_cache_bytes": kv,
+        "seed_style": seed_style,
+    }
+
+
+# --- training ------------------------------------------------------------------------------------
+def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=dtype)
+
+
+def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  dtype: torch.dtype, hf: bool = False) -> float:
+    """One step: forward (under autocast unless fp32), cross-entropy, backward, AdamW. Returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast(dtype):
+        logits = model(x).logits if hf else model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.detach().item()
+
+
+def make_trainer(model: nn.Module, shape: TrainShape, dtype: torch.dtype, hf: bool, seed: int = 0) -> Callable[[], float]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, shape.cfg.vocab_size, (shape.batch_size, shape.cfg.context_length + 1), generator=gen)
+    x, y = data[:, :-1], data[:, 1:]
+
+    def run() -> float:
+        training_step(model, optimizer, x, y, dtype, hf)
+        return x.numel()
+    return run
+
+
+def bench_training(shape: TrainShape, plan: Plan, ceilings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
+    torch.manual_seed(0)
+    ours_cfg = shape.cfg.replace(attn_impl="sdpa")
+    ours32, ours16 = GPTModel(ours_cfg), GPTModel(ours_cfg)
+    ours16.load_state_dict(ours32.state_dict())
+    hf32, hf16 = hf_twin(ours32), hf_twin(ours32)
+    candidates = {
+        "ours": make_trainer(ours32, shape, torch.float32, False),
+        "ours bf16 autocast": make_trainer(ours16, shape, torch.bfloat16, False),
+        "hf": make_trainer(hf32, shape, torch.float32, True),
+        "hf bf16 autocast": make_trainer(hf16, shape, torch.bfloat16, True),
+    }
+    log(f"training {shape.name}: {len(candidates)} candidates x {plan.rounds} rounds")
+    rates = alternate(candidates, plan.rounds)
+    tps = medians(rates)
+    flops = train_flops_per_token(shape.cfg)
+    peak = ceilings["matmul_gflops"]
+    mfu = {k: v * flops / (peak["bfloat16" if "bf16" in k else "float32"] * 1e9) for k, v in tps.items()}
+    return {"shape": shape.name, "model": shape.cfg.to_dict(), "batch_size": shape.batch_size,
+            "tokens_per_step": shape.batch_size * shape.cfg.context_length, "flops_per_token": flops,
+            "tokens_per_s": tps, "mfu": mfu, "rounds": rates}
+
+
+# --- memory --------------------------------------------------------------------------------------
+def _max_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _memory_child(kind: str, peer: str, cfg_dict: dict, size: int, queue: Any) -> None:
+    """Runs in a fresh process: peak RSS of one phase above the interpreter with torch imported."""
+    try:
+        torch.manual_seed(0)
+        if peer == "hf":
+            import transformers  # noqa: F401  imported before the baseline: its own footprint is not the model's
+        base = _max_rss_mb()
+        cfg = GPTConfig.from_dict(cfg_dict)
+        model = GPTModel(cfg)
+        if peer == "hf":
+            model = hf_twin(model)
+        if kind == "decoding":
+            idx = prompt_ids(cfg)
+            if peer == "hf":
+                hf_generate(model, idx, size)
+            else:
+                generate(model.eval(), idx, size)
+        else:
+            run = make_trainer(model, TrainShape("", cfg, size), torch.float32, peer == "hf")
+            for _ in range(2):
+                run()
+        queue.put({"peak_rss_mb": _max_rss_mb(), "above_torch_mb": _max_rss_mb() - base})
+    except Exception as e:  # reported, not raised: a child's traceback would be lost
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def measure_peak_memory(kind: str, peer: str, cfg: GPTConfig, size: int, timeout: float = 300) -> dict[str, Any]:
+    """Peak resident memory of decoding `size` tokens or of training steps at batch `size`, in a child."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_memory_child, args=(kind, peer, cfg.to_dict(), size, queue), daemon=True)
+    child.start()
+    try:
+        result = queue.get(timeout=timeout)
+    except Exception:
+        result = {"error": "the child process gave no answer"}
+    child.join(10)
+    if child.is_alive():
+        child.kill()
+    return result
+
+
+def bench_memory(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    peers = ("ours", "hf") if plan.memory_peers else ("ours",)
+    shape = plan.train_shapes[0]
+    out: dict[str, Any] = {}
+    for peer in peers:
+        log(f"peak memory ({peer}): decoding and training in child processes")
+        out[f"decoding {peer}"] = measure_peak_memory("decoding", peer, plan.decode_cfg, plan.decode_tokens)
+        out[f"training {peer}"] = measure_peak_memory("training", peer, shape.cfg.replace(attn_impl="sdpa"),
+                                                     shape.batch_size)
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        import transformers
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    return {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "transformers": hf_version, "python": platform.python_version(), "system": platform.system()}
+
+
+def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict."""
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    plan = quick_plan() if quick else full_plan()
+    started = time.perf_counter()
+    log("ceilings: memory bandwidth and matmul throughput")
+    ceilings = {"bandwidth_gbs": measure_bandwidth(plan.bandwidth_mb),
+                "matmul_gflops": {"float32": measure_matmul(torch.float32, plan.matmul_n),
+                                  "bfloat16": measure_matmul(torch.bfloat16, plan.matmul_n)}}
+    decoding = bench_decoding(plan, log)
+    for dtype, key in (("float32", "ours"), ("bfloat16", "ours bf16 weights")):
+        bound = ceilings["bandwidth_gbs"] * 1e9 / decoding["weight_bytes_per_token"][dtype]
+        decoding.setdefault("bound_tokens_per_s", {})[key] = bound
+        decoding.setdefault("fraction_of_bound", {})[key] = decoding["tokens_per_s"][key] / bound
+    decoding["fraction_of_bound"]["hf generate"] = (decoding["tokens_per_s"]["hf generate"]
+                                                    / decoding["bound_tokens_per_s"]["ours"])
+    gc.collect()
+    training = [bench_training(shape, plan, ceilings, log) for shape in plan.train_shapes]
+    gc.collect()
+    memory = bench_memory(plan, log)
+    dec = decoding["tokens_per_s"]
+    ratios = {
+        "decoding vs hf": dec["ours"] / dec["hf generate"],
+        "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
+        **{f"cached vs seed-style at {k}": v["speedup"] for k, v in decoding["seed_style"].items()},
+    }
+    for t in training:
+        ratios[f"training {t['shape']} vs hf"] = t["tokens_per_s"]["ours"] / t["tokens_per_s"]["hf"]
+        ratios[f"training {t['shape']} bf16 vs hf fp32"] = t["tokens_per_s"]["ours bf16 autocast"] / t["tokens_per_s"]["hf"]
+        ratios[f"training {t['shape']} bf16 vs hf bf16"] = (t["tokens_per_s"]["ours bf16 autocast"]
+                                                          / t["tokens_per_s"]["hf bf16 autocast"])
+    first = training[0]["shape"]
+    goals = [
+        {"goal": "decoding >= 1.5x hf generate (fp32)", "value": ratios["decoding vs hf"], "target": 1.5},
+        {"goal": "decoding >= 1.5x hf generate (bf16 weights, opt-in)", "value": ratios["decoding bf16 weights vs hf"], "target": 1.5},
+        {"goal": "decoding >= 75% of the bandwidth bound (fp32)", "value": decoding["fraction_of_bound"]["ours"], "target": 0.75},
+        {"goal": f"cached >= 10x seed-style at {plan.long_tokens} tokens",
+         "value": decoding["seed_style"][str(plan.long_tokens)]["speedup"], "target": 10.0},
+        {"goal": f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)",
+         "value": ratios[f"training {first} bf16 vs hf fp32"], "target": 1.75},
+    ]
+    for g in goals:
+        g["met"] = bool(g["value"] >= g["target"])
+    return {"machine": machine(), "quick": quick, "rounds": plan.rounds, "ceilings": ceilings, "decoding": decoding,
+            "training": training, "memory": memory, "ratios": ratios, "goals": goals,
+            "elapsed_s": time.perf_counter() - started}
+
+
+# --- reporting -----------------------------------------------------------------------------------
+def format_report(r: dict[str, Any]) -> str:
+    """The results as the plain-text table `build-llm bench` prints."""
+    m, c, d = r["machine"], r["ceilings"], r["decoding"]
+    lines = [f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
+             f"{m['cpu_capability']}; torch {m['torch']}, transformers {m['transformers']}",
+             f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s; matmul {c['matmul_gflops']['float32']:.0f} "
+             f"GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16",
+             "", f"decoding ({d['model']['n_layers']} layers, {d['model']['emb_dim']} wide, batch 1, greedy, "
+             f"{d['prompt_tokens']}-token prompt, {d['new_tokens']} new tokens; median of {r['rounds']} rounds)",
+             f"  {'':24s} {'tokens/s':>9s} {'bound':>9s} {'of bound':>9s}"]
+    for k, v in d["tokens_per_s"].items():
+        bound = d["bound_tokens_per_s"].get(k, d["bound_tokens_per_s"]["ours"])
+        lines.append(f"  {k:24s} {v:9.1f} {bound:9.1f} {d['fraction_of_bound'][k]:9.0%}")
+    lines.append(f"  same tokens as Hugging Face: {d['same_tokens_as_hf']}; bf16 weights agree with fp32 on the first "
+                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens")
+    for k, v in d["seed_style"].items():
+        lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
+                     f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
+    for t in r["training"]:
+        cfg = t["model"]
+        lines += ["", f"training {t['shape']} ({cfg['n_layers']} layers, {cfg['n_heads']} heads, {cfg['emb_dim']} wide, "
+                      f"context {cfg['context_length']}, vocab {cfg['vocab_size']}, batch {t['batch_size']}, dropout "
+                      f"{cfg['drop_rate']}, AdamW; {t['flops_per_token'] / 1e6:.0f} MFLOP/token)",
+                  f"  {'':24s} {'tokens/s':>9s} {'MFU':>6s}"]
+        for k, v in t["tokens_per_s"].items():
+            lines.append(f"  {k:24s} {v:9.0f} {t['mfu'][k]:6.0%}")
+    lines += ["", "peak memory (RSS above an interpreter with torch imported, fresh process each)"]
+    for k, v in r["memory"].items():
+        lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))
+    lines.append(f"  KV cache of the decoding model (its whole context, fp32): {d['kv_cache_bytes'] / 2**20:.0f} MB")
+    lines += ["", "ratios"] + [f"  {k:44s} {v:7.2f}x" for k, v in r["ratios"].items()]
+    lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['value']:.2f}" for g in r["goals"]]
+    lines.append(f"\n(benchmark took {r['elapsed_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """A PNG bar chart: tokens/s of each candidate, decoding and each training shape side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = r["decoding"]
+    panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
+    panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        names = list(values)
+        bars = ax.barh(names, [values[n] for n in names],
+                       color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
+        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("tokens/s")
+        ax.margins(x=0.2)
+    fig.suptitle(f"build-llm bench on {r['machine']['cpu']} ({r['machine']['torch_threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def to_json(r: dict[str, Any]) -> str:
+    def clean(v: Any) -> Any:  # JSON has no inf or nan: such a value is reported as null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(r), indent=2)

@@ -1,0 +1,67 @@
+"""The benchmark's structure and arithmetic; timings are never pinned (the machine is shared)."""
+
+import json
+import math
+
+import pytest
+
+from build_llm import GPTConfig
+from build_llm.bench import decode_bytes_per_token, integrate_steps, simple_step_lengths, train_flops_per_token
+from build_llm.cli import main
+from build_llm.gpt import GPTModel
+
+# Hugging Face's GPT2LMHeadModel("gpt2") has 124,439,808 parameters; 1024 x 768 of them are the
+# position table, which decoding reads one row of.
+GPT2_PARAMS, GPT2_WPE = 124_439_808, 1024 * 768
+
+
+def test_decoding_reads_every_weight_but_the_lookup_tables():
+    import torch
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig.from_preset("gpt2-small"))
+    assert decode_bytes_per_token(model) == 4 * (GPT2_PARAMS - GPT2_WPE)
+    with torch.device("meta"):
+        book = GPTModel(GPTConfig.from_preset("book-124m"))  # untied: its token table is only looked up
+    assert decode_bytes_per_token(book) == 4 * (163_009_536 - GPT2_WPE - 50257 * 768)
+
+
+def test_training_flops_follow_the_palm_formula():
+    n = GPT2_PARAMS - GPT2_WPE
+    assert train_flops_per_token(GPTConfig.from_preset("gpt2-small")) == 6 * n + 12 * 12 * 1024 * 768
+
+
+def test_step_integration_is_exact_for_a_linear_cost():
+    lengths = simple_step_lengths(6, 1000, 6)
+    assert lengths[0] == 6 and lengths[-1] == 1005 and len(lengths) == 6
+    cost = lambda t: 0.5 + 0.01 * t  # noqa: E731
+    exact = sum(cost(t) for t in range(6, 1006))
+    assert integrate_steps(lengths, [cost(t) for t in lengths]) == pytest.approx(exact, rel=1e-12)
+
+
+def test_quick_bench_json_table_and_chart(tmp_path, capsys):
+    assert main(["bench", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r) >= {"machine", "ceilings", "decoding", "training", "memory", "ratios", "goals", "elapsed_s"}
+    positive = [r["ceilings"]["bandwidth_gbs"], *r["ceilings"]["matmul_gflops"].values(), *r["ratios"].values()]
+    positive += [*r["decoding"]["tokens_per_s"].values(), *r["decoding"]["fraction_of_bound"].values()]
+    for t in r["training"]:
+        positive += [*t["tokens_per_s"].values(), *t["mfu"].values()]
+        assert set(t["tokens_per_s"]) == {"ours", "ours bf16 autocast", "hf", "hf bf16 autocast"}
+        assert all(len(v) == r["rounds"] for v in t["rounds"].values())
+    for value in positive:
+        assert isinstance(value, float) and math.isfinite(value) and value > 0
+    assert {"decoding vs hf", "cached vs seed-style at 40"} <= set(r["ratios"])
+    assert r["decoding"]["same_tokens_as_hf"] is True  # same weights, same greedy tokens
+    for g in r["goals"]:
+        assert isinstance(g["met"], bool) and g["met"] == (g["value"] >= g["target"])
+    for v in r["memory"].values():
+        assert "error" not in v and v["peak_rss_mb"] > v["above_torch_mb"] >= 0
+    assert json.loads((tmp_path / "bench.json").read_text()) == r
+    assert "ratios" in (tmp_path / "bench.txt").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_png_name_is_one_line_and_exit_2(capsys):
+    assert main(["bench", "--quick", "--png", "chart.jpg"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--png" in err and ".png" in err

@@ -619,8 +619,44 @@ def run_eval(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device), indent=2))
 
 
+# --- bench ---------------------------------------------------------------------------------------
+def add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="speed against Hugging Face transformers, side by side",
+                       description="Measure decoding and training speed of this package against Hugging Face "
+                                   "GPT2LMHeadModel of the same shape and the seed's generate_text_simple, in one "
+                                   "process, in alternating rounds; report medians, ratios, the machine's bandwidth "
+                                   "and matmul ceilings, and peak memory. The full run takes a few minutes.")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (a smoke test, not a measurement)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--out", help="directory for bench.json, bench.txt and bench.png")
+    p.add_argument("--png", help="write the bar chart to this PNG file")
+    p.set_defaults(run=run_bench_cli)
+
+
+def run_bench_cli(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .bench import format_report, plot_report, run_bench, to_json
+
+    if args.png and not args.png.lower().endswith(".png"):
+        raise UsageError(f"--png {args.png!r}: expected a file name ending in .png")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    results = run_bench(quick=args.quick)
+    text, table = to_json(results), format_report(results)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(text + "\n", encoding="utf-8")
+        (out / "bench.txt").write_text(table + "\n", encoding="utf-8")
+        plot_report(results, out / "bench.png")
+    if args.png:
+        plot_report(results, args.png)
+    print(text if args.json else table)
+
+
 # --- the command ---------------------------------------------------------------------------------
-VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval]
+VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

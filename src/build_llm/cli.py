@@ -466,7 +466,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     elif args.data:
         text = _read_text(args.data)
     elif is_abc:
-        text = abc_text(max(2, args.max_tokens // 7), seed=args.seed)  # words average 7.2 characters
+        text = abc_text(args.max_tokens // 6 + 2, seed=args.seed)[:args.max_tokens]  # words: 6 to 8 characters
     else:
         raise UsageError("give the text to score: --text TEXT or --data PATH")
     if len(text) < 2:

@@ -42,23 +42,26 @@ def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[
     att = np.stack([np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype=float).reshape(a.shape[-3:])
                     for a in attention])  # (L, nh, T, T)
     n_layers, n_heads, T, _ = att.shape
-    cell = max(1.3, min(3.2, 0.16 * T + 0.5))  # inches per map: room for T labels, but bounded
-    fontsize = 8 if T <= 20 else 6 if T <= 40 else 5
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(cell * n_heads + 1.6, cell * n_layers + 1.0),
-                             squeeze=False, dpi=100)
+    # Square maps sized for T labels, smaller when there are many of them (12 x 12 for GPT-2).
+    cell = float(np.clip(0.13 * T + 0.4, 1.3, 1.8 if n_layers * n_heads > 16 else 3.2))
+    fontsize = float(np.clip(0.8 * cell * 72 / T, 4.5, 9))  # one label per row must fit
+    fig = plt.figure(figsize=(cell * n_heads + 2.2, cell * n_layers + 2.0), dpi=100)
+    grid = fig.add_gridspec(n_layers, n_heads + 1, width_ratios=[1] * n_heads + [0.06],
+                            left=1.2 / (cell * n_heads + 2.2), right=0.97, bottom=1.0 / (cell * n_layers + 2.0),
+                            top=1 - 1.0 / (cell * n_layers + 2.0), wspace=0.08, hspace=0.08)
     upper = np.triu(np.ones((T, T), dtype=bool), k=1)
     cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
     image = None
     for i in range(n_layers):
         for h in range(n_heads):
-            ax = axes[i, h]
+            ax = fig.add_subplot(grid[i, h])
             shown = np.ma.masked_where(upper & (att[i, h] == 0), att[i, h])  # grey: masked, and truly 0
             image = ax.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks(range(T))
             ax.set_yticks(range(T))
             if i == n_layers - 1:
                 ax.set_xticklabels(labels, rotation=90, fontsize=fontsize)
-                ax.set_xlabel("key (attended to)", fontsize=8)
+                ax.set_xlabel("key", fontsize=8)
             else:
                 ax.set_xticklabels([])
             if h == 0:
@@ -70,7 +73,8 @@ def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[
             if i == 0:
                 ax.set_title(f"head {h + 1}", fontsize=9)
     fig.suptitle(f"{title}\nrow = query position, column = key position; grey = masked future", fontsize=10)
-    fig.colorbar(image, ax=axes, fraction=0.025 if n_heads > 2 else 0.05, pad=0.02, label="attention weight")
+    fig.colorbar(image, cax=fig.add_subplot(grid[max(0, n_layers // 2 - 1):max(1, n_layers // 2 + 1), n_heads]),
+                 label="attention weight")
     return _save(fig, path)
 
 
@@ -82,8 +86,9 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
 
     `distributions` come from `probe.tempered_distributions`. Blue bars are the tokens the sampler
     keeps (top-k first, then top-p on what is left, as `generate` does), grey bars the ones it
-    drops; the dashed line marks where top-k alone cuts, the dotted one where top-p alone would. `true_probs` (one per id), when the source is known, are drawn as
-    black ticks on the temperature-1 panel.
+    drops; the dashed line marks where top-k alone cuts, the dotted one where top-p alone would.
+    `true_probs` (one per id), when the source is known, are drawn as black ticks on the
+    temperature-1 panel.
     """
     plt = _pyplot()
     n = len(ids)
@@ -101,23 +106,27 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
             ax.scatter(x, true_probs, marker="_", s=900, linewidths=2.5, color="black", zorder=3)
             top = max(top, float(np.max(true_probs)))
         for xi, p in zip(x, probs):
-            if p >= 0.005:
-                ax.text(xi, p, f"{p:.2f}", ha="center", va="bottom", fontsize=7)
+            if p > 0.02 * probs.max():
+                ax.text(xi, p, f"{p:.2f}" if p >= 0.01 else f"{p:.1e}", ha="center", va="bottom",
+                        fontsize=7 if n <= 12 else 5.5, rotation=0 if n <= 12 else 90)
         if top_k is not None and top_k < n:
             ax.axvline(top_k - 0.5, color="#d62728", linestyle="--", linewidth=1.2)
             ax.text(top_k - 0.45, 0.97, f" top-k = {top_k}", color="#d62728", fontsize=8, va="top",
                     transform=ax.get_xaxis_transform())
+        note = ""
         if top_p is not None:
             n_p = _top_p_count(d["probs"], top_p)
-            if n_p < n:
+            if n_p >= n:
+                note = f"; top-p {top_p} alone would keep {n_p:,} tokens (beyond the chart)"
+            else:
                 ax.axvline(n_p - 0.5, color="#2ca02c", linestyle=":", linewidth=1.6)
                 right_half = n_p - 0.5 > n / 2
                 ax.text(n_p - 0.5 + (-0.05 if right_half else 0.05), 0.80, f" top-p = {top_p} alone: {n_p} tokens ",
                         color="#2ca02c", fontsize=8, va="top", ha="right" if right_half else "left",
                         transform=ax.get_xaxis_transform())
-        ax.set_ylim(0, min(1.05, top * 1.25 + 0.02))
+        ax.set_ylim(0, min(1.05, top * 1.3) if top > 0 else 1.0)
         ax.set_ylabel("probability")
-        ax.set_title(f"temperature {d['temperature']:g}: the sampler draws from {kept_total} token(s)"
+        ax.set_title(f"temperature {d['temperature']:g}: the sampler draws from {kept_total} token(s)" + note
                      + ("; black ticks: the true probability" if show_truth else ""), fontsize=9)
     axes[-1, 0].set_xticks(x)
     axes[-1, 0].set_xticklabels(labels, rotation=60 if n > 8 else 0, ha="right" if n > 8 else "center", fontsize=9)
@@ -161,8 +170,10 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     left.set_title("Residual-stream norm (grey: one line per token)", fontsize=10)
     left.legend(fontsize=8)
     layers = np.arange(1, n_layers + 1)
-    for h in range(n_heads):
-        right.scatter(layers, entropy[:, h], s=18, alpha=0.8, label=f"head {h + 1}" if n_heads <= 12 else None)
+    for h in range(n_heads):  # a colour per head when few; grey dots when many (a legend of 12 says nothing)
+        few = n_heads <= 6
+        right.scatter(layers, entropy[:, h], s=18, alpha=0.8, color=None if few else "#888888",
+                      label=f"head {h + 1}" if few else ("one dot per head" if h == 0 else None))
     right.plot(layers, entropy.mean(axis=1), color="black", linewidth=1.8, label="mean over heads")
     right.axhline(uniform, color="#d62728", linestyle="--", linewidth=1.2, label=f"uniform ({uniform:.2f} bits)")
     right.set_ylim(0, uniform * 1.15 + 0.05)
@@ -171,7 +182,7 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     right.set_xlabel("layer")
     right.set_ylabel("mean attention entropy, bits")
     right.set_title("Attention entropy: 0 = one token, red = spread evenly", fontsize=10)
-    right.legend(fontsize=7, ncol=2 if n_heads > 4 else 1)
+    right.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save(fig, path)

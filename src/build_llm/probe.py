@@ -444,7 +444,8 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
             truth = None
     files["next_token_chart"] = plot_next_token(
         dists, token_labels(tokenizer, bar_ids), bar_ids, out / "next_token.png", top_k=top_k, top_p=top_p,
-        title=f"P(next token | {token_label(tokenizer.decode(ids[-12:]))!s}) at several temperatures",
+        title=f"P(next token | {'…' if len(ids) > 12 else ''}{token_label(tokenizer.decode(ids[-12:]))}) "
+              "at several temperatures",
         true_probs=None if truth is None else [truth[i] for i in bar_ids])
     table_lines = [f"next token after the prompt (top {top_k}, temperature 1"
                    f"{'; true = the exact probability under the ABC source' if truth else ''}):",

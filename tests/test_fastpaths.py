@@ -125,3 +125,25 @@ def test_compiled_forward_and_decoding_equal_eager():
         torch.testing.assert_close(compiled(idx), plain(idx), atol=1e-4, rtol=0)
     prompt = idx[:1, :5]
     assert torch.equal(generate(compiled, prompt, 20), generate(plain, prompt, 20))
+
+
+def test_runtime_autocast_selects_the_precision():
+    from build_llm.runtime import autocast
+
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    with autocast("cpu", "bfloat16"):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("cpu", torch.float32):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        autocast("cpu", "int4")
+
+
+def test_runtime_cpu_paths_of_the_gpu_helpers_change_nothing():
+    from build_llm.runtime import configure_backends, to_device
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    configure_backends("cpu")
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    x = torch.arange(6)
+    assert to_device(x, "cpu") is x  # no copy, no pinning on CPU

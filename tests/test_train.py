@@ -83,21 +83,21 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_abc_loss_falls_towards_the_optimum(tmp_path):
-    """A short version of the demo: the r-abc model on ABC text gets within 0.1 nats of the exact
-    optimum in 200 steps (the full demo, a slow test, gets within 0.01)."""
+    """A short version of the demo: the r-abc model on ABC text gets within 0.12 nats of the exact
+    optimum in 150 steps (the full demo, a slow test, gets within 0.01)."""
     corpus, tok = prepare_corpus(None, "char", tmp_path / "data", 0.2, abc_words=20_000)
-    cfg = TrainConfig(lr=0.003, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=20, batch_size=64, steps=200,
-                      eval_every=100, eval_batches=8, seed=1, val_ratio=0.2)
+    cfg = TrainConfig(lr=0.003, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=20, batch_size=64, steps=150,
+                      eval_every=75, eval_batches=4, seed=1, val_ratio=0.2)
     model_cfg = GPTConfig.from_preset("r-abc")
     optimum = optimal_loss(ABC, 16)
     result = train(tmp_path, model_cfg, cfg, corpus, tok, optimal_loss=optimum, log=lambda s: None)
     first, last = rows(tmp_path)[0], rows(tmp_path)[-1]
     assert last["optimal_loss"] == optimum
     assert last["val_loss"] < first["val_loss"] < math.log(4)  # a uniform guess over A, B, C, \n
-    assert optimum - 0.02 < result.val_loss < optimum + 0.1, (result.val_loss, optimum)
+    assert optimum - 0.03 < result.val_loss < optimum + 0.12, (result.val_loss, optimum)
     for key in ("step", "train_loss", "val_loss", "tokens_seen", "lr", "elapsed_s", "tokens_per_s"):
         assert key in last
-    assert last["tokens_seen"] == 200 * 64 * 16
+    assert last["tokens_seen"] == 150 * 64 * 16
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 

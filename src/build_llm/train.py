@@ -465,6 +465,9 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
         d.barrier()
 
     val_starts = eval_starts(corpus, T, cfg)
+    # A sharded (FSDP) forward is collective: every rank must run the same forwards, so each
+    # evaluates every window; otherwise the ranks share the windows and sum.
+    eval_dist = Dist() if cfg.fsdp else d
     interval_losses, interval_time = [], 0.0
     t_start = time.perf_counter() - elapsed
     progress = None
@@ -474,7 +477,7 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
         progress = tqdm(total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None,
                         desc="train", unit="step")
     model.train()
-    val_loss = float("nan")
+    val_loss, last_plot = float("nan"), time.perf_counter()
     try:
         with StopFlag() as stop:
             while step < cfg.steps:
@@ -497,7 +500,7 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
                     progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
                                          tok_s=f"{len(interval_losses) * tokens_per_step / max(interval_time, 1e-9):.0f}")
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss, _ = evaluate_windows(core, val_ids, val_starts, T, cfg.batch_size, device, d, cfg.dtype)
+                    val_loss, _ = evaluate_windows(core, val_ids, val_starts, T, cfg.batch_size, device, eval_dist, cfg.dtype)
                     elapsed = time.perf_counter() - t_start
                     row = {"step": step, "train_loss": float(np.mean(interval_losses)), "val_loss": val_loss,
                            "tokens_seen": step * tokens_per_step, "lr": lr, "elapsed_s": round(elapsed, 3),
@@ -505,24 +508,32 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
                     if optimal_loss is not None:
                         row["optimal_loss"] = optimal_loss
                     history.append(row)
+                    # A sample with the evaluation, at most every 50 steps (generation is slow next to a tiny step)
+                    sample_now = bool(sample_prompt) and (step % max(cfg.eval_every, 50) == 0 or step == cfg.steps)
                     if d.is_main:
                         with open(metrics_path, "a", encoding="utf-8") as fh:
                             fh.write(json.dumps(row) + "\n")
                         msg = (f"step {step}/{cfg.steps}: train {row['train_loss']:.4f}, val {val_loss:.4f}"
                                + (f" (optimum {optimal_loss:.4f})" if optimal_loss is not None else "")
                                + f", {row['tokens_per_s']:.0f} tokens/s")
-                        if sample_prompt:
+                        if sample_now:
                             msg += f"\n  sample: {sample_text(core, tokenizer, sample_prompt, 60, device)!r}"
                         (progress.write(msg, file=sys.stderr) if progress is not None else log(msg))
+                    elif cfg.fsdp and sample_now:  # a sharded forward needs every rank
+                        sample_text(core, tokenizer, sample_prompt, 60, device)
                     save()
-                    if d.is_main:
+                    # Redrawn at most every 30 s (matplotlib is slow next to a tiny model's step), and at the end.
+                    if d.is_main and (step == cfg.steps or time.perf_counter() - last_plot > 30):
                         plot_run(out_dir, history, optimal_loss)
+                        last_plot = time.perf_counter()
                     interval_losses, interval_time = [], 0.0
                 stop_now = torch.tensor(float(stop.raised is not None), device=device)
                 if d.sum(stop_now).item() > 0:
                     elapsed = time.perf_counter() - t_start
                     if step % cfg.eval_every and step != cfg.steps:
                         save()
+                    if d.is_main and history:
+                        plot_run(out_dir, history, optimal_loss)
                     raise TrainingStopped(f"interrupted at step {step}/{cfg.steps}; checkpoint saved in "
                                           f"{out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
     finally:
@@ -670,8 +681,11 @@ def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig
         from .markov import ABC, optimal_loss_on_text
 
         starts = sliding_starts(len(corpus.val), T)  # every non-overlapping window of the split
-        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, d, cfg.dtype)
+        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, Dist() if cfg.fsdp else d, cfg.dtype)
         if not d.is_main:
+            if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, print nothing
+                sample_text(model, tok, prompt, 700, device)
+                sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)
             return
         on_windows = float(optimal_loss_on_text(ABC, tok.decode(np.asarray(corpus.val).tolist()), T).mean())
         print(f"validation loss {val_loss:.6f} on {n:,} tokens ({len(starts):,} windows of {T})")
@@ -679,9 +693,11 @@ def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig
               f"excess {val_loss - optimum:+.6f} nats")
         print(f"\nGreedy from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device)}")
         print(f"\nTop-k 2 from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)}")
-    elif d.is_main:
-        print(f"validation loss {result.val_loss:.6f} after {result.step} steps")
-        print(f"\nSample from {prompt!r}:\n{sample_text(model, tok, prompt, 200, device, top_k=40, seed=cfg.seed)}")
+    elif d.is_main or cfg.fsdp:
+        sample = sample_text(model, tok, prompt, 200, device, top_k=40, seed=cfg.seed)
+        if d.is_main:
+            print(f"validation loss {result.val_loss:.6f} after {result.step} steps")
+            print(f"\nSample from {prompt!r}:\n{sample}")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_size: int = 64,

@@ -630,6 +630,8 @@ def add_bench(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--out", help="directory for bench.json, bench.txt and bench.png")
     p.add_argument("--png", help="write the bar chart to this PNG file")
+    p.add_argument("--text", help="also time `build-llm train` on this text file (character tokenizer), "
+                                  "e.g. Shakespeare; its shape is nanoGPT's shakespeare-char")
     p.set_defaults(run=run_bench_cli)
 
 
@@ -642,7 +644,9 @@ def run_bench_cli(args: argparse.Namespace) -> None:
         raise UsageError(f"--png {args.png!r}: expected a file name ending in .png")
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
-    results = run_bench(quick=args.quick)
+    if args.text and not Path(args.text).is_file():
+        raise UsageError(f"--text {args.text!r}: no such file; give a UTF-8 text file")
+    results = run_bench(quick=args.quick, text=args.text)
     text, table = to_json(results), format_report(results)
     if args.out:
         out = Path(args.out)
@@ -685,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("build-llm: interrupted", file=sys.stderr)
         return 130
-    return status if isinstance(status, int) else 0
+    return status if type(status) is int else 0  # not a bool or a result object
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from .data import Corpus, check_splits, draw_starts, random_windows, sliding_sta
 # Keys of step_rng streams: one for training batches, one for the fixed validation windows.
 TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
 LR_DECAYS = ("cosine", "constant")
+SMALL_MODEL = 2_000_000  # parameters; below this, CPU training uses one thread unless OMP_NUM_THREADS says otherwise
 
 
 @dataclass(frozen=True)
@@ -621,6 +622,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         tokenizer = tokenizer or "char"
 
     d, device = init_distributed(cfg.device)
+    threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         if cfg.fsdp and not d.active:
             raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
@@ -653,6 +655,10 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
                 base = GPTConfig(**DATA_DEFAULT_MODEL).to_dict()
             model_cfg = GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
 
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and _n_params(model_cfg) < SMALL_MODEL:
+            # A tiny model's matrices are too small to share among threads: coordinating them costs
+            # more than it saves, and many times more when other processes compete for the cores.
+            torch.set_num_threads(1)
         optimum = None
         if data is None:
             from .markov import ABC, optimal_loss as exact_optimum
@@ -669,7 +675,15 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device, data is None)
         return result
     finally:
+        torch.set_num_threads(threads)
         close_distributed(d)
+
+
+def _n_params(model_cfg) -> int:
+    from .gpt import GPTModel
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPTModel(model_cfg).parameters())
 
 
 def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig, optimum: float | None,

@@ -39,11 +39,14 @@ def test_step_integration_is_exact_for_a_linear_cost():
 
 
 def test_quick_bench_json_table_and_chart(tmp_path, capsys):
-    assert main(["bench", "--quick", "--json", "--out", str(tmp_path)]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question\n" * 200, encoding="utf-8")
+    assert main(["bench", "--quick", "--json", "--out", str(tmp_path / "out"), "--text", str(text)]) == 0
     r = json.loads(capsys.readouterr().out)
     assert set(r) >= {"machine", "ceilings", "decoding", "training", "memory", "ratios", "goals", "elapsed_s"}
     positive = [r["ceilings"]["bandwidth_gbs"], *r["ceilings"]["matmul_gflops"].values(), *r["ratios"].values()]
     positive += [*r["decoding"]["tokens_per_s"].values(), *r["decoding"]["fraction_of_bound"].values()]
+    positive += [*r["train_cli"]["tokens_per_s"].values()]  # read from build-llm train's metrics.jsonl
     for t in r["training"]:
         positive += [*t["tokens_per_s"].values(), *t["mfu"].values()]
         assert set(t["tokens_per_s"]) == {"ours", "ours bf16 autocast", "hf", "hf bf16 autocast"}
@@ -56,12 +59,14 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
         assert isinstance(g["met"], bool) and g["met"] == (g["value"] >= g["target"])
     for v in r["memory"].values():
         assert "error" not in v and v["peak_rss_mb"] > v["above_torch_mb"] >= 0
-    assert json.loads((tmp_path / "bench.json").read_text()) == r
-    assert "ratios" in (tmp_path / "bench.txt").read_text()
-    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "out"
+    assert json.loads((out / "bench.json").read_text()) == r
+    assert "ratios" in (out / "bench.txt").read_text()
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_bad_png_name_is_one_line_and_exit_2(capsys):
-    assert main(["bench", "--quick", "--png", "chart.jpg"]) == 2
+@pytest.mark.parametrize("argv, named", [(["--png", "chart.jpg"], "--png"), (["--text", "no/such/file.txt"], "--text")])
+def test_bad_input_is_one_line_and_exit_2(argv, named, capsys):
+    assert main(["bench", "--quick", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "--png" in err and ".png" in err
+    assert "\n" not in err and named in err

@@ -70,6 +70,9 @@ class Plan:
     bandwidth_mb: int
     matmul_n: int
     memory_peers: bool
+    cli_steps: int = 30
+    cli_rounds: int = 2
+    cli_shape: tuple[str, ...] = ()  # extra `build-llm train` flags that shrink the model for --quick
 
 
 def shakespeare_char(**overrides: Any) -> GPTConfig:
@@ -93,7 +96,8 @@ def quick_plan() -> Plan:
     return Plan(
         decode_cfg=GPTConfig.from_preset("gpt2-small", **tiny), decode_tokens=12, long_tokens=40, simple_samples=3,
         train_shapes=(TrainShape("tiny-char", shakespeare_char(**{**tiny, "context_length": 32}), 2),),
-        rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False,
+        rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False, cli_steps=3, cli_rounds=1,
+        cli_shape=("--context-length", "32", "--emb-dim", "64", "--n-layers", "2", "--n-heads", "4"),
     )
 
 
@@ -325,6 +329,31 @@ def bench_training(shape: TrainShape, plan: Plan, ceilings: dict[str, Any], log:
             "tokens_per_s": tps, "mfu": mfu, "rounds": rates}
 
 
+# --- the user-facing trainer ---------------------------------------------------------------------
+def bench_train_cli(text: str | os.PathLike[str], plan: Plan, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """tokens/s that `build-llm train --data TEXT --tokenizer char --batch-size 8` reports in its
+    metrics.jsonl (its default model is the shakespeare-char shape), fp32 and `--dtype bfloat16`,
+    in alternating rounds of fresh runs."""
+    import subprocess
+
+    rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    final_loss: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    log(f"build-llm train on {Path(text).name}: {plan.cli_steps} steps x 2 dtypes x {plan.cli_rounds} rounds")
+    for r in range(plan.cli_rounds):
+        for dtype in rates:
+            out = workdir / f"train-{dtype}-{r}"
+            cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", str(text), "--tokenizer", "char",
+                   "--batch-size", "8", "--steps", str(plan.cli_steps), "--eval-every", str(plan.cli_steps),
+                   "--eval-batches", "2", "--dtype", dtype, "--out", str(out), *plan.cli_shape]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"build-llm train failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = json.loads((out / "metrics.jsonl").read_text().strip().splitlines()[-1])
+            rates[dtype].append(float(last["tokens_per_s"]))
+            final_loss[dtype].append(float(last["val_loss"]))
+    return {"steps": plan.cli_steps, "tokens_per_s": medians(rates), "rounds": rates, "val_loss": final_loss}
+
+
 # --- memory --------------------------------------------------------------------------------------
 def _max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -402,8 +431,12 @@ def machine() -> dict[str, Any]:
             "transformers": hf_version, "python": platform.python_version(), "system": platform.system()}
 
 
-def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict."""
+def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
+              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict.
+
+    With `text`, also time the user-facing `build-llm train` on it (character tokenizer).
+    """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     plan = quick_plan() if quick else full_plan()
     started = time.perf_counter()
@@ -422,6 +455,11 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     training = [bench_training(shape, plan, ceilings, log) for shape in plan.train_shapes]
     gc.collect()
     memory = bench_memory(plan, log)
+    train_cli = None
+    if text is not None:
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
+            train_cli = bench_train_cli(text, plan, Path(tmp), log)
     dec = decoding["tokens_per_s"]
     ratios = {
         "decoding vs hf": dec["ours"] / dec["hf generate"],
@@ -433,6 +471,11 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
         ratios[f"training {t['shape']} bf16 vs hf fp32"] = t["tokens_per_s"]["ours bf16 autocast"] / t["tokens_per_s"]["hf"]
         ratios[f"training {t['shape']} bf16 vs hf bf16"] = (t["tokens_per_s"]["ours bf16 autocast"]
                                                           / t["tokens_per_s"]["hf bf16 autocast"])
+    if train_cli is not None:
+        cli_tps = train_cli["tokens_per_s"]
+        hf_tps = training[0]["tokens_per_s"]["hf"]
+        ratios["build-llm train fp32 vs hf"] = cli_tps["float32"] / hf_tps
+        ratios["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
     first = training[0]["shape"]
     goals = [
         {"goal": "decoding >= 1.5x hf generate (fp32)", "value": ratios["decoding vs hf"], "target": 1.5},
@@ -443,10 +486,13 @@ def run_bench(quick: bool = False, log: Callable[[str], None] | None = None) -> 
         {"goal": f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)",
          "value": ratios[f"training {first} bf16 vs hf fp32"], "target": 1.75},
     ]
+    if train_cli is not None:
+        goals.append({"goal": f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
+                      "value": ratios["build-llm train bf16 vs hf fp32"], "target": 1.75})
     for g in goals:
         g["met"] = bool(g["value"] >= g["target"])
     return {"machine": machine(), "quick": quick, "rounds": plan.rounds, "ceilings": ceilings, "decoding": decoding,
-            "training": training, "memory": memory, "ratios": ratios, "goals": goals,
+            "training": training, "train_cli": train_cli, "memory": memory, "ratios": ratios, "goals": goals,
             "elapsed_s": time.perf_counter() - started}
 
 
@@ -477,6 +523,11 @@ def format_report(r: dict[str, Any]) -> str:
                   f"  {'':24s} {'tokens/s':>9s} {'MFU':>6s}"]
         for k, v in t["tokens_per_s"].items():
             lines.append(f"  {k:24s} {v:9.0f} {t['mfu'][k]:6.0%}")
+    if r.get("train_cli"):
+        c = r["train_cli"]
+        lines += ["", f"build-llm train --data TEXT --tokenizer char --batch-size 8 ({c['steps']} steps, its metrics.jsonl)"]
+        for k, v in c["tokens_per_s"].items():
+            lines.append(f"  {k:24s} {v:9.0f} tokens/s")
     lines += ["", "peak memory (RSS above an interpreter with torch imported, fresh process each)"]
     for k, v in r["memory"].items():
         lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))

@@ -24,8 +24,11 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow || test $$? -eq 5  # 5: no slow tests collected
 
+# The text for timing `build-llm train` (skipped when the file is absent).
+BENCH_TEXT ?= ../shared/data/shakespeare.txt
+
 bench: install
-	.venv/bin/build-llm bench
+	.venv/bin/build-llm bench --out runs/bench $(if $(wildcard $(BENCH_TEXT)),--text $(BENCH_TEXT))
 
 clean:
 	rm -rf .venv runs build *.egg-info

@@ -431,7 +431,7 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
     elif d.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
     optimizer = make_optimizer(core, cfg, device)
@@ -655,10 +655,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
                 base = GPTConfig(**DATA_DEFAULT_MODEL).to_dict()
             model_cfg = GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
 
-        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and _n_params(model_cfg) < SMALL_MODEL:
-            # A tiny model's matrices are too small to share among threads: coordinating them costs
-            # more than it saves, and many times more when other processes compete for the cores.
-            torch.set_num_threads(1)
+        cpu_threads_for(model_cfg, device)
         optimum = None
         if data is None:
             from .markov import ABC, optimal_loss as exact_optimum
@@ -679,11 +676,17 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         close_distributed(d)
 
 
-def _n_params(model_cfg) -> int:
+def cpu_threads_for(model_cfg, device: torch.device) -> None:
+    """One CPU thread for a tiny model unless OMP_NUM_THREADS says otherwise: its matrices are too
+    small to share among threads, coordinating them costs more than it saves, and many times more
+    when other processes compete for the cores."""
     from .gpt import GPTModel
 
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
     with torch.device("meta"):
-        return sum(p.numel() for p in GPTModel(model_cfg).parameters())
+        if sum(p.numel() for p in GPTModel(model_cfg).parameters()) < SMALL_MODEL:
+            torch.set_num_threads(1)
 
 
 def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig, optimum: float | None,
@@ -742,7 +745,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     starts = sliding_starts(len(ids), T)
     if len(starts) == 0:
         raise ValueError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
-    loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
+    threads = torch.get_num_threads()
+    try:
+        cpu_threads_for(ckpt.model.cfg, dev)
+        loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
+    finally:
+        torch.set_num_threads(threads)
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "windows": len(starts)}
     if data is None or trained_on_abc:
         try:

@@ -121,7 +121,7 @@ class TrainConfig:
 # optim_adamw), batch 64, 80/20 split. The notebook keeps the lr constant for 400 steps; a short
 # warm-up and a cosine decay over more steps bring the loss to within 0.01 nats of the optimum.
 ABC_TRAIN = TrainConfig(lr=0.003, weight_decay=0.01, betas=(0.9, 0.999), warmup_steps=50, lr_decay="cosine",
-                        min_lr_ratio=0.05, grad_clip=1.0, batch_size=64, steps=800, eval_every=200,
+                        min_lr_ratio=0.05, grad_clip=1.0, batch_size=64, steps=800, eval_every=100,
                         eval_batches=20, seed=1, val_ratio=0.2)
 
 

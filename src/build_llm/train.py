@@ -129,7 +129,8 @@ ABC_TRAIN = TrainConfig(lr=0.003, weight_decay=0.01, betas=(0.9, 0.999), warmup_
 def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
                     device: torch.device | str) -> torch.Tensor:
     """Mean cross-entropy of the model's next-token logits against the targets of one batch."""
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    from .runtime import to_device
+    input_batch, target_batch = to_device(input_batch, device), to_device(target_batch, device)  # pinned, async on CUDA
     logits = model(input_batch)  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten().long())
 
@@ -622,6 +623,8 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         tokenizer = tokenizer or "char"
 
     d, device = init_distributed(cfg.device)
+    from .runtime import configure_backends
+    configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         if cfg.fsdp and not d.active:

@@ -70,7 +70,7 @@ class Plan:
     bandwidth_mb: int
     matmul_n: int
     memory_peers: bool
-    cli_steps: int = 30
+    cli_steps: int = 20
     cli_rounds: int = 2
     cli_shape: tuple[str, ...] = ()  # extra `build-llm train` flags that shrink the model for --quick
 
@@ -84,7 +84,7 @@ def shakespeare_char(**overrides: Any) -> GPTConfig:
 
 def full_plan() -> Plan:
     return Plan(
-        decode_cfg=GPTConfig.from_preset("gpt2-small"), decode_tokens=200, long_tokens=1000, simple_samples=6,
+        decode_cfg=GPTConfig.from_preset("gpt2-small"), decode_tokens=200, long_tokens=1000, simple_samples=5,
         train_shapes=(TrainShape("shakespeare-char", shakespeare_char(), 8),
                       TrainShape("gpt2-small ctx256", GPTConfig.from_preset("gpt2-small", context_length=256), 2)),
         rounds=3, bandwidth_mb=512, matmul_n=2048, memory_peers=True,
@@ -356,6 +356,12 @@ def bench_train_cli(text: str | os.PathLike[str], plan: Plan, workdir: Path, log
 
 # --- memory --------------------------------------------------------------------------------------
 def _max_rss_mb() -> float:
+    """This process's peak resident memory in MB. Linux's VmHWM starts afresh at exec; ru_maxrss
+    does not (a spawned child would inherit its parent's peak), so it is only the fallback."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

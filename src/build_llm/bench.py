@@ -308,7 +308,7 @@ def make_trainer(model: nn.Module, shape: TrainShape, dtype: torch.dtype, hf: bo
 
 def bench_training(shape: TrainShape, plan: Plan, ceilings: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
     torch.manual_seed(0)
-    ours_cfg = shape.cfg.replace(attn_impl="sdpa")
+    ours_cfg = shape.cfg  # attn_impl "auto", as `build-llm train` runs it
     ours32, ours16 = GPTModel(ours_cfg), GPTModel(ours_cfg)
     ours16.load_state_dict(ours32.state_dict())
     hf32, hf16 = hf_twin(ours32), hf_twin(ours32)
@@ -414,7 +414,7 @@ def bench_memory(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     for peer in peers:
         log(f"peak memory ({peer}): decoding and training in child processes")
         out[f"decoding {peer}"] = measure_peak_memory("decoding", peer, plan.decode_cfg, plan.decode_tokens)
-        out[f"training {peer}"] = measure_peak_memory("training", peer, shape.cfg.replace(attn_impl="sdpa"),
+        out[f"training {peer}"] = measure_peak_memory("training", peer, shape.cfg,
                                                      shape.batch_size)
     return out
 

@@ -50,7 +50,7 @@ def test_generate_is_seeded(capsys):
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["top_p=2.0", "(0, 1]"]),
     (["generate", "--checkpoint", "no/such/dir", "--prompt", "x"], ["'no/such/dir' does not exist"]),
-    (["generate", "--preset", "r-abc", "--prompt", "x"], ["no tokenizer"]),
+    (["generate", "--preset", "r-abc", "--prompt", "x"], ["not in the vocabulary: 'x'", "'A', 'B', 'C'"]),
     (["bogus"], ["invalid choice: 'bogus'"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, words, capsys):

@@ -152,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_2(abc_checkpoint, gpt2_checkpoint, tmp_p
     _bad(capsys, ["surprisal", "--checkpoint", str(gpt2_checkpoint), "--out", str(tmp_path / "x.html")], "--text")
     _bad(capsys, ["surprisal", "--checkpoint", ck, "--abc", "--text", "AAAAAAAA", "--out", str(tmp_path / "x.html")],
          "cannot occur")
-    _bad(capsys, ["doctor", "--checkpoint", ck, "--data", str(tmp_path / "missing.txt")], "--data", "not a file")
+    _bad(capsys, ["doctor", "--checkpoint", ck, "--data", str(tmp_path / "missing.txt")], "data path", "missing.txt", "does not exist")
     assert not (tmp_path / "x.html").exists()
 
 

@@ -45,29 +45,37 @@ def model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     group.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
 
 
-def load_source(args: argparse.Namespace, device: str = "cpu"):
-    """(model, tokenizer) from --checkpoint, or a seeded random model from --preset."""
+def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):
+    """(model, tokenizer) from --checkpoint, or a seeded random model from --preset. A preset gets
+    the tokenizer its vocabulary implies (GPT-2's, or the ABC characters for r-abc); without one,
+    the tokenizer is None unless `need_tokenizer`."""
     import torch
 
     from .checkpoint import load_checkpoint
     from .config import GPTConfig
     from .gpt import GPTModel
+    from .markov import ABC
     from .runtime import set_seed
-    from .tokenizer import get_tokenizer
+    from .tokenizer import GPT2_VOCAB_SIZE, PAD, CharTokenizer, get_tokenizer
 
     if args.checkpoint:
         ckpt = load_checkpoint(args.checkpoint, device)
-        if ckpt.tokenizer is None:
-            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode a prompt")
+        if ckpt.tokenizer is None and need_tokenizer:
+            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text")
         return ckpt.model, ckpt.tokenizer
-    set_seed(getattr(args, "seed", None) or 0)
     cfg = GPTConfig.from_preset(args.preset)
-    with torch.device(device):
-        model = GPTModel(cfg).eval()
-    tokenizer = get_tokenizer("gpt2") if cfg.vocab_size == 50257 else None
-    if tokenizer is None:
+    if cfg.vocab_size == GPT2_VOCAB_SIZE:
+        tokenizer = get_tokenizer("gpt2")
+    elif cfg.vocab_size == len(ABC.alphabet) + 1:
+        tokenizer = CharTokenizer([PAD, *ABC.alphabet])
+    elif need_tokenizer:
         raise UsageError(f"preset {args.preset!r} has a {cfg.vocab_size}-token vocabulary with no tokenizer; "
                          "use --checkpoint of a trained model")
+    else:
+        tokenizer = None
+    set_seed(getattr(args, "seed", None) or 0)
+    with torch.device(device):
+        model = GPTModel(cfg).eval()
     return model, tokenizer
 
 
@@ -323,52 +331,6 @@ def run_tokenizer_stats(args: argparse.Namespace) -> None:
 
 
 # --- inspect / surprisal / doctor ----------------------------------------------------------------
-def _probe_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):
-    """(model, tokenizer, untrained) for the looking-inside verbs. A preset with the ABC vocabulary
-    (r-abc) gets the ABC character tokenizer; a checkpoint needs a tokenizer only if `need_tokenizer`."""
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .config import GPTConfig
-    from .gpt import GPTModel
-    from .markov import ABC
-    from .runtime import set_seed
-    from .tokenizer import PAD, CharTokenizer
-
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint, device)
-        if ckpt.tokenizer is None and need_tokenizer:
-            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text")
-        return ckpt.model, ckpt.tokenizer, False
-    cfg = GPTConfig.from_preset(args.preset)
-    if cfg.vocab_size == len(ABC.alphabet) + 1:
-        set_seed(args.seed)
-        with torch.device(device):
-            model = GPTModel(cfg).eval()
-        return model, CharTokenizer([PAD, *ABC.alphabet]), True
-    if not need_tokenizer and cfg.vocab_size != 50257:
-        set_seed(args.seed)
-        with torch.device(device):
-            return GPTModel(cfg).eval(), None, True
-    model, tokenizer = load_source(args, device)
-    return model, tokenizer, True
-
-
-def _read_text(path: str, flag: str = "--data") -> str:
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path!r} is not a file; give a UTF-8 text file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{flag} {path!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not text:
-        raise UsageError(f"{flag} {path!r} is empty")
-    return text
-
-
 def _temperatures(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(t) for t in text.split(","))
@@ -410,7 +372,7 @@ def run_inspect(args: argparse.Namespace) -> None:
         raise UsageError("--prompt is empty; give at least one character")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out!r} is a file; give a directory")
-    model, tokenizer, _ = _probe_source(args, get_device(args.device))
+    model, tokenizer = load_source(args, get_device(args.device))
     title = f"{args.preset or Path(args.checkpoint).name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
     report = inspect_model(model, tokenizer, args.prompt, args.out, top_k=args.top_k, top_p=args.top_p,
                            temperatures=args.temperatures, max_tokens=args.max_tokens, title=title)
@@ -445,6 +407,7 @@ def add_surprisal(sub) -> None:
 def run_surprisal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .data import read_text
     from .markov import ABC, abc_text
     from .probe import is_abc_tokenizer, surprisal_html, surprisal_report
     from .runtime import get_device
@@ -452,7 +415,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file name such as surprisal.html")
-    model, tokenizer, _ = _probe_source(args, get_device(args.device))
+    model, tokenizer = load_source(args, get_device(args.device))
     is_abc = is_abc_tokenizer(tokenizer)
     if args.abc and not is_abc:
         raise UsageError(f"--abc needs a character model over the ABC alphabet {''.join(ABC.alphabet)!r}; "
@@ -460,7 +423,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     if args.text is not None:
         text = args.text
     elif args.data:
-        text = _read_text(args.data)
+        text = read_text(args.data)
     elif is_abc:
         text = abc_text(args.max_tokens // 6 + 2, seed=args.seed)[:args.max_tokens]  # words: 6 to 8 characters
     else:
@@ -514,13 +477,15 @@ def add_doctor(sub) -> None:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
+    from .data import read_text
     from .doctor import run_checks
     from .runtime import get_device
 
     if not args.lr > 0:
         raise UsageError(f"--lr {args.lr!r} is invalid; expected a number > 0")
-    text = _read_text(args.data) if args.data else None
-    model, tokenizer, untrained = _probe_source(args, get_device(args.device), need_tokenizer=False)
+    text = read_text(args.data) if args.data else None
+    model, tokenizer = load_source(args, get_device(args.device), need_tokenizer=False)
+    untrained = not args.checkpoint
     results = []
     for result in run_checks(model, tokenizer, text, untrained=untrained or args.untrained, steps=args.steps,
                              lr=args.lr, seq_len=args.seq_len, seed=args.seed):

@@ -125,3 +125,23 @@ def test_text_helpers_round_trip_with_tiktoken_and_ours():
         ids = text_to_token_ids("Every effort moves you<|endoftext|>", tok)
         assert ids.shape == (1, 5) and int(ids[0, -1]) == 50256
         assert token_ids_to_text(ids, tok) == "Every effort moves you<|endoftext|>"
+
+
+def test_decoding_layout_keeps_values_names_and_tokens(model, tmp_path):
+    from build_llm import load_model, save_checkpoint
+    from build_llm.generate import use_decoding_layout
+
+    idx = torch.randint(0, 50, (2, 4))
+    before, logits = generate(model, idx, 20), model(idx)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    use_decoding_layout(model)
+    weight = model.trf_blocks[0].att.W_qkv.weight
+    assert weight.shape == (192, 64) and weight.t().is_contiguous()  # (out, in) values, (in, out) memory
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert torch.equal(generate(model, idx, 20), before)
+    torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=0)
+    save_checkpoint(tmp_path / "ck", model)
+    loaded = load_model(tmp_path / "ck")
+    assert loaded.out_head.weight.t().is_contiguous()
+    torch.testing.assert_close(loaded(idx), logits, atol=1e-5, rtol=0)

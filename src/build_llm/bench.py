@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
-from .generate import generate, generate_text_simple
+from .generate import generate, generate_text_simple, use_decoding_layout
 from .gpt import GPTModel
 
 PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
@@ -217,6 +217,8 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     model_bf16.load_state_dict(model.state_dict())
     model_bf16.to(torch.bfloat16)
     hf = hf_twin(model)
+    use_decoding_layout(model)  # as load_model and `build-llm generate` do
+    use_decoding_layout(model_bf16)
     idx = prompt_ids(cfg)
     n, n_long = plan.decode_tokens, plan.long_tokens
     if idx.shape[1] + n_long > cfg.context_length:
@@ -381,6 +383,7 @@ def _memory_child(kind: str, peer: str, cfg_dict: dict, size: int, queue: Any) -
             if peer == "hf":
                 hf_generate(model, idx, size)
             else:
+                use_decoding_layout(model)
                 generate(model.eval(), idx, size)
         else:
             run = make_trainer(model, TrainShape("", cfg, size), torch.float32, peer == "hf")

@@ -177,8 +177,13 @@ def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> di
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
-    """The model of a checkpoint (or a run directory's newest), in eval mode, ready for generation."""
-    return load_checkpoint(path, device).model
+    """The model of a checkpoint (or a run directory's newest), in eval mode, ready for generation
+    (its weights in the layout decoding reads fastest)."""
+    from .generate import use_decoding_layout
+
+    model = load_checkpoint(path, device).model
+    use_decoding_layout(model)
+    return model
 
 
 # --- the trainer's state -------------------------------------------------------------------------

@@ -125,12 +125,13 @@ def add_generate(sub) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .generate import check_sampling, stream, text_to_token_ids
+    from .generate import check_sampling, stream, text_to_token_ids, use_decoding_layout
     from .runtime import get_device
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     device = get_device(args.device)
     model, tokenizer = load_source(args, device)
+    use_decoding_layout(model)
     if not args.prompt:
         raise UsageError("--prompt is empty; give at least one character")
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from .config import GPTConfig
 from .generate import generate, generate_text_simple, use_decoding_layout
 from .gpt import GPTModel
+from .runtime import autocast
 
 PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
 
@@ -277,17 +278,11 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
 
 
 # --- training ------------------------------------------------------------------------------------
-def autocast(dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=dtype)
-
-
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                   dtype: torch.dtype, hf: bool = False) -> float:
     """One step: forward (under autocast unless fp32), cross-entropy, backward, AdamW. Returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    with autocast(dtype):
+    with autocast("cpu", dtype):
         logits = model(x).logits if hf else model(x)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
     loss.backward()

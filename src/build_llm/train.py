@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import (CHECKPOINT_DIR, load_trainer_state, save_checkpoint, set_rng_state, trainer_files,
                          unwrap)
 from .data import Corpus, check_splits, draw_starts, random_windows, sliding_starts, step_rng
+from .runtime import autocast
 
 # Keys of step_rng streams: one for training batches, one for the fixed validation windows.
 TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
@@ -277,12 +278,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = {"fused": True} if device.type == "cuda" and not cfg.fsdp else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, **fused)
-
-
-def autocast(device: torch.device, dtype: str):
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def micro_batches(ids: np.ndarray, step: int, cfg: TrainConfig, context_length: int, d: Dist):

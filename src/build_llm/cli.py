@@ -227,7 +227,7 @@ def add_tokenizer(sub) -> None:
                          description="Train a byte-level BPE (special token <|endoftext|>) and save it as a "
                                      "Hugging Face tokenizer.json, usable as `train --tokenizer FILE`.")
     t.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                   help="UTF-8 text file(s), or a directory of .txt files")
+                   help="UTF-8 text file(s) or folder(s) of them (every non-hidden file, as train --data)")
     t.add_argument("--vocab-size", required=True, type=positive_int, help="number of ids (at least 257)")
     t.add_argument("--min-frequency", type=positive_int, default=2, help="least count of a pair to merge")
     t.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON file to write")
@@ -242,37 +242,11 @@ def add_tokenizer(sub) -> None:
     s.set_defaults(run=run_tokenizer_stats)
 
 
-def _text_files(paths: Sequence[str]) -> list[str]:
-    from pathlib import Path
-
-    files: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(str(f) for f in path.rglob("*.txt") if f.is_file())
-            if not found:
-                raise UsageError(f"--data {str(path)!r} is a directory with no .txt files")
-            files += found
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise UsageError(f"--data {str(path)!r} does not exist; give UTF-8 text files or a directory of .txt files")
-    for f in files:
-        with open(f, "rb") as handle:
-            head = handle.read(1 << 20)
-        try:
-            head.decode("utf-8")
-        except UnicodeDecodeError as e:
-            if e.start < len(head) - 4:  # not merely a character cut at the 1 MiB boundary
-                raise UsageError(f"--data {f!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not any(os.path.getsize(f) for f in files):
-        raise UsageError("--data is empty; give text to train on")
-    return files
-
-
 def run_tokenizer_train(args: argparse.Namespace) -> None:
     import tempfile
     from pathlib import Path
 
+    from .data import read_pieces, text_files
     from .tokenizer import ENDOFTEXT, BPETokenizer
 
     if args.vocab_size < 257:
@@ -281,7 +255,10 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")
-    files = _text_files(args.data)
+    files = [f for path in args.data for f in text_files(path)]
+    # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
+    if not sum(bool(piece.strip()) for piece in read_pieces(files)):
+        raise UsageError("--data is empty; give text to train on")
     try:
         tok = BPETokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency)
     except (ValueError, TypeError, OSError):
@@ -304,17 +281,10 @@ def run_tokenizer_stats(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    from .data import read_text
     from .tokenizer import CharTokenizer, GPT2Tokenizer, load_tokenizer, tokenizer_stats
 
-    path = Path(args.data)
-    if not path.is_file():
-        raise UsageError(f"--data {args.data!r} is not a file; give a UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(f"--data {args.data!r} is not UTF-8 text (byte {e.start}); convert it to UTF-8") from None
-    if not text:
-        raise UsageError(f"--data {args.data!r} is empty")
+    text = read_text(args.data)
     tokenizers = [("gpt2", GPT2Tokenizer()), ("char", CharTokenizer.from_text(text))]
     for name in args.tokenizer:
         if not Path(name).exists():

@@ -47,7 +47,7 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def _read_pieces(files: list[Path]) -> Iterator[str]:
+def read_pieces(files: list[Path]) -> Iterator[str]:
     """The files' text in pieces of about CHUNK_CHARS characters; checks UTF-8 and text-ness."""
     for f in files:
         with open(f, "rb") as fh:
@@ -69,7 +69,7 @@ def _read_pieces(files: list[Path]) -> Iterator[str]:
 
 def read_text(path: str | os.PathLike[str]) -> str:
     """All the text of a UTF-8 file or folder of files (folder files joined in sorted path order)."""
-    text = "".join(_read_pieces(text_files(path)))
+    text = "".join(read_pieces(text_files(path)))
     if not text.strip():
         raise ValueError(f"data {str(path)!r} is empty; give a non-empty UTF-8 text")
     return text
@@ -238,7 +238,7 @@ def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, s
 def _scan(files: list[Path]) -> tuple[str, set[str], int]:
     """One pass over the files: SHA-256 of their bytes, their set of characters, their length."""
     h, chars, n = hashlib.sha256(), set(), 0
-    for piece in _read_pieces(files):
+    for piece in read_pieces(files):
         h.update(piece.encode("utf-8"))
         chars.update(piece)
         n += len(piece)
@@ -271,7 +271,7 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
         else:
             tok = get_tokenizer(tokenizer)
-        pieces = lambda: _read_pieces(files)  # noqa: E731
+        pieces = lambda: read_pieces(files)  # noqa: E731
         source = {"source": "text"}
     tok_json = json.dumps(tok.to_json(), sort_keys=True)
     meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),

@@ -721,7 +721,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     of a text (or, with no data, of a held-out ABC draw); for the ABC source also the exact optimum
     on the same windows and the excess over it."""
     from .checkpoint import TRAINER_FILE, load_checkpoint
-    from .data import _read_pieces, text_files
+    from .data import read_pieces, text_files
     from .markov import ABC, abc_text, optimal_loss_on_text
     from .runtime import get_device
 
@@ -735,7 +735,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     if data is None:
         text = abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)
     else:
-        text = "".join(_read_pieces(text_files(data)))
+        text = "".join(read_pieces(text_files(data)))
         if not text.strip():
             raise ValueError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
     T = ckpt.model.cfg.context_length

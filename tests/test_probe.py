@@ -198,3 +198,27 @@ def test_surprisal_html_holds_every_token_escaped_and_the_totals():
     shown = re.search(r'data-key="bits per token">([0-9.]+)<', page).group(1)
     assert float(shown) == pytest.approx(direct.mean(), abs=1e-4)
     assert "perplexity" in page and "bits per character" in page and "Excess" not in page
+
+
+def test_next_token_distribution_is_the_softmax_of_the_last_logits():
+    import math
+
+    from build_llm import GPTConfig, GPTModel, next_token_distribution
+    from build_llm.tokenizer import PAD, CharTokenizer
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("r-abc")).train()
+    tok = CharTokenizer([PAD, "\n", "A", "B", "C"])
+    table = next_token_distribution(model, tok, "ABCA" * 5, k=3)  # 20 characters: the last 16 are used
+    assert model.training  # its mode is restored
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tok.encode(("ABCA" * 5)[-16:])]))[0, -1].tolist()
+    total = sum(math.exp(v) for v in logits)
+    expected = sorted(((math.exp(v) / total, i) for i, v in enumerate(logits)), reverse=True)[:3]
+    assert [i for _, i, _ in table] == [i for _, i in expected]
+    assert [s for s, _, _ in table] == [tok.decode([i]) for _, i in expected]
+    for (_, _, p), (q, _) in zip(table, expected):
+        assert abs(p - q) < 1e-6
+    with pytest.raises(ValueError, match="k=0"):
+        next_token_distribution(model, tok, "A", k=0)

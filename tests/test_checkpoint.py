@@ -31,7 +31,7 @@ def test_training_checkpoint_contents(tmp_path):
     result = train(tmp_path, model_cfg, cfg, corpus, tok, log=lambda s: None)
     ckpt = tmp_path / "checkpoint"
     assert sorted(p.name for p in ckpt.iterdir()) == sorted([
-        "config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
+        ".build-llm", "config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors", "rng.safetensors",
         "trainer_state.json"])
     saved = load_trainer_state(tmp_path)
     assert saved.state["step"] == 3 and saved.state["tokens_seen"] == 3 * 4 * 8

@@ -81,7 +81,8 @@ def test_export_hf_round_trip(checkpoint, reference, tmp_path, capsys):
         torch.testing.assert_close(loaded(idx).logits, reference(idx).logits, atol=1e-5, rtol=0)
     assert AutoTokenizer.from_pretrained(out_dir)("Olá, mundo")["input_ids"] == GPT2Tokenizer().encode("Olá, mundo")
     code, out, err = run(capsys, "export-hf", "--checkpoint", checkpoint, "--out", tmp_path / "bare", "--no-tokenizer")
-    assert code == 0 and sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["config.json", "model.safetensors"]
+    assert code == 0 and sorted(p.name for p in (tmp_path / "bare").iterdir()) == [
+        ".build-llm", "config.json", "model.safetensors"]
 
 
 def test_export_hf_of_a_char_checkpoint_notes_the_tokenizer_is_left_out(tmp_path, capsys):
@@ -141,7 +142,7 @@ def test_import_hf_refuses_to_overwrite_what_is_not_a_checkpoint(hf_dir, tmp_pat
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep")
     code, _, err = run(capsys, "import-hf", hf_dir, "--out", tmp_path / "notes")
-    assert code == 2 and "not a build-llm checkpoint" in err
+    assert code == 2 and "non-empty directory that build-llm did not create" in err
     assert (tmp_path / "notes" / "a.txt").read_text() == "keep"
     (tmp_path / "file").write_text("x")
     code, _, err = run(capsys, "import-hf", hf_dir, "--out", tmp_path / "file")
@@ -165,7 +166,7 @@ def test_export_hf_bad_input(checkpoint, tmp_path, capsys):
     assert code == 2 and "is a file" in err
     before = sorted(p.name for p in checkpoint.iterdir())
     code, _, err = run(capsys, "export-hf", "--checkpoint", checkpoint, "--out", checkpoint)
-    assert code == 2 and "not a Hugging Face model" in err
+    assert code == 2 and "is a build-llm checkpoint directory, not a hf-export directory" in err
     assert sorted(p.name for p in checkpoint.iterdir()) == before
 
 

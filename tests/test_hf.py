@@ -295,7 +295,7 @@ def test_save_hf_output_directory(tmp_path):
         save_hf(model, tmp_path / "file")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="non-empty directory that is not a Hugging Face model"):
+    with pytest.raises(ValueError, match="non-empty directory that build-llm did not create"):
         save_hf(model, tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     assert save_hf(model, tmp_path / "out") == ["config.json", "model.safetensors"]

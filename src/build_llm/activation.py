@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GELU_KINDS
+from .errors import UsageError
 
 
 class GELU(nn.Module):
@@ -13,7 +14,7 @@ class GELU(nn.Module):
     def __init__(self, approximate: str = "tanh") -> None:
         super().__init__()
         if approximate not in GELU_KINDS:
-            raise ValueError(f"GELU: approximate={approximate!r} is invalid; expected one of {GELU_KINDS}")
+            raise UsageError(f"GELU: approximate={approximate!r} is invalid; expected one of {GELU_KINDS}")
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ATTN_IMPLS
+from .errors import UsageError
 
 
 class KVCache:
@@ -49,9 +50,9 @@ class MultiHeadAttention(nn.Module):
                  impl: str = "auto") -> None:
         super().__init__()
         if d_out % num_heads:
-            raise ValueError(f"MultiHeadAttention: d_out={d_out} is not divisible by num_heads={num_heads}")
+            raise UsageError(f"MultiHeadAttention: d_out={d_out} is not divisible by num_heads={num_heads}")
         if impl not in ATTN_IMPLS:
-            raise ValueError(f"MultiHeadAttention: impl={impl!r} is invalid; expected one of {ATTN_IMPLS}")
+            raise UsageError(f"MultiHeadAttention: impl={impl!r} is invalid; expected one of {ATTN_IMPLS}")
         self.d_out, self.num_heads, self.head_dim = d_out, num_heads, d_out // num_heads
         self.impl = impl
         self.fused_qkv = fused_qkv

@@ -44,6 +44,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import GPTConfig
+from .errors import UsageError
+from .fsio import atomic_path
 from .generate import generate, generate_text_simple, use_decoding_layout
 from .gpt import GPTModel
 from .runtime import autocast
@@ -223,7 +225,7 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     idx = prompt_ids(cfg)
     n, n_long = plan.decode_tokens, plan.long_tokens
     if idx.shape[1] + n_long > cfg.context_length:
-        raise ValueError(f"bench: prompt + {n_long} tokens exceed the context {cfg.context_length}")
+        raise UsageError(f"bench: prompt + {n_long} tokens exceed the context {cfg.context_length}")
 
     ours = generate(model, idx, n)
     same_as_hf = torch.equal(ours, hf_generate(hf, idx, n))
@@ -564,9 +566,11 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     fig.suptitle(f"build-llm bench on {r['machine']['cpu']} ({r['machine']['torch_threads']} threads)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

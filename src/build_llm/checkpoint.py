@@ -2,16 +2,16 @@
 state when training), written atomically, loaded without pickle.
 
 A run directory keeps its newest checkpoint in `RUN/checkpoint/`. A new one is written in full to a
-temporary sibling, then swapped in by renames; if the process dies between the two renames, the
-previous checkpoint is still complete under `RUN/checkpoint.old/`, and loading falls back to it.
+temporary sibling and exchanged with the old one in one step (fsio.replace_dir: there is no moment
+with neither); on a file system that cannot exchange, the previous checkpoint stays complete under
+`RUN/checkpoint.old/` until the new one is in place, and loading falls back to it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
+from .errors import UsageError
 from .gpt import GPTModel
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
@@ -54,61 +55,53 @@ def write_json(path: Path, obj: Any) -> None:
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                     extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write a checkpoint directory at `path`, atomically replacing any checkpoint already there.
+    """Write a checkpoint directory at `path`, atomically replacing a checkpoint this package wrote
+    there before (see fsio.replace_dir); any other non-empty directory is refused, and so is a training
+    run's checkpoint when `extra_files` carries no trainer state (its optimizer state would be lost).
 
     `extra_files` maps file names to callables that write them given a Path (the trainer's state).
     `state` is the weights when they are not `model`'s own (a sharded model's gathered full state).
     """
+    from .fsio import replace_dir
+
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"checkpoint path {str(path)!r} is a file; give a directory path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    if (path / TRAINER_FILE).exists() and TRAINER_FILE not in (extra_files or {}):
+        raise UsageError(f"{str(path)!r} is a training run's checkpoint (it holds {TRAINER_FILE}); replacing it "
+                         "would lose the optimizer state and break --resume; give another directory")
     try:
-        if state is not None and unwrap(model).cfg.tie_weights:
-            state = {k: v for k, v in state.items() if k != "out_head.weight"}
-        save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
-                  tmp / MODEL_FILE, metadata={"format": "pt"})
-        write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
-        if tokenizer is not None:
-            tokenizer.save(tmp / TOKENIZER_FILE)
-        for name, write in (extra_files or {}).items():
-            write(tmp / name)
-        _fsync_dir(tmp)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replace_dir(path, "checkpoint") as tmp:
+            if state is not None and unwrap(model).cfg.tie_weights:
+                state = {k: v for k, v in state.items() if k != "out_head.weight"}
+            save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
+                      tmp / MODEL_FILE, metadata={"format": "pt"})
+            write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_FILE)
+            for name, write in (extra_files or {}).items():
+                write(tmp / name)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(path, e) from e
     return path
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in [*path.iterdir(), path] if path.is_dir() else [path]:
-        try:
-            fd = os.open(f, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def write_failed(path: Path, e: BaseException) -> OSError:
+    """An OSError for a failed save that says what was kept (the previous directory, untouched)."""
+    err = getattr(e, "errno", None)
+    text = str(e)
+    if err is None and "No space left" in text:  # safetensors reports the OS error as text
+        err = errno.ENOSPC
+    kept = "; the previous one there is kept unchanged" if path.exists() else "; nothing was written"
+    reason = os.strerror(err) if err else text
+    return OSError(err or errno.EIO, f"could not write {str(path)!r}: {reason}{kept}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, given either it or a run directory that holds one."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist; give a run directory or a checkpoint directory")
+        raise UsageError(f"checkpoint {str(path)!r} does not exist; give a run directory or a checkpoint directory")
     if not path.is_dir():
-        raise ValueError(f"checkpoint {str(path)!r} is not a directory; give a run directory or a checkpoint directory")
+        raise UsageError(f"checkpoint {str(path)!r} is not a directory; give a run directory or a checkpoint directory")
     if (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists():
         return path
     for name in (CHECKPOINT_DIR, path.name + ".old", PREVIOUS_DIR):
@@ -118,7 +111,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     sibling = path.with_name(path.name + ".old")
     if (sibling / MODEL_FILE).exists():
         return sibling
-    raise ValueError(f"no checkpoint in {str(path)!r}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
+    raise UsageError(f"no checkpoint in {str(path)!r}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
                      f"{CHECKPOINT_DIR}/")
 
 
@@ -136,17 +129,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     path = resolve_checkpoint(path)
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
-            raise ValueError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+            raise UsageError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
     try:
         cfg = GPTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint {str(path)!r}: {CONFIG_FILE} does not parse as JSON ({e})") from e
+        raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} does not parse as JSON ({e})") from e
     except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from e
+        raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from e
     try:
         state = load_file(path / MODEL_FILE, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {str(path)!r}: {MODEL_FILE} is unreadable or truncated ({e})") from e
+        raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} is unreadable or truncated ({e})") from e
 
     with torch.device("meta"):
         model = GPTModel(cfg)
@@ -167,11 +160,11 @@ def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> di
         state["out_head.weight"] = state["tok_emb.weight"]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r}: weights do not match config.json "
+        raise UsageError(f"checkpoint {str(path)!r}: weights do not match config.json "
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
     for k, v in state.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"checkpoint {str(path)!r}: {k} has shape {tuple(v.shape)} but config.json "
+            raise UsageError(f"checkpoint {str(path)!r}: {k} has shape {tuple(v.shape)} but config.json "
                              f"implies {tuple(expected[k].shape)}")
     return state
 
@@ -259,14 +252,14 @@ def load_trainer_state(path: str | Path) -> TrainerState:
     path = resolve_checkpoint(path)
     for name in (TRAINER_FILE, OPTIMIZER_FILE, RNG_FILE):
         if not (path / name).is_file():
-            raise ValueError(f"checkpoint {str(path)!r} has no {name}: it holds a model but no trainer state "
+            raise UsageError(f"checkpoint {str(path)!r} has no {name}: it holds a model but no trainer state "
                              "to resume from")
     try:
         state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
         tensors = load_file(path / OPTIMIZER_FILE)
         rng = load_file(path / RNG_FILE)
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"checkpoint {str(path)!r}: trainer state is unreadable or truncated ({e})") from e
+        raise UsageError(f"checkpoint {str(path)!r}: trainer state is unreadable or truncated ({e})") from e
     entries: dict[str, dict[str, Any]] = {k: dict(v) for k, v in state["optimizer"]["scalars"].items()}
     for key, value in tensors.items():
         name, _, field = key.rpartition("/")

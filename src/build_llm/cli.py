@@ -12,10 +12,7 @@ import sys
 from typing import Callable, Sequence
 
 from .config import PRESETS
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
+from .errors import UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -161,11 +158,10 @@ def add_import_hf(sub) -> None:
 
 
 def run_import_hf(args: argparse.Namespace) -> None:
-    import json
     from pathlib import Path
 
-    from .checkpoint import save_checkpoint
-    from .config import GPTConfig
+    from .checkpoint import TRAINER_FILE, save_checkpoint
+    from .fsio import check_writable_dir
     from .hf import from_hf
     from .probe import count_parameters
     from .tokenizer import get_tokenizer
@@ -173,12 +169,10 @@ def run_import_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and out.resolve() == Path(args.dir).resolve():
         raise UsageError(f"--out {args.out!r} is the Hugging Face directory itself; give another directory")
-    if out.is_dir() and any(out.iterdir()):  # only a checkpoint of ours may be replaced
-        try:
-            GPTConfig.from_dict(json.loads((out / "config.json").read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError):
-            raise UsageError(f"--out {args.out!r} is a non-empty directory that is not a build-llm checkpoint "
-                             "(it would be replaced); give a new or empty directory") from None
+    check_writable_dir(out, "checkpoint", whole=True)  # before the (slow) conversion; save_checkpoint checks again
+    if (out / TRAINER_FILE).exists():
+        raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
+                         "state and break --resume; give another directory")
     if args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
         tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
     else:
@@ -243,10 +237,10 @@ def add_tokenizer(sub) -> None:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> None:
-    import tempfile
     from pathlib import Path
 
     from .data import read_pieces, text_files
+    from .fsio import atomic_path
     from .tokenizer import ENDOFTEXT, BPETokenizer
 
     if args.vocab_size < 257:
@@ -265,15 +259,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
         raise
     except Exception as e:  # the tokenizers library raises its own exception type
         raise ValueError(f"training failed on --data: {e}") from e
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         tok.save(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")
 
 
@@ -379,6 +366,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .data import read_text
+    from .fsio import write_text
     from .markov import ABC, abc_text
     from .probe import is_abc_tokenizer, surprisal_html, surprisal_report
     from .runtime import get_device
@@ -415,10 +403,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
         report = surprisal_report(model, tokenizer, text, stride=args.stride)
     name = args.preset or str(args.checkpoint)
     page = surprisal_html(report, title=f"Surprisal of {report['tokens'] + 1} tokens under {name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a page
+    write_text(out, page)  # atomically, through an unpredictable temporary name
     print(f"tokens scored: {report['tokens']}  characters scored: {report['characters']}")
     print(f"bits per token: {report['bits_per_token']:.4f}  bits per character: {report['bits_per_char']:.4f}  "
           f"perplexity: {report['perplexity']:.4f}")
@@ -571,20 +556,20 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import format_report, plot_report, run_bench, to_json
+    from .fsio import check_writable_dir, claim_dir, write_text
 
     if args.png and not args.png.lower().endswith(".png"):
         raise UsageError(f"--png {args.png!r}: expected a file name ending in .png")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    if args.out:
+        check_writable_dir(args.out, "bench")
     if args.text and not Path(args.text).is_file():
         raise UsageError(f"--text {args.text!r}: no such file; give a UTF-8 text file")
     results = run_bench(quick=args.quick, text=args.text)
     text, table = to_json(results), format_report(results)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(text + "\n", encoding="utf-8")
-        (out / "bench.txt").write_text(table + "\n", encoding="utf-8")
+        out = claim_dir(args.out, "bench")
+        write_text(out / "bench.json", text + "\n")
+        write_text(out / "bench.txt", table + "\n")
         plot_report(results, out / "bench.png")
     if args.png:
         plot_report(results, args.png)
@@ -604,6 +589,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_text(e: OSError) -> str:
+    """An OSError as its own reason and the path(s) it concerns, e.g. "permission denied: 'x/y'"."""
+    reason = e.strerror or str(e)
+    names = [os.fsdecode(n) for n in (e.filename, e.filename2) if n is not None]
+    if not names:
+        return reason
+    return f"{reason[:1].lower()}{reason[1:]}: {' -> '.join(repr(n) for n in names)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; bad input is one line on stderr and exit code 2.
 
@@ -612,10 +606,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)
-    except (UsageError, ValueError, TypeError, OSError) as e:
+    except (UsageError, OSError) as e:  # anything else is a bug: its traceback shows
         if os.environ.get("BUILD_LLM_DEBUG"):
             raise
-        message = " ".join(str(e).split())  # one line, whatever the exception's text
+        message = " ".join((os_error_text(e) if isinstance(e, OSError) else str(e)).split())  # one line
         print(message if message.startswith("build-llm") else f"build-llm: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

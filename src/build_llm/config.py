@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .errors import UsageError, UsageTypeError
+
 GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
 
@@ -46,33 +48,33 @@ class GPTConfig:
         for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig: {key}={value!r} is invalid; expected an integer >= 1")
+                raise UsageError(f"GPTConfig: {key}={value!r} is invalid; expected an integer >= 1")
         if self.emb_dim % self.n_heads:
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig: emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
                 "choose emb_dim a multiple of n_heads"
             )
         if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) or not 0 <= self.drop_rate < 1:
-            raise ValueError(f"GPTConfig: drop_rate={self.drop_rate!r} is invalid; expected a number in [0, 1)")
+            raise UsageError(f"GPTConfig: drop_rate={self.drop_rate!r} is invalid; expected a number in [0, 1)")
         for key in ("qkv_bias", "tie_weights", "bias", "fused_qkv", "attn_out_dropout"):
             if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected true or false")
+                raise UsageError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected true or false")
         if self.gelu not in GELU_KINDS:
-            raise ValueError(f"GPTConfig: gelu={self.gelu!r} is invalid; expected one of {GELU_KINDS}")
+            raise UsageError(f"GPTConfig: gelu={self.gelu!r} is invalid; expected one of {GELU_KINDS}")
         if self.attn_impl not in ATTN_IMPLS:
-            raise ValueError(f"GPTConfig: attn_impl={self.attn_impl!r} is invalid; expected one of {ATTN_IMPLS}")
+            raise UsageError(f"GPTConfig: attn_impl={self.attn_impl!r} is invalid; expected one of {ATTN_IMPLS}")
         if self.padding_idx is not None and (
             isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int)
             or not 0 <= self.padding_idx < self.vocab_size
         ):
-            raise ValueError(
+            raise UsageError(
                 f"GPTConfig: padding_idx={self.padding_idx!r} is invalid; expected None or an integer "
                 f"in [0, {self.vocab_size})"
             )
         if self.init_std is not None and (not isinstance(self.init_std, (int, float)) or self.init_std <= 0):
-            raise ValueError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a number > 0")
+            raise UsageError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a number > 0")
         if not isinstance(self.ln_eps, (int, float)) or self.ln_eps <= 0:
-            raise ValueError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a number > 0")
+            raise UsageError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a number > 0")
 
     @property
     def head_dim(self) -> int:
@@ -83,11 +85,11 @@ class GPTConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
         """Build from a dict with the seed's keys (and optionally the extra fields)."""
         if not isinstance(d, Mapping):
-            raise TypeError(f"GPTConfig.from_dict: expected a dict, got {type(d).__name__}")
+            raise UsageTypeError(f"GPTConfig.from_dict: expected a dict, got {type(d).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"GPTConfig: unknown key(s) {unknown}; valid keys are {valid}")
+            raise UsageError(f"GPTConfig: unknown key(s) {unknown}; valid keys are {valid}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +113,7 @@ class GPTConfig:
     def from_preset(cls, name: str, **overrides: Any) -> "GPTConfig":
         """One of PRESETS by name, with optional field overrides."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; valid presets are {sorted(PRESETS)}")
+            raise UsageError(f"unknown preset {name!r}; valid presets are {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
 

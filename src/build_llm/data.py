@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +23,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .errors import UsageError
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
 # Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
@@ -36,14 +37,14 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
     """The text files of `path`: the file itself, or every non-hidden file under a folder, sorted."""
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"data path {str(path)!r} does not exist; give a UTF-8 text file or a folder of them")
+        raise UsageError(f"data path {str(path)!r} does not exist; give a UTF-8 text file or a folder of them")
     if p.is_file():
         files = [p]
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if not files:
-            raise ValueError(f"data folder {str(path)!r} has no files; expected UTF-8 text files in it")
+            raise UsageError(f"data folder {str(path)!r} has no files; expected UTF-8 text files in it")
     return files
 
 
@@ -53,7 +54,7 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
         with open(f, "rb") as fh:
             head = fh.read(8192)
         if b"\x00" in head:
-            raise ValueError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
+            raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
         try:
             with open(f, encoding="utf-8", newline="") as fh:
                 while True:
@@ -63,7 +64,7 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
                     rest = fh.readline()  # finish the line so BPE never sees half a word
                     yield piece + rest
         except UnicodeDecodeError as e:
-            raise ValueError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+            raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None
 
 
@@ -71,7 +72,7 @@ def read_text(path: str | os.PathLike[str]) -> str:
     """All the text of a UTF-8 file or folder of files (folder files joined in sorted path order)."""
     text = "".join(read_pieces(text_files(path)))
     if not text.strip():
-        raise ValueError(f"data {str(path)!r} is empty; give a non-empty UTF-8 text")
+        raise UsageError(f"data {str(path)!r} is empty; give a non-empty UTF-8 text")
     return text
 
 
@@ -109,28 +110,18 @@ class Corpus:
 def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
                  val_ratio: float) -> Corpus:
     """Tokenize `pieces` into out_dir/tokens.bin and write meta.json; both appear atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .fsio import atomic_write, write_json
+
     dtype = token_dtype(tokenizer.vocab_size)
-    fd, tmp = tempfile.mkstemp(prefix=".tokens.", dir=out_dir)
     n = 0
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for piece in pieces:
-                ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
-                ids.tofile(fh)
-                n += ids.size
-            fh.flush()
-            os.fsync(fh.fileno())
-        n_train = round((1 - val_ratio) * n)
-        meta = {**meta, "n_tokens": n, "n_train": n_train, "dtype": dtype.name, "val_ratio": val_ratio}
-        os.replace(tmp, out_dir / TOKENS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fd, tmp = tempfile.mkstemp(prefix=".meta.", dir=out_dir)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=2)
-    os.replace(tmp, out_dir / META_FILE)
+    with atomic_write(out_dir / TOKENS_FILE, "wb") as fh:
+        for piece in pieces:
+            ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
+            ids.tofile(fh)
+            n += ids.size
+    n_train = round((1 - val_ratio) * n)
+    meta = {**meta, "n_tokens": n, "n_train": n_train, "dtype": dtype.name, "val_ratio": val_ratio}
+    write_json(out_dir / META_FILE, meta)
     return open_corpus(out_dir)
 
 
@@ -161,7 +152,7 @@ def check_splits(corpus: Corpus, context_length: int) -> None:
     """Both splits must hold at least one window of context_length inputs plus the next target."""
     need = context_length + 1
     if corpus.n_train < need or len(corpus.val) < need:
-        raise ValueError(
+        raise UsageError(
             f"corpus too short: {corpus.meta['n_tokens']} tokens give {corpus.n_train} for training and "
             f"{len(corpus.val)} for validation, but each needs at least context_length + 1 = {need}; "
             "give more text, a shorter --context-length or another --val-ratio")
@@ -204,7 +195,7 @@ class GPTDatasetV1(Dataset):
     def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int) -> None:
         for name, value in (("max_length", max_length), ("stride", stride)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid; expected an integer >= 1")
+                raise UsageError(f"{name}={value!r} is invalid; expected an integer >= 1")
         self.input_ids: list[torch.Tensor] = []
         self.target_ids: list[torch.Tensor] = []
         token_ids = _encode(tokenizer, txt)
@@ -266,7 +257,7 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
         files = text_files(data)
         sha, chars, n_chars = _scan(files)
         if n_chars == 0 or not "".join(sorted(chars)).strip():
-            raise ValueError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
+            raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
         if tokenizer == "char":
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
         else:
@@ -278,5 +269,5 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
             "vocab_size": tok.vocab_size}
     corpus = load_or_write_tokens(Path(data_dir), meta, pieces, tok, val_ratio)
     if corpus.meta["n_tokens"] == 0:
-        raise ValueError(f"data {str(data)!r} gives no tokens; give a non-empty UTF-8 text")
+        raise UsageError(f"data {str(data)!r} gives no tokens; give a non-empty UTF-8 text")
     return corpus, tok

@@ -13,16 +13,17 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from .gpt import INT_DTYPES
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is invalid; expected a number >= 0 (0 is greedy)")
+        raise UsageError(f"temperature={temperature!r} is invalid; expected a number >= 0 (0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} is invalid; expected None or an integer >= 1")
+        raise UsageError(f"top_k={top_k!r} is invalid; expected None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} is invalid; expected None or a number in (0, 1]")
+        raise UsageError(f"top_p={top_p!r} is invalid; expected None or a number in (0, 1]")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -75,7 +76,7 @@ def _context_size(model: nn.Module, context_size: int | None) -> int:
     if context_size is None:
         return limit
     if isinstance(context_size, bool) or not isinstance(context_size, int) or not 1 <= context_size <= limit:
-        raise ValueError(f"context_size={context_size!r} is invalid; expected an integer in [1, {limit}]")
+        raise UsageError(f"context_size={context_size!r} is invalid; expected an integer in [1, {limit}]")
     return context_size
 
 
@@ -83,7 +84,7 @@ def _check_idx(idx: Any) -> None:
     if not isinstance(idx, torch.Tensor):
         raise TypeError(f"idx: expected a torch.Tensor of token ids, got {type(idx).__name__}")
     if idx.ndim != 2 or idx.shape[1] < 1:
-        raise ValueError(f"idx: expected shape (batch_size, n_tokens) with n_tokens >= 1, got {tuple(idx.shape)}")
+        raise UsageError(f"idx: expected shape (batch_size, n_tokens) with n_tokens >= 1, got {tuple(idx.shape)}")
     if idx.dtype not in INT_DTYPES:
         raise TypeError(f"idx: expected an integer dtype (e.g. torch.long), got {idx.dtype}")
 
@@ -98,7 +99,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
     """
     _check_idx(idx)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 0")
+        raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 0")
     check_sampling(temperature, top_k, top_p)
     ctx = _context_size(model, context_size)
     if use_cache is None:
@@ -147,9 +148,9 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
         raise TypeError("`model` must be a torch.nn.Module")
     _check_idx(idx)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 0")
+        raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 0")
     if isinstance(context_size, bool) or not isinstance(context_size, int) or context_size <= 0:
-        raise ValueError(f"context_size={context_size!r} is invalid; expected an integer > 0")
+        raise UsageError(f"context_size={context_size!r} is invalid; expected an integer > 0")
 
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]

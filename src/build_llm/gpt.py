@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from .attention import KVCache
 from .config import GPTConfig
+from .errors import UsageError
 from .layer import LayerNorm
 from .transformer import TransformerBlock
 
@@ -73,13 +74,13 @@ class GPTModel(nn.Module):
         if not isinstance(in_idx, torch.Tensor):
             raise TypeError(f"in_idx: expected a torch.Tensor of token ids, got {type(in_idx).__name__}")
         if in_idx.ndim != 2:
-            raise ValueError(f"in_idx: expected shape (batch_size, seq_len), got {tuple(in_idx.shape)}")
+            raise UsageError(f"in_idx: expected shape (batch_size, seq_len), got {tuple(in_idx.shape)}")
         if in_idx.dtype not in INT_DTYPES:
             raise TypeError(f"in_idx: expected an integer dtype (e.g. torch.long), got {in_idx.dtype}")
         if in_idx.shape[1] < 1:
-            raise ValueError("in_idx: seq_len is 0; give at least one token")
+            raise UsageError("in_idx: seq_len is 0; give at least one token")
         if start + in_idx.shape[1] > self.cfg.context_length:
-            raise ValueError(
+            raise UsageError(
                 f"in_idx: {start + in_idx.shape[1]} positions exceed context_length={self.cfg.context_length}; "
                 "crop the input to the last context_length tokens"
             )

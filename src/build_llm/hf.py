@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -37,8 +36,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 import torch.nn as nn
 
-from .checkpoint import unwrap
+from .checkpoint import unwrap, write_failed
 from .config import GPTConfig
+from .errors import UsageError, UsageTypeError
+from .fsio import check_writable_dir, replace_dir
 from .gpt import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -79,25 +80,25 @@ class _Transposed:
 def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> GPTConfig:
     """The GPTConfig of a Hugging Face GPT-2 `config.json` dict; GPT-2 features we lack raise ValueError."""
     if not isinstance(hf, Mapping):
-        raise TypeError(f"config: expected a dict (config.json), got {type(hf).__name__}")
+        raise UsageTypeError(f"config: expected a dict (config.json), got {type(hf).__name__}")
     model_type = hf.get("model_type", "gpt2")
     if model_type != "gpt2":
-        raise ValueError(f"config.json: model_type={model_type!r} is not supported; only 'gpt2' models can be imported")
+        raise UsageError(f"config.json: model_type={model_type!r} is not supported; only 'gpt2' models can be imported")
     for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
         if key not in hf:
-            raise ValueError(f"config.json: {key!r} is missing; a GPT-2 config needs n_embd, n_head, n_layer, "
+            raise UsageError(f"config.json: {key!r} is missing; a GPT-2 config needs n_embd, n_head, n_layer, "
                              "n_positions and vocab_size")
     for key, plain in UNSUPPORTED.items():
         if hf.get(key, plain) != plain:
-            raise ValueError(f"config.json: {key}={hf[key]!r} is not supported (GPTModel implements only "
+            raise UsageError(f"config.json: {key}={hf[key]!r} is not supported (GPTModel implements only "
                              f"{key}={plain!r})")
     n_inner = hf.get("n_inner")
     if n_inner is not None and n_inner != 4 * hf["n_embd"]:
-        raise ValueError(f"config.json: n_inner={n_inner!r} is not supported; GPTModel's feed-forward width is "
+        raise UsageError(f"config.json: n_inner={n_inner!r} is not supported; GPTModel's feed-forward width is "
                          f"4 * n_embd = {4 * hf['n_embd']} (or n_inner null)")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"config.json: activation_function={activation!r} is not supported; valid values are "
+        raise UsageError(f"config.json: activation_function={activation!r} is not supported; valid values are "
                          f"{sorted(ACTIVATIONS)}")
     try:
         if drop_rate is None:
@@ -110,7 +111,7 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
             ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.json: not a valid GPT-2 config: {e}") from e
+        raise UsageError(f"config.json: not a valid GPT-2 config: {e}") from e
 
 
 def config_to_hf(cfg: GPTConfig, *, eos_id: int | None = None) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def config_to_hf(cfg: GPTConfig, *, eos_id: int | None = None) -> dict[str, Any]
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
     extra = {k: v for k, v in cfg.to_dict().items() if k not in EXPRESSIBLE and v != defaults.get(k)}
     if extra:
-        raise ValueError(f"GPT-2 cannot express this model: {', '.join(f'{k}={v!r}' for k, v in extra.items())} "
+        raise UsageError(f"GPT-2 cannot express this model: {', '.join(f'{k}={v!r}' for k, v in extra.items())} "
                          "has no counterpart in a Hugging Face GPT-2 config")
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         eos_id = None
@@ -170,16 +171,16 @@ def _hf_name(key: str) -> str:
 def _open_directory(directory: Path, stack: ExitStack) -> tuple[dict[str, Any], dict[str, Callable[[], torch.Tensor]]]:
     """config.json as a dict, and a loader per tensor name that reads that one tensor when called."""
     if not directory.exists():
-        raise ValueError(f"{str(directory)!r} does not exist; give a local Hugging Face GPT-2 directory")
+        raise UsageError(f"{str(directory)!r} does not exist; give a local Hugging Face GPT-2 directory")
     if not directory.is_dir():
-        raise ValueError(f"{str(directory)!r} is not a directory; give a local Hugging Face GPT-2 directory")
+        raise UsageError(f"{str(directory)!r} is not a directory; give a local Hugging Face GPT-2 directory")
     if not (directory / CONFIG_FILE).is_file():
-        raise ValueError(f"{str(directory)!r} has no {CONFIG_FILE}; a Hugging Face GPT-2 directory holds "
+        raise UsageError(f"{str(directory)!r} has no {CONFIG_FILE}; a Hugging Face GPT-2 directory holds "
                          f"{CONFIG_FILE} plus {SAFETENSORS_FILE} or {TORCH_FILE}")
     try:
         config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{str(directory / CONFIG_FILE)!r} does not parse as JSON ({e})") from e
+        raise UsageError(f"{str(directory / CONFIG_FILE)!r} does not parse as JSON ({e})") from e
 
     if (directory / SAFETENSORS_FILE).is_file():
         return config, _safetensors_loaders([directory / SAFETENSORS_FILE], stack)
@@ -188,14 +189,14 @@ def _open_directory(directory: Path, stack: ExitStack) -> tuple[dict[str, Any], 
             weight_map = json.loads((directory / SAFETENSORS_INDEX).read_text(encoding="utf-8"))["weight_map"]
             shards = sorted({directory / name for name in weight_map.values()})
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{str(directory / SAFETENSORS_INDEX)!r} is not a valid shard index ({e})") from e
+            raise UsageError(f"{str(directory / SAFETENSORS_INDEX)!r} is not a valid shard index ({e})") from e
         missing = [p.name for p in shards if not p.is_file()]
         if missing:
-            raise ValueError(f"{str(directory)!r}: shard(s) {missing[:3]} listed in {SAFETENSORS_INDEX} are missing")
+            raise UsageError(f"{str(directory)!r}: shard(s) {missing[:3]} listed in {SAFETENSORS_INDEX} are missing")
         return config, _safetensors_loaders(shards, stack)
     if (directory / TORCH_FILE).is_file():
         return config, _torch_loaders(directory / TORCH_FILE)
-    raise ValueError(f"{str(directory)!r} has {CONFIG_FILE} but no weights: expected {SAFETENSORS_FILE}, "
+    raise UsageError(f"{str(directory)!r} has {CONFIG_FILE} but no weights: expected {SAFETENSORS_FILE}, "
                      f"{SAFETENSORS_INDEX} or {TORCH_FILE}")
 
 
@@ -207,13 +208,13 @@ def _safetensors_loaders(paths: list[Path], stack: ExitStack) -> dict[str, Calla
         try:
             handle = stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"{str(path)!r} is unreadable or truncated ({e})") from e
+            raise UsageError(f"{str(path)!r} is unreadable or truncated ({e})") from e
 
         def load(key: str, handle=handle, path=path) -> torch.Tensor:
             try:
                 return handle.get_tensor(key)
             except (SafetensorError, OSError, ValueError) as e:
-                raise ValueError(f"{str(path)!r}: tensor {key!r} is unreadable ({e})") from e
+                raise UsageError(f"{str(path)!r}: tensor {key!r} is unreadable ({e})") from e
 
         for key in handle.keys():
             loaders[key] = lambda key=key, load=load: load(key)
@@ -232,7 +233,7 @@ def _torch_loaders(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
             error = e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         detail = f"({type(error).__name__}: {error})" if state is None else "(not a dict of tensors)"
-        raise ValueError(f"{str(path)!r} is not a readable PyTorch state dict {detail}")
+        raise UsageError(f"{str(path)!r} is not a readable PyTorch state dict {detail}")
     return {key: (lambda t=t: t) for key, t in state.items()}
 
 
@@ -263,7 +264,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
             unexpected.append(key)
     missing = sorted(set(names) - set(by_hf))
     if missing or unexpected:
-        raise ValueError(f"{source}: the weights do not match a GPT-2 of this config (missing {missing[:4]}, "
+        raise UsageError(f"{source}: the weights do not match a GPT-2 of this config (missing {missing[:4]}, "
                          f"unexpected {sorted(unexpected)[:4]})")
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -273,7 +274,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
             expected = tuple(target.shape[::-1] if transposed else target.shape)
             tensor = loaders[key]()
             if tuple(tensor.shape) != expected:
-                raise ValueError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {expected}")
+                raise UsageError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {expected}")
             target.copy_(tensor.t() if transposed else tensor)  # Conv1D (in, out) -> Linear (out, in)
             del tensor
     return model
@@ -384,13 +385,7 @@ def to_hf(model: nn.Module) -> Any:
     return hf.eval()
 
 
-def is_hf_dir(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` holds a Hugging Face model (a config.json with a model_type)."""
-    try:
-        config = json.loads((Path(path) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "model_type" in config
+HF_KIND = "hf-export"  # the kind in the ownership marker of a directory save_hf writes
 
 
 def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> list[str]:
@@ -400,9 +395,10 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; a GPT-2 tokenizer adds vocab.json
     and merges.txt (the canonical files), a trained BPE its tokenizer.json, each with
     tokenizer_config.json for `AutoTokenizer`. A character tokenizer has no Hugging Face form and is
-    left out. An existing export at `out_dir` is replaced atomically; any other non-empty directory
-    is refused. Returns the names of the files written.
+    left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced
+    atomically; any other non-empty directory is refused (see fsio). Returns the names of the files written.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from .tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
@@ -411,43 +407,31 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
     if not isinstance(model, GPTModel):
         raise TypeError(f"model: expected a GPTModel, got {type(model).__name__}")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory path")
-    if out.is_dir() and any(out.iterdir()) and not is_hf_dir(out):
-        raise ValueError(f"--out {str(out)!r} is a non-empty directory that is not a Hugging Face model "
-                         "(it would be replaced); give a new or empty directory")
+    check_writable_dir(out, HF_KIND, whole=True)  # before any work: only an export of ours may be replaced
     eos_id = getattr(tokenizer, "eos_id", None)
     hf_config = config_to_hf(model.cfg, eos_id=eos_id)  # raises before anything is written
     state = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in hf_tensors(model)}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
-        del state
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        tok_config = None
-        if isinstance(tokenizer, GPT2Tokenizer):
-            data = gpt2_data_dir()  # the canonical files, hash-checked when the tokenizer was built
-            shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
-            shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
-            tok_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
-        elif isinstance(tokenizer, BPETokenizer):
-            tokenizer.save(tmp / "tokenizer.json")
-            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
-        if tok_config is not None:
-            special = "<|endoftext|>" if eos_id is not None else None
-            tok_config.update(bos_token=special, eos_token=special, unk_token=special,
-                              model_max_length=model.cfg.context_length)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
-        written = sorted(p.name for p in tmp.iterdir())
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replace_dir(out, HF_KIND) as tmp:
+            save_file(state, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
+            del state
+            (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+            tok_config = None
+            if isinstance(tokenizer, GPT2Tokenizer):
+                data = gpt2_data_dir()  # the canonical files, hash-checked when the tokenizer was built
+                shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
+                shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
+                tok_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+            elif isinstance(tokenizer, BPETokenizer):
+                tokenizer.save(tmp / "tokenizer.json")
+                tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            if tok_config is not None:
+                special = "<|endoftext|>" if eos_id is not None else None
+                tok_config.update(bos_token=special, eos_token=special, unk_token=special,
+                                  model_max_length=model.cfg.context_length)
+                (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
+            written = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+    except (OSError, SafetensorError) as e:
+        raise write_failed(out, e) from e
     return written

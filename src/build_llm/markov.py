@@ -36,6 +36,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .errors import UsageError
+
 __all__ = [
     "WordSource",
     "ABC",
@@ -72,14 +74,14 @@ class WordSource:
             raise TypeError(f"words: expected a sequence of strings, got {words!r}")
         words = tuple(words)
         if not words:
-            raise ValueError("words: got an empty sequence; give at least one non-empty word")
+            raise UsageError("words: got an empty sequence; give at least one non-empty word")
         for i, w in enumerate(words):
             if not isinstance(w, str) or not w:
-                raise ValueError(f"words[{i}]: got {w!r}; every word must be a non-empty string")
+                raise UsageError(f"words[{i}]: got {w!r}; every word must be a non-empty string")
         if isinstance(probs, (str, bytes)) or not isinstance(probs, (Sequence, np.ndarray)):
             raise TypeError(f"probs: expected a sequence of numbers, got {probs!r}")
         if len(probs) != len(words):
-            raise ValueError(
+            raise UsageError(
                 f"probs: got {len(probs)} probabilities for {len(words)} words; "
                 "give one probability per word"
             )
@@ -88,11 +90,11 @@ class WordSource:
             if isinstance(p, bool) or not isinstance(p, (int, float, np.integer, np.floating)):
                 raise TypeError(f"probs[{i}]: got {p!r}; every probability must be a number")
             if not math.isfinite(p) or p <= 0:
-                raise ValueError(f"probs[{i}]: got {p!r}; every probability must be > 0")
+                raise UsageError(f"probs[{i}]: got {p!r}; every probability must be > 0")
             clean.append(float(p))
         total = math.fsum(clean)
         if abs(total - 1.0) > 1e-9:
-            raise ValueError(f"probs: got {tuple(clean)!r} summing to {total!r}; they must sum to 1 (within 1e-9)")
+            raise UsageError(f"probs: got {tuple(clean)!r} summing to {total!r}; they must sum to 1 (within 1e-9)")
         object.__setattr__(self, "words", words)
         object.__setattr__(self, "probs", tuple(clean))
 
@@ -114,7 +116,7 @@ class WordSource:
         cannot be reproduced here.
         """
         if isinstance(n_words, bool) or not isinstance(n_words, (int, np.integer)) or n_words < 0:
-            raise ValueError(f"n_words: got {n_words!r}; expected an integer >= 0")
+            raise UsageError(f"n_words: got {n_words!r}; expected an integer >= 0")
         rng = np.random.default_rng(seed)
         idx = rng.choice(len(self.words), size=int(n_words), p=np.asarray(self.probs))
         return "".join([self.words[i] for i in idx])
@@ -224,7 +226,7 @@ def _conditional_entropies(chain: _Chain, initial: np.ndarray) -> Iterator[float
 
 def _check_context_length(context_length: int) -> int:
     if isinstance(context_length, bool) or not isinstance(context_length, (int, np.integer)) or context_length < 1:
-        raise ValueError(f"context_length: got {context_length!r}; expected an integer >= 1")
+        raise UsageError(f"context_length: got {context_length!r}; expected an integer >= 1")
     return int(context_length)
 
 
@@ -320,7 +322,7 @@ def _encode(chain: _Chain, text: str, argname: str) -> np.ndarray:
     try:
         return np.array([chain.char_index[c] for c in text], dtype=np.int64)
     except KeyError as exc:
-        raise ValueError(
+        raise UsageError(
             f"{argname}: character {exc.args[0]!r} is not produced by the source; "
             f"valid characters are {chain.alphabet!r}"
         ) from None
@@ -345,7 +347,7 @@ def next_char_distribution(source: WordSource, context: str) -> dict[str, float]
         belief = belief * chain.emission[:, c]
         total = belief.sum()
         if total <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"context: {context!r} cannot occur in this source "
                 f"(character {context[i]!r} at index {i} has probability 0 after {context[:i]!r})"
             )
@@ -370,7 +372,7 @@ def _batched_window_losses(chain: _Chain, ids: np.ndarray, texts_for_errors) -> 
             bad = np.flatnonzero(p_next <= 0)
             if bad.size:
                 w = int(bad[0])
-                raise ValueError(
+                raise UsageError(
                     f"text: window {w} ({texts_for_errors(w)!r}) cannot occur in this source: its "
                     f"character at window position {t} has probability 0 after what precedes it"
                 )
@@ -419,7 +421,7 @@ def optimal_loss_on_text(
     if stride is None:
         stride = n
     if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)) or stride < 1:
-        raise ValueError(f"stride: got {stride!r}; expected an integer >= 1")
+        raise UsageError(f"stride: got {stride!r}; expected an integer >= 1")
     chain = _chain(source)
     all_ids = _encode(chain, text, "text")
     starts = np.arange(0, len(text) - n, int(stride))

@@ -22,10 +22,14 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> Path:
+    from .fsio import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:  # a reader never sees half a picture
+            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix[1:] or "png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

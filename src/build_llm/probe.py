@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
 from .runtime import get_dtype
 
 
@@ -76,7 +77,7 @@ def next_token_distribution(model: nn.Module, tokenizer: Any, prompt: str, k: in
     from .generate import text_to_token_ids
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r} is invalid; expected an integer >= 1")
+        raise UsageError(f"k={k!r} is invalid; expected an integer >= 1")
     idx = text_to_token_ids(prompt, tokenizer)
     ctx = model.cfg.context_length
     was_training = model.training
@@ -178,7 +179,7 @@ def tempered_distributions(logits: torch.Tensor, temperatures: list[float], top_
     for t in temperatures:
         check_sampling(t, top_k, top_p)
         if t == 0:
-            raise ValueError("temperature=0 is greedy (the argmax); give temperatures > 0 to plot")
+            raise UsageError("temperature=0 is greedy (the argmax); give temperatures > 0 to plot")
         scaled = logits.float() / t
         kept = filter_logits(scaled[None], top_k, top_p)[0]
         out.append({"temperature": t, "probs": torch.softmax(scaled, dim=-1), "keep": torch.isfinite(kept)})
@@ -197,10 +198,10 @@ def token_losses(model: nn.Module, ids: list[int], stride: int | None = None) ->
     """
     n, ctx = len(ids), model.cfg.context_length
     if n < 2:
-        raise ValueError(f"the text has {n} token(s); surprisal needs at least 2")
+        raise UsageError(f"the text has {n} token(s); surprisal needs at least 2")
     stride = max(1, ctx // 2) if stride is None else stride
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= ctx:
-        raise ValueError(f"stride={stride!r} is invalid; expected an integer in [1, {ctx}]")
+        raise UsageError(f"stride={stride!r} is invalid; expected an integer in [1, {ctx}]")
     device = model.pos_emb.weight.device
     all_ids = torch.tensor(ids, dtype=torch.long, device=device)
     losses, starts = np.empty(n - 1), np.empty(n - 1, dtype=np.int64)
@@ -245,7 +246,7 @@ def surprisal_report(model: nn.Module, tokenizer: Any, text: str, *, stride: int
     the model saw, and the model's excess over it.
     """
     if not isinstance(text, str) or not text:
-        raise ValueError("text is empty; give at least two tokens of text")
+        raise UsageError("text is empty; give at least two tokens of text")
     ids = tokenizer.encode(text)
     losses, starts = token_losses(model, ids, stride)
     pieces = token_pieces(tokenizer, ids)
@@ -260,7 +261,7 @@ def surprisal_report(model: nn.Module, tokenizer: Any, text: str, *, stride: int
         from .markov import optimal_window_losses
 
         if any(len(p) != 1 for p in pieces):
-            raise ValueError("the exact optimum needs a character-level tokenizer (one character per token)")
+            raise UsageError("the exact optimum needs a character-level tokenizer (one character per token)")
         optimal = np.empty_like(losses)
         # One window per distinct context start: the optimum conditions on exactly what the model saw.
         for start in np.unique(starts):
@@ -403,16 +404,16 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
     from .plots import plot_attention_grid, plot_layer_stats, plot_next_token
 
     if not isinstance(prompt, str) or not prompt:
-        raise ValueError("prompt is empty; give at least one character")
+        raise UsageError("prompt is empty; give at least one character")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 1")
+        raise UsageError(f"max_tokens={max_tokens!r} is invalid; expected an integer >= 1")
     V, ctx = model.cfg.vocab_size, model.cfg.context_length
     top_k = max(1, min(10, V // 2)) if top_k is None else top_k
     ids = tokenizer.encode(prompt)
     cut = len(ids) - min(len(ids), max_tokens, ctx)
     ids = ids[cut:]
     if not ids:
-        raise ValueError(f"prompt {prompt!r} encodes to no tokens")
+        raise UsageError(f"prompt {prompt!r} encodes to no tokens")
     labels = token_labels(tokenizer, ids)
     device = model.pos_emb.weight.device
     inter = return_intermediates(model, torch.tensor([ids], device=device))

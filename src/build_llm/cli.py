@@ -503,15 +503,24 @@ def add_train(sub) -> None:
     p.set_defaults(run=run_train)
 
 
-def run_train(args: argparse.Namespace) -> None:
-    from .train import run_training
+def run_train(args: argparse.Namespace) -> int:
+    from .run import run_training
+    from .train import TrainingStopped
 
     model_keys = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
     train_keys = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_decay", "grad_clip", "grad_accum",
                   "steps", "eval_every", "eval_batches", "val_ratio", "seed", "device", "dtype", "compile", "fsdp")
-    run_training(args.out, data=args.data, tokenizer=args.tokenizer, preset=args.preset,
-                 model_options={k: getattr(args, k) for k in model_keys},
-                 train_options={k: getattr(args, k) for k in train_keys}, resume=args.resume)
+    try:
+        run = run_training(args.out, data=args.data, tokenizer=args.tokenizer, preset=args.preset,
+                           model_options={k: getattr(args, k) for k in model_keys},
+                           train_options={k: getattr(args, k) for k in train_keys}, resume=args.resume)
+    except TrainingStopped as e:
+        if e.main_process:
+            print(f"build-llm: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if run.report:
+        print(run.report)
+    return 0
 
 
 def add_eval(sub) -> None:
@@ -531,7 +540,7 @@ def add_eval(sub) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     import json
 
-    from .train import evaluate_checkpoint
+    from .run import evaluate_checkpoint
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device), indent=2))
 

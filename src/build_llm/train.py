@@ -1,7 +1,12 @@
-"""Training: AdamW, warm-up + cosine schedule, clipping, accumulation, evaluation, checkpoints, torchrun.
+"""Training: AdamW, warm-up + cosine schedule, clipping, accumulation, evaluation, checkpoints.
 
-`train(...)` is the loop behind `build-llm train`; `train_step` is one optimizer step (keep it the
-one place the step's arithmetic lives). The book's `train_model_simple` and its helpers are here too.
+Read it top to bottom: the book's loop (`train_model_simple` and its helpers); the pieces of ours
+(`lr_at`, `make_optimizer`, `micro_batches`, `train_step`, the one place a step's arithmetic lives,
+`evaluate_windows`); `setup` (model on its device, wrapped for torchrun, optimizer, resume);
+`save_training_checkpoint`; `RunLog` (metrics.jsonl, progress, plots); `run_loop`, which any
+objective can drive with its own batches and loss (fine-tuning does); and `train`, the loop behind
+`build-llm train`, which wires them for language modelling. The command's glue is in run.py, the
+torchrun helpers in distributed.py.
 
 Determinism: the batch of step s is drawn from a generator seeded by (seed, s), and torch's generator
 (dropout) is reseeded from (seed, s, rank) before every step. So a run stopped at step k and resumed
@@ -15,13 +20,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -30,14 +34,14 @@ import torch.nn.functional as F
 
 from .checkpoint import (CHECKPOINT_DIR, load_trainer_state, save_checkpoint, set_rng_state, trainer_files,
                          unwrap)
-from .data import Corpus, check_splits, draw_starts, random_windows, sliding_starts, step_rng
+from .data import Corpus, check_splits, draw_starts, random_windows, step_rng
+from .distributed import Dist, full_state_options, wrap_model
 from .errors import UsageError
 from .runtime import autocast
 
 # Keys of step_rng streams: one for training batches, one for the fixed validation windows.
 TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
 LR_DECAYS = ("cosine", "constant")
-SMALL_MODEL = 2_000_000  # parameters; below this, CPU training uses one thread unless OMP_NUM_THREADS says otherwise
 
 
 @dataclass(frozen=True)
@@ -200,64 +204,6 @@ def train_model_simple(model: nn.Module, train_loader, val_loader, optimizer, de
     return train_losses, val_losses, track_tokens_seen
 
 
-# --- processes (torchrun) ------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
-    from .runtime import get_device
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist(), get_device(device_name)
-    import torch.distributed as dist
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device={device_name!r} is not available here: no CUDA device; use cpu")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world, local_rank), device
-
-
-def close_distributed(d: Dist) -> None:
-    if d.active:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 # --- pieces of the loop --------------------------------------------------------------------------
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for step `step` (0-based): linear warm-up, then cosine (or constant) decay."""
@@ -292,12 +238,14 @@ def micro_batches(ids: np.ndarray, step: int, cfg: TrainConfig, context_length: 
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches, device: torch.device,
-               cfg: TrainConfig, d: Dist) -> torch.Tensor:
+               cfg: TrainConfig, d: Dist, loss_fn: Callable | None = None) -> torch.Tensor:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all processes.
+    `loss_fn(x, y, model, device)` is the micro-batch's loss (default: calc_loss_batch).
 
     Gradients of every micro-batch are averaged (DDP also averages across processes, and only syncs
     on the last micro-batch), clipped to `grad_clip`, then AdamW steps.
     """
+    loss_fn = loss_fn or calc_loss_batch
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     batches = list(batches)
@@ -306,7 +254,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches, devi
         sync = model.no_sync() if (d.active and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
             with autocast(device, cfg.dtype):
-                loss = calc_loss_batch(x, y, model, device)
+                loss = loss_fn(x, y, model, device)
             (loss / len(batches)).backward()
         total += loss.detach()
     if cfg.grad_clip > 0:
@@ -371,6 +319,7 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.main_process = True  # False on the other torchrun processes: only the main one tells the user
 
 
 @dataclass
@@ -387,7 +336,216 @@ def _seed_model_init(seed: int) -> None:
     set_seed(seed)
 
 
+
+
+# --- setup: the model on its device, wrapped, its optimizer, and what a resumed run restores -----
+@dataclass
+class TrainState:
+    """What the loop advances. `core` is the plain model (the optimizer and checkpoints use it);
+    `model` is what the loop calls (core itself, or DDP/FSDP/compiled around it)."""
+    core: nn.Module
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0                # optimizer steps done
+    tokens_seen: int = 0         # training tokens over all processes
+    elapsed: float = 0.0         # seconds of training, carried across resumes
+
+
+def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = None, resume: bool = False,
+          d: Dist | None = None, device: torch.device | None = None) -> TrainState:
+    """Put `core` on the device, wrap it for the processes, build its AdamW; with `resume`, restore
+    the weights, optimizer, RNG states, step, tokens and clock of out_dir's checkpoint.
+
+    Weights a new run starts from (an imported or fine-tuned model) are loaded into `core` first.
+    """
+    d, device = d or Dist(), device or torch.device("cpu")
+    saved = load_trainer_state(out_dir) if resume else None
+    core = core.to(device)
+    if saved is not None:
+        load_weights(core, saved.path, device)
+    model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile)
+    state = TrainState(core, model, make_optimizer(core, cfg, device))
+    if saved is not None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        set_optimizer_state_dict(core, state.optimizer, saved.optimizer, options=full_state_options(cfg.fsdp))
+        set_rng_state(saved.rng, saved.state["rng"])
+        state.step, state.elapsed = saved.state["step"], saved.state["elapsed_s"]
+        state.tokens_seen = saved.state["tokens_seen"]
+    return state
+
+
+def load_weights(core: nn.Module, checkpoint_dir: str | Path, device: torch.device) -> None:
+    """Load a checkpoint directory's model.safetensors into `core`, whose shape must match (a tied
+    head is stored once, as the token embedding)."""
+    from safetensors.torch import load_file
+
+    from .checkpoint import MODEL_FILE
+
+    state = load_file(Path(checkpoint_dir) / MODEL_FILE, device=str(device))
+    if "out_head.weight" not in state and "tok_emb.weight" in state and "out_head.weight" in core.state_dict():
+        state["out_head.weight"] = state["tok_emb.weight"]
+    core.load_state_dict(state)
+
+
+def save_training_checkpoint(out_dir: str | Path, state: TrainState, cfg: TrainConfig, tokenizer,
+                             data_meta: dict[str, Any], d: Dist | None = None) -> Path:
+    """Write out_dir/checkpoint/ atomically: weights, config, tokenizer and the trainer's state
+    (optimizer, RNG, step, tokens, clock, train config, data identity). Collective under FSDP (every
+    rank gathers the full state); the main process writes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    d = d or Dist()
+    full = full_state_options(cfg.fsdp)
+    weights = get_model_state_dict(state.core, options=full) if cfg.fsdp else None
+    opt_state = get_optimizer_state_dict(state.core, state.optimizer, options=full)
+    path = Path(out_dir) / CHECKPOINT_DIR
+    if d.is_main:
+        trainer = {"format": 1, "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed,
+                   "train_config": cfg.to_dict(), "data": data_meta, "world_size": d.world}
+        save_checkpoint(path, state.core, tokenizer, trainer_files(opt_state, trainer), state=weights)
+    d.barrier()
+    return path
+
+
+# --- the run's record: metrics.jsonl, progress, plots -------------------------------------------
+class RunLog:
+    """A run's record. On the main process: metrics.jsonl (one row per evaluation; a resumed run
+    first drops the rows logged after its checkpoint), the progress bar with a line per
+    evaluation, and loss.png redrawn at most every 30 s (matplotlib is slow next to a tiny model's
+    step). Other processes keep the rows but write nothing."""
+
+    PLOT_EVERY_S = 30.0
+
+    def __init__(self, out_dir: str | Path, total_steps: int, state: TrainState, *, d: Dist | None = None,
+                 resume: bool = False, optimal_loss: float | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.out_dir, self.total_steps, self.d = Path(out_dir), total_steps, d or Dist()
+        self.optimal_loss = optimal_loss
+        self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.path = self.out_dir / "metrics.jsonl"
+        self.history: list[dict[str, Any]] = []  # every row of the run (including a resumed run's earlier ones)
+        self.last: dict[str, Any] | None = None  # the last row this process logged
+        if self.d.is_main and resume and self.path.exists():
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r["step"] <= state.step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        elif self.d.is_main and not resume:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+        self.t_start = time.perf_counter() - state.elapsed
+        self.losses, self.seconds, self.tokens = [], 0.0, 0  # since the last evaluation
+        self.last_plot = time.perf_counter()
+        self.bar = None
+        if self.d.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=state.step, file=sys.stderr, dynamic_ncols=True,
+                            disable=None, desc="train", unit="step")
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, including the runs this one resumes."""
+        return time.perf_counter() - self.t_start
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+    def step(self, loss: float, lr: float, seconds: float, tokens: int) -> None:
+        """One optimizer step done: its loss, learning rate, time spent in it and tokens trained."""
+        self.losses.append(loss)
+        self.seconds += seconds
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s():.0f}")
+
+    def evaluation(self, state: TrainState, lr: float, metrics: dict[str, float], sample: str | None = None) -> dict[str, Any]:
+        """Log a row: the mean training loss since the last one, `metrics` (e.g. val_loss), tokens,
+        lr, clock and throughput; print it (with a sample, if given) on the progress output."""
+        row = {"step": state.step, "train_loss": float(np.mean(self.losses)), **metrics,
+               "tokens_seen": state.tokens_seen, "lr": lr, "elapsed_s": round(state.elapsed, 3),
+               "tokens_per_s": round(self.tokens_per_s(), 1)}
+        if self.optimal_loss is not None:
+            row["optimal_loss"] = self.optimal_loss
+        self.history.append(row)
+        self.last = row
+        if self.d.is_main:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+            shown = "".join(f", {k.removesuffix('_loss').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+            msg = (f"step {state.step}/{self.total_steps}: train {row['train_loss']:.4f}{shown}"
+                   + (f" (optimum {self.optimal_loss:.4f})" if self.optimal_loss is not None else "")
+                   + f", {row['tokens_per_s']:.0f} tokens/s")
+            if sample:
+                msg += f"\n  sample: {sample!r}"
+            (self.bar.write(msg, file=sys.stderr) if self.bar is not None else self.log(msg))
+        self.losses, self.seconds, self.tokens = [], 0.0, 0
+        return row
+
+    def plot(self, force: bool = False) -> None:
+        """Redraw out_dir/loss.png if 30 s passed since the last drawing (or if `force`)."""
+        if self.d.is_main and self.history and (force or time.perf_counter() - self.last_plot > self.PLOT_EVERY_S):
+            from .plots import plot_losses
+
+            plot_losses([r["tokens_seen"] for r in self.history], [r["train_loss"] for r in self.history],
+                        [r["val_loss"] for r in self.history], self.out_dir / "loss.png",
+                        optimal_loss=self.optimal_loss)
+            self.last_plot = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 # --- the loop ------------------------------------------------------------------------------------
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Iterable], *,
+             evaluate: Callable[[TrainState], dict[str, float]], save: Callable[[TrainState], Path],
+             log: RunLog, tokens_per_step: int, d: Dist, device: torch.device,
+             loss_fn: Callable | None = None, sample: Callable[[TrainState], str | None] | None = None) -> TrainState:
+    """Optimizer steps from state.step up to cfg.steps. `batches(step)` yields this process's
+    micro-batches (x, y) of a step; `loss_fn(x, y, model, device)` (default calc_loss_batch) is the
+    loss; every cfg.eval_every steps and at the end, `evaluate(state)` gives the row's metrics,
+    `sample(state)` an optional sample, then `save(state)` checkpoints.
+
+    Ctrl-C (SIGINT, SIGTERM) saves and raises TrainingStopped (exit code 130) at the next step
+    boundary; a non-finite loss raises TrainingStopped (exit code 1), keeping the last checkpoint.
+    """
+    state.model.train()
+    with StopFlag() as stop:
+        while state.step < cfg.steps:
+            lr = set_lr(state.optimizer, lr_at(state.step, cfg))
+            torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))
+            t0 = time.perf_counter()
+            loss = train_step(state.model, state.optimizer, batches(state.step), device, cfg, d, loss_fn).item()
+            if not math.isfinite(loss):
+                raise TrainingStopped(f"loss is {loss} at step {state.step + 1}: training diverged; the last good "
+                                      f"checkpoint is kept in {log.out_dir / CHECKPOINT_DIR} (try a lower --lr or "
+                                      "--grad-clip)", 1)
+            state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
+            log.step(loss, lr, time.perf_counter() - t0, tokens_per_step)
+            evaluated = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            if evaluated:
+                metrics = evaluate(state)
+                state.elapsed = log.elapsed()
+                log.evaluation(state, lr, metrics, sample(state) if sample else None)
+                save(state)
+                log.plot(force=state.step == cfg.steps)
+            if d.sum(torch.tensor(float(stop.raised is not None), device=device)).item() > 0:
+                state.elapsed = log.elapsed()
+                if not evaluated:
+                    save(state)
+                log.plot(force=True)
+                raise TrainingStopped(f"interrupted at step {state.step}/{cfg.steps}; checkpoint saved in "
+                                      f"{log.out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
+    return state
+
+
 def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, tokenizer, *, resume: bool = False,
           optimal_loss: float | None = None, sample_prompt: str | None = None, d: Dist | None = None,
           device: torch.device | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
@@ -398,147 +556,42 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
     """
     from .gpt import GPTModel
 
-    out_dir = Path(out_dir)
-    d = d or Dist()
-    device = device or torch.device("cpu")
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    out_dir, d, device = Path(out_dir), d or Dist(), device or torch.device("cpu")
     T = model_cfg.context_length
     check_splits(corpus, T)
     if cfg.batch_size % d.world:
         raise UsageError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} processes; "
                          f"choose a multiple of {d.world}")
-    train_ids, val_ids = corpus.train, corpus.val
-
     _seed_model_init(cfg.seed)
-    core = GPTModel(model_cfg).to(device)
-    saved = load_trainer_state(out_dir) if resume else None
-    if saved is not None:
-        from .checkpoint import load_checkpoint
-
-        core.load_state_dict(load_checkpoint(saved.path, device).model.state_dict())
-    model: nn.Module = core
-    if cfg.fsdp:
-        if not d.active:
-            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
-        from torch.distributed.fsdp import fully_shard
-
-        for block in core.trf_blocks:
-            fully_shard(block)
-        fully_shard(core)
-    elif d.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
-    optimizer = make_optimizer(core, cfg, device)
-
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict, set_optimizer_state_dict)
-
-    full = StateDictOptions(full_state_dict=True, cpu_offload=cfg.fsdp)
-    step, elapsed, tokens_per_step = 0, 0.0, cfg.batch_size * cfg.grad_accum * T
-    history: list[dict[str, Any]] = []
-    metrics_path = out_dir / "metrics.jsonl"
-    if saved is not None:
-        set_optimizer_state_dict(core, optimizer, saved.optimizer, options=full)
-        set_rng_state(saved.rng, saved.state["rng"])
-        step, elapsed = saved.state["step"], saved.state["elapsed_s"]
-        if d.is_main and metrics_path.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [r for r in rows if r["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history))
-    elif d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("")
-
-    def save() -> None:
-        # Collective under FSDP (every rank gathers), written by rank 0 only.
-        state = get_model_state_dict(core, options=full) if cfg.fsdp else None
-        opt_state = get_optimizer_state_dict(core, optimizer, options=full)
-        if d.is_main:
-            trainer = {"format": 1, "step": step, "tokens_seen": step * tokens_per_step, "elapsed_s": elapsed,
-                       "train_config": cfg.to_dict(), "data": corpus.meta, "world_size": d.world}
-            save_checkpoint(out_dir / CHECKPOINT_DIR, core, tokenizer, trainer_files(opt_state, trainer), state=state)
-        d.barrier()
-
+    state = setup(GPTModel(model_cfg), cfg, out_dir=out_dir, resume=resume, d=d, device=device)
     val_starts = eval_starts(corpus, T, cfg)
     # A sharded (FSDP) forward is collective: every rank must run the same forwards, so each
     # evaluates every window; otherwise the ranks share the windows and sum.
     eval_dist = Dist() if cfg.fsdp else d
-    interval_losses, interval_time = [], 0.0
-    t_start = time.perf_counter() - elapsed
-    progress = None
-    if d.is_main:
-        from tqdm import tqdm
 
-        progress = tqdm(total=cfg.steps, initial=step, file=sys.stderr, dynamic_ncols=True, disable=None,
-                        desc="train", unit="step")
-    model.train()
-    val_loss, last_plot = float("nan"), time.perf_counter()
+    def evaluate(s: TrainState) -> dict[str, float]:
+        return {"val_loss": evaluate_windows(s.core, corpus.val, val_starts, T, cfg.batch_size, device, eval_dist,
+                                             cfg.dtype)[0]}
+
+    def sample(s: TrainState) -> str | None:
+        # With the evaluation, at most every 50 steps (generation is slow next to a tiny step)
+        if not sample_prompt or not (s.step % max(cfg.eval_every, 50) == 0 or s.step == cfg.steps):
+            return None
+        if not (d.is_main or cfg.fsdp):  # a sharded forward needs every rank
+            return None
+        text = sample_text(s.core, tokenizer, sample_prompt, 60, device)
+        return text if d.is_main else None
+
+    run_log = RunLog(out_dir, cfg.steps, state, d=d, resume=resume, optimal_loss=optimal_loss, log=log)
     try:
-        with StopFlag() as stop:
-            while step < cfg.steps:
-                lr = lr_at(step, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, step, d.rank).integers(2**62)))
-                t0 = time.perf_counter()
-                loss = train_step(model, optimizer, micro_batches(train_ids, step, cfg, T, d), device, cfg, d)
-                loss_value = loss.item()
-                interval_time += time.perf_counter() - t0
-                if not math.isfinite(loss_value):
-                    raise TrainingStopped(
-                        f"loss is {loss_value} at step {step + 1}: training diverged; the last good checkpoint "
-                        f"is kept in {out_dir / CHECKPOINT_DIR} (try a lower --lr or --grad-clip)", 1)
-                step += 1
-                interval_losses.append(loss_value)
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
-                                         tok_s=f"{len(interval_losses) * tokens_per_step / max(interval_time, 1e-9):.0f}")
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    val_loss, _ = evaluate_windows(core, val_ids, val_starts, T, cfg.batch_size, device, eval_dist, cfg.dtype)
-                    elapsed = time.perf_counter() - t_start
-                    row = {"step": step, "train_loss": float(np.mean(interval_losses)), "val_loss": val_loss,
-                           "tokens_seen": step * tokens_per_step, "lr": lr, "elapsed_s": round(elapsed, 3),
-                           "tokens_per_s": round(len(interval_losses) * tokens_per_step / max(interval_time, 1e-9), 1)}
-                    if optimal_loss is not None:
-                        row["optimal_loss"] = optimal_loss
-                    history.append(row)
-                    # A sample with the evaluation, at most every 50 steps (generation is slow next to a tiny step)
-                    sample_now = bool(sample_prompt) and (step % max(cfg.eval_every, 50) == 0 or step == cfg.steps)
-                    if d.is_main:
-                        with open(metrics_path, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps(row) + "\n")
-                        msg = (f"step {step}/{cfg.steps}: train {row['train_loss']:.4f}, val {val_loss:.4f}"
-                               + (f" (optimum {optimal_loss:.4f})" if optimal_loss is not None else "")
-                               + f", {row['tokens_per_s']:.0f} tokens/s")
-                        if sample_now:
-                            msg += f"\n  sample: {sample_text(core, tokenizer, sample_prompt, 60, device)!r}"
-                        (progress.write(msg, file=sys.stderr) if progress is not None else log(msg))
-                    elif cfg.fsdp and sample_now:  # a sharded forward needs every rank
-                        sample_text(core, tokenizer, sample_prompt, 60, device)
-                    save()
-                    # Redrawn at most every 30 s (matplotlib is slow next to a tiny model's step), and at the end.
-                    if d.is_main and (step == cfg.steps or time.perf_counter() - last_plot > 30):
-                        plot_run(out_dir, history, optimal_loss)
-                        last_plot = time.perf_counter()
-                    interval_losses, interval_time = [], 0.0
-                stop_now = torch.tensor(float(stop.raised is not None), device=device)
-                if d.sum(stop_now).item() > 0:
-                    elapsed = time.perf_counter() - t_start
-                    if step % cfg.eval_every and step != cfg.steps:
-                        save()
-                    if d.is_main and history:
-                        plot_run(out_dir, history, optimal_loss)
-                    raise TrainingStopped(f"interrupted at step {step}/{cfg.steps}; checkpoint saved in "
-                                          f"{out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
+        run_loop(state, cfg, lambda step: micro_batches(corpus.train, step, cfg, T, d), evaluate=evaluate,
+                 save=lambda s: save_training_checkpoint(out_dir, s, cfg, tokenizer, corpus.meta, d), log=run_log,
+                 tokens_per_step=cfg.batch_size * cfg.grad_accum * T, d=d, device=device, sample=sample)
     finally:
-        if progress is not None:
-            progress.close()
-    core.eval()
-    return TrainResult(core, step, val_loss, history)
+        run_log.close()
+    state.core.eval()
+    return TrainResult(state.core, state.step, run_log.last["val_loss"] if run_log.last else float("nan"),
+                       run_log.history)
 
 
 def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, device: torch.device,
@@ -553,208 +606,3 @@ def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, d
     out = generate(model, idx, max_new_tokens, temperature=1.0 if top_k else 0.0, top_k=top_k, generator=generator)
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
-
-
-def plot_run(out_dir: Path, history: list[dict[str, Any]], optimal_loss: float | None) -> None:
-    from .plots import plot_losses
-
-    plot_losses([r["tokens_seen"] for r in history], [r["train_loss"] for r in history],
-                [r["val_loss"] for r in history], out_dir / "loss.png", optimal_loss=optimal_loss)
-
-
-# --- what the command line runs ------------------------------------------------------------------
-# With --data and no --preset: a character model that trains on a laptop (nanoGPT's shakespeare-char).
-DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False)
-# What --resume may change: when and how the steps run, not what they compute.
-RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype", "fsdp"}
-ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training uses seed 1)
-
-
-def _contradiction(what: str, key: str, saved: Any, given: Any) -> ValueError:
-    return UsageError(f"--resume: {what} {key}={given!r} contradicts the checkpoint's {key}={saved!r}; "
-                      "drop the option or start a new run with another --out")
-
-
-def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
-                 preset: str | None = None, model_options: dict[str, Any] | None = None,
-                 train_options: dict[str, Any] | None = None, resume: bool = False) -> TrainResult:
-    """`build-llm train`: resolve settings (flags > checkpoint when resuming > defaults), prepare the
-    corpus in out/data, train, and print the final validation loss and samples on stdout.
-
-    `data` None is the R notebook's ABC experiment. Options left None take their default.
-    """
-    from .checkpoint import PREVIOUS_DIR, resolve_checkpoint
-    from .config import GPTConfig
-    from .data import prepare_corpus
-
-    model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
-    train_options = {k: v for k, v in (train_options or {}).items() if v is not None}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
-    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
-    if resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
-    if not resume and has_ckpt:
-        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
-
-    saved_state, saved_model = None, None
-    if resume:
-        ckpt_dir = resolve_checkpoint(out)
-        saved_state = load_trainer_state(ckpt_dir).state
-        saved_model = GPTConfig.from_dict(json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8")))
-        saved_cfg = TrainConfig.from_dict(saved_state["train_config"])
-        saved_source = saved_state["data"].get("source")
-        if (saved_source == "abc") != (data is None):
-            raise UsageError(f"--resume: the run trained on {'the ABC source' if saved_source == 'abc' else 'a text corpus'}"
-                             f"; {'drop --data' if saved_source == 'abc' else 'give the same --data'}")
-        for key, value in train_options.items():
-            old = getattr(saved_cfg, key)
-            if key not in RESUMABLE and (tuple(value) if key == "betas" else value) != old:
-                raise _contradiction("option", key, old, value)
-        cfg = saved_cfg.replace(**train_options)
-        tokenizer = tokenizer or str(ckpt_dir / "tokenizer.json")
-    else:
-        cfg = (ABC_TRAIN if data is None else TrainConfig()).replace(**train_options)
-        tokenizer = tokenizer or "char"
-
-    d, device = init_distributed(cfg.device)
-    from .runtime import configure_backends
-    configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
-    threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
-    try:
-        if cfg.fsdp and not d.active:
-            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
-        if d.local_rank == 0:  # each node's first process tokenizes; the others then reuse its files
-            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
-        d.barrier()
-        if d.local_rank != 0:
-            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
-
-        if saved_state is not None:
-            for key in ("data_sha256", "tokenizer_sha256"):
-                if corpus.meta[key] != saved_state["data"][key]:
-                    what = "data" if key == "data_sha256" else "tokenizer"
-                    raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; "
-                                     f"give the same --data and --tokenizer, or start a new run with another --out")
-            model_cfg = saved_model
-            if preset is not None:
-                want = GPTConfig.from_preset(preset, vocab_size=tok.vocab_size)
-                if want != saved_model:
-                    raise UsageError(f"--resume: --preset {preset} contradicts the checkpoint's model; drop --preset")
-            for key, value in model_options.items():
-                if getattr(saved_model, key) != value:
-                    raise _contradiction("model option", key, getattr(saved_model, key), value)
-        else:
-            if preset is not None:
-                base = GPTConfig.from_preset(preset).to_dict()
-            elif data is None:
-                base = GPTConfig.from_preset("r-abc").to_dict()
-            else:
-                base = GPTConfig(**DATA_DEFAULT_MODEL).to_dict()
-            model_cfg = GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
-
-        cpu_threads_for(model_cfg, device)
-        optimum = None
-        if data is None:
-            from .markov import ABC, optimal_loss as exact_optimum
-
-            optimum = exact_optimum(ABC, model_cfg.context_length)
-        prompt = "A" if data is None else tok.decode(np.asarray(corpus.val[:8]).tolist())
-        try:
-            result = train(out, model_cfg, cfg, corpus, tok, resume=resume, optimal_loss=optimum,
-                           sample_prompt=prompt, d=d, device=device)
-        except TrainingStopped as e:
-            if d.is_main:
-                print(f"build-llm: {e}", file=sys.stderr, flush=True)
-            raise SystemExit(e.exit_code) from None
-        report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device, data is None)
-        return result
-    finally:
-        torch.set_num_threads(threads)
-        close_distributed(d)
-
-
-def cpu_threads_for(model_cfg, device: torch.device) -> None:
-    """One CPU thread for a tiny model unless OMP_NUM_THREADS says otherwise: its matrices are too
-    small to share among threads, coordinating them costs more than it saves, and many times more
-    when other processes compete for the cores."""
-    from .gpt import GPTModel
-
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    with torch.device("meta"):
-        if sum(p.numel() for p in GPTModel(model_cfg).parameters()) < SMALL_MODEL:
-            torch.set_num_threads(1)
-
-
-def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig, optimum: float | None,
-           prompt: str, d: Dist, device: torch.device, is_abc: bool) -> None:
-    """The end of a run on stdout: validation loss (for ABC on the whole validation split, beside the
-    exact optimum on the same windows) and samples."""
-    model, T = result.model, model_cfg.context_length
-    if is_abc:
-        from .markov import ABC, optimal_loss_on_text
-
-        starts = sliding_starts(len(corpus.val), T)  # every non-overlapping window of the split
-        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, Dist() if cfg.fsdp else d, cfg.dtype)
-        if not d.is_main:
-            if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, print nothing
-                sample_text(model, tok, prompt, 700, device)
-                sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)
-            return
-        on_windows = float(optimal_loss_on_text(ABC, tok.decode(np.asarray(corpus.val).tolist()), T).mean())
-        print(f"validation loss {val_loss:.6f} on {n:,} tokens ({len(starts):,} windows of {T})")
-        print(f"exact optimum   {optimum:.6f} (on these windows {on_windows:.6f}); "
-              f"excess {val_loss - optimum:+.6f} nats")
-        print(f"\nGreedy from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device)}")
-        print(f"\nTop-k 2 from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)}")
-    elif d.is_main or cfg.fsdp:
-        sample = sample_text(model, tok, prompt, 200, device, top_k=40, seed=cfg.seed)
-        if d.is_main:
-            print(f"validation loss {result.val_loss:.6f} after {result.step} steps")
-            print(f"\nSample from {prompt!r}:\n{sample}")
-
-
-def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_size: int = 64,
-                        device: str = "cpu") -> dict[str, Any]:
-    """`build-llm eval`: loss, perplexity and tokens of a checkpoint on the non-overlapping windows
-    of a text (or, with no data, of a held-out ABC draw); for the ABC source also the exact optimum
-    on the same windows and the excess over it."""
-    from .checkpoint import TRAINER_FILE, load_checkpoint
-    from .data import read_pieces, text_files
-    from .markov import ABC, abc_text, optimal_loss_on_text
-    from .runtime import get_device
-
-    dev = get_device(device)
-    ckpt = load_checkpoint(checkpoint, dev)
-    if ckpt.tokenizer is None:
-        raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode the data")
-    trained_on_abc = False
-    if (ckpt.path / TRAINER_FILE).is_file():
-        trained_on_abc = json.loads((ckpt.path / TRAINER_FILE).read_text(encoding="utf-8"))["data"].get("source") == "abc"
-    if data is None:
-        text = abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)
-    else:
-        text = "".join(read_pieces(text_files(data)))
-        if not text.strip():
-            raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
-    T = ckpt.model.cfg.context_length
-    ids = np.asarray(ckpt.tokenizer.encode(text), dtype=np.int64)
-    starts = sliding_starts(len(ids), T)
-    if len(starts) == 0:
-        raise UsageError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
-    threads = torch.get_num_threads()
-    try:
-        cpu_threads_for(ckpt.model.cfg, dev)
-        loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
-    finally:
-        torch.set_num_threads(threads)
-    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "windows": len(starts)}
-    if data is None or trained_on_abc:
-        try:
-            optimum = float(optimal_loss_on_text(ABC, text, T).mean())
-            result.update(optimal_loss=optimum, excess=loss - optimum)
-        except ValueError:
-            pass  # the text is not an ABC text: no optimum to compare with
-    return result

@@ -1,0 +1,230 @@
+"""The command glue behind `build-llm train` and `build-llm eval`: resolve settings (flags, a
+checkpoint being resumed, defaults), prepare the data, train, and build the report.
+
+No argparse and no printing here: functions return results (the text for stdout is part of them)
+and raise ValueError or TrainingStopped; cli.py prints and chooses exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import CHECKPOINT_DIR, load_trainer_state
+from .data import Corpus, sliding_starts
+from .distributed import Dist, close_distributed, init_distributed
+from .errors import UsageError
+from .train import (ABC_TRAIN, TrainConfig, TrainingStopped, TrainResult, evaluate_windows, sample_text,
+                    train)
+
+# With --data and no --preset: a character model that trains on a laptop (nanoGPT's shakespeare-char).
+DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False)
+# What --resume may change: when and how the steps run, not what they compute.
+RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype", "fsdp"}
+ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training uses seed 1)
+SMALL_MODEL = 2_000_000  # parameters; below this, CPU training uses one thread unless OMP_NUM_THREADS says otherwise
+
+
+def _contradiction(what: str, key: str, saved: Any, given: Any) -> ValueError:
+    return UsageError(f"--resume: {what} {key}={given!r} contradicts the checkpoint's {key}={saved!r}; "
+                      "drop the option or start a new run with another --out")
+
+
+@dataclass
+class TrainingRun:
+    result: TrainResult
+    report: str          # the end of the run for stdout: final loss and samples ("" on other processes)
+
+
+def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
+                 preset: str | None = None, model_options: dict[str, Any] | None = None,
+                 train_options: dict[str, Any] | None = None, resume: bool = False) -> TrainingRun:
+    """`build-llm train`: resolve settings (flags > checkpoint when resuming > defaults), prepare the
+    corpus in out/data, train, and return the result with its report (final validation loss and
+    samples). Raises ValueError for bad settings and TrainingStopped when interrupted or diverged
+    (its `main_process` says whether this process should tell the user).
+
+    `data` None is the R notebook's ABC experiment. Options left None take their default.
+    """
+    from .checkpoint import PREVIOUS_DIR, resolve_checkpoint
+    from .config import GPTConfig
+    from .data import prepare_corpus
+
+    model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
+    train_options = {k: v for k, v in (train_options or {}).items() if v is not None}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
+    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
+    if resume and not has_ckpt:
+        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+    if not resume and has_ckpt:
+        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+
+    saved_state, saved_model = None, None
+    if resume:
+        ckpt_dir = resolve_checkpoint(out)
+        saved_state = load_trainer_state(ckpt_dir).state
+        saved_model = GPTConfig.from_dict(json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8")))
+        saved_cfg = TrainConfig.from_dict(saved_state["train_config"])
+        saved_source = saved_state["data"].get("source")
+        if (saved_source == "abc") != (data is None):
+            raise UsageError(f"--resume: the run trained on {'the ABC source' if saved_source == 'abc' else 'a text corpus'}"
+                             f"; {'drop --data' if saved_source == 'abc' else 'give the same --data'}")
+        for key, value in train_options.items():
+            old = getattr(saved_cfg, key)
+            if key not in RESUMABLE and (tuple(value) if key == "betas" else value) != old:
+                raise _contradiction("option", key, old, value)
+        cfg = saved_cfg.replace(**train_options)
+        tokenizer = tokenizer or str(ckpt_dir / "tokenizer.json")
+    else:
+        cfg = (ABC_TRAIN if data is None else TrainConfig()).replace(**train_options)
+        tokenizer = tokenizer or "char"
+
+    d, device = init_distributed(cfg.device)
+    from .runtime import configure_backends
+    configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
+    threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
+    try:
+        if cfg.fsdp and not d.active:
+            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        if d.local_rank == 0:  # each node's first process tokenizes; the others then reuse its files
+            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
+        d.barrier()
+        if d.local_rank != 0:
+            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
+
+        if saved_state is not None:
+            for key in ("data_sha256", "tokenizer_sha256"):
+                if corpus.meta[key] != saved_state["data"][key]:
+                    what = "data" if key == "data_sha256" else "tokenizer"
+                    raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; "
+                                     f"give the same --data and --tokenizer, or start a new run with another --out")
+            model_cfg = saved_model
+            if preset is not None:
+                want = GPTConfig.from_preset(preset, vocab_size=tok.vocab_size)
+                if want != saved_model:
+                    raise UsageError(f"--resume: --preset {preset} contradicts the checkpoint's model; drop --preset")
+            for key, value in model_options.items():
+                if getattr(saved_model, key) != value:
+                    raise _contradiction("model option", key, getattr(saved_model, key), value)
+        else:
+            if preset is not None:
+                base = GPTConfig.from_preset(preset).to_dict()
+            elif data is None:
+                base = GPTConfig.from_preset("r-abc").to_dict()
+            else:
+                base = GPTConfig(**DATA_DEFAULT_MODEL).to_dict()
+            model_cfg = GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
+
+        cpu_threads_for(model_cfg, device)
+        optimum = None
+        if data is None:
+            from .markov import ABC, optimal_loss as exact_optimum
+
+            optimum = exact_optimum(ABC, model_cfg.context_length)
+        prompt = "A" if data is None else tok.decode(np.asarray(corpus.val[:8]).tolist())
+        try:
+            result = train(out, model_cfg, cfg, corpus, tok, resume=resume, optimal_loss=optimum,
+                           sample_prompt=prompt, d=d, device=device)
+        except TrainingStopped as e:
+            e.main_process = d.is_main
+            raise
+        return TrainingRun(result, report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device,
+                                          data is None))
+    finally:
+        torch.set_num_threads(threads)
+        close_distributed(d)
+
+
+def cpu_threads_for(model_cfg, device: torch.device) -> None:
+    """One CPU thread for a tiny model unless OMP_NUM_THREADS says otherwise: its matrices are too
+    small to share among threads, coordinating them costs more than it saves, and many times more
+    when other processes compete for the cores."""
+    from .gpt import GPTModel
+
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    with torch.device("meta"):
+        if sum(p.numel() for p in GPTModel(model_cfg).parameters()) < SMALL_MODEL:
+            torch.set_num_threads(1)
+
+
+def report(result: TrainResult, corpus: Corpus, tok, model_cfg, cfg: TrainConfig, optimum: float | None,
+           prompt: str, d: Dist, device: torch.device, is_abc: bool) -> str:
+    """The end of a run for stdout: validation loss (for ABC on the whole validation split, beside
+    the exact optimum on the same windows) and samples. "" on processes other than the main one."""
+    model, T = result.model, model_cfg.context_length
+    if is_abc:
+        from .markov import ABC, optimal_loss_on_text
+
+        starts = sliding_starts(len(corpus.val), T)  # every non-overlapping window of the split
+        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, Dist() if cfg.fsdp else d, cfg.dtype)
+        if not d.is_main:
+            if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, report nothing
+                sample_text(model, tok, prompt, 700, device)
+                sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)
+            return ""
+        on_windows = float(optimal_loss_on_text(ABC, tok.decode(np.asarray(corpus.val).tolist()), T).mean())
+        return (f"validation loss {val_loss:.6f} on {n:,} tokens ({len(starts):,} windows of {T})\n"
+                f"exact optimum   {optimum:.6f} (on these windows {on_windows:.6f}); "
+                f"excess {val_loss - optimum:+.6f} nats\n"
+                f"\nGreedy from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device)}\n"
+                f"\nTop-k 2 from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)}")
+    if not (d.is_main or cfg.fsdp):
+        return ""
+    sample = sample_text(model, tok, prompt, 200, device, top_k=40, seed=cfg.seed)
+    if not d.is_main:
+        return ""
+    return f"validation loss {result.val_loss:.6f} after {result.step} steps\n\nSample from {prompt!r}:\n{sample}"
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_size: int = 64,
+                        device: str = "cpu") -> dict[str, Any]:
+    """`build-llm eval`: loss, perplexity and tokens of a checkpoint on the non-overlapping windows
+    of a text (or, with no data, of a held-out ABC draw); for the ABC source also the exact optimum
+    on the same windows and the excess over it."""
+    from .checkpoint import TRAINER_FILE, load_checkpoint
+    from .data import read_pieces, text_files
+    from .markov import ABC, abc_text, optimal_loss_on_text
+    from .runtime import get_device
+
+    dev = get_device(device)
+    ckpt = load_checkpoint(checkpoint, dev)
+    if ckpt.tokenizer is None:
+        raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode the data")
+    trained_on_abc = False
+    if (ckpt.path / TRAINER_FILE).is_file():
+        trained_on_abc = json.loads((ckpt.path / TRAINER_FILE).read_text(encoding="utf-8"))["data"].get("source") == "abc"
+    if data is None:
+        text = abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)
+    else:
+        text = "".join(read_pieces(text_files(data)))
+        if not text.strip():
+            raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
+    T = ckpt.model.cfg.context_length
+    ids = np.asarray(ckpt.tokenizer.encode(text), dtype=np.int64)
+    starts = sliding_starts(len(ids), T)
+    if len(starts) == 0:
+        raise UsageError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
+    threads = torch.get_num_threads()
+    try:
+        cpu_threads_for(ckpt.model.cfg, dev)
+        loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
+    finally:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "windows": len(starts)}
+    if data is None or trained_on_abc:
+        try:
+            optimum = float(optimal_loss_on_text(ABC, text, T).mean())
+            result.update(optimal_loss=optimum, excess=loss - optimum)
+        except ValueError:
+            pass  # the text is not an ABC text: no optimum to compare with
+    return result

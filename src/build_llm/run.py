@@ -2,7 +2,7 @@
 checkpoint being resumed, defaults), prepare the data, train, and build the report.
 
 No argparse and no printing here: functions return results (the text for stdout is part of them)
-and raise ValueError or TrainingStopped; cli.py prints and chooses exit codes.
+and raise UsageError (a ValueError) or TrainingStopped; cli.py prints and chooses exit codes.
 """
 
 from __future__ import annotations

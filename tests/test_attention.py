@@ -83,3 +83,30 @@ def test_attention_weights_are_causal_rows_summing_to_one():
     assert w.shape == (3, 2, 8, 8)
     torch.testing.assert_close(w.sum(-1), torch.ones(3, 2, 8))
     assert torch.all(w.triu(diagonal=1) == 0)
+
+
+def test_per_row_positions_decode_rows_of_different_lengths_as_each_alone():
+    # Continuous batching: rows at different positions share one forward; each row's logits must be
+    # those of its own sequence run alone (the full, uncached forward is the reference).
+    cfg = GPTConfig.from_preset("gpt2-small", vocab_size=50, context_length=24, emb_dim=32, n_heads=4, n_layers=2)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    seqs = [torch.randint(0, 50, (1, n)) for n in (3, 9, 6)]
+    cache = model.new_cache(batch_size=3)
+    for r, s in enumerate(seqs):  # prefill each row alone into its slot of the shared buffers
+        model(s[:, :-1], cache=type(cache).over(cache.k[:, r:r + 1], cache.v[:, r:r + 1], 0))
+    pos = torch.tensor([s.shape[1] - 1 for s in seqs])
+    rows = type(cache).over(cache.k, cache.v, pos)
+    last = torch.cat([s[:, -1:] for s in seqs])  # (3, 1): each row's next token
+    for step in range(4):
+        logits = model(last, cache=rows)[:, -1]  # (3, V)
+        for r, s in enumerate(seqs):
+            torch.testing.assert_close(logits[r], model(s)[0, -1], atol=1e-5, rtol=0)
+        last = logits.argmax(-1, keepdim=True)
+        seqs = [torch.cat([s, last[r:r + 1]], dim=1) for r, s in enumerate(seqs)]
+    assert rows.pos.tolist() == [s.shape[1] - 1 for s in seqs]
+    # Two new tokens per row at once (a chunk) agree too.
+    two = torch.cat([s[:, -2:] for s in seqs])
+    chunk = model(two, cache=type(cache).over(cache.k, cache.v, rows.pos - 1))
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(chunk[r], model(s)[0, -2:], atol=1e-5, rtol=0)

@@ -21,6 +21,8 @@ class KVCache:
     """Keys and values of every layer for up to `max_len` positions, allocated once.
 
     `pos` is the number of positions already written; the model advances it after each forward.
+    It may also be a LongTensor (B,) of per-row positions, for batching sequences of different
+    lengths (the server's continuous batching): each row's new tokens go at its own position.
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
@@ -29,7 +31,14 @@ class KVCache:
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
-        self.pos = 0
+        self.pos: int | torch.Tensor = 0
+
+    @classmethod
+    def over(cls, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor) -> "KVCache":
+        """A cache over existing (n_layers, B, nh, max_len, hs) buffers, e.g. some rows of a larger one."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_len, cache.pos = k, v, k.shape[3], pos
+        return cache
 
     def layer(self, i: int) -> "LayerKV":
         return LayerKV(self.k[i], self.v[i], self.pos)
@@ -86,6 +95,8 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         b, num_tokens, _ = x.shape
         queries, keys, values = self.qkv(x)  # (B, nh, T, hs)
+        if cache is not None and isinstance(cache.pos, torch.Tensor):
+            return self.out_proj(self.attend_rows(queries, keys, values, cache))
         start = 0
         if cache is not None:
             start, end = cache.pos, cache.pos + num_tokens
@@ -108,6 +119,21 @@ class MultiHeadAttention(nn.Module):
 
         context = context.transpose(1, 2).contiguous().view(b, num_tokens, self.d_out)  # (B, T, C)
         return self.out_proj(context)
+
+    def attend_rows(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    cache: LayerKV) -> torch.Tensor:
+        """Cached attention where row b's T new tokens sit at positions cache.pos[b] ... + T - 1 and
+        see every key of that row up to their own position. Returns the context (B, T, d_out)."""
+        b, _, num_tokens, _ = queries.shape
+        pos = cache.pos[:, None] + torch.arange(num_tokens, device=queries.device)  # (B, T)
+        rows = torch.arange(b, device=queries.device)[:, None]  # (B, 1)
+        cache.k[rows, :, pos] = keys.transpose(1, 2)  # (B, T, nh, hs) into each row's own slots
+        cache.v[rows, :, pos] = values.transpose(1, 2)
+        end = int(pos.max()) + 1
+        allowed = torch.arange(end, device=queries.device) <= pos[:, :, None]  # (B, T, S)
+        context = F.scaled_dot_product_attention(queries, cache.k[:, :, :end], cache.v[:, :, :end],
+                                                 attn_mask=allowed[:, None])  # (B, nh, T, hs)
+        return context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (B, T, C)
 
     def causal_mask(self, start: int, num_tokens: int, device: torch.device) -> torch.Tensor:
         """(T, start+T) bool, True where a query may NOT attend."""

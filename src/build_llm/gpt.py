@@ -51,13 +51,14 @@ class GPTModel(nn.Module):
 
     def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos."""
-        start = 0 if cache is None else cache.pos
-        self.check_input(in_idx, start)
+        start = 0 if cache is None else cache.pos  # an int, or per-row positions (B,)
+        per_row = isinstance(start, torch.Tensor)
+        self.check_input(in_idx, int(start.max()) if per_row else start)
         batch_size, seq_len = in_idx.shape
 
         tok_embeds = self.tok_emb(in_idx)  # (B, T, C)
-        pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
-        pos_embeds = self.pos_emb(pos_ids)  # (T, C), broadcast over B
+        pos_ids = torch.arange(seq_len, device=in_idx.device) + (start[:, None] if per_row else start)
+        pos_embeds = self.pos_emb(pos_ids)  # (T, C) broadcast over B, or (B, T, C) per row
         x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, C)
 
         if cache is None:

@@ -33,11 +33,14 @@ DECODE_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, scale): int8 (out, in) and float32 (out,) with weight ~= scale[:, None] * q."""
+    """(q, scale): int8 (out, in) and float32 (out,) with weight ~= scale[:, None] * q; each scale is
+    a bfloat16 value (the kernel's), about max |row| / 127."""
     if weight.ndim != 2:
         raise ValueError(f"weight: expected a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127
+    # The kernel takes its scales in bfloat16: round them to bfloat16 first, and quantise against
+    # the rounded value, so that scale * q is exactly what the kernel multiplies.
+    scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale

@@ -1,0 +1,84 @@
+"""int8 and bf16 decoding weights: the quantisation arithmetic, the layer and whole models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from build_llm import GPTConfig, GPTModel
+from build_llm.generate import generate
+from build_llm.quant import Int8Linear, prepare_for_decoding, quantize_int8, weight_bytes
+
+
+def tiny(**kw) -> GPTModel:
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("gpt2-small", vocab_size=300, context_length=32, emb_dim=64, n_heads=4,
+                                n_layers=2, **kw)
+    return GPTModel(cfg).eval()
+
+
+def test_per_channel_int8_rounds_each_row_to_its_own_grid():
+    torch.manual_seed(0)
+    w = torch.randn(5, 40) * torch.tensor([[1e-3], [1.0], [30.0], [0.0], [2.0]])
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (5,)
+    rows = w.abs().amax(1)
+    torch.testing.assert_close(scale[rows > 0], rows[rows > 0] / 127, rtol=2**-8, atol=0)  # bf16-rounded
+    assert torch.equal(scale, scale.bfloat16().float())
+    assert (q.abs().amax(1)[rows > 0] >= 126).all()  # each row's largest weight uses the full range
+    assert (q[3] == 0).all()  # an all-zero row stays zero
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] * 0.51).all()  # round to nearest: at most half a step
+    exact = torch.tensor([[-127.0, 0.0, 5.0, 127.0]]) * 0.25  # already on the grid: no error at all
+    q2, s2 = quantize_int8(exact)
+    assert torch.equal(q2.float() * s2[:, None], exact)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.ones(3))
+
+
+def test_int8_linear_is_the_dequantised_linear_up_to_bf16_activations():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = Int8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 64)
+    q, scale = quantize_int8(linear.weight)
+    reference = x @ (q.float() * scale[:, None]).T + linear.bias  # exact float maths on the int8 weights
+    out = layer(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=0.03, rtol=0.02)  # bf16 activations: ~3 significant digits
+    torch.testing.assert_close(layer.dequantized(), q.float() * scale[:, None])
+
+
+def test_int8_model_replaces_every_linear_and_unties_the_head():
+    model = tiny()
+    assert model.out_head.weight is model.tok_emb.weight
+    fp32_bytes = weight_bytes(model)
+    q = prepare_for_decoding(copy.deepcopy(model), "int8")
+    assert not any(isinstance(m, nn.Linear) for m in q.modules())
+    assert isinstance(q.out_head, Int8Linear) and q.tok_emb.weight.dtype == torch.float32
+    # Linear weights go from 4 bytes to 1 plus a bf16 scale per row; the head is now its own int8
+    # copy beside the float32 token table; biases and norms are unchanged.
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    weights, rows = sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
+    table = model.tok_emb.weight.numel()
+    assert weight_bytes(q) == fp32_bytes - 4 * (weights - table) + weights + 2 * rows
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.02), ("int8", 0.03)])
+def test_decoding_dtypes_keep_logits_and_greedy_tokens(dtype, tol):
+    model = tiny()
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = model(idx)
+    low = prepare_for_decoding(copy.deepcopy(model), dtype)
+    out = low(idx).float()
+    assert (out - ref).abs().max() < tol * ref.abs().max()
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 4 * tol * ref.abs().max()  # positions without a near tie
+    assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear]) and clear.sum() > 10
+    assert generate(low, idx[:1, :4], 8).shape == (1, 12)
+
+
+def test_prepare_for_decoding_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype='int4' is invalid; expected one of float32, bfloat16, int8"):
+        prepare_for_decoding(tiny(), "int4")

@@ -93,6 +93,7 @@ def test_per_row_positions_decode_rows_of_different_lengths_as_each_alone():
     model = GPTModel(cfg).eval()
     seqs = [torch.randint(0, 50, (1, n)) for n in (3, 9, 6)]
     cache = model.new_cache(batch_size=3)
+    cache.k.fill_(1e3), cache.v.fill_(-1e3)  # stale values in unwritten slots must not leak in
     for r, s in enumerate(seqs):  # prefill each row alone into its slot of the shared buffers
         model(s[:, :-1], cache=type(cache).over(cache.k[:, r:r + 1], cache.v[:, r:r + 1], 0))
     pos = torch.tensor([s.shape[1] - 1 for s in seqs])

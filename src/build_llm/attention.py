@@ -28,8 +28,10 @@ class KVCache:
     def __init__(self, n_layers: int, batch_size: int, n_heads: int, max_len: int, head_dim: int,
                  *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         shape = (n_layers, batch_size, n_heads, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # Zeros, not empty: with per-row positions a short row's masked slots still enter the
+        # weighted sum (with weight 0), and 0 * NaN from uninitialised memory would be NaN.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos: int | torch.Tensor = 0
 

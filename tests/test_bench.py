@@ -55,6 +55,10 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
         assert isinstance(value, float) and math.isfinite(value) and value > 0
     assert {"decoding vs hf", "cached vs seed-style at 40"} <= set(r["ratios"])
     assert r["decoding"]["same_tokens_as_hf"] is True  # same weights, same greedy tokens
+    assert set(r["decoding"]["tokens_per_s"]) == {"ours", "ours bf16 weights", "ours int8 weights", "hf generate"}
+    assert {"decoding bf16 weights vs hf", "decoding int8 weights vs hf"} <= set(r["ratios"])
+    w = r["decoding"]["weight_bytes_per_token"]
+    assert w["float32"] == 2 * w["bfloat16"] and w["int8"] < 0.4 * w["float32"]
     for g in r["goals"]:
         assert isinstance(g["met"], bool) and g["met"] == (g["value"] >= g["target"])
     for v in r["memory"].values():
@@ -65,8 +69,39 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv, named", [(["--png", "chart.jpg"], "--png"), (["--text", "no/such/file.txt"], "--text")])
+@pytest.mark.parametrize("argv, named", [(["--png", "chart.jpg"], "--png"), (["--text", "no/such/file.txt"], "--text"),
+                                         (["--checkpoint", "no/such/run"], "no/such/run")])
 def test_bad_input_is_one_line_and_exit_2(argv, named, capsys):
     assert main(["bench", "--quick", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and named in err
+
+
+def test_heldout_perplexity_of_the_decoding_dtypes_against_hugging_face(tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from build_llm.bench import bench_perplexity, heldout_ids
+    from build_llm.checkpoint import save_checkpoint
+    from build_llm.hf import to_hf
+    from build_llm.tokenizer import CharTokenizer
+
+    text = "".join(f"{i} bottles of beer on the wall, {i} bottles of beer.\n" for i in range(99, 0, -1))
+    (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+    tok = CharTokenizer.from_text(text)
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("gpt2-small", vocab_size=tok.vocab_size, context_length=32, emb_dim=32,
+                                           n_heads=4, n_layers=2)).eval()
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    r = bench_perplexity(tmp_path / "ckpt", tmp_path / "text.txt", max_windows=4, log=lambda m: None)
+    ids, source = heldout_ids(tok, tmp_path / "text.txt")
+    assert ids == tok.encode(text)[-(len(tok.encode(text)) // 10):] and "last 10%" in source
+    # float32: the exp of Hugging Face's cross-entropy on the same four windows with the same weights
+    data = torch.tensor(ids[:4 * 32 + 1])
+    with torch.no_grad():
+        logits = to_hf(model).eval()(data[:-1].view(4, 32)).logits
+    expected = math.exp(F.cross_entropy(logits.flatten(0, 1), data[1:]).item())
+    assert r["tokens"] == 128 and r["perplexity"]["float32"] == pytest.approx(expected, rel=1e-5)
+    for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03)):
+        assert abs(r["relative_change"][dtype]) < limit
+        assert r["relative_change"][dtype] == pytest.approx(r["perplexity"][dtype] / expected - 1, abs=1e-4)

@@ -13,8 +13,8 @@ from build_llm.quant import Int8Linear, prepare_for_decoding, quantize_int8, wei
 
 def tiny(**kw) -> GPTModel:
     torch.manual_seed(0)
-    cfg = GPTConfig.from_preset("gpt2-small", vocab_size=300, context_length=32, emb_dim=64, n_heads=4,
-                                n_layers=2, **kw)
+    cfg = GPTConfig.from_preset("gpt2-small", **{"vocab_size": 300, "context_length": 32, "emb_dim": 64,
+                                                 "n_heads": 4, "n_layers": 2, **kw})
     return GPTModel(cfg).eval()
 
 
@@ -82,3 +82,18 @@ def test_decoding_dtypes_keep_logits_and_greedy_tokens(dtype, tol):
 def test_prepare_for_decoding_rejects_an_unknown_dtype():
     with pytest.raises(ValueError, match="dtype='int4' is invalid; expected one of float32, bfloat16, int8"):
         prepare_for_decoding(tiny(), "int4")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_generate_cli_decodes_with_the_chosen_weights(dtype, tmp_path, capsys):
+    from build_llm.checkpoint import save_checkpoint
+    from build_llm.cli import main
+    from build_llm.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    model = tiny(vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc", "--max-new-tokens", "12",
+                 "--dtype", dtype]) == 0
+    expected = generate(prepare_for_decoding(copy.deepcopy(model), dtype), torch.tensor([tok.encode("abc")]), 12)
+    assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"

@@ -5,7 +5,7 @@ Every comparison runs its candidates in alternating rounds inside this one proce
 gives the median of the rounds and ratios of medians, never a single timing.
 
 - decoding: `gpt2-small` (random weights), batch 1, greedy, from a short prompt: this package's
-  cached `generate` (fp32, and bf16 weights as an opt-in row) vs Hugging Face
+  cached `generate` (fp32, and the opt-in bf16 and int8 decoding weights of quant.py) vs Hugging Face
   `GPT2LMHeadModel.generate` holding the same weights (so the tokens can be compared too) vs the
   seed's `generate_text_simple`, which recomputes the whole context for every token.
 - training: tokens/s of one optimizer step (forward, loss, backward, AdamW) of GPTModel vs
@@ -16,6 +16,8 @@ gives the median of the rounds and ratios of medians, never a single timing.
   12 * layers * context * width FLOPs per token) against the measured matmul rate of its dtype.
 - peak memory of decoding and training, each measured in a fresh child process (peak RSS above an
   interpreter with torch imported).
+- perplexity (with `--checkpoint`, a trained model): fp32 vs bf16 vs int8 decoding weights on
+  held-out text (the last 10% of `--text`, the trainer's validation split, or a held-out ABC draw).
 
 `generate_text_simple` at 1,000 new tokens costs minutes on a CPU (step t runs a t-token forward),
 so its time is integrated over the context length from steps measured at a few lengths: each
@@ -48,6 +50,7 @@ from .errors import UsageError
 from .fsio import atomic_path
 from .generate import generate, generate_text_simple, use_decoding_layout
 from .gpt import GPTModel
+from .quant import Int8Linear, prepare_for_decoding
 from .runtime import autocast
 
 PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
@@ -154,10 +157,12 @@ def measure_matmul(dtype: torch.dtype, n: int = 2048, rounds: int = 5) -> float:
 
 # --- model arithmetic ----------------------------------------------------------------------------
 def decode_bytes_per_token(model: GPTModel) -> int:
-    """Bytes of weights one decoding step reads: every parameter once, except the embedding tables,
-    of which a lookup reads one row (a tied table is read whole, as the output head)."""
+    """Bytes of weights one decoding step reads: every parameter (and int8 weight) once, except the
+    embedding tables, of which a lookup reads one row (a tied table is read whole, as the output head)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
-    tables = [model.pos_emb.weight] + ([] if model.cfg.tie_weights else [model.tok_emb.weight])
+    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers())
+    tied = model.cfg.tie_weights and not isinstance(model.out_head, Int8Linear)
+    tables = [model.pos_emb.weight] + ([] if tied else [model.tok_emb.weight])
     return total - sum(t.numel() * t.element_size() for t in tables)
 
 
@@ -216,12 +221,14 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     cfg = plan.decode_cfg
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
-    model_bf16 = GPTModel(cfg).eval()
-    model_bf16.load_state_dict(model.state_dict())
-    model_bf16.to(torch.bfloat16)
+    low = {}
+    for dtype in ("bfloat16", "int8"):
+        low[dtype] = GPTModel(cfg).eval()
+        low[dtype].load_state_dict(model.state_dict())
+        prepare_for_decoding(low[dtype], dtype)  # as `build-llm generate --dtype` does
+    model_bf16, model_int8 = low["bfloat16"], low["int8"]
     hf = hf_twin(model)
     use_decoding_layout(model)  # as load_model and `build-llm generate` do
-    use_decoding_layout(model_bf16)
     idx = prompt_ids(cfg)
     n, n_long = plan.decode_tokens, plan.long_tokens
     if idx.shape[1] + n_long > cfg.context_length:
@@ -230,7 +237,9 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     ours = generate(model, idx, n)
     same_as_hf = torch.equal(ours, hf_generate(hf, idx, n))
     bf16_agree = int((generate(model_bf16, idx, n) == ours)[0, idx.shape[1]:].cumprod(0).sum())
-    log(f"decoding {n} tokens: ours == Hugging Face tokens: {same_as_hf}; bf16 weights agree on the first {bf16_agree}")
+    int8_agree = int((generate(model_int8, idx, n) == ours)[0, idx.shape[1]:].cumprod(0).sum())
+    log(f"decoding {n} tokens: ours == Hugging Face tokens: {same_as_hf}; bf16 weights agree on the first "
+        f"{bf16_agree}, int8 on the first {int8_agree}")
 
     lengths = {k: simple_step_lengths(idx.shape[1], k, plan.simple_samples) for k in (n, n_long)}
     step_times: dict[int, list[float]] = {}
@@ -249,6 +258,7 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     candidates = {
         "ours": lambda: generate(model, idx, n).shape[1] - idx.shape[1],
         "ours bf16 weights": lambda: generate(model_bf16, idx, n).shape[1] - idx.shape[1],
+        "ours int8 weights": lambda: generate(model_int8, idx, n).shape[1] - idx.shape[1],
         "hf generate": lambda: hf_generate(hf, idx, n).shape[1] - idx.shape[1],
         f"ours {n_long}": lambda: generate(model, idx, n_long).shape[1] - idx.shape[1],
     }
@@ -268,15 +278,69 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
         seed_style[str(k)] = {"new_tokens": k, "simple_tokens_per_s": simple_tps, "cached_tokens_per_s": cached,
                               "speedup": cached / simple_tps, "measured_lengths": lengths[k]}
 
-    bytes32, bytes16 = decode_bytes_per_token(model), decode_bytes_per_token(model_bf16)
+    bytes32, bytes16, bytes8 = (decode_bytes_per_token(m) for m in (model, model_bf16, model_int8))
     kv = 2 * cfg.n_layers * cfg.context_length * cfg.emb_dim * 4
     return {
         "model": cfg.to_dict(), "prompt_tokens": idx.shape[1], "new_tokens": n,
-        "tokens_per_s": {"ours": tps["ours"], "ours bf16 weights": tps["ours bf16 weights"], "hf generate": tps["hf generate"]},
+        "tokens_per_s": {k: tps[k] for k in ("ours", "ours bf16 weights", "ours int8 weights", "hf generate")},
         "rounds": rates, "same_tokens_as_hf": same_as_hf, "bf16_tokens_agree": bf16_agree,
-        "weight_bytes_per_token": {"float32": bytes32, "bfloat16": bytes16}, "kv_cache_bytes": kv,
+        "int8_tokens_agree": int8_agree,
+        "weight_bytes_per_token": {"float32": bytes32, "bfloat16": bytes16, "int8": bytes8}, "kv_cache_bytes": kv,
         "seed_style": seed_style,
     }
+
+
+# --- perplexity of the decoding dtypes ------------------------------------------------------------
+def heldout_ids(tokenizer: Any, text: str | os.PathLike[str] | None) -> tuple[list[int], str]:
+    """Token ids of held-out text: the last 10% of `text` (the trainer's validation split), or with
+    no text a held-out draw of the ABC source (as `build-llm eval` uses)."""
+    from .data import read_text
+
+    if text is None:
+        from .markov import abc_text
+        from .train import ABC_EVAL_SEED, ABC_EVAL_WORDS
+        return tokenizer.encode(abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)), "a held-out ABC draw"
+    ids = tokenizer.encode(read_text(text))
+    return ids[len(ids) - len(ids) // 10:], f"the last 10% of {Path(text).name}"
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, ids: list[int], max_windows: int) -> tuple[float, int]:
+    """Mean next-token cross-entropy over up to `max_windows` non-overlapping context windows."""
+    T = model.cfg.context_length
+    n = min(max_windows, (len(ids) - 1) // T)
+    if n < 1:
+        raise ValueError(f"held-out text has {len(ids)} tokens: too short for one window of {T + 1}")
+    data = torch.tensor(ids[:n * T + 1])
+    x, y = data[:-1].view(n, T), data[1:].view(n, T)
+    total = 0.0
+    for i in range(0, n, 8):
+        logits = model(x[i:i + 8]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + 8].flatten(), reduction="sum").item()
+    return total / (n * T), n * T
+
+
+def bench_perplexity(checkpoint: str | os.PathLike[str], text: str | os.PathLike[str] | None, max_windows: int,
+                     log: Callable[[str], None]) -> dict[str, Any]:
+    """Held-out perplexity of a trained checkpoint with float32, bfloat16 and int8 decoding weights."""
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode the held-out text")
+    ids, source = heldout_ids(ckpt.tokenizer, text)
+    log(f"perplexity of {ckpt.path} on {source}: float32, bfloat16, int8 weights")
+    out: dict[str, Any] = {"checkpoint": str(ckpt.path), "text": source, "perplexity": {}}
+    state = ckpt.model.state_dict()
+    for dtype in ("float32", "bfloat16", "int8"):
+        model = GPTModel(ckpt.model.cfg)
+        model.load_state_dict(state)
+        loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows)
+        out["perplexity"][dtype] = math.exp(loss)
+        out["tokens"] = tokens
+    fp32 = out["perplexity"]["float32"]
+    out["relative_change"] = {k: v / fp32 - 1 for k, v in out["perplexity"].items() if k != "float32"}
+    return out
 
 
 # --- training ------------------------------------------------------------------------------------
@@ -438,10 +502,13 @@ def machine() -> dict[str, Any]:
 
 
 def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
+              log: Callable[[str], None] | None = None,
+              checkpoint: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict.
 
-    With `text`, also time the user-facing `build-llm train` on it (character tokenizer).
+    With `text`, also time the user-facing `build-llm train` on it (character tokenizer). With
+    `checkpoint` (a trained model), also compare its held-out perplexity with float32, bfloat16 and
+    int8 decoding weights (held out: the last 10% of `text`, or an ABC draw without text).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     plan = quick_plan() if quick else full_plan()
@@ -451,12 +518,15 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
                 "matmul_gflops": {"float32": measure_matmul(torch.float32, plan.matmul_n),
                                   "bfloat16": measure_matmul(torch.bfloat16, plan.matmul_n)}}
     decoding = bench_decoding(plan, log)
-    for dtype, key in (("float32", "ours"), ("bfloat16", "ours bf16 weights")):
+    for dtype, key in (("float32", "ours"), ("bfloat16", "ours bf16 weights"), ("int8", "ours int8 weights")):
         bound = ceilings["bandwidth_gbs"] * 1e9 / decoding["weight_bytes_per_token"][dtype]
         decoding.setdefault("bound_tokens_per_s", {})[key] = bound
         decoding.setdefault("fraction_of_bound", {})[key] = decoding["tokens_per_s"][key] / bound
     decoding["fraction_of_bound"]["hf generate"] = (decoding["tokens_per_s"]["hf generate"]
                                                     / decoding["bound_tokens_per_s"]["ours"])
+    perplexity = None
+    if checkpoint is not None:
+        perplexity = bench_perplexity(checkpoint, text, 8 if quick else 64, log)
     gc.collect()
     training = [bench_training(shape, plan, ceilings, log) for shape in plan.train_shapes]
     gc.collect()
@@ -470,6 +540,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     ratios = {
         "decoding vs hf": dec["ours"] / dec["hf generate"],
         "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
+        "decoding int8 weights vs hf": dec["ours int8 weights"] / dec["hf generate"],
         **{f"cached vs seed-style at {k}": v["speedup"] for k, v in decoding["seed_style"].items()},
     }
     for t in training:
@@ -485,7 +556,10 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     first = training[0]["shape"]
     goals = [
         {"goal": "decoding >= 1.5x hf generate (fp32)", "value": ratios["decoding vs hf"], "target": 1.5},
-        {"goal": "decoding >= 1.5x hf generate (bf16 weights, opt-in)", "value": ratios["decoding bf16 weights vs hf"], "target": 1.5},
+        {"goal": "decoding >= 1.8x hf generate fp32 (bf16 weights, --dtype bfloat16)",
+         "value": ratios["decoding bf16 weights vs hf"], "target": 1.8},
+        {"goal": "decoding >= 2.5x hf generate fp32 (int8 weights, --dtype int8)",
+         "value": ratios["decoding int8 weights vs hf"], "target": 2.5},
         {"goal": "decoding >= 75% of the bandwidth bound (fp32)", "value": decoding["fraction_of_bound"]["ours"], "target": 0.75},
         {"goal": f"cached >= 10x seed-style at {plan.long_tokens} tokens",
          "value": decoding["seed_style"][str(plan.long_tokens)]["speedup"], "target": 10.0},
@@ -497,8 +571,13 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
                       "value": ratios["build-llm train bf16 vs hf fp32"], "target": 1.75})
     for g in goals:
         g["met"] = bool(g["value"] >= g["target"])
+    if perplexity is not None:
+        for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03)):
+            change = perplexity["relative_change"][dtype]
+            goals.append({"goal": f"held-out perplexity with {dtype} weights within {limit:.0%} of float32",
+                          "value": change, "target": limit, "met": bool(abs(change) <= limit)})
     return {"machine": machine(), "quick": quick, "rounds": plan.rounds, "ceilings": ceilings, "decoding": decoding,
-            "training": training, "train_cli": train_cli, "memory": memory, "ratios": ratios, "goals": goals,
+            "training": training, "train_cli": train_cli, "perplexity": perplexity, "memory": memory, "ratios": ratios, "goals": goals,
             "elapsed_s": time.perf_counter() - started}
 
 
@@ -517,7 +596,7 @@ def format_report(r: dict[str, Any]) -> str:
         bound = d["bound_tokens_per_s"].get(k, d["bound_tokens_per_s"]["ours"])
         lines.append(f"  {k:24s} {v:9.1f} {bound:9.1f} {d['fraction_of_bound'][k]:9.0%}")
     lines.append(f"  same tokens as Hugging Face: {d['same_tokens_as_hf']}; bf16 weights agree with fp32 on the first "
-                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens")
+                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens, int8 on the first {d['int8_tokens_agree']}")
     for k, v in d["seed_style"].items():
         lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
                      f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
@@ -534,12 +613,20 @@ def format_report(r: dict[str, Any]) -> str:
         lines += ["", f"build-llm train --data TEXT --tokenizer char --batch-size 8 ({c['steps']} steps, its metrics.jsonl)"]
         for k, v in c["tokens_per_s"].items():
             lines.append(f"  {k:24s} {v:9.0f} tokens/s")
+    if r.get("perplexity"):
+        p = r["perplexity"]
+        lines += ["", f"perplexity of {p['checkpoint']} on {p['text']} ({p['tokens']} tokens)"]
+        for k, v in p["perplexity"].items():
+            change = p["relative_change"].get(k)
+            lines.append(f"  {k:24s} {v:9.4f}" + ("" if change is None else f"  {change:+.2%} vs float32"))
     lines += ["", "peak memory (RSS above an interpreter with torch imported, fresh process each)"]
     for k, v in r["memory"].items():
         lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))
     lines.append(f"  KV cache of the decoding model (its whole context, fp32): {d['kv_cache_bytes'] / 2**20:.0f} MB")
     lines += ["", "ratios"] + [f"  {k:44s} {v:7.2f}x" for k, v in r["ratios"].items()]
-    lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: {g['value']:.2f}" for g in r["goals"]]
+    lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: "
+                              + (f"{g['value']:+.2%}" if "perplexity" in g["goal"] else f"{g['value']:.2f}")
+                              for g in r["goals"]]
     lines.append(f"\n(benchmark took {r['elapsed_s']:.0f} s)")
     return "\n".join(lines)
 

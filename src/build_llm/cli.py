@@ -116,19 +116,22 @@ def add_generate(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
     p.set_defaults(run=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .generate import check_sampling, stream, text_to_token_ids, use_decoding_layout
+    from .generate import check_sampling, stream, text_to_token_ids
+    from .quant import prepare_for_decoding
     from .runtime import get_device
 
     check_sampling(args.temperature, args.top_k, args.top_p)
     device = get_device(args.device)
     model, tokenizer = load_source(args, device)
-    use_decoding_layout(model)
+    prepare_for_decoding(model, args.dtype)
     if not args.prompt:
         raise UsageError("--prompt is empty; give at least one character")
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
@@ -558,6 +561,8 @@ def add_bench(sub) -> None:
     p.add_argument("--png", help="write the bar chart to this PNG file")
     p.add_argument("--text", help="also time `build-llm train` on this text file (character tokenizer), "
                                   "e.g. Shakespeare; its shape is nanoGPT's shakespeare-char")
+    p.add_argument("--checkpoint", help="a trained model: compare its held-out perplexity with float32, bfloat16 "
+                                        "and int8 decoding weights (on the last 10%% of --text, or an ABC draw)")
     p.set_defaults(run=run_bench_cli)
 
 
@@ -573,7 +578,10 @@ def run_bench_cli(args: argparse.Namespace) -> None:
         check_writable_dir(args.out, "bench")
     if args.text and not Path(args.text).is_file():
         raise UsageError(f"--text {args.text!r}: no such file; give a UTF-8 text file")
-    results = run_bench(quick=args.quick, text=args.text)
+    if args.checkpoint:
+        from .checkpoint import resolve_checkpoint
+        resolve_checkpoint(args.checkpoint)  # a bad path is reported before minutes of timing
+    results = run_bench(quick=args.quick, text=args.text, checkpoint=args.checkpoint)
     text, table = to_json(results), format_report(results)
     if args.out:
         out = claim_dir(args.out, "bench")

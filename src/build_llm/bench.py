@@ -310,7 +310,7 @@ def heldout_loss(model: nn.Module, ids: list[int], max_windows: int) -> tuple[fl
     T = model.cfg.context_length
     n = min(max_windows, (len(ids) - 1) // T)
     if n < 1:
-        raise ValueError(f"held-out text has {len(ids)} tokens: too short for one window of {T + 1}")
+        raise UsageError(f"held-out text has {len(ids)} tokens: too short for one window of {T + 1}")
     data = torch.tensor(ids[:n * T + 1])
     x, y = data[:-1].view(n, T), data[1:].view(n, T)
     total = 0.0
@@ -327,7 +327,7 @@ def bench_perplexity(checkpoint: str | os.PathLike[str], text: str | os.PathLike
 
     ckpt = load_checkpoint(checkpoint)
     if ckpt.tokenizer is None:
-        raise ValueError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode the held-out text")
+        raise UsageError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode the held-out text")
     ids, source = heldout_ids(ckpt.tokenizer, text)
     log(f"perplexity of {ckpt.path} on {source}: float32, bfloat16, int8 weights")
     out: dict[str, Any] = {"checkpoint": str(ckpt.path), "text": source, "perplexity": {}}

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .generate import use_decoding_layout
 
 DECODE_DTYPES = ("float32", "bfloat16", "int8")
@@ -97,7 +98,7 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat
 
 def check_decode_dtype(dtype: str) -> str:
     if dtype not in DECODE_DTYPES:
-        raise ValueError(f"dtype={dtype!r} is invalid; expected one of {', '.join(DECODE_DTYPES)}")
+        raise UsageError(f"dtype={dtype!r} is invalid; expected one of {', '.join(DECODE_DTYPES)}")
     return dtype
 
 
@@ -115,7 +116,7 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
         model.to(torch.bfloat16)
     elif dtype == "int8":
         if next(model.parameters()).device.type != "cpu":
-            raise ValueError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
+            raise UsageError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
         quantize_linears(model)
     use_decoding_layout(model)
     return model

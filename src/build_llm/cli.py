@@ -593,8 +593,49 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     print(text if args.json else table)
 
 
+# --- serve ---------------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a playground page",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions (models with a "
+                                   "chat template), /v1/models, /health, and a playground page at /. Requests are "
+                                   "decoded together (continuous batching). SIGTERM lets the requests in flight "
+                                   "finish, then exits 0.")
+    model_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_at_least(1), default=8000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="the largest max_tokens a request may ask (default: the model's context length)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .quant import prepare_for_decoding
+    from .serve import Settings, run_server
+
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty; give a key or leave the option out")
+    model, tokenizer = load_source(args)
+    prepare_for_decoding(model, args.dtype)
+    name = args.name or args.preset or Path(args.checkpoint).resolve().name
+    chat_template = getattr(tokenizer, "chat_template", None)
+    settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
+                        chat_template=chat_template)
+    run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
+               max_queue=args.max_queue)
+
+
 # --- the command ---------------------------------------------------------------------------------
-VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench]
+VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench, add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

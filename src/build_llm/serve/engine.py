@@ -1,0 +1,235 @@
+"""Continuous batching: many sequences decoded together, one token per sequence per step.
+
+One background thread owns the model. Each sequence is a `Sequence` holding its prompt, its sampling
+settings and a callback. The thread runs a loop of steps; at each step boundary it
+
+1. drops sequences that finished or were cancelled (their slot goes to the last active row, whose
+   cache rows are copied in, so that the active rows are always slots 0 .. n-1),
+2. admits waiting sequences while there are free slots: each prompt runs alone (batch 1) into its
+   slot of the shared KV cache and yields its first token,
+3. decodes one token for every active row in one forward over the batch: row b's new token sits at
+   its own position (per-row positions in the KV cache, see `KVCache.over`), so rows of different
+   lengths share the matrix products and each row attends only to its own keys.
+
+The weights are read once per step for all rows, which is where batching's throughput comes from.
+A row's tokens are those it would get alone: the per-row attention mask hides every other row's
+keys, and greedy decoding depends only on the row's own logits.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..attention import KVCache
+from ..generate import filter_logits
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit: the caller should answer 503."""
+
+
+@dataclass
+class Token:
+    """One generated (or, with echo, prompt) token as the callback receives it."""
+
+    id: int
+    logprob: float | None = None  # log P(token | context) under the model (None: first prompt token)
+    top: list[tuple[int, float]] | None = None  # the most likely alternatives (id, logprob)
+
+
+@dataclass
+class Sequence:
+    """One sequence to decode. `emit(kind, payload)` is called from the engine thread with
+    ("prompt", list[Token]) once when echo is set, ("token", Token) per new token, then
+    ("done", "length" | "stop" | "cancelled") or ("error", message)."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[str, object], None]
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # how many alternatives to report per token (None: no logprobs)
+    echo: bool = False  # report the prompt's own tokens with their logprobs
+    eos_id: int | None = None
+    cancelled: bool = False
+    generated: int = field(default=0, init=False)
+    last: int = field(default=0, init=False)
+    generator: torch.Generator | None = field(default=None, init=False)
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this sequence at its next step boundary (thread-safe)."""
+        self.cancelled = True
+
+
+def token_info(logits: torch.Tensor, token: int, top: int | None) -> Token:
+    """Token `token` with its logprob and the `top` most likely alternatives under `logits` (V,)."""
+    if top is None:
+        return Token(token)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives = None
+    if top > 0:
+        values, ids = logp.topk(top)
+        alternatives = list(zip(ids.tolist(), values.tolist()))
+    return Token(token, float(logp[token]), alternatives)
+
+
+class Engine:
+    """The decoding loop over a model prepared for decoding (eval mode, any decoding dtype)."""
+
+    def __init__(self, model: nn.Module, max_batch: int = 8, max_queue: int = 64) -> None:
+        if max_batch < 1 or max_queue < 1:
+            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}: both must be >= 1")
+        self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
+        self.context_length = model.cfg.context_length
+        self.cache = model.new_cache(max_batch)  # (L, slots, nh, ctx, hs), allocated once
+        self.rows: list[Sequence] = []  # active sequences; rows[i] lives in cache slot i
+        self.lengths: list[int] = []  # tokens of rows[i] already in the cache
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.steps = 0
+        self.thread = threading.Thread(target=self.run, name="build-llm-engine", daemon=True)
+
+    # --- the caller's side (any thread) ---------------------------------------------------------
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences (all or none); QueueFull when the queue cannot take them all."""
+        for s in seqs:
+            if len(s.prompt) < 1 or len(s.prompt) + s.max_tokens > self.context_length:
+                raise ValueError(f"a prompt of {len(s.prompt)} tokens plus max_tokens={s.max_tokens} must fit "
+                                 f"in the context of {self.context_length} tokens")
+        with self.wake:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting sequences)")
+            self.waiting.extend(seqs)
+            self.wake.notify()
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    @property
+    def load(self) -> dict[str, int]:
+        return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+                "max_queue": self.max_queue, "steps": self.steps}
+
+    # --- the engine thread ----------------------------------------------------------------------
+    def run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.wake:
+                    while not self.stopping and not self.waiting and not self.rows:
+                        self.wake.wait()
+                    if self.stopping:
+                        break
+                try:
+                    self.step()
+                except Exception as e:  # the model failed: every sequence in flight gets the error
+                    for s in self.rows + list(self.waiting):
+                        s.emit("error", f"{type(e).__name__}: {e}")
+                    self.rows, self.lengths = [], []
+                    self.waiting.clear()
+        for s in self.rows + list(self.waiting):
+            s.emit("done", "cancelled")
+
+    def step(self) -> None:
+        self.retire()
+        while len(self.rows) < self.max_batch:
+            with self.wake:
+                if not self.waiting:
+                    break
+                s = self.waiting.popleft()
+            if not s.cancelled:
+                self.prefill(s)
+            else:
+                s.emit("done", "cancelled")
+        self.retire()
+        if self.rows:
+            self.decode()
+            self.steps += 1
+
+    def retire(self) -> None:
+        """Drop finished rows, keeping the active ones in slots 0 .. n-1."""
+        i = 0
+        while i < len(self.rows):
+            s = self.rows[i]
+            eos = s.eos_id is not None and s.generated > 0 and s.last == s.eos_id
+            if not (s.cancelled or eos or s.generated >= s.max_tokens):
+                i += 1
+                continue
+            s.emit("done", "cancelled" if s.cancelled else "stop" if eos else "length")
+            last = len(self.rows) - 1
+            if i != last:  # move the last row into the freed slot
+                n = self.lengths[last]
+                self.cache.k[:, i, :, :n] = self.cache.k[:, last, :, :n]
+                self.cache.v[:, i, :, :n] = self.cache.v[:, last, :, :n]
+                self.rows[i], self.lengths[i] = self.rows[last], self.lengths[last]
+            self.rows.pop()
+            self.lengths.pop()
+
+    def prefill(self, s: Sequence) -> None:
+        slot = len(self.rows)
+        if s.seed is not None:
+            s.generator = torch.Generator().manual_seed(s.seed)
+        # The prompt's last token is fed by the first decoding step (with every other row), so the
+        # prompt runs alone only up to it, and only an echo needs the prompt's own logits.
+        ids = torch.tensor([s.prompt], dtype=torch.long)
+        if s.echo:
+            logits = self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + 1],
+                                                        self.cache.v[:, slot:slot + 1], 0))[0]  # (T, V)
+            tokens = [Token(s.prompt[0], None, None)]
+            tokens += [token_info(logits[t], s.prompt[t + 1], s.logprobs if s.logprobs is not None else 0)
+                       for t in range(len(s.prompt) - 1)]
+            s.emit("prompt", tokens)
+            length = len(s.prompt)
+            if s.max_tokens > 0:  # the next token comes from the prompt's last logits, here
+                s.last = self.sample(logits[-1], s)
+                s.generated = 1
+                s.emit("token", token_info(logits[-1], s.last, s.logprobs))
+        else:
+            if len(s.prompt) > 1:
+                self.model(ids[:, :-1], cache=KVCache.over(self.cache.k[:, slot:slot + 1],
+                                                           self.cache.v[:, slot:slot + 1], 0))
+            length = len(s.prompt) - 1
+            s.last = s.prompt[-1]
+        self.rows.append(s)
+        self.lengths.append(length)
+
+    def decode(self) -> None:
+        n = len(self.rows)
+        pending = [i for i, s in enumerate(self.rows) if s.generated < s.max_tokens]
+        if not pending:
+            return
+        idx = torch.tensor([[s.last] for s in self.rows], dtype=torch.long)  # (n, 1)
+        pos = torch.tensor(self.lengths, dtype=torch.long)  # (n,) each row's next position
+        logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
+        for i, s in enumerate(self.rows):
+            self.lengths[i] += 1
+            if s.generated >= s.max_tokens or s.cancelled:
+                continue
+            s.last = self.sample(logits[i], s)
+            s.generated += 1
+            s.emit("token", token_info(logits[i], s.last, s.logprobs))
+
+    @staticmethod
+    def sample(logits: torch.Tensor, s: Sequence) -> int:
+        if s.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(filter_logits(logits.float()[None] / s.temperature, s.top_k, s.top_p), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=s.generator))

@@ -298,7 +298,7 @@ def heldout_ids(tokenizer: Any, text: str | os.PathLike[str] | None) -> tuple[li
 
     if text is None:
         from .markov import abc_text
-        from .train import ABC_EVAL_SEED, ABC_EVAL_WORDS
+        from .run import ABC_EVAL_SEED, ABC_EVAL_WORDS
         return tokenizer.encode(abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)), "a held-out ABC draw"
     ids = tokenizer.encode(read_text(text))
     return ids[len(ids) - len(ids) // 10:], f"the last 10% of {Path(text).name}"

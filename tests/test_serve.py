@@ -185,6 +185,9 @@ def test_openai_streaming_gives_the_same_text(client):
     assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    counted = list(client.completions.create(model="tiny", prompt="In the beginning", max_tokens=10, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 10
 
 
 def test_logprobs_with_echo_score_the_prompt_like_hugging_face(client, tiny_ckpt):
@@ -359,3 +362,76 @@ def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
             urllib.request.urlopen(s.url + "/health", timeout=5)
     finally:
         s.stop()
+
+
+# --- the playground page in a real browser ---------------------------------------------------------------
+def chromium():
+    """A headless Chromium driven by Selenium through Debian's chromium-driver, or a skip with the reason."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("no Chromium + chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny_ckpt, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Hello world")
+        for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 9)):
+            browser.find_element(By.ID, slider).send_keys(*keys)  # as a keyboard user moves a slider
+        assert browser.find_element(By.ID, "temperature-v").text == "0"
+        assert browser.find_element(By.ID, "max_tokens-v").text == "10"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: "(length)" in b.find_element(By.ID, "status").text)
+        assert "tiny" in browser.find_element(By.ID, "model").text
+        tokens = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
+        assert len(tokens) == 10
+        assert "".join(t.get_attribute("textContent") for t in tokens) == reference(tiny_ckpt, "Hello world", 10)
+        probs = [float(t.get_attribute("data-p")) for t in tokens]
+        assert all(0 < p <= 1 for p in probs)
+        assert all(t.value_of_css_property("background-color") not in ("", "rgba(0, 0, 0, 0)") for t in tokens)
+        ActionChains(browser).move_to_element(tokens[0]).perform()
+        wait.until(lambda b: b.find_element(By.ID, "alts").is_displayed())
+        rows = browser.find_elements(By.CSS_SELECTOR, "#alts tbody tr")
+        assert len(rows) == 5
+        shown = [float(r.find_elements(By.TAG_NAME, "td")[1].text.rstrip("%")) for r in rows]
+        assert shown == sorted(shown, reverse=True) and shown[0] == pytest.approx(100 * probs[0], rel=0.01)
+        assert "chosen" in rows[0].get_attribute("class")  # greedy: the chosen token is the most likely
+        browser.save_screenshot(str(tmp_path / "playground.png"))
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "serve_load.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(tiny_ckpt), "--clients", "4", "--seconds", "6",
+                           "--solo-seconds", "3", "--max-tokens", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "load.json").read_text())
+    assert r["loaded"]["errors"] == 0 and r["loaded"]["requests"] >= 4 and r["server_exit_code"] == 0
+    assert 0 < r["loaded"]["completion_tokens"] <= 16 * r["loaded"]["requests"]
+    assert 0 < r["loaded"]["ttft_p50_s"] <= r["loaded"]["ttft_p95_s"]

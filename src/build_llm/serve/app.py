@@ -116,6 +116,7 @@ class Sampling:
     logprobs: int | None
     echo: bool
     truncate: bool
+    include_usage: bool = False
 
 
 def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None) -> Sampling:
@@ -139,7 +140,11 @@ def parse_sampling(body: dict, settings: Settings, context_length: int, default_
     logprobs = body.get("logprobs")
     if logprobs is False:
         logprobs = None
-    return Sampling(
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options={options!r} is invalid; expected an object such as "
+                            '{"include_usage": true}', param="stream_options")
+    return Sampling(include_usage=_boolean(options, "include_usage"), 
         max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=None if top_p == 1.0 else top_p, top_k=top_k, n=_integer(body, "n", 1, 1, settings.max_n), stop=stop,
         seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1), stream=_boolean(body, "stream"),
@@ -408,6 +413,12 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
                 reported[c.index] = len(c.tokens)
                 if text or c.finish is not None or (logprobs and logprobs["tokens"]):
                     yield chunk(c, text, logprobs, c.finish)
+            if sampling.include_usage:  # OpenAI's stream_options: one last chunk with the counts
+                prompt_tokens = sum(len(u) for u in used) * sampling.n
+                completion = sum(c.completion_tokens for c in choices)
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": prompt_tokens + completion}
+                yield (f"data: {json.dumps({'id': rid, 'object': 'chat.completion.chunk' if chat else 'text_completion', 'created': created, 'model': settings.model_name, 'choices': [], 'usage': usage})}\n\n")
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or we are done: free the rows
             for c in choices:

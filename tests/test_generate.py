@@ -145,3 +145,18 @@ def test_decoding_layout_keeps_values_names_and_tokens(model, tmp_path):
     loaded = load_model(tmp_path / "ck")
     assert loaded.out_head.weight.t().is_contiguous()
     torch.testing.assert_close(loaded(idx), logits, atol=1e-5, rtol=0)
+
+
+def test_decode_stream_pieces_add_up_and_never_split_a_character():
+    from build_llm.generate import decode_stream
+
+    tok = get_tokenizer("gpt2")
+    text = "Ünïcode: 😀 and 世界, then ASCII."
+    ids = tok.encode(text)
+    assert "\ufffd" in tok.decode(ids[:ids.index(tok.encode(" 😀")[0]) + 1])  # the emoji spans several tokens
+    pieces = list(decode_stream(tok, iter(ids[3:]), prefix=ids[:3]))
+    assert "".join(pieces) == text and pieces[0] == tok.decode(ids[:3])
+    assert not any("\ufffd" in p for p in pieces) and len(pieces) > len(ids) // 2
+    # A text that really ends in an incomplete character still comes out whole at the end.
+    cut = ids[:ids.index(tok.encode(" 😀")[0]) + 1]
+    assert "".join(decode_stream(tok, iter(cut))) == tok.decode(cut)

@@ -79,6 +79,28 @@ class MultiHeadAttention(nn.Module):
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool),
                                                 diagonal=1), persistent=False)
 
+    # The book registers its mask as a saved buffer, so a book `model.state_dict()` carries
+    # `trf_blocks.N.att.mask` and a book model loads strictly only a state dict that has it. To load
+    # either way with strict=True, state_dict() reports the mask under that key (the buffer itself,
+    # no copy; checkpoints leave it out) and loading takes a given mask only after checking that it
+    # is this layer's causal mask, whatever its dtype (the book's is float 0/1).
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "mask"] = self.mask if keep_vars else self.mask.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        given = state_dict.pop(prefix + "mask", None)
+        n = self.mask.shape[0]
+        if given is not None and given.shape != self.mask.shape:
+            error_msgs.append(f"{prefix}mask has shape {tuple(given.shape)}; expected ({n}, {n}), the causal mask "
+                              f"of context_length {n}")
+        elif given is not None and not self.mask.is_meta and not torch.equal(given.to(self.mask.device, torch.bool),
+                                                                              self.mask):
+            error_msgs.append(f"{prefix}mask is not a causal mask; expected ones above the diagonal, zeros elsewhere")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Project x (B, T, d_in) to queries, keys and values, each (B, nh, T, hs)."""
         b, num_tokens, _ = x.shape

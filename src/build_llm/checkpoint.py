@@ -40,10 +40,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def mask_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the causal masks: in `state_dict()` for the book's sake (see attention.py),
+    but rebuilt from the config, so never written to a checkpoint."""
+    from .attention import MultiHeadAttention
+
+    return {f"{name}.mask" for name, m in unwrap(model).named_modules() if isinstance(m, MultiHeadAttention)}
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Weights to save: a tied head is stored once (as the token embedding)."""
     model = unwrap(model)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    masks = mask_keys(model)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in masks}
     if model.cfg.tie_weights:
         state.pop("out_head.weight", None)
     return state
@@ -70,8 +79,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                          "would lose the optimizer state and break --resume; give another directory")
     try:
         with replace_dir(path, "checkpoint") as tmp:
-            if state is not None and unwrap(model).cfg.tie_weights:
-                state = {k: v for k, v in state.items() if k != "out_head.weight"}
+            if state is not None:
+                unsaved = mask_keys(model) | ({"out_head.weight"} if unwrap(model).cfg.tie_weights else set())
+                state = {k: v for k, v in state.items() if k not in unsaved}
             save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
                       tmp / MODEL_FILE, metadata={"format": "pt"})
             write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
@@ -155,7 +165,9 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
 
 def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> dict[str, torch.Tensor]:
-    expected = model.state_dict()
+    masks = mask_keys(model)
+    expected = {k: v for k, v in model.state_dict().items() if k not in masks}
+    state = {k: v for k, v in state.items() if k not in masks}
     if model.cfg.tie_weights and "out_head.weight" not in state and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

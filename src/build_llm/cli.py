@@ -106,7 +106,8 @@ def run_info(args: argparse.Namespace) -> None:
 # --- generate ------------------------------------------------------------------------------------
 def add_generate(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt",
-                       description="Print the prompt and its continuation (only that, on stdout).")
+                       description="Print the prompt and its continuation (only that, on stdout), each token as "
+                                   "soon as it is generated.")
     model_source(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=50)
@@ -124,7 +125,7 @@ def add_generate(sub) -> None:
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from .generate import check_sampling, stream, text_to_token_ids
+    from .generate import check_sampling, decode_stream, stream, text_to_token_ids
     from .quant import prepare_for_decoding
     from .runtime import get_device
 
@@ -137,14 +138,14 @@ def run_generate(args: argparse.Namespace) -> None:
     idx = text_to_token_ids(args.prompt, tokenizer).to(device)
     ctx = model.cfg.context_length
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    # Stream the continuation as it comes; decoding the whole text at the end avoids splitting a
-    # multi-byte character across tokens.
-    ids = idx[0].tolist()
-    for next_id in stream(model, idx[:, -ctx:], args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None),
-                          generator=generator, use_cache=not args.no_cache):
-        ids.append(int(next_id))
-    print(tokenizer.decode(ids))
+    tokens = stream(model, idx[:, -ctx:], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
+                    use_cache=not args.no_cache)
+    # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
+    for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=idx[0].tolist()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(flush=True)
 
 
 # --- import-hf / export-hf -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ the window, exactly as `generate_text_simple` does. The tokens are the same eith
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -161,6 +161,35 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
         idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (B, 1)
         idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
     return idx
+
+
+def decode_stream(tokenizer: Any, ids: Iterable[int], prefix: Sequence[int] = ()) -> Iterator[str]:
+    """Text pieces, as the ids arrive, whose concatenation is `tokenizer.decode([*prefix, *ids])`:
+    the prefix's text first, then the text each new id completes.
+
+    A token can end inside a multi-byte character, which decodes to U+FFFD until a later token
+    completes it; such a tail is held back, so no piece ever has to be taken back.
+    """
+    so_far, shown = list(prefix), ""
+
+    def new_text(final: bool) -> str:
+        nonlocal shown
+        text = tokenizer.decode(so_far)
+        if not final:
+            text = text.rstrip("\ufffd")
+        if len(text) <= len(shown) or not text.startswith(shown):
+            return ""
+        piece, shown = text[len(shown):], text
+        return piece
+
+    if piece := new_text(False):
+        yield piece
+    for i in ids:
+        so_far.append(int(i))
+        if piece := new_text(False):
+            yield piece
+    if piece := new_text(True):
+        yield piece
 
 
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ..errors import UsageError
 from ..train import calc_loss_batch, evaluate_model, generate_and_print_sample
 
 __all__ = ["book_lr", "train_model", "find_highest_gradient"]
@@ -44,7 +45,7 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
     """
     for name, value, low in (("n_epochs", n_epochs, 1), ("eval_freq", eval_freq, 1), ("warmup_steps", warmup_steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name}={value!r} is invalid; expected an integer >= {low}")
+            raise UsageError(f"{name}={value!r} is invalid; expected an integer >= {low}")
     train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
     tokens_seen, global_step = 0, -1
     peak_lr = optimizer.param_groups[0]["lr"]

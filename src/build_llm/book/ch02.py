@@ -14,6 +14,7 @@ import re
 from typing import Iterable, Mapping
 
 from ..data import GPTDatasetV1, create_dataloader_v1
+from ..errors import UsageError
 
 __all__ = ["split_text", "build_vocab", "SimpleTokenizerV1", "SimpleTokenizerV2", "GPTDatasetV1",
            "create_dataloader_v1"]
@@ -38,8 +39,8 @@ def build_vocab(text: str, special_tokens: Iterable[str] = ()) -> dict[str, int]
     return {token: i for i, token in enumerate(tokens)}
 
 
-class UnknownTokenError(KeyError, ValueError):
-    """A token that is not in the vocabulary (a KeyError, as in the book, and a ValueError)."""
+class UnknownTokenError(KeyError, UsageError):
+    """A token that is not in the vocabulary: a KeyError, as in the book, and a ValueError (UsageError)."""
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -73,7 +74,7 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
     def __init__(self, vocab: Mapping[str, int]) -> None:
         missing = [t for t in ("<|unk|>", "<|endoftext|>") if t not in vocab]
         if missing:
-            raise ValueError(f"vocab lacks {missing}; build it with "
+            raise UsageError(f"vocab lacks {missing}; build it with "
                              "build_vocab(text, special_tokens=['<|endoftext|>', '<|unk|>'])")
         super().__init__(vocab)
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from ..activation import GELU
 from ..attention import MultiHeadAttention
+from ..errors import UsageError
 from ..generate import generate_text_simple
 from ..gpt import GPTModel
 from ..layer import LayerNorm
@@ -41,7 +42,7 @@ class ExampleDeepNeuralNetwork(nn.Module):
     def __init__(self, layer_sizes: list[int], use_shortcut: bool) -> None:
         super().__init__()
         if len(layer_sizes) < 2:
-            raise ValueError(f"layer_sizes={layer_sizes!r} is invalid; expected at least two sizes (input, output)")
+            raise UsageError(f"layer_sizes={layer_sizes!r} is invalid; expected at least two sizes (input, output)")
         self.use_shortcut = use_shortcut
         self.layers = nn.ModuleList([nn.Sequential(nn.Linear(n_in, n_out), GELU())
                                      for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:])])

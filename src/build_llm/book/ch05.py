@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..config import GPTConfig
+from ..errors import UsageError
 from ..generate import stream, text_to_token_ids, token_ids_to_text
 from ..train import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
                      train_model_simple)
@@ -51,7 +52,7 @@ def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_s
     batches row by row. The package's KV cache is used in eval mode: the same tokens, faster.
     """
     if eos_id is not None and isinstance(idx, torch.Tensor) and idx.ndim == 2 and idx.shape[0] != 1:
-        raise ValueError(f"eos_id: the book's generate stops the whole batch at the end token, so it needs a batch "
+        raise UsageError(f"eos_id: the book's generate stops the whole batch at the end token, so it needs a batch "
                          f"of 1 sequence, got {idx.shape[0]}; use build_llm.generate(..., eos_id=...) for batches")
     pieces = [idx.long() if isinstance(idx, torch.Tensor) else idx]
     for idx_next in stream(model, idx, max_new_tokens, context_size=context_size, temperature=temperature,
@@ -87,21 +88,21 @@ def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[float], trai
 
 def assign(left: torch.Tensor, right: Any) -> nn.Parameter:
     """A new Parameter holding `right` (a NumPy array or tensor) with `left`'s shape, dtype and
-    device; a shape mismatch is a ValueError."""
+    device; a shape mismatch is a ValueError (UsageError)."""
     right = torch.as_tensor(np.asarray(right) if not isinstance(right, torch.Tensor) else right)
     if tuple(left.shape) != tuple(right.shape):
-        raise ValueError(f"Shape mismatch. Left: {tuple(left.shape)}, Right: {tuple(right.shape)}")
+        raise UsageError(f"Shape mismatch. Left: {tuple(left.shape)}, Right: {tuple(right.shape)}")
     return nn.Parameter(right.detach().to(device=left.device, dtype=left.dtype).clone())
 
 
 def _set(name: str, target: torch.Tensor | None, value: Any) -> None:
     if target is None:
         option = "qkv_bias=True (as the book does before loading)" if ".W_" in name else "bias=True"
-        raise ValueError(f"load_weights_into_gpt: the model has no {name}, but GPT-2 has one; build it with {option}")
+        raise UsageError(f"load_weights_into_gpt: the model has no {name}, but GPT-2 has one; build it with {option}")
     try:
         new = assign(target, value)
     except ValueError as e:
-        raise ValueError(f"load_weights_into_gpt: {name}: {e}; the params are of another GPT-2 size than the "
+        raise UsageError(f"load_weights_into_gpt: {name}: {e}; the params are of another GPT-2 size than the "
                          "model's config (see model_configs)") from None
     with torch.no_grad():
         target.copy_(new)  # in place: tied weights stay tied, optimizers keep their parameters
@@ -118,7 +119,7 @@ def load_weights_into_gpt(gpt: nn.Module, params: Mapping[str, Any]) -> None:
     """
     blocks = params["blocks"]
     if len(blocks) != len(gpt.trf_blocks):
-        raise ValueError(f"load_weights_into_gpt: params has {len(blocks)} blocks but the model has "
+        raise UsageError(f"load_weights_into_gpt: params has {len(blocks)} blocks but the model has "
                          f"{len(gpt.trf_blocks)} layers; build the model with n_layers={len(blocks)}")
     _set("pos_emb.weight", gpt.pos_emb.weight, params["wpe"])
     _set("tok_emb.weight", gpt.tok_emb.weight, params["wte"])

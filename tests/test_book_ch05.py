@@ -107,6 +107,34 @@ def test_top_k_keeps_the_three_largest_logits():
     assert sampled(1.0, top_k=3, n=300).tolist() == expected
 
 
+# --- section 5.1 with the book's untrained model ---------------------------------------------------
+def test_the_untrained_models_text_probabilities_and_loss_are_the_books():
+    """Section 5.1, printed in the book's chapter 5 notebook (LLMs-from-scratch,
+    ch05/01_main-chapter-code/ch05.ipynb): GPT_CONFIG_124M with context_length 256 and
+    torch.manual_seed(123), before any training."""
+    import tiktoken
+
+    from build_llm.book.ch04 import GPT_CONFIG_124M
+
+    torch.manual_seed(123)
+    model = GPTModel({**GPT_CONFIG_124M, "context_length": 256}).eval()
+    tokenizer = tiktoken.get_encoding("gpt2")
+    token_ids = generate(model, ch05.text_to_token_ids("Every effort moves you", tokenizer), 10, 256)
+    assert ch05.token_ids_to_text(token_ids, tokenizer) == "Every effort moves you rentingetic wasnم refres RexMeCHicular stren"
+
+    inputs = torch.tensor([[16833, 3626, 6100], [40, 1107, 588]])  # "every effort moves", "I really like"
+    targets = torch.tensor([[3626, 6100, 345], [1107, 588, 11311]])  # "effort moves you", "really like chocolate"
+    with torch.no_grad():
+        probas = torch.softmax(model(inputs), dim=-1)
+    target_probas = torch.stack([probas[i, [0, 1, 2], targets[i]] for i in range(2)])
+    torch.testing.assert_close(target_probas, torch.tensor([[7.4541e-05, 3.1061e-05, 1.1563e-05],
+                                                            [1.0337e-05, 5.6776e-05, 4.7559e-06]]), rtol=2e-4, atol=0)
+    with torch.no_grad():
+        loss = ch05.calc_loss_batch(inputs, targets, model, "cpu")
+    assert loss.item() == pytest.approx(10.7940, abs=6e-5)  # printed tensor(10.7940)
+    assert torch.exp(loss).item() == pytest.approx(48725.8203, rel=1e-4)  # the printed perplexity
+
+
 # --- the training functions are the package's ------------------------------------------------------
 def test_training_names_are_the_packages_own():
     from build_llm import train

@@ -81,7 +81,7 @@ def test_train_model_warms_up_decays_and_clips_after_warmup(monkeypatch, capsys)
     assert tokens_seen == [(s + 1) * 16 for s in range(0, TOTAL, 5)]
     assert train_losses[-1] < train_losses[0]
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("Ep 1 (Iter 000000): Train loss ") and ", Val loss " in lines[0]
+    assert lines[0].startswith("Ep 1 (Step 000000): Train loss ") and ", Val loss " in lines[0]
     assert sum(line.startswith("Ep ") for line in lines) == 27
     assert sum(line.startswith("Every effort") for line in lines) == N_EPOCHS  # one sample per epoch
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UsageError
-from ..train import calc_loss_batch, evaluate_model, generate_and_print_sample
+from ..train import train_model_simple
 
 __all__ = ["book_lr", "train_model", "find_highest_gradient"]
 
@@ -33,11 +33,37 @@ def book_lr(global_step: int, warmup_steps: int, total_steps: int, initial_lr: f
     return min_lr + (peak_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class _ScheduledOptimizer:
+    """The optimizer as `train_model_simple` drives it, with the appendix's additions: zero_grad
+    starts a step and sets its learning rate, step clips the gradient norm once warm-up is over."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, warmup_steps: int, total_steps: int,
+                 initial_lr: float, min_lr: float) -> None:
+        self.optimizer, self.model = optimizer, model
+        self.schedule = dict(warmup_steps=warmup_steps, total_steps=total_steps, initial_lr=initial_lr,
+                             peak_lr=optimizer.param_groups[0]["lr"], min_lr=min_lr)
+        self.global_step, self.track_lrs = -1, []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.global_step += 1
+        lr = book_lr(self.global_step, **self.schedule)
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        self.track_lrs.append(lr)
+
+    def step(self) -> None:
+        if self.global_step >= self.schedule["warmup_steps"]:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0)
+        self.optimizer.step()
+
+
 def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, device,
                 n_epochs: int, eval_freq: int, eval_iter: int, start_context: str, tokenizer,
                 warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6):
-    """The book's `train_model_simple` plus the schedule above (the peak is the optimizer's
-    learning rate when called) and gradient-norm clipping at 1.0 once warm-up is over.
+    """The book's `train_model_simple` (the package's own, so it prints its "Ep 1 (Step 000000)"
+    lines where the appendix prints "Iter") plus the schedule above, whose peak is the optimizer's
+    learning rate when called, and gradient-norm clipping at 1.0 once warm-up is over.
 
     Clipping starts at step `warmup_steps`, the first step after warm-up, as in the book's code
     repository; the printed book's `global_step > warmup_steps` skipped that one step.
@@ -46,38 +72,10 @@ def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.opt
     for name, value, low in (("n_epochs", n_epochs, 1), ("eval_freq", eval_freq, 1), ("warmup_steps", warmup_steps, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise UsageError(f"{name}={value!r} is invalid; expected an integer >= {low}")
-    train_losses, val_losses, track_tokens_seen, track_lrs = [], [], [], []
-    tokens_seen, global_step = 0, -1
-    peak_lr = optimizer.param_groups[0]["lr"]
-    total_training_steps = len(train_loader) * n_epochs
-
-    for epoch in range(n_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            global_step += 1
-            lr = book_lr(global_step, warmup_steps, total_training_steps, initial_lr, peak_lr, min_lr)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            track_lrs.append(lr)
-
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
-            loss.backward()
-            if global_step >= warmup_steps:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch+1} (Iter {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-
-        generate_and_print_sample(model, tokenizer, device, start_context)
-
-    return train_losses, val_losses, track_tokens_seen, track_lrs
+    scheduled = _ScheduledOptimizer(optimizer, model, warmup_steps, len(train_loader) * n_epochs, initial_lr, min_lr)
+    train_losses, val_losses, track_tokens_seen = train_model_simple(
+        model, train_loader, val_loader, scheduled, device, n_epochs, eval_freq, eval_iter, start_context, tokenizer)
+    return train_losses, val_losses, track_tokens_seen, scheduled.track_lrs
 
 
 def find_highest_gradient(model: nn.Module) -> torch.Tensor | None:

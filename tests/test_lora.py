@@ -1,0 +1,157 @@
+"""Tests for build_llm.lora: the layers, targets, freezing, merging, adapter files, and export of a
+merged model to Hugging Face (transformers as the independent reference)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from build_llm import GPTConfig, GPTModel
+from build_llm.lora import (LinearWithLoRA, LoRALayer, adapter_meta, apply_adapter, apply_lora, freeze_for_lora,
+                            load_adapter, merge_lora, save_adapter)
+
+TINY = GPTConfig.from_preset("book-124m", vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
+                             drop_rate=0.0, qkv_bias=True)
+
+
+def tiny(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(cfg).eval()
+
+
+def randomize_lora_(model: torch.nn.Module, seed: int = 1) -> None:
+    """B starts at zero (no change); draw every adapter matrix so that merging has work to do."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def ids(shape=(2, 16), vocab=300, seed=3) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_layer_initialisation_and_shapes():
+    torch.manual_seed(123)
+    layer = LoRALayer(10, 6, rank=4, alpha=8)
+    assert layer.A.shape == (10, 4) and layer.B.shape == (4, 6)
+    assert torch.count_nonzero(layer.B) == 0
+    # Kaiming-uniform with a=sqrt(5) on a (10, 4) tensor: fan_in = 4, bound = 1/sqrt(fan_in) = 0.5.
+    assert layer.A.abs().max() <= 0.5 and layer.A.abs().max() > 0.3
+    torch.manual_seed(123)
+    expected = torch.empty(10, 4)
+    torch.nn.init.kaiming_uniform_(expected, a=math.sqrt(5))
+    torch.testing.assert_close(layer.A.detach(), expected, rtol=0, atol=0)
+    assert layer.scaling == 2.0  # alpha / rank
+    assert LoRALayer(10, 6, rank=4, alpha=8, scaling=8).scaling == 8  # the book's convention
+
+
+def test_wrapped_linear_starts_as_the_linear_and_adds_the_scaled_update():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 3)
+    wrapped = LinearWithLoRA(linear, rank=2, alpha=4)
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(wrapped(x), linear(x), rtol=0, atol=0)
+    with torch.no_grad():
+        wrapped.lora.B.fill_(0.5)
+    by_hand = x @ linear.weight.T + linear.bias + 2.0 * (x @ wrapped.lora.A @ wrapped.lora.B)
+    torch.testing.assert_close(wrapped(x), by_hand)
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (("attn",), {"att.W_query", "att.W_key", "att.W_value", "att.out_proj"}),
+    (("ff",), {"ff.layers.0", "ff.layers.2"}),
+    (("attn", "ff", "head"), {"att.W_query", "att.W_key", "att.W_value", "att.out_proj", "ff.layers.0",
+                              "ff.layers.2", "out_head"}),
+])
+def test_targets_choose_the_layers(targets, expected):
+    model = tiny()
+    names = apply_lora(model, 2, 4, targets)
+    assert {n.split(".", 2)[-1] if n.startswith("trf_blocks") else n for n in names} == expected
+    assert all(isinstance(model.get_submodule(n), LinearWithLoRA) for n in names)
+
+
+def test_freezing_leaves_only_adapters_and_named_weights_trainable():
+    model = tiny()
+    apply_lora(model, 4, 8, ("attn", "ff"))
+    freeze_for_lora(model, ["out_head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora." in n or n.startswith("out_head") for n in trainable)
+    assert "out_head.weight" in trainable and "tok_emb.weight" not in trainable
+    # rank 4 on every Linear of 2 blocks: 4 * (in + out) each
+    per_block = 4 * 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32)
+    assert sum(p.numel() for n, p in model.named_parameters() if ".lora." in n) == 2 * per_block
+
+
+@pytest.mark.parametrize("targets", [("attn", "ff"), ("attn", "ff", "head")])
+@pytest.mark.parametrize("fused", [False, True])
+def test_merged_logits_equal_adapted_logits(targets, fused):
+    model = tiny(TINY.replace(fused_qkv=fused))
+    apply_lora(model, 4, 16, targets)
+    randomize_lora_(model)
+    x = ids()
+    with torch.no_grad():
+        base = tiny(TINY.replace(fused_qkv=fused))(x)
+        adapted = model(x)
+        assert (adapted - base).abs().max() > 1e-2  # the adapter does change the function
+        merged = merge_lora(model)(x)
+    assert not any(isinstance(m, LinearWithLoRA) for m in model.modules())
+    assert set(model.state_dict()) == set(tiny(TINY.replace(fused_qkv=fused)).state_dict())
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+def test_tied_head_cannot_take_an_adapter():
+    model = tiny(GPTConfig.from_preset("gpt2-small", vocab_size=300, context_length=16, emb_dim=32, n_heads=4,
+                                       n_layers=1))
+    with pytest.raises(ValueError, match="tied"):
+        apply_lora(model, 2, 4, ("head",))
+
+
+@pytest.mark.parametrize("rank, alpha, targets, message", [
+    (0, 1, ("attn",), "rank"), (2.5, 1, ("attn",), "rank"), (2, 0, ("attn",), "alpha"),
+    (2, float("nan"), ("attn",), "alpha"), (2, 1, ("mlp",), "targets"), (2, 1, (), "targets"),
+])
+def test_bad_arguments(rank, alpha, targets, message):
+    with pytest.raises(ValueError, match=message):
+        apply_lora(tiny(), rank, alpha, targets)
+
+
+def test_adapter_file_round_trip(tmp_path):
+    model = tiny()
+    apply_lora(model, 4, 8, ("attn",))
+    freeze_for_lora(model)
+    randomize_lora_(model)
+    meta = adapter_meta(model, ("attn",), {"sha256": "x"})
+    save_adapter(tmp_path, model, meta)
+    tensors, loaded_meta = load_adapter(tmp_path)
+    assert all(".lora." in k for k in tensors) and len(tensors) == 2 * 4 * 2
+    assert loaded_meta["rank"] == 4 and loaded_meta["alpha"] == 8 and loaded_meta["targets"] == ["attn"]
+
+    other = apply_adapter(tiny(), tensors, loaded_meta)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        apply_adapter(tiny(TINY.replace(emb_dim=64)), tensors, loaded_meta)
+    with pytest.raises(ValueError, match="missing or unreadable"):
+        load_adapter(tmp_path / "nowhere")
+
+
+def test_merged_model_exports_to_hugging_face_with_equal_logits(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from build_llm.hf import save_hf
+
+    model = tiny()
+    apply_lora(model, 4, 16, ("attn", "ff", "head"))
+    randomize_lora_(model)
+    x = ids()
+    with torch.no_grad():
+        adapted = model(x)
+    merge_lora(model)
+    save_hf(model, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, adapted, atol=1e-5, rtol=0)

@@ -45,6 +45,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 INSTRUCTION_HEADER, INPUT_HEADER, RESPONSE_HEADER = "\n\n### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n"
 ROLES = ("system", "user", "assistant")
+RESUMABLE = ("epochs", "steps", "eval_every", "device")  # what a resumed run may change
 
 
 # --- prompt format -------------------------------------------------------------------------------
@@ -672,7 +673,11 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     saved = load_trainer_state(resolve_finetuned(out_dir)) if resume else None
     if saved is not None:
         prev = saved.state
-        cfg = FinetuneConfig.from_dict({**prev["finetune_config"], "device": cfg.device})
+        before = FinetuneConfig.from_dict(prev["finetune_config"])
+        for key in (f.name for f in dataclasses.fields(FinetuneConfig)):
+            if key not in RESUMABLE and getattr(before, key) != getattr(cfg, key):
+                raise ValueError(f"--resume: the run was started with {key}={getattr(before, key)!r}, not "
+                                 f"{getattr(cfg, key)!r}; drop the option or start a new run with another --out")
     base_dir = resolve_checkpoint(init_from)
     base_identity = _base_identity(base_dir)
     ckpt = load_checkpoint(base_dir, device)
@@ -822,3 +827,39 @@ def _save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: d
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str | Path,
+                 val_data: str | Path | None = None, text_column: str = "text", label_column: str = "label",
+                 options: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """`build-llm finetune classify|instruct`: check the run directory, resolve the settings (given
+    options > the checkpoint's when resuming > defaults), fine-tune, print the last evaluation as JSON."""
+    from .checkpoint import CHECKPOINT_DIR, PREVIOUS_DIR, load_trainer_state
+    from .train import TrainingStopped
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the run")
+    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
+    if resume and not has_ckpt:
+        raise ValueError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+    if not resume and has_ckpt:
+        raise ValueError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+    if not resume and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"--out {str(out)!r} is a non-empty directory that holds no run; give a new or empty directory")
+    if resume:
+        saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
+        if saved["task"] != task:
+            raise ValueError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
+        cfg = FinetuneConfig.from_dict({**saved, **options})
+    else:
+        cfg = FinetuneConfig(task=task, **options)
+    try:
+        result = finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
+                          label_column=label_column, resume=resume)
+    except TrainingStopped as e:
+        print(f"build-llm: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None
+    print(json.dumps(result))
+    return result

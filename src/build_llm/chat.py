@@ -12,6 +12,8 @@ from typing import Any, Iterator, TextIO
 
 import torch
 
+from .errors import UsageError
+
 from .finetune import fit_conversation, require_eos, stream_response
 
 HELP = "commands: /reset (forget the conversation), /temperature T, /top-k K|off, /help, /quit (or Ctrl-D)"
@@ -27,7 +29,7 @@ class ChatSession:
         if max_new_tokens is None:
             max_new_tokens = min(256, context // 2)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < context:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer in [1, {context - 1}] "
+            raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer in [1, {context - 1}] "
                              f"(the context window is {context} tokens and the prompt needs room)")
         self.model, self.tokenizer, self.eos = model, tokenizer, require_eos(tokenizer)
         self.system = [{"role": "system", "content": system}] if system else []
@@ -66,12 +68,12 @@ def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
     except ValueError:
         ckpt = load_checkpoint(checkpoint)
         if ckpt.tokenizer is None:
-            raise ValueError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
+            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
         return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}); "
                                             "its replies continue the prompt text")
     ft = load_finetuned(checkpoint)
     if ft.meta["task"] != "instruct":
-        raise ValueError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")
+        raise UsageError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")
     return ft.model, ft.tokenizer, None
 
 

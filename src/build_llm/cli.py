@@ -635,8 +635,137 @@ def run_serve(args: argparse.Namespace) -> None:
                max_queue=args.max_queue)
 
 
+# --- fine-tuning ---------------------------------------------------------------------------------
+def _lora_targets(text: str) -> tuple[str, ...]:
+    from .lora import TARGETS
+
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in targets if t not in TARGETS]
+    if not targets or bad:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a comma-separated list of {sorted(TARGETS)}")
+    return targets
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint: classify (a CSV) or instruct (instructions)",
+                       description="Fine-tune a checkpoint as the book's chapters 6 and 7 do, fully or with LoRA. "
+                                   "Writes OUT/metrics.jsonl and OUT/checkpoint/ (the adapter alone for LoRA); "
+                                   "Ctrl-C saves, --resume continues exactly.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", parser_class=Parser)
+    tasks.required = True
+    c = tasks.add_parser("classify", help="text classification from a CSV file (any number of classes)",
+                         description="A new head with one output per label; the last block, final norm and head "
+                                     "train (or LoRA adapters and the head); the last token's logits classify. "
+                                     "metrics.jsonl holds the held-out accuracy.")
+    c.add_argument("--data", required=True, help="CSV file with a header row")
+    c.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    c.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    i = tasks.add_parser("instruct", help="instruction fine-tuning (Alpaca JSON or chat JSONL)",
+                         description="The book's Alpaca prompt format (a chat template for messages); the loss "
+                                     "covers response tokens and the end token only.")
+    i.add_argument("--data", required=True, help="JSON array or JSONL of Alpaca records (instruction, input, "
+                   "output) or chat records ({\"messages\": [{\"role\", \"content\"}, ...]})")
+    for q in (c, i):
+        q.add_argument("--init-from", required=True, help="checkpoint to start from (a run directory or checkpoint)")
+        q.add_argument("--val-data", help="held-out file in the same format (default: --val-fraction of --data)")
+        q.add_argument("--out", required=True, help="run directory")
+        o = q.add_argument_group("optimisation")
+        o.add_argument("--epochs", type=positive_int, help="passes over the training data (default 3)")
+        o.add_argument("--steps", type=positive_int, help="total optimizer steps (instead of --epochs)")
+        o.add_argument("--batch-size", type=positive_int, help="examples per optimizer step (default 8)")
+        o.add_argument("--micro-batch-size", type=positive_int, help="examples per forward pass (gradient accumulation)")
+        o.add_argument("--lr", type=float, help="learning rate (default 5e-5, the book's)")
+        o.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.1)")
+        o.add_argument("--grad-clip", type=float, help="max gradient norm (default 0: off)")
+        o.add_argument("--eval-every", type=positive_int, help="evaluate and checkpoint every N steps (default: each epoch)")
+        o.add_argument("--val-fraction", type=float, help="share of --data held out without --val-data (default 0.1)")
+        o.add_argument("--max-length", type=positive_int, help="tokens per example (default: the context length)")
+        o.add_argument("--seed", type=non_negative_int, help="default 123")
+        o.add_argument("--device", help="cpu (default), cuda, mps or auto")
+        lo = q.add_argument_group("LoRA (appendix E)")
+        lo.add_argument("--lora-rank", type=positive_int, help="train rank-R adapters instead of the weights")
+        lo.add_argument("--lora-alpha", type=float, help="adapter scale; the update is multiplied by alpha / rank")
+        lo.add_argument("--lora-targets", type=_lora_targets, help="comma-separated: attn, ff, head (default attn,ff)")
+        q.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        q.set_defaults(run=run_finetune)
+
+
+FINETUNE_KEYS = ("epochs", "steps", "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip", "eval_every",
+                 "val_fraction", "max_length", "seed", "device", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    from .finetune import run_finetune as run
+
+    run(args.out, args.init_from, args.task, data=args.data, val_data=args.val_data,
+        text_column=getattr(args, "text_column", "text"), label_column=getattr(args, "label_column", "label"),
+        options={k: getattr(args, k) for k in FINETUNE_KEYS}, resume=args.resume)
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a classification fine-tune",
+                       description="Print one JSON object per text: the text, its most probable label and every "
+                                   "label's probability.")
+    p.add_argument("--checkpoint", required=True, help="the --out of `build-llm finetune classify` (or its merge)")
+    p.add_argument("--text", action="append", required=True, help="a text to classify (repeat for several)")
+    p.set_defaults(run=run_classify)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    import json
+
+    from .finetune import classify_texts, load_finetuned
+
+    ft = load_finetuned(args.checkpoint)
+    if ft.meta["task"] != "classify":
+        raise UsageError(f"build-llm classify: --checkpoint {args.checkpoint!r} is an instruction fine-tune, not a "
+                         "classifier; use `build-llm chat`")
+    for text, result in zip(args.text, classify_texts(ft.model, ft.tokenizer, ft.meta["labels"], args.text,
+                                                       ft.meta.get("max_length"))):
+        print(json.dumps({"text": text, **result}))
+
+
+def add_merge_lora(sub) -> None:
+    p = sub.add_parser("merge-lora", help="merge a LoRA run's adapter into its base weights",
+                       description="Write a plain checkpoint (model.safetensors) whose weights are the base's plus "
+                                   "the adapter's update: the same logits, no adapter, readable by generate, chat, "
+                                   "classify and export-hf.")
+    p.add_argument("--checkpoint", required=True, help="the --out of a `build-llm finetune ... --lora-rank` run")
+    p.add_argument("--out", required=True, help="directory to write (new, empty or an earlier merge)")
+    p.set_defaults(run=run_merge_lora)
+
+
+def run_merge_lora(args: argparse.Namespace) -> None:
+    from .finetune import merge_checkpoint
+
+    print(merge_checkpoint(args.checkpoint, args.out))
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat in the terminal with an instruction-tuned checkpoint",
+                       description="Interactive chat: replies stream as they are generated; the conversation is "
+                                   "kept within the context window (the oldest turns are dropped, with a note). "
+                                   "Commands: /reset, /temperature T, /top-k K|off, /help, /quit. With --prompt, "
+                                   "print one reply and exit.")
+    p.add_argument("--checkpoint", required=True, help="an instruction fine-tune (or any checkpoint with a tokenizer)")
+    p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
+    p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    from .chat import run_chat as run
+
+    run(args.checkpoint, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+
+
 # --- the command ---------------------------------------------------------------------------------
-VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench, add_serve]
+VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench, add_serve, add_finetune, add_classify, add_merge_lora, add_chat]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import lora as lora_mod
+from .errors import UsageError
 
 IGNORE_INDEX = -100
 TASKS = ("classify", "instruct")
@@ -106,17 +107,17 @@ def encode_conversation(messages: Sequence[dict[str, str]], tokenizer: Any, eos_
 # --- reading data --------------------------------------------------------------------------------
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     roles = []
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-            raise ValueError(f"{where}: each message needs 'role' (one of {list(ROLES)}) and a string 'content'; "
+            raise UsageError(f"{where}: each message needs 'role' (one of {list(ROLES)}) and a string 'content'; "
                              f"got {str(m)[:80]}")
         roles.append(m["role"])
     turns = roles[1:] if roles[0] == "system" else roles
     expected = ["user", "assistant"] * (len(turns) // 2 + 1)
     if not turns or turns != expected[:len(turns)] or turns[-1] != "assistant":
-        raise ValueError(f"{where}: roles {roles} are invalid; expected an optional system message, then user "
+        raise UsageError(f"{where}: roles {roles} are invalid; expected an optional system message, then user "
                          "and assistant turns alternating, ending with assistant")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -127,9 +128,9 @@ def _record_to_messages(record: Any, where: str) -> tuple[list[dict[str, str]], 
     if isinstance(record, dict) and "instruction" in record and "output" in record:
         for key in ("instruction", "input", "output"):
             if key in record and not isinstance(record[key], str):
-                raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
+                raise UsageError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__}")
         return entry_to_messages(record), "alpaca"
-    raise ValueError(f"{where}: expected an Alpaca record (instruction, input, output) or a chat record "
+    raise UsageError(f"{where}: expected an Alpaca record (instruction, input, output) or a chat record "
                      f"({{\"messages\": [...]}}), got {str(record)[:80]}")
 
 
@@ -140,7 +141,7 @@ def read_instruction_data(path: str | Path) -> tuple[list[list[dict[str, str]]],
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--data {str(path)!r} cannot be read as UTF-8 text ({e})") from e
+        raise UsageError(f"--data {str(path)!r} cannot be read as UTF-8 text ({e})") from e
     records: list[tuple[Any, str]] = []
     try:
         parsed = json.loads(text)
@@ -153,10 +154,10 @@ def read_instruction_data(path: str | Path) -> tuple[list[list[dict[str, str]]],
                 try:
                     records.append((json.loads(line), f"{path} line {i + 1}"))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {i + 1} is not JSON ({e.msg}); expected a JSON array or one "
+                    raise UsageError(f"{path} line {i + 1} is not JSON ({e.msg}); expected a JSON array or one "
                                      "JSON object per line") from None
     if not records:
-        raise ValueError(f"--data {str(path)!r} holds no records; expected Alpaca records or chat records")
+        raise UsageError(f"--data {str(path)!r} holds no records; expected Alpaca records or chat records")
     conversations, formats = [], set()
     for record, where in records:
         messages, fmt = _record_to_messages(record, where)
@@ -174,18 +175,18 @@ def read_labeled_csv(path: str | Path, text_column: str, label_column: str) -> t
             columns = reader.fieldnames or []
             for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
                 if col not in columns:
-                    raise ValueError(f"{flag} {col!r} is not a column of {str(path)!r}; its columns are {columns}")
+                    raise UsageError(f"{flag} {col!r} is not a column of {str(path)!r}; its columns are {columns}")
             texts, labels = [], []
             for i, row in enumerate(reader):
                 text, label = row[text_column], row[label_column]
                 if not text or not text.strip() or label is None or not label.strip():
-                    raise ValueError(f"{path} row {i + 2}: empty text or label; every row needs both")
+                    raise UsageError(f"{path} row {i + 2}: empty text or label; every row needs both")
                 texts.append(text)
                 labels.append(label.strip())
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"--data {str(path)!r} cannot be read as a UTF-8 CSV file ({e})") from e
+        raise UsageError(f"--data {str(path)!r} cannot be read as a UTF-8 CSV file ({e})") from e
     if not texts:
-        raise ValueError(f"--data {str(path)!r} has no rows; expected a header and one row per example")
+        raise UsageError(f"--data {str(path)!r} has no rows; expected a header and one row per example")
     return texts, labels
 
 
@@ -243,7 +244,7 @@ def prepare_classifier(model: nn.Module, num_classes: int, *, train_last_block: 
     head (trainable) in `out_head`, and (with `train_last_block`) unfreeze the last transformer block
     and the final norm. The head is the model's own afterwards (no longer tied to the embedding)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes={num_classes!r} is invalid; expected an integer >= 2")
+        raise UsageError(f"num_classes={num_classes!r} is invalid; expected an integer >= 2")
     for p in model.parameters():
         p.requires_grad = False
     ref = model.tok_emb.weight
@@ -283,28 +284,28 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task={self.task!r} is invalid; expected one of {TASKS}")
+            raise UsageError(f"task={self.task!r} is invalid; expected one of {TASKS}")
         for key in ("epochs", "batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
+                raise UsageError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
         for key in ("steps", "micro_batch_size", "eval_every", "max_length"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
+                raise UsageError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise ValueError(f"--micro-batch-size={self.micro_batch_size} does not divide --batch-size="
+            raise UsageError(f"--micro-batch-size={self.micro_batch_size} does not divide --batch-size="
                              f"{self.batch_size}; choose a divisor")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr={self.lr!r} is invalid; expected a number > 0")
+            raise UsageError(f"--lr={self.lr!r} is invalid; expected a number > 0")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"--weight-decay={self.weight_decay!r} is invalid; expected a number >= 0")
+            raise UsageError(f"--weight-decay={self.weight_decay!r} is invalid; expected a number >= 0")
         if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ValueError(f"--grad-clip={self.grad_clip!r} is invalid; expected a number >= 0 (0: off)")
+            raise UsageError(f"--grad-clip={self.grad_clip!r} is invalid; expected a number >= 0 (0: off)")
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"--val-fraction={self.val_fraction!r} is invalid; expected a number in (0, 1)")
+            raise UsageError(f"--val-fraction={self.val_fraction!r} is invalid; expected a number in (0, 1)")
         if (self.lora_rank is None) != (self.lora_alpha is None):
-            raise ValueError("--lora-rank and --lora-alpha go together; give both or neither")
+            raise UsageError("--lora-rank and --lora-alpha go together; give both or neither")
         if self.lora_rank is not None:
             lora_mod.check_rank_alpha(self.lora_rank, self.lora_alpha)
             object.__setattr__(self, "lora_targets", lora_mod.check_targets(self.lora_targets))
@@ -353,7 +354,7 @@ def resolve_finetuned(path: str | Path) -> Path:
     for candidate in (path, path / CHECKPOINT_DIR, path / PREVIOUS_DIR):
         if (candidate / FINETUNE_FILE).is_file():
             return candidate
-    raise ValueError(f"--checkpoint {str(path)!r} holds no fine-tuned checkpoint (no {FINETUNE_FILE}); give the "
+    raise UsageError(f"--checkpoint {str(path)!r} holds no fine-tuned checkpoint (no {FINETUNE_FILE}); give the "
                      "--out of `build-llm finetune` or of `build-llm merge-lora`")
 
 
@@ -372,15 +373,15 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
         meta = json.loads((path / FINETUNE_FILE).read_text(encoding="utf-8"))
         cfg = GPTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"checkpoint {str(path)!r}: {FINETUNE_FILE} or {CONFIG_FILE} is unreadable ({e})") from e
+        raise UsageError(f"checkpoint {str(path)!r}: {FINETUNE_FILE} or {CONFIG_FILE} is unreadable ({e})") from e
     tokenizer = load_tokenizer(path / TOKENIZER_FILE)
     if meta.get("lora"):
         base = Path(meta["base"]["path"])
         if not (base / MODEL_FILE).is_file():
-            raise ValueError(f"checkpoint {str(path)!r} is a LoRA adapter for the base checkpoint {str(base)!r}, "
+            raise UsageError(f"checkpoint {str(path)!r} is a LoRA adapter for the base checkpoint {str(base)!r}, "
                              "which is no longer there; put the base back or use a merged checkpoint")
         if lora_mod.file_sha256(base / MODEL_FILE) != meta["base"]["sha256"]:
-            raise ValueError(f"the base checkpoint {str(base)!r} has changed since the adapter in {str(path)!r} "
+            raise UsageError(f"the base checkpoint {str(base)!r} has changed since the adapter in {str(path)!r} "
                              "was trained on it; the adapter does not apply to these weights")
         model = load_checkpoint(base, device).model
         if meta["task"] == "classify":
@@ -392,7 +393,7 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
         try:
             state = load_file(path / MODEL_FILE, device=str(device))
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"checkpoint {str(path)!r}: {MODEL_FILE} is missing or unreadable ({e})") from e
+            raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} is missing or unreadable ({e})") from e
         if cfg.tie_weights and "out_head.weight" not in state:
             state["out_head.weight"] = state["tok_emb.weight"]
         model.load_state_dict(state, strict=True)
@@ -418,7 +419,7 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
 
     ft = load_finetuned(checkpoint)
     if not ft.meta.get("lora"):
-        raise ValueError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
+        raise UsageError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
     lora_mod.merge_lora(ft.model)
     meta = {k: v for k, v in ft.meta.items() if k != "lora"}
     meta["merged_from"] = {"adapter": str(ft.path.resolve()), "lora": ft.meta["lora"]}
@@ -446,7 +447,7 @@ def classify_texts(model: nn.Module, tokenizer: Any, labels: Sequence[str], text
 
 def _nonempty(ids: list[int], text: str) -> list[int]:
     if not ids:
-        raise ValueError(f"text {text[:40]!r} encodes to no tokens; give a non-empty text")
+        raise UsageError(f"text {text[:40]!r} encodes to no tokens; give a non-empty text")
     return ids
 
 
@@ -462,7 +463,7 @@ def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int
         if len(ids) <= budget:
             return ids, dropped
         if len(turns) <= 1:
-            raise ValueError(f"the message is {len(ids)} tokens with its prompt, more than the {budget} the "
+            raise UsageError(f"the message is {len(ids)} tokens with its prompt, more than the {budget} the "
                              "context window leaves; send a shorter message")
         turns, dropped = turns[2:], dropped + 1
 
@@ -505,7 +506,7 @@ def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], ma
 def require_eos(tokenizer: Any) -> int:
     eos = getattr(tokenizer, "eos_id", None)
     if eos is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no end token (<|endoftext|>), which "
+        raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no end token (<|endoftext|>), which "
                          "instruction fine-tuning appends to every response; use a GPT-2 or trained BPE tokenizer")
     return eos
 
@@ -522,7 +523,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, round(n * val_fraction))
     if n - n_val < 1:
-        raise ValueError(f"--data has {n} example(s): too few to hold out a validation split; give more data "
+        raise UsageError(f"--data has {n} example(s): too few to hold out a validation split; give more data "
                          "or --val-data")
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -541,11 +542,11 @@ def prepare_classification(data: str | Path, val_data: str | Path | None, text_c
         texts, labels = [texts[i] for i in train_idx], [labels[i] for i in train_idx]
     names = sorted(set(labels))
     if len(names) < 2:
-        raise ValueError(f"--label-column {label_column!r} has {len(names)} distinct label(s) {names}; "
+        raise UsageError(f"--label-column {label_column!r} has {len(names)} distinct label(s) {names}; "
                          "classification needs at least 2")
     unknown = sorted(set(val_labels) - set(names))
     if unknown:
-        raise ValueError(f"the validation split has label(s) {unknown[:5]} that the training split lacks; "
+        raise UsageError(f"the validation split has label(s) {unknown[:5]} that the training split lacks; "
                          f"the model can only predict {names}")
     index = {name: i for i, name in enumerate(names)}
     encode = lambda ts, ls: [Example(_nonempty(tokenizer.encode(t), t)[:max_length], index[lab])  # noqa: E731
@@ -676,16 +677,16 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
         before = FinetuneConfig.from_dict(prev["finetune_config"])
         for key in (f.name for f in dataclasses.fields(FinetuneConfig)):
             if key not in RESUMABLE and getattr(before, key) != getattr(cfg, key):
-                raise ValueError(f"--resume: the run was started with {key}={getattr(before, key)!r}, not "
+                raise UsageError(f"--resume: the run was started with {key}={getattr(before, key)!r}, not "
                                  f"{getattr(cfg, key)!r}; drop the option or start a new run with another --out")
     base_dir = resolve_checkpoint(init_from)
     base_identity = _base_identity(base_dir)
     ckpt = load_checkpoint(base_dir, device)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     if tokenizer is None:
-        raise ValueError(f"--init-from {str(base_dir)!r} has no tokenizer.json; fine-tuning needs to encode text")
+        raise UsageError(f"--init-from {str(base_dir)!r} has no tokenizer.json; fine-tuning needs to encode text")
     if saved is not None and saved.state["init_from_sha256"] != base_identity["sha256"]:
-        raise ValueError("--resume: --init-from is not the checkpoint the run started from; give the same one")
+        raise UsageError("--resume: --init-from is not the checkpoint the run started from; give the same one")
     max_length = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)
 
     if cfg.task == "classify":
@@ -695,7 +696,7 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     if saved is not None:
         for key in ("data_sha256", "val_data_sha256"):
             if saved.state["data"].get(key) != ft_data.meta.get(key):
-                raise ValueError("--resume: --data or --val-data differs from what the run was trained on; "
+                raise UsageError("--resume: --data or --val-data differs from what the run was trained on; "
                                  "give the same files, or start a new run with another --out")
     pad_id = getattr(tokenizer, "eos_id", None) or 0
 
@@ -802,31 +803,21 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
 
 
 def _save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: dict[str, Callable[[Path], Any]]) -> None:
-    """A checkpoint directory (written atomically, as save_checkpoint does) with config, tokenizer and
+    """A checkpoint directory (replaced atomically, as save_checkpoint does) with config, tokenizer and
     `files` but no model.safetensors: a LoRA run's checkpoint, whose weights are its base's."""
-    import os
-    import shutil
-    import tempfile
+    from safetensors import SafetensorError
 
-    from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, _fsync_dir, unwrap, write_json
+    from .checkpoint import CONFIG_FILE, TOKENIZER_FILE, unwrap, write_failed, write_json
+    from .fsio import replace_dir
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
-        tokenizer.save(tmp / TOKENIZER_FILE)
-        for name, write in files.items():
-            write(tmp / name)
-        _fsync_dir(tmp)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with replace_dir(path, "checkpoint") as tmp:
+            write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            for name, write in files.items():
+                write(tmp / name)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(path, e) from e
 
 
 def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str | Path,
@@ -835,29 +826,30 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
     """`build-llm finetune classify|instruct`: check the run directory, resolve the settings (given
     options > the checkpoint's when resuming > defaults), fine-tune, print the last evaluation as JSON."""
     from .checkpoint import CHECKPOINT_DIR, PREVIOUS_DIR, load_trainer_state
+    from .fsio import claim_dir, lock_dir
     from .train import TrainingStopped
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} is a file; give a directory for the run")
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
     has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
     if resume and not has_ckpt:
-        raise ValueError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
     if not resume and has_ckpt:
-        raise ValueError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {str(out)!r} is a non-empty directory that holds no run; give a new or empty directory")
+        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
     if resume:
         saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
         if saved["task"] != task:
-            raise ValueError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
+            raise UsageError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
         cfg = FinetuneConfig.from_dict({**saved, **options})
     else:
         cfg = FinetuneConfig(task=task, **options)
+    claim_dir(out, "finetune")  # a new or empty directory, or one of our fine-tuning runs
     try:
-        result = finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
-                          label_column=label_column, resume=resume)
+        with lock_dir(out):
+            result = finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
+                              label_column=label_column, resume=resume)
     except TrainingStopped as e:
         print(f"build-llm: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
+
 ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"
 
 # Which Linear layers each target names, by their position in GPTModel.
@@ -70,16 +72,16 @@ class LinearWithLoRA(nn.Module):
 
 def check_rank_alpha(rank: Any, alpha: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank={rank!r} is invalid; expected an integer >= 1")
+        raise UsageError(f"LoRA rank={rank!r} is invalid; expected an integer >= 1")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"LoRA alpha={alpha!r} is invalid; expected a number > 0")
+        raise UsageError(f"LoRA alpha={alpha!r} is invalid; expected a number > 0")
 
 
 def check_targets(targets: Iterable[str]) -> tuple[str, ...]:
     targets = tuple(targets)
     bad = [t for t in targets if t not in TARGETS]
     if not targets or bad:
-        raise ValueError(f"LoRA targets={list(targets)!r} are invalid; expected one or more of {sorted(TARGETS)}")
+        raise UsageError(f"LoRA targets={list(targets)!r} are invalid; expected one or more of {sorted(TARGETS)}")
     return targets
 
 
@@ -99,7 +101,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]
     targets = check_targets(targets)
     if "head" in targets and getattr(getattr(model, "cfg", None), "tie_weights", False) \
             and model.out_head.weight is model.tok_emb.weight:
-        raise ValueError("LoRA target 'head' is invalid for a model whose head is tied to the token embedding; "
+        raise UsageError("LoRA target 'head' is invalid for a model whose head is tied to the token embedding; "
                          f"choose from {sorted(set(TARGETS) - {'head'})}")
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and _is_target(name, targets)]
@@ -161,7 +163,7 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any]) -> dict[str, Any]:
     layers = lora_layers(model)
     if not layers:
-        raise ValueError("model has no LoRA layers; call apply_lora first")
+        raise UsageError("model has no LoRA layers; call apply_lora first")
     lora = layers[0][1].lora
     return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.scaling, "targets": list(targets),
             "layers": [n for n, _ in layers], "base": base}
@@ -188,10 +190,10 @@ def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         meta = json.loads((directory / ADAPTER_META_FILE).read_text(encoding="utf-8"))
         tensors = load_file(directory / ADAPTER_FILE)
     except (OSError, ValueError, SafetensorError) as e:
-        raise ValueError(f"adapter in {str(directory)!r} is missing or unreadable ({e})") from e
+        raise UsageError(f"adapter in {str(directory)!r} is missing or unreadable ({e})") from e
     for key in ("rank", "alpha", "scaling", "targets"):
         if key not in meta:
-            raise ValueError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
+            raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
     return tensors, meta
 
 
@@ -201,14 +203,14 @@ def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
-        raise ValueError(f"adapter does not fit this model: unexpected tensors {unknown[:4]}")
+        raise UsageError(f"adapter does not fit this model: unexpected tensors {unknown[:4]}")
     missing = sorted(n for n in params if ".lora." in f".{n}" and n not in tensors)
     if missing:
-        raise ValueError(f"adapter does not fit this model: missing tensors {missing[:4]}")
+        raise UsageError(f"adapter does not fit this model: missing tensors {missing[:4]}")
     with torch.no_grad():
         for name, t in tensors.items():
             if params[name].shape != t.shape:
-                raise ValueError(f"adapter does not fit this model: {name} has shape {tuple(t.shape)}, "
+                raise UsageError(f"adapter does not fit this model: {name} has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(t)
     freeze_for_lora(model, [n for n in tensors if ".lora." not in f".{n}"])

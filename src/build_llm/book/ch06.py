@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import UsageError
+
 from ..finetune import last_token_logits, prepare_classifier, read_labeled_csv
 
 __all__ = ["SpamDataset", "calc_accuracy_loader", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
@@ -32,7 +34,7 @@ class SpamDataset(Dataset):
         try:
             self.labels = [int(label) for label in labels]
         except ValueError as e:
-            raise ValueError(f"{label_column!r} in {str(csv_file)!r} must hold integer class ids ({e})") from None
+            raise UsageError(f"{label_column!r} in {str(csv_file)!r} must hold integer class ids ({e})") from None
         self.encoded_texts = [tokenizer.encode(text) for text in texts]
         if max_length is None:
             self.max_length = self._longest_encoded_length()

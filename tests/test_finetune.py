@@ -220,19 +220,27 @@ def test_finetune_instruct_full_and_lora_then_merge(base, tmp_path):
         merge_checkpoint(tmp_path / "full", tmp_path / "merged2")
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(base, tmp_path):
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(base, tmp_path, monkeypatch):
     data = tmp_path / "train.csv"
     write_classification_csv(data, 8)
     cfg = FinetuneConfig(task="classify", epochs=3, batch_size=4, lr=3e-3, eval_every=2, seed=5, lora_rank=2,
                          lora_alpha=4)
     whole = finetune(tmp_path / "whole", base, cfg, data=data, log=lambda s: None)
 
-    def interrupt_at_step_4(message: str) -> None:
-        if message.startswith("step 4/"):
-            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the loop saves and stops
+    import build_llm.finetune as ft_module
 
+    evaluate, calls = ft_module.evaluate, []
+
+    def evaluate_then_interrupt(*args, **kw):  # after the evaluation at step 4, Ctrl-C
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the loop saves and stops
+        return evaluate(*args, **kw)
+
+    monkeypatch.setattr(ft_module, "evaluate", evaluate_then_interrupt)
     with pytest.raises(TrainingStopped) as stopped:
-        finetune(tmp_path / "split", base, cfg, data=data, log=interrupt_at_step_4)
+        finetune(tmp_path / "split", base, cfg, data=data, log=lambda s: None)
+    monkeypatch.setattr(ft_module, "evaluate", evaluate)
     assert stopped.value.exit_code == 130
     resumed = finetune(tmp_path / "split", base, cfg, data=data, resume=True, log=lambda s: None)
     assert resumed["step"] == whole["step"]

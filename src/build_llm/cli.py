@@ -694,12 +694,22 @@ FINETUNE_KEYS = ("epochs", "steps", "batch_size", "micro_batch_size", "lr", "wei
                  "val_fraction", "max_length", "seed", "device", "lora_rank", "lora_alpha", "lora_targets")
 
 
-def run_finetune(args: argparse.Namespace) -> None:
-    from .finetune import run_finetune as run
+def run_finetune(args: argparse.Namespace) -> int:
+    import json
 
-    run(args.out, args.init_from, args.task, data=args.data, val_data=args.val_data,
-        text_column=getattr(args, "text_column", "text"), label_column=getattr(args, "label_column", "label"),
-        options={k: getattr(args, k) for k in FINETUNE_KEYS}, resume=args.resume)
+    from .run import run_finetune as run
+    from .train import TrainingStopped
+
+    try:
+        result = run(args.out, args.init_from, args.task, data=args.data, val_data=args.val_data,
+                     text_column=getattr(args, "text_column", "text"),
+                     label_column=getattr(args, "label_column", "label"),
+                     options={k: getattr(args, k) for k in FINETUNE_KEYS}, resume=args.resume)
+    except TrainingStopped as e:
+        print(f"build-llm: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    print(json.dumps(result))
+    return 0
 
 
 def add_classify(sub) -> None:

@@ -666,7 +666,8 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     from .checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
                              save_checkpoint, set_rng_state, trainer_files)
     from .runtime import get_device
-    from .train import StopFlag, TrainingStopped, cpu_threads_for
+    from .run import cpu_threads_for
+    from .train import RunLog, StopFlag, TrainingStopped, TrainState
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     out_dir = Path(out_dir)
@@ -727,20 +728,13 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     spe = steps_per_epoch(n_train, cfg.batch_size)
     total_steps = cfg.steps or cfg.epochs * spe
     eval_every = cfg.eval_every or spe
-    step, elapsed, seen = 0, 0.0, 0
-    metrics_path = out_dir / "metrics.jsonl"
-    history: list[dict[str, Any]] = []
+    state = TrainState(core=model, model=model, optimizer=optimizer)
     if saved is not None:
         set_optimizer_state_dict(model, optimizer, saved.optimizer)
         set_rng_state(saved.rng, saved.state["rng"])
-        step, elapsed, seen = saved.state["step"], saved.state["elapsed_s"], saved.state["seen"]
-        if metrics_path.exists():  # drop rows logged after the checkpoint we resume from
-            rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            history = [r for r in rows if r["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+        state.step, state.elapsed, state.tokens_seen = (saved.state["step"], saved.state["elapsed_s"],
+                                                        saved.state["tokens_seen"])
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("", encoding="utf-8")
         log(f"fine-tuning ({cfg.task}{', LoRA rank %d' % cfg.lora_rank if lora_meta else ''}): "
             f"{trainable:,} of {total_params:,} parameters trainable ({100 * trainable / total_params:.2f}%), "
             f"{n_train} training and {len(ft_data.val)} validation examples, {total_steps} steps")
@@ -749,55 +743,55 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
                 "were cut (their end token is lost)")
 
     def save() -> None:
-        state = {"format": 1, "step": step, "elapsed_s": elapsed, "seen": seen, "finetune_config": cfg.to_dict(),
-                 "data": ft_data.meta, "init_from_sha256": meta["base"]["sha256"]}
-        files = {**finetuned_files(meta, model), **trainer_files(get_optimizer_state_dict(model, optimizer), state)}
+        trainer = {"format": 1, "step": state.step, "elapsed_s": state.elapsed, "tokens_seen": state.tokens_seen,
+                   "finetune_config": cfg.to_dict(), "data": ft_data.meta, "init_from_sha256": meta["base"]["sha256"]}
+        files = {**finetuned_files(meta, model), **trainer_files(get_optimizer_state_dict(model, optimizer), trainer)}
         if lora_meta is not None:  # the adapter alone, no copy of the base weights
             _save_without_weights(out_dir / CHECKPOINT_DIR, model, tokenizer, files)
         else:
             save_checkpoint(out_dir / CHECKPOINT_DIR, model, tokenizer, files)
 
+    # The run's record (metrics.jsonl, progress bar, loss.png) is the trainer's; the step differs from
+    # train.train_step in weighting micro-batches by their target tokens instead of equally.
+    run_log = RunLog(out_dir, total_steps, state, resume=saved is not None, log=log)
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     cpu_threads_for(model.cfg, device)
     try:
-        row: dict[str, Any] = history[-1] if history else {}
-        t_start = time.perf_counter() - elapsed
-        interval: list[float] = []
         model.train()
         with StopFlag() as stop:
-            while step < total_steps:
-                torch.manual_seed(int(np.random.default_rng([cfg.seed, 2, step]).integers(2**62)))  # dropout
-                examples = [ft_data.train[i] for i in batch_at(step, n_train, cfg)]
+            while state.step < total_steps:
+                torch.manual_seed(int(np.random.default_rng([cfg.seed, 2, state.step]).integers(2**62)))  # dropout
+                examples = [ft_data.train[i] for i in batch_at(state.step, n_train, cfg)]
+                t0 = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                loss, _ = step_loss(model, examples, cfg.task, pad_id, max_length, cfg.micro_batch_size, device)
+                loss, n_targets = step_loss(model, examples, cfg.task, pad_id, max_length, cfg.micro_batch_size,
+                                            device)
                 if not math.isfinite(loss):
-                    raise TrainingStopped(f"loss is {loss} at step {step + 1}: fine-tuning diverged; the last good "
-                                          f"checkpoint is kept in {out_dir / CHECKPOINT_DIR} (try a lower --lr)", 1)
+                    raise TrainingStopped(f"loss is {loss} at step {state.step + 1}: fine-tuning diverged; the last "
+                                          f"good checkpoint is kept in {out_dir / CHECKPOINT_DIR} (try a lower --lr)", 1)
                 if cfg.grad_clip > 0:
                     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()
-                step, seen = step + 1, seen + len(examples)
-                interval.append(loss)
-                if step % eval_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - t_start
-                    row = {"step": step, "epoch": round(step / spe, 3), "train_loss": float(np.mean(interval)),
-                           **evaluate(model, ft_data, pad_id, max_length, device), "examples_seen": seen,
-                           "lr": cfg.lr, "elapsed_s": round(elapsed, 3)}
-                    history.append(row)
-                    with open(metrics_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(row) + "\n")
-                    log(f"step {step}/{total_steps}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}"
-                        + (f", val accuracy {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""))
+                tokens = sum(len(e.ids) for e in examples)
+                state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
+                run_log.step(loss, cfg.lr, time.perf_counter() - t0, tokens)
+                evaluated = state.step % eval_every == 0 or state.step == total_steps
+                if evaluated:
+                    metrics = evaluate(model, ft_data, pad_id, max_length, device)
+                    state.elapsed = run_log.elapsed()
+                    run_log.evaluation(state, cfg.lr, {**metrics, "epoch": round(state.step / spe, 3)})
                     save()
-                    interval = []
+                    run_log.plot(force=state.step == total_steps)
                 if stop.raised is not None:
-                    elapsed = time.perf_counter() - t_start
-                    if step % eval_every and step != total_steps:
+                    state.elapsed = run_log.elapsed()
+                    if not evaluated:
                         save()
-                    raise TrainingStopped(f"interrupted at step {step}/{total_steps}; checkpoint saved in "
+                    raise TrainingStopped(f"interrupted at step {state.step}/{total_steps}; checkpoint saved in "
                                           f"{out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
     finally:
+        run_log.close()
         torch.set_num_threads(threads)
+    row = run_log.history[-1] if run_log.history else {}
     model.eval()
     return {**row, "trainable_parameters": trainable, "parameters": total_params}
 
@@ -819,39 +813,3 @@ def _save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: d
     except (OSError, SafetensorError) as e:
         raise write_failed(path, e) from e
 
-
-def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str | Path,
-                 val_data: str | Path | None = None, text_column: str = "text", label_column: str = "label",
-                 options: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
-    """`build-llm finetune classify|instruct`: check the run directory, resolve the settings (given
-    options > the checkpoint's when resuming > defaults), fine-tune, print the last evaluation as JSON."""
-    from .checkpoint import CHECKPOINT_DIR, PREVIOUS_DIR, load_trainer_state
-    from .fsio import claim_dir, lock_dir
-    from .train import TrainingStopped
-
-    options = {k: v for k, v in (options or {}).items() if v is not None}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
-    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
-    if resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
-    if not resume and has_ckpt:
-        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
-    if resume:
-        saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
-        if saved["task"] != task:
-            raise UsageError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
-        cfg = FinetuneConfig.from_dict({**saved, **options})
-    else:
-        cfg = FinetuneConfig(task=task, **options)
-    claim_dir(out, "finetune")  # a new or empty directory, or one of our fine-tuning runs
-    try:
-        with lock_dir(out):
-            result = finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
-                              label_column=label_column, resume=resume)
-    except TrainingStopped as e:
-        print(f"build-llm: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(e.exit_code) from None
-    print(json.dumps(result))
-    return result

@@ -228,3 +228,36 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
         except ValueError:
             pass  # the text is not an ABC text: no optimum to compare with
     return result
+
+
+def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str | Path,
+                 val_data: str | Path | None = None, text_column: str = "text", label_column: str = "label",
+                 options: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """`build-llm finetune classify|instruct`: check the run directory (a new or empty one, or our
+    fine-tuning run; locked while writing), resolve the settings (given options > the checkpoint's
+    when resuming > defaults), fine-tune; returns the last evaluation row. Raises UsageError for bad
+    settings and TrainingStopped when interrupted or diverged."""
+    from .checkpoint import PREVIOUS_DIR, load_trainer_state
+    from .finetune import FinetuneConfig, finetune, resolve_finetuned
+    from .fsio import claim_dir, lock_dir
+
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
+    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
+    if resume and not has_ckpt:
+        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+    if not resume and has_ckpt:
+        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+    if resume:
+        saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
+        if saved["task"] != task:
+            raise UsageError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
+        cfg = FinetuneConfig.from_dict({**saved, **options})
+    else:
+        cfg = FinetuneConfig(task=task, **options)
+    claim_dir(out, "finetune")  # a new or empty directory, or one of our fine-tuning runs
+    with lock_dir(out):
+        return finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
+                        label_column=label_column, resume=resume)

@@ -43,6 +43,21 @@ class TrainingRun:
     report: str          # the end of the run for stdout: final loss and samples ("" on other processes)
 
 
+def check_run_dir(out: str | Path, resume: bool) -> Path:
+    """--out of a run: a directory that holds a checkpoint exactly when resuming."""
+    from .checkpoint import PREVIOUS_DIR
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
+    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
+    if resume and not has_ckpt:
+        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
+    if not resume and has_ckpt:
+        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+    return out
+
+
 def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | None = None,
                  preset: str | None = None, model_options: dict[str, Any] | None = None,
                  train_options: dict[str, Any] | None = None, resume: bool = False) -> TrainingRun:
@@ -53,20 +68,13 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
 
     `data` None is the R notebook's ABC experiment. Options left None take their default.
     """
-    from .checkpoint import PREVIOUS_DIR, resolve_checkpoint
+    from .checkpoint import resolve_checkpoint
     from .config import GPTConfig
     from .data import prepare_corpus
 
     model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
     train_options = {k: v for k, v in (train_options or {}).items() if v is not None}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
-    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
-    if resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
-    if not resume and has_ckpt:
-        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+    out = check_run_dir(out, resume)
 
     saved_state, saved_model = None, None
     if resume:
@@ -237,19 +245,12 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
     fine-tuning run; locked while writing), resolve the settings (given options > the checkpoint's
     when resuming > defaults), fine-tune; returns the last evaluation row. Raises UsageError for bad
     settings and TrainingStopped when interrupted or diverged."""
-    from .checkpoint import PREVIOUS_DIR, load_trainer_state
+    from .checkpoint import load_trainer_state
     from .finetune import FinetuneConfig, finetune, resolve_finetuned
     from .fsio import claim_dir, lock_dir
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} is a file; give a directory for the run")
-    has_ckpt = (out / CHECKPOINT_DIR).exists() or (out / PREVIOUS_DIR).exists()
-    if resume and not has_ckpt:
-        raise UsageError(f"--resume: no checkpoint in {str(out)!r}; start without --resume to begin a run there")
-    if not resume and has_ckpt:
-        raise UsageError(f"--out {str(out)!r} already holds a run; add --resume to continue it or give another --out")
+    out = check_run_dir(out, resume)
     if resume:
         saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
         if saved["task"] != task:

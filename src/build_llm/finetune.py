@@ -473,25 +473,19 @@ def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], eos
                     generator: torch.Generator | None = None) -> Iterator[str]:
     """Yield the response text piece by piece as tokens are generated, up to the end token (not
     included). Text is yielded only up to whole characters (a byte-level BPE can split a character)."""
-    from .generate import stream
+    from .generate import decode_stream, stream
 
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    shown = ""
-    for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
-                        generator=generator):
-        t = int(token[0, 0])
-        if t == eos_id:
-            break
-        new.append(t)
-        text = tokenizer.decode(new)
-        if not text.endswith("\ufffd") and len(text) > len(shown):
-            yield text[len(shown):]
-            shown = text
-    text = tokenizer.decode(new)
-    if len(text) > len(shown):
-        yield text[len(shown):]
+
+    def new_ids() -> Iterator[int]:
+        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
+                            generator=generator):
+            if int(token[0, 0]) == eos_id:
+                return
+            yield int(token[0, 0])
+
+    yield from decode_stream(tokenizer, new_ids())
 
 
 def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 64,

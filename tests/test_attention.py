@@ -111,3 +111,76 @@ def test_per_row_positions_decode_rows_of_different_lengths_as_each_alone():
     chunk = model(two, cache=type(cache).over(cache.k, cache.v, rows.pos - 1))
     for r, s in enumerate(seqs):
         torch.testing.assert_close(chunk[r], model(s)[0, -2:], atol=1e-5, rtol=0)
+
+
+def test_rotary_scores_depend_only_on_the_distance():
+    """Rotary positions: q at position i and k at j score the same as at i + s and j + s."""
+    from build_llm.attention import rotary
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    score = lambda i, j: (rotary(q, i, 10000.0) * rotary(k, j, 10000.0)).sum()  # noqa: E731
+    torch.testing.assert_close(score(5, 2), score(12, 9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(score(0, 0), (q * k).sum(), atol=1e-6, rtol=0)  # position 0: no turn
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    # a rotation keeps each vector's length
+    torch.testing.assert_close(rotary(q, 7, 10000.0).norm(), q.norm())
+
+
+def test_rotary_turns_pair_i_by_position_times_base_power():
+    """Exact maths: pair (x_i, x_{i+hs/2}) turns by pos * base^(-2i/hs)."""
+    from build_llm.attention import rotary
+
+    x = torch.zeros(1, 1, 1, 4)
+    x[..., 1] = 1.0  # the second pair, i = 1: frequency 100^(-2/4) = 0.1
+    out = rotary(x, 3, 100.0)[0, 0, 0]
+    angle = torch.tensor(3 * 0.1)
+    torch.testing.assert_close(out, torch.stack([torch.tensor(0.0), angle.cos(), torch.tensor(0.0), angle.sin()]))
+
+
+@pytest.mark.parametrize("options", [dict(pos_emb="rope"), dict(qk_norm=True),
+                                     dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True)])
+@pytest.mark.parametrize("impl", ["explicit", "sdpa"])
+def test_options_keep_paths_and_cache_equal(options, impl):
+    cfg = GPTConfig(vocab_size=11, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, **options)
+    torch.manual_seed(0)
+    model = GPTModel(cfg.replace(attn_impl=impl)).eval()
+    other = GPTModel(cfg.replace(attn_impl="sdpa" if impl == "explicit" else "explicit")).eval()
+    other.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 11, (2, 16))
+    full = model(idx)
+    torch.testing.assert_close(other(idx), full, atol=1e-5, rtol=0)
+    cache = model.new_cache(batch_size=2)
+    pieces = [model(idx[:, a:b], cache=cache) for a, b in [(0, 5), (5, 6), (6, 16)]]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+    assert (model.pos_emb is None) == (cfg.pos_emb == "rope")
+
+
+def test_qk_norm_gives_unit_rms_queries_and_keys():
+    att = MultiHeadAttention(32, 32, 16, 0.0, 4, qk_norm=True)
+    q, k, _ = att.qkv(torch.randn(2, 10, 32))
+    for t in (q, k):  # (B, nh, T, hs), the learned scale still 1
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, 4, 10), atol=1e-3, rtol=0)  # eps: 1e-5 / mean(x^2)
+
+
+def test_fused_attention_with_dropout_for_every_model_but_the_seeds():
+    """The seed's training-mode numbers come from the explicit path; GPT-2 presets have no such pin."""
+    book = GPTModel(GPTConfig.from_preset("book-124m", n_layers=1, emb_dim=64, n_heads=4, vocab_size=10)).train()
+    gpt2 = GPTModel(GPTConfig.from_preset("gpt2-small", n_layers=1, emb_dim=64, n_heads=4, vocab_size=10)).train()
+    assert book.trf_blocks[0].att.use_fused() is False
+    assert gpt2.trf_blocks[0].att.use_fused() is True and gpt2.cfg.drop_rate > 0
+
+
+def test_rotary_per_row_positions_decode_as_each_row_alone():
+    cfg = GPTConfig(vocab_size=50, context_length=24, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0,
+                    pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False)
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    seqs = [torch.randint(0, 50, (1, n)) for n in (3, 9, 6)]
+    cache = model.new_cache(batch_size=3)
+    for r, s in enumerate(seqs):
+        model(s[:, :-1], cache=type(cache).over(cache.k[:, r:r + 1], cache.v[:, r:r + 1], 0))
+    rows = type(cache).over(cache.k, cache.v, torch.tensor([s.shape[1] - 1 for s in seqs]))
+    logits = model(torch.cat([s[:, -1:] for s in seqs]), cache=rows)[:, -1]  # (3, V)
+    for r, s in enumerate(seqs):
+        torch.testing.assert_close(logits[r], model(s)[0, -1], atol=1e-5, rtol=0)

@@ -33,6 +33,13 @@ def test_preset_overrides_and_replace():
     ({"attn_impl": "flash"}, ["attn_impl='flash'", "sdpa"]),
     ({"padding_idx": 50257}, ["padding_idx=50257", "[0, 50257)"]),
     ({"init_std": -1}, ["init_std=-1"]),
+    ({"pos_emb": "alibi"}, ["pos_emb='alibi'", "rope"]),
+    ({"norm": "batchnorm"}, ["norm='batchnorm'", "rmsnorm"]),
+    ({"mlp": "geglu"}, ["mlp='geglu'", "swiglu", "relu2"]),
+    ({"ff_dim": 0}, ["ff_dim=0", ">= 1"]),
+    ({"qk_norm": 1}, ["qk_norm=1", "true or false"]),
+    ({"rope_base": 1}, ["rope_base=1", "> 1"]),
+    ({"pos_emb": "rope", "emb_dim": 36, "n_heads": 12}, ["rope", "even head size", "3"]),
 ])
 def test_invalid_values_name_key_value_and_valid_range(changes, words):
     with pytest.raises(ValueError) as e:
@@ -53,3 +60,15 @@ def test_unknown_key_and_unknown_preset():
 def test_frozen():
     with pytest.raises(Exception):
         GPTConfig().emb_dim = 3
+
+
+def test_feed_forward_width_defaults():
+    cfg = GPTConfig(emb_dim=128, n_heads=4)
+    assert cfg.ff_hidden == 512 and cfg.replace(mlp="relu2").ff_hidden == 512
+    # SwiGLU has three matrices: 8/3 of the width keeps the parameter count, rounded up to a multiple of 8
+    assert cfg.replace(mlp="swiglu").ff_hidden == 344 and cfg.replace(mlp="swiglu", ff_dim=100).ff_hidden == 100
+
+
+def test_the_options_default_to_the_book():
+    cfg = GPTConfig.from_dict(SEED_CONFIG)
+    assert (cfg.pos_emb, cfg.norm, cfg.mlp, cfg.ff_dim, cfg.qk_norm) == ("learned", "layernorm", "gelu", None, False)

@@ -270,6 +270,52 @@ def test_export_refuses_what_gpt2_cannot_express(monkeypatch, tmp_path):
     assert config_to_hf(our_shapes["gpt2"].replace(ln_eps=1e-5))["layer_norm_epsilon"] == 1e-5
 
 
+LLAMA_OPTIONS = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False)
+llama_shapes = {
+    "untied": GPTConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, **LLAMA_OPTIONS),
+    "tied-fused-qkv": GPTConfig(vocab_size=300, context_length=32, emb_dim=64, n_heads=4, n_layers=2, tie_weights=True,
+                                fused_qkv=True, ff_dim=100, rope_base=500.0, ln_eps=1e-6, **LLAMA_OPTIONS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(llama_shapes))
+def test_llama_shaped_models_export_to_llama(name, tmp_path):
+    """Independent reference: transformers' own LlamaForCausalLM (its RoPE, RMSNorm, SwiGLU)."""
+    from transformers import LlamaForCausalLM
+
+    cfg = llama_shapes[name]
+    model = randomize_(GPTModel(cfg), seed=13).eval()
+    idx = tokens(cfg.vocab_size, (2, cfg.context_length), seed=14)
+    expected = our_logits(model, idx)
+    assert sorted(save_hf(model, tmp_path)) == ["config.json", "model.safetensors"]
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.intermediate_size == cfg.ff_hidden and loaded.config.tie_word_embeddings == cfg.tie_weights
+    torch.testing.assert_close(hf_logits(loaded, idx), expected, atol=ATOL, rtol=0)
+    direct = to_hf(model)
+    assert isinstance(direct, LlamaForCausalLM)
+    torch.testing.assert_close(hf_logits(direct, idx), expected, atol=ATOL, rtol=0)
+    # a sanity check of the comparison itself: a position-blind model would not match
+    with torch.no_grad():
+        shifted = our_logits(model, idx.roll(1, dims=1))
+    assert not torch.allclose(shifted[:, 1:], expected[:, 1:], atol=1e-3)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(mlp="relu2"), "GPT-2 cannot express this model: mlp='relu2'"),
+    (dict(qk_norm=True), "GPT-2 cannot express this model: qk_norm=True"),
+    (dict(pos_emb="rope"), "Llama cannot express this model: norm='layernorm', mlp='gelu', bias=True"),
+    (dict(**LLAMA_OPTIONS, qk_norm=True), "Llama cannot express this model: qk_norm=True"),
+    ({**LLAMA_OPTIONS, "gelu": "exact", "padding_idx": 0, "qkv_bias": True}, "Llama cannot express this model: qkv_bias=True"),
+])
+def test_export_refuses_other_mixes_naming_the_option(changes, message, tmp_path):
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1, **changes))
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        save_hf(model, tmp_path / "out")
+    with pytest.raises(ValueError, match="cannot express"):
+        to_hf(model)
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_writes_tokenizers_that_autotokenizer_loads(tmp_path):
     from transformers import AutoTokenizer
 

@@ -19,3 +19,10 @@ class GELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x, approximate="tanh" if self.approximate == "tanh" else "none")
+
+
+class ReLUSquared(nn.Module):
+    """max(x, 0)^2 (Primer; modded-nanogpt's MLP): cheaper than GELU and sparser."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()

@@ -15,6 +15,25 @@ import torch.nn.functional as F
 
 from .config import ATTN_IMPLS
 from .errors import UsageError
+from .layer import RMSNorm
+
+
+def rotary(x: torch.Tensor, start: int | torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary positions for x (B, nh, T, hs) at positions start..start+T-1 (`start` an int, or per-row
+    starts (B,)): each pair (x_i, x_{i+hs/2}) turns by the angle position * base^(-2i/hs), so a
+    query-key dot product depends on their distance only. The rotate-half pairing is Llama's (Hugging
+    Face's layout), so its weights load unchanged."""
+    hs, num_tokens = x.shape[-1], x.shape[-2]
+    inv_freq = 1.0 / base ** (torch.arange(0, hs, 2, device=x.device, dtype=torch.float32) / hs)  # (hs/2,)
+    positions = torch.arange(num_tokens, device=x.device, dtype=torch.float32)
+    if isinstance(start, torch.Tensor):
+        positions = (positions + start.to(x.device, torch.float32)[:, None])[:, None, :, None]  # (B, 1, T, 1)
+    else:
+        positions = (positions + start)[:, None]  # (T, 1)
+    angles = positions * inv_freq  # (T, hs/2) or (B, 1, T, hs/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :hs // 2], x[..., hs // 2:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (B, nh, T, hs)
 
 
 class KVCache:
@@ -58,7 +77,8 @@ class LayerKV:
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float, num_heads: int,
                  qkv_bias: bool = False, *, fused_qkv: bool = False, out_bias: bool = True,
-                 impl: str = "auto") -> None:
+                 impl: str = "auto", rope_base: float | None = None, qk_norm: bool = False,
+                 norm_eps: float = 1e-5) -> None:
         super().__init__()
         if d_out % num_heads:
             raise UsageError(f"MultiHeadAttention: d_out={d_out} is not divisible by num_heads={num_heads}")
@@ -75,6 +95,11 @@ class MultiHeadAttention(nn.Module):
             self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)
         self.dropout = nn.Dropout(dropout)
+        self.rope_base = rope_base  # None: no rotary positions (the model adds a position table instead)
+        if qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, norm_eps)
+        self.qk_norm = qk_norm
         # True above the diagonal: position i may not look at j > i. Not saved with the weights.
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length, dtype=torch.bool),
                                                 diagonal=1), persistent=False)
@@ -101,15 +126,20 @@ class MultiHeadAttention(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Project x (B, T, d_in) to queries, keys and values, each (B, nh, T, hs)."""
+    def qkv(self, x: torch.Tensor, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project x (B, T, d_in) at positions start.. to queries, keys and values, each (B, nh, T, hs)."""
         b, num_tokens, _ = x.shape
         if self.fused_qkv:
             queries, keys, values = self.W_qkv(x).split(self.d_out, dim=2)
         else:
             keys, queries, values = self.W_key(x), self.W_query(x), self.W_value(x)
         split = lambda t: t.view(b, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # noqa: E731
-        return split(queries), split(keys), split(values)  # (B, nh, T, hs)
+        queries, keys, values = split(queries), split(keys), split(values)  # (B, nh, T, hs)
+        if self.qk_norm:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        if self.rope_base is not None:
+            queries, keys = rotary(queries, start, self.rope_base), rotary(keys, start, self.rope_base)
+        return queries, keys, values
 
     def use_fused(self) -> bool:
         if self.impl == "auto":
@@ -118,12 +148,12 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: LayerKV | None = None) -> torch.Tensor:
         b, num_tokens, _ = x.shape
-        queries, keys, values = self.qkv(x)  # (B, nh, T, hs)
+        start = 0 if cache is None else cache.pos  # an int, or per-row positions (B,)
+        queries, keys, values = self.qkv(x, start)  # (B, nh, T, hs)
         if cache is not None and isinstance(cache.pos, torch.Tensor):
             return self.out_proj(self.attend_rows(queries, keys, values, cache))
-        start = 0
         if cache is not None:
-            start, end = cache.pos, cache.pos + num_tokens
+            end = start + num_tokens
             cache.k[:, :, start:end] = keys
             cache.v[:, :, start:end] = values
             keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # (B, nh, start+T, hs)

@@ -162,7 +162,7 @@ def decode_bytes_per_token(model: GPTModel) -> int:
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
     total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers())
     tied = model.cfg.tie_weights and not isinstance(model.out_head, Int8Linear)
-    tables = [model.pos_emb.weight] + ([] if tied else [model.tok_emb.weight])
+    tables = [t.weight for t in (model.pos_emb,) if t is not None] + ([] if tied else [model.tok_emb.weight])
     return total - sum(t.numel() * t.element_size() for t in tables)
 
 
@@ -170,7 +170,7 @@ def matmul_params(cfg: GPTConfig) -> int:
     """N of the FLOP count: parameters that take part in matrix products (not the lookup tables)."""
     with torch.device("meta"):
         model = GPTModel(cfg)
-    n = sum(p.numel() for p in model.parameters()) - model.pos_emb.weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - (model.pos_emb.weight.numel() if model.pos_emb is not None else 0)
     return n if cfg.tie_weights else n - model.tok_emb.weight.numel()
 
 

@@ -15,6 +15,9 @@ from .errors import UsageError, UsageTypeError
 
 GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
+POS_EMBS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -38,11 +41,27 @@ class GPTConfig:
     # Dropout on the attention output before the residual add (the book); the R model has none there.
     attn_out_dropout: bool = True
     # "auto": fused scaled_dot_product_attention except where dropout on the weights is active, so
-    # that training-mode numbers match the book's explicit path draw for draw.
+    # that training-mode numbers match the book's explicit path draw for draw (the seed's model);
+    # "sdpa": fused with dropout too (the GPT-2 presets, imported GPT-2s, the trainer's own models).
     attn_impl: str = "auto"
     # None: PyTorch's default initialisation (the book). A float: GPT-2's normal(0, std) scheme.
     init_std: float | None = None
     ln_eps: float = 1e-5
+    # --- options beyond the book (docs/speed.md measures each): the defaults are the book's ---
+    # "learned": a position-embedding table (the book, GPT-2); "rope": rotary positions applied to
+    # queries and keys (Llama's rotate-half convention, base `rope_base`), no table.
+    pos_emb: str = "learned"
+    rope_base: float = 10000.0
+    # "layernorm" (the book) or "rmsnorm" (no mean subtraction, no shift; Llama).
+    norm: str = "layernorm"
+    # Feed-forward: "gelu" (the book: Linear, GELU, Linear), "relu2" (ReLU squared in place of GELU)
+    # or "swiglu" (SiLU(x W_gate) * (x W_up), then W_down; Llama).
+    mlp: str = "gelu"
+    # Hidden width of the feed-forward; None: 4 * emb_dim (swiglu: 8/3 * emb_dim rounded up to a
+    # multiple of 8, the same parameter count as 4 * emb_dim with two matrices).
+    ff_dim: int | None = None
+    # RMS-normalise each head's queries and keys (learned scale) before the dot product.
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
@@ -75,10 +94,31 @@ class GPTConfig:
             raise UsageError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a number > 0")
         if not isinstance(self.ln_eps, (int, float)) or self.ln_eps <= 0:
             raise UsageError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a number > 0")
+        for key, valid in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, key) not in valid:
+                raise UsageError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected one of {valid}")
+        if (isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float))
+                or not self.rope_base > 1):
+            raise UsageError(f"GPTConfig: rope_base={self.rope_base!r} is invalid; expected a number > 1")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise UsageError(f"GPTConfig: pos_emb='rope' needs an even head size, but emb_dim / n_heads = "
+                             f"{self.head_dim}; choose emb_dim a multiple of 2 * n_heads")
+        if self.ff_dim is not None and (isinstance(self.ff_dim, bool) or not isinstance(self.ff_dim, int)
+                                        or self.ff_dim < 1):
+            raise UsageError(f"GPTConfig: ff_dim={self.ff_dim!r} is invalid; expected None or an integer >= 1")
+        if not isinstance(self.qk_norm, bool):
+            raise UsageError(f"GPTConfig: qk_norm={self.qk_norm!r} is invalid; expected true or false")
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
+
+    @property
+    def ff_hidden(self) -> int:
+        """The feed-forward's hidden width (ff_dim, or its default for the mlp kind)."""
+        if self.ff_dim is not None:
+            return self.ff_dim
+        return 4 * self.emb_dim if self.mlp != "swiglu" else -(-8 * self.emb_dim // 24) * 8
 
     # --- dict <-> config -------------------------------------------------------------------------
     @classmethod
@@ -118,8 +158,11 @@ class GPTConfig:
 
 
 # OpenAI's GPT-2: biased QKV in one projection, head tied to the token embedding, N(0, 0.02) init.
+# No seed pins its training-mode numbers, so attention takes the fused kernel with dropout too (on
+# CUDA a flash/memory-efficient kernel that never holds the T x T weights; on CPU PyTorch falls back
+# to the same arithmetic as the explicit path).
 _GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True,
-             tie_weights=True, fused_qkv=True, init_std=0.02)
+             tie_weights=True, fused_qkv=True, init_std=0.02, attn_impl="sdpa")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(_GPT2, emb_dim=768, n_heads=12, n_layers=12),

@@ -225,7 +225,7 @@ def run_checks(model: nn.Module, tokenizer: Any = None, text: str | None = None,
     A check that raises is reported as a FAIL with the error.
     """
     was_training = model.training
-    device = model.pos_emb.weight.device
+    device = model.tok_emb.weight.device
     generator = torch.Generator().manual_seed(seed)
     V, ctx = model.cfg.vocab_size, model.cfg.context_length
     T = max(2, min(ctx, seq_len))

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .attention import KVCache
 from .config import GPTConfig
 from .errors import UsageError
-from .layer import LayerNorm
+from .layer import make_norm
 from .transformer import TransformerBlock
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -23,10 +23,11 @@ class GPTModel(nn.Module):
         cfg = GPTConfig.coerce(cfg)
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.emb_dim, padding_idx=cfg.padding_idx)
-        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        # Rotary positions live in the attention; a learned table only for pos_emb="learned".
+        self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.final_norm = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -37,7 +38,7 @@ class GPTModel(nn.Module):
     def init_gpt2(self, std: float) -> None:
         """GPT-2's scheme: N(0, std) weights, zero biases; the projections that write into the
         residual stream get std / sqrt(2 * n_layers) so its variance does not grow with depth."""
-        residual_out = {id(m) for b in self.trf_blocks for m in (b.att.out_proj, b.ff.layers[2])}
+        residual_out = {id(m) for b in self.trf_blocks for m in (b.att.out_proj, b.ff.out_proj)}
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 scale = math.sqrt(2 * self.cfg.n_layers) if id(module) in residual_out else 1.0
@@ -56,10 +57,11 @@ class GPTModel(nn.Module):
         self.check_input(in_idx, int(start.max()) if per_row else start)
         batch_size, seq_len = in_idx.shape
 
-        tok_embeds = self.tok_emb(in_idx)  # (B, T, C)
-        pos_ids = torch.arange(seq_len, device=in_idx.device) + (start[:, None] if per_row else start)
-        pos_embeds = self.pos_emb(pos_ids)  # (T, C) broadcast over B, or (B, T, C) per row
-        x = self.drop_emb(tok_embeds + pos_embeds)  # (B, T, C)
+        x = self.tok_emb(in_idx)  # (B, T, C)
+        if self.pos_emb is not None:  # rotary positions (pos_emb="rope") act inside the attention instead
+            pos_ids = torch.arange(seq_len, device=in_idx.device) + (start[:, None] if per_row else start)
+            x = x + self.pos_emb(pos_ids)  # (T, C) broadcast over B, or (B, T, C) per row
+        x = self.drop_emb(x)  # (B, T, C)
 
         if cache is None:
             x = self.trf_blocks(x)
@@ -88,6 +90,6 @@ class GPTModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KVCache for this model, sized by its context length."""
-        ref = self.pos_emb.weight
+        ref = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len or self.cfg.context_length,
                        self.cfg.head_dim, device=ref.device, dtype=ref.dtype)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 <-> GPTModel, both ways, with no network.
+"""Hugging Face GPT-2 <-> GPTModel, both ways, with no network; Llama-shaped models export to Llama.
 
 Import reads a local Hugging Face GPT-2 directory (`config.json` plus `model.safetensors`, a sharded
 `model.safetensors.index.json`, or a legacy `pytorch_model.bin` read with `weights_only=True`) or a
@@ -16,6 +16,12 @@ The two models compute the same function; only names and layouts differ:
     h.i.mlp.c_fc, h.i.mlp.c_proj     ff.layers.0, ff.layers.2      transposed
     lm_head (tied to wte unless      out_head
       tie_word_embeddings is false)
+
+A model with Llama's options (pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+qkv_bias=False, qk_norm=False) exports as `LlamaForCausalLM` instead: embed_tokens, layers.i.
+{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj},
+norm and lm_head, every matrix in Linear layout (our rotary pairing is already Llama's rotate-half).
+Any other mix of options is refused with the option that neither GPT-2 nor Llama can express.
 
 GPT-2 has three dropout rates (embeddings, attention weights, residual branches); GPTModel has one,
 `drop_rate`, used in all three places. Import takes the largest of the three (they are equal in
@@ -107,22 +113,63 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
             vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
             n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=drop_rate, qkv_bias=True,
             tie_weights=bool(hf.get("tie_word_embeddings", True)), bias=True, gelu=ACTIVATIONS[activation],
-            fused_qkv=True, init_std=float(hf.get("initializer_range", 0.02)),
+            fused_qkv=True, init_std=float(hf.get("initializer_range", 0.02)), attn_impl="sdpa",
             ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
     except (TypeError, ValueError) as e:
         raise UsageError(f"config.json: not a valid GPT-2 config: {e}") from e
 
 
-def config_to_hf(cfg: GPTConfig, *, eos_id: int | None = None) -> dict[str, Any]:
-    """A Hugging Face GPT-2 `config.json` dict for `cfg`; features GPT-2 lacks raise ValueError."""
+# What a Llama has, in GPTConfig's terms; every other field that changes the forward pass must keep
+# its book default, except the ones Llama writes into its config (LLAMA_EXPRESSIBLE).
+LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": False, "qk_norm": False}
+LLAMA_EXPRESSIBLE = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "tie_weights",
+                     "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
+                     "rope_base", "ff_dim", "gelu"}
+
+
+def hf_architecture(cfg: GPTConfig) -> str:
+    """"gpt2" or "llama": the Hugging Face architecture that can hold `cfg`, or UsageError naming the
+    option that neither can express. Rotary positions, RMSNorm or SwiGLU make it a Llama."""
+    if not any(getattr(cfg, k) == v for k, v in LLAMA.items() if k in ("pos_emb", "norm", "mlp")):
+        return "gpt2" if not _not_gpt2(cfg) else _refuse("GPT-2", _not_gpt2(cfg))
+    wrong = {k: getattr(cfg, k) for k, v in LLAMA.items() if getattr(cfg, k) != v}
     defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    extra = {k: v for k, v in cfg.to_dict().items() if k not in EXPRESSIBLE and v != defaults.get(k)}
-    if extra:
-        raise UsageError(f"GPT-2 cannot express this model: {', '.join(f'{k}={v!r}' for k, v in extra.items())} "
-                         "has no counterpart in a Hugging Face GPT-2 config")
+    wrong.update({k: v for k, v in cfg.to_dict().items()
+                  if k not in LLAMA and k not in LLAMA_EXPRESSIBLE and v != defaults.get(k)})
+    if wrong:
+        _refuse("Llama", wrong, needs="; a Llama needs " + ", ".join(f"{k}={v!r}" for k, v in LLAMA.items()))
+    return "llama"
+
+
+def _not_gpt2(cfg: GPTConfig) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    return {k: v for k, v in cfg.to_dict().items() if k not in EXPRESSIBLE and v != defaults.get(k)}
+
+
+def _refuse(arch: str, extra: Mapping[str, Any], needs: str = "") -> str:
+    raise UsageError(f"{arch} cannot express this model: {', '.join(f'{k}={v!r}' for k, v in extra.items())} "
+                     f"has no counterpart in a Hugging Face {arch} config{needs}")
+
+
+def config_to_hf(cfg: GPTConfig, *, eos_id: int | None = None) -> dict[str, Any]:
+    """A Hugging Face `config.json` dict for `cfg` (GPT-2, or Llama for a model with Llama's options);
+    features neither has raise UsageError."""
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         eos_id = None
+    if hf_architecture(cfg) == "llama":
+        return {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.emb_dim, "intermediate_size": cfg.ff_hidden,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.ln_eps,
+            "rope_theta": cfg.rope_base, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
+            "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.drop_rate,
+            "initializer_range": cfg.init_std or 0.02, "tie_word_embeddings": cfg.tie_weights, "use_cache": True,
+            "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
+        }
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
@@ -310,7 +357,8 @@ def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
 
 
 def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) of every GPT-2 weight of `model`, in Conv1D layout.
+    """(Hugging Face name, tensor) of every weight of `model`: GPT-2's names in Conv1D layout, or
+    Llama's (llama_tensors) for a model with Llama's options.
 
     Missing pieces that GPT-2 always has are written as the zeros that make them do nothing: QKV
     biases, and all biases and LayerNorm shifts of a `bias=False` model. Separate Q, K and V
@@ -320,6 +368,9 @@ def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if not isinstance(model, GPTModel):
         raise TypeError(f"model: expected a GPTModel, got {type(model).__name__}")
     cfg = model.cfg
+    if hf_architecture(cfg) == "llama":
+        yield from llama_tensors(model)
+        return
 
     def shift(norm: nn.Module) -> torch.Tensor:
         return norm.shift if norm.shift is not None else torch.zeros_like(norm.scale)
@@ -356,10 +407,34 @@ def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield "lm_head.weight", model.out_head.weight
 
 
+def llama_tensors(model: GPTModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face Llama name, tensor) of every weight of a Llama-shaped GPTModel (Linear layout)."""
+    yield "model.embed_tokens.weight", model.tok_emb.weight
+    for i, block in enumerate(model.trf_blocks):
+        p, att = f"model.layers.{i}.", block.att
+        if att.fused_qkv:
+            q, k, v = att.W_qkv.weight.split(att.d_out, dim=0)  # (C, C) each
+        else:
+            q, k, v = att.W_query.weight, att.W_key.weight, att.W_value.weight
+        yield p + "input_layernorm.weight", block.norm1.scale
+        yield p + "self_attn.q_proj.weight", q
+        yield p + "self_attn.k_proj.weight", k
+        yield p + "self_attn.v_proj.weight", v
+        yield p + "self_attn.o_proj.weight", att.out_proj.weight
+        yield p + "post_attention_layernorm.weight", block.norm2.scale
+        yield p + "mlp.gate_proj.weight", block.ff.gate.weight
+        yield p + "mlp.up_proj.weight", block.ff.up.weight
+        yield p + "mlp.down_proj.weight", block.ff.down.weight
+    yield "model.norm.weight", model.final_norm.scale
+    if not model.cfg.tie_weights:
+        yield "lm_head.weight", model.out_head.weight
+
+
 def to_hf(model: nn.Module) -> Any:
-    """A `transformers.GPT2LMHeadModel` (eval mode) that computes the same logits as `model`."""
+    """A `transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for a model with Llama's options),
+    eval mode, that computes the same logits as `model`."""
     try:
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         raise ImportError("to_hf needs the optional package 'transformers' (pip install transformers); "
                           "save_hf writes a loadable directory without it") from e
@@ -370,13 +445,17 @@ def to_hf(model: nn.Module) -> Any:
     hf_config = config_to_hf(model.cfg)
     hf_config.pop("architectures")
     hf_config.pop("torch_dtype")
-    config = GPT2Config(**hf_config)
+    llama = hf_config["model_type"] == "llama"
+    if llama:
+        hf_config.pop("rope_parameters")  # this transformers version builds it from rope_theta, or has none
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (GPT2Config, GPT2LMHeadModel)
+    config = config_cls(**hf_config)
     with torch.device("meta"):  # no memory and no random initialisation for weights about to be replaced
-        hf = GPT2LMHeadModel(config)
-    if any(b.is_meta for b in hf.buffers()):  # older transformers keep a causal-mask buffer: build it for real
-        hf = GPT2LMHeadModel(config)
+        hf = model_cls(config)
+    if any(b.is_meta for b in hf.buffers()):  # causal-mask or rotary buffers: build the model for real
+        hf = model_cls(config)
     if model.cfg.tie_weights:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
+        state["lm_head.weight"] = state["model.embed_tokens.weight" if llama else "transformer.wte.weight"]
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     still_meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -389,10 +468,11 @@ HF_KIND = "hf-export"  # the kind in the ownership marker of a directory save_hf
 
 
 def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> list[str]:
-    """Write `model` (and `tokenizer`, if Hugging Face can hold it) as a Hugging Face GPT-2 directory.
+    """Write `model` (and `tokenizer`, if Hugging Face can hold it) as a Hugging Face GPT-2 directory
+    (a Llama directory for a model with Llama's options).
 
     The directory holds config.json and model.safetensors, which
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads; a GPT-2 tokenizer adds vocab.json
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` (or `LlamaForCausalLM`) loads; a GPT-2 tokenizer adds vocab.json
     and merges.txt (the canonical files), a trained BPE its tokenizer.json, each with
     tokenizer_config.json for `AutoTokenizer`. A character tokenizer has no Hugging Face form and is
     left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced

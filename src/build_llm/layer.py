@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 
 class LayerNorm(nn.Module):
     """Normalise the last dimension to zero mean and unit (biased) variance, then scale and shift.
@@ -19,3 +21,29 @@ class LayerNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """Divide the last dimension by its root mean square, then scale (Llama's norm: no mean, no shift).
+
+    `shift` is None so code that reads a norm's shift treats it as a LayerNorm without bias.
+    """
+
+    shift = None
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+
+
+def make_norm(kind: str, emb_dim: int, eps: float = 1e-5, bias: bool = True) -> nn.Module:
+    """The config's `norm`: "layernorm" (with a shift when `bias`) or "rmsnorm"."""
+    if kind == "rmsnorm":
+        return RMSNorm(emb_dim, eps)
+    if kind == "layernorm":
+        return LayerNorm(emb_dim, eps, bias)
+    raise UsageError(f"norm={kind!r} is invalid; expected 'layernorm' or 'rmsnorm'")

@@ -1,11 +1,16 @@
-"""FeedForward: the position-wise MLP, emb_dim -> 4 * emb_dim -> emb_dim."""
+"""FeedForward: the position-wise MLP, emb_dim -> hidden -> emb_dim.
+
+The book's is Linear, GELU, Linear with hidden = 4 * emb_dim; `mlp="relu2"` swaps GELU for ReLU
+squared; `mlp="swiglu"` is Llama's gated form, W_down(SiLU(W_gate x) * W_up x).
+"""
 
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .activation import GELU
+from .activation import GELU, ReLUSquared
 from .config import GPTConfig
 
 
@@ -13,11 +18,25 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
         super().__init__()
         cfg = GPTConfig.coerce(cfg)
-        self.layers = nn.Sequential(
-            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim, bias=cfg.bias),
-            GELU(cfg.gelu),
-            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim, bias=cfg.bias),
-        )
+        hidden = cfg.ff_hidden
+        self.gated = cfg.mlp == "swiglu"
+        if self.gated:
+            self.gate = nn.Linear(cfg.emb_dim, hidden, bias=cfg.bias)
+            self.up = nn.Linear(cfg.emb_dim, hidden, bias=cfg.bias)
+            self.down = nn.Linear(hidden, cfg.emb_dim, bias=cfg.bias)
+        else:
+            self.layers = nn.Sequential(
+                nn.Linear(cfg.emb_dim, hidden, bias=cfg.bias),
+                GELU(cfg.gelu) if cfg.mlp == "gelu" else ReLUSquared(),
+                nn.Linear(hidden, cfg.emb_dim, bias=cfg.bias),
+            )
+
+    @property
+    def out_proj(self) -> nn.Linear:
+        """The projection that writes back into the residual stream."""
+        return self.down if self.gated else self.layers[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
         return self.layers(x)

@@ -84,7 +84,7 @@ def next_token_distribution(model: nn.Module, tokenizer: Any, prompt: str, k: in
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(idx[:, -ctx:].to(model.pos_emb.weight.device))[0, -1]
+            logits = model(idx[:, -ctx:].to(model.tok_emb.weight.device))[0, -1]
     finally:
         model.train(was_training)
     probas = torch.softmax(logits.float(), dim=-1)
@@ -202,7 +202,7 @@ def token_losses(model: nn.Module, ids: list[int], stride: int | None = None) ->
     stride = max(1, ctx // 2) if stride is None else stride
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= ctx:
         raise UsageError(f"stride={stride!r} is invalid; expected an integer in [1, {ctx}]")
-    device = model.pos_emb.weight.device
+    device = model.tok_emb.weight.device
     all_ids = torch.tensor(ids, dtype=torch.long, device=device)
     losses, starts = np.empty(n - 1), np.empty(n - 1, dtype=np.int64)
     done, was_training = 1, model.training  # done: the next target to score
@@ -415,7 +415,7 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
     if not ids:
         raise UsageError(f"prompt {prompt!r} encodes to no tokens")
     labels = token_labels(tokenizer, ids)
-    device = model.pos_emb.weight.device
+    device = model.tok_emb.weight.device
     inter = return_intermediates(model, torch.tensor([ids], device=device))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -169,7 +169,7 @@ def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context
     from .generate import generate_text_simple, text_to_token_ids, token_ids_to_text
 
     model.eval()
-    context_size = unwrap(model).pos_emb.weight.shape[0]
+    context_size = unwrap(model).cfg.context_length
     encoded = text_to_token_ids(start_context, tokenizer).to(device)
     with torch.no_grad():
         token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from .attention import LayerKV, MultiHeadAttention
 from .config import GPTConfig
-from .layer import LayerNorm
+from .layer import make_norm
 from .mlp import FeedForward
 
 
@@ -20,10 +20,11 @@ class TransformerBlock(nn.Module):
             d_in=cfg.emb_dim, d_out=cfg.emb_dim, context_length=cfg.context_length,
             dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias,
             fused_qkv=cfg.fused_qkv, out_bias=cfg.bias, impl=cfg.attn_impl,
+            rope_base=cfg.rope_base if cfg.pos_emb == "rope" else None, qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps,
         )
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
-        self.norm2 = LayerNorm(cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.norm1 = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.norm2 = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
         self.attn_out_dropout = cfg.attn_out_dropout
 

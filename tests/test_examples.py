@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -37,3 +39,57 @@ def test_abc_markov_example_trains_generates_and_draws(tmp_path):
     for name in ("inspect/attention.png", "inspect/next_token.png", "inspect/layers.png", "surprisal.html",
                  "loss.png", "checkpoint/model.safetensors"):
         assert (tmp_path / "run" / name).stat().st_size > 0, name
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare.txt"
+TINY_FINETUNE = {"FT_VOCAB": "300", "FT_CONTEXT": "128", "FT_EMB": "32", "FT_LAYERS": "1", "FT_HEADS": "2",
+                 "FT_PRETRAIN_STEPS": "4", "FT_PRETRAIN_BATCH": "4", "FT_PASSAGES_PER_PLAY": "3",
+                 "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2",
+                 "OMP_NUM_THREADS": "1"}
+
+
+def _finetune_example(env: dict[str, str], tmp_path: Path) -> str:
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent (the example's text)")
+    pytest.importorskip("sklearn")
+    return _run("shakespeare_finetune.py", {**env, "FT_OUT": str(tmp_path / "ft"), "FT_TEXT": str(SHAKESPEARE)},
+                tmp_path)
+
+
+def test_shakespeare_finetune_example_data():
+    """The example's plays, genres, held-out split and exactly checkable answers."""
+    import pytest
+
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} is absent (the example's text)")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import shakespeare_finetune as ex
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    plays = ex.parse_plays(SHAKESPEARE.read_text(encoding="utf-8"))
+    assert len(plays) == 37 and all(len(p["speeches"]) > 400 for p in plays)
+    assert __import__("collections").Counter(p["genre"] for p in plays) == {"comedy": 15, "tragedy": 12, "history": 10}
+    train, test = ex.split_plays(plays)
+    assert len(test) == 10 and not {p["title"] for p in train} & {p["title"] for p in test}
+    hamlet = next(p for p in plays if p["title"].startswith("HAMLET"))
+    assert hamlet["speeches"][0] == ("Ber", ["Who's there?"])
+    for r in ex.qa_records(test[0], 30):
+        speakers = [block.split("\n")[0].rstrip(".") for block in r["input"].split("\n\n")]
+        expected = {ex.QUESTIONS[0]: speakers[0], ex.QUESTIONS[1]: speakers[-1], ex.QUESTIONS[2]: str(len(speakers))}
+        assert r["output"] == expected[r["instruction"]]
+
+
+@pytest.mark.slow
+def test_shakespeare_finetune_example_runs_every_step(tmp_path):
+    """Tiny settings: every step runs and reports (the README's figures come from the default settings)."""
+    out = _finetune_example(TINY_FINETUNE, tmp_path)
+    assert "37 plays; held out: " in out and "TF-IDF + logistic regression" in out and "LoRA / full" in out
+    results = __import__("json").loads((tmp_path / "ft" / "results.json").read_text())
+    assert 0 <= results["classification"]["tfidf"] <= 1 and results["instructions"]["lora"]["trainable"] > 0
+
+
+def test_shakespeare_finetune_example_without_the_text(tmp_path):
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "shakespeare_finetune.py")], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, "FT_TEXT": str(tmp_path / "absent.txt")}, timeout=120)
+    assert proc.returncode == 0 and "skipped:" in proc.stdout and "absent" in proc.stdout

@@ -31,7 +31,7 @@ ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"
 # Which Linear layers each target names, by their position in GPTModel.
 TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("att.W_query", "att.W_key", "att.W_value", "att.W_qkv", "att.out_proj"),
-    "ff": ("ff.layers.0", "ff.layers.2"),
+    "ff": ("ff.layers.0", "ff.layers.2", "ff.gate", "ff.up", "ff.down"),  # GELU MLP or SwiGLU
     "head": ("out_head",),
 }
 DEFAULT_TARGETS = ("attn", "ff")

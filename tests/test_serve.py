@@ -110,7 +110,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(ckpt), "--port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
@@ -121,7 +121,7 @@ class Server:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError("the server did not come up in 120 s")
+        raise RuntimeError("the server did not come up in 300 s")
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -240,6 +240,48 @@ def test_openai_errors(client, server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.completions.create(model="tiny", prompt="hi", max_tokens=1)
+
+
+def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
+    """A model with a chat template (here a plain one given in-process), served by uvicorn in a thread."""
+    import uvicorn
+
+    from build_llm.checkpoint import load_checkpoint
+    from build_llm.serve import Settings, create_app
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    tok = ckpt.tokenizer
+
+    def template(messages):
+        if messages[-1]["role"] != "user":
+            raise ValueError("the last message must be the user's")
+        return tok.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+
+    app = create_app(Engine(ckpt.model, max_batch=2, max_queue=4), tok, Settings("chatty", chat_template=template))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        r = chat.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0)
+        ids = template(messages)
+        expected = tok.decode(generate(ckpt.model, torch.tensor([ids]), 6)[0, len(ids):].tolist())
+        assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == expected and r.usage.prompt_tokens == len(ids)
+        parts = list(chat.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0,
+                                                  stream=True))
+        assert parts[0].choices[0].delta.role == "assistant"
+        assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
+        assert parts[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+            chat.chat.completions.create(model="chatty", messages=messages[:1] + [{"role": "assistant", "content": "x"}])
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 # 20+ malformed requests: each gets a 4xx JSON error in OpenAI's shape, and the server keeps serving.

@@ -39,7 +39,8 @@ class Settings:
     max_tokens: int | None = None  # the largest max_tokens a request may ask (default: the context)
     max_n: int = 8
     max_logprobs: int = 20
-    chat_template: Callable[[list[dict[str, str]]], str] | None = None
+    # messages -> the prompt's token ids, ending where the assistant's reply begins (None: no chat)
+    chat_template: Callable[[list[dict[str, str]]], list[int]] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -454,10 +455,10 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
         if sampling.max_tokens is None:
             sampling.max_tokens = min(256, settings.max_tokens or context_length)
         try:
-            text = settings.chat_template(messages)
+            ids = settings.chat_template(messages)
         except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-        return await generate([(tokenizer.encode(text), text)], sampling, True, request)
+            raise ApiError(400, " ".join(str(e).split()), param="messages") from None
+        return await generate([(ids, None)], sampling, True, request)
 
     async def models(request: Request) -> Response:
         check_key(request)

@@ -121,7 +121,13 @@ def test_chapter_4_names_are_the_packages_own():
     assert ch04.generate_text_simple is build_llm.generate_text_simple
     with torch.device("meta"):  # shapes only
         model = ch04.GPTModel(ch04.GPT_CONFIG_124M)
-    assert sum(p.numel() for p in model.parameters()) == 163_009_536  # the book's printed total
+    # The book's printed numbers (section 4.6): the total, the count once the head is tied to the
+    # token embedding, and the size at 4 bytes a parameter.
+    total = sum(p.numel() for p in model.parameters())
+    assert total == 163_009_536
+    assert total - model.out_head.weight.numel() == 124_412_160
+    assert round(total * 4 / (1024 * 1024), 2) == 621.83
+    assert model.tok_emb.weight.shape == model.out_head.weight.shape == (50257, 768)
 
 
 def test_same_seed_gives_the_books_state_dict_key_for_key():

@@ -160,3 +160,40 @@ def test_decode_stream_pieces_add_up_and_never_split_a_character():
     # A text that really ends in an incomplete character still comes out whole at the end.
     cut = ids[:ids.index(tok.encode(" 😀")[0]) + 1]
     assert "".join(decode_stream(tok, iter(cut))) == tok.decode(cut)
+
+
+class FirstTokenWithoutSpace:
+    """A tokenizer whose text is not the concatenation of its tokens' (SentencePiece-like: a leading
+    space is dropped from the first token)."""
+
+    words = ["a", " b", " cd", "e", " f"]
+
+    def decode(self, ids):
+        return "".join(self.words[i] for i in ids).lstrip(" ")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "char", "bpe", "first-token-without-space"])
+def test_decode_stream_equals_decoding_everything(kind):
+    import random
+
+    from build_llm.generate import decode_stream
+    from build_llm.tokenizer import BPETokenizer, CharTokenizer
+
+    rng = random.Random(0)
+    text = "Ünïcode 😀 and 世界, then ASCII. " * 8
+    if kind == "gpt2":
+        tok = get_tokenizer("gpt2")
+        ids = [rng.randrange(tok.vocab_size) for _ in range(300)] + tok.encode(text)  # random bytes too
+    elif kind == "char":
+        tok = CharTokenizer.from_text(text)
+        ids = [rng.randrange(1, tok.vocab_size) for _ in range(300)]
+    elif kind == "bpe":
+        tok = BPETokenizer.train_from_texts([text], vocab_size=300)
+        ids = [rng.randrange(tok.vocab_size) for _ in range(300)]
+    else:
+        tok = FirstTokenWithoutSpace()
+        ids = [rng.randrange(5) for _ in range(300)]
+    for window in (1, 8, 64):
+        pieces = list(decode_stream(tok, iter(ids[5:]), prefix=ids[:5], window=window))
+        assert "".join(pieces) == tok.decode(ids), (kind, window)
+        assert len(pieces) > 100

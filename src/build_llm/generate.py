@@ -163,23 +163,50 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     return idx
 
 
-def decode_stream(tokenizer: Any, ids: Iterable[int], prefix: Sequence[int] = ()) -> Iterator[str]:
+def decode_stream(tokenizer: Any, ids: Iterable[int], prefix: Sequence[int] = (), window: int = 64) -> Iterator[str]:
     """Text pieces, as the ids arrive, whose concatenation is `tokenizer.decode([*prefix, *ids])`:
     the prefix's text first, then the text each new id completes.
 
     A token can end inside a multi-byte character, which decodes to U+FFFD until a later token
-    completes it; such a tail is held back, so no piece ever has to be taken back.
+    completes it; such a tail is held back, so no piece ever has to be taken back. Decoding all the
+    ids at every step would cost time quadratic in their number, so once `window` ids decode to
+    text that ends on a whole character, that text is settled and later steps decode only the ids
+    after it (with one settled id before them as context). That is exact for tokenizers whose text
+    is the concatenation of their tokens' texts (byte-level BPE, characters), which the first
+    window checks at every split; any other tokenizer is decoded whole at every step.
     """
-    so_far, shown = list(prefix), ""
+    so_far: list[int] = list(prefix)
+    settled, settled_text = 0, ""  # so_far[:settled] decodes to settled_text, all of it shown
+    shown = ""  # what has been yielded: settled_text plus part of the rest
+    whole = False  # the tokenizer failed the concatenation check: decode everything, always
+
+    def rest_text() -> str:
+        """The text of so_far[settled:], decoded after one settled id (context for tokenizers that
+        treat a first token specially)."""
+        if settled == 0:
+            return tokenizer.decode(so_far)
+        head = tokenizer.decode(so_far[settled - 1:settled])
+        text = tokenizer.decode(so_far[settled - 1:])
+        return text[len(head):] if text.startswith(head) else tokenizer.decode(so_far)[len(settled_text):]
+
+    def concatenative(text: str) -> bool:
+        return all(head + tokenizer.decode(so_far[k:]) == text  # the splits among the last `window` ids
+                   for k in range(max(1, len(so_far) - window), len(so_far))
+                   if not (head := tokenizer.decode(so_far[:k])).endswith("\ufffd"))
 
     def new_text(final: bool) -> str:
-        nonlocal shown
-        text = tokenizer.decode(so_far)
-        if not final:
-            text = text.rstrip("\ufffd")
-        if len(text) <= len(shown) or not text.startswith(shown):
-            return ""
-        piece, shown = text[len(shown):], text
+        nonlocal settled, settled_text, shown, whole
+        rest = tokenizer.decode(so_far)[len(settled_text):] if whole else rest_text()
+        text = settled_text + (rest if final else rest.rstrip("\ufffd"))
+        piece = ""
+        if len(text) > len(shown) and text.startswith(shown):
+            piece, shown = text[len(shown):], text
+        if (not whole and len(so_far) - settled >= window and rest and not rest.endswith("\ufffd")
+                and shown == settled_text + rest):
+            if settled == 0 and not concatenative(rest):
+                whole = True  # e.g. a first token decoded without its leading space
+            else:
+                settled, settled_text = len(so_far), shown
         return piece
 
     if piece := new_text(False):

@@ -237,6 +237,7 @@ def instructions(base: Path, train_plays: list[dict], test_plays: list[dict]) ->
     d = OUT / "instruct"
     d.mkdir(parents=True, exist_ok=True)
     train = [r for p in train_plays for r in qa_records(p, S["FT_QA_PER_PLAY"])]
+    train = [r for r in train if fits(base, r)]  # a record cut by the context would lose its answer
     test = [r for p in test_plays for r in qa_records(p, S["FT_QA_PER_PLAY"])]
     test = [r for r in test if fits(base, r)]  # the prompt and a 12-token answer fit the context window
     test = test[::max(1, len(test) // S["FT_QA_TEST"])][:S["FT_QA_TEST"]]

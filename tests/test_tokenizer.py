@@ -323,8 +323,10 @@ def test_bpe_train_errors(tmp_path):
         BPETokenizer.train(tmp_path / "missing.txt", vocab_size=300)
     with pytest.raises(ValueError, match="files is empty"):
         BPETokenizer.train([], vocab_size=300)
-    with pytest.raises(ValueError, match="vocab_size must be an int >= 257.*100"):
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[257, 1,048,576\].*100"):
         BPETokenizer.train_from_texts(["abc"], vocab_size=100)
+    with pytest.raises(ValueError, match=r"vocab_size must be an int in \[257, 1,048,576\].*1099511627776"):
+        BPETokenizer.train_from_texts(["abc"], vocab_size=2**40)  # the trainer would abort the process
     with pytest.raises(TypeError, match="tokenizers.Tokenizer"):
         BPETokenizer({"model": {}})
 

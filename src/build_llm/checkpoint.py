@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .errors import UsageError
+from .fsio import read_json
 from .gpt import GPTModel
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
@@ -140,12 +142,14 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
             raise UsageError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")
+    config = read_json(path / CONFIG_FILE, f"checkpoint {str(path)!r}: {CONFIG_FILE}")
     try:
-        cfg = GPTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} does not parse as JSON ({e})") from e
+        cfg = GPTConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from e
+    from .runtime import check_fits, model_memory
+
+    check_fits(model_memory(cfg), f"the model of checkpoint {str(path)!r}", device)
     try:
         state = load_file(path / MODEL_FILE, device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
@@ -153,14 +157,18 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
 
     with torch.device("meta"):
         model = GPTModel(cfg)
+    state = _complete(state, model, path)  # shapes checked before any allocation
     model = model.to_empty(device=device)
-    model.load_state_dict(_complete(state, model, path), strict=True, assign=False)
+    model.load_state_dict(state, strict=True, assign=False)
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     for block in model.trf_blocks:  # buffers are not saved; rebuild the causal mask on the device
         n = cfg.context_length
         block.att.mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
     tokenizer = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UsageError(f"checkpoint {str(path)!r}: {TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model's "
+                         f"vocabulary has {cfg.vocab_size}; the files do not belong together")
     return Checkpoint(model.eval(), tokenizer, path)
 
 
@@ -266,15 +274,51 @@ def load_trainer_state(path: str | Path) -> TrainerState:
         if not (path / name).is_file():
             raise UsageError(f"checkpoint {str(path)!r} has no {name}: it holds a model but no trainer state "
                              "to resume from")
+    state = read_json(path / TRAINER_FILE, f"checkpoint {str(path)!r}: {TRAINER_FILE}")
     try:
-        state = json.loads((path / TRAINER_FILE).read_text(encoding="utf-8"))
         tensors = load_file(path / OPTIMIZER_FILE)
         rng = load_file(path / RNG_FILE)
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"checkpoint {str(path)!r}: trainer state is unreadable or truncated ({e})") from e
-    entries: dict[str, dict[str, Any]] = {k: dict(v) for k, v in state["optimizer"]["scalars"].items()}
-    for key, value in tensors.items():
-        name, _, field = key.rpartition("/")
-        entries.setdefault(name, {})[field] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in state["optimizer"]["param_groups"]]
+    try:
+        _check_trainer_state(state, rng)
+        entries: dict[str, dict[str, Any]] = {k: dict(v) for k, v in state["optimizer"]["scalars"].items()}
+        for key, value in tensors.items():
+            name, _, field = key.rpartition("/")
+            entries.setdefault(name, {})[field] = value
+        groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()}
+                  for g in state["optimizer"]["param_groups"]]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as e:
+        raise UsageError(f"checkpoint {str(path)!r}: {TRAINER_FILE} or its tensors are malformed ({type(e).__name__}: "
+                         f"{e}); it was not written by this tool, or was damaged") from None
     return TrainerState(state, {"state": entries, "param_groups": groups}, rng, path)
+
+
+def _check_trainer_state(state: Any, rng: dict[str, torch.Tensor]) -> None:
+    """Raise (KeyError, TypeError, ValueError, ...) unless every field --resume reads is well formed;
+    the random generators' states are tried on throwaway generators."""
+    import random
+
+    import numpy as np
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(what)
+
+    need(isinstance(state, dict), "not a JSON object")
+    step, elapsed = state["step"], state["elapsed_s"]
+    need(type(step) is int and step >= 0, f"step={step!r}")
+    need(type(elapsed) in (int, float) and math.isfinite(elapsed) and elapsed >= 0, f"elapsed_s={elapsed!r}")
+    need(isinstance(state["train_config"], dict), "train_config is not an object")
+    data = state["data"]
+    need(isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("data_sha256", "tokenizer_sha256")),
+         "data lacks its sha256 fields")
+    need(isinstance(state["optimizer"]["scalars"], dict), "optimizer.scalars is not an object")
+    need(all(isinstance(v, dict) for v in state["optimizer"]["scalars"].values()), "optimizer.scalars")
+    groups = state["optimizer"]["param_groups"]
+    need(isinstance(groups, list) and all(isinstance(g, dict) for g in groups), "optimizer.param_groups")
+    torch.Generator().set_state(rng["torch_cpu"])
+    kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["rng"]["python"]
+    random.Random().setstate((version, tuple(internal), gauss_next))

@@ -52,7 +52,7 @@ def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: b
     from .config import GPTConfig
     from .gpt import GPTModel
     from .markov import ABC
-    from .runtime import set_seed
+    from .runtime import check_fits, model_memory, set_seed
     from .tokenizer import GPT2_VOCAB_SIZE, PAD, CharTokenizer, get_tokenizer
 
     if args.checkpoint:
@@ -71,6 +71,7 @@ def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: b
     else:
         tokenizer = None
     set_seed(getattr(args, "seed", None) or 0)
+    check_fits(model_memory(cfg), f"--preset {args.preset}", device)
     with torch.device(device):
         model = GPTModel(cfg).eval()
     return model, tokenizer
@@ -312,7 +313,8 @@ def add_inspect(sub) -> None:
                                    "the numbers). The summary is printed too.")
     model_source(p)
     p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
-    p.add_argument("--out", required=True, help="directory for the files (created if needed)")
+    p.add_argument("--out", required=True, help="directory for the files: new, empty, or an earlier inspect --out "
+                                                "(replaced whole)")
     p.add_argument("--top-k", type=positive_int, default=None, help="top-k cut-off (default: half the vocabulary, at most 10)")
     p.add_argument("--top-p", type=float, default=0.9, help="top-p (nucleus) cut-off, in (0, 1] (default 0.9)")
     p.add_argument("--temperatures", type=_temperatures, default=(0.5, 1.0, 2.0), help="comma-separated, default 0.5,1,2")
@@ -571,14 +573,15 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .bench import format_report, plot_report, run_bench, to_json
+    from .data import read_text
     from .fsio import check_writable_dir, claim_dir, write_text
 
     if args.png and not args.png.lower().endswith(".png"):
         raise UsageError(f"--png {args.png!r}: expected a file name ending in .png")
     if args.out:
         check_writable_dir(args.out, "bench")
-    if args.text and not Path(args.text).is_file():
-        raise UsageError(f"--text {args.text!r}: no such file; give a UTF-8 text file")
+    if args.text:  # the whole bench runs before the text is used: check it first
+        read_text(args.text)
     if args.checkpoint:
         from .checkpoint import resolve_checkpoint
         resolve_checkpoint(args.checkpoint)  # a bad path is reported before minutes of timing

@@ -8,6 +8,7 @@ are the book's, so the seed's plain dict builds exactly the seed's model.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,6 +19,10 @@ ATTN_IMPLS = ("auto", "explicit", "sdpa")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
+
+
+def _finite_positive(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 @dataclass(frozen=True)
@@ -90,10 +95,10 @@ class GPTConfig:
                 f"GPTConfig: padding_idx={self.padding_idx!r} is invalid; expected None or an integer "
                 f"in [0, {self.vocab_size})"
             )
-        if self.init_std is not None and (not isinstance(self.init_std, (int, float)) or self.init_std <= 0):
-            raise UsageError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a number > 0")
-        if not isinstance(self.ln_eps, (int, float)) or self.ln_eps <= 0:
-            raise UsageError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a number > 0")
+        if self.init_std is not None and not _finite_positive(self.init_std):
+            raise UsageError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a finite number > 0")
+        if not _finite_positive(self.ln_eps):
+            raise UsageError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a finite number > 0")
         for key, valid in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
             if getattr(self, key) not in valid:
                 raise UsageError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected one of {valid}")

@@ -40,6 +40,9 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
         raise UsageError(f"data path {str(path)!r} does not exist; give a UTF-8 text file or a folder of them")
     if p.is_file():
         files = [p]
+    elif not p.is_dir():
+        raise UsageError(f"data path {str(path)!r} is not a regular file or a folder (a device or a pipe?); "
+                         "give a UTF-8 text file or a folder of them")
     else:
         files = sorted(f for f in p.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
@@ -61,8 +64,10 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
                     piece = fh.read(CHUNK_CHARS)
                     if not piece:
                         break
-                    rest = fh.readline()  # finish the line so BPE never sees half a word
-                    yield piece + rest
+                    piece += fh.readline()  # finish the line so BPE never sees half a word
+                    if "\x00" in piece:  # NUL is not text; the head check above misses a late one
+                        raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
+                    yield piece
         except UnicodeDecodeError as e:
             raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None
@@ -127,7 +132,9 @@ def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dic
 
 def open_corpus(data_dir: Path) -> Corpus:
     """The corpus a previous `write_tokens` left in `data_dir` (memory-mapped, read-only)."""
-    meta = json.loads((data_dir / META_FILE).read_text(encoding="utf-8"))
+    from .fsio import read_json
+
+    meta = read_json(data_dir / META_FILE)
     n = meta["n_tokens"]
     ids = np.memmap(data_dir / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(n,)) if n else \
         np.zeros(0, dtype=meta["dtype"])
@@ -143,8 +150,8 @@ def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer
             same = all(corpus.meta.get(k) == v for k, v in meta.items()) and corpus.meta["val_ratio"] == val_ratio
             if same and (data_dir / TOKENS_FILE).stat().st_size == corpus.ids.nbytes:
                 return corpus
-        except (ValueError, KeyError, OSError):
-            pass  # unreadable leftovers: tokenize again
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass  # unreadable or tampered leftovers: tokenize again
     return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
 
 

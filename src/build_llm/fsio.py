@@ -75,6 +75,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 # --- temporary names, and the ones a killed process left ------------------------------------------
+def _make_parent(path: Path) -> None:
+    """Create `path`'s parent folders, saying clearly when one of them is a file."""
+    for parent in reversed(path.parents):
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _tmp_prefix(target: Path) -> str:
     return f".{target.name}{_TMP}"
 
@@ -135,7 +143,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{str(path)!r} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     clean_stale(path)
     fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)  # O_EXCL: never a planted link
     tmp = Path(name)
@@ -178,6 +186,24 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """JSON, strictly: a NaN or infinity raises instead of writing the invalid token `NaN`."""
     write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# --- reading ------------------------------------------------------------------------------------
+def read_json(path: str | os.PathLike[str], what: str | None = None) -> Any:
+    """Parse a JSON file a user may have handed us; whatever is wrong with it is a UsageError that
+    names the file (not UTF-8, not JSON, nested too deeply to parse)."""
+    path = Path(path)
+    name = what or repr(str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{name} does not parse as JSON: it is not UTF-8 text (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{name} does not parse as JSON ({e})") from None
+    except RecursionError:
+        raise UsageError(f"{name} nests too deeply to be a file build-llm reads") from None
 
 
 # --- ownership -----------------------------------------------------------------------------------
@@ -265,7 +291,8 @@ def claim_dir(path: str | os.PathLike[str], kind: str, what: str = "--out") -> P
     or accept it if it already carries our marker of that kind; refuse anything else (UsageError)."""
     path = Path(path)
     check_writable_dir(path, kind, what)
-    path.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
+    path.mkdir(exist_ok=True)
     if read_marker(path) is None:  # new or empty: mark it ours
         try:
             os.close(_write_marker(path, kind))
@@ -322,7 +349,7 @@ def replace_dir(path: str | os.PathLike[str], kind: str, what: str = "--out") ->
     ours of the same kind) is removed. On an error the temporary directory goes, `path` is untouched."""
     path = Path(path)
     check_writable_dir(path, kind, what, whole=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     clean_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     fd = None

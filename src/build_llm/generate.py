@@ -8,6 +8,7 @@ the window, exactly as `generate_text_simple` does. The tokens are the same eith
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
@@ -18,8 +19,8 @@ from .gpt import INT_DTYPES
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-        raise UsageError(f"temperature={temperature!r} is invalid; expected a number >= 0 (0 is greedy)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise UsageError(f"temperature={temperature!r} is invalid; expected a finite number >= 0 (0 is greedy)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise UsageError(f"top_k={top_k!r} is invalid; expected None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
@@ -36,6 +37,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # Drop a token when the mass before it already reaches top_p; the most likely always stays.
         drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[..., 0] = False  # float rounding must not drop it when top_p is tiny
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, -torch.inf)
     return logits
@@ -44,9 +46,17 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B, 1) from last-position logits (B, V)."""
+    if torch.isnan(logits).any():
+        raise UsageError("the model's logits are NaN: its weights hold NaN or infinity (a damaged checkpoint or "
+                         "a diverged run); load another checkpoint")
     if temperature == 0:
         return torch.argmax(logits, dim=-1, keepdim=True)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    scaled = logits.float() / temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is unchanged)
+        scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
+        if torch.isnan(scaled).any():
+            raise UsageError("the model's logits are infinite: its weights hold infinity; load another checkpoint")
+    logits = filter_logits(scaled, top_k, top_p)
     probas = torch.softmax(logits, dim=-1)
     return torch.multinomial(probas, num_samples=1, generator=generator)
 

@@ -45,7 +45,7 @@ import torch.nn as nn
 from .checkpoint import unwrap, write_failed
 from .config import GPTConfig
 from .errors import UsageError, UsageTypeError
-from .fsio import check_writable_dir, replace_dir
+from .fsio import check_writable_dir, read_json, replace_dir
 from .gpt import GPTModel
 
 CONFIG_FILE = "config.json"
@@ -112,7 +112,7 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
         return GPTConfig(
             vocab_size=hf["vocab_size"], context_length=hf["n_positions"], emb_dim=hf["n_embd"],
             n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=drop_rate, qkv_bias=True,
-            tie_weights=bool(hf.get("tie_word_embeddings", True)), bias=True, gelu=ACTIVATIONS[activation],
+            tie_weights=hf.get("tie_word_embeddings", True), bias=True, gelu=ACTIVATIONS[activation],
             fused_qkv=True, init_std=float(hf.get("initializer_range", 0.02)), attn_impl="sdpa",
             ln_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
@@ -224,18 +224,15 @@ def _open_directory(directory: Path, stack: ExitStack) -> tuple[dict[str, Any], 
     if not (directory / CONFIG_FILE).is_file():
         raise UsageError(f"{str(directory)!r} has no {CONFIG_FILE}; a Hugging Face GPT-2 directory holds "
                          f"{CONFIG_FILE} plus {SAFETENSORS_FILE} or {TORCH_FILE}")
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{str(directory / CONFIG_FILE)!r} does not parse as JSON ({e})") from e
+    config = read_json(directory / CONFIG_FILE)
 
     if (directory / SAFETENSORS_FILE).is_file():
         return config, _safetensors_loaders([directory / SAFETENSORS_FILE], stack)
     if (directory / SAFETENSORS_INDEX).is_file():  # sharded: the index maps tensor names to files
         try:
-            weight_map = json.loads((directory / SAFETENSORS_INDEX).read_text(encoding="utf-8"))["weight_map"]
+            weight_map = read_json(directory / SAFETENSORS_INDEX)["weight_map"]
             shards = sorted({directory / name for name in weight_map.values()})
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"{str(directory / SAFETENSORS_INDEX)!r} is not a valid shard index ({e})") from e
         missing = [p.name for p in shards if not p.is_file()]
         if missing:

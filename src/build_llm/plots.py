@@ -21,6 +21,20 @@ def _pyplot():
     return plt
 
 
+def _plain_text(plot):
+    """Run a plotting function with mathtext off: a prompt's "$x^2$" is drawn as typed, and an odd
+    "$" cannot make matplotlib fail half-way through a figure."""
+    import functools
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+    return wrapper
+
+
 def _save(fig, path: str | Path) -> Path:
     from .fsio import atomic_path
 
@@ -34,6 +48,7 @@ def _save(fig, path: str | Path) -> Path:
 
 
 # --- attention maps --------------------------------------------------------------------------------
+@_plain_text
 def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[str], path: str | Path,
                         title: str = "Attention weights") -> Path:
     """One heatmap per layer (rows) and head (columns): row = query token, column = key token.
@@ -83,6 +98,7 @@ def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[
 
 
 # --- next-token distribution -----------------------------------------------------------------------
+@_plain_text
 def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[str], ids: Sequence[int],
                     path: str | Path, top_k: int | None = None, top_p: float | None = None,
                     title: str = "Next-token distribution", true_probs: Sequence[float] | None = None) -> Path:
@@ -148,6 +164,7 @@ def _top_p_count(probs: Any, top_p: float) -> int:
 
 
 # --- per-layer statistics --------------------------------------------------------------------------
+@_plain_text
 def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, path: str | Path,
                      labels: Sequence[str] | None = None, title: str = "Inside the layers") -> Path:
     """Left: the residual-stream norm at each depth (one thin line per token, bold mean).
@@ -193,6 +210,7 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
 
 
 # --- loss curves -----------------------------------------------------------------------------------
+@_plain_text
 def plot_losses(tokens_seen: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
                 path: str | Path, optimal_loss: float | None = None, title: str = "Training") -> Path:
     """Training and validation loss against tokens seen; for a synthetic source, the exact optimum

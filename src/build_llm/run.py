@@ -7,7 +7,7 @@ and raise UsageError (a ValueError) or TrainingStopped; cli.py prints and choose
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +21,8 @@ from .checkpoint import CHECKPOINT_DIR, load_trainer_state
 from .data import Corpus, sliding_starts
 from .distributed import Dist, close_distributed, init_distributed
 from .errors import UsageError
+from .fsio import check_writable_dir, claim_dir, lock_dir, read_json
+from .runtime import check_fits
 from .train import (ABC_TRAIN, TrainConfig, TrainingStopped, TrainResult, evaluate_windows, sample_text,
                     train)
 
@@ -29,6 +31,7 @@ DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6
 # What --resume may change: when and how the steps run, not what they compute.
 RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype", "fsdp"}
 ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training uses seed 1)
+RUN_KIND = "run"  # the kind in the ownership marker of a run directory
 SMALL_MODEL = 2_000_000  # parameters; below this, CPU training uses one thread unless OMP_NUM_THREADS says otherwise
 
 
@@ -75,13 +78,17 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     model_options = {k: v for k, v in (model_options or {}).items() if v is not None}
     train_options = {k: v for k, v in (train_options or {}).items() if v is not None}
     out = check_run_dir(out, resume)
+    check_writable_dir(out, RUN_KIND)  # only a new or empty folder, or a run of ours (nothing written yet)
 
     saved_state, saved_model = None, None
     if resume:
         ckpt_dir = resolve_checkpoint(out)
         saved_state = load_trainer_state(ckpt_dir).state
-        saved_model = GPTConfig.from_dict(json.loads((ckpt_dir / "config.json").read_text(encoding="utf-8")))
+        saved_model = GPTConfig.from_dict(read_json(ckpt_dir / "config.json"))
         saved_cfg = TrainConfig.from_dict(saved_state["train_config"])
+        if train_options.get("steps", saved_cfg.steps) <= saved_state["step"]:
+            raise UsageError(f"--resume: the run in {str(out)!r} is already at step {saved_state['step']}; give "
+                             f"--steps above {saved_state['step']} to train further")
         saved_source = saved_state["data"].get("source")
         if (saved_source == "abc") != (data is None):
             raise UsageError(f"--resume: the run trained on {'the ABC source' if saved_source == 'abc' else 'a text corpus'}"
@@ -100,21 +107,21 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     from .runtime import configure_backends
     configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
+    lock = contextlib.ExitStack()
     try:
         if cfg.fsdp and not d.active:
             raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        if d.is_main:  # the run directory is ours and locked for as long as this run writes there
+            claim_dir(out, RUN_KIND)
+            lock.enter_context(lock_dir(out))
+        same_as = saved_state["data"] if saved_state is not None else None  # checked before tokens are written
         if d.local_rank == 0:  # each node's first process tokenizes; the others then reuse its files
-            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
+            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio, same_as=same_as)
         d.barrier()
         if d.local_rank != 0:
-            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio)
+            corpus, tok = prepare_corpus(data, tokenizer, out / "data", cfg.val_ratio, same_as=same_as)
 
         if saved_state is not None:
-            for key in ("data_sha256", "tokenizer_sha256"):
-                if corpus.meta[key] != saved_state["data"][key]:
-                    what = "data" if key == "data_sha256" else "tokenizer"
-                    raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; "
-                                     f"give the same --data and --tokenizer, or start a new run with another --out")
             model_cfg = saved_model
             if preset is not None:
                 want = GPTConfig.from_preset(preset, vocab_size=tok.vocab_size)
@@ -132,6 +139,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
                 base = GPTConfig(**DATA_DEFAULT_MODEL).to_dict()
             model_cfg = GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
 
+        check_fits(training_memory(model_cfg, cfg), "training this model with these settings", device)
         cpu_threads_for(model_cfg, device)
         optimum = None
         if data is None:
@@ -148,8 +156,20 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         return TrainingRun(result, report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device,
                                           data is None))
     finally:
+        lock.close()
         torch.set_num_threads(threads)
         close_distributed(d)
+
+
+def training_memory(model_cfg, cfg: TrainConfig) -> int:
+    """A lower bound of the bytes training needs: fp32 weights, gradients and AdamW's two moments,
+    the fixed validation windows, a step's micro-batches (inputs and targets, int64, all drawn at
+    once) and one micro-batch's logits with their gradient."""
+    from .runtime import model_memory
+
+    windows = cfg.batch_size * cfg.eval_batches * 8 + cfg.batch_size * cfg.grad_accum * model_cfg.context_length * 16
+    logits = 2 * cfg.batch_size * model_cfg.context_length * model_cfg.vocab_size * 4
+    return 4 * model_memory(model_cfg) + windows + logits
 
 
 def cpu_threads_for(model_cfg, device: torch.device) -> None:
@@ -210,7 +230,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
         raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode the data")
     trained_on_abc = False
     if (ckpt.path / TRAINER_FILE).is_file():
-        trained_on_abc = json.loads((ckpt.path / TRAINER_FILE).read_text(encoding="utf-8"))["data"].get("source") == "abc"
+        saved = read_json(ckpt.path / TRAINER_FILE)
+        trained_on_abc = isinstance(saved, dict) and isinstance(saved.get("data"), dict) and \
+            saved["data"].get("source") == "abc"
     if data is None:
         text = abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)
     else:
@@ -228,6 +250,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
         loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
     finally:
         torch.set_num_threads(threads)
+    if not math.isfinite(loss):
+        raise UsageError(f"checkpoint {str(ckpt.path)!r}: the loss is {loss} (its weights hold NaN or infinity: a "
+                         "damaged checkpoint or a diverged run); evaluate another checkpoint")
     result: dict[str, Any] = {"loss": loss, "perplexity": math.exp(loss), "tokens": n, "windows": len(starts)}
     if data is None or trained_on_abc:
         try:

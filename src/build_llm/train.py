@@ -37,6 +37,7 @@ from .checkpoint import (CHECKPOINT_DIR, load_trainer_state, save_checkpoint, se
 from .data import Corpus, check_splits, draw_starts, random_windows, step_rng
 from .distributed import Dist, full_state_options, wrap_model
 from .errors import UsageError
+from .fsio import write_text
 from .runtime import autocast
 
 # Keys of step_rng streams: one for training batches, one for the fixed validation windows.
@@ -238,29 +239,40 @@ def micro_batches(ids: np.ndarray, step: int, cfg: TrainConfig, context_length: 
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches, device: torch.device,
-               cfg: TrainConfig, d: Dist, loss_fn: Callable | None = None) -> torch.Tensor:
+               cfg: TrainConfig, d: Dist, loss_fn: Callable | None = None,
+               stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
     """One optimizer step over `grad_accum` micro-batches; returns the mean loss over all processes.
     `loss_fn(x, y, model, device)` is the micro-batch's loss (default: calc_loss_batch).
 
     Gradients of every micro-batch are averaged (DDP also averages across processes, and only syncs
-    on the last micro-batch), clipped to `grad_clip`, then AdamW steps.
+    on the last micro-batch), clipped to `grad_clip`, then AdamW steps. If `stop()` turns true
+    between micro-batches (a single process only: under torchrun every rank must run the same
+    micro-batches), the step is abandoned, the weights unchanged, and None returned.
     """
     loss_fn = loss_fn or calc_loss_batch
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    batches = list(batches)
+    # A generator (micro_batches) is read one micro-batch at a time: cfg.grad_accum of them, never all
+    # in memory at once; a sequence may hold any number.
+    n = len(batches) if hasattr(batches, "__len__") else cfg.grad_accum
+    i = -1
     for i, (x, y) in enumerate(batches):
-        last = i == len(batches) - 1
+        if stop is not None and i > 0 and not d.active and stop():
+            optimizer.zero_grad(set_to_none=True)
+            return None
+        last = i == n - 1
         sync = model.no_sync() if (d.active and not last and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync:
             with autocast(device, cfg.dtype):
                 loss = loss_fn(x, y, model, device)
-            (loss / len(batches)).backward()
+            (loss / n).backward()
         total += loss.detach()
+    if i + 1 != n:
+        raise RuntimeError(f"train_step: got {i + 1} micro-batches, expected {n} (cfg.grad_accum)")
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
-    return d.sum(total / len(batches)) / d.world
+    return d.sum(total / n) / d.world
 
 
 def evaluate_windows(model: nn.Module, ids: np.ndarray, starts: np.ndarray, context_length: int,
@@ -427,9 +439,13 @@ class RunLog:
         self.history: list[dict[str, Any]] = []  # every row of the run (including a resumed run's earlier ones)
         self.last: dict[str, Any] | None = None  # the last row this process logged
         if self.d.is_main and resume and self.path.exists():
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r["step"] <= state.step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            try:
+                rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+                self.history = [r for r in rows if r["step"] <= state.step]
+            except (ValueError, KeyError, TypeError, RecursionError):
+                raise UsageError(f"{str(self.path)!r} is damaged (not one JSON row with a step per line); move it "
+                                 "away to resume without the earlier rows") from None
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         elif self.d.is_main and not resume:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
@@ -522,16 +538,30 @@ def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Itera
             lr = set_lr(state.optimizer, lr_at(state.step, cfg))
             torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))
             t0 = time.perf_counter()
-            loss = train_step(state.model, state.optimizer, batches(state.step), device, cfg, d, loss_fn).item()
+            loss = train_step(state.model, state.optimizer, batches(state.step), device, cfg, d, loss_fn,
+                              stop=lambda: stop.raised is not None)
+            if loss is None:  # interrupted between micro-batches: the step is not taken
+                state.elapsed = log.elapsed()
+                if not (log.path.parent / CHECKPOINT_DIR).exists() or state.step % cfg.eval_every:
+                    save(state)
+                log.plot(force=True)
+                raise TrainingStopped(f"interrupted during step {state.step + 1}/{cfg.steps}; checkpoint of step "
+                                      f"{state.step} saved in {log.out_dir / CHECKPOINT_DIR}; continue with --resume",
+                                      130)
+            loss = loss.item()
             if not math.isfinite(loss):
-                raise TrainingStopped(f"loss is {loss} at step {state.step + 1}: training diverged; the last good "
-                                      f"checkpoint is kept in {log.out_dir / CHECKPOINT_DIR} (try a lower --lr or "
-                                      "--grad-clip)", 1)
+                raise _diverged(f"loss is {loss} at step {state.step + 1}", log.out_dir)
             state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
             log.step(loss, lr, time.perf_counter() - t0, tokens_per_step)
             evaluated = state.step % cfg.eval_every == 0 or state.step == cfg.steps
             if evaluated:
                 metrics = evaluate(state)
+                # The loss above was computed before this step's update, which may have blown the weights
+                # up: never save a checkpoint whose weights or validation loss are not finite.
+                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+                if bad or not _finite_weights(state.core, d, device):
+                    raise _diverged(f"after step {state.step} the " + (f"{bad[0]} is {metrics[bad[0]]}" if bad else
+                                    "weights hold NaN or infinity"), log.out_dir)
                 state.elapsed = log.elapsed()
                 log.evaluation(state, lr, metrics, sample(state) if sample else None)
                 save(state)
@@ -544,6 +574,19 @@ def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Itera
                 raise TrainingStopped(f"interrupted at step {state.step}/{cfg.steps}; checkpoint saved in "
                                       f"{log.out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
     return state
+
+
+def _finite_weights(model: nn.Module, d: Dist, device: torch.device) -> bool:
+    """Whether every parameter is finite, on every process (a sharded parameter checks its shard)."""
+    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                for p in model.parameters())
+    return d.sum(torch.tensor(float(not local), device=device)).item() == 0
+
+
+def _diverged(what: str, out_dir: Path) -> TrainingStopped:
+    kept = out_dir / CHECKPOINT_DIR
+    where = (f"the last good checkpoint is kept in {kept}" if kept.exists() else "no checkpoint was saved")
+    return TrainingStopped(f"{what}: training diverged; {where} (try a lower --lr or --grad-clip)", 1)
 
 
 def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, tokenizer, *, resume: bool = False,

@@ -581,7 +581,10 @@ def run_bench_cli(args: argparse.Namespace) -> None:
     if args.out:
         check_writable_dir(args.out, "bench")
     if args.text:  # the whole bench runs before the text is used: check it first
-        read_text(args.text)
+        try:
+            read_text(args.text)
+        except UsageError as e:
+            raise UsageError(f"--text: {e}") from None
     if args.checkpoint:
         from .checkpoint import resolve_checkpoint
         resolve_checkpoint(args.checkpoint)  # a bad path is reported before minutes of timing

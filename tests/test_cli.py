@@ -70,3 +70,32 @@ def test_every_verb_has_help():
         with pytest.raises(SystemExit) as e:
             main([verb, "--help"])
         assert e.value.code == 0
+
+
+def test_bare_command_prints_help_and_succeeds(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: build-llm") and "generate" in out and "train" in out
+
+
+def test_version_and_help_show_defaults(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"build-llm {version('build-llm')}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 50)" in help_text and "(default: auto)" in help_text
+
+
+def test_every_verb_has_the_same_device_default():
+    from build_llm.cli import DEVICE_DEFAULT, build_parser
+
+    defaults = set()
+    for action in build_parser()._subparsers._group_actions[0].choices.values():
+        for a in action._actions:
+            if a.dest == "device":
+                defaults.add(a.default)
+    assert defaults == {DEVICE_DEFAULT}

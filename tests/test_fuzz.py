@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from build_llm import cli
 
-FUZZ_EXAMPLES = int(os.environ.get("BUILD_LLM_FUZZ_EXAMPLES", "40"))
+FUZZ_EXAMPLES = int(os.environ.get("BUILD_LLM_FUZZ_EXAMPLES", "20"))
 SLOW_EXAMPLES = 400
 SKIP_VERBS = {"serve", "chat"}  # long-running servers and interactive loops: not a one-shot command
 TRIED = {"flags": 0, "tampered": 0}

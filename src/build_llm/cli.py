@@ -7,6 +7,7 @@ and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from typing import Callable, Sequence
@@ -15,7 +16,30 @@ from .config import PRESETS
 from .errors import UsageError
 
 
+# One default for every verb's --device: the best device there is (cuda, then mps, then cpu).
+DEVICE_DEFAULT, DEVICE_HELP = "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (unless its help already says it, or there is none)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # one line, not argparse's usage block
         raise UsageError(f"{self.prog}: error: {message} (see --help)")
 
@@ -116,7 +140,7 @@ def add_generate(sub) -> None:
     p.add_argument("--top-k", type=positive_int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
@@ -245,7 +269,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .data import read_pieces, text_files
-    from .fsio import atomic_path
+    from .fsio import atomic_path, check_writable_file
     from .tokenizer import ENDOFTEXT, BPETokenizer
 
     if args.vocab_size < 257:
@@ -254,6 +278,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")
+    check_writable_file(out)
     files = [f for path in args.data for f in text_files(path)]
     # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
     if not sum(bool(piece.strip()) for piece in read_pieces(files)):
@@ -320,7 +345,7 @@ def add_inspect(sub) -> None:
     p.add_argument("--temperatures", type=_temperatures, default=(0.5, 1.0, 2.0), help="comma-separated, default 0.5,1,2")
     p.add_argument("--max-tokens", type=positive_int, default=48, help="use at most this many prompt tokens (default 48)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a --preset's random weights")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
     p.set_defaults(run=run_inspect)
 
 
@@ -364,7 +389,7 @@ def add_surprisal(sub) -> None:
                    help="window step for long texts (default half the context)")
     p.add_argument("--max-tokens", type=positive_int, default=4000, help="score at most this many tokens (default 4000)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampled ABC text and of a --preset")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
     p.set_defaults(run=run_surprisal)
 
 
@@ -372,7 +397,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from .data import read_text
-    from .fsio import write_text
+    from .fsio import check_writable_file, write_text
     from .markov import ABC, abc_text
     from .probe import is_abc_tokenizer, surprisal_html, surprisal_report
     from .runtime import get_device
@@ -380,6 +405,7 @@ def run_surprisal(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file name such as surprisal.html")
+    check_writable_file(out)
     model, tokenizer = load_source(args, get_device(args.device))
     is_abc = is_abc_tokenizer(tokenizer)
     if args.abc and not is_abc:
@@ -434,7 +460,7 @@ def add_doctor(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the overfit check (default 1e-3)")
     p.add_argument("--seq-len", type=positive_int, default=16, help="tokens per check sequence (default 16)")
     p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
     p.set_defaults(run=run_doctor)
 
 
@@ -500,7 +526,7 @@ def add_train(sub) -> None:
     o.add_argument("--val-ratio", type=float, help="share of the tokens held out for validation")
     o.add_argument("--seed", type=non_negative_int)
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", help="auto, cpu, cuda or cuda:N (under torchrun: each process's local GPU)")
+    r.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP + " (under torchrun: each process's local GPU)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast forward and loss")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the model (FSDP2)")
@@ -539,7 +565,7 @@ def add_eval(sub) -> None:
     src.add_argument("--data", help="a UTF-8 text file or folder (default: a held-out ABC draw)")
     src.add_argument("--abc", action="store_true", help="a held-out draw of the ABC source (the default)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
     p.set_defaults(run=run_eval)
 
 
@@ -574,12 +600,14 @@ def run_bench_cli(args: argparse.Namespace) -> None:
 
     from .bench import format_report, plot_report, run_bench, to_json
     from .data import read_text
-    from .fsio import check_writable_dir, claim_dir, write_text
+    from .fsio import check_writable_dir, check_writable_file, claim_dir, write_text
 
     if args.png and not args.png.lower().endswith(".png"):
         raise UsageError(f"--png {args.png!r}: expected a file name ending in .png")
-    if args.out:
+    if args.out:  # every output checked before the bench's minutes of work
         check_writable_dir(args.out, "bench")
+    if args.png:
+        check_writable_file(args.png, "--png")
     if args.text:  # the whole bench runs before the text is used: check it first
         try:
             read_text(args.text)
@@ -784,8 +812,18 @@ def run_chat(args: argparse.Namespace) -> None:
 VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect, add_surprisal, add_doctor, add_train, add_eval, add_bench, add_serve, add_finetune, add_classify, add_merge_lora, add_chat]
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("build-llm")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="build-llm", description="Build, train, inspect and sample GPT models from scratch.")
+    parser.add_argument("--version", action="version", version=f"build-llm {package_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     sub.required = True
     for add in VERBS:
@@ -807,6 +845,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Set BUILD_LLM_DEBUG=1 to see the traceback of an error instead.
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare `build-llm`: the help, and success (nothing was asked that failed)
+        build_parser().print_help()
+        return 0
     try:
         args = build_parser().parse_args(argv)
         status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)

@@ -75,12 +75,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 # --- temporary names, and the ones a killed process left ------------------------------------------
-def _make_parent(path: Path) -> None:
-    """Create `path`'s parent folders, saying clearly when one of them is a file."""
+def _check_parents(path: Path) -> None:
     for parent in reversed(path.parents):
         if parent.exists() and not parent.is_dir():
             raise UsageError(f"cannot write {str(path)!r}: {str(parent)!r} is a file, not a folder")
+
+
+def _make_parent(path: Path) -> None:
+    """Create `path`'s parent folders, saying clearly when one of them is a file."""
+    _check_parents(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_writable_file(path: str | os.PathLike[str], what: str = "--out") -> None:
+    """Raise UsageError if a file could not be written at `path` (a folder there, a file above it);
+    for a command to check before long work. Nothing is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a directory; give a file path")
+    _check_parents(path)
 
 
 def _tmp_prefix(target: Path) -> str:
@@ -264,6 +277,7 @@ def check_writable_dir(path: str | os.PathLike[str], kind: str, what: str = "--o
     the tool created (and, with `whole`, for a directory to be replaced: holding only what the tool
     wrote there). Nothing is written."""
     path = Path(path)
+    _check_parents(path)
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{what} {str(path)!r} is a dangling symbolic link; give a new or empty directory")
     if not path.exists():

@@ -288,7 +288,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     except (ValueError, TypeError, OSError):
         raise
     except Exception as e:  # the tokenizers library raises its own exception type
-        raise ValueError(f"training failed on --data: {e}") from e
+        raise UsageError(f"training failed on --data: {e}") from e
     with atomic_path(out) as tmp:
         tok.save(tmp)
     print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")

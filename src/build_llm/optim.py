@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+
+from .errors import UsageError
+
 # Coefficients of the quintic iteration X <- a X + (b A + c A^2) X, A = X X^T: chosen (by Muon's
 # author) to push every singular value into roughly [0.7, 1.2] fast rather than exactly to 1.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -43,9 +46,9 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5) -> None:
         if not lr > 0:
-            raise ValueError(f"Muon: lr={lr!r} is invalid; expected a number > 0")
+            raise UsageError(f"Muon: lr={lr!r} is invalid; expected a number > 0")
         if not 0 <= momentum < 1:
-            raise ValueError(f"Muon: momentum={momentum!r} is invalid; expected a number in [0, 1)")
+            raise UsageError(f"Muon: momentum={momentum!r} is invalid; expected a number in [0, 1)")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                       ns_steps=ns_steps))
         for group in self.param_groups:

@@ -84,6 +84,7 @@ def fresh_copy(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow  # a dozen shortened runs: over a minute on a shared 2-core machine
 def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
     copy = fresh_copy(tmp_path)
     monkeypatch.chdir(copy)

@@ -277,7 +277,7 @@ def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
         assert parts[0].choices[0].delta.role == "assistant"
         assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
         assert parts[-1].choices[0].finish_reason == "length"
-        with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        with pytest.raises(openai.BadRequestError, match="ending with the user's message"):
             chat.chat.completions.create(model="chatty", messages=messages[:1] + [{"role": "assistant", "content": "x"}])
     finally:
         server.should_exit = True
@@ -318,6 +318,7 @@ MALFORMED = [
     ("echo a number", {**GOOD, "echo": 1}, 400),
     ("oversize body", {**GOOD, "prompt": "x" * (2 << 20)}, 413),
     ("chat messages not a list", {"model": "tiny", "messages": "hi"}, 400),
+    ("chat unknown role", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
 ]
 
 
@@ -477,3 +478,30 @@ def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
     assert r["loaded"]["errors"] == 0 and r["loaded"]["requests"] >= 4 and r["server_exit_code"] == 0
     assert 0 < r["loaded"]["completion_tokens"] <= 16 * r["loaded"]["requests"]
     assert 0 < r["loaded"]["ttft_p50_s"] <= r["loaded"]["ttft_p95_s"]
+
+
+@pytest.mark.slow
+def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
+    """`build-llm finetune instruct`'s checkpoint, served: /v1/chat/completions renders the messages in
+    the fine-tuning template, and the model gives the answer it learned."""
+    from finetune_fixture import WORDS, tiny_cfg, write_instruct_json
+
+    from build_llm import BPETokenizer
+    from build_llm.finetune import ALPACA_PREAMBLE, FinetuneConfig, finetune
+
+    text = (" ".join(WORDS) + "\n" + ALPACA_PREAMBLE + "\n\n### Instruction:\n\n\n### Input:\n\n\n### Response:\n")
+    tok = BPETokenizer.train_from_texts([text * 20], vocab_size=300)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    write_instruct_json(tmp_path / "train.json")
+    finetune(tmp_path / "sft", tmp_path / "base", FinetuneConfig(task="instruct", epochs=8, batch_size=8, lr=3e-3),
+             data=tmp_path / "train.json", log=lambda s: None)
+    s = Server(tmp_path / "sft")
+    try:
+        chat = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert chat.models.list().data[0].model_extra["chat"] is True
+        r = chat.chat.completions.create(model="sft", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "what is the word\n\n### Input:\ndog"}])
+        assert r.choices[0].message.content == "animal" and r.choices[0].finish_reason == "stop"
+    finally:
+        assert s.stop() == 0

@@ -659,10 +659,20 @@ def run_serve(args: argparse.Namespace) -> None:
         raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty; give a key or leave the option out")
-    model, tokenizer = load_source(args)
+    chat_template = None
+    if args.checkpoint:  # an instruction fine-tune also answers /v1/chat/completions, in its own template
+        from .chat import load_chat_model
+        from .finetune import encode_conversation, require_eos
+
+        model, tokenizer, note = load_chat_model(args.checkpoint)
+        if note is None:
+            eos = require_eos(tokenizer)
+            chat_template = lambda messages: encode_conversation(  # noqa: E731
+                messages, tokenizer, eos, add_generation_prompt=True)[0]
+    else:
+        model, tokenizer = load_source(args)
     prepare_for_decoding(model, args.dtype)
     name = args.name or args.preset or Path(args.checkpoint).resolve().name
-    chat_template = getattr(tokenizer, "chat_template", None)
     settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
                         chat_template=chat_template)
     run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,

@@ -442,10 +442,11 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
         check_model(body)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": ..., \"content\": ...}",
-                           param="messages")
+                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str) for m in messages) or messages[-1]["role"] != "user":
+            raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": system|user|assistant, "
+                                "\"content\": text} ending with the user's message", param="messages")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         if settings.chat_template is None:
             raise ApiError(400, f"the model {settings.model_name!r} has no chat template (it was not instruction-"
                                 "tuned); use /v1/completions", param="messages", code="no_chat_template")

@@ -379,19 +379,20 @@ def slow_ckpt(tmp_path) -> Path:
 
 
 def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
-    s = Server(slow_ckpt, "--max-batch", "1", "--max-queue", "1")
+    s = Server(slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
     try:
-        long = {"model": "slow", "prompt": "go", "max_tokens": 400, "temperature": 0, "stream": True}
+        long = {"model": "slow", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
         req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(long).encode(),
                                      headers={"Content-Type": "application/json"})
-        stream = urllib.request.urlopen(req, timeout=120)
+        stream = urllib.request.urlopen(req, timeout=300)
         assert stream.readline().startswith(b"data: ")  # decoding: the one row is busy
         waiting = ThreadPoolExecutor(1).submit(post, s.url, {**long, "stream": False, "max_tokens": 5}, key=None)
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while time.time() < deadline:
-            with urllib.request.urlopen(s.url + "/health", timeout=10) as r:
+            with urllib.request.urlopen(s.url + "/health", timeout=30) as r:
                 if json.loads(r.read())["waiting"] == 1:
                     break
+            time.sleep(0.05)
         code, reply = post(s.url, {**long, "stream": False}, key=None)
         assert code == 503 and reply["error"]["code"] == "server_overloaded"
         s.proc.send_signal(signal.SIGTERM)  # the stream in flight still runs to its end
@@ -399,8 +400,8 @@ def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
         assert rest.rstrip().endswith("data: [DONE]")
         events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
         assert events[-1]["choices"][0]["finish_reason"] == "length"
-        assert waiting.result(60)[0] == 200
-        assert s.proc.wait(60) == 0
+        assert waiting.result(300)[0] == 200
+        assert s.proc.wait(120) == 0
         with pytest.raises(OSError):
             urllib.request.urlopen(s.url + "/health", timeout=5)
     finally:

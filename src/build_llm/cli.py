@@ -646,6 +646,8 @@ def add_serve(sub) -> None:
                    help="the largest max_tokens a request may ask (default: the model's context length)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
+    p.add_argument("--shutdown-timeout", type=positive_int, default=30,
+                   help="seconds that requests in flight may take to finish after SIGTERM (default 30)")
     p.set_defaults(run=run_serve)
 
 
@@ -676,7 +678,7 @@ def run_serve(args: argparse.Namespace) -> None:
     settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
                         chat_template=chat_template)
     run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
-               max_queue=args.max_queue)
+               max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
 
 
 # --- fine-tuning ---------------------------------------------------------------------------------

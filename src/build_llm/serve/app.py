@@ -285,17 +285,18 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
                            code="invalid_api_key")
 
     async def read_body(request: Request) -> dict[str, Any]:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body:
-            raise ApiError(413, f"the request body has {length} bytes; the limit is {settings.max_body}",
-                           code="request_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > settings.max_body:
-                raise ApiError(413, f"the request body exceeds the limit of {settings.max_body} bytes",
-                               code="request_too_large")
-            chunks.append(chunk)
+            if size <= settings.max_body:
+                chunks.append(chunk)
+            elif size > 16 * settings.max_body:  # far over: stop reading (the client sees the connection close)
+                break
+        # A body over the limit is read to its end (up to 16 times the limit) and dropped, so that the
+        # client, still sending, can read the 413 instead of a reset connection.
+        if size > settings.max_body:
+            raise ApiError(413, f"the request body has {size}{'+' if size > 16 * settings.max_body else ''} bytes; "
+                                f"the limit is {settings.max_body}", code="request_too_large")
         return parse_json(b"".join(chunks))
 
     def check_model(body: dict) -> None:

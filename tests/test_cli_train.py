@@ -99,6 +99,7 @@ def bad(tmp_path: Path, name: str, content: bytes | None) -> Path:
     (lambda t: ["--batch-size", "0"], "expected an integer >= 1"),
     (lambda t: ["--resume"], "no checkpoint in"),
     (lambda t: ["--fsdp"], "--fsdp needs several processes"),
+    (lambda t: ["--pos-emb", "rope", "--emb-dim", "30", "--n-heads", "10"], "pos_emb='rope' needs an even head size"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     code, out, err = cli(capsys, "train", "--out", tmp_path / "run", *TINY, *argv(tmp_path))
@@ -212,3 +213,19 @@ def test_demo_ends_within_001_of_the_optimum(tmp_path):
     line = next(l for l in proc.stdout.splitlines() if l.startswith("validation loss"))
     val = float(line.split()[2])
     assert abs(val - 0.258584) < 0.01, proc.stdout[:500]
+
+
+def test_train_with_architecture_options_then_export_to_llama(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    run = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--data", text, "--out", run, *SMALL_RUN, "--drop-rate", "0", "--pos-emb", "rope",
+                       "--norm", "rmsnorm", "--mlp", "swiglu", "--no-bias", "--no-qkv-bias", "--ff-dim", "40")
+    assert code == 0, err
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert (config["pos_emb"], config["norm"], config["mlp"], config["bias"], config["ff_dim"]) == ("rope", "rmsnorm", "swiglu", False, 40)
+    code, _, err = cli(capsys, "export-hf", "--checkpoint", run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert hf.config.intermediate_size == 40

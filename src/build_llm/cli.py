@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from .config import PRESETS
+from .config import MLPS, NORMS, POS_EMBS, PRESETS
 from .errors import UsageError
 
 
@@ -215,10 +215,12 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
 
 def add_export_hf(sub) -> None:
-    p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face GPT-2 directory",
+    p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face GPT-2 (or Llama) directory",
                        description="Write a checkpoint as a directory that transformers.GPT2LMHeadModel."
                                    "from_pretrained loads (config.json, model.safetensors) with the same logits, "
-                                   "plus its tokenizer (GPT-2 or a trained BPE) for AutoTokenizer.")
+                                   "plus its tokenizer (GPT-2 or a trained BPE) for AutoTokenizer. A model with "
+                                   "Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu --no-bias "
+                                   "--no-qkv-bias) is written for LlamaForCausalLM instead.")
     p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
@@ -511,6 +513,16 @@ def add_train(sub) -> None:
     m.add_argument("--n-heads", type=positive_int)
     m.add_argument("--drop-rate", type=float)
     m.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=None)
+    m.add_argument("--pos-emb", choices=POS_EMBS, help="learned position table or rotary positions (rope)")
+    m.add_argument("--norm", choices=NORMS, help="LayerNorm or RMSNorm")
+    m.add_argument("--mlp", choices=MLPS, help="feed-forward: gelu (the book), relu2 or swiglu")
+    m.add_argument("--ff-dim", type=positive_int, help="feed-forward hidden width (default 4 x emb-dim; swiglu 8/3)")
+    m.add_argument("--bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="biases in the output projections, feed-forward and LayerNorm")
+    m.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="RMS-normalise each head's queries and keys")
+    m.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="output head shares the token-embedding matrix")
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch-size", type=positive_int, help="windows per micro-batch, over all processes")
     o.add_argument("--lr", type=float, help="peak learning rate")
@@ -539,7 +551,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .run import run_training
     from .train import TrainingStopped
 
-    model_keys = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias")
+    model_keys = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias", "pos_emb", "norm", "mlp",
+                  "ff_dim", "bias", "qk_norm", "tie_weights")
     train_keys = ("batch_size", "lr", "weight_decay", "betas", "warmup_steps", "lr_decay", "grad_clip", "grad_accum",
                   "steps", "eval_every", "eval_batches", "val_ratio", "seed", "device", "dtype", "compile", "fsdp")
     try:

@@ -26,8 +26,11 @@ from .runtime import check_fits
 from .train import (ABC_TRAIN, TrainConfig, TrainingStopped, TrainResult, evaluate_windows, sample_text,
                     train)
 
-# With --data and no --preset: a character model that trains on a laptop (nanoGPT's shakespeare-char).
-DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False)
+# With --data and no --preset: a character model that trains on a laptop (nanoGPT's shakespeare-char),
+# with rotary positions (the option that paid on this CPU, docs/speed.md) and fused attention (no
+# seed pins its training-mode numbers).
+DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False,
+                          pos_emb="rope", attn_impl="sdpa")
 # What --resume may change: when and how the steps run, not what they compute.
 RESUMABLE = {"steps", "eval_every", "eval_batches", "device", "compile", "dtype", "fsdp"}
 ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027  # a held-out ABC draw (training uses seed 1)

@@ -4,6 +4,7 @@ generate on a trained checkpoint, Ctrl-C, and torchrun with 2 CPU processes agai
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -67,6 +68,9 @@ def test_eval_json(abc_run, capsys, tmp_path):
     code, out, _ = cli(capsys, "eval", "--checkpoint", abc_run, "--data", text)
     result = json.loads(out)
     assert code == 0 and result["tokens"] == (len("AABCBBCBCABCCA" * 20) - 1) // 8 * 8 and "optimal_loss" in result
+    # one character (one byte) per token: bits per character is the loss in bits
+    assert result["characters"] == result["bytes"] == result["tokens"]
+    assert abs(result["bits_per_char"] - result["loss"] / math.log(2)) < 1e-12 and result["bits_per_byte"] == result["bits_per_char"]
 
 
 def test_generate_on_a_trained_checkpoint(abc_run, capsys):

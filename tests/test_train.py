@@ -117,6 +117,21 @@ def test_loss_falls_on_real_text(tmp_path):
     assert result.step == 80
 
 
+def test_bits_per_character_and_byte_beside_the_loss(tmp_path):
+    """Tokenizer-independent rows: total nats / ln 2 / characters (bytes) of the validation text."""
+    path = tmp_path / "text.txt"
+    path.write_text(PARAGRAPH.replace("a", "ä").replace("o", "ø") * 6, encoding="utf-8")  # 2-byte letters
+    corpus, tok = prepare_corpus(path, "char", tmp_path / "data", 0.2)
+    cfg = TrainConfig(batch_size=8, steps=2, eval_every=2, eval_batches=2, warmup_steps=0, seed=0, val_ratio=0.2)
+    train(tmp_path / "run", tiny(tok.vocab_size), cfg, corpus, tok, log=lambda s: None)
+    row = rows(tmp_path / "run")[-1]
+    val_text = path.read_text(encoding="utf-8")[-len(corpus.val):]  # one character per token
+    assert row["val_bits_per_char"] == pytest.approx(row["val_loss"] / math.log(2), rel=1e-12)
+    n_bytes = len(val_text.encode("utf-8"))
+    assert n_bytes > len(val_text) * 1.05
+    assert row["val_bits_per_byte"] == pytest.approx(row["val_loss"] * len(val_text) / math.log(2) / n_bytes, rel=1e-12)
+
+
 def abc_corpus(tmp_path, words=3000):
     return prepare_corpus(None, "char", tmp_path / "data", 0.2, abc_words=words)
 

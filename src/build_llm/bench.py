@@ -393,28 +393,35 @@ def bench_training(shape: TrainShape, plan: Plan, ceilings: dict[str, Any], log:
 
 
 # --- the user-facing trainer ---------------------------------------------------------------------
+# nanoGPT's shakespeare-char shape, as flags (on a CPU `train --steps` defaults to a smaller model)
+SHAKESPEARE_CHAR_FLAGS = ("--n-layers", "6", "--n-heads", "6", "--emb-dim", "384", "--context-length", "256",
+                          "--drop-rate", "0.2")
 def bench_train_cli(text: str | os.PathLike[str], plan: Plan, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """tokens/s that `build-llm train --data TEXT --tokenizer char --batch-size 8` reports in its
-    metrics.jsonl (its default model is the shakespeare-char shape), fp32 and `--dtype bfloat16`,
+    metrics.jsonl at the shakespeare-char shape, fp32 and `--dtype bfloat16`,
     in alternating rounds of fresh runs."""
     import subprocess
 
     rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     final_loss: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    final_bits: dict[str, list[float]] = {"float32": [], "bfloat16": []}  # tokenizer-independent, beside the loss
     log(f"build-llm train on {Path(text).name}: {plan.cli_steps} steps x 2 dtypes x {plan.cli_rounds} rounds")
     for r in range(plan.cli_rounds):
         for dtype in rates:
             out = workdir / f"train-{dtype}-{r}"
             cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", str(text), "--tokenizer", "char",
                    "--batch-size", "8", "--steps", str(plan.cli_steps), "--eval-every", str(plan.cli_steps),
-                   "--eval-batches", "2", "--dtype", dtype, "--out", str(out), *plan.cli_shape]
+                   "--eval-batches", "2", "--dtype", dtype, "--out", str(out), *SHAKESPEARE_CHAR_FLAGS,
+                   *plan.cli_shape]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 raise RuntimeError(f"build-llm train failed: {done.stderr.strip().splitlines()[-1:]}")
             last = json.loads((out / "metrics.jsonl").read_text().strip().splitlines()[-1])
             rates[dtype].append(float(last["tokens_per_s"]))
             final_loss[dtype].append(float(last["val_loss"]))
-    return {"steps": plan.cli_steps, "tokens_per_s": medians(rates), "rounds": rates, "val_loss": final_loss}
+            final_bits[dtype].append(float(last["val_bits_per_char"]))
+    return {"steps": plan.cli_steps, "tokens_per_s": medians(rates), "rounds": rates, "val_loss": final_loss,
+            "val_bits_per_char": final_bits}
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -612,7 +619,9 @@ def format_report(r: dict[str, Any]) -> str:
         c = r["train_cli"]
         lines += ["", f"build-llm train --data TEXT --tokenizer char --batch-size 8 ({c['steps']} steps, its metrics.jsonl)"]
         for k, v in c["tokens_per_s"].items():
-            lines.append(f"  {k:24s} {v:9.0f} tokens/s")
+            bits = c.get("val_bits_per_char", {}).get(k)
+            lines.append(f"  {k:24s} {v:9.0f} tokens/s" + (f", validation {statistics.median(c['val_loss'][k]):.4f} nats/token"
+                                                          f" = {statistics.median(bits):.4f} bits/char" if bits else ""))
     if r.get("perplexity"):
         p = r["perplexity"]
         lines += ["", f"perplexity of {p['checkpoint']} on {p['text']} ({p['tokens']} tokens)"]

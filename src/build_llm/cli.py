@@ -532,7 +532,11 @@ def add_train(sub) -> None:
     o.add_argument("--lr-decay", choices=("cosine", "constant"))
     o.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
     o.add_argument("--grad-accum", type=positive_int, help="micro-batches per optimizer step")
-    o.add_argument("--steps", type=positive_int, help="total optimizer steps, also when resuming")
+    o.add_argument("--steps", type=positive_int, help="total optimizer steps, also when resuming (with --data the "
+                   "default is a 5-minute --time-budget on a CPU)")
+    o.add_argument("--time-budget", metavar="DURATION", help="train for this long (90s, 5m, 2h), final evaluation, "
+                   "checkpoint and samples included: measures this machine's speed, then sizes the model (unless a "
+                   "shape flag or --preset is given) and the steps for the lowest validation loss in that time")
     o.add_argument("--eval-every", type=positive_int, help="evaluate, log and checkpoint every N steps")
     o.add_argument("--eval-batches", type=positive_int, help="fixed validation batches per evaluation")
     o.add_argument("--val-ratio", type=float, help="share of the tokens held out for validation")
@@ -542,6 +546,8 @@ def add_train(sub) -> None:
     r.add_argument("--dtype", choices=("float32", "bfloat16"), help="bfloat16: autocast forward and loss")
     r.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     r.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the model (FSDP2)")
+    p.add_argument("--init-from", metavar="DIR", help="start from this model's weights, shape and tokenizer (a "
+                   "checkpoint, run directory or Hugging Face GPT-2 directory), with a fresh optimizer")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--out", required=True, help="run directory")
     p.set_defaults(run=run_train)
@@ -558,7 +564,9 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         run = run_training(args.out, data=args.data, tokenizer=args.tokenizer, preset=args.preset,
                            model_options={k: getattr(args, k) for k in model_keys},
-                           train_options={k: getattr(args, k) for k in train_keys}, resume=args.resume)
+                           train_options={k: getattr(args, k) for k in train_keys}, resume=args.resume,
+                           init_from=args.init_from, time_budget=args.time_budget,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
     except TrainingStopped as e:
         if e.main_process:
             print(f"build-llm: {e}", file=sys.stderr, flush=True)

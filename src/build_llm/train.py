@@ -206,13 +206,15 @@ def train_model_simple(model: nn.Module, train_loader, val_loader, optimizer, de
 
 
 # --- pieces of the loop --------------------------------------------------------------------------
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for step `step` (0-based): linear warm-up, then cosine (or constant) decay."""
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Learning rate for step `step` (0-based): linear warm-up, then cosine (or constant) decay to
+    the last step, `total` (default cfg.steps; a time budget moves it as the run measures its speed)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_decay == "constant":
         return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    total = cfg.steps if total is None else total
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
@@ -294,6 +296,15 @@ def evaluate_windows(model: nn.Module, ids: np.ndarray, starts: np.ndarray, cont
     return (loss_sum / n if n else float("nan")), int(n)
 
 
+def bits_per_unit(loss: float, tokens: int, text: str) -> dict[str, float]:
+    """Bits per character and per UTF-8 byte of `text`, whose `tokens` tokens cost `loss` nats each
+    on average: total nats / ln 2 / characters (or bytes). Unlike the loss per token, these do not
+    depend on the tokenizer, so character and BPE models compare."""
+    total_bits = loss * tokens / math.log(2)
+    return {"bits_per_char": total_bits / max(1, len(text)),
+            "bits_per_byte": total_bits / max(1, len(text.encode("utf-8")))}
+
+
 def eval_starts(corpus: Corpus, context_length: int, cfg: TrainConfig) -> np.ndarray:
     """The fixed validation windows of every evaluation: `eval_batches` batches drawn once."""
     return draw_starts(len(corpus.val), context_length, cfg.batch_size * cfg.eval_batches,
@@ -359,6 +370,7 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     step: int = 0                # optimizer steps done
+    total_steps: int = 0         # the step the schedule ends at (cfg.steps, unless a time budget moves it)
     tokens_seen: int = 0         # training tokens over all processes
     elapsed: float = 0.0         # seconds of training, carried across resumes
 
@@ -376,7 +388,7 @@ def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = Non
     if saved is not None:
         load_weights(core, saved.path, device)
     model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile)
-    state = TrainState(core, model, make_optimizer(core, cfg, device))
+    state = TrainState(core, model, make_optimizer(core, cfg, device), total_steps=cfg.steps)
     if saved is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
@@ -414,7 +426,7 @@ def save_training_checkpoint(out_dir: str | Path, state: TrainState, cfg: TrainC
     path = Path(out_dir) / CHECKPOINT_DIR
     if d.is_main:
         trainer = {"format": 1, "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed,
-                   "train_config": cfg.to_dict(), "data": data_meta, "world_size": d.world}
+                   "train_config": cfg.replace(steps=max(state.total_steps, state.step)).to_dict(), "data": data_meta, "world_size": d.world}
         save_checkpoint(path, state.core, tokenizer, trainer_files(opt_state, trainer), state=weights)
     d.barrier()
     return path
@@ -429,10 +441,13 @@ class RunLog:
 
     PLOT_EVERY_S = 30.0
 
+    LINE_EVERY_S = 30.0  # when the progress output is not a terminal (no bar): a line at least this often
+
     def __init__(self, out_dir: str | Path, total_steps: int, state: TrainState, *, d: Dist | None = None,
                  resume: bool = False, optimal_loss: float | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self.out_dir, self.total_steps, self.d = Path(out_dir), total_steps, d or Dist()
+        self.steps_done = state.step
         self.optimal_loss = optimal_loss
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.path = self.out_dir / "metrics.jsonl"
@@ -451,7 +466,7 @@ class RunLog:
             self.path.write_text("")
         self.t_start = time.perf_counter() - state.elapsed
         self.losses, self.seconds, self.tokens = [], 0.0, 0  # since the last evaluation
-        self.last_plot = time.perf_counter()
+        self.last_plot = self.last_line = time.perf_counter()
         self.bar = None
         if self.d.is_main:
             from tqdm import tqdm
@@ -466,14 +481,29 @@ class RunLog:
     def tokens_per_s(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
 
-    def step(self, loss: float, lr: float, seconds: float, tokens: int) -> None:
-        """One optimizer step done: its loss, learning rate, time spent in it and tokens trained."""
+    def step(self, loss: float, lr: float, seconds: float, tokens: int, total_steps: int | None = None) -> None:
+        """One optimizer step done: its loss, learning rate, time spent in it and tokens trained
+        (and the run's last step, when a time budget moved it)."""
         self.losses.append(loss)
         self.seconds += seconds
         self.tokens += tokens
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s():.0f}")
+        self.steps_done += 1
+        if total_steps is not None:
+            self.total_steps = total_steps
+        if self.bar is None:
+            return
+        if self.bar.total != self.total_steps:
+            self.bar.total = self.total_steps
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_s():.0f}")
+        if self.bar.disable and time.perf_counter() - self.last_line > self.LINE_EVERY_S:
+            self.line(f"step {self.steps_done}/{self.total_steps}: loss {loss:.4f}, lr {lr:.2e}, "
+                      f"{self.tokens_per_s():.0f} tokens/s, {self.elapsed():.0f} s")
+
+    def line(self, msg: str) -> None:
+        """A line on the progress output (above the bar when there is one)."""
+        (self.bar.write(msg, file=sys.stderr) if self.bar is not None else self.log(msg))
+        self.last_line = time.perf_counter()
 
     def evaluation(self, state: TrainState, lr: float, metrics: dict[str, float], sample: str | None = None) -> dict[str, Any]:
         """Log a row: the mean training loss since the last one, `metrics` (e.g. val_loss), tokens,
@@ -488,13 +518,17 @@ class RunLog:
         if self.d.is_main:
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(row) + "\n")
-            shown = "".join(f", {k.removesuffix('_loss').replace('_', ' ')} {v:.4f}" for k, v in metrics.items())
+            shown = "".join(f", {k.removesuffix('_loss').replace('_', ' ')} {v:.4f}" for k, v in metrics.items()
+                            if "bits_per" not in k)
+            if "val_bits_per_char" in metrics:
+                bpc, bpb = metrics["val_bits_per_char"], metrics["val_bits_per_byte"]
+                shown += f" ({bpc:.3f} bits/char" + (f", {bpb:.3f} bits/byte)" if abs(bpb - bpc) > 5e-4 else ")")
             msg = (f"step {state.step}/{self.total_steps}: train {row['train_loss']:.4f}{shown}"
                    + (f" (optimum {self.optimal_loss:.4f})" if self.optimal_loss is not None else "")
                    + f", {row['tokens_per_s']:.0f} tokens/s")
             if sample:
                 msg += f"\n  sample: {sample!r}"
-            (self.bar.write(msg, file=sys.stderr) if self.bar is not None else self.log(msg))
+            self.line(msg)
         self.losses, self.seconds, self.tokens = [], 0.0, 0
         return row
 
@@ -523,8 +557,10 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Iterable], *,
              evaluate: Callable[[TrainState], dict[str, float]], save: Callable[[TrainState], Path],
              log: RunLog, tokens_per_step: int, d: Dist, device: torch.device,
-             loss_fn: Callable | None = None, sample: Callable[[TrainState], str | None] | None = None) -> TrainState:
-    """Optimizer steps from state.step up to cfg.steps. `batches(step)` yields this process's
+             loss_fn: Callable | None = None, sample: Callable[[TrainState], str | None] | None = None,
+             adjust: Callable[[TrainState], int] | None = None) -> TrainState:
+    """Optimizer steps from state.step up to state.total_steps (cfg.steps, or where `adjust(state)`,
+    asked after every step, moves it: a time budget). `batches(step)` yields this process's
     micro-batches (x, y) of a step; `loss_fn(x, y, model, device)` (default calc_loss_batch) is the
     loss; every cfg.eval_every steps and at the end, `evaluate(state)` gives the row's metrics,
     `sample(state)` an optional sample, then `save(state)` checkpoints.
@@ -534,8 +570,8 @@ def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Itera
     """
     state.model.train()
     with StopFlag() as stop:
-        while state.step < cfg.steps:
-            lr = set_lr(state.optimizer, lr_at(state.step, cfg))
+        while state.step < state.total_steps:
+            lr = set_lr(state.optimizer, lr_at(state.step, cfg, state.total_steps))
             torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))
             t0 = time.perf_counter()
             loss = train_step(state.model, state.optimizer, batches(state.step), device, cfg, d, loss_fn,
@@ -552,8 +588,10 @@ def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Itera
             if not math.isfinite(loss):
                 raise _diverged(f"loss is {loss} at step {state.step + 1}", log.out_dir)
             state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens_per_step
-            log.step(loss, lr, time.perf_counter() - t0, tokens_per_step)
-            evaluated = state.step % cfg.eval_every == 0 or state.step == cfg.steps
+            if adjust is not None:
+                state.total_steps = max(state.step, adjust(state))
+            log.step(loss, lr, time.perf_counter() - t0, tokens_per_step, state.total_steps)
+            evaluated = state.step % cfg.eval_every == 0 or state.step == state.total_steps
             if evaluated:
                 metrics = evaluate(state)
                 # The loss above was computed before this step's update, which may have blown the weights
@@ -565,13 +603,13 @@ def run_loop(state: TrainState, cfg: TrainConfig, batches: Callable[[int], Itera
                 state.elapsed = log.elapsed()
                 log.evaluation(state, lr, metrics, sample(state) if sample else None)
                 save(state)
-                log.plot(force=state.step == cfg.steps)
+                log.plot(force=state.step == state.total_steps)
             if d.sum(torch.tensor(float(stop.raised is not None), device=device)).item() > 0:
                 state.elapsed = log.elapsed()
                 if not evaluated:
                     save(state)
                 log.plot(force=True)
-                raise TrainingStopped(f"interrupted at step {state.step}/{cfg.steps}; checkpoint saved in "
+                raise TrainingStopped(f"interrupted at step {state.step}/{state.total_steps}; checkpoint saved in "
                                       f"{log.out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
     return state
 
@@ -591,11 +629,15 @@ def _diverged(what: str, out_dir: Path) -> TrainingStopped:
 
 def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, tokenizer, *, resume: bool = False,
           optimal_loss: float | None = None, sample_prompt: str | None = None, d: Dist | None = None,
-          device: torch.device | None = None, log: Callable[[str], None] | None = None) -> TrainResult:
+          device: torch.device | None = None, log: Callable[[str], None] | None = None,
+          init_weights: dict[str, torch.Tensor] | None = None,
+          adjust: Callable[[TrainState], int] | None = None) -> TrainResult:
     """Train a GPTModel(model_cfg) on `corpus`, writing metrics.jsonl, loss.png and checkpoint/ in out_dir.
 
-    With `resume`, continue from out_dir's checkpoint up to cfg.steps in total. Raises
+    A new run starts from `init_weights` (a state dict of that shape) if given, else from a seeded
+    random initialisation. With `resume`, continue from out_dir's checkpoint up to cfg.steps in total. Raises
     TrainingStopped on Ctrl-C (after saving) and on a non-finite loss (keeping the last checkpoint).
+    `adjust(state)` may move the last step as the run goes (see run_loop; budget.Deadline).
     """
     from .gpt import GPTModel
 
@@ -606,30 +648,38 @@ def train(out_dir: str | Path, model_cfg, cfg: TrainConfig, corpus: Corpus, toke
         raise UsageError(f"batch_size={cfg.batch_size} is not divisible by the {d.world} processes; "
                          f"choose a multiple of {d.world}")
     _seed_model_init(cfg.seed)
-    state = setup(GPTModel(model_cfg), cfg, out_dir=out_dir, resume=resume, d=d, device=device)
+    core = GPTModel(model_cfg)
+    if init_weights is not None and not resume:
+        core.load_state_dict(init_weights)
+    state = setup(core, cfg, out_dir=out_dir, resume=resume, d=d, device=device)
     val_starts = eval_starts(corpus, T, cfg)
     # A sharded (FSDP) forward is collective: every rank must run the same forwards, so each
     # evaluates every window; otherwise the ranks share the windows and sum.
     eval_dist = Dist() if cfg.fsdp else d
 
+    # The evaluation windows are a sample of the validation split: its tokens per character (and per
+    # byte) turn their mean loss into bits per character (and per byte) of the split's text.
+    val_text = tokenizer.decode(np.asarray(corpus.val).tolist())
+
     def evaluate(s: TrainState) -> dict[str, float]:
-        return {"val_loss": evaluate_windows(s.core, corpus.val, val_starts, T, cfg.batch_size, device, eval_dist,
-                                             cfg.dtype)[0]}
+        loss = evaluate_windows(s.core, corpus.val, val_starts, T, cfg.batch_size, device, eval_dist, cfg.dtype)[0]
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in bits_per_unit(loss, len(corpus.val), val_text).items()}}
 
     def sample(s: TrainState) -> str | None:
         # With the evaluation, at most every 50 steps (generation is slow next to a tiny step)
-        if not sample_prompt or not (s.step % max(cfg.eval_every, 50) == 0 or s.step == cfg.steps):
+        if not sample_prompt or not (s.step % max(cfg.eval_every, 50) == 0 or s.step == s.total_steps):
             return None
         if not (d.is_main or cfg.fsdp):  # a sharded forward needs every rank
             return None
         text = sample_text(s.core, tokenizer, sample_prompt, 60, device)
         return text if d.is_main else None
 
-    run_log = RunLog(out_dir, cfg.steps, state, d=d, resume=resume, optimal_loss=optimal_loss, log=log)
+    run_log = RunLog(out_dir, state.total_steps, state, d=d, resume=resume, optimal_loss=optimal_loss, log=log)
     try:
         run_loop(state, cfg, lambda step: micro_batches(corpus.train, step, cfg, T, d), evaluate=evaluate,
                  save=lambda s: save_training_checkpoint(out_dir, s, cfg, tokenizer, corpus.meta, d), log=run_log,
-                 tokens_per_step=cfg.batch_size * cfg.grad_accum * T, d=d, device=device, sample=sample)
+                 tokens_per_step=cfg.batch_size * cfg.grad_accum * T, d=d, device=device, sample=sample,
+                 adjust=adjust)
     finally:
         run_log.close()
     state.core.eval()

@@ -108,6 +108,10 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
             model_cfg = None  # the budget's rule chooses it
         else:
             model_cfg = model_config(data, preset, model_options, tok, init, saved, corpus, device)
+        from .budget import BUDGET_CONTEXT
+        from .data import check_splits
+
+        check_splits(corpus, model_cfg.context_length if model_cfg is not None else BUDGET_CONTEXT)  # before the plan
         if model_cfg is not None:
             check_fits(training_memory(model_cfg, cfg), "training this model with these settings", device)
         plan = make_plan(model_cfg, cfg, corpus, tok, device, d, started, budget_s, model_options, preset, log)

@@ -91,7 +91,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 def test_a_plan_that_does_not_fit_stops_before_allocating(tmp_path, capsys):
     """The README's old example: gpt2-small at batch 64 x context 1024 with dropout needs ~100 GB."""
     data = tmp_path / "t.txt"
-    data.write_text("hello world " * 500, encoding="utf-8")
+    data.write_text("hello world " * 20000, encoding="utf-8")
     cfg = GPTConfig.from_preset("gpt2-small")
     assert estimate_peak_bytes(cfg, 64) > 50 * 2**30
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -112,10 +112,10 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         from .data import check_splits
 
         check_splits(corpus, model_cfg.context_length if model_cfg is not None else BUDGET_CONTEXT)  # before the plan
-        if model_cfg is not None:
-            check_fits(training_memory(model_cfg, cfg), "training this model with these settings", device)
+        # The plan's estimate refuses first (with what to change); check_fits is the lower bound behind it.
         plan = make_plan(model_cfg, cfg, corpus, tok, device, d, started, budget_s, model_options, preset, log)
         model_cfg, cfg = plan.model_cfg, plan.train_cfg
+        check_fits(training_memory(model_cfg, cfg), "training this model with these settings", device)
         if d.is_main:
             log(plan.text())
         threads_for(model_cfg, device, threads)

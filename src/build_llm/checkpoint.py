@@ -309,10 +309,12 @@ def _check_trainer_state(state: Any, rng: dict[str, torch.Tensor]) -> None:
     step, elapsed = state["step"], state["elapsed_s"]
     need(type(step) is int and step >= 0, f"step={step!r}")
     need(type(elapsed) in (int, float) and math.isfinite(elapsed) and elapsed >= 0, f"elapsed_s={elapsed!r}")
-    need(isinstance(state["train_config"], dict), "train_config is not an object")
+    config = state["train_config"] if "finetune_config" not in state else state["finetune_config"]  # train or finetune
+    need(isinstance(config, dict), "train_config/finetune_config is not an object")
     data = state["data"]
-    need(isinstance(data, dict) and all(isinstance(data.get(k), str) for k in ("data_sha256", "tokenizer_sha256")),
-         "data lacks its sha256 fields")
+    need(isinstance(data, dict), "data is not an object")
+    if "train_config" in state:  # a pretraining run pins its text and tokenizer by hash
+        need(all(isinstance(data.get(k), str) for k in ("data_sha256", "tokenizer_sha256")), "data lacks its sha256 fields")
     need(isinstance(state["optimizer"]["scalars"], dict), "optimizer.scalars is not an object")
     need(all(isinstance(v, dict) for v in state["optimizer"]["scalars"].values()), "optimizer.scalars")
     groups = state["optimizer"]["param_groups"]

@@ -241,6 +241,8 @@ def instructions(base: Path, train_plays: list[dict], test_plays: list[dict]) ->
     test = [r for p in test_plays for r in qa_records(p, S["FT_QA_PER_PLAY"])]
     test = [r for r in test if fits(base, r)]  # the prompt and a 12-token answer fit the context window
     test = test[::max(1, len(test) // S["FT_QA_TEST"])][:S["FT_QA_TEST"]]
+    if not train or not test:
+        raise SystemExit(f"no instruction record fits a context of {S['FT_CONTEXT']} tokens: raise FT_CONTEXT")
     (d / "train.json").write_text(json.dumps(train, indent=1))
     (d / "test.json").write_text(json.dumps(test, indent=1))
     print(f"\ninstructions: {len(train)} training records from {len(train_plays)} plays, {len(test)} test records "

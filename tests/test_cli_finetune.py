@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from build_llm.checkpoint import load_checkpoint
 from build_llm.cli import main
 from build_llm.finetune import load_finetuned, respond
 
@@ -46,6 +47,20 @@ def test_classify_fine_tune_and_classify(base, tmp_path, capsys):
     assert set(lines[0]["probabilities"]) == {"animal", "colour", "fruit"}
 
 
+def test_classify_fine_tune_can_train_every_weight(base, tmp_path, capsys):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data)
+    code, out, err = run(["finetune", "classify", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                          "--steps", 2, "--trainable", "all"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["trainable_parameters"] == summary["parameters"]
+    before = load_checkpoint(base).model.state_dict()
+    after = load_finetuned(tmp_path / "run").model.state_dict()
+    first_block = [k for k in before if k.startswith("trf_blocks.0.") and k.endswith("weight")]
+    assert first_block and all(not torch.equal(after[k], before[k]) for k in first_block)  # the book's recipe freezes them
+
+
 def test_lora_instruct_merge_and_export_hf(base, tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     data = tmp_path / "train.json"
@@ -71,6 +86,8 @@ def test_lora_instruct_merge_and_export_hf(base, tmp_path, capsys):
     (["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "mlp"], "--lora-targets"),
     (["--resume"], "--resume: no checkpoint"),
     (["--micro-batch-size", "3"], "does not divide"),
+    (["--trainable", "all", "--lora-rank", "4", "--lora-alpha", "8"], "--trainable all applies to"),
+    (["--trainable", "head"], "--trainable: invalid choice: 'head'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, extra, message):
     data = tmp_path / "train.csv"

@@ -123,6 +123,19 @@ def test_prepare_classifier_is_the_books_recipe():
         prepare_classifier(GPTModel(tiny_cfg(50)), 1)
 
 
+def test_prepare_classifier_can_train_every_weight():
+    model = prepare_classifier(GPTModel(tiny_cfg(50)), 3, trainable="all")
+    assert all(p.requires_grad for p in model.parameters()) and model.out_head.weight.shape == (3, 32)
+    frozen = prepare_classifier(GPTModel(tiny_cfg(50)), 3, train_last_block=False, trainable="all")  # LoRA's
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == ["out_head.weight", "out_head.bias"]
+    with pytest.raises(ValueError, match="trainable='head'"):
+        prepare_classifier(GPTModel(tiny_cfg(50)), 3, trainable="head")
+    for bad in ({"task": "instruct", "trainable": "all"},
+                {"task": "classify", "trainable": "all", "lora_rank": 4, "lora_alpha": 8}):
+        with pytest.raises(ValueError, match="--trainable all applies to a classification fine-tune without LoRA"):
+            FinetuneConfig(**bad)
+
+
 # --- reading data ---------------------------------------------------------------------------------
 def test_read_instruction_data_alpaca_json_and_chat_jsonl(tmp_path):
     alpaca = tmp_path / "a.json"

@@ -727,6 +727,9 @@ def add_finetune(sub) -> None:
     c.add_argument("--data", required=True, help="CSV file with a header row")
     c.add_argument("--text-column", default="text", help="column holding the text (default: text)")
     c.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    c.add_argument("--trainable", choices=["last-block", "all"],
+                   help="what trains besides the new head without LoRA: last-block (the book's: the last block "
+                        "and final norm; default) or all (every weight)")
     i = tasks.add_parser("instruct", help="instruction fine-tuning (Alpaca JSON or chat JSONL)",
                          description="The book's Alpaca prompt format (a chat template for messages); the loss "
                                      "covers response tokens and the end token only.")
@@ -758,7 +761,7 @@ def add_finetune(sub) -> None:
 
 
 FINETUNE_KEYS = ("epochs", "steps", "batch_size", "micro_batch_size", "lr", "weight_decay", "grad_clip", "eval_every",
-                 "val_fraction", "max_length", "seed", "device", "lora_rank", "lora_alpha", "lora_targets")
+                 "val_fraction", "max_length", "seed", "device", "lora_rank", "lora_alpha", "lora_targets", "trainable")
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -771,7 +774,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         result = run(args.out, args.init_from, args.task, data=args.data, val_data=args.val_data,
                      text_column=getattr(args, "text_column", "text"),
                      label_column=getattr(args, "label_column", "label"),
-                     options={k: getattr(args, k) for k in FINETUNE_KEYS}, resume=args.resume)
+                     options={k: getattr(args, k, None) for k in FINETUNE_KEYS}, resume=args.resume)
     except TrainingStopped as e:
         print(f"build-llm: {e}", file=sys.stderr, flush=True)
         return e.exit_code

@@ -46,6 +46,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 INSTRUCTION_HEADER, INPUT_HEADER, RESPONSE_HEADER = "\n\n### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n"
 ROLES = ("system", "user", "assistant")
+CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
 RESUMABLE = ("epochs", "steps", "eval_every", "device")  # what a resumed run may change
 
 
@@ -239,14 +240,19 @@ def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 
 # --- models --------------------------------------------------------------------------------------
-def prepare_classifier(model: nn.Module, num_classes: int, *, train_last_block: bool = True) -> nn.Module:
+def prepare_classifier(model: nn.Module, num_classes: int, *, train_last_block: bool = True,
+                       trainable: str = "last-block") -> nn.Module:
     """The book's chapter 6 recipe, in place: freeze everything, put a new Linear(emb_dim, num_classes)
     head (trainable) in `out_head`, and (with `train_last_block`) unfreeze the last transformer block
-    and the final norm. The head is the model's own afterwards (no longer tied to the embedding)."""
+    and the final norm. `trainable="all"` unfreezes every weight instead (a small base model's last
+    block alone may not carry what the labels need). The head is the model's own afterwards (no
+    longer tied to the embedding)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise UsageError(f"num_classes={num_classes!r} is invalid; expected an integer >= 2")
+    if trainable not in CLASSIFY_TRAINABLE:
+        raise UsageError(f"trainable={trainable!r} is invalid; expected one of {CLASSIFY_TRAINABLE}")
     for p in model.parameters():
-        p.requires_grad = False
+        p.requires_grad = train_last_block and trainable == "all"
     ref = model.tok_emb.weight
     model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=ref.device, dtype=ref.dtype)
     model.cfg = model.cfg.replace(tie_weights=False)
@@ -280,6 +286,7 @@ class FinetuneConfig:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = lora_mod.DEFAULT_TARGETS
+    trainable: str = "last-block"        # classify without LoRA: "last-block" (the book's) or "all"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -306,6 +313,11 @@ class FinetuneConfig:
             raise UsageError(f"--val-fraction={self.val_fraction!r} is invalid; expected a number in (0, 1)")
         if (self.lora_rank is None) != (self.lora_alpha is None):
             raise UsageError("--lora-rank and --lora-alpha go together; give both or neither")
+        if self.trainable not in CLASSIFY_TRAINABLE:
+            raise UsageError(f"--trainable={self.trainable!r} is invalid; expected one of {list(CLASSIFY_TRAINABLE)}")
+        if self.trainable != "last-block" and (self.task != "classify" or self.lora_rank is not None):
+            raise UsageError(f"--trainable {self.trainable} applies to a classification fine-tune without LoRA "
+                             "(an instruction fine-tune trains every weight, a LoRA run only its adapters)")
         if self.lora_rank is not None:
             lora_mod.check_rank_alpha(self.lora_rank, self.lora_alpha)
             object.__setattr__(self, "lora_targets", lora_mod.check_targets(self.lora_targets))
@@ -697,7 +709,8 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
 
     torch.manual_seed(cfg.seed)  # the new head's initialisation
     if cfg.task == "classify":
-        prepare_classifier(model, len(ft_data.meta["labels"]), train_last_block=cfg.lora_rank is None)
+        prepare_classifier(model, len(ft_data.meta["labels"]), train_last_block=cfg.lora_rank is None,
+                           trainable=cfg.trainable)
     lora_meta = None
     if cfg.lora_rank is not None:
         lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)

@@ -58,7 +58,7 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
     assert set(r["decoding"]["tokens_per_s"]) == {"ours", "ours bf16 weights", "ours int8 weights", "hf generate"}
     assert {"decoding bf16 weights vs hf", "decoding int8 weights vs hf"} <= set(r["ratios"])
     w = r["decoding"]["weight_bytes_per_token"]
-    assert w["float32"] == 2 * w["bfloat16"] and w["int8"] < 0.4 * w["float32"]
+    assert w["bfloat16"] < 0.6 * w["float32"] and w["int8"] < 0.4 * w["float32"]  # Linear weights in 2 and 1 bytes
     for g in r["goals"]:
         assert isinstance(g["met"], bool) and g["met"] == (g["value"] >= g["target"])
     for v in r["memory"].values():

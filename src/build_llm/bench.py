@@ -50,7 +50,7 @@ from .errors import UsageError
 from .fsio import atomic_path
 from .generate import generate, generate_text_simple, use_decoding_layout
 from .gpt import GPTModel
-from .quant import Int8Linear, prepare_for_decoding
+from .quant import DecodeLinear, prepare_for_decoding
 from .runtime import autocast
 
 PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
@@ -160,8 +160,8 @@ def decode_bytes_per_token(model: GPTModel) -> int:
     """Bytes of weights one decoding step reads: every parameter (and int8 weight) once, except the
     embedding tables, of which a lookup reads one row (a tied table is read whole, as the output head)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights appear once
-    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, Int8Linear) for b in m.buffers())
-    tied = model.cfg.tie_weights and not isinstance(model.out_head, Int8Linear)
+    total += sum(b.numel() * b.element_size() for m in model.modules() if isinstance(m, DecodeLinear) for b in m.buffers())
+    tied = model.cfg.tie_weights and not isinstance(model.out_head, DecodeLinear)
     tables = [t.weight for t in (model.pos_emb,) if t is not None] + ([] if tied else [model.tok_emb.weight])
     return total - sum(t.numel() * t.element_size() for t in tables)
 

@@ -3,22 +3,20 @@
 Decoding one token at batch 1 multiplies a single row vector by every weight matrix, so its speed is
 set by how many bytes of weights it streams from memory: float32 reads 4 bytes per weight, bfloat16
 2, int8 1 (plus one scale per output row). `prepare_for_decoding(model, "int8")` replaces every
-`nn.Linear`, the output head included, with an `Int8Linear`:
+`nn.Linear`, the output head included, with a `DecodeLinear` holding int8 weights:
 
     W[o, :] ~= scale[o] * q[o, :],   scale[o] = max_i |W[o, i]| / 127,   q = round(W / scale) in [-127, 127]
 
 (symmetric, per output channel: each row keeps its own range, so one large row does not coarsen
-the others). Its product runs in PyTorch's weight-only int8 kernel `aten._weight_int8pack_mm`,
-which widens the int8 weights on the fly inside the matrix-vector loop; the activations enter it in
-bfloat16, the kernel's fast path on CPU, and everything outside the Linear layers (embeddings,
-LayerNorm, attention, the KV cache, the residual stream) stays float32. A tied output head gets its
-own int8 copy; the token table stays float32 for the lookup.
+the others); `"bfloat16"` does the same with bfloat16 weights. A tied output head gets its own copy;
+the token table stays float32 for the lookup, and everything outside the Linear layers (LayerNorm,
+attention, the KV cache, the residual stream) stays float32.
 
-Other int8 paths were measured on the development CPU (AVX-512, no VNNI, no AMX; see the README):
-the same kernel with float32 activations is several times slower than float32 itself,
-dequantising to float32 before each product reads the int8 weights and then writes and re-reads
-a float32 copy, and `torch._int_mm` (int8 x int8) needs quantised activations and is slower at
-batch 1; `_weight_int8pack_mm` with bfloat16 activations was the fastest weight-only path.
+The products of a few rows (decoding) run in `kernels.matvec`, which widens the weights to float32
+in registers inside the multiply loop. Where it is unavailable, and for longer products (a prompt),
+PyTorch's kernels run: `aten._weight_int8pack_mm` with bfloat16 activations for int8 (the fastest
+weight-only int8 path PyTorch had on the development CPU; `torch._int_mm` needs quantised
+activations, dequantising first writes and re-reads a float32 copy), and its bfloat16 product.
 """
 
 from __future__ import annotations
@@ -27,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernels
 from .errors import UsageError
 from .generate import use_decoding_layout
 
@@ -47,51 +46,62 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-class Int8Linear(nn.Module):
-    """A Linear layer whose weight is int8 with a float scale per output channel (no training)."""
+class DecodeLinear(nn.Module):
+    """A Linear layer for decoding (no training) whose weight is bfloat16, or int8 with a float32 scale
+    per output channel; its input and output stay float32. On a CPU where `kernels` run, the weight is
+    kept in their packed layout (`packed` is True) and every product runs in them."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.out_features, self.in_features = qweight.shape
-        self.compute_dtype = compute_dtype
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scale", scale.to(compute_dtype))
+        if weight.dtype not in (torch.bfloat16, torch.int8) or (scale is None) != (weight.dtype == torch.bfloat16):
+            raise ValueError("DecodeLinear: expected a bfloat16 weight, or an int8 weight with a scale per row")
+        self.out_features, self.in_features = weight.shape
+        self.packed = weight.device.type == "cpu" and kernels.available()
+        self.register_buffer("weight", kernels.pack(weight) if self.packed else weight.contiguous())
+        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> "Int8Linear":
-        q, scale = quantize_int8(linear.weight)
-        return cls(q, scale, linear.bias, compute_dtype)
+    def from_linear(cls, linear: nn.Linear, dtype: str) -> "DecodeLinear":
+        if dtype == "int8":
+            return cls(*quantize_int8(linear.weight), linear.bias)
+        return cls(linear.weight.detach().to(torch.bfloat16), None, linear.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 (out, in) weight this layer stands for."""
-        return self.qweight.float() * self.scale.float()[:, None]
+        w = kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+        w = w.float()
+        return w if self.scale is None else w * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return kernels.matvec(x, self.weight, self.out_features, self.scale, self.bias)  # (..., out)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)  # (B*T, in)
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scale)  # (B*T, out)
-        else:  # the kernel is CPU-only here; elsewhere dequantise (correct, not fast)
-            y = F.linear(x2, self.qweight.to(self.compute_dtype)) * self.scale
-        y = y.to(x.dtype)
+        x2 = x.reshape(-1, self.in_features).float()  # (B*T, in)
+        if x2.device.type != "cpu":  # correct everywhere, fast only on the CPU (other devices use bfloat16)
+            y = F.linear(x2, self.dequantized())
+        elif self.scale is None:  # PyTorch's bfloat16 product, in bfloat16
+            y = F.linear(x2.to(torch.bfloat16), self.weight).float()
+        else:  # PyTorch's weight-only int8 kernel, fastest with bfloat16 activations
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
+                                                   self.scale.to(torch.bfloat16)).float()
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        kind = "bfloat16" if self.scale is None else "int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 @torch.no_grad()
-def quantize_linears(model: nn.Module, compute_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Replace every nn.Linear under `model` by an Int8Linear, in place; returns how many."""
+def replace_linears(model: nn.Module, dtype: str) -> int:
+    """Replace every nn.Linear under `model` by a DecodeLinear of `dtype`, in place; returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_linear(child, compute_dtype))
+                setattr(parent, name, DecodeLinear.from_linear(child, dtype))
                 count += 1
     return count
 
@@ -106,26 +116,29 @@ def check_decode_dtype(dtype: str) -> str:
 def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
     """Put an eval-mode model's weights in the form decoding reads fastest, in place; returns it.
 
-    float32: the fastest memory layout (see `use_decoding_layout`); bfloat16: every weight and
-    activation in bfloat16; int8: every Linear, the output head included, as an Int8Linear. The
-    model is for inference afterwards (no training, and a checkpoint is saved from the original).
+    float32: the fastest memory layout (see `use_decoding_layout`). bfloat16 on the CPU and int8:
+    every Linear, the output head included, becomes a DecodeLinear of that dtype (a tied head gets
+    its own copy; the token table, norms, attention, KV cache and residual stream stay float32).
+    bfloat16 on other devices: the whole model in bfloat16. The model is for inference afterwards
+    (no training; a checkpoint is saved from the original).
     """
     check_decode_dtype(dtype)
     model.eval()
-    if dtype == "bfloat16":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == "int8" and not on_cpu:
+        raise UsageError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
+    if dtype == "bfloat16" and not on_cpu:
         model.to(torch.bfloat16)
-    elif dtype == "int8":
-        if next(model.parameters()).device.type != "cpu":
-            raise UsageError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
-        quantize_linears(model)
+    elif dtype != "float32":
+        replace_linears(model, dtype)
     use_decoding_layout(model)
     return model
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and int8 weight buffer (tied tensors once)."""
+    """Bytes of every parameter and DecodeLinear buffer (tied tensors once)."""
     seen: dict[int, int] = {}
-    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, Int8Linear)
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, DecodeLinear)
                                           for b in m.buffers()]:
         seen[t.data_ptr()] = t.numel() * t.element_size()
     return sum(seen.values())

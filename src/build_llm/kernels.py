@@ -1,0 +1,253 @@
+"""Matrix-vector kernels for decoding with bfloat16 or int8 weights on an AVX-512 CPU.
+
+Decoding a token at batch 1 multiplies one row vector by every weight matrix, so it is bound by the
+bytes of weights read from memory: 4 per weight in float32, 2 in bfloat16, 1 in int8. To get that
+gain, each weight must be widened to float32 inside the multiply loop, in registers, never written
+back to memory. PyTorch's CPU kernels do not do this well on a CPU without bfloat16 instructions
+(AVX512-BF16 / AMX): measured on the development machine (AVX-512F/BW only), its bfloat16 product
+ran no faster than float32 and its weight-only int8 product at about half of the memory bound.
+
+The kernels below are a few lines of C with AVX-512 intrinsics: for each block of 4 weight rows, for
+each of the (at most 16) input rows, 16 weights at a time are loaded, widened to float32
+(bfloat16: zero-extend and shift left 16 bits; int8: sign-extend and convert) and multiplied into
+float32 accumulators; int8 rows are then scaled by their per-row scale. The rows are shared among
+`torch.get_num_threads()` OpenMP threads (loaded after PyTorch, the library uses PyTorch's OpenMP
+runtime and its thread pool).
+
+The C source is compiled once per machine with the system's C compiler into the user's cache
+(`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, else `~/.cache/build-llm`), and called
+through ctypes. Where that is not possible (no compiler, no AVX-512, not Linux x86-64, not CPU
+tensors), `available()` is False and callers use PyTorch's own kernels: same results up to float
+rounding, only slower. `BUILD_LLM_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+MAX_ROWS = 16  # input rows (tokens x batch) per call; larger products use PyTorch's matmul
+
+SOURCE = r"""
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* y[m, n] = sum_k x[m, k] * W[n, k] (* scale[n]) (+ bias[n]) for m < M, n < N. W is packed (see `pack`):
+   tiles of 4 rows x 32 columns, row-major within a tile, the tiles of 4 rows one after another along
+   k, so that the kernel reads it front to back. Each input row meets a block of 4 rows while those
+   are in the L1 cache; blocks are shared among `threads` OpenMP threads when the matrix is large
+   enough to pay for waking them. */
+#define PARALLEL_MIN (1 << 18)
+#define STORE(v, m, x_scale)                                                                          \
+    for (int64_t r = 0; r < 4 && n0 + r < N; r++)                                                      \
+        y[(m) * N + n0 + r] = v[r] * (x_scale) * (scale ? scale[n0 + r] : 1.0f) + (bias ? bias[n0 + r] : 0.0f);
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* bfloat16: a 64-byte tile row holds 32 weights as 16 pairs; bfloat16 is the top half of a float32, so
+   the even weights become floats by moving them to the top half of their pair (a byte shuffle) and the
+   odd ones by clearing the bottom half; they multiply x's even and odd entries (split once per call). */
+void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32, H = Kp / 2;
+    float *xe = calloc(2 * M * H, sizeof(float)), *xo = xe + M * H;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) (k % 2 ? xo : xe)[m * H + k / 2] = x[m * K + k];
+    /* each 32-bit lane's bytes [b0 b1 b2 b3] -> [0 0 b0 b1]; shuffle indices count within 16 bytes, 0x80 = zero */
+    const __m512i to_top = _mm512_broadcast_i32x4(_mm_setr_epi32(0x01008080, 0x05048080, 0x09088080, 0x0D0C8080));
+    const __m512i odd_mask = _mm512_set1_epi32((int)0xFFFF0000);
+    const int64_t blocks = (N + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 4;
+        const uint16_t *wb = w + blk * 4 * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            const float *e = xe + m * H, *o = xo + m * H;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k = 0; k < Kp; k += 32) {
+                const uint16_t *t = wb + k * 4;
+                __m512 ev = _mm512_loadu_ps(e + k / 2), ov = _mm512_loadu_ps(o + k / 2);
+                __m512i v0 = _mm512_loadu_si512(t), v1 = _mm512_loadu_si512(t + 32),
+                        v2 = _mm512_loadu_si512(t + 64), v3 = _mm512_loadu_si512(t + 96);
+                a0 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v0, to_top)), a0);
+                a1 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v1, to_top)), a1);
+                a2 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v2, to_top)), a2);
+                a3 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v3, to_top)), a3);
+                a0 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v0, odd_mask)), a0);
+                a1 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v1, odd_mask)), a1);
+                a2 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v2, odd_mask)), a2);
+                a3 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v3, odd_mask)), a3);
+            }
+            float v[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            STORE(v, m, 1.0f)
+        }
+    }
+    free(xe);
+}
+
+/* int8: x is rounded to int16 with a scale per row (x * (32767 / max |x|), saturated: 15 significant bits), and the
+   products are summed exactly in int32 (`vpmaddwd`: 32 products per instruction, added in pairs), over
+   at most 4096 columns at a time so that no sum can overflow (4096 * 32767 * 127 < 2^31 * 2), then
+   converted to float32. */
+#define INT8_CHUNK 4096
+void matvec_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
+    float *xs = calloc(M, sizeof(float));
+    for (int64_t m = 0; m < M; m++) {  /* 16 at a time; the rounding is to nearest, ties to even */
+        const float *xm = x + m * K;
+        __m512 amax = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, xm + k)));
+        }
+        const float top = _mm512_reduce_max_ps(amax);
+        xs[m] = top > 0.0f ? top / 32767.0f : 1.0f;
+        const __m512 inv = _mm512_set1_ps(1.0f / xs[m]);
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, xm + k), inv));
+            _mm256_mask_storeu_epi16(xq + m * Kp + k, in, _mm512_cvtsepi32_epi16(q));
+        }
+    }
+    const int64_t blocks = (N + 3) / 4;
+    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 4;
+        const int8_t *wb = w + blk * 4 * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * Kp;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {
+                const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
+                __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+                for (int64_t k = k0; k < k1; k += 32) {
+                    const int8_t *t = wb + k * 4;
+                    __m512i xv = _mm512_loadu_si512(xm + k);
+                    s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)t))));
+                    s1 = _mm512_add_epi32(s1, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 32)))));
+                    s2 = _mm512_add_epi32(s2, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 64)))));
+                    s3 = _mm512_add_epi32(s3, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 96)))));
+                }
+                a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(s0));
+                a1 = _mm512_add_ps(a1, _mm512_cvtepi32_ps(s1));
+                a2 = _mm512_add_ps(a2, _mm512_cvtepi32_ps(s2));
+                a3 = _mm512_add_ps(a3, _mm512_cvtepi32_ps(s3));
+            }
+            float v[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+            STORE(v, m, xs[m])
+        }
+    }
+    free(xq);
+    free(xs);
+}
+"""
+
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("BUILD_LLM_CACHE"):
+        return Path(os.environ["BUILD_LLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "build-llm"
+
+
+def _cpu_supported() -> bool:
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl"))
+
+
+def _build(target: Path) -> None:
+    """Compile SOURCE into `target`, atomically (a temporary name, then a rename)."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "matvec.c", Path(tmp) / "matvec.so"
+        src.write_text(SOURCE, encoding="ascii")
+        subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-fPIC", "-shared",
+                        str(src), "-o", str(out)], check=True, capture_output=True, timeout=120)
+        os.replace(out, target)
+
+
+def _load() -> ctypes.CDLL | bool:
+    if os.environ.get("BUILD_LLM_KERNELS", "1") == "0" or not _cpu_supported():
+        return False
+    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
+    target = _cache_dir() / f"matvec-{digest}.so"
+    try:
+        if not target.exists():
+            _build(target)
+        lib = ctypes.CDLL(str(target))  # after torch: shares the OpenMP runtime torch has loaded
+    except (OSError, subprocess.SubprocessError):
+        return False
+    for fn in (lib.matvec_bf16, lib.matvec_int8):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run on this machine (compiled on the first call)."""
+    global _lib
+    if _lib is None:
+        _lib = _load()
+    return _lib is not False
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+TILE = (4, 32)  # rows x columns of the packed weight's tiles
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> the kernels' layout: zero-padded to (N4, K32) (multiples of 4 and 32), as tiles of 4 rows
+    x 32 columns, tile after tile along k for each block of 4 rows: shape (N4 / 4, K32 / 32, 4, 32)."""
+    n, k = weight.shape
+    n4, k32 = -(-n // 4) * 4, -(-k // 32) * 32
+    padded = torch.zeros(n4, k32, dtype=weight.dtype)
+    padded[:n, :k] = weight
+    return padded.view(n4 // 4, 4, k32 // 32, 32).transpose(1, 2).contiguous()  # (N4/4, K32/32, 4, 32)
+
+
+def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) weight that `pack` laid out."""
+    blocks, tiles = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(blocks * 4, tiles * 32)[:n, :k]
+
+
+def matvec(x: torch.Tensor, packed: torch.Tensor, n: int, scale: torch.Tensor | None = None,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., K) float32 x the (n, K) bfloat16 or int8 weight that `pack` laid out -> (..., n) float32:
+    x @ (scale[:, None] * W).T + bias, MAX_ROWS rows of x at a time. CPU tensors, when `available()`;
+    scale and bias are float32 (n,). (Decoding calls this about 50 times a token: it stays lean.)"""
+    K = x.shape[-1]
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    y = x.new_empty(*x.shape[:-1], n)
+    fn = _lib.matvec_bf16 if packed.dtype == torch.bfloat16 else _lib.matvec_int8
+    rows, threads = x.numel() // K if K else 0, torch.get_num_threads()
+    w, s, b, px, py = packed.data_ptr(), _ptr(scale), _ptr(bias), x.data_ptr(), y.data_ptr()
+    for i in range(0, rows, MAX_ROWS):
+        fn(px + 4 * i * K, w, s, b, py + 4 * i * n, min(MAX_ROWS, rows - i), n, K, threads)
+    return y

@@ -158,9 +158,11 @@ def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = Non
 
 # --- throughput probe and the plan ---------------------------------------------------------------
 def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32", seconds: float = 1.0,
-                       max_steps: int = 6) -> float:
+                       max_steps: int = 20) -> float:
     """Training tokens per second of `cfg` at `batch_size` on this machine now: AdamW steps on real
-    windows of `ids`, after one untimed step; at least two timed steps, until `seconds` pass."""
+    windows of `ids`, after one untimed step; at least two timed steps, until `seconds` pass. The
+    median step counts, so that one slow step (a page fault, another process) does not skew it."""
+    import statistics
     import time
 
     from .data import draw_starts, random_windows
@@ -178,12 +180,12 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
         train_step(model, optimizer, [(x, y)], device, tcfg, Dist()).item()
 
     step()
-    t0, n = time.perf_counter(), 0
-    while n < 2 or (n < max_steps and time.perf_counter() - t0 < seconds):
+    times, end = [], time.perf_counter() + seconds
+    while len(times) < 2 or (len(times) < max_steps and time.perf_counter() < end):
+        start = time.perf_counter()
         step()
-        n += 1
-    rate = n * batch_size * cfg.context_length / (time.perf_counter() - t0)
-    return rate
+        times.append(time.perf_counter() - start)
+    return batch_size * cfg.context_length / statistics.median(times)
 
 
 @dataclass

@@ -5,8 +5,9 @@ settings and a callback. The thread runs a loop of steps; at each step boundary 
 
 1. drops sequences that finished or were cancelled (their slot goes to the last active row, whose
    cache rows are copied in, so that the active rows are always slots 0 .. n-1),
-2. admits waiting sequences while there are free slots: each prompt runs alone (batch 1) into its
-   slot of the shared KV cache and yields its first token,
+2. admits waiting sequences while there are free slots: their prompts run together, in one forward
+   (right-padded), into their slots of the shared KV cache (a prompt whose logprobs are echoed runs
+   alone, as it needs its own logits),
 3. decodes one token for every active row in one forward over the batch: row b's new token sits at
    its own position (per-row positions in the KV cache, see `KVCache.over`), so rows of different
    lengths share the matrix products and each row attends only to its own keys.
@@ -150,15 +151,19 @@ class Engine:
 
     def step(self) -> None:
         self.retire()
-        while len(self.rows) < self.max_batch:
+        admitted: list[Sequence] = []
+        while len(self.rows) + len(admitted) < self.max_batch:
             with self.wake:
                 if not self.waiting:
                     break
                 s = self.waiting.popleft()
-            if not s.cancelled:
-                self.prefill(s)
-            else:
+            if s.cancelled:
                 s.emit("done", "cancelled")
+            elif s.echo:
+                self.prefill_echo(s)
+            else:
+                admitted.append(s)
+        self.prefill_together(admitted)
         self.retire()
         if self.rows:
             self.decode()
@@ -183,33 +188,50 @@ class Engine:
             self.rows.pop()
             self.lengths.pop()
 
-    def prefill(self, s: Sequence) -> None:
+    def prefill_echo(self, s: Sequence) -> None:
+        """Admit `s`, whose prompt tokens are echoed with their logprobs, alone into the next free slot:
+        the whole prompt runs, and its last logits give the first new token."""
         slot = len(self.rows)
         if s.seed is not None:
             s.generator = torch.Generator().manual_seed(s.seed)
-        # The prompt's last token is fed by the first decoding step (with every other row), so the
-        # prompt runs alone only up to it, and only an echo needs the prompt's own logits.
         ids = torch.tensor([s.prompt], dtype=torch.long)
-        if s.echo:
-            logits = self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + 1],
-                                                        self.cache.v[:, slot:slot + 1], 0))[0]  # (T, V)
-            tokens = [Token(s.prompt[0], None, None)]
-            tokens += [token_info(logits[t], s.prompt[t + 1], s.logprobs if s.logprobs is not None else 0)
-                       for t in range(len(s.prompt) - 1)]
-            s.emit("prompt", tokens)
-            length = len(s.prompt)
-            if s.max_tokens > 0:  # the next token comes from the prompt's last logits, here
-                s.last = self.sample(logits[-1], s)
-                s.generated = 1
-                s.emit("token", token_info(logits[-1], s.last, s.logprobs))
-        else:
-            if len(s.prompt) > 1:
-                self.model(ids[:, :-1], cache=KVCache.over(self.cache.k[:, slot:slot + 1],
-                                                           self.cache.v[:, slot:slot + 1], 0))
-            length = len(s.prompt) - 1
-            s.last = s.prompt[-1]
+        logits = self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + 1],
+                                                    self.cache.v[:, slot:slot + 1], 0))[0]  # (T, V)
+        tokens = [Token(s.prompt[0], None, None)]
+        tokens += [token_info(logits[t], s.prompt[t + 1], s.logprobs if s.logprobs is not None else 0)
+                   for t in range(len(s.prompt) - 1)]
+        s.emit("prompt", tokens)
+        if s.max_tokens > 0:  # the next token comes from the prompt's last logits, here
+            s.last = self.sample(logits[-1], s)
+            s.generated = 1
+            s.emit("token", token_info(logits[-1], s.last, s.logprobs))
         self.rows.append(s)
-        self.lengths.append(length)
+        self.lengths.append(len(s.prompt))
+
+    def prefill_together(self, seqs: list[Sequence]) -> None:
+        """Admit `seqs` (no echo) into the next free slots with one forward over all their prompts,
+        right-padded: row b's tokens sit at positions 0 .. len-1 of its own slot, and its padding after
+        them is never attended to (each query sees keys up to its own position) and is overwritten
+        by the row's later tokens. The prompt's last token is fed by the first decoding step, with
+        every other row."""
+        if not seqs:
+            return
+        slot = len(self.rows)
+        bodies = [s.prompt[:-1] for s in seqs]
+        width = max(len(b) for b in bodies)
+        if width:
+            ids = torch.zeros(len(seqs), width, dtype=torch.long)  # (n, T), 0 = padding
+            for b, body in enumerate(bodies):
+                ids[b, :len(body)] = torch.tensor(body, dtype=torch.long)
+            start = torch.zeros(len(seqs), dtype=torch.long)  # every row from position 0
+            self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + len(seqs)],
+                                               self.cache.v[:, slot:slot + len(seqs)], start))
+        for s, body in zip(seqs, bodies):
+            if s.seed is not None:
+                s.generator = torch.Generator().manual_seed(s.seed)
+            s.last = s.prompt[-1]
+            self.rows.append(s)
+            self.lengths.append(len(body))
 
     def decode(self) -> None:
         n = len(self.rows)

@@ -57,6 +57,10 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
     assert r["decoding"]["same_tokens_as_hf"] is True  # same weights, same greedy tokens
     assert set(r["decoding"]["tokens_per_s"]) == {"ours", "ours bf16 weights", "ours int8 weights", "hf generate"}
     assert {"decoding bf16 weights vs hf", "decoding int8 weights vs hf"} <= set(r["ratios"])
+    tiny = r["tiny_decoding"]  # the r-abc row: ours (one thread), ours on every thread, the seed's loop
+    assert tiny["same_tokens"] is True and tiny["new_tokens"] == 40 and tiny["model"]["emb_dim"] == 128
+    assert len(tiny["tokens_per_s"]) == 3 and "seed generate_text_simple" in tiny["tokens_per_s"]
+    assert {"r-abc ours vs seed"} <= set(r["ratios"]) and "decoding r-abc" in (tmp_path / "out" / "bench.txt").read_text()
     w = r["decoding"]["weight_bytes_per_token"]
     assert w["bfloat16"] < 0.6 * w["float32"] and w["int8"] < 0.4 * w["float32"]  # Linear weights in 2 and 1 bytes
     for g in r["goals"]:

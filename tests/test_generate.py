@@ -197,3 +197,39 @@ def test_decode_stream_equals_decoding_everything(kind):
         pieces = list(decode_stream(tok, iter(ids[5:]), prefix=ids[:5], window=window))
         assert "".join(pieces) == tok.decode(ids), (kind, window)
         assert len(pieces) > 100
+
+
+def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
+    """runtime.DecodingThreads: each step of a small model runs on one CPU thread; between steps
+    (a paused stream) and afterwards the caller's count holds; OMP_NUM_THREADS turns it off."""
+    from build_llm.runtime import DECODE_ONE_THREAD_BELOW
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    try:
+        torch.manual_seed(0)
+        small = GPTModel(GPTConfig.from_preset("r-abc")).eval()
+        assert sum(p.numel() for p in small.parameters()) < DECODE_ONE_THREAD_BELOW
+        small.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        tokens = stream(small, torch.tensor([[2]]), 3)
+        next(tokens)
+        assert torch.get_num_threads() == 2  # paused between steps: the caller's count
+        list(tokens)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        seen.clear()
+        list(stream(small, torch.tensor([[2]]), 2))
+        assert seen == [2, 2]
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        layers = DECODE_ONE_THREAD_BELOW // (12 * 256 * 256) + 1  # just above the rule's size
+        big = GPTModel(GPTConfig.from_preset("gpt2-small", vocab_size=64, context_length=8, emb_dim=256, n_heads=4,
+                                             n_layers=layers)).eval()
+        assert sum(p.numel() for p in big.parameters()) >= DECODE_ONE_THREAD_BELOW
+        big.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+        seen.clear()
+        list(stream(big, torch.tensor([[2]]), 2))
+        assert seen == [2, 2]  # a larger model keeps every thread
+    finally:
+        torch.set_num_threads(threads)

@@ -79,6 +79,7 @@ class Plan:
     cli_steps: int = 20
     cli_rounds: int = 2
     cli_shape: tuple[str, ...] = ()  # extra `build-llm train` flags that shrink the model for --quick
+    tiny_tokens: int = 1000  # characters the r-abc model decodes (its context is 16: the window slides)
 
 
 def shakespeare_char(**overrides: Any) -> GPTConfig:
@@ -102,7 +103,7 @@ def quick_plan() -> Plan:
     return Plan(
         decode_cfg=GPTConfig.from_preset("gpt2-small", **tiny), decode_tokens=12, long_tokens=40, simple_samples=3,
         train_shapes=(TrainShape("tiny-char", shakespeare_char(**{**tiny, "context_length": 32}), 2),),
-        rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False, cli_steps=3, cli_rounds=1,
+        rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False, cli_steps=3, cli_rounds=1, tiny_tokens=40,
         cli_shape=("--context-length", "32", "--emb-dim", "64", "--n-layers", "2", "--n-heads", "4"),
     )
 
@@ -288,6 +289,36 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
         "weight_bytes_per_token": {"float32": bytes32, "bfloat16": bytes16, "int8": bytes8}, "kv_cache_bytes": kv,
         "seed_style": seed_style,
     }
+
+
+def bench_tiny_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """The `r-abc` model (a few hundred thousand weights) decoding `plan.tiny_tokens` characters:
+    ours (one thread for a small model, runtime.DecodingThreads) vs ours on every thread vs the
+    seed's `generate_text_simple`; all greedy from "A", so all give the same characters."""
+    from . import runtime
+
+    cfg = GPTConfig.from_preset("r-abc")
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    use_decoding_layout(model)
+    idx, n = torch.tensor([[2]]), plan.tiny_tokens  # "A" (id 2 after <PAD> and the newline)
+
+    def every_thread() -> float:
+        rule = runtime.DECODE_ONE_THREAD_BELOW
+        runtime.DECODE_ONE_THREAD_BELOW = 0  # the one-thread rule off: torch's own thread count
+        try:
+            return generate(model, idx, n).shape[1] - 1
+        finally:
+            runtime.DECODE_ONE_THREAD_BELOW = rule
+
+    same = torch.equal(generate(model, idx, n), generate_text_simple(model, idx, n, cfg.context_length))
+    candidates = {"ours": lambda: generate(model, idx, n).shape[1] - 1,
+                  f"ours {torch.get_num_threads()} threads": every_thread,
+                  "seed generate_text_simple": lambda: generate_text_simple(model, idx, n, cfg.context_length).shape[1] - 1}
+    log(f"decoding r-abc: {n} characters, {len(candidates)} candidates x {plan.rounds} rounds")
+    rates = alternate(candidates, plan.rounds)
+    return {"model": cfg.to_dict(), "new_tokens": n, "tokens_per_s": medians(rates), "rounds": rates,
+            "same_tokens": same, "one_thread_below": runtime.DECODE_ONE_THREAD_BELOW}
 
 
 # --- perplexity of the decoding dtypes ------------------------------------------------------------
@@ -525,6 +556,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
                 "matmul_gflops": {"float32": measure_matmul(torch.float32, plan.matmul_n),
                                   "bfloat16": measure_matmul(torch.bfloat16, plan.matmul_n)}}
     decoding = bench_decoding(plan, log)
+    tiny = bench_tiny_decoding(plan, log)
     for dtype, key in (("float32", "ours"), ("bfloat16", "ours bf16 weights"), ("int8", "ours int8 weights")):
         bound = ceilings["bandwidth_gbs"] * 1e9 / decoding["weight_bytes_per_token"][dtype]
         decoding.setdefault("bound_tokens_per_s", {})[key] = bound
@@ -549,6 +581,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
         "decoding int8 weights vs hf": dec["ours int8 weights"] / dec["hf generate"],
         **{f"cached vs seed-style at {k}": v["speedup"] for k, v in decoding["seed_style"].items()},
+        **{f"r-abc {k} vs seed": v / tiny["tokens_per_s"]["seed generate_text_simple"]
+           for k, v in tiny["tokens_per_s"].items() if k.startswith("ours")},
     }
     for t in training:
         ratios[f"training {t['shape']} vs hf"] = t["tokens_per_s"]["ours"] / t["tokens_per_s"]["hf"]
@@ -584,7 +618,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
             goals.append({"goal": f"held-out perplexity with {dtype} weights within {limit:.0%} of float32",
                           "value": change, "target": limit, "met": bool(abs(change) <= limit)})
     return {"machine": machine(), "quick": quick, "rounds": plan.rounds, "ceilings": ceilings, "decoding": decoding,
-            "training": training, "train_cli": train_cli, "perplexity": perplexity, "memory": memory, "ratios": ratios, "goals": goals,
+            "tiny_decoding": tiny, "training": training, "train_cli": train_cli, "perplexity": perplexity, "memory": memory, "ratios": ratios, "goals": goals,
             "elapsed_s": time.perf_counter() - started}
 
 
@@ -607,6 +641,11 @@ def format_report(r: dict[str, Any]) -> str:
     for k, v in d["seed_style"].items():
         lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
                      f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
+    tiny = r["tiny_decoding"]
+    lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
+                  f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
+                  f"characters: {tiny['same_tokens']})", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in tiny["tokens_per_s"].items()]
     for t in r["training"]:
         cfg = t["model"]
         lines += ["", f"training {t['shape']} ({cfg['n_layers']} layers, {cfg['n_heads']} heads, {cfg['emb_dim']} wide, "

@@ -114,3 +114,37 @@ def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
+
+
+# Decoding a model below this many weights runs on one CPU thread: its matrix-vector products are too
+# small to share among threads (measured with `build-llm bench`'s r-abc row, see the README's Speed).
+DECODE_ONE_THREAD_BELOW = 2_000_000
+
+
+class DecodingThreads:
+    """A reusable context for each decoding step: one CPU thread for a small model on the CPU (see
+    DECODE_ONE_THREAD_BELOW), the previous count restored on exit, so code between steps (and a
+    caller holding a paused generator) keeps its own. Nothing changes when OMP_NUM_THREADS is set
+    (the user chose), on another device, or for a larger model."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        import os
+
+        first = next(model.parameters(), None)
+        weights = sum(p.numel() for p in model.parameters())
+        weights += sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)  # int8 decoding weights
+        self.active = (first is not None and first.device.type == "cpu" and weights < DECODE_ONE_THREAD_BELOW
+                       and "OMP_NUM_THREADS" not in os.environ)
+        self.saved: list[int] = []
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.saved.append(torch.get_num_threads())
+            if self.saved[-1] != 1:
+                torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            threads = self.saved.pop()
+            if threads != 1:
+                torch.set_num_threads(threads)

@@ -402,14 +402,20 @@ def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = Non
 def load_weights(core: nn.Module, checkpoint_dir: str | Path, device: torch.device) -> None:
     """Load a checkpoint directory's model.safetensors into `core`, whose shape must match (a tied
     head is stored once, as the token embedding)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .checkpoint import MODEL_FILE
 
-    state = load_file(Path(checkpoint_dir) / MODEL_FILE, device=str(device))
-    if "out_head.weight" not in state and "tok_emb.weight" in state and "out_head.weight" in core.state_dict():
-        state["out_head.weight"] = state["tok_emb.weight"]
-    core.load_state_dict(state)
+    path = Path(checkpoint_dir) / MODEL_FILE
+    try:
+        state = load_file(path, device=str(device))
+        if "out_head.weight" not in state and "tok_emb.weight" in state and "out_head.weight" in core.state_dict():
+            state["out_head.weight"] = state["tok_emb.weight"]
+        core.load_state_dict(state)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:  # a damaged file: not the model's shape
+        raise UsageError(f"checkpoint {str(path.parent)!r}: {MODEL_FILE} is unreadable, truncated or of another "
+                         f"shape ({' '.join(str(e).split())[:300]})") from e
 
 
 def save_training_checkpoint(out_dir: str | Path, state: TrainState, cfg: TrainConfig, tokenizer,

@@ -6,7 +6,9 @@
 # of P(X_{t+1} | X_1..X_t); because the process is known, so is the best possible estimator, and
 # the notebook's questions get exact answers: how far is the model from the optimum, and where?
 #
-# Run it as a script (`python examples/abc_markov.py`) or open it as a notebook (`# %%` cells).
+# Run it as a script (`python examples/abc_markov.py`) or open `examples/abc_markov.ipynb` in Jupyter
+# (this file's `# %%` cells; `jupytext --to ipynb --set-kernel python3 examples/abc_markov.py`
+# rewrites it after a change, and a test checks that the two match).
 # Environment variables make it quick: ABC_STEPS (training steps, default 800), ABC_WORDS (words
 # of text, default the notebook's 150000), ABC_NEW_TOKENS (generated characters, default 700),
 # ABC_OUT (output directory, default runs/abc-markov-example).

@@ -5,8 +5,9 @@
 # configuration, model, tensor shapes, parameter count and size, and greedy generation. With seed
 # 123 on a CPU it prints the seed notebook's own numbers; the `check` lines say so.
 #
-# Run it as a script (`python examples/gpt_model.py`) or open it as a notebook (the `# %%` lines
-# are cells in VS Code, Jupytext and Spyder).
+# Run it as a script (`python examples/gpt_model.py`) or open `examples/gpt_model.ipynb` in Jupyter:
+# the notebook holds this file's `# %%` cells (`jupytext --to ipynb --set-kernel python3
+# examples/gpt_model.py` rewrites it after a change; a test checks that the two match).
 
 # %%
 import tiktoken

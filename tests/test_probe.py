@@ -222,3 +222,23 @@ def test_next_token_distribution_is_the_softmax_of_the_last_logits():
         assert abs(p - q) < 1e-6
     with pytest.raises(ValueError, match="k=0"):
         next_token_distribution(model, tok, "A", k=0)
+
+
+def test_context_table_merges_the_lengths_seen_once_and_says_why(abc):
+    """The by-context table: lengths that occur once each (the first window of a long text) share one
+    row, explained on the page; the counts still add up to the tokens, and each row's mean is the mean
+    of its tokens' bits."""
+    from build_llm.probe import context_groups
+
+    assert context_groups(np.array([1, 2, 3, 4, 3, 4, 3, 4])) == [[1, 2], [3], [4]]
+    assert context_groups(np.array([1, 2, 3])) == [[1], [2], [3]]  # one window: a row per length
+    model, tok = abc
+    T = model.cfg.context_length
+    text = abc_text(40, seed=3)[:200]
+    report = surprisal_report(model, tok, text, source=ABC)  # the default stride: half the context
+    page = surprisal_html(report)
+    rows = re.findall(r"<tr><td>([0-9–]+)</td><td>(\d+)</td><td>([0-9.]+)</td>", page)
+    assert rows[0][0] == f"1–{T // 2}" and int(rows[0][1]) == T // 2  # the first window's short contexts
+    assert all(int(n) > 1 for _, n, _ in rows[1:]) and sum(int(n) for _, n, _ in rows) == report["tokens"]
+    assert float(rows[0][2]) == pytest.approx(report["bits"][:T // 2].mean(), abs=1e-4)
+    assert f"Context lengths 1–{T // 2} occur once each" in page

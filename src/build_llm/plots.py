@@ -110,6 +110,13 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
     `true_probs` (one per id), when the source is known, are drawn as black ticks on the
     temperature-1 panel.
     """
+    return _save(next_token_figure(distributions, labels, ids, top_k, top_p, title, true_probs), path)
+
+
+def next_token_figure(distributions: Sequence[dict[str, Any]], labels: Sequence[str], ids: Sequence[int],
+                      top_k: int | None = None, top_p: float | None = None, title: str = "Next-token distribution",
+                      true_probs: Sequence[float] | None = None):
+    """The figure of `plot_next_token`, unsaved (tests measure where its labels are drawn)."""
     plt = _pyplot()
     n = len(ids)
     fig, axes = plt.subplots(len(distributions), 1, figsize=(max(6.0, 0.45 * n + 2.5), 2.3 * len(distributions) + 0.8),
@@ -125,10 +132,12 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
         if show_truth:
             ax.scatter(x, true_probs, marker="_", s=900, linewidths=2.5, color="black", zorder=3)
             top = max(top, float(np.max(true_probs)))
-        for xi, p in zip(x, probs):
-            if p > 0.02 * probs.max():
-                ax.text(xi, p, f"{p:.2f}" if p >= 0.01 else f"{p:.1e}", ha="center", va="bottom",
-                        fontsize=7 if n <= 12 else 5.5, rotation=0 if n <= 12 else 90)
+        for i, (xi, p) in enumerate(zip(x, probs)):
+            if p > 0.02 * probs.max():  # above the bar, and above its black tick when that is higher
+                y = max(p, float(true_probs[i])) if show_truth else p
+                ax.annotate(f"{p:.2f}" if p >= 0.01 else f"{p:.1e}", (xi, y), xytext=(0, 3.5 if show_truth else 1.5),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=7 if n <= 12 else 5.5,
+                            rotation=0 if n <= 12 else 90)
         if top_k is not None and top_k < n:
             ax.axvline(top_k - 0.5, color="#d62728", linestyle="--", linewidth=1.2)
             ax.text(top_k - 0.45, 0.97, f" top-k = {top_k}", color="#d62728", fontsize=8, va="top",
@@ -153,7 +162,7 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
     axes[-1, 0].set_xlabel("next token (most likely first); blue = kept by the sampler's top-k and top-p cuts, grey = cut")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def _top_p_count(probs: Any, top_p: float) -> int:
@@ -173,6 +182,15 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     `norms` is (n_layers + 1, T) (`probe.residual_norms`), `entropy` (n_layers, n_heads) in bits
     (`probe.attention_entropy`), `uniform` from `probe.uniform_attention_entropy`.
     """
+    return _save(layer_stats_figure(norms, entropy, uniform, labels, title), path)
+
+
+HEAD_MARKERS = "osD^vP*X"  # a shape per head (when they are few), so that equal values stay distinguishable
+
+
+def layer_stats_figure(norms: np.ndarray, entropy: np.ndarray, uniform: float, labels: Sequence[str] | None = None,
+                       title: str = "Inside the layers"):
+    """The figure of `plot_layer_stats`, unsaved (tests measure where its dots are drawn)."""
     plt = _pyplot()
     norms, entropy = np.asarray(norms, dtype=float), np.asarray(entropy, dtype=float)
     n_layers, n_heads = entropy.shape
@@ -191,9 +209,14 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     left.set_title("Residual-stream norm (grey: one line per token)", fontsize=10)
     left.legend(fontsize=8)
     layers = np.arange(1, n_layers + 1)
-    for h in range(n_heads):  # a colour per head when few; grey dots when many (a legend of 12 says nothing)
-        few = n_heads <= 6
-        right.scatter(layers, entropy[:, h], s=18, alpha=0.8, color=None if few else "#888888",
+    # Each head a little to the side of its layer, so that heads with the same entropy (e.g. two heads
+    # that each look at one token, 0 bits) are all seen rather than drawn on top of one another.
+    few = n_heads <= len(HEAD_MARKERS)
+    step = min(0.12, 0.7 / max(n_heads, 1))
+    for h in range(n_heads):  # a colour and shape per head when few; grey dots when many (a legend of 12 says nothing)
+        right.scatter(layers + (h - (n_heads - 1) / 2) * step, entropy[:, h], s=22, alpha=0.85,
+                      color=None if few else "#888888", marker=HEAD_MARKERS[h] if few else "o",
+                      edgecolors="white" if few else "none", linewidths=0.4,
                       label=f"head {h + 1}" if few else ("one dot per head" if h == 0 else None))
     right.plot(layers, entropy.mean(axis=1), color="black", linewidth=1.8, label="mean over heads")
     right.axhline(uniform, color="#d62728", linestyle="--", linewidth=1.2, label=f"uniform ({uniform:.2f} bits)")
@@ -206,7 +229,7 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     right.legend(fontsize=7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 # --- loss curves -----------------------------------------------------------------------------------

@@ -334,6 +334,23 @@ td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 """
 
 
+def context_groups(context: np.ndarray) -> list[list[int]]:
+    """The rows of the by-context table: each context length alone, except that consecutive lengths
+    occurring once each (the start of a text longer than one window) share one row. A text within one
+    window (every length once) keeps a row per length."""
+    values, counts = np.unique(context, return_counts=True)
+    if (counts == 1).all():
+        return [[int(v)] for v in values]
+    count = dict(zip(values.tolist(), counts.tolist()))
+    groups: list[list[int]] = []
+    for v in count:
+        if count[v] == 1 and groups and groups[-1][-1] == v - 1 and count[groups[-1][-1]] == 1:
+            groups[-1].append(v)
+        else:
+            groups.append([v])
+    return groups
+
+
 def surprisal_html(report: dict[str, Any], title: str = "Surprisal") -> str:
     """A self-contained HTML page: every token coloured by its surprisal -log2 p, with a legend and
     the totals; with the optimum (see `surprisal_report`), the text again coloured by the excess
@@ -373,12 +390,22 @@ def surprisal_html(report: dict[str, Any], title: str = "Surprisal") -> str:
                   "Red: the model is more surprised than the optimum; blue: less (luck, on this token).</p>",
                   _legend(-emax, emax, "RdBu_r", "excess surprisal, bits (model − optimum)"),
                   f'<div class="text" id="excess">{_spans(pieces, excess, -emax, emax, "RdBu_r", titles)}</div>',
-                  "<h3>By context length</h3><table><tr><th>context (tokens)</th><th>count</th>"
-                  "<th>model, bits</th><th>optimum, bits</th><th>excess, bits</th></tr>"]
+                  "<h3>By context length</h3>"]
         context = np.arange(1, len(bits) + 1) - report["starts"]
-        for c in np.unique(context):
-            sel = context == c
-            parts.append(f"<tr><td>{c}</td><td>{sel.sum()}</td><td>{bits[sel].mean():.4f}</td>"
+        groups = context_groups(context)
+        if len(groups) < len(np.unique(context)):
+            merged = [f"{g[0]}–{g[-1]}" for g in groups if len(g) > 1]
+            parts.append(f"<p>Context lengths {', '.join(merged)} occur once each: only at the start of the text, in "
+                         "the first window, before it slides. Their tokens share one row. Every later token is "
+                         "scored with a longer context, so the other rows hold many tokens each.</p>")
+        elif len(groups) == len(bits):
+            parts.append("<p>The text fits in one window, so each context length occurs once (one token per row).</p>")
+        parts.append("<table><tr><th>context (tokens)</th><th>count</th><th>model, bits</th><th>optimum, bits</th>"
+                     "<th>excess, bits</th></tr>")
+        for g in groups:
+            sel = np.isin(context, g)
+            name = f"{g[0]}–{g[-1]}" if len(g) > 1 else f"{g[0]}"
+            parts.append(f"<tr><td>{name}</td><td>{sel.sum()}</td><td>{bits[sel].mean():.4f}</td>"
                          f"<td>{report['optimal_bits'][sel].mean():.4f}</td><td>{excess[sel].mean():+.4f}</td></tr>")
         parts.append("</table>")
     parts.append("</body></html>\n")

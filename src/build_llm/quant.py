@@ -36,7 +36,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, scale): int8 (out, in) and float32 (out,) with weight ~= scale[:, None] * q; each scale is
     a bfloat16 value (the kernel's), about max |row| / 127."""
     if weight.ndim != 2:
-        raise ValueError(f"weight: expected a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
+        raise UsageError(f"weight: expected a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
     w = weight.detach().float()
     # The kernel takes its scales in bfloat16: round them to bfloat16 first, and quantise against
     # the rounded value, so that scale * q is exactly what the kernel multiplies.

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..attention import KVCache
+from ..errors import UsageError
 from ..generate import filter_logits
 
 
@@ -87,7 +88,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, max_batch: int = 8, max_queue: int = 64) -> None:
         if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}: both must be >= 1")
+            raise UsageError(f"max_batch={max_batch}, max_queue={max_queue}: both must be >= 1")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.context_length = model.cfg.context_length
         self.cache = model.new_cache(max_batch)  # (L, slots, nh, ctx, hs), allocated once
@@ -108,7 +109,7 @@ class Engine:
         """Queue sequences (all or none); QueueFull when the queue cannot take them all."""
         for s in seqs:
             if len(s.prompt) < 1 or len(s.prompt) + s.max_tokens > self.context_length:
-                raise ValueError(f"a prompt of {len(s.prompt)} tokens plus max_tokens={s.max_tokens} must fit "
+                raise UsageError(f"a prompt of {len(s.prompt)} tokens plus max_tokens={s.max_tokens} must fit "
                                  f"in the context of {self.context_length} tokens")
         with self.wake:
             if self.stopping:

@@ -253,3 +253,55 @@ def test_an_os_error_names_its_reason_and_path(tmp_path, capsys):
     secret.write_text("x")
     secret.chmod(0)
     one_line_error(capsys, "tokenizer", "stats", "--data", secret, contains="permission denied")
+
+
+def test_serve_engine_and_int8_quantisation_refuse_bad_arguments_as_usage_errors():
+    """Library calls a user can get wrong raise the typed usage error (the CLI prints it as one line)."""
+    import torch
+
+    from build_llm import GPTConfig, GPTModel
+    from build_llm.errors import UsageError
+    from build_llm.quant import quantize_int8
+    from build_llm.serve.engine import Engine
+
+    with pytest.raises(UsageError, match="2-D"):
+        quantize_int8(torch.ones(4))
+    model = GPTModel(GPTConfig(vocab_size=8, context_length=4, emb_dim=8, n_heads=2, n_layers=1)).eval()
+    with pytest.raises(UsageError, match="max_batch=0"):
+        Engine(model, max_batch=0)
+
+
+def _without_permission_override() -> None:
+    """In a root child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability
+    bounding set, so the program it runs is root but obeys file permissions as any user does."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_permission_denied_is_reported_as_such_naming_the_path(tmp_path):
+    """EACCES is "permission denied" with the path, not "no such file". Root reads every file, so as
+    root the command runs in a child without the capabilities that override file permissions."""
+    import os
+    import subprocess
+    import sys
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("some text to read " * 50, encoding="utf-8")
+    secret.chmod(0)
+    try:
+        drop = _without_permission_override if os.geteuid() == 0 else None
+        code = "import sys; from build_llm.cli import main; sys.exit(main(sys.argv[1:]))"
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, "tokenizer", "stats", "--data", str(secret)],
+                                  capture_output=True, text=True, cwd=tmp_path, preexec_fn=drop, timeout=300)
+        except subprocess.SubprocessError as e:  # the capability could not be dropped (e.g. a container without it)
+            pytest.skip(f"cannot run a child that obeys file permissions here: {e}")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "permission denied" in lines[0].lower() and str(secret) in lines[0], lines
+    finally:
+        secret.chmod(0o600)

@@ -132,7 +132,7 @@ class DecodingThreads:
 
         first = next(model.parameters(), None)
         weights = sum(p.numel() for p in model.parameters())
-        weights += sum(b.numel() for b in model.buffers() if b.dtype == torch.int8)  # int8 decoding weights
+        weights += sum(b.numel() for b in model.buffers() if b.dtype != torch.bool)  # bf16/int8 decoding weights
         self.active = (first is not None and first.device.type == "cpu" and weights < DECODE_ONE_THREAD_BELOW
                        and "OMP_NUM_THREADS" not in os.environ)
         self.saved: list[int] = []

@@ -189,6 +189,22 @@ def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> di
     return state
 
 
+def check_weights_file(ckpt_dir: str | Path, cfg: GPTConfig) -> None:
+    """Refuse (UsageError) a checkpoint whose model.safetensors is unreadable or does not hold the
+    weights of `cfg`, from the file's header alone (nothing is loaded)."""
+    from safetensors import safe_open
+
+    path = Path(ckpt_dir) / MODEL_FILE
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UsageError(f"checkpoint {str(path.parent)!r}: {MODEL_FILE} is unreadable or truncated "
+                         f"({' '.join(str(e).split())[:200]})") from e
+    with torch.device("meta"):
+        _complete({k: torch.empty(shape) for k, shape in shapes.items()}, GPTModel(cfg), path.parent)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
     """The model of a checkpoint (or a run directory's newest), in eval mode, ready for generation
     (its weights in the layout decoding reads fastest)."""

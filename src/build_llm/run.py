@@ -24,7 +24,7 @@ from .errors import UsageError
 from .fsio import check_writable_dir, claim_dir, lock_dir, read_json
 from .runtime import check_fits
 from .train import (ABC_TRAIN, TrainConfig, TrainingStopped, TrainResult, bits_per_unit, evaluate_windows,
-                    sample_text, train)
+                    read_metrics, sample_text, train)
 
 # With --data and no --preset: a character model with learned positions, so that it exports to
 # Hugging Face GPT-2 (rotary positions pay on this CPU, docs/speed.md, but are opt-in: --pos-emb rope),
@@ -257,12 +257,15 @@ class Resumed:
 
 def resumed_settings(out: Path, data: str | None, train_options: dict[str, Any]) -> Resumed:
     """The checkpoint's settings; a flag may change only what RESUMABLE lists."""
-    from .checkpoint import resolve_checkpoint
+    from .checkpoint import check_weights_file, resolve_checkpoint
     from .config import GPTConfig
 
     ckpt_dir = resolve_checkpoint(out)
     state = load_trainer_state(ckpt_dir).state
     saved_model = GPTConfig.from_dict(read_json(ckpt_dir / "config.json"))
+    check_weights_file(ckpt_dir, saved_model)  # damaged files are the one line, before the plan is printed
+    if (out / "metrics.jsonl").exists():
+        read_metrics(out / "metrics.jsonl", state["step"])
     saved_cfg = TrainConfig.from_dict(state["train_config"])
     if train_options.get("steps", saved_cfg.steps) <= state["step"]:
         raise UsageError(f"--resume: the run in {str(out)!r} is already at step {state['step']}; give "

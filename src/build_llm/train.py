@@ -439,6 +439,16 @@ def save_training_checkpoint(out_dir: str | Path, state: TrainState, cfg: TrainC
 
 
 # --- the run's record: metrics.jsonl, progress, plots -------------------------------------------
+def read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl up to `up_to_step` (a resumed run drops the later ones)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r["step"] <= up_to_step]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise UsageError(f"{str(path)!r} is damaged (not one JSON row with a step per line); move it "
+                         "away to resume without the earlier rows") from None
+
+
 class RunLog:
     """A run's record. On the main process: metrics.jsonl (one row per evaluation; a resumed run
     first drops the rows logged after its checkpoint), the progress bar with a line per
@@ -460,12 +470,7 @@ class RunLog:
         self.history: list[dict[str, Any]] = []  # every row of the run (including a resumed run's earlier ones)
         self.last: dict[str, Any] | None = None  # the last row this process logged
         if self.d.is_main and resume and self.path.exists():
-            try:
-                rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-                self.history = [r for r in rows if r["step"] <= state.step]
-            except (ValueError, KeyError, TypeError, RecursionError):
-                raise UsageError(f"{str(self.path)!r} is damaged (not one JSON row with a step per line); move it "
-                                 "away to resume without the earlier rows") from None
+            self.history = read_metrics(self.path, state.step)
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         elif self.d.is_main and not resume:
             self.out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,7 @@ def world(tmp_path_factory):
 
     save_hf(GPTModel(GPTConfig(vocab_size=50257, context_length=8, emb_dim=8, n_heads=2, n_layers=1)), root / "hf")
     (root / "binary.bin").write_bytes(bytes(range(256)) * 8)
+    (root / "empty").mkdir()
     (root / "foreign").mkdir()
     (root / "foreign" / "notes.txt").write_text("the user's")
     (root / "a-file").write_text("a file")
@@ -116,7 +117,9 @@ def bad_values(world: Path, verb: str, action: argparse.Action) -> list[str]:
         return []
     if name == "out" or name == "png":
         return [str(world / "a-file" / "x.png"), str(world / "foreign")] + (["x.jpg"] if name == "png" else [])
-    if name in ("checkpoint", "data", "dir", "text", "tokenizer", "init_from", "val_data"):
+    if name in ("data", "val_data"):  # a folder of text files is data: only an empty one is wrong
+        return [str(world / "missing"), "/dev/zero", str(world / "empty"), str(world / "binary.bin")]
+    if name in ("checkpoint", "dir", "text", "tokenizer", "init_from"):
         return [str(world / "missing"), "/dev/zero", str(world / "foreign"), str(world / "binary.bin")]
     if name == "device":
         return ["xpu", "cuda:9", "bogus"]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-MAX_ROWS = 16  # input rows (tokens x batch) per call; larger products use PyTorch's matmul
+MAX_ROWS = 16  # input rows (tokens x batch) per C call; `matvec` takes longer inputs in pieces of this size
 
 SOURCE = r"""
 #include <immintrin.h>

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from build_llm import GPTConfig, GPTModel
+from build_llm import GPTConfig, GPTModel, kernels
 from build_llm.generate import generate
-from build_llm.quant import DecodeLinear, prepare_for_decoding, quantize_int8, weight_bytes
+from build_llm.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int8, weight_bytes
 
 
 def tiny(**kw) -> GPTModel:
@@ -99,3 +99,71 @@ def test_generate_cli_decodes_with_the_chosen_weights(dtype, tmp_path, capsys):
                  "--dtype", dtype]) == 0
     expected = generate(prepare_for_decoding(copy.deepcopy(model), dtype), torch.tensor([tok.encode("abc")]), 12)
     assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"
+
+
+# --- the compiled one-token step (kernels.decode_step) ----------------------------------------------
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason="the C kernels need Linux x86-64 with AVX-512 and a C compiler")
+
+
+def modules_only(model: GPTModel) -> GPTModel:
+    """The same prepared model, decoding through its PyTorch modules (the independent reference)."""
+    plain = copy.deepcopy(model)
+    plain.decode_step = None
+    return plain
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("kw", [{}, {"fused_qkv": False, "qkv_bias": False, "bias": False, "gelu": "exact"}])
+def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
+    model = prepare_for_decoding(tiny(**kw), dtype)
+    assert isinstance(model.decode_step, CompiledStep)
+    plain = modules_only(model)
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 300, (3, 6), generator=gen)
+    caches = [model.new_cache(3), plain.new_cache(3)]
+    with torch.inference_mode():
+        for m, cache in zip((model, plain), caches):
+            m(prompt, cache=cache)
+        for step in range(20):  # rows at positions 6 .. 25, every one a single C call on one side
+            ids = torch.randint(0, 300, (3, 1), generator=gen)
+            fast, ref = model(ids, cache=caches[0]), plain(ids, cache=caches[1])
+            assert fast.shape == ref.shape == (3, 1, 300)
+            torch.testing.assert_close(fast, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+    assert caches[0].pos == caches[1].pos == 26
+    for fast, ref in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the keys and values it wrote
+        torch.testing.assert_close(fast, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert torch.equal(generate(model, prompt, 12), generate(plain, prompt, 12))
+
+
+@needs_kernels
+def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range():
+    from build_llm.attention import KVCache
+
+    model = prepare_for_decoding(tiny(), "int8")
+    plain = modules_only(model)
+    prompts = [torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9)]
+    k, v = (torch.zeros(2, 2, 4, 32, 16) for _ in range(2))  # (layers, rows, heads, max_len, head_dim)
+    for row, p in enumerate(prompts):  # each row's prompt into its own slot
+        model(p, cache=KVCache.over(k[:, row:row + 1], v[:, row:row + 1], 0))
+    pos = torch.tensor([3, 9])
+    with torch.inference_mode():
+        both = model(torch.tensor([[7], [8]]), cache=KVCache.over(k, v, pos.clone()))[:, -1]  # (2, V)
+        for row, (p, token) in enumerate(zip(prompts, (7, 8))):
+            alone = plain(torch.cat([p, torch.tensor([[token]])], dim=1))[0, -1]
+            torch.testing.assert_close(both[row], alone, atol=2e-4 * alone.abs().max().item(), rtol=0)
+        before = k.clone()
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            model(torch.tensor([[300], [1]]), cache=KVCache.over(k, v, pos.clone()))
+        with pytest.raises(IndexError, match="outside the KV cache"):
+            model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 3))
+        assert torch.equal(k, before)  # nothing written
+
+
+def test_compiled_step_only_for_models_it_computes_exactly():
+    for kw in ({"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"pos_emb": "rope"}):
+        model = prepare_for_decoding(tiny(**kw), "int8")
+        assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    assert prepare_for_decoding(tiny(), "float32").decode_step is None
+    assert GPTModel.decode_step is None  # a plain model decodes through its modules

@@ -50,8 +50,11 @@ class Collect:
             self.done.set()
 
 
-def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone():
-    model = tiny_model(vocab_size=300)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: rows decoded by the compiled step (quant.py)
+def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
+    from build_llm.quant import prepare_for_decoding
+
+    model = prepare_for_decoding(tiny_model(vocab_size=300), dtype)
     engine = Engine(model, max_batch=3, max_queue=16).start()
     try:
         gen = torch.Generator().manual_seed(1)

@@ -18,6 +18,10 @@ INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class GPTModel(nn.Module):
+    # A compiled one-token decoding step (quant.CompiledStep), set by quant.prepare_for_decoding when the model's
+    # weights are in the decoding kernels' layout: `forward` hands it every cached one-token step.
+    decode_step = None
+
     def __init__(self, cfg: GPTConfig | Mapping[str, Any]) -> None:
         super().__init__()
         cfg = GPTConfig.coerce(cfg)
@@ -56,6 +60,8 @@ class GPTModel(nn.Module):
         per_row = isinstance(start, torch.Tensor)
         self.check_input(in_idx, int(start.max()) if per_row else start)
         batch_size, seq_len = in_idx.shape
+        if cache is not None and seq_len == 1 and self.decode_step is not None:
+            return self.decode_step(self, in_idx, cache)  # (B, 1, vocab_size): the same numbers, in one C call
 
         x = self.tok_emb(in_idx)  # (B, T, C)
         if self.pos_emb is not None:  # rotary positions (pos_emb="rope") act inside the attention instead

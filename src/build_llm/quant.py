@@ -105,6 +105,69 @@ def replace_linears(model: nn.Module, dtype: str) -> int:
     return count
 
 
+class CompiledStep:
+    """A one-token decoding step of a GPT-2-style model in one C call (`kernels.decode_step`): every block, the
+    final norm and the head, with the DecodeLinear weights in the kernels' layout. The PyTorch modules compute
+    the same numbers (up to float rounding) in about 25 operations a block, each costing microseconds of
+    dispatch that add up to about as much time as the products themselves at batch 1.
+
+    `prepare_for_decoding` sets one as the model's `decode_step` where `supports(model)`; `GPTModel.forward`
+    hands it every cached one-token step. It describes the model's tensors by address, built at the first call
+    and kept while the model's weights stay where they are (a deep copy starts afresh)."""
+
+    def __init__(self) -> None:
+        self.built: tuple | None = None  # (weight address it was built for, kernels.Model, tensors it points to)
+
+    def __deepcopy__(self, memo: dict) -> "CompiledStep":
+        return CompiledStep()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
+            return False
+        linears = [model.out_head] + [m for b in model.trf_blocks for m in b.modules() if isinstance(m, (nn.Linear, DecodeLinear))]
+        return all(isinstance(m, DecodeLinear) and m.packed for m in linears) and model.tok_emb.weight.dtype == torch.float32
+
+    def describe(self, model: nn.Module) -> tuple:
+        cfg, keep = model.cfg, []
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            if t is None:
+                return None
+            t = t.detach().float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def lin(m: DecodeLinear) -> kernels.Lin:
+            return kernels.Lin(m.weight.data_ptr(), ptr(m.scale), ptr(m.bias),
+                               m.out_features, m.in_features)
+
+        blocks = (kernels.Block * cfg.n_layers)()
+        for b, block in zip(blocks, model.trf_blocks):
+            att, ff = block.att, block.ff.layers
+            qkv = [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+            b.ln1_w, b.ln1_b = ptr(block.norm1.scale), ptr(block.norm1.shift)
+            b.ln2_w, b.ln2_b = ptr(block.norm2.scale), ptr(block.norm2.shift)
+            for i, m in enumerate(qkv):
+                b.qkv[i] = lin(m)
+            b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att.out_proj), lin(ff[0]), lin(ff[2])
+        desc = kernels.Model(cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.head_dim, cfg.ff_hidden, cfg.vocab_size,
+                             cfg.gelu == "tanh", cfg.ln_eps, ptr(model.tok_emb.weight), ptr(model.pos_emb.weight),
+                             ptr(model.final_norm.scale), ptr(model.final_norm.shift), lin(model.out_head), blocks)
+        return model.out_head.weight.data_ptr(), desc, keep + [blocks]
+
+    def __call__(self, model: nn.Module, in_idx: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, vocab_size) for one new token per row (in_idx (B, 1)) after cache.pos; advances it."""
+        if self.built is None or self.built[0] != model.out_head.weight.data_ptr():
+            self.built = self.describe(model)
+        pos = cache.pos if isinstance(cache.pos, torch.Tensor) else torch.full((in_idx.shape[0],), cache.pos)
+        logits = kernels.decode_step(self.built[1], in_idx.reshape(-1).long().contiguous(), pos.long().contiguous(),
+                                     cache.k, cache.v, model.cfg.context_length)
+        cache.pos += 1
+        return logits[:, None, :]  # (B, 1, V)
+
+
 def check_decode_dtype(dtype: str) -> str:
     if dtype not in DECODE_DTYPES:
         raise UsageError(f"dtype={dtype!r} is invalid; expected one of {', '.join(DECODE_DTYPES)}")
@@ -130,6 +193,8 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
         model.to(torch.bfloat16)
     elif dtype != "float32":
         replace_linears(model, dtype)
+        if CompiledStep.supports(model):
+            model.decode_step = CompiledStep()
     use_decoding_layout(model)
     return model
 

@@ -75,6 +75,22 @@ def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
         engine.stop()
 
 
+def test_engine_sampling_draws_from_the_tempered_filtered_distribution():
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.double)
+    n = 20000
+    for kw, expected in (({"temperature": 1.0, "top_k": 2}, torch.tensor([0, 0, 3 / 7, 4 / 7], dtype=torch.double)),
+                         ({"temperature": 2.0}, p.sqrt() / p.sqrt().sum())):
+        s = Sequence([1], 1, lambda *a: None, **kw)
+        s.generator = torch.Generator().manual_seed(0)
+        draws = torch.tensor([Engine.sample(p.log().float(), s) for _ in range(n)])
+        freq = torch.bincount(draws, minlength=4).double() / n
+        assert torch.all((freq - expected).abs() <= 4 * math.sqrt(0.25 / n))
+    s.generator = torch.Generator().manual_seed(3)
+    first = [Engine.sample(p.log().float(), s) for _ in range(50)]
+    s.generator = torch.Generator().manual_seed(3)
+    assert [Engine.sample(p.log().float(), s) for _ in range(50)] == first  # a seeded row repeats its draws
+
+
 def test_engine_queue_limit_cancel_and_context_check():
     model = tiny_model(vocab_size=300)
     engine = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue

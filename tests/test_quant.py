@@ -165,5 +165,11 @@ def test_compiled_step_only_for_models_it_computes_exactly():
     for kw in ({"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"pos_emb": "rope"}):
         model = prepare_for_decoding(tiny(**kw), "int8")
         assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    from build_llm.book.appendix_e import replace_linear_with_lora
+
+    adapted = tiny()
+    replace_linear_with_lora(adapted, rank=2, alpha=4)  # every Linear wrapped with an adapter: not the step's
+    assert prepare_for_decoding(adapted, "int8").decode_step is None
+    assert generate(adapted, torch.tensor([[1, 2]]), 4).shape == (1, 6)
     assert prepare_for_decoding(tiny(), "float32").decode_step is None
     assert GPTModel.decode_step is None  # a plain model decodes through its modules

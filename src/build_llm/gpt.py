@@ -60,7 +60,7 @@ class GPTModel(nn.Module):
         per_row = isinstance(start, torch.Tensor)
         self.check_input(in_idx, int(start.max()) if per_row else start)
         batch_size, seq_len = in_idx.shape
-        if cache is not None and seq_len == 1 and self.decode_step is not None:
+        if cache is not None and seq_len == 1 and self.decode_step is not None and not self.training:
             return self.decode_step(self, in_idx, cache)  # (B, 1, vocab_size): the same numbers, in one C call
 
         x = self.tok_emb(in_idx)  # (B, T, C)

@@ -126,8 +126,18 @@ class CompiledStep:
         cfg = getattr(model, "cfg", None)
         if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
             return False
-        linears = [model.out_head] + [m for b in model.trf_blocks for m in b.modules() if isinstance(m, (nn.Linear, DecodeLinear))]
-        return all(isinstance(m, DecodeLinear) and m.packed for m in linears) and model.tok_emb.weight.dtype == torch.float32
+        return all(isinstance(m, DecodeLinear) and m.packed for m in CompiledStep.linears(model)) \
+            and model.tok_emb.weight.dtype == torch.float32
+
+    @staticmethod
+    def linears(model: nn.Module) -> list[nn.Module]:
+        """Every product the step runs: per block q, k, v (or the fused qkv), out_proj, the MLP's two; the head."""
+        out = [model.out_head]
+        for block in model.trf_blocks:
+            att, ff = block.att, block.ff.layers
+            out += [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+            out += [att.out_proj, ff[0], ff[2]]
+        return out
 
     def describe(self, model: nn.Module) -> tuple:
         cfg, keep = model.cfg, []
@@ -143,18 +153,19 @@ class CompiledStep:
             return kernels.Lin(m.weight.data_ptr(), ptr(m.scale), ptr(m.bias),
                                m.out_features, m.in_features)
 
+        head, *rest = self.linears(model)
+        per_block = len(rest) // cfg.n_layers  # 4 with a fused qkv, 6 with the book's three
         blocks = (kernels.Block * cfg.n_layers)()
-        for b, block in zip(blocks, model.trf_blocks):
-            att, ff = block.att, block.ff.layers
-            qkv = [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+        for i, (b, block) in enumerate(zip(blocks, model.trf_blocks)):
+            *qkv, att_out, fc, ff_out = rest[i * per_block:(i + 1) * per_block]
             b.ln1_w, b.ln1_b = ptr(block.norm1.scale), ptr(block.norm1.shift)
             b.ln2_w, b.ln2_b = ptr(block.norm2.scale), ptr(block.norm2.shift)
-            for i, m in enumerate(qkv):
-                b.qkv[i] = lin(m)
-            b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att.out_proj), lin(ff[0]), lin(ff[2])
+            for j, m in enumerate(qkv):
+                b.qkv[j] = lin(m)
+            b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att_out), lin(fc), lin(ff_out)
         desc = kernels.Model(cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.head_dim, cfg.ff_hidden, cfg.vocab_size,
                              cfg.gelu == "tanh", cfg.ln_eps, ptr(model.tok_emb.weight), ptr(model.pos_emb.weight),
-                             ptr(model.final_norm.scale), ptr(model.final_norm.shift), lin(model.out_head), blocks)
+                             ptr(model.final_norm.scale), ptr(model.final_norm.shift), lin(head), blocks)
         return model.out_head.weight.data_ptr(), desc, keep + [blocks]
 
     def __call__(self, model: nn.Module, in_idx: torch.Tensor, cache) -> torch.Tensor:

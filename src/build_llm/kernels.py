@@ -63,41 +63,54 @@ static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* bfloat16: a 64-byte tile row holds 32 weights as 16 pairs; bfloat16 is the top half of a float32, so
    the even weights become floats by moving them to the top half of their pair (a byte shuffle) and the
-   odd ones by clearing the bottom half; they multiply x's even and odd entries (split once per call). */
+   odd ones by clearing the bottom half; they multiply x's even and odd entries (split once per call).
+   `bf16_rows` gives dot[i][r] = x row i . weight row r of one block, for MR input rows at once: each tile
+   is widened once for all MR rows (MR = 4 for a batch, 1 for a lone row, so that a lone row does no
+   extra work); with a constant MR the compiler keeps the 4 x MR accumulators in registers. */
+static inline __attribute__((always_inline)) void bf16_rows(const int MR, const uint16_t *wb, const float *xe,
+                                                            const float *xo, int64_t H, int64_t Kp, float dot[4][4]) {
+    /* each 32-bit lane's bytes [b0 b1 b2 b3] -> [0 0 b0 b1]; shuffle indices count within 16 bytes, 0x80 = zero */
+    const __m512i to_top = _mm512_broadcast_i32x4(_mm_setr_epi32(0x01008080, 0x05048080, 0x09088080, 0x0D0C8080));
+    const __m512i odd_mask = _mm512_set1_epi32((int)0xFFFF0000);
+    __m512 acc[4][4];
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < Kp; k += 32) {
+        const uint16_t *t = wb + k * 4;  /* 4 rows x 32 columns, 4 cache lines */
+        FETCH(t + PREFETCH); FETCH(t + PREFETCH + 32); FETCH(t + PREFETCH + 64); FETCH(t + PREFETCH + 96);
+        __m512 we[4], wo[4];
+        for (int r = 0; r < 4; r++) {
+            const __m512i v = _mm512_loadu_si512(t + 32 * r);
+            we[r] = _mm512_castsi512_ps(_mm512_shuffle_epi8(v, to_top));
+            wo[r] = _mm512_castsi512_ps(_mm512_and_si512(v, odd_mask));
+        }
+        for (int i = 0; i < MR; i++) {
+            const __m512 ev = _mm512_loadu_ps(xe + i * H + k / 2), ov = _mm512_loadu_ps(xo + i * H + k / 2);
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_fmadd_ps(ov, wo[r], _mm512_fmadd_ps(ev, we[r], acc[i][r]));
+        }
+    }
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
+}
+
 void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32, H = Kp / 2;
     float *xe = calloc(2 * M * H, sizeof(float)), *xo = xe + M * H;
     for (int64_t m = 0; m < M; m++)
         for (int64_t k = 0; k < K; k++) (k % 2 ? xo : xe)[m * H + k / 2] = x[m * K + k];
-    /* each 32-bit lane's bytes [b0 b1 b2 b3] -> [0 0 b0 b1]; shuffle indices count within 16 bytes, 0x80 = zero */
-    const __m512i to_top = _mm512_broadcast_i32x4(_mm_setr_epi32(0x01008080, 0x05048080, 0x09088080, 0x0D0C8080));
-    const __m512i odd_mask = _mm512_set1_epi32((int)0xFFFF0000);
     const int64_t blocks = (N + 3) / 4;
     #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * 4;
         const uint16_t *wb = w + blk * 4 * Kp;
-        for (int64_t m = 0; m < M; m++) {
-            const float *e = xe + m * H, *o = xo + m * H;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < Kp; k += 32) {
-                const uint16_t *t = wb + k * 4;  /* 4 rows x 32 columns, 4 cache lines */
-                FETCH(t + PREFETCH); FETCH(t + PREFETCH + 32); FETCH(t + PREFETCH + 64); FETCH(t + PREFETCH + 96);
-                __m512 ev = _mm512_loadu_ps(e + k / 2), ov = _mm512_loadu_ps(o + k / 2);
-                __m512i v0 = _mm512_loadu_si512(t), v1 = _mm512_loadu_si512(t + 32),
-                        v2 = _mm512_loadu_si512(t + 64), v3 = _mm512_loadu_si512(t + 96);
-                a0 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v0, to_top)), a0);
-                a1 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v1, to_top)), a1);
-                a2 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v2, to_top)), a2);
-                a3 = _mm512_fmadd_ps(ev, _mm512_castsi512_ps(_mm512_shuffle_epi8(v3, to_top)), a3);
-                a0 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v0, odd_mask)), a0);
-                a1 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v1, odd_mask)), a1);
-                a2 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v2, odd_mask)), a2);
-                a3 = _mm512_fmadd_ps(ov, _mm512_castsi512_ps(_mm512_and_si512(v3, odd_mask)), a3);
-            }
-            float v[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            STORE(v, m, 1.0f)
+        for (int64_t m = 0; m < M;) {
+            float dot[4][4];
+            const int mr = M - m >= 4 ? 4 : 1;
+            if (mr == 4) bf16_rows(4, wb, xe + m * H, xo + m * H, H, Kp, dot);
+            else bf16_rows(1, wb, xe + m * H, xo + m * H, H, Kp, dot);
+            for (int i = 0; i < mr; i++) { STORE(dot[i], m + i, 1.0f) }
+            m += mr;
         }
     }
     free(xe);
@@ -106,8 +119,35 @@ void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const fl
 /* int8: x is rounded to int16 with a scale per row (x * (32767 / max |x|), saturated: 15 significant bits), and the
    products are summed exactly in int32 (`vpmaddwd`: 32 products per instruction, added in pairs), over
    at most 4096 columns at a time so that no sum can overflow (4096 * 32767 * 127 < 2^31 * 2), then
-   converted to float32. */
+   converted to float32. `int8_rows` is `bf16_rows` for int8: each tile sign-extended once for MR rows. */
 #define INT8_CHUNK 4096
+static inline __attribute__((always_inline)) void int8_rows(const int MR, const int8_t *wb, const int16_t *xq,
+                                                            int64_t Kp, float dot[4][4]) {
+    __m512 acc[4][4];
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {
+        const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
+        __m512i sum[4][4];
+        for (int i = 0; i < MR; i++)
+            for (int r = 0; r < 4; r++) sum[i][r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < k1; k += 32) {
+            const int8_t *t = wb + k * 4;  /* 4 rows x 32 columns, 2 cache lines */
+            FETCH(t + PREFETCH); FETCH(t + PREFETCH + 64);
+            __m512i wv[4];
+            for (int r = 0; r < 4; r++) wv[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 32 * r)));
+            for (int i = 0; i < MR; i++) {
+                const __m512i xv = _mm512_loadu_si512(xq + i * Kp + k);
+                for (int r = 0; r < 4; r++) sum[i][r] = _mm512_add_epi32(sum[i][r], _mm512_madd_epi16(xv, wv[r]));
+            }
+        }
+        for (int i = 0; i < MR; i++)
+            for (int r = 0; r < 4; r++) acc[i][r] = _mm512_add_ps(acc[i][r], _mm512_cvtepi32_ps(sum[i][r]));
+    }
+    for (int i = 0; i < MR; i++)
+        for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
+}
+
 void matvec_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32;
@@ -134,28 +174,13 @@ void matvec_int8(const float *x, const int8_t *w, const float *scale, const floa
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t n0 = blk * 4;
         const int8_t *wb = w + blk * 4 * Kp;
-        for (int64_t m = 0; m < M; m++) {
-            const int16_t *xm = xq + m * Kp;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {
-                const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
-                __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
-                for (int64_t k = k0; k < k1; k += 32) {
-                    const int8_t *t = wb + k * 4;  /* 4 rows x 32 columns, 2 cache lines */
-                    FETCH(t + PREFETCH); FETCH(t + PREFETCH + 64);
-                    __m512i xv = _mm512_loadu_si512(xm + k);
-                    s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)t))));
-                    s1 = _mm512_add_epi32(s1, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 32)))));
-                    s2 = _mm512_add_epi32(s2, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 64)))));
-                    s3 = _mm512_add_epi32(s3, _mm512_madd_epi16(xv, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(t + 96)))));
-                }
-                a0 = _mm512_add_ps(a0, _mm512_cvtepi32_ps(s0));
-                a1 = _mm512_add_ps(a1, _mm512_cvtepi32_ps(s1));
-                a2 = _mm512_add_ps(a2, _mm512_cvtepi32_ps(s2));
-                a3 = _mm512_add_ps(a3, _mm512_cvtepi32_ps(s3));
-            }
-            float v[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
-            STORE(v, m, xs[m])
+        for (int64_t m = 0; m < M;) {
+            float dot[4][4];
+            const int mr = M - m >= 4 ? 4 : 1;
+            if (mr == 4) int8_rows(4, wb, xq + m * Kp, Kp, dot);
+            else int8_rows(1, wb, xq + m * Kp, Kp, dot);
+            for (int i = 0; i < mr; i++) { STORE(dot[i], m + i, xs[m + i]) }
+            m += mr;
         }
     }
     free(xq);

@@ -156,8 +156,11 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
         before = k.clone()
         with pytest.raises(IndexError, match="outside the vocabulary"):
             model(torch.tensor([[300], [1]]), cache=KVCache.over(k, v, pos.clone()))
+        short = torch.zeros(2, 1, 4, 3, 16)  # room for 3 positions
         with pytest.raises(IndexError, match="outside the KV cache"):
-            model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 3))
+            model(torch.tensor([[1]]), cache=KVCache.over(short, short.clone(), 3))
+        with pytest.raises(ValueError, match="contiguous in their last 3 dimensions"):
+            model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 2))
         assert torch.equal(k, before)  # nothing written
 
 

@@ -436,12 +436,18 @@ def decode_step(model: Model, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
     """One token for each of M rows through the whole model described by `model` (see quant.CompiledStep):
     token ids and positions int64 (M,), caches float32 (layers, >= M rows, heads, max_len, head_dim) whose
     last three dimensions are contiguous; returns the logits (M, vocab) float32."""
+    max_len, head_dim = k_cache.shape[3], k_cache.shape[4]
+    for c in (k_cache, v_cache):
+        if (c.dtype != torch.float32 or c.device.type != "cpu" or c.stride() != k_cache.stride()
+                or c.stride()[2:] != (max_len * head_dim, head_dim, 1)):
+            raise ValueError("decode_step: the keys and values must be float32 CPU tensors of the same layout, "
+                             "contiguous in their last 3 dimensions")
     logits = torch.empty(ids.shape[0], model.vocab)
     status = _lib.decode_step(ctypes.byref(model), ids.data_ptr(), pos.data_ptr(), ids.shape[0], k_cache.data_ptr(),
-                              v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), k_cache.shape[3], n_positions,
+                              v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), max_len, n_positions,
                               logits.data_ptr(), torch.get_num_threads())
     if status == 1:
         raise IndexError(f"a token id is outside the vocabulary [0, {model.vocab})")
     if status == 2:
-        raise IndexError(f"a position is outside the KV cache ({k_cache.shape[3]}) or the context ({n_positions})")
+        raise IndexError(f"a position is outside the KV cache ({max_len}) or the context ({n_positions})")
     return logits

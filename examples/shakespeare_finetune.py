@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = Path(os.environ.get("FT_TEXT", ROOT.parent / "shared" / "data" / "shakespeare.txt"))
 OUT = Path(os.environ.get("FT_OUT", ROOT / "runs" / "shakespeare-finetune"))
 SETTINGS = {  # name: default
-    "FT_VOCAB": 512, "FT_CONTEXT": 256, "FT_EMB": 192, "FT_LAYERS": 4, "FT_HEADS": 6,
-    "FT_PRETRAIN_STEPS": 260, "FT_PRETRAIN_BATCH": 16, "FT_PRETRAIN_LR": 2e-3,
+    "FT_VOCAB": 4096, "FT_CONTEXT": 256, "FT_EMB": 192, "FT_LAYERS": 4, "FT_HEADS": 6,
+    "FT_PRETRAIN_STEPS": 600, "FT_PRETRAIN_BATCH": 16, "FT_PRETRAIN_LR": 2e-3,
     "FT_PASSAGES_PER_PLAY": 60, "FT_PASSAGE_CHARS": 400, "FT_CLS_EPOCHS": 2, "FT_CLS_LR": 3e-4,
     "FT_CLS_TRAINABLE": "all",
-    "FT_QA_PER_PLAY": 60, "FT_QA_TEST": 200, "FT_QA_STEPS": 150, "FT_QA_LR": 1e-3, "FT_LORA_LR": 5e-3,
+    "FT_QA_PER_PLAY": 150, "FT_QA_TEST": 200, "FT_QA_STEPS": 400, "FT_QA_LR": 1e-3, "FT_LORA_LR": 1e-2,
 }
 S = {k: type(v)(os.environ.get(k, v)) for k, v in SETTINGS.items()}
 
@@ -129,6 +129,7 @@ def pretrain(train_plays: list[dict]) -> Path:
     base = OUT / "base"
     if (base / "checkpoint" / "model.safetensors").exists():
         print(f"reusing the base model in {base}")
+        print(base_summary(base))
         return base
     OUT.mkdir(parents=True, exist_ok=True)
     corpus = OUT / "train_plays.txt"
@@ -140,13 +141,23 @@ def pretrain(train_plays: list[dict]) -> Path:
                        "--n-heads", S["FT_HEADS"], "--drop-rate", "0.0", "--steps", steps,
                        "--batch-size", S["FT_PRETRAIN_BATCH"], "--lr", S["FT_PRETRAIN_LR"],
                        "--warmup-steps", max(1, steps // 10), "--eval-every", max(1, steps // 6), "--out", base)
-    rows = [json.loads(line) for line in (base / "metrics.jsonl").read_text().splitlines()]
-    curve = ", ".join(f"{r['step']}: {r['val_loss']:.3f}" for r in rows if "val_loss" in r)
-    print(f"pretrained {steps} steps in {seconds:.0f} s; validation loss per token by step: {curve}")
+    print(f"pretrained in {seconds:.0f} s (with tokenizing the text); {base_summary(base)}")
     sample = build_llm("generate", "--checkpoint", base, "--prompt", "ROMEO.\n", "--max-new-tokens", 120,
                        "--temperature", "0.8", "--top-k", 40, "--seed", 1).stdout
     print(f"a sample of the base model:\n{sample.strip()}\n")
     return base
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def base_summary(base: Path) -> str:
+    rows = [r for r in metrics(base) if "val_loss" in r]
+    curve = ", ".join(f"{r['step']}: {r['val_loss']:.3f}" for r in rows)
+    last = rows[-1]
+    return (f"base: {last['step']} steps, {last['tokens_seen']:,} tokens, {last['elapsed_s']:.0f} s of training; "
+            f"validation loss per token by step: {curve} ({last['val_bits_per_char']:.2f} bits per character)")
 
 
 # --- 1. classification -----------------------------------------------------------------------------
@@ -195,7 +206,7 @@ def classification(base: Path, train_plays: list[dict], test_plays: list[dict]) 
     _, seconds = timed("finetune", "classify", "--init-from", base, "--data", d / "train.csv", "--val-data",
                        d / "test.csv", "--out", run, "--epochs", S["FT_CLS_EPOCHS"], "--lr", S["FT_CLS_LR"],
                        "--batch-size", 16, "--trainable", S["FT_CLS_TRAINABLE"])
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(run)
     ours = rows[-1]["val_accuracy"]
     print(f"\nheld-out accuracy on {len(test_x)} passages of {len(test_plays)} unseen plays:")
     print(f"  majority class ({majority})     {majority_acc:.3f}")
@@ -210,13 +221,13 @@ QUESTIONS = ("Who speaks first in this passage?", "Who speaks last in this passa
 
 
 def qa_records(play: dict, limit: int) -> list[dict]:
-    """Windows of 2 to 4 consecutive speeches (first line of each, at most 48 characters), with one
+    """Windows of 2 or 3 consecutive speeches (first line of each, at most 48 characters), with one
     question each, alternating; the answer is a speaker's name as the passage shows it."""
     sp = play["speeches"]
     records = []
     stride = max(1, len(sp) // limit)
-    for n, i in enumerate(range(0, len(sp) - 4, stride)):
-        k = 2 + n % 3
+    for n, i in enumerate(range(0, len(sp) - 3, stride)):
+        k = 2 + (n // 2) % 2  # both questions on 2 and on 3 speeches
         window = [(who, body[0][:48]) for who, body in sp[i:i + k]]
         passage = "\n\n".join(f"{who}.\n{line}" for who, line in window)
         q = n % 2
@@ -276,10 +287,12 @@ def instructions(base: Path, train_plays: list[dict], test_plays: list[dict]) ->
             remove_dir(run)  # the script's own output from an earlier run (fsio refuses anything else)
         proc, seconds = timed("finetune", "instruct", "--init-from", base, "--data", d / "train.json", "--val-data",
                               d / "test.json", "--out", run, "--steps", S["FT_QA_STEPS"], "--batch-size", 16,
-                              "--eval-every", S["FT_QA_STEPS"], *flags)
+                              "--eval-every", max(1, S["FT_QA_STEPS"] // 4), *flags)
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
-        result[name] = {"exact_match": exact_match(run, test), "seconds": seconds,
+        curve = {r["step"]: round(r["val_loss"], 4) for r in metrics(run) if "val_loss" in r}
+        result[name] = {"exact_match": exact_match(run, test), "seconds": seconds, "val_loss": curve,
                         "trainable": summary["trainable_parameters"], "parameters": summary["parameters"]}
+        print(f"{name}: validation loss per answer token by step {curve}")
     print(f"\nexact match on {len(test)} questions about {len(test_plays)} unseen plays:")
     print(f"  before fine-tuning             {result['before']:.3f}")
     for name in arms:

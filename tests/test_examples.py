@@ -44,7 +44,7 @@ def test_abc_markov_example_trains_generates_and_draws(tmp_path):
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare.txt"
 TINY_FINETUNE = {"FT_VOCAB": "300", "FT_CONTEXT": "512", "FT_EMB": "32", "FT_LAYERS": "1", "FT_HEADS": "2",
                  "FT_PRETRAIN_STEPS": "4", "FT_PRETRAIN_BATCH": "4", "FT_PASSAGES_PER_PLAY": "3",
-                 "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2",
+                 "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2", "FT_QA_MIN_ANSWER_TOKENS": "2",
                  "OMP_NUM_THREADS": "1"}
 
 

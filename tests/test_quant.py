@@ -121,15 +121,15 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
     assert isinstance(model.decode_step, CompiledStep)
     plain = modules_only(model)
     gen = torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, 300, (3, 6), generator=gen)
-    caches = [model.new_cache(3), plain.new_cache(3)]
+    prompt = torch.randint(0, 300, (5, 6), generator=gen)  # 5 rows: a group of 4 in the kernels, then one
+    caches = [model.new_cache(5), plain.new_cache(5)]
     with torch.inference_mode():
         for m, cache in zip((model, plain), caches):
             m(prompt, cache=cache)
         for step in range(20):  # rows at positions 6 .. 25, every one a single C call on one side
-            ids = torch.randint(0, 300, (3, 1), generator=gen)
+            ids = torch.randint(0, 300, (5, 1), generator=gen)
             fast, ref = model(ids, cache=caches[0]), plain(ids, cache=caches[1])
-            assert fast.shape == ref.shape == (3, 1, 300)
+            assert fast.shape == ref.shape == (5, 1, 300)
             torch.testing.assert_close(fast, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
     assert caches[0].pos == caches[1].pos == 26
     for fast, ref in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the keys and values it wrote
@@ -161,6 +161,8 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
             model(torch.tensor([[1]]), cache=KVCache.over(short, short.clone(), 3))
         with pytest.raises(ValueError, match="contiguous in their last 3 dimensions"):
             model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 2))
+        with pytest.raises(ValueError, match=r"shape \(2, 1, 4, 32, 16\) does not fit 2 rows"):
+            model(torch.tensor([[1], [2]]), cache=KVCache.over(k[:, :1], v[:, :1], pos.clone()))
         assert torch.equal(k, before)  # nothing written
 
 

@@ -89,6 +89,10 @@ def test_engine_sampling_draws_from_the_tempered_filtered_distribution():
     first = [Engine.sample(p.log().float(), s) for _ in range(50)]
     s.generator = torch.Generator().manual_seed(3)
     assert [Engine.sample(p.log().float(), s) for _ in range(50)] == first  # a seeded row repeats its draws
+    tiny_t = Sequence([1], 1, lambda *a: None, temperature=1e-30)  # no overflow to NaN: the argmax
+    assert Engine.sample(torch.tensor([1.0, 5.0, 3.0, 2.0]), tiny_t) == 1
+    with pytest.raises(ValueError, match="NaN"):
+        Engine.sample(torch.tensor([1.0, float("nan"), 3.0, 2.0]), s)
 
 
 def test_engine_queue_limit_cancel_and_context_check():

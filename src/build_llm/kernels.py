@@ -436,14 +436,22 @@ def decode_step(model: Model, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
     """One token for each of M rows through the whole model described by `model` (see quant.CompiledStep):
     token ids and positions int64 (M,), caches float32 (layers, >= M rows, heads, max_len, head_dim) whose
     last three dimensions are contiguous; returns the logits (M, vocab) float32."""
+    rows = ids.shape[0]
     max_len, head_dim = k_cache.shape[3], k_cache.shape[4]
     for c in (k_cache, v_cache):
-        if (c.dtype != torch.float32 or c.device.type != "cpu" or c.stride() != k_cache.stride()
-                or c.stride()[2:] != (max_len * head_dim, head_dim, 1)):
-            raise ValueError("decode_step: the keys and values must be float32 CPU tensors of the same layout, "
-                             "contiguous in their last 3 dimensions")
-    logits = torch.empty(ids.shape[0], model.vocab)
-    status = _lib.decode_step(ctypes.byref(model), ids.data_ptr(), pos.data_ptr(), ids.shape[0], k_cache.data_ptr(),
+        if (c.dtype != torch.float32 or c.device.type != "cpu" or c.shape != k_cache.shape
+                or c.stride() != k_cache.stride() or c.stride()[2:] != (max_len * head_dim, head_dim, 1)):
+            raise ValueError("decode_step: the keys and values must be float32 CPU tensors of the same shape and "
+                             "layout, contiguous in their last 3 dimensions")
+    if (k_cache.shape[0] != model.n_layers or k_cache.shape[1] < rows or k_cache.shape[2] != model.n_heads
+            or head_dim != model.head_dim):
+        raise ValueError(f"decode_step: a KV cache of shape {tuple(k_cache.shape)} does not fit {rows} rows of this "
+                         f"model ({model.n_layers} layers, {model.n_heads} heads of {model.head_dim})")
+    if ids.dtype != torch.int64 or pos.dtype != torch.int64 or ids.shape != (rows,) or pos.shape != (rows,) \
+            or not (ids.is_contiguous() and pos.is_contiguous()):
+        raise ValueError("decode_step: ids and pos must be contiguous int64 vectors of one entry per row")
+    logits = torch.empty(rows, model.vocab, dtype=torch.float32)
+    status = _lib.decode_step(ctypes.byref(model), ids.data_ptr(), pos.data_ptr(), rows, k_cache.data_ptr(),
                               v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), max_len, n_positions,
                               logits.data_ptr(), torch.get_num_threads())
     if status == 1:

@@ -113,7 +113,8 @@ class CompiledStep:
 
     `prepare_for_decoding` sets one as the model's `decode_step` where `supports(model)`; `GPTModel.forward`
     hands it every cached one-token step. It describes the model's tensors by address, built at the first call
-    and kept while the model's weights stay where they are (a deep copy starts afresh)."""
+    and kept while the head's weight stays where it is (a deep copy starts afresh); it holds every tensor it
+    describes, so none is freed under it, and a module replaced after the first step is not seen."""
 
     def __init__(self) -> None:
         self.built: tuple | None = None  # (weight address it was built for, kernels.Model, tensors it points to)
@@ -142,16 +143,15 @@ class CompiledStep:
     def describe(self, model: nn.Module) -> tuple:
         cfg, keep = model.cfg, []
 
-        def ptr(t: torch.Tensor | None) -> int | None:
+        def ptr(t: torch.Tensor | None) -> int | None:  # held in `keep`: never freed while described
             if t is None:
                 return None
-            t = t.detach().float().contiguous()
+            t = t.detach().contiguous() if t.dtype in (torch.bfloat16, torch.int8) else t.detach().float().contiguous()
             keep.append(t)
             return t.data_ptr()
 
         def lin(m: DecodeLinear) -> kernels.Lin:
-            return kernels.Lin(m.weight.data_ptr(), ptr(m.scale), ptr(m.bias),
-                               m.out_features, m.in_features)
+            return kernels.Lin(ptr(m.weight), ptr(m.scale), ptr(m.bias), m.out_features, m.in_features)
 
         head, *rest = self.linears(model)
         per_block = len(rest) // cfg.n_layers  # 4 with a fused qkv, 6 with the book's three

@@ -260,7 +260,11 @@ class Engine:
         tokens: it was a quarter of a 16-row step's time)."""
         if s.temperature == 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(filter_logits(logits.float() / s.temperature, s.top_k, s.top_p), dim=-1)
+        logits = logits.float()
+        scaled = (logits - logits.max()) / s.temperature  # shifted first: a tiny temperature cannot overflow
+        probs = torch.softmax(filter_logits(scaled, s.top_k, s.top_p), dim=-1)
+        if torch.isnan(probs).any():
+            raise ValueError("the model's logits are NaN or infinite: its weights are damaged")
         cdf = probs.double().cumsum(0)  # (V,), float64: the last entry is 1 up to rounding
         u = torch.rand(1, dtype=torch.float64, generator=s.generator) * cdf[-1]  # in [0, total)
         # The first token whose cumulative probability exceeds u; a token of probability 0 never is.

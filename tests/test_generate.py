@@ -200,7 +200,7 @@ def test_decode_stream_equals_decoding_everything(kind):
 
 
 def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
-    """runtime.DecodingThreads: each step of a small model runs on one CPU thread; between steps
+    """runtime.decoding_threads: each step of a small model runs on one CPU thread; between steps
     (a paused stream) and afterwards the caller's count holds; OMP_NUM_THREADS turns it off."""
     from build_llm.runtime import DECODE_ONE_THREAD_BELOW
 

@@ -293,7 +293,7 @@ def bench_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
 
 def bench_tiny_decoding(plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     """The `r-abc` model (a few hundred thousand weights) decoding `plan.tiny_tokens` characters:
-    ours (one thread for a small model, runtime.DecodingThreads) vs ours on every thread vs the
+    ours (one thread for a small model, runtime.decoding_threads) vs ours on every thread vs the
     seed's `generate_text_simple`; all greedy from "A", so all give the same characters."""
     from . import runtime
 

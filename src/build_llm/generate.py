@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import UsageError
 from .gpt import INT_DTYPES
-from .runtime import DecodingThreads
+from .runtime import decoding_threads
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -118,11 +118,11 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
     idx = idx.long()
     cache = model.new_cache(idx.shape[0], ctx) if use_cache and idx.shape[1] < ctx else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    threads = DecodingThreads(model)  # one CPU thread for each step of a small model
+    threads = decoding_threads(model)  # one CPU thread for each step of a small model
 
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            with threads:
+            with threads():
                 if cache is not None and idx.shape[1] <= ctx:
                     new = idx[:, cache.pos:]  # the whole prompt first, then one token per step
                     logits = model(new, cache=cache)[:, -1, :]

@@ -13,9 +13,11 @@ the token table stays float32 for the lookup, and everything outside the Linear 
 attention, the KV cache, the residual stream) stays float32.
 
 The products run in `kernels.matvec` (a prompt in pieces of 16 rows), which widens the weights to
-float32 in registers inside the multiply loop. Where it is unavailable, PyTorch's kernels run: `aten._weight_int8pack_mm` with bfloat16 activations for int8 (the fastest
-weight-only int8 path PyTorch had on the development CPU; `torch._int_mm` needs quantised
-activations, dequantising first writes and re-reads a float32 copy), and its bfloat16 product.
+float32 in registers inside the multiply loop, and a GPT-2-style model's one-token steps in
+`CompiledStep`. Where the kernels are unavailable, PyTorch's run: `aten._weight_int8pack_mm` with
+bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
+`torch._int_mm` needs quantised activations, dequantising first writes and re-reads a float32 copy),
+and its bfloat16 product.
 """
 
 from __future__ import annotations

@@ -137,30 +137,16 @@ def one_thread():
 DECODE_ONE_THREAD_BELOW = 2_000_000
 
 
-class DecodingThreads:
-    """A reusable context for each decoding step: one CPU thread for a small model on the CPU (see
-    DECODE_ONE_THREAD_BELOW), the previous count restored on exit, so code between steps (and a
-    caller holding a paused generator) keeps its own. Nothing changes when OMP_NUM_THREADS is set
-    (the user chose), on another device, or for a larger model."""
+def decoding_threads(model: torch.nn.Module):
+    """The context for each decoding step of `model`: `one_thread` for a small model on the CPU (see
+    DECODE_ONE_THREAD_BELOW), so that code between steps (and a caller holding a paused generator)
+    keeps its own count; a no-op when OMP_NUM_THREADS is set (the user chose), on another device, or
+    for a larger model."""
+    import os
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        import os
-
-        first = next(model.parameters(), None)
-        weights = sum(p.numel() for p in model.parameters())
-        weights += sum(b.numel() for b in model.buffers() if b.dtype != torch.bool)  # bf16/int8 decoding weights
-        self.active = (first is not None and first.device.type == "cpu" and weights < DECODE_ONE_THREAD_BELOW
-                       and "OMP_NUM_THREADS" not in os.environ)
-        self.saved: list[int] = []
-
-    def __enter__(self) -> None:
-        if self.active:
-            self.saved.append(torch.get_num_threads())
-            if self.saved[-1] != 1:
-                torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            threads = self.saved.pop()
-            if threads != 1:
-                torch.set_num_threads(threads)
+    first = next(model.parameters(), None)
+    weights = sum(p.numel() for p in model.parameters())
+    weights += sum(b.numel() for b in model.buffers() if b.dtype != torch.bool)  # bf16/int8 decoding weights
+    small = (first is not None and first.device.type == "cpu" and weights < DECODE_ONE_THREAD_BELOW
+             and "OMP_NUM_THREADS" not in os.environ)
+    return one_thread if small else contextlib.nullcontext

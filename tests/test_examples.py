@@ -44,7 +44,7 @@ def test_abc_markov_example_trains_generates_and_draws(tmp_path):
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakespeare.txt"
 TINY_FINETUNE = {"FT_VOCAB": "300", "FT_CONTEXT": "512", "FT_EMB": "32", "FT_LAYERS": "1", "FT_HEADS": "2",
                  "FT_PRETRAIN_STEPS": "4", "FT_PRETRAIN_BATCH": "4", "FT_PASSAGES_PER_PLAY": "3",
-                 "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2", "FT_QA_MIN_ANSWER_TOKENS": "2",
+                 "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2",
                  "OMP_NUM_THREADS": "1"}
 
 
@@ -77,10 +77,16 @@ def test_shakespeare_finetune_example_data():
     assert hamlet["text"].startswith("HAMLET, PRINCE OF DENMARK\n") and "Who's there?" in hamlet["text"]
     assert sum(len(p["text"]) for p in plays) > 0.95 * len(SHAKESPEARE.read_text(encoding="utf-8"))
     assert not any(t["title"] in p["text"].split("\n", 1)[1] for p in train for t in test)  # no held-out play leaks
-    for r in ex.qa_records(test[0], 30):
-        speakers = [block.split("\n")[0].rstrip(".") for block in r["input"].split("\n\n")]
-        expected = {ex.QUESTIONS[0]: speakers[0], ex.QUESTIONS[1]: speakers[-1]}
-        assert r["output"] == expected[r["instruction"]] and 2 <= len(speakers) <= 3
+    assert test[0]["title"] == "ALL'S WELL THAT ENDS WELL"  # a comedy
+    records = ex.qa_records(test[0], 40)
+    assert {r["instruction"] for r in records} == set(ex.QUESTIONS)
+    for r in records:
+        blocks = [block.split("\n") for block in r["input"].split("\n\n")]  # [speaker., line] each
+        expected = {"Who speaks first in this passage?": blocks[0][0].rstrip("."),
+                    "How many speeches are in this passage?": {2: "two", 3: "three", 4: "four"}[len(blocks)],
+                    "Is a question asked in this passage?": "yes" if "?" in r["input"] else "no",
+                    "Is this passage from a comedy, a tragedy or a history?": "comedy"}
+        assert r["output"] == expected[r["instruction"]] and 2 <= len(blocks) <= 4
 
 
 @pytest.mark.slow

@@ -1,10 +1,9 @@
 """Fine-tuning on Shakespeare (the book's chapters 6 and 7, and appendix E), end to end on a CPU.
 
 There are no pretrained GPT-2 weights offline, so the script first pretrains a small GPT-2-shaped
-base model with `build-llm train` on the plays that are not held out (a 4096-id byte-level BPE trained
-on their speech lines, as written and in capitals, but not on the speakers' names: a name comes in
-pieces of capitalised English in every play, held out or not; and the end token instruction tuning
-needs). Then, with whole plays held out for testing (the same plays in both parts):
+base model with `build-llm train` on the plays that are not held out (a 4096-id byte-level BPE
+trained on the same text: about 3 characters a token, a speaker's name 1 to 4 tokens, and the end
+token instruction tuning needs). Then, with whole plays held out for testing (the same plays in both parts):
 
 1. Classification: passages labelled comedy / tragedy / history by their play (First Folio genres;
    Pericles, absent from the Folio, as a comedy). The script writes train.csv and test.csv, fine-tunes
@@ -136,12 +135,7 @@ def pretrain(train_plays: list[dict]) -> Path:
     OUT.mkdir(parents=True, exist_ok=True)
     corpus = OUT / "train_plays.txt"
     corpus.write_text("\n\n".join(p["text"] for p in train_plays), encoding="utf-8")
-    # The tokenizer learns from the speech lines, as written and in capitals, not from the speakers' names:
-    # a name (in capitals) then comes in pieces of capitalised English in every play, held out or not.
-    lines = [line for p in train_plays for _, body in p["speeches"] for line in body]
-    speech = OUT / "train_speech.txt"
-    speech.write_text("\n".join(lines) + "\n" + "\n".join(lines).upper(), encoding="utf-8")
-    build_llm("tokenizer", "train", "--data", speech, "--vocab-size", S["FT_VOCAB"], "--out", OUT / "tokenizer.json")
+    build_llm("tokenizer", "train", "--data", corpus, "--vocab-size", S["FT_VOCAB"], "--out", OUT / "tokenizer.json")
     steps = S["FT_PRETRAIN_STEPS"]
     _, seconds = timed("train", "--data", corpus, "--tokenizer", OUT / "tokenizer.json", "--preset", "gpt2-small",
                        "--context-length", S["FT_CONTEXT"], "--emb-dim", S["FT_EMB"], "--n-layers", S["FT_LAYERS"],

@@ -18,7 +18,7 @@ token instruction tuning needs). Then, with whole plays held out for testing (th
 
 Needs ../shared/data/shakespeare.txt (beside the repository); skips with a reason when it is absent.
 Settings come from environment variables (FT_*, see SETTINGS); FT_PARTS=classify or instruct runs one
-part. The base model (1.8M tokens) takes 12 to 17 minutes of training on 2 idle cores, the fine-tunes
+part. The base model (1.8M tokens) takes about 10 minutes of training on 2 idle cores, the fine-tunes
 about as long again (more on a busy machine). Rerunning reuses the base model in $FT_OUT/base.
 """
 

@@ -69,15 +69,17 @@ def test_lora_instruct_merge_and_export_hf(base, tmp_path, capsys):
                           "--steps", 3, "--lr", "1e-2", "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets",
                           "attn,ff"], capsys)
     assert code == 0, err
-    assert json.loads(out)["trainable_parameters"] == 2 * 4 * (4 * 64 + 2 * 160)
+    # rank 4 on the attention and MLP of 2 blocks, and the end token's row (emb_dim; the head is tied)
+    assert json.loads(out)["trainable_parameters"] == 2 * 4 * (4 * 64 + 2 * 160) + 64
     assert run(["merge-lora", "--checkpoint", tmp_path / "lora", "--out", tmp_path / "merged"], capsys)[0] == 0
     code, _, err = run(["export-hf", "--checkpoint", tmp_path / "merged", "--out", tmp_path / "hf"], capsys)
     assert code == 0, err
-    adapted = load_finetuned(tmp_path / "lora").model
+    adapted = load_finetuned(tmp_path / "lora")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    x[0, 7] = adapted.tokenizer.eos_id  # its trained row is read as well as predicted
     with torch.no_grad():
-        torch.testing.assert_close(hf(x).logits, adapted(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf(x).logits, adapted.model(x), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -222,6 +222,8 @@ def test_finetune_instruct_full_and_lora_then_merge(base, tmp_path):
     lora = finetune(tmp_path / "lora", base, lora_cfg, data=data, log=lambda s: None)
     assert lora["trainable_parameters"] < 0.2 * full["trainable_parameters"]
     ckpt = tmp_path / "lora" / "checkpoint"
+    adapter = json.loads((ckpt / "adapter.json").read_text())
+    assert adapter["token_rows"] == [load_checkpoint(base).tokenizer.eos_id]  # the end token learns its rows
     assert (ckpt / "adapter.safetensors").exists() and not (ckpt / "model.safetensors").exists()
     adapted = load_finetuned(tmp_path / "lora")
     merge_checkpoint(tmp_path / "lora", tmp_path / "merged")

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from build_llm import GPTConfig, GPTModel
-from build_llm.lora import (LinearWithLoRA, LoRALayer, adapter_meta, apply_adapter, apply_lora, freeze_for_lora,
-                            load_adapter, merge_lora, save_adapter)
+from build_llm.lora import (LinearWithLoRA, LoRALayer, WithTokenRows, adapter_meta, apply_adapter, apply_lora,
+                            freeze_for_lora, load_adapter, merge_lora, save_adapter, train_token_rows)
 
 TINY = GPTConfig.from_preset("book-124m", vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                              drop_rate=0.0, qkv_bias=True)
@@ -22,12 +22,13 @@ def tiny(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
 
 
 def randomize_lora_(model: torch.nn.Module, seed: int = 1) -> None:
-    """B starts at zero (no change); draw every adapter matrix so that merging has work to do."""
+    """B starts at zero (no change); draw every adapter matrix, and token rows at the scale of the rows
+    they replace, so that merging has work to do."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            if ".lora." in name or ".token_rows." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.05 if ".lora." in name else p.std()))
 
 
 def ids(shape=(2, 16), vocab=300, seed=3) -> torch.Tensor:
@@ -103,6 +104,34 @@ def test_merged_logits_equal_adapted_logits(targets, fused):
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_token_rows_replace_the_tokens_rows_of_the_embedding_and_the_head(tied):
+    cfg = TINY.replace(tie_weights=tied)
+    model = tiny(cfg)
+    x = ids()
+    x[0, 3] = x[1, 15] = 7  # the token is read as well as predicted
+    with torch.no_grad():
+        before = model(x)
+    train_token_rows(model, [7])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)  # the rows start as the base's (to float rounding)
+    randomize_lora_(model)
+    # The reference: a plain model with those rows written into its tables by hand.
+    reference = tiny(cfg)
+    with torch.no_grad():
+        reference.tok_emb.weight[7] = model.tok_emb.token_rows.rows[0]
+        reference.out_head.weight[7] = model.out_head.token_rows.rows[0]
+        torch.testing.assert_close(model(x), reference(x))
+    assert (model.tok_emb.token_rows is model.out_head.token_rows) == tied
+    freeze_for_lora(model)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == ({"tok_emb.token_rows.rows": 32} if tied else
+                         {"tok_emb.token_rows.rows": 32, "out_head.token_rows.rows": 32})
+    model(x).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert model.tok_emb.inner.weight.grad is None
+
+
 def test_tied_head_cannot_take_an_adapter():
     model = tiny(GPTConfig.from_preset("gpt2-small", vocab_size=300, context_length=16, emb_dim=32, n_heads=4,
                                        n_layers=1))
@@ -122,13 +151,17 @@ def test_bad_arguments(rank, alpha, targets, message):
 def test_adapter_file_round_trip(tmp_path):
     model = tiny()
     apply_lora(model, 4, 8, ("attn",))
+    train_token_rows(model, [7])
     freeze_for_lora(model)
     randomize_lora_(model)
     meta = adapter_meta(model, ("attn",), {"sha256": "x"})
     save_adapter(tmp_path, model, meta)
     tensors, loaded_meta = load_adapter(tmp_path)
-    assert all(".lora." in k for k in tensors) and len(tensors) == 2 * 4 * 2
+    lora_tensors = [k for k in tensors if ".lora." in k]
+    assert len(lora_tensors) == 2 * 4 * 2 and set(tensors) - set(lora_tensors) == {"tok_emb.token_rows.rows",
+                                                                                   "out_head.token_rows.rows"}
     assert loaded_meta["rank"] == 4 and loaded_meta["alpha"] == 8 and loaded_meta["targets"] == ["attn"]
+    assert loaded_meta["token_rows"] == [7]
 
     other = apply_adapter(tiny(), tensors, loaded_meta)
     x = ids()
@@ -140,17 +173,22 @@ def test_adapter_file_round_trip(tmp_path):
         load_adapter(tmp_path / "nowhere")
 
 
-def test_merged_model_exports_to_hugging_face_with_equal_logits(tmp_path):
+@pytest.mark.parametrize("tied", [False, True])
+def test_merged_model_exports_to_hugging_face_with_equal_logits(tmp_path, tied):
     transformers = pytest.importorskip("transformers")
     from build_llm.hf import save_hf
 
-    model = tiny()
-    apply_lora(model, 4, 16, ("attn", "ff", "head"))
+    model = tiny(TINY.replace(tie_weights=tied))
+    apply_lora(model, 4, 16, ("attn", "ff") if tied else ("attn", "ff", "head"))
+    train_token_rows(model, [7, 299])
     randomize_lora_(model)
     x = ids()
+    x[0, 3] = x[1, 5] = 7  # a token with new rows is read as well as predicted
     with torch.no_grad():
         adapted = model(x)
     merge_lora(model)
+    assert not any(isinstance(m, (LinearWithLoRA, WithTokenRows)) for m in model.modules())
+    assert (model.out_head.weight is model.tok_emb.weight) == tied
     save_hf(model, tmp_path / "hf")
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():

@@ -11,8 +11,8 @@ appended to every response and learned. The loss covers response tokens only: pr
 targets are IGNORE_INDEX. It is a mean over target tokens, also under gradient accumulation, where
 each micro-batch's summed loss is divided by the token count of the whole step.
 
-With LoRA (lora.py) only the adapters (and a classifier's new head) train, and the checkpoint holds
-the adapter alone, plus the identity of the base checkpoint it applies to.
+With LoRA (lora.py) only the adapters (and a classifier's new head, or the end token's rows) train,
+and the checkpoint holds the adapter alone, plus the identity of the base checkpoint it applies to.
 
 `finetune(...)` is the loop behind `build-llm finetune classify|instruct`; the batch of step s is a
 slice of a permutation drawn from (seed, epoch), and dropout is reseeded from (seed, s), so a run
@@ -714,6 +714,8 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     lora_meta = None
     if cfg.lora_rank is not None:
         lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        if cfg.task == "instruct":  # the end token the base never predicted (lora.py: token rows)
+            lora_mod.train_token_rows(model, [require_eos(tokenizer)])
         lora_mod.freeze_for_lora(model, ["out_head"] if cfg.task == "classify" else [])
         lora_meta = lora_mod.adapter_meta(model, cfg.lora_targets, base_identity)
     elif cfg.task == "instruct":

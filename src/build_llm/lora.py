@@ -8,8 +8,14 @@ Scaling convention. The book multiplies the update by `alpha`. Here the update i
 not change the size of the update at a fixed alpha; `build_llm.book.appendix_e` keeps the book's
 `alpha` under the book's names. Both are the same layer with a different `scaling`.
 
+Token rows. A base pretrained on plain text has never predicted its end token: that token's row of the
+output head was only ever pushed down, and a low-rank change of the blocks cannot make the model emit
+a token whose row points nowhere. Instruction fine-tuning with LoRA therefore also trains the end
+token's rows of the embedding and the head (`train_token_rows`; one row when they are tied), emb_dim
+numbers each, as PEFT's "trainable tokens" do for a new special token.
+
 An adapter file holds only the adapter tensors (and any other trainable weights, such as a new
-classification head) as safetensors, with its rank, alpha, scaling, targets and the identity of the
+classification head or token rows) as safetensors, with its rank, alpha, scaling, targets and the identity of the
 base weights in the safetensors metadata and a JSON file beside it.
 """
 
@@ -117,7 +123,12 @@ def freeze_for_lora(model: nn.Module, trainable: Iterable[str] = ()) -> None:
     `trainable` (for example "out_head" for a new classification head)."""
     prefixes = tuple(trainable)
     for name, p in model.named_parameters():
-        p.requires_grad = ".lora." in f".{name}" or name.startswith(prefixes)
+        p.requires_grad = is_adapter_tensor(name) or name.startswith(prefixes)
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """A LoRA matrix or a token row (what apply_adapter recreates), by its parameter name."""
+    return ".lora." in f".{name}" or ".token_rows." in f".{name}"
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
@@ -126,8 +137,9 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LinearWithLoRA by a plain Linear whose weight is W + scaling * (A @ B).T, in
-    place; the model then computes the adapted function with no adapter left. Returns the model."""
+    """Replace every LinearWithLoRA by a plain Linear whose weight is W + scaling * (A @ B).T, and
+    write token rows into the tables they stand for, in place; the model then computes the adapted
+    function with no adapter left. Returns the model."""
     for name, module in lora_layers(model):
         linear = module.linear
         merged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -138,12 +150,61 @@ def merge_lora(model: nn.Module) -> nn.Module:
         merged.weight.requires_grad = linear.weight.requires_grad
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, merged)
+    for name in ("tok_emb", "out_head"):  # after LoRA: a head's token rows replace its adapted rows
+        module = getattr(model, name)
+        if isinstance(module, WithTokenRows):
+            module.inner.weight[module.token_rows.ids] = module.token_rows.rows.to(module.inner.weight.dtype)
+            setattr(model, name, module.inner)
     return model
 
 
-def base_state_name(name: str) -> str:
-    """The name a weight of an adapted model has in the plain model ("x.linear.weight" -> "x.weight")."""
-    return name.replace(".linear.", ".")
+# --- token rows ----------------------------------------------------------------------------------
+class TokenRows(nn.Module):
+    """Trainable rows (k, emb_dim) for the token ids `ids` of a frozen table, starting as its rows."""
+
+    def __init__(self, weight: torch.Tensor, ids: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("ids", torch.tensor(list(ids), dtype=torch.long, device=weight.device), persistent=False)
+        self.rows = nn.Parameter(weight.detach()[self.ids].clone())
+
+
+class WithTokenRows(nn.Module):
+    """The token embedding or output head (`inner`, frozen) with the rows of a few tokens replaced."""
+
+    def __init__(self, inner: nn.Module, token_rows: TokenRows) -> None:
+        super().__init__()
+        self.inner, self.token_rows = inner, token_rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen table (for its device and dtype; the replaced rows live in token_rows)."""
+        return self.inner.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, rows = self.token_rows.ids, self.token_rows.rows
+        out = self.inner(x)
+        if isinstance(self.inner, nn.Embedding):  # x: token ids (B, T) -> (B, T, emb_dim)
+            hit = x.unsqueeze(-1) == ids  # (B, T, k)
+            return torch.where(hit.any(-1, keepdim=True), (hit.to(rows.dtype) @ rows).to(out.dtype), out)
+        bias = self.inner.bias[ids] if getattr(self.inner, "bias", None) is not None else 0
+        return out.index_copy(-1, ids, (x @ rows.t() + bias).to(out.dtype))  # those tokens' logits, (B, T, vocab)
+
+
+def _table(module: nn.Module) -> torch.Tensor:
+    return (module.linear if isinstance(module, LinearWithLoRA) else module).weight
+
+
+def train_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
+    """Give the tokens `ids` trainable rows in the embedding and the output head of a GPTModel (one
+    shared TokenRows when the head is tied to the embedding), in place; call after apply_lora."""
+    head_rows = TokenRows(_table(model.out_head), ids)
+    tied = _table(model.out_head) is model.tok_emb.weight
+    model.tok_emb = WithTokenRows(model.tok_emb, head_rows if tied else TokenRows(model.tok_emb.weight, ids))
+    model.out_head = WithTokenRows(model.out_head, head_rows)
+
+
+def token_row_ids(model: nn.Module) -> list[int]:
+    return model.tok_emb.token_rows.ids.tolist() if isinstance(model.tok_emb, WithTokenRows) else []
 
 
 # --- adapter files -------------------------------------------------------------------------------
@@ -166,7 +227,7 @@ def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any])
         raise UsageError("model has no LoRA layers; call apply_lora first")
     lora = layers[0][1].lora
     return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.scaling, "targets": list(targets),
-            "layers": [n for n, _ in layers], "base": base}
+            "layers": [n for n, _ in layers], "token_rows": token_row_ids(model), "base": base}
 
 
 def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> list[str]:
@@ -200,11 +261,13 @@ def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
     """Wrap `model` as the adapter's metadata says and load its tensors (strictly), in place."""
     apply_lora(model, meta["rank"], meta["alpha"], meta["targets"], scaling=meta["scaling"])
+    if meta.get("token_rows"):
+        train_token_rows(model, meta["token_rows"])
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:
         raise UsageError(f"adapter does not fit this model: unexpected tensors {unknown[:4]}")
-    missing = sorted(n for n in params if ".lora." in f".{n}" and n not in tensors)
+    missing = sorted(n for n in params if is_adapter_tensor(n) and n not in tensors)
     if missing:
         raise UsageError(f"adapter does not fit this model: missing tensors {missing[:4]}")
     with torch.no_grad():
@@ -213,5 +276,5 @@ def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
                 raise UsageError(f"adapter does not fit this model: {name} has shape {tuple(t.shape)}, "
                                  f"the model expects {tuple(params[name].shape)}")
             params[name].copy_(t)
-    freeze_for_lora(model, [n for n in tensors if ".lora." not in f".{n}"])
+    freeze_for_lora(model, [n for n in tensors if not is_adapter_tensor(n)])
     return model

@@ -169,6 +169,8 @@ def test_adapter_file_round_trip(tmp_path):
         torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not fit"):
         apply_adapter(tiny(TINY.replace(emb_dim=64)), tensors, loaded_meta)
+    with pytest.raises(ValueError, match=r"token_rows=\[300\]; expected a list of token ids in \[0, 300\)"):
+        apply_adapter(tiny(), tensors, {**loaded_meta, "token_rows": [300]})
     with pytest.raises(ValueError, match="missing or unreadable"):
         load_adapter(tmp_path / "nowhere")
 

@@ -15,8 +15,8 @@ token's rows of the embedding and the head (`train_token_rows`; one row when the
 numbers each, as PEFT's "trainable tokens" do for a new special token.
 
 An adapter file holds only the adapter tensors (and any other trainable weights, such as a new
-classification head or token rows) as safetensors, with its rank, alpha, scaling, targets and the identity of the
-base weights in the safetensors metadata and a JSON file beside it.
+classification head or token rows) as safetensors, with its rank, alpha, scaling, targets, token
+rows and the identity of the base weights in the safetensors metadata and a JSON file beside it.
 """
 
 from __future__ import annotations
@@ -261,8 +261,13 @@ def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
 def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
     """Wrap `model` as the adapter's metadata says and load its tensors (strictly), in place."""
     apply_lora(model, meta["rank"], meta["alpha"], meta["targets"], scaling=meta["scaling"])
-    if meta.get("token_rows"):
-        train_token_rows(model, meta["token_rows"])
+    rows = meta.get("token_rows") or []
+    vocab_size = model.cfg.vocab_size
+    if not isinstance(rows, list) or not all(type(i) is int and 0 <= i < vocab_size for i in rows):
+        raise UsageError(f"adapter does not fit this model: token_rows={rows!r}; "
+                         f"expected a list of token ids in [0, {vocab_size})")
+    if rows:
+        train_token_rows(model, rows)
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
     if unknown:

@@ -45,7 +45,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "shakesp
 TINY_FINETUNE = {"FT_VOCAB": "300", "FT_CONTEXT": "512", "FT_EMB": "32", "FT_LAYERS": "1", "FT_HEADS": "2",
                  "FT_PRETRAIN_STEPS": "4", "FT_PRETRAIN_BATCH": "4", "FT_PASSAGES_PER_PLAY": "3",
                  "FT_CLS_EPOCHS": "1", "FT_QA_PER_PLAY": "3", "FT_QA_TEST": "6", "FT_QA_STEPS": "2",
-                 "OMP_NUM_THREADS": "1"}
+                 "FT_LORA_STEPS": "2", "OMP_NUM_THREADS": "1"}
 
 
 def _finetune_example(env: dict[str, str], tmp_path: Path) -> str:

@@ -10,7 +10,8 @@ import torch
 
 from build_llm import GPTConfig, GPTModel
 from build_llm.lora import (LinearWithLoRA, LoRALayer, WithTokenRows, adapter_meta, apply_adapter, apply_lora,
-                            freeze_for_lora, load_adapter, merge_lora, save_adapter, train_token_rows)
+                            freeze_for_lora, is_adapter_tensor, load_adapter, merge_lora, save_adapter,
+                            train_token_rows)
 
 TINY = GPTConfig.from_preset("book-124m", vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                              drop_rate=0.0, qkv_bias=True)
@@ -27,7 +28,7 @@ def randomize_lora_(model: torch.nn.Module, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ".lora." in name or ".token_rows." in name:
+            if is_adapter_tensor(name):
                 p.copy_(torch.randn(p.shape, generator=g) * (0.05 if ".lora." in name else p.std()))
 
 

@@ -197,8 +197,8 @@ def _table(module: nn.Module) -> torch.Tensor:
 def train_token_rows(model: nn.Module, ids: Sequence[int]) -> None:
     """Give the tokens `ids` trainable rows in the embedding and the output head of a GPTModel (one
     shared TokenRows when the head is tied to the embedding), in place; call after apply_lora."""
-    head_rows = TokenRows(_table(model.out_head), ids)
-    tied = _table(model.out_head) is model.tok_emb.weight
+    head = _table(model.out_head)
+    head_rows, tied = TokenRows(head, ids), head is model.tok_emb.weight
     model.tok_emb = WithTokenRows(model.tok_emb, head_rows if tied else TokenRows(model.tok_emb.weight, ids))
     model.out_head = WithTokenRows(model.out_head, head_rows)
 

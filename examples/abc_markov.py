@@ -22,11 +22,13 @@ import numpy as np
 import torch
 
 from build_llm import CharTokenizer, GPTConfig, GPTModel, generate, set_seed, text_to_token_ids, token_ids_to_text
-from build_llm.data import prepare_corpus
-from build_llm.markov import ABC, abc_text, entropy_rate, next_char_distribution, optimal_loss, optimal_loss_on_text
-from build_llm.probe import (count_parameters, format_mask, format_parameter_table, inspect_model, return_intermediates,
-                             surprisal_html, surprisal_report)
-from build_llm.train import ABC_TRAIN, train
+
+from build_llm.data.corpus import prepare_corpus
+from build_llm.data.markov import ABC, abc_text, entropy_rate, next_char_distribution, optimal_loss, optimal_loss_on_text
+from build_llm.inspect.probe import (format_mask, inspect_model, return_intermediates, surprisal_html, surprisal_report)
+from build_llm.sizing import count_parameters, format_parameter_table
+from build_llm.train.loop import train
+from build_llm.train.config import ABC_TRAIN
 
 STEPS = int(os.environ.get("ABC_STEPS", 800))
 WORDS = int(os.environ.get("ABC_WORDS", 150_000))
@@ -85,7 +87,7 @@ print(f"untrained loss {loss.item():.3f} nats; ln(5) = {math.log(5):.3f}")
 
 # %% [markdown]
 # ## Training with the package: 80/20 split, random windows, AdamW at lr 0.003
-# `build_llm.train.train` is the loop behind `build-llm train`. It logs to stderr, writes
+# `build_llm.train.loop.train` is the loop behind `build-llm train`. It logs to stderr, writes
 # metrics.jsonl, loss.png and checkpoint/ in OUT, and knows the exact optimum.
 
 # %%

@@ -14,7 +14,7 @@ import tiktoken
 import torch
 
 from build_llm import GPTConfig, GPTModel, count_parameters, generate_text_simple, model_size_mb, set_seed
-from build_llm.probe import format_parameter_table
+from build_llm.sizing import format_parameter_table
 
 
 def check(name: str, got, expected) -> None:

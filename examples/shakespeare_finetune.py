@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from build_llm.fsio import remove_dir
+from build_llm.store.fsio import remove_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = Path(os.environ.get("FT_TEXT", ROOT.parent / "shared" / "data" / "shakespeare.txt"))
@@ -247,7 +247,7 @@ def qa_records(play: dict, limit: int) -> list[dict]:
 
 @functools.lru_cache(maxsize=1)
 def base_tokenizer(base: Path):
-    from build_llm.tokenizer import load_tokenizer
+    from build_llm.data.tokenizer import load_tokenizer
 
     return load_tokenizer(base / "checkpoint" / "tokenizer.json")
 
@@ -257,7 +257,7 @@ ANSWER_TOKENS = 16  # generated per question; every answer (and its end token) i
 
 def fits(base: Path, record: dict) -> bool:
     """The prompt, the answer and its end token fit the context (a record cut by it would lose its answer)."""
-    from build_llm.finetune import encode_conversation, entry_to_messages
+    from build_llm.train.finetune import encode_conversation, entry_to_messages
 
     tok = base_tokenizer(base)
     ids, _ = encode_conversation(entry_to_messages(record)[:1], tok, tok.eos_id, add_generation_prompt=True)
@@ -267,8 +267,8 @@ def fits(base: Path, record: dict) -> bool:
 
 def exact_match(checkpoint: Path, records: list[dict]) -> dict[str, float]:
     """The share of exact answers, over all the records and by question."""
-    from build_llm.chat import load_chat_model
-    from build_llm.finetune import entry_to_messages, respond
+    from build_llm.infer.chat import load_chat_model
+    from build_llm.train.finetune import entry_to_messages, respond
 
     model, tok, _ = load_chat_model(str(checkpoint))
     hits = [respond(model, tok, entry_to_messages(r)[:1], ANSWER_TOKENS).strip() == r["output"] for r in records]

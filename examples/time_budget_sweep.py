@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from build_llm.budget import fit_loss, shape_for
-from build_llm.data import prepare_corpus
-from build_llm.train import TrainConfig, train
+from build_llm.train.budget import fit_loss, shape_for
+from build_llm.data.corpus import prepare_corpus
+from build_llm.train.loop import train
+from build_llm.train.config import TrainConfig
 
 SHAPES = [(2, 64), (3, 96), (4, 128), (4, 192), (6, 256)]          # (n_layers, emb_dim)
 TOKENS = [100_000, 300_000, 900_000, 2_700_000]
@@ -44,7 +45,7 @@ def grid() -> list[tuple[tuple[int, int], int]]:
 
 
 def run_one(data: str, shape: tuple[int, int], tokens: int, seed: int = 0) -> dict:
-    from build_llm.bench import matmul_params, train_flops_per_token
+    from build_llm.bench.run import matmul_params, train_flops_per_token
 
     n_layers, emb_dim = shape
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from build_llm import CharTokenizer, GPTConfig, GPTModel, save_checkpoint, set_seed
-from build_llm.markov import ABC, abc_text
+from build_llm.data.markov import ABC, abc_text
 
 ABC_VOCAB = ["<PAD>", *ABC.alphabet]
 

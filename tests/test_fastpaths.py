@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from build_llm import GPTConfig, GPTModel, generate, generate_text_simple, load_model, save_checkpoint
 
+
 # A GPT-2-shaped model large enough for every kernel to take its real path, small enough to be quick.
 CFG = GPTConfig.from_preset("gpt2-small", n_layers=3, emb_dim=96, n_heads=4, vocab_size=211, context_length=48,
                             drop_rate=0.0)

@@ -179,7 +179,7 @@ def test_adapter_file_round_trip(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_merged_model_exports_to_hugging_face_with_equal_logits(tmp_path, tied):
     transformers = pytest.importorskip("transformers")
-    from build_llm.hf import save_hf
+    from build_llm.interop.hf import save_hf
 
     model = tiny(TINY.replace(tie_weights=tied))
     apply_lora(model, 4, 16, ("attn", "ff") if tied else ("attn", "ff", "head"))

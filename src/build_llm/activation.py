@@ -4,8 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GELU_KINDS
-from .errors import UsageError
+from build_llm.config import GELU_KINDS
+from build_llm.errors import UsageError
 
 
 class GELU(nn.Module):

@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ATTN_IMPLS
-from .errors import UsageError
-from .layer import RMSNorm
+from build_llm.config import ATTN_IMPLS
+from build_llm.errors import UsageError
+from build_llm.layer import RMSNorm
 
 
 def rotary(x: torch.Tensor, start: int | torch.Tensor, base: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from .errors import UsageError, UsageTypeError
+from build_llm.errors import UsageError, UsageTypeError
 
 GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")

@@ -8,11 +8,11 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .attention import KVCache
-from .config import GPTConfig
-from .errors import UsageError
-from .layer import make_norm
-from .transformer import TransformerBlock
+from build_llm.attention import KVCache
+from build_llm.config import GPTConfig
+from build_llm.errors import UsageError
+from build_llm.layer import make_norm
+from build_llm.transformer import TransformerBlock
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

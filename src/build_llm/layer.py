@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import UsageError
+from build_llm.errors import UsageError
 
 
 class LayerNorm(nn.Module):

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from .errors import UsageError
+from build_llm.errors import UsageError
 
 ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"
 

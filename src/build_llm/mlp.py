@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .activation import GELU, ReLUSquared
-from .config import GPTConfig
+from build_llm.activation import GELU, ReLUSquared
+from build_llm.config import GPTConfig
 
 
 class FeedForward(nn.Module):

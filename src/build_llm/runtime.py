@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from .errors import UsageError
+from build_llm.errors import UsageError
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -59,16 +59,6 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def model_memory(cfg, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a GPTModel of `cfg` holds: its parameters plus each block's causal-mask buffer."""
-    from .gpt import GPTModel
-
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    params = sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
-    return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
 def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:

@@ -5,10 +5,10 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .attention import LayerKV, MultiHeadAttention
-from .config import GPTConfig
-from .layer import make_norm
-from .mlp import FeedForward
+from build_llm.attention import LayerKV, MultiHeadAttention
+from build_llm.config import GPTConfig
+from build_llm.layer import make_norm
+from build_llm.mlp import FeedForward
 
 
 class TransformerBlock(nn.Module):

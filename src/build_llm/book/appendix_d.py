@@ -17,8 +17,8 @@ import math
 import torch
 import torch.nn as nn
 
-from ..errors import UsageError
-from ..train import train_model_simple
+from build_llm.errors import UsageError
+from build_llm.train.loop import train_model_simple
 
 __all__ = ["book_lr", "train_model", "find_highest_gradient"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from .. import lora as _lora
+from build_llm import lora as _lora
 
 __all__ = ["LoRALayer", "LinearWithLoRA", "replace_linear_with_lora"]
 

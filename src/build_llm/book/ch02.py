@@ -1,5 +1,5 @@
 """Chapter 2, working with text data: the book's word-level tokenizers and its sliding-window
-dataset and loader (the latter are the package's own, in `build_llm.data`).
+dataset and loader (the latter are the package's own, in `build_llm.data.corpus`).
 
 The book builds its vocabulary from "the-verdict.txt"; `build_vocab` does the same from any text,
 so the tokenizers can be tried on text you have:
@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
-from ..data import GPTDatasetV1, create_dataloader_v1
-from ..errors import UsageError
+from build_llm.data.corpus import GPTDatasetV1, create_dataloader_v1
+from build_llm.errors import UsageError
 
 __all__ = ["split_text", "build_vocab", "SimpleTokenizerV1", "SimpleTokenizerV2", "GPTDatasetV1",
            "create_dataloader_v1"]

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..activation import GELU
-from ..attention import MultiHeadAttention
-from ..errors import UsageError
-from ..generate import generate_text_simple
-from ..gpt import GPTModel
-from ..layer import LayerNorm
-from ..mlp import FeedForward
-from ..transformer import TransformerBlock
+from build_llm.activation import GELU
+from build_llm.attention import MultiHeadAttention
+from build_llm.errors import UsageError
+from build_llm.infer.generate import generate_text_simple
+from build_llm.gpt import GPTModel
+from build_llm.layer import LayerNorm
+from build_llm.mlp import FeedForward
+from build_llm.transformer import TransformerBlock
 
 __all__ = ["GPT_CONFIG_124M", "GPTModel", "TransformerBlock", "MultiHeadAttention", "LayerNorm", "GELU",
            "FeedForward", "generate_text_simple", "ExampleDeepNeuralNetwork", "print_gradients"]

@@ -9,11 +9,11 @@ package on purpose and live here in the book's form:
   takes its arguments positionally and stops *before* appending `eos_id`, as the book's loop does;
   `build_llm.generate` is keyword-only and keeps the end token of each row of a batch.
 - `plot_losses(epochs_seen, tokens_seen, train_losses, val_losses)` draws the book's figure (loss
-  against epochs, tokens seen on a second axis); `build_llm.plots.plot_losses` draws the package's.
+  against epochs, tokens seen on a second axis); `build_llm.inspect.plots.plot_losses` draws the package's.
 
 `load_weights_into_gpt(gpt, params)` takes the `params` dictionary the book's `download_and_load_gpt2`
 builds from OpenAI's TensorFlow checkpoint (NumPy arrays in OpenAI's layout). Without TensorFlow or a
-network, a local Hugging Face GPT-2 directory gives the same model through `build_llm.hf.from_hf`.
+network, a local Hugging Face GPT-2 directory gives the same model through `build_llm.interop.hf.from_hf`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..config import GPTConfig
-from ..errors import UsageError
-from ..generate import stream, text_to_token_ids, token_ids_to_text
-from ..train import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
+from build_llm.config import GPTConfig
+from build_llm.errors import UsageError
+from build_llm.infer.generate import stream, text_to_token_ids, token_ids_to_text
+from build_llm.train.loop import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
                      train_model_simple)
 
 __all__ = ["generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader",

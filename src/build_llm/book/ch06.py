@@ -1,6 +1,6 @@
 """Chapter 6 of the book: fine-tuning for classification, under the book's names.
 
-The book's semantics are kept where they differ from `build_llm.finetune`: its dataset pads every
+The book's semantics are kept where they differ from `build_llm.train.finetune`: its dataset pads every
 text to one length with `pad_token_id` and its functions read the logits of the LAST POSITION
 (padding included), where `finetune` reads each text's last real token. The pieces are
 `finetune`'s (the head replacement of `prepare_classifier`, the CSV reader, the logits gather).
@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ..errors import UsageError
+from build_llm.errors import UsageError
 
-from ..finetune import last_token_logits, prepare_classifier, read_labeled_csv
+from build_llm.train.finetune import last_token_logits, prepare_classifier, read_labeled_csv
 
 __all__ = ["SpamDataset", "calc_accuracy_loader", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
            "train_classifier_simple", "classify_review", "prepare_classifier", "create_balanced_dataset",

@@ -11,8 +11,8 @@ import signal
 import sys
 from typing import Any
 
-from .app import ApiError, Settings, create_app
-from .engine import Engine, QueueFull, Sequence, Token
+from build_llm.serve.app import ApiError, Settings, create_app
+from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
 
 __all__ = ["ApiError", "Engine", "QueueFull", "Sequence", "Settings", "Token", "create_app", "run_server"]
 

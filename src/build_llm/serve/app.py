@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, QueueFull, Sequence, Token
+from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
 
 STATIC = Path(__file__).parent / "static"
 

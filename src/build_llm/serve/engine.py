@@ -27,10 +27,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..attention import KVCache
-from ..errors import UsageError
-from ..generate import filter_logits
-from ..runtime import one_thread
+from build_llm.attention import KVCache
+from build_llm.errors import UsageError
+from build_llm.infer.generate import filter_logits
+from build_llm.runtime import one_thread
 
 
 class QueueFull(Exception):

@@ -1,0 +1,2 @@
+"""Text -> tokens: tokenizers, corpora (files -> tokens -> splits -> windows), the ABC Markov source,
+instruction and classification records."""

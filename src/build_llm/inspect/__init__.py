@@ -1,0 +1,1 @@
+"""Looking inside a model: next-token tables, intermediates, surprisal, plots, the model doctor."""

@@ -1,0 +1,1 @@
+"""Other formats: Hugging Face model directories in and out."""

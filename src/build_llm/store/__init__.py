@@ -1,0 +1,1 @@
+"""Files on disk: atomic, owned, locked writes (fsio) and checkpoints (save, load, resume)."""

@@ -1,0 +1,1 @@
+"""Training: settings, the one loop, pretraining, fine-tuning, time budgets, torchrun."""

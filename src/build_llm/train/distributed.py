@@ -1,0 +1,103 @@
+"""torchrun: joining the process group, rank helpers, and wrapping a model for DDP or FSDP.
+
+A plain `python` run is one process with `Dist()` (rank 0 of 1): every helper here is then a no-op,
+so the trainer calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from build_llm.errors import UsageError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+    from build_llm.runtime import get_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), get_device(device_name)
+    import torch.distributed as dist
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={device_name!r} is not available here: no CUDA device; use cpu")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local_rank), device
+
+
+def close_distributed(d: Dist) -> None:
+    if d.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def wrap_model(core: nn.Module, d: Dist, device: torch.device, *, fsdp: bool = False,
+               compile: bool = False) -> nn.Module:
+    """The module the loop calls: `core` itself, DDP around it, or (with `fsdp`) `core` sharded in
+    place, block by block (FSDP2's fully_shard); then torch.compile if asked. The optimizer and
+    checkpoints keep using `core`."""
+    model: nn.Module = core
+    if fsdp:
+        if not d.active:
+            raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in core.trf_blocks:
+            fully_shard(block)
+        fully_shard(core)
+    elif d.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def full_state_options(fsdp: bool):
+    """torch.distributed.checkpoint options for whole (unsharded) state dicts, gathered to the CPU
+    under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=fsdp)

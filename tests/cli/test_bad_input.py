@@ -1,0 +1,307 @@
+"""The red-team pass's bad inputs (issue 12): each is one clear line on stderr, exit code 2, no
+traceback, nothing on disk changed; and a bug (an exception the package does not raise for users)
+still shows its traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_llm import CharTokenizer, GPTConfig, GPTModel, save_checkpoint
+from build_llm.store.checkpoint import load_trainer_state
+from build_llm.cli import main
+from build_llm.errors import UsageError
+from build_llm.data.markov import ABC
+
+TINY = GPTConfig(vocab_size=5, context_length=8, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0)
+ABC_TOKENIZER = CharTokenizer(["<PAD>", *ABC.alphabet])
+
+
+def one_line_error(capsys, *argv, contains: str = "") -> str:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2, captured.err
+    assert len(lines) == 1 and lines[0].startswith("build-llm"), captured.err
+    assert "Traceback" not in captured.err
+    assert contains in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path / "c", GPTModel(TINY).eval(), ABC_TOKENIZER)
+
+
+# --- config values -------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value", [("ln_eps", math.nan), ("init_std", math.nan), ("ln_eps", math.inf),
+                                        ("init_std", True), ("tie_weights", "false")])
+def test_gpt_config_refuses_nan_infinity_and_strings_for_bools(key, value):
+    with pytest.raises(ValueError, match=key):
+        TINY.replace(**{key: value})
+
+
+def test_a_hugging_face_config_with_a_string_bool_is_refused(tmp_path, capsys):
+    from build_llm.interop.hf import config_from_hf
+
+    hf = {"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 8, "vocab_size": 5,
+          "tie_word_embeddings": "false"}
+    with pytest.raises(ValueError, match="tie_weights='false'"):  # "false" was read as true
+        config_from_hf(hf)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+def test_sampling_flags_nan_are_refused(ckpt, capsys):
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "nan",
+                   contains="temperature=nan")
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "inf",
+                   contains="temperature=inf")
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "1", "--top-p", "nan",
+                   contains="top_p=nan")
+
+
+def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(ckpt, capsys):
+    # T -> 0 and top_p -> 0 both leave only the argmax: the tokens must equal greedy decoding's
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "AB", "--max-new-tokens", "12"]
+    assert main(argv) == 0
+    greedy = capsys.readouterr().out
+    for extra in (["--temperature", "1e-45"], ["--temperature", "1", "--top-p", "1e-300"]):
+        assert main(argv + extra) == 0, capsys.readouterr().err
+        assert capsys.readouterr().out == greedy
+
+
+def test_nan_weights_are_one_error_line_for_generate_and_inspect(tmp_path, capsys):
+    model = GPTModel(TINY).eval()
+    with torch.no_grad():
+        model.out_head.weight.fill_(math.nan)
+    ckpt = save_checkpoint(tmp_path / "nan", model, ABC_TOKENIZER)
+    for extra in ([], ["--temperature", "1"]):
+        one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", *extra, contains="NaN")
+    one_line_error(capsys, "inspect", "--checkpoint", ckpt, "--prompt", "AB", "--out", tmp_path / "i",
+                   contains="not finite")
+    assert not (tmp_path / "i").exists()
+
+
+# --- tampered files -----------------------------------------------------------------------------
+def test_deeply_nested_json_is_one_error_line(ckpt, capsys):
+    (ckpt / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", contains="nests too deeply")
+
+
+def test_a_config_far_larger_than_memory_is_refused_before_allocating(ckpt, capsys):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "vocab_size": 10**12}))
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", contains="GiB of memory")
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(ckpt, capsys):
+    CharTokenizer(["<PAD>", *"ABCDEFGH"]).save(ckpt / "tokenizer.json")
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", contains="has 9 ids")
+
+
+def test_a_tokenizer_file_that_makes_the_rust_code_panic_is_refused(ckpt, capsys):
+    bad = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": [["a", "b"]]}}
+    (ckpt / "tokenizer.json").write_text(json.dumps(bad))
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "ab", contains="malformed")
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda s: {**s, "optimizer": None},
+    lambda s: {**s, "step": "3"},
+    lambda s: {k: v for k, v in s.items() if k != "rng"},
+    lambda s: {**s, "rng": {"numpy": [1, 2], "python": []}},
+    lambda s: [s],
+])
+def test_a_malformed_trainer_state_is_a_usage_error(tmp_path, tamper):
+    from build_llm.store.checkpoint import trainer_files
+
+    model = GPTModel(TINY)
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"step": 1, "elapsed_s": 0.5, "train_config": {}, "data": {"data_sha256": "a", "tokenizer_sha256": "b"}}
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    ckpt = save_checkpoint(tmp_path / "c", model, ABC_TOKENIZER,
+                           trainer_files(get_optimizer_state_dict(model, optimizer), state))
+    assert load_trainer_state(ckpt).state["step"] == 1
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    (ckpt / "trainer_state.json").write_text(json.dumps(tamper(saved)))
+    with pytest.raises(UsageError, match="malformed"):
+        load_trainer_state(ckpt)
+
+
+# --- flags and paths ----------------------------------------------------------------------------
+def test_device_xpu_is_refused(ckpt, capsys):
+    one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--device", "xpu",
+                   contains="device='xpu' is not supported")
+
+
+def test_tokenizer_train_with_an_absurd_vocabulary_is_refused(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 20)
+    one_line_error(capsys, "tokenizer", "train", "--data", tmp_path / "t.txt", "--vocab-size", str(2**40),
+                   "--out", tmp_path / "tok.json", contains="1,048,576")
+    assert not (tmp_path / "tok.json").exists()
+
+
+def test_bench_checks_its_text_before_the_bench(tmp_path, capsys):
+    binary = tmp_path / "ls"
+    binary.write_bytes(b"\x7fELF\x00\x01" * 100)
+    one_line_error(capsys, "bench", "--quick", "--text", binary, contains="looks binary")
+
+
+def test_data_that_is_a_device_or_binary_late_in_the_file(tmp_path, capsys):
+    one_line_error(capsys, "tokenizer", "stats", "--data", "/dev/zero", contains="not a regular file or a folder")
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"text\n" * 4000 + b"\x00binary")
+    one_line_error(capsys, "tokenizer", "stats", "--data", late, contains="looks binary")
+
+
+def test_an_output_under_a_file_says_so(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, "surprisal", "--preset", "r-abc", "--max-tokens", "20", "--out",
+                   tmp_path / "file" / "x.html", contains="is a file, not a folder")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_a_disk_full_save_keeps_the_old_checkpoint_and_says_so(tmp_path):
+    # A real write failure: the child may not write files over 64 KiB (RLIMIT_FSIZE, EFBIG), as a full disk would.
+    model = GPTModel(TINY)
+    save_checkpoint(tmp_path / "c", model, ABC_TOKENIZER)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()}
+    code = ("import resource, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "from build_llm import GPTConfig, GPTModel, save_checkpoint\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))\n"
+            "from build_llm.cli import main\n"
+            "save_checkpoint(sys.argv[1], GPTModel(GPTConfig(vocab_size=5, context_length=8, emb_dim=128, "
+            "n_heads=2, n_layers=2)))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "the previous one there is kept unchanged" in proc.stderr.strip().splitlines()[-1]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "c").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+@pytest.fixture
+def gpt2_ckpt(tmp_path) -> Path:
+    from build_llm import get_tokenizer
+
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("gpt2-small", n_layers=1, emb_dim=16, n_heads=2, context_length=32))
+    return save_checkpoint(tmp_path / "g", model, get_tokenizer("gpt2"))
+
+
+def test_inspect_draws_dollar_signs_as_text(gpt2_ckpt, tmp_path, capsys):
+    for prompt in ("$x^2$", "a $^$"):  # mathtext: rendered as x², and a failure half-way before
+        out = tmp_path / f"i{len(prompt)}"
+        assert main(["inspect", "--checkpoint", str(gpt2_ckpt), "--prompt", prompt, "--out", str(out)]) == 0
+        assert "".join(json.loads((out / "inspect.json").read_text())["tokens"]) == prompt
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    capsys.readouterr()
+
+
+def test_inspect_failing_half_way_leaves_no_partial_out(gpt2_ckpt, tmp_path, monkeypatch, capsys):
+    import build_llm.inspect.plots as probe
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(probe, "plot_layer_stats", fail)  # the fourth of five files
+    one_line_error(capsys, "inspect", "--checkpoint", gpt2_ckpt, "--prompt", "hello", "--out", tmp_path / "i",
+                   contains="No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+
+
+def test_surprisal_html_makes_bidi_controls_visible(gpt2_ckpt, tmp_path, capsys):
+    out = tmp_path / "s.html"
+    assert main(["surprisal", "--checkpoint", str(gpt2_ckpt), "--text", "abc \u202eevil\u202c def",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    page = out.read_text()
+    assert "\u202e" not in page and "⟨U+202E⟩" in page
+
+
+# --- a bug is not a usage error -------------------------------------------------------------------
+def test_a_bug_shows_its_traceback(monkeypatch, capsys):
+    import build_llm.cli as cli
+
+    def broken(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")  # a programming error
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["info"].set_defaults(run=broken)
+    with pytest.raises(TypeError):
+        main(["info"])
+
+
+def test_an_os_error_names_its_reason_and_path(tmp_path, capsys):
+    if os.geteuid() == 0:  # root reads anything: make the failure another way
+        target = tmp_path / "dir.txt"
+        target.mkdir()
+        line = one_line_error(capsys, "tokenizer", "stats", "--data", target / "missing" / "x")
+        assert "does not exist" in line
+        return
+    secret = tmp_path / "secret.txt"
+    secret.write_text("x")
+    secret.chmod(0)
+    one_line_error(capsys, "tokenizer", "stats", "--data", secret, contains="permission denied")
+
+
+def test_serve_engine_and_int8_quantisation_refuse_bad_arguments_as_usage_errors():
+    """Library calls a user can get wrong raise the typed usage error (the CLI prints it as one line)."""
+    import torch
+
+    from build_llm import GPTConfig, GPTModel
+    from build_llm.errors import UsageError
+    from build_llm.infer.quant import quantize_int8
+    from build_llm.serve.engine import Engine
+
+    with pytest.raises(UsageError, match="2-D"):
+        quantize_int8(torch.ones(4))
+    model = GPTModel(GPTConfig(vocab_size=8, context_length=4, emb_dim=8, n_heads=2, n_layers=1)).eval()
+    with pytest.raises(UsageError, match="max_batch=0"):
+        Engine(model, max_batch=0)
+
+
+def _without_permission_override() -> None:
+    """In a root child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability
+    bounding set, so the program it runs is root but obeys file permissions as any user does."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def test_permission_denied_is_reported_as_such_naming_the_path(tmp_path):
+    """EACCES is "permission denied" with the path, not "no such file". Root reads every file, so as
+    root the command runs in a child without the capabilities that override file permissions."""
+    import os
+    import subprocess
+    import sys
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("some text to read " * 50, encoding="utf-8")
+    secret.chmod(0)
+    try:
+        drop = _without_permission_override if os.geteuid() == 0 else None
+        code = "import sys; from build_llm.cli import main; sys.exit(main(sys.argv[1:]))"
+        try:
+            proc = subprocess.run([sys.executable, "-c", code, "tokenizer", "stats", "--data", str(secret)],
+                                  capture_output=True, text=True, cwd=tmp_path, preexec_fn=drop, timeout=300)
+        except subprocess.SubprocessError as e:  # the capability could not be dropped (e.g. a container without it)
+            pytest.skip(f"cannot run a child that obeys file permissions here: {e}")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "permission denied" in lines[0].lower() and str(secret) in lines[0], lines
+    finally:
+        secret.chmod(0o600)

@@ -1,0 +1,66 @@
+"""The AVX-512 matrix-vector kernels against exact float64 arithmetic on the same numbers."""
+
+import pytest
+import torch
+
+from build_llm.infer import kernels
+from build_llm.infer.quant import DecodeLinear, quantize_int8
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason="the C kernels need Linux x86-64 with AVX-512 and a C compiler")
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS + 5])  # beyond MAX_ROWS: taken in two calls
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 20), (9, 33), (64, 768), (50, 3072)])  # tails of 4 rows, 16 columns
+def test_matvec_is_the_float64_product_of_the_stored_weights(rows, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    bias = torch.randn(n, generator=g)
+    wb = w.to(torch.bfloat16)
+    q, scale = quantize_int8(w)
+    exact_bf16 = x.double() @ wb.double().T + bias.double()
+    # int8 takes x rounded to int16 per row (max |x| -> 32767), then sums the products exactly
+    x_scale = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as in the kernel
+    x16 = torch.round(x * (1 / x_scale))
+    assert x16.abs().max() <= 32767
+    exact_int8 = (x16.double() * x_scale.double()) @ (q.double() * scale.double()[:, None]).T
+    tol = 1e-5 * (x.abs().double() @ w.abs().double().T).max().item()  # float32 accumulation over k terms
+    torch.testing.assert_close(kernels.matvec(x, kernels.pack(wb), n, None, bias).double(), exact_bf16, atol=tol, rtol=0)
+    torch.testing.assert_close(kernels.matvec(x, kernels.pack(q), n, scale).double(), exact_int8, atol=tol, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_decode_linear_gives_the_same_with_and_without_the_kernels(dtype, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40)
+    layer = DecodeLinear.from_linear(linear, dtype)
+    x = torch.randn(2, 3, 96)  # 6 rows: the kernel's path
+    fast = layer(x)
+    assert layer.packed
+    monkeypatch.setattr(kernels, "_lib", False)  # PyTorch's kernels (bfloat16 activations)
+    plain = DecodeLinear.from_linear(linear, dtype)
+    assert not plain.packed and torch.equal(plain.dequantized(), layer.dequantized())
+    slow = plain(x)
+    exact = x.double() @ plain.dequantized().double().T + plain.bias.double()
+    assert fast.shape == slow.shape == (2, 3, 40)
+    # float32 activations (int8: rounded to 15 bits), against bfloat16 activations (~3 significant digits)
+    assert (fast.double() - exact).abs().max() < 1e-4
+    assert (slow.double() - exact).abs().max() < 0.05
+
+
+def test_pack_lays_out_tiles_of_4_rows_by_32_columns_and_unpack_inverts_it():
+    w = torch.arange(5 * 40).view(5, 40).to(torch.int8)
+    packed = kernels.pack(w)
+    assert packed.shape == (2, 2, 4, 32)  # rows padded to 8, columns to 64
+    assert torch.equal(packed[0, 1, 2, :8], w[2, 32:40]) and (packed[0, 1, 2, 8:] == 0).all()
+    assert torch.equal(packed[1, 0, 0], w[4, :32]) and (packed[1, :, 1:] == 0).all()
+    assert torch.equal(kernels.unpack(packed, 5, 40), w)
+
+
+def test_unavailable_kernels_say_so(monkeypatch):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("BUILD_LLM_KERNELS", "0")
+    assert kernels.available() is False

@@ -1,0 +1,182 @@
+"""int8 and bf16 decoding weights: the quantisation arithmetic, the layer and whole models."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from build_llm import GPTConfig, GPTModel
+
+from build_llm.infer import kernels
+from build_llm.infer.generate import generate
+from build_llm.infer.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int8, weight_bytes
+
+
+def tiny(**kw) -> GPTModel:
+    torch.manual_seed(0)
+    cfg = GPTConfig.from_preset("gpt2-small", **{"vocab_size": 300, "context_length": 32, "emb_dim": 64,
+                                                 "n_heads": 4, "n_layers": 2, **kw})
+    return GPTModel(cfg).eval()
+
+
+def test_per_channel_int8_rounds_each_row_to_its_own_grid():
+    torch.manual_seed(0)
+    w = torch.randn(5, 40) * torch.tensor([[1e-3], [1.0], [30.0], [0.0], [2.0]])
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and q.shape == w.shape and scale.shape == (5,)
+    rows = w.abs().amax(1)
+    torch.testing.assert_close(scale[rows > 0], rows[rows > 0] / 127, rtol=2**-8, atol=0)  # bf16-rounded
+    assert torch.equal(scale, scale.bfloat16().float())
+    assert (q.abs().amax(1)[rows > 0] >= 126).all()  # each row's largest weight uses the full range
+    assert (q[3] == 0).all()  # an all-zero row stays zero
+    err = (q.float() * scale[:, None] - w).abs()
+    assert (err <= scale[:, None] * 0.51).all()  # round to nearest: at most half a step
+    exact = torch.tensor([[-127.0, 0.0, 5.0, 127.0]]) * 0.25  # already on the grid: no error at all
+    q2, s2 = quantize_int8(exact)
+    assert torch.equal(q2.float() * s2[:, None], exact)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.ones(3))
+
+
+def test_int8_linear_is_the_dequantised_linear():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = DecodeLinear.from_linear(linear, "int8")
+    x = torch.randn(3, 5, 64)
+    q, scale = quantize_int8(linear.weight)
+    reference = x @ (q.float() * scale[:, None]).T + linear.bias  # exact float maths on the int8 weights
+    out = layer(x)
+    assert out.shape == (3, 5, 48) and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference, atol=0.03, rtol=0.02)  # bf16 activations (without the kernels): ~3 digits
+    torch.testing.assert_close(layer.dequantized(), q.float() * scale[:, None])
+
+
+def test_int8_model_replaces_every_linear_and_unties_the_head():
+    model = tiny()
+    assert model.out_head.weight is model.tok_emb.weight
+    fp32_bytes = weight_bytes(model)
+    q = prepare_for_decoding(copy.deepcopy(model), "int8")
+    assert not any(isinstance(m, nn.Linear) for m in q.modules())
+    assert isinstance(q.out_head, DecodeLinear) and q.tok_emb.weight.dtype == torch.float32
+    # Linear weights go from 4 bytes to 1 plus a float32 scale per row; the head is now its own int8
+    # copy beside the float32 token table; biases and norms are unchanged.
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    weights, rows = sum(m.weight.numel() for m in linears), sum(m.out_features for m in linears)
+    table = model.tok_emb.weight.numel()
+    assert weight_bytes(q) == fp32_bytes - 4 * (weights - table) + weights + 4 * rows
+    b = prepare_for_decoding(copy.deepcopy(model), "bfloat16")  # on the CPU: bfloat16 Linear weights only
+    assert weight_bytes(b) == fp32_bytes - 4 * (weights - table) + 2 * weights
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 0.02), ("int8", 0.03)])
+def test_decoding_dtypes_keep_logits_and_greedy_tokens(dtype, tol):
+    model = tiny()
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = model(idx)
+    low = prepare_for_decoding(copy.deepcopy(model), dtype)
+    out = low(idx).float()
+    assert (out - ref).abs().max() < tol * ref.abs().max()
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 4 * tol * ref.abs().max()  # positions without a near tie
+    assert torch.equal(out.argmax(-1)[clear], ref.argmax(-1)[clear]) and clear.sum() > 10
+    assert generate(low, idx[:1, :4], 8).shape == (1, 12)
+
+
+def test_prepare_for_decoding_rejects_an_unknown_dtype():
+    with pytest.raises(ValueError, match="dtype='int4' is invalid; expected one of float32, bfloat16, int8"):
+        prepare_for_decoding(tiny(), "int4")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_generate_cli_decodes_with_the_chosen_weights(dtype, tmp_path, capsys):
+    from build_llm.store.checkpoint import save_checkpoint
+    from build_llm.cli import main
+    from build_llm.data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    model = tiny(vocab_size=tok.vocab_size)
+    save_checkpoint(tmp_path / "ckpt", model, tok)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc", "--max-new-tokens", "12",
+                 "--dtype", dtype]) == 0
+    expected = generate(prepare_for_decoding(copy.deepcopy(model), dtype), torch.tensor([tok.encode("abc")]), 12)
+    assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"
+
+
+# --- the compiled one-token step (kernels.decode_step) ----------------------------------------------
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason="the C kernels need Linux x86-64 with AVX-512 and a C compiler")
+
+
+def modules_only(model: GPTModel) -> GPTModel:
+    """The same prepared model, decoding through its PyTorch modules (the independent reference)."""
+    plain = copy.deepcopy(model)
+    plain.decode_step = None
+    return plain
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("kw", [{}, {"fused_qkv": False, "qkv_bias": False, "bias": False, "gelu": "exact"}])
+def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
+    model = prepare_for_decoding(tiny(**kw), dtype)
+    assert isinstance(model.decode_step, CompiledStep)
+    plain = modules_only(model)
+    gen = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 300, (5, 6), generator=gen)  # 5 rows: a group of 4 in the kernels, then one
+    caches = [model.new_cache(5), plain.new_cache(5)]
+    with torch.inference_mode():
+        for m, cache in zip((model, plain), caches):
+            m(prompt, cache=cache)
+        for step in range(20):  # rows at positions 6 .. 25, every one a single C call on one side
+            ids = torch.randint(0, 300, (5, 1), generator=gen)
+            fast, ref = model(ids, cache=caches[0]), plain(ids, cache=caches[1])
+            assert fast.shape == ref.shape == (5, 1, 300)
+            torch.testing.assert_close(fast, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+    assert caches[0].pos == caches[1].pos == 26
+    for fast, ref in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the keys and values it wrote
+        torch.testing.assert_close(fast, ref, atol=1e-4 * ref.abs().max().item(), rtol=0)
+    assert torch.equal(generate(model, prompt, 12), generate(plain, prompt, 12))
+
+
+@needs_kernels
+def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range():
+    from build_llm.attention import KVCache
+
+    model = prepare_for_decoding(tiny(), "int8")
+    plain = modules_only(model)
+    prompts = [torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9)]
+    k, v = (torch.zeros(2, 2, 4, 32, 16) for _ in range(2))  # (layers, rows, heads, max_len, head_dim)
+    for row, p in enumerate(prompts):  # each row's prompt into its own slot
+        model(p, cache=KVCache.over(k[:, row:row + 1], v[:, row:row + 1], 0))
+    pos = torch.tensor([3, 9])
+    with torch.inference_mode():
+        both = model(torch.tensor([[7], [8]]), cache=KVCache.over(k, v, pos.clone()))[:, -1]  # (2, V)
+        for row, (p, token) in enumerate(zip(prompts, (7, 8))):
+            alone = plain(torch.cat([p, torch.tensor([[token]])], dim=1))[0, -1]
+            torch.testing.assert_close(both[row], alone, atol=2e-4 * alone.abs().max().item(), rtol=0)
+        before = k.clone()
+        with pytest.raises(IndexError, match="outside the vocabulary"):
+            model(torch.tensor([[300], [1]]), cache=KVCache.over(k, v, pos.clone()))
+        short = torch.zeros(2, 1, 4, 3, 16)  # room for 3 positions
+        with pytest.raises(IndexError, match="outside the KV cache"):
+            model(torch.tensor([[1]]), cache=KVCache.over(short, short.clone(), 3))
+        with pytest.raises(ValueError, match="contiguous in their last 3 dimensions"):
+            model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 2))
+        with pytest.raises(ValueError, match=r"shape \(2, 1, 4, 32, 16\) does not fit 2 rows"):
+            model(torch.tensor([[1], [2]]), cache=KVCache.over(k[:, :1], v[:, :1], pos.clone()))
+        assert torch.equal(k, before)  # nothing written
+
+
+def test_compiled_step_only_for_models_it_computes_exactly():
+    for kw in ({"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"pos_emb": "rope"}):
+        model = prepare_for_decoding(tiny(**kw), "int8")
+        assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    from build_llm.book.appendix_e import replace_linear_with_lora
+
+    adapted = tiny()
+    replace_linear_with_lora(adapted, rank=2, alpha=4)  # every Linear wrapped with an adapter: not the step's
+    assert prepare_for_decoding(adapted, "int8").decode_step is None
+    assert generate(adapted, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    assert prepare_for_decoding(tiny(), "float32").decode_step is None
+    assert GPTModel.decode_step is None  # a plain model decodes through its modules

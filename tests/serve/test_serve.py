@@ -1,0 +1,532 @@
+"""`build-llm serve`: the batching engine, and the real server driven by the official `openai` client
+and by raw HTTP (malformed requests, disconnects, limits, SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_llm import GPTConfig, GPTModel
+from build_llm.store.checkpoint import save_checkpoint
+from build_llm.infer.generate import generate
+from build_llm.serve.engine import Engine, QueueFull, Sequence
+from build_llm.data.tokenizer import get_tokenizer
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
+
+KEY = "test-key"
+
+
+def tiny_model(seed: int = 0, **kw) -> GPTModel:
+    torch.manual_seed(seed)
+    cfg = dict(context_length=64, emb_dim=32, n_heads=4, n_layers=2)
+    return GPTModel(GPTConfig.from_preset("gpt2-small", **{**cfg, **kw})).eval()
+
+
+# --- the engine, in-process -------------------------------------------------------------------------
+class Collect:
+    def __init__(self) -> None:
+        self.tokens, self.reason, self.done = [], None, threading.Event()
+
+    def __call__(self, kind, payload) -> None:
+        if kind == "token":
+            self.tokens.append(payload.id)
+        elif kind in ("done", "error"):
+            self.reason = payload
+            self.done.set()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: rows decoded by the compiled step (quant.py)
+def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
+    from build_llm.infer.quant import prepare_for_decoding
+
+    model = prepare_for_decoding(tiny_model(vocab_size=300), dtype)
+    engine = Engine(model, max_batch=3, max_queue=16).start()
+    try:
+        gen = torch.Generator().manual_seed(1)
+        prompts = [torch.randint(0, 300, (n,), generator=gen).tolist() for n in (1, 5, 9, 3, 12, 7)]
+        outs = [Collect() for _ in prompts]
+        seqs = [Sequence(p, 10 + i, outs[i]) for i, p in enumerate(prompts)]
+        engine.submit(seqs[:2])
+        time.sleep(0.05)
+        engine.submit(seqs[2:])  # these join a batch already running, at a step boundary
+        for o in outs:
+            assert o.done.wait(60)
+        for i, p in enumerate(prompts):
+            alone = generate(model, torch.tensor([p]), 10 + i)[0, len(p):].tolist()
+            assert outs[i].tokens == alone and outs[i].reason == "length"
+        # 75 tokens in fewer steps than tokens: rows really were decoded together
+        assert engine.steps < sum(10 + i for i in range(6)) - 10
+    finally:
+        engine.stop()
+
+
+def test_engine_sampling_draws_from_the_tempered_filtered_distribution():
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.double)
+    n = 20000
+    for kw, expected in (({"temperature": 1.0, "top_k": 2}, torch.tensor([0, 0, 3 / 7, 4 / 7], dtype=torch.double)),
+                         ({"temperature": 2.0}, p.sqrt() / p.sqrt().sum())):
+        s = Sequence([1], 1, lambda *a: None, **kw)
+        s.generator = torch.Generator().manual_seed(0)
+        draws = torch.tensor([Engine.sample(p.log().float(), s) for _ in range(n)])
+        freq = torch.bincount(draws, minlength=4).double() / n
+        assert torch.all((freq - expected).abs() <= 4 * math.sqrt(0.25 / n))
+    s.generator = torch.Generator().manual_seed(3)
+    first = [Engine.sample(p.log().float(), s) for _ in range(50)]
+    s.generator = torch.Generator().manual_seed(3)
+    assert [Engine.sample(p.log().float(), s) for _ in range(50)] == first  # a seeded row repeats its draws
+    tiny_t = Sequence([1], 1, lambda *a: None, temperature=1e-30)  # no overflow to NaN: the argmax
+    assert Engine.sample(torch.tensor([1.0, 5.0, 3.0, 2.0]), tiny_t) == 1
+    with pytest.raises(ValueError, match="NaN"):
+        Engine.sample(torch.tensor([1.0, float("nan"), 3.0, 2.0]), s)
+
+
+def test_engine_queue_limit_cancel_and_context_check():
+    model = tiny_model(vocab_size=300)
+    engine = Engine(model, max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    engine.submit([Sequence([1, 2], 3, Collect()), Sequence([1], 3, Collect())])
+    with pytest.raises(QueueFull):
+        engine.submit([Sequence([1], 1, Collect())])
+    with pytest.raises(ValueError, match="context of 64"):
+        engine.submit([Sequence([1] * 60, 5, Collect())])
+    engine.waiting.clear()
+    engine.start()
+    try:
+        out = Collect()
+        seq = Sequence([5, 6, 7], 50, out)
+        engine.submit([seq])
+        while not out.tokens:
+            time.sleep(0.001)
+        seq.cancel()
+        assert out.done.wait(30) and out.reason == "cancelled" and len(out.tokens) < 50
+        after = Collect()
+        engine.submit([Sequence([5, 6, 7], 4, after)])  # the freed slot serves the next one
+        assert after.done.wait(30) and after.tokens == generate(model, torch.tensor([[5, 6, 7]]), 4)[0, 3:].tolist()
+    finally:
+        engine.stop()
+
+
+# --- the server ---------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, ckpt: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(ckpt), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not come up in 300 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "tiny"
+    save_checkpoint(path, tiny_model(), get_tokenizer("gpt2"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_ckpt):
+    s = Server(tiny_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def reference(tiny_ckpt, prompt: str, n: int) -> str:
+    from build_llm.store.checkpoint import load_checkpoint
+    ckpt = load_checkpoint(tiny_ckpt)
+    ids = ckpt.tokenizer.encode(prompt)
+    out = generate(ckpt.model, torch.tensor([ids]), n)[0, len(ids):].tolist()
+    return ckpt.tokenizer.decode(out)
+
+
+def test_openai_completions_greedy_equal_the_library(client, tiny_ckpt):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    r = client.completions.create(model="tiny", prompt="The cat sat on", max_tokens=8, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].finish_reason == "length"
+    assert r.choices[0].text == reference(tiny_ckpt, "The cat sat on", 8)
+    assert r.usage.prompt_tokens == 4 and r.usage.completion_tokens == 8
+
+
+def test_concurrent_requests_each_get_their_alone_output(client, tiny_ckpt):
+    prompts = ["Once upon a time", "A", "The quick brown fox jumps over the lazy", "1 2 3 4", "Hello, world", "x y"]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        texts = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=12,
+                                                                   temperature=0).choices[0].text, prompts))
+    assert texts == [reference(tiny_ckpt, p, 12) for p in prompts]
+
+
+def test_openai_streaming_gives_the_same_text(client):
+    whole = client.completions.create(model="tiny", prompt="In the beginning", max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model="tiny", prompt="In the beginning", max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    counted = list(client.completions.create(model="tiny", prompt="In the beginning", max_tokens=10, temperature=0,
+                                             stream=True, stream_options={"include_usage": True}))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == 10
+
+
+def test_logprobs_with_echo_score_the_prompt_like_hugging_face(client, tiny_ckpt):
+    from build_llm.store.checkpoint import load_checkpoint
+    from build_llm.interop.hf import to_hf
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    ids = ckpt.tokenizer.encode("Paris is the capital of France")
+    r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0)
+    lp = r.choices[0].logprobs
+    with torch.no_grad():
+        ref = torch.log_softmax(to_hf(ckpt.model).eval()(torch.tensor([ids])).logits[0], -1)  # independent model code
+    assert r.choices[0].text == "Paris is the capital of France" and lp.token_logprobs[0] is None
+    expected = [ref[t, ids[t + 1]].item() for t in range(len(ids) - 1)]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert len(lp.tokens) == len(ids) and lp.text_offset[:2] == [0, len("Paris")]
+    best = ref[0].topk(3)
+    top = lp.top_logprobs[1]
+    assert sorted(top.values(), reverse=True) == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert math.fsum(math.exp(v) for v in top.values()) < 1
+
+
+def test_n_seed_stop_and_list_prompts(client):
+    kw = dict(model="tiny", prompt="Roses are", n=2, seed=7, max_tokens=6, temperature=1.0, top_p=0.9,
+              extra_body={"top_k": 20})
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]  # the seed makes sampling repeatable
+    assert [c.index for c in a.choices] == [0, 1]
+    r = client.completions.create(model="tiny", prompt=["one", "two", "three"], max_tokens=3, temperature=0)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    full = client.completions.create(model="tiny", prompt="Roses are", max_tokens=8, temperature=0).choices[0].text
+    stop = full[3:5]
+    cut = client.completions.create(model="tiny", prompt="Roses are", max_tokens=8, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.find(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="Roses are", max_tokens=8, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == full[:full.find(stop)]
+
+
+def test_openai_errors(client, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="no chat template"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+        client.completions.create(model="tiny", prompt="word " * 60, max_tokens=10)
+    r = client.completions.create(model="tiny", prompt="word " * 60, max_tokens=10, temperature=0,
+                                  extra_body={"truncate": True})
+    assert r.usage.prompt_tokens == 54
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="hi", max_tokens=1)
+
+
+def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
+    """A model with a chat template (here a plain one given in-process), served by uvicorn in a thread."""
+    import uvicorn
+
+    from build_llm.store.checkpoint import load_checkpoint
+    from build_llm.serve import Settings, create_app
+
+    ckpt = load_checkpoint(tiny_ckpt)
+    tok = ckpt.tokenizer
+
+    def template(messages):
+        if messages[-1]["role"] != "user":
+            raise ValueError("the last message must be the user's")
+        return tok.encode("".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:")
+
+    app = create_app(Engine(ckpt.model, max_batch=2, max_queue=4), tok, Settings("chatty", chat_template=template))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        chat = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+        r = chat.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0)
+        ids = template(messages)
+        expected = tok.decode(generate(ckpt.model, torch.tensor([ids]), 6)[0, len(ids):].tolist())
+        assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == expected and r.usage.prompt_tokens == len(ids)
+        parts = list(chat.chat.completions.create(model="chatty", messages=messages, max_tokens=6, temperature=0,
+                                                  stream=True))
+        assert parts[0].choices[0].delta.role == "assistant"
+        assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
+        assert parts[-1].choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="ending with the user's message"):
+            chat.chat.completions.create(model="chatty", messages=messages[:1] + [{"role": "assistant", "content": "x"}])
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+# 20+ malformed requests: each gets a 4xx JSON error in OpenAI's shape, and the server keeps serving.
+GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+MALFORMED = [
+    ("bad json", b'{"model": "tiny", "prompt": ', 400),
+    ("not an object", b'[1, 2, 3]', 400),
+    ("binary garbage", bytes(range(256)) * 4, 400),
+    ("NaN literal", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', 400),
+    ("Infinity literal", b'{"model": "tiny", "prompt": "hi", "top_p": Infinity}', 400),
+    ("empty body", b"", 400),
+    ("no model", {"prompt": "hi"}, 400),
+    ("unknown model", {**GOOD, "model": "gpt-4"}, 404),
+    ("no prompt", {"model": "tiny"}, 400),
+    ("prompt a number", {**GOOD, "prompt": 42}, 400),
+    ("prompt empty list", {**GOOD, "prompt": []}, 400),
+    ("prompt empty string", {**GOOD, "prompt": ""}, 400),
+    ("token id out of range", {**GOOD, "prompt": [1, 2, 10**9]}, 400),
+    ("max_tokens a string", {**GOOD, "max_tokens": "10"}, 400),
+    ("max_tokens negative", {**GOOD, "max_tokens": -1}, 400),
+    ("max_tokens huge", {**GOOD, "max_tokens": 10**12}, 400),
+    ("max_tokens a float", {**GOOD, "max_tokens": 2.5}, 400),
+    ("temperature negative", {**GOOD, "temperature": -0.5}, 400),
+    ("temperature a string", {**GOOD, "temperature": "hot"}, 400),
+    ("top_p zero", {**GOOD, "top_p": 0}, 400),
+    ("top_p above one", {**GOOD, "top_p": 1.5}, 400),
+    ("top_k negative", {**GOOD, "top_k": -5}, 400),
+    ("n zero", {**GOOD, "n": 0}, 400),
+    ("n huge", {**GOOD, "n": 1000}, 400),
+    ("stream a string", {**GOOD, "stream": "yes"}, 400),
+    ("stop a number", {**GOOD, "stop": 3}, 400),
+    ("logprobs too many", {**GOOD, "logprobs": 1000}, 400),
+    ("seed a float", {**GOOD, "seed": 1.5}, 400),
+    ("echo a number", {**GOOD, "echo": 1}, 400),
+    ("oversize body", {**GOOD, "prompt": "x" * (2 << 20)}, 413),
+    ("chat messages not a list", {"model": "tiny", "messages": "hi"}, 400),
+    ("chat unknown role", {"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400),
+]
+
+
+def post(url: str, body, path: str = "/v1/completions", key: str | None = KEY, method: str = "POST"):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + path, data=data if method == "POST" else None, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("name, body, status", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_request_gets_an_openai_error_and_the_server_keeps_serving(server, name, body, status):
+    path = "/v1/chat/completions" if name.startswith("chat") else "/v1/completions"
+    code, reply = post(server.url, body, path)
+    assert code == status, reply
+    assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"]
+    assert post(server.url, GOOD)[0] == 200
+
+
+def test_auth_routes_and_methods(server):
+    assert post(server.url, GOOD, key=None)[0] == 401
+    assert post(server.url, GOOD, key="nope")[0] == 401
+    code, reply = post(server.url, b"", "/v1/nothing-here", method="GET")
+    assert code == 404 and reply["error"]["code"] == "not_found"
+    assert post(server.url, b"", "/v1/completions", method="GET")[0] == 405
+    with urllib.request.urlopen(server.url + "/health", timeout=10) as r:  # no key needed
+        assert json.loads(r.read())["status"] == "ok"
+
+
+def test_client_disconnect_mid_stream_frees_the_row(server):
+    body = json.dumps({**GOOD, "max_tokens": 60, "stream": True, "prompt": "a"}).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert b"200 OK" in s.recv(4096)
+        # the socket closes after the first bytes
+    assert post(server.url, GOOD)[0] == 200
+    deadline = time.time() + 30
+    while time.time() < deadline:  # the abandoned rows leave the batch
+        with urllib.request.urlopen(server.url + "/health", timeout=10) as r:
+            if json.loads(r.read())["active"] == 0:
+                break
+        time.sleep(0.1)
+    else:
+        pytest.fail("abandoned streams still hold rows")
+
+
+@pytest.fixture
+def slow_ckpt(tmp_path) -> Path:
+    path = tmp_path / "slow"
+    save_checkpoint(path, tiny_model(context_length=512, emb_dim=128, n_layers=4), get_tokenizer("gpt2"))
+    return path
+
+
+def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
+    s = Server(slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
+    try:
+        long = {"model": "slow", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(long).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=300)
+        assert stream.readline().startswith(b"data: ")  # decoding: the one row is busy
+        waiting = ThreadPoolExecutor(1).submit(post, s.url, {**long, "stream": False, "max_tokens": 5}, key=None)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            with urllib.request.urlopen(s.url + "/health", timeout=30) as r:
+                if json.loads(r.read())["waiting"] == 1:
+                    break
+            time.sleep(0.05)
+        code, reply = post(s.url, {**long, "stream": False}, key=None)
+        assert code == 503 and reply["error"]["code"] == "server_overloaded"
+        s.proc.send_signal(signal.SIGTERM)  # the stream in flight still runs to its end
+        rest = stream.read().decode()
+        assert rest.rstrip().endswith("data: [DONE]")
+        events = [json.loads(line[6:]) for line in rest.splitlines() if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert waiting.result(300)[0] == 200
+        assert s.proc.wait(120) == 0
+        with pytest.raises(OSError):
+            urllib.request.urlopen(s.url + "/health", timeout=5)
+    finally:
+        s.stop()
+
+
+# --- the playground page in a real browser ---------------------------------------------------------------
+def chromium():
+    """A headless Chromium driven by Selenium through Debian's chromium-driver, or a skip with the reason."""
+    import shutil
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install -e '.[test]')")
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip("no Chromium + chromedriver installed (Debian: apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1200,900"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny_ckpt, tmp_path):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser = chromium()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Hello world")
+        for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 9)):
+            browser.find_element(By.ID, slider).send_keys(*keys)  # as a keyboard user moves a slider
+        assert browser.find_element(By.ID, "temperature-v").text == "0"
+        assert browser.find_element(By.ID, "max_tokens-v").text == "10"
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: "(length)" in b.find_element(By.ID, "status").text)
+        assert "tiny" in browser.find_element(By.ID, "model").text
+        tokens = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
+        assert len(tokens) == 10
+        assert "".join(t.get_attribute("textContent") for t in tokens) == reference(tiny_ckpt, "Hello world", 10)
+        probs = [float(t.get_attribute("data-p")) for t in tokens]
+        assert all(0 < p <= 1 for p in probs)
+        assert all(t.value_of_css_property("background-color") not in ("", "rgba(0, 0, 0, 0)") for t in tokens)
+        ActionChains(browser).move_to_element(tokens[0]).perform()
+        wait.until(lambda b: b.find_element(By.ID, "alts").is_displayed())
+        rows = browser.find_elements(By.CSS_SELECTOR, "#alts tbody tr")
+        assert len(rows) == 5
+        shown = [float(r.find_elements(By.TAG_NAME, "td")[1].text.rstrip("%")) for r in rows]
+        assert shown == sorted(shown, reverse=True) and shown[0] == pytest.approx(100 * probs[0], rel=0.01)
+        assert "chosen" in rows[0].get_attribute("class")  # greedy: the chosen token is the most likely
+        browser.save_screenshot(str(tmp_path / "playground.png"))
+    finally:
+        browser.quit()
+
+
+@pytest.mark.slow
+def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
+    script = Path(__file__).resolve().parents[2] / "examples" / "serve_load.py"
+    done = subprocess.run([sys.executable, str(script), "--checkpoint", str(tiny_ckpt), "--clients", "4", "--seconds", "6",
+                           "--solo-seconds", "3", "--max-tokens", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    r = json.loads((tmp_path / "load.json").read_text())
+    assert r["loaded"]["errors"] == 0 and r["loaded"]["requests"] >= 4 and r["server_exit_code"] == 0
+    assert 0 < r["loaded"]["completion_tokens"] <= 16 * r["loaded"]["requests"]
+    assert 0 < r["loaded"]["ttft_p50_s"] <= r["loaded"]["ttft_p95_s"]
+
+
+@pytest.mark.slow
+def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
+    """`build-llm finetune instruct`'s checkpoint, served: /v1/chat/completions renders the messages in
+    the fine-tuning template, and the model gives the answer it learned."""
+    from finetune_fixture import WORDS, tiny_cfg, write_instruct_json
+
+    from build_llm import BPETokenizer
+    from build_llm.train.finetune import ALPACA_PREAMBLE, finetune
+    from build_llm.train.config import FinetuneConfig
+
+    text = (" ".join(WORDS) + "\n" + ALPACA_PREAMBLE + "\n\n### Instruction:\n\n\n### Input:\n\n\n### Response:\n")
+    tok = BPETokenizer.train_from_texts([text * 20], vocab_size=300)
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    write_instruct_json(tmp_path / "train.json")
+    finetune(tmp_path / "sft", tmp_path / "base", FinetuneConfig(task="instruct", epochs=8, batch_size=8, lr=3e-3),
+             data=tmp_path / "train.json", log=lambda s: None)
+    s = Server(tmp_path / "sft")
+    try:
+        chat = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        assert chat.models.list().data[0].model_extra["chat"] is True
+        r = chat.chat.completions.create(model="sft", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": "what is the word\n\n### Input:\ndog"}])
+        assert r.choices[0].message.content == "animal" and r.choices[0].finish_reason == "stop"
+    finally:
+        assert s.stop() == 0

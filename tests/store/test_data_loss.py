@@ -1,0 +1,230 @@
+"""The red-team pass's data-loss cases (issue 12), each reproduced through the command line: the tool
+writes only where told, never deletes what it did not create, and refuses a non-empty foreign directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from build_llm import GPTConfig, GPTModel, get_tokenizer, save_checkpoint
+from build_llm.cli import main
+from build_llm.interop.hf import save_hf
+
+TINY = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+
+
+def tree(path: Path) -> dict[str, str]:
+    """Every file under `path` (hidden ones too) and its SHA-256: compared before and after."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(path.rglob("*"))}
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """H: a Hugging Face directory written by build_llm.interop.hf.save_hf."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("hf") / "H"
+    save_hf(GPTModel(TINY).eval(), path, get_tokenizer("gpt2"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """C: a checkpoint of this package."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("c") / "C"
+    save_checkpoint(path, GPTModel(TINY).eval(), get_tokenizer("gpt2"))
+    return path
+
+
+def test_case1_export_hf_keeps_a_downloaded_model_folder(hf_dir, ckpt, tmp_path, capsys):
+    # cp -a $H dl; touch dl/README.md; mkdir dl/onnx; export-hf --checkpoint $C --out dl
+    dl = tmp_path / "dl"
+    shutil.copytree(hf_dir, dl)
+    (dl / "README.md").write_text("model card")
+    (dl / "onnx").mkdir()
+    (dl / "onnx" / "model.onnx").write_bytes(b"weights")
+    before = tree(tmp_path)
+    code, err = run(capsys, "export-hf", "--checkpoint", ckpt, "--out", dl)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "did not create" in err
+    assert tree(tmp_path) == before
+
+
+def test_case1_export_hf_keeps_files_a_user_added_to_an_export(ckpt, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert run(capsys, "export-hf", "--checkpoint", ckpt, "--out", out)[0] == 0
+    assert run(capsys, "export-hf", "--checkpoint", ckpt, "--out", out)[0] == 0  # our own export: replaced
+    (out / "README.md").write_text("notes")
+    before = tree(tmp_path)
+    code, err = run(capsys, "export-hf", "--checkpoint", ckpt, "--out", out)
+    assert code == 2 and "README.md" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("verb", ["import-hf", "export-hf", "save_checkpoint"])
+def test_case2_saving_never_deletes_a_sibling_old_directory(verb, hf_dir, ckpt, tmp_path, capsys):
+    # mkdir x.old; touch x.old/precious; import-hf $H --out x (twice: the second replaces x)
+    old = tmp_path / "x.old"
+    old.mkdir()
+    (old / "precious").write_text("mine")
+    for _ in range(2):
+        if verb == "import-hf":
+            assert run(capsys, "import-hf", hf_dir, "--out", tmp_path / "x")[0] == 0
+        elif verb == "export-hf":
+            assert run(capsys, "export-hf", "--checkpoint", ckpt, "--out", tmp_path / "x")[0] == 0
+        else:
+            save_checkpoint(tmp_path / "x", GPTModel(TINY))
+    assert (old / "precious").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x", "x.old"]
+
+
+def test_case5_import_hf_refuses_to_replace_a_training_runs_checkpoint(hf_dir, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert run(capsys, "train", "--data", small_text(tmp_path), "--out", run_dir, *TINY_RUN)[0] == 0
+    before = tree(tmp_path)
+    code, err = run(capsys, "import-hf", hf_dir, "--out", run_dir / "checkpoint")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "training run's checkpoint" in err
+    assert tree(tmp_path) == before
+    with pytest.raises(ValueError, match="training run's checkpoint"):  # the library says the same
+        save_checkpoint(run_dir / "checkpoint", GPTModel(TINY))
+    assert tree(tmp_path) == before
+
+
+def test_case8_surprisal_does_not_follow_a_planted_symlink(tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "page.html"
+    (tmp_path / ".page.html.tmp").symlink_to(victim)  # the old predictable temporary name
+    code, err = run(capsys, "surprisal", "--preset", "r-abc", "--max-tokens", "40", "--out", out)
+    assert code == 0, err
+    assert victim.read_text() == "precious"
+    assert out.read_text().startswith("<!DOCTYPE html") or "<html" in out.read_text()
+    assert not out.is_symlink()
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+def small_text(folder: Path) -> Path:
+    path = folder / "small.txt"
+    path.write_text("a small text to train a tiny model on, quickly.\n" * 40)
+    return path
+
+
+TINY_RUN = ["--steps", "2", "--eval-every", "2", "--eval-batches", "1", "--batch-size", "4", "--context-length", "8",
+            "--emb-dim", "16", "--n-layers", "1", "--n-heads", "2"]
+
+
+def test_case3_train_refuses_a_foreign_folder_without_a_checkpoint(tmp_path, capsys, monkeypatch):
+    d = tmp_path / "d"
+    (d / "data").mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("my numbers\n")
+    (d / "data" / "meta.json").write_text('{"mine": true}')
+    before = tree(tmp_path)
+    code, err = run(capsys, "train", "--out", d, *TINY_RUN)
+    assert code == 2 and "did not create" in err and len(err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
+    # --data data --out . : the user's own data/meta.json next to the text
+    (tmp_path / "text.txt").write_text("hello world, a small text to train on.\n" * 40)
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, "train", "--data", "text.txt", "--out", ".", *TINY_RUN)
+    assert code == 2 and "did not create" in err
+    assert tree(tmp_path) == before | {"text.txt": tree(tmp_path)["text.txt"]}
+
+
+def test_case4_a_second_train_on_a_locked_run_directory_is_refused(tmp_path, capsys):
+    from build_llm.store import fsio
+
+    text = small_text(tmp_path)
+    out = fsio.claim_dir(tmp_path / "r", "run")
+    with fsio.lock_dir(out):  # another process training there (flock is per open file: this conflicts too)
+        before = tree(tmp_path)
+        code, err = run(capsys, "train", "--data", text, "--out", out, *TINY_RUN)
+        assert code == 2 and "in use by another build-llm process" in err
+        assert tree(tmp_path) == before
+    assert run(capsys, "train", "--data", text, "--out", out, *TINY_RUN)[0] == 0  # the lock released: it trains
+
+
+def test_case6_divergence_never_saves_exploded_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    text = tmp_path / "a.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 30)
+    out = tmp_path / "d"
+    code, err = run(capsys, "train", "--data", text, "--out", out, "--lr", "1e30", "--steps", "5", "--eval-every", "1",
+                    "--context-length", "16", "--emb-dim", "32", "--n-layers", "1", "--n-heads", "2",
+                    "--batch-size", "4")
+    assert code == 1 and "diverged" in err
+    if (out / "checkpoint").exists():  # "the last good checkpoint": it must generate
+        weights = load_file(out / "checkpoint" / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+        code, err = run(capsys, "generate", "--checkpoint", out, "--prompt", "the", "--max-new-tokens", "5",
+                        "--temperature", "1")
+        assert code == 0, err
+    else:
+        assert "no checkpoint was saved" in err
+        code, err = run(capsys, "generate", "--checkpoint", out, "--prompt", "the")
+        assert code == 2 and "no checkpoint" in err
+
+
+def test_case7_a_rejected_resume_leaves_the_run_untouched(tmp_path, capsys):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("abcabc abc cab\n" * 60)
+    b.write_text("xyz zyx yxz\n" * 60)
+    out = tmp_path / "r"
+    assert run(capsys, "train", "--data", a, "--out", out, *TINY_RUN)[0] == 0
+    before = tree(tmp_path)
+    code, err = run(capsys, "train", "--data", b, "--out", out, "--resume", "--steps", "4")
+    assert code == 2 and "the data differs" in err
+    code, err = run(capsys, "train", "--data", a, "--tokenizer", "gpt2", "--out", out, "--resume", "--steps", "4")
+    assert code == 2 and "the tokenizer differs" in err
+    assert tree(tmp_path) == before
+
+
+def test_resume_with_steps_at_or_below_the_saved_step_is_refused(tmp_path, capsys):
+    text = small_text(tmp_path)
+    out = tmp_path / "r"
+    assert run(capsys, "train", "--data", text, "--out", out, *TINY_RUN)[0] == 0
+    before = tree(tmp_path)
+    for steps in ("2", "1"):
+        code, err = run(capsys, "train", "--data", text, "--out", out, "--resume", "--steps", steps)
+        assert code == 2 and "already at step 2" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow  # a subprocess that trains: about a minute on a shared machine
+def test_sigterm_during_a_long_step_stops_between_micro_batches(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "build_llm.cli", "train", "--out", str(out), "--steps", "3",
+                             "--grad-accum", "100000", "--batch-size", "1", "--context-length", "8", "--emb-dim", "16",
+                             "--n-layers", "1", "--n-heads", "2", "--eval-batches", "1"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)  # metrics.jsonl appears just before the loop
+        time.sleep(3)  # inside the first step's 100,000 micro-batches (minutes of work)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        waited = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert waited < 30, waited  # one micro-batch, a save and a plot, not the step's 100,000 micro-batches
+    assert "interrupted during step 1/3" in err
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 0

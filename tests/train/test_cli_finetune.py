@@ -1,0 +1,206 @@
+"""`build-llm finetune classify|instruct`, `classify`, `merge-lora`, `export-hf` of a merge, and `chat`
+(one answer with --prompt, streaming, and an interactive session through a pseudo-terminal)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from build_llm.store.checkpoint import load_checkpoint
+from build_llm.cli import main
+from build_llm.train.finetune import load_finetuned, respond
+
+from finetune_fixture import base, one_thread, tokenizer, write_classification_csv, write_instruct_json  # noqa: F401
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_classify_fine_tune_and_classify(base, tmp_path, capsys):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data)
+    code, out, err = run(["finetune", "classify", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                          "--epochs", 4, "--lr", "3e-3", "--val-fraction", "0.25", "--seed", 1], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["val_accuracy"] == rows[-1]["val_accuracy"] >= 0.8
+    assert "parameters trainable" in err
+
+    code, out, err = run(["classify", "--checkpoint", tmp_path / "run", "--text", "the fox is fox", "--text",
+                          "the pear is a pear"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["label"] for r in lines] == ["animal", "fruit"]
+    assert set(lines[0]["probabilities"]) == {"animal", "colour", "fruit"}
+
+
+def test_classify_fine_tune_can_train_every_weight(base, tmp_path, capsys):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data)
+    code, out, err = run(["finetune", "classify", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                          "--steps", 2, "--trainable", "all"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["trainable_parameters"] == summary["parameters"]
+    before = load_checkpoint(base).model.state_dict()
+    after = load_finetuned(tmp_path / "run").model.state_dict()
+    first_block = [k for k in before if k.startswith("trf_blocks.0.") and k.endswith("weight")]
+    assert first_block and all(not torch.equal(after[k], before[k]) for k in first_block)  # the book's recipe freezes them
+
+
+def test_lora_instruct_merge_and_export_hf(base, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    data = tmp_path / "train.json"
+    write_instruct_json(data, 24)
+    code, out, err = run(["finetune", "instruct", "--init-from", base, "--data", data, "--out", tmp_path / "lora",
+                          "--steps", 3, "--lr", "1e-2", "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets",
+                          "attn,ff"], capsys)
+    assert code == 0, err
+    # rank 4 on the attention and MLP of 2 blocks, and the end token's row (emb_dim; the head is tied)
+    assert json.loads(out)["trainable_parameters"] == 2 * 4 * (4 * 64 + 2 * 160) + 64
+    assert run(["merge-lora", "--checkpoint", tmp_path / "lora", "--out", tmp_path / "merged"], capsys)[0] == 0
+    code, _, err = run(["export-hf", "--checkpoint", tmp_path / "merged", "--out", tmp_path / "hf"], capsys)
+    assert code == 0, err
+    adapted = load_finetuned(tmp_path / "lora")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+    x[0, 7] = adapted.tokenizer.eos_id  # its trained row is read as well as predicted
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, adapted.model(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--text-column", "body"], "--text-column 'body' is not a column"),
+    (["--lora-rank", "4"], "--lora-rank and --lora-alpha go together"),
+    (["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "mlp"], "--lora-targets"),
+    (["--resume"], "--resume: no checkpoint"),
+    (["--micro-batch-size", "3"], "does not divide"),
+    (["--trainable", "all", "--lora-rank", "4", "--lora-alpha", "8"], "--trainable all applies to"),
+    (["--trainable", "head"], "--trainable: invalid choice: 'head'"),
+])
+def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, extra, message):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data, 2)
+    code, out, err = run(["finetune", "classify", "--init-from", base, "--data", data, "--out", tmp_path / "run",
+                          *extra], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and out == ""
+
+
+def test_foreign_out_directory_is_refused_and_left_alone(base, tmp_path, capsys):
+    data = tmp_path / "train.json"
+    write_instruct_json(data, 8)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, _, err = run(["finetune", "instruct", "--init-from", base, "--data", data, "--out", mine], capsys)
+    assert code == 2 and "did not create" in err
+    assert os.listdir(mine) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_instruct_needs_an_end_token(tmp_path, capsys):
+    from build_llm import CharTokenizer, GPTModel
+    from build_llm.store.checkpoint import save_checkpoint
+
+    from finetune_fixture import tiny_cfg
+
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz #:\n.,'")
+    save_checkpoint(tmp_path / "char", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    data = tmp_path / "train.json"
+    write_instruct_json(data, 8)
+    code, _, err = run(["finetune", "instruct", "--init-from", tmp_path / "char", "--data", data, "--out",
+                        tmp_path / "run"], capsys)
+    assert code == 2 and "no end token" in err
+
+
+@pytest.fixture(scope="module")
+def instruct_run(base, tmp_path_factory):
+    from build_llm.train.finetune import finetune
+    from build_llm.train.config import FinetuneConfig
+
+    tmp = tmp_path_factory.mktemp("instruct")
+    write_instruct_json(tmp / "train.json", 16)
+    finetune(tmp / "run", base, FinetuneConfig(task="instruct", steps=2, lr=1e-3), data=tmp / "train.json",
+             log=lambda s: None)
+    return tmp / "run"
+
+
+def test_chat_prompt_prints_the_reply(instruct_run, capsys):
+    code, out, err = run(["chat", "--checkpoint", instruct_run, "--prompt", "what is the word", "--max-new-tokens",
+                          8], capsys)
+    assert code == 0, err
+    ft = load_finetuned(instruct_run)
+    assert out == respond(ft.model, ft.tokenizer, [{"role": "user", "content": "what is the word"}], 8) + "\n"
+
+
+class Recorder(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_chat_streams_pieces_as_they_are_generated(instruct_run):
+    from build_llm.infer.chat import run_chat
+
+    out = Recorder()
+    run_chat(str(instruct_run), prompt="what colour", max_new_tokens=6, stdout=out, stderr=io.StringIO())
+    reply = out.getvalue().rstrip("\n")
+    steps = [s for s in out.flushed if s]
+    assert len(steps) >= 2 and steps[-1] == reply  # shown piece by piece, each piece flushed
+    assert all(reply.startswith(s) for s in steps)
+
+
+def _read_until(fd: int, marker: str, seen: str, timeout: float = 120) -> str:
+    end = time.monotonic() + timeout
+    while marker not in seen:
+        ready, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {seen[-500:]!r}")
+        try:
+            seen += os.read(fd, 4096).decode("utf-8", "replace")
+        except OSError:  # the child closed the terminal
+            raise AssertionError(f"terminal closed before {marker!r}; got {seen[-500:]!r}") from None
+    return seen
+
+
+def test_interactive_chat_through_a_pseudo_terminal(instruct_run):
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "build_llm.cli", "chat", "--checkpoint", str(instruct_run),
+                             "--max-new-tokens", "16", "--system", "Answer."], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    try:
+        seen = _read_until(master, "you> ", "")
+        assert "/reset" in seen and "96-token context" in seen
+        os.write(master, b"what is the word\n")
+        seen = _read_until(master, "you> ", seen.split("you> ", 1)[1])
+        assert "bot> " in seen and "dropped" not in seen
+        # A long message: the window (96 tokens, 16 kept for the reply) cannot also hold the first turn.
+        os.write(master, b"what is the word red green blue apple pear plum cat dog fox\n")
+        seen = _read_until(master, "you> ", seen.split("you> ", 1)[1])
+        assert "dropped the 1 oldest turn(s)" in seen
+        os.write(master, b"/temperature 0.5\n")
+        seen = _read_until(master, "(temperature 0.5)", seen)
+        os.write(master, b"/reset\n")
+        seen = _read_until(master, "(conversation cleared)", seen)
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)

@@ -130,7 +130,7 @@ def test_text_helpers_round_trip_with_tiktoken_and_ours():
 
 def test_decoding_layout_keeps_values_names_and_tokens(model, tmp_path):
     from build_llm import load_model, save_checkpoint
-    from build_llm.infer.generate import use_decoding_layout
+    from build_llm.gpt import use_decoding_layout
 
     idx = torch.randint(0, 50, (2, 4))
     before, logits = generate(model, idx, 20), model(idx)

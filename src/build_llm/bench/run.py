@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.store.fsio import atomic_path
-from build_llm.infer.generate import generate, generate_text_simple, use_decoding_layout
-from build_llm.gpt import GPTModel
+from build_llm.infer.generate import generate, generate_text_simple
+from build_llm.gpt import GPTModel, use_decoding_layout
 from build_llm.infer.quant import DecodeLinear, prepare_for_decoding
 from build_llm.runtime import autocast
 

@@ -62,26 +62,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probas, num_samples=1, generator=generator)
 
 
-@torch.no_grad()
-def use_decoding_layout(model: nn.Module) -> None:
-    """Lay out each Linear weight in memory the way decoding reads it fastest on a CPU.
-
-    Decoding multiplies one row vector by each weight, streaming the weights from memory. For
-    float32, storing the (out, in) weight column-major (i.e. as the contiguous (in, out) matrix)
-    lets `F.linear` hand the BLAS a plain product that streams about 25% faster than the default
-    layout; for bfloat16 the default row-major layout is as fast or faster, so it is kept (or
-    restored). Values, shapes and names are unchanged (a checkpoint saves the same tensors), and so
-    is every result up to float rounding. `load_model` and `build-llm generate` apply it; a
-    training run does not, so that its numbers never depend on when a sample was drawn.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu":
-            w = module.weight.data
-            column_major = w.t().contiguous().t() if w.dtype == torch.float32 else w.contiguous()
-            if column_major.data_ptr() != w.data_ptr():
-                module.weight.data = column_major
-
-
 def _context_size(model: nn.Module, context_size: int | None) -> int:
     limit = model.cfg.context_length
     if context_size is None:

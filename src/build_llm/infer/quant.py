@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from build_llm.infer import kernels
 from build_llm.errors import UsageError
-from build_llm.infer.generate import use_decoding_layout
+from build_llm.gpt import use_decoding_layout
+from build_llm.infer import kernels
 
 DECODE_DTYPES = ("float32", "bfloat16", "int8")
 

@@ -10,22 +10,27 @@ with neither); on a file system that cannot exchange, the previous checkpoint st
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from build_llm.attention import MultiHeadAttention
 from build_llm.config import GPTConfig
+from build_llm.data.tokenizer import load_tokenizer
 from build_llm.errors import UsageError
-from build_llm.store.fsio import read_json
-from build_llm.gpt import GPTModel
+from build_llm.gpt import GPTModel, use_decoding_layout
+from build_llm.runtime import check_fits
+from build_llm.sizing import model_memory
+from build_llm.store.fsio import read_json, replace_dir, write_json
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 CHECKPOINT_DIR, PREVIOUS_DIR = "checkpoint", "checkpoint.old"
@@ -45,8 +50,6 @@ def unwrap(model: nn.Module) -> nn.Module:
 def mask_keys(model: nn.Module) -> set[str]:
     """State-dict keys of the causal masks: in `state_dict()` for the book's sake (see attention.py),
     but rebuilt from the config, so never written to a checkpoint."""
-    from build_llm.attention import MultiHeadAttention
-
     return {f"{name}.mask" for name, m in unwrap(model).named_modules() if isinstance(m, MultiHeadAttention)}
 
 
@@ -60,10 +63,6 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                     extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a checkpoint directory at `path`, atomically replacing a checkpoint this package wrote
@@ -73,8 +72,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
     `extra_files` maps file names to callables that write them given a Path (the trainer's state).
     `state` is the weights when they are not `model`'s own (a sharded model's gathered full state).
     """
-    from build_llm.store.fsio import replace_dir
-
     path = Path(path)
     if (path / TRAINER_FILE).exists() and TRAINER_FILE not in (extra_files or {}):
         raise UsageError(f"{str(path)!r} is a training run's checkpoint (it holds {TRAINER_FILE}); replacing it "
@@ -136,8 +133,6 @@ class Checkpoint:
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Model (eval mode), tokenizer (or None) and the resolved directory of a checkpoint."""
-    from build_llm.data.tokenizer import load_tokenizer
-
     path = resolve_checkpoint(path)
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
@@ -147,9 +142,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         cfg = GPTConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from e
-    from build_llm.runtime import check_fits
-    from build_llm.sizing import model_memory
-
     check_fits(model_memory(cfg), f"the model of checkpoint {str(path)!r}", device)
     try:
         state = load_file(path / MODEL_FILE, device=str(device))
@@ -193,8 +185,6 @@ def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> di
 def check_weights_file(ckpt_dir: str | Path, cfg: GPTConfig) -> None:
     """Refuse (UsageError) a checkpoint whose model.safetensors is unreadable or does not hold the
     weights of `cfg`, from the file's header alone (nothing is loaded)."""
-    from safetensors import safe_open
-
     path = Path(ckpt_dir) / MODEL_FILE
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -209,8 +199,6 @@ def check_weights_file(ckpt_dir: str | Path, cfg: GPTConfig) -> None:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel:
     """The model of a checkpoint (or a run directory's newest), in eval mode, ready for generation
     (its weights in the layout decoding reads fastest)."""
-    from build_llm.infer.generate import use_decoding_layout
-
     model = load_checkpoint(path, device).model
     use_decoding_layout(model)
     return model
@@ -225,10 +213,6 @@ OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE = "optimizer.safetensors", "rng.safetenso
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Every random generator's state: torch's as tensors, NumPy's and Python's as JSON."""
-    import random
-
-    import numpy as np
-
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -240,10 +224,6 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(tensors["torch_cpu"])
     cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -314,10 +294,6 @@ def load_trainer_state(path: str | Path) -> TrainerState:
 def _check_trainer_state(state: Any, rng: dict[str, torch.Tensor]) -> None:
     """Raise (KeyError, TypeError, ValueError, ...) unless every field --resume reads is well formed;
     the random generators' states are tried on throwaway generators."""
-    import random
-
-    import numpy as np
-
     def need(ok: bool, what: str) -> None:
         if not ok:
             raise ValueError(what)

@@ -41,12 +41,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from build_llm.store.checkpoint import unwrap, write_failed
 from build_llm.config import GPTConfig
+from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
-from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 from build_llm.gpt import GPTModel
+from build_llm.store.checkpoint import unwrap, write_failed
+from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -72,10 +75,6 @@ EXPRESSIBLE = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
 
 # The causal-mask buffers that old GPT-2 files carry next to the weights (not parameters).
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
-
-
-class _Transposed:
-    """Marks a Conv1D weight: Hugging Face stores it (in, out), nn.Linear wants (out, in)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -245,8 +244,6 @@ def _open_directory(directory: Path, stack: ExitStack) -> tuple[dict[str, Any], 
 
 
 def _safetensors_loaders(paths: list[Path], stack: ExitStack) -> dict[str, Callable[[], torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
-
     loaders: dict[str, Callable[[], torch.Tensor]] = {}
     for path in paths:
         try:
@@ -430,7 +427,7 @@ def llama_tensors(model: GPTModel) -> Iterator[tuple[str, torch.Tensor]]:
 def to_hf(model: nn.Module) -> Any:
     """A `transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for a model with Llama's options),
     eval mode, that computes the same logits as `model`."""
-    try:
+    try:  # transformers is optional: only to_hf needs it
         from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
     except ImportError as e:
         raise ImportError("to_hf needs the optional package 'transformers' (pip install transformers); "
@@ -475,11 +472,6 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
     left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced
     atomically; any other non-empty directory is refused (see fsio). Returns the names of the files written.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
-
     model = unwrap(model)
     if not isinstance(model, GPTModel):
         raise TypeError(f"model: expected a GPTModel, got {type(model).__name__}")

@@ -1,6 +1,7 @@
 """`build-llm serve`: an OpenAI-compatible HTTP server with continuous batching and a playground page.
 
     engine.py   the decoding loop: sequences join and leave a shared batch at step boundaries
+    protocol.py OpenAI's wire format: settings, request parsing and checks, tokens -> choices
     app.py      the HTTP API (Starlette): /v1/models, /v1/completions, /v1/chat/completions, /health, /
     static/     the playground page (plain HTML and JavaScript, nothing fetched from elsewhere)
 """
@@ -11,8 +12,11 @@ import signal
 import sys
 from typing import Any
 
-from build_llm.serve.app import ApiError, Settings, create_app
+import uvicorn
+
+from build_llm.serve.app import create_app
 from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
+from build_llm.serve.protocol import ApiError, Settings
 
 __all__ = ["ApiError", "Engine", "QueueFull", "Sequence", "Settings", "Token", "create_app", "run_server"]
 
@@ -22,8 +26,6 @@ def run_server(model: Any, tokenizer: Any, settings: Settings, *, host: str = "1
                log: Any = None) -> None:
     """Serve until SIGTERM or Ctrl-C. On SIGTERM the server stops accepting connections, lets the
     requests in flight finish (for at most `shutdown_timeout` seconds), stops the engine and returns."""
-    import uvicorn
-
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
     app = create_app(engine, tokenizer, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout,

@@ -1,0 +1,269 @@
+"""OpenAI's wire format: requests parsed and checked, and one choice's tokens turned into its reply.
+
+Every check raises `ApiError`, which the app answers as OpenAI's JSON error
+(`{"error": {"message", "type", "param", "code"}}`) with the error's status.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from starlette.responses import JSONResponse
+
+from build_llm.serve.engine import Sequence, Token
+
+
+@dataclass
+class Settings:
+    model_name: str
+    dtype: str = "float32"
+    api_key: str | None = None
+    max_body: int = 1 << 20  # bytes of a request body
+    max_tokens: int | None = None  # the largest max_tokens a request may ask (default: the context)
+    max_n: int = 8
+    max_logprobs: int = 20
+    # messages -> the prompt's token ids, ending where the assistant's reply begins (None: no chat)
+    chat_template: Callable[[list[dict[str, str]]], list[int]] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.message, self.param, self.code, self.kind)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+# --- request validation ----------------------------------------------------------------------------
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)  # no NaN / Infinity
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send a JSON object", code="invalid_json")
+    return body
+
+
+def _number(body: dict, key: str, default: float | None, low: float, high: float, low_open: bool = False) -> float | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value < low or value > high or (low_open and value == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ApiError(400, f"{key}={value!r} is invalid; expected a number in {interval}", param=key)
+    return float(value)
+
+
+def _integer(body: dict, key: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(400, f"{key}={value!r} is invalid; expected an integer in [{low}, {high}]", param=key)
+    return value
+
+
+def _boolean(body: dict, key: str, default: bool = False) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key}={value!r} is invalid; expected true or false", param=key)
+    return value
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    n: int
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    logprobs: int | None
+    echo: bool
+    truncate: bool
+    include_usage: bool = False
+
+
+def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None) -> Sampling:
+    limit = settings.max_tokens or context_length
+    max_tokens = _integer(body, "max_tokens", default_max_tokens, 0, limit)
+    if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
+        max_tokens = _integer(body, "max_completion_tokens", None, 0, limit)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop={body.get('stop')!r} is invalid; expected a non-empty string or a list of up to 4",
+                       param="stop")
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    top_k = body.get("top_k")
+    if top_k in (0, -1):  # 0 or -1: no top-k cut (as other servers accept)
+        top_k = None
+    top_k = _integer({"top_k": top_k}, "top_k", None, 1, 1 << 30)
+    logprobs = body.get("logprobs")
+    if logprobs is False:
+        logprobs = None
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, f"stream_options={options!r} is invalid; expected an object such as "
+                            '{"include_usage": true}', param="stream_options")
+    return Sampling(
+        include_usage=_boolean(options, "include_usage"),
+        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=None if top_p == 1.0 else top_p, top_k=top_k, n=_integer(body, "n", 1, 1, settings.max_n), stop=stop,
+        seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1), stream=_boolean(body, "stream"),
+        logprobs=_integer({"logprobs": logprobs}, "logprobs", None, 0, settings.max_logprobs),
+        echo=_boolean(body, "echo"), truncate=_boolean(body, "truncate"))
+
+
+def _is_ids(x: Any) -> bool:
+    return isinstance(x, list) and len(x) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
+
+
+def parse_prompts(body: dict, encode: Callable[[str], list[int]], vocab_size: int) -> list[tuple[list[int], str | None]]:
+    """(token ids, text or None) of each prompt: a string, a list of strings, a list of token ids,
+    or a list of lists of token ids."""
+    if "prompt" not in body:
+        raise ApiError(400, "prompt is required: a string, a list of strings, or token ids", param="prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        items: list[Any] = [prompt]
+    elif _is_ids(prompt):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        items = prompt
+    else:
+        raise ApiError(400, "prompt is invalid; expected a string, a non-empty list of strings, a list of token ids "
+                            "or a list of lists of token ids", param="prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            ids = encode(item)
+            if not ids:
+                raise ApiError(400, "prompt is empty; give at least one token of text", param="prompt")
+            out.append((ids, item))
+        else:
+            if any(not 0 <= i < vocab_size for i in item):
+                raise ApiError(400, f"prompt holds token ids outside [0, {vocab_size})", param="prompt")
+            out.append((list(item), None))
+    return out
+
+
+def parse_messages(body: dict) -> list[dict[str, str]]:
+    """The chat's messages, each reduced to its role and content; the last must be the user's."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str) for m in messages) or messages[-1]["role"] != "user":
+        raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": system|user|assistant, "
+                            "\"content\": text} ending with the user's message", param="messages")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# --- one choice: tokens in, text and logprobs out ---------------------------------------------------
+class Choice:
+    """Turns the engine's tokens for one sequence into OpenAI text, logprobs and a finish reason.
+
+    Text goes out only when it is final: a trailing partial UTF-8 character, or a tail that could
+    still grow into a stop string, is held back until the next token decides it.
+    """
+
+    def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool, eos_id: int | None) -> None:
+        self.index, self.tokenizer, self.stop, self.want_logprobs, self.eos_id = index, tokenizer, stop, want_logprobs, eos_id
+        self.ids: list[int] = []
+        self.text = ""  # final text of the completion so far (sent or to send)
+        self.sent = 0
+        self.prefix = ""  # the echoed prompt
+        self.echoed = False  # the prefix has been streamed
+        self.finish: str | None = None
+        self.seq: Sequence | None = None
+        self.tokens: list[str] = []
+        self.token_logprobs: list[float | None] = []
+        self.top_logprobs: list[dict[str, float] | None] = []
+        self.text_offset: list[int] = []
+        self.completion_tokens = 0
+
+    def piece(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def add_logprobs(self, tokens: list[Token], offset: int) -> None:
+        for t in tokens:
+            s = self.piece(t.id)
+            self.tokens.append(s)
+            self.token_logprobs.append(t.logprob)
+            self.top_logprobs.append(None if t.top is None else {self.piece(i): lp for i, lp in t.top})
+            self.text_offset.append(offset)
+            offset += len(s)
+
+    def on_prompt(self, tokens: list[Token], prompt_ids: list[int]) -> None:
+        self.prefix = self.tokenizer.decode(prompt_ids)
+        if self.want_logprobs:
+            self.add_logprobs(tokens, 0)
+
+    def on_token(self, token: Token) -> None:
+        if self.finish is not None:
+            return
+        self.completion_tokens += 1
+        if self.eos_id is not None and token.id == self.eos_id:
+            self.finish = "stop"
+            self.text = self.tokenizer.decode(self.ids)
+            return
+        if self.want_logprobs:
+            self.add_logprobs([token], len(self.prefix) + len(self.tokenizer.decode(self.ids)))
+        self.ids.append(token.id)
+        full = self.tokenizer.decode(self.ids)
+        hits = [full.find(s) for s in self.stop if s in full]
+        if hits:
+            self.text = full[:min(hits)]
+            self.finish = "stop"
+            if self.seq is not None:
+                self.seq.cancel()
+            return
+        keep = len(full.rstrip("\ufffd"))  # a character still being spelled out in bytes
+        for s in self.stop:  # a tail that may become a stop string
+            for k in range(min(len(s) - 1, keep), 0, -1):
+                if full[:keep].endswith(s[:k]):
+                    keep -= k
+                    break
+        self.text = full[:keep] if keep >= self.sent else full[:self.sent]
+
+    def on_done(self, reason: str) -> None:
+        if self.finish is None:
+            self.text = self.tokenizer.decode(self.ids)
+            self.finish = "length" if reason in ("length", "cancelled") else reason
+
+    def take(self) -> str:
+        """Text not yet sent (for streaming)."""
+        delta, self.sent = self.text[self.sent:], len(self.text)
+        return delta
+
+    def logprobs_since(self, start: int) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
+                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}

@@ -257,7 +257,7 @@ ANSWER_TOKENS = 16  # generated per question; every answer (and its end token) i
 
 def fits(base: Path, record: dict) -> bool:
     """The prompt, the answer and its end token fit the context (a record cut by it would lose its answer)."""
-    from build_llm.train.finetune import encode_conversation, entry_to_messages
+    from build_llm.data.instruct import encode_conversation, entry_to_messages
 
     tok = base_tokenizer(base)
     ids, _ = encode_conversation(entry_to_messages(record)[:1], tok, tok.eos_id, add_generation_prompt=True)
@@ -268,7 +268,8 @@ def fits(base: Path, record: dict) -> bool:
 def exact_match(checkpoint: Path, records: list[dict]) -> dict[str, float]:
     """The share of exact answers, over all the records and by question."""
     from build_llm.infer.chat import load_chat_model
-    from build_llm.train.finetune import entry_to_messages, respond
+    from build_llm.infer.chat import respond
+    from build_llm.data.instruct import entry_to_messages
 
     model, tok, _ = load_chat_model(str(checkpoint))
     hits = [respond(model, tok, entry_to_messages(r)[:1], ANSWER_TOKENS).strip() == r["output"] for r in records]

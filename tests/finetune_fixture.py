@@ -11,7 +11,7 @@ import torch
 
 from build_llm import BPETokenizer, GPTConfig, GPTModel
 from build_llm.store.checkpoint import save_checkpoint
-from build_llm.train.finetune import ALPACA_PREAMBLE
+from build_llm.data.instruct import ALPACA_PREAMBLE
 
 WORDS = ("red green blue apple pear plum one two three cat dog fox the a is what colour fruit number animal "
          "answer question").split()

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from build_llm.errors import UsageError
 
@@ -233,8 +235,6 @@ def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any])
 def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> list[str]:
     """Write ADAPTER_FILE (the trainable tensors) and ADAPTER_META_FILE into `directory` (which the
     caller writes atomically, e.g. as save_checkpoint's extra files)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     save_file(adapter_state(model), directory / ADAPTER_FILE, metadata={"format": "pt", "lora": json.dumps(meta)})
     (directory / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
@@ -243,9 +243,6 @@ def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) 
 
 def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of an adapter written by save_adapter."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     try:
         meta = json.loads((directory / ADAPTER_META_FILE).read_text(encoding="utf-8"))

@@ -511,7 +511,8 @@ def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     from finetune_fixture import WORDS, tiny_cfg, write_instruct_json
 
     from build_llm import BPETokenizer
-    from build_llm.train.finetune import ALPACA_PREAMBLE, finetune
+    from build_llm.train.finetune import finetune
+    from build_llm.data.instruct import ALPACA_PREAMBLE
     from build_llm.train.config import FinetuneConfig
 
     text = (" ".join(WORDS) + "\n" + ALPACA_PREAMBLE + "\n\n### Instruction:\n\n\n### Input:\n\n\n### Response:\n")

@@ -17,7 +17,8 @@ import torch
 
 from build_llm.store.checkpoint import load_checkpoint
 from build_llm.cli import main
-from build_llm.train.finetune import load_finetuned, respond
+from build_llm.infer.chat import respond
+from build_llm.store.finetuned import load_finetuned
 
 from finetune_fixture import base, one_thread, tokenizer, write_classification_csv, write_instruct_json  # noqa: F401
 

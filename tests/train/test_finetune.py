@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 from build_llm import GPTModel
 from build_llm.store.checkpoint import load_checkpoint
-from build_llm.train.finetune import (ALPACA_PREAMBLE, IGNORE_INDEX, Example, classify_texts, collate_classification, collate_instruction, encode_conversation, finetune, fit_conversation, format_input, last_token_logits, load_finetuned, merge_checkpoint, prepare_classifier, read_instruction_data, read_labeled_csv, render_pieces, respond, step_loss)
+from build_llm.data.classify import collate_classification, read_labeled_csv
+from build_llm.data.instruct import (ALPACA_PREAMBLE, IGNORE_INDEX, Example, collate_instruction, encode_conversation,
+                                     format_input, read_instruction_data, render_pieces)
+from build_llm.infer.chat import fit_conversation, respond
+from build_llm.infer.classify import classify_texts, last_token_logits
+from build_llm.store.finetuned import load_finetuned, merge_checkpoint, prepare_classifier
+from build_llm.train.finetune import finetune, step_loss
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.loop import TrainingStopped
 

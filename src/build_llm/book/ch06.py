@@ -1,9 +1,10 @@
 """Chapter 6 of the book: fine-tuning for classification, under the book's names.
 
-The book's semantics are kept where they differ from `build_llm.train.finetune`: its dataset pads every
-text to one length with `pad_token_id` and its functions read the logits of the LAST POSITION
-(padding included), where `finetune` reads each text's last real token. The pieces are
-`finetune`'s (the head replacement of `prepare_classifier`, the CSV reader, the logits gather).
+The book's semantics are kept where they differ from `build-llm finetune classify`: its dataset pads
+every text to one length with `pad_token_id` and its functions read the logits of the LAST POSITION
+(padding included), where the package reads each text's last real token. The pieces are the
+package's (the head replacement of `store.finetuned.prepare_classifier`, the CSV reader of
+`data.classify`, the logits gather of `infer.classify`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from build_llm.data.classify import read_labeled_csv
 from build_llm.errors import UsageError
-
-from build_llm.train.finetune import last_token_logits, prepare_classifier, read_labeled_csv
+from build_llm.infer.classify import last_token_logits
+from build_llm.store.finetuned import prepare_classifier
 
 __all__ = ["SpamDataset", "calc_accuracy_loader", "calc_loss_batch", "calc_loss_loader", "evaluate_model",
            "train_classifier_simple", "classify_review", "prepare_classifier", "create_balanced_dataset",
@@ -151,7 +153,7 @@ def create_balanced_dataset(df):
     """A pandas DataFrame with as many "ham" rows (sampled, random_state=123) as "spam" rows."""
     num_spam = df[df["Label"] == "spam"].shape[0]
     ham_subset = df[df["Label"] == "ham"].sample(num_spam, random_state=123)
-    import pandas as pd
+    import pandas as pd  # optional: only the book's DataFrame helpers need it, and `df` is one already
 
     return pd.concat([ham_subset, df[df["Label"] == "spam"]])
 

@@ -1,8 +1,8 @@
 """Chapter 7 of the book: instruction fine-tuning, under the book's names.
 
-`format_input` is the book's Alpaca prompt (the same function `build_llm.train.finetune` renders every
+`format_input` is the book's Alpaca prompt (the same function `build_llm.data.instruct` renders every
 conversation with). The book's `custom_collate_fn` trains on the whole text (instruction included),
-masking only the padding after the first end token; `finetune` also masks the prompt.
+masking only the padding after the first end token; `collate_instruction` also masks the prompt.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from build_llm.train.finetune import IGNORE_INDEX, RESPONSE_HEADER, Example, collate_instruction, format_input
+from build_llm.data.instruct import IGNORE_INDEX, RESPONSE_HEADER, Example, collate_instruction, format_input
 
 __all__ = ["format_input", "InstructionDataset", "custom_collate_fn"]
 

@@ -686,7 +686,8 @@ def run_serve(args: argparse.Namespace) -> None:
     chat_template = None
     if args.checkpoint:  # an instruction fine-tune also answers /v1/chat/completions, in its own template
         from build_llm.infer.chat import load_chat_model
-        from build_llm.train.finetune import encode_conversation, require_eos
+        from build_llm.infer.chat import require_eos
+        from build_llm.data.instruct import encode_conversation
 
         model, tokenizer, note = load_chat_model(args.checkpoint)
         if note is None:
@@ -795,7 +796,8 @@ def add_classify(sub) -> None:
 def run_classify(args: argparse.Namespace) -> None:
     import json
 
-    from build_llm.train.finetune import classify_texts, load_finetuned
+    from build_llm.infer.classify import classify_texts
+    from build_llm.store.finetuned import load_finetuned
 
     ft = load_finetuned(args.checkpoint)
     if ft.meta["task"] != "classify":
@@ -817,7 +819,7 @@ def add_merge_lora(sub) -> None:
 
 
 def run_merge_lora(args: argparse.Namespace) -> None:
-    from build_llm.train.finetune import merge_checkpoint
+    from build_llm.store.finetuned import merge_checkpoint
 
     print(merge_checkpoint(args.checkpoint, args.out))
 

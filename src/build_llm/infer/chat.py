@@ -1,8 +1,10 @@
-"""`build-llm chat`: a terminal conversation with an instruction-tuned checkpoint.
+"""`build-llm chat`: a terminal conversation with an instruction-tuned checkpoint, and the inference
+pieces every chat front end shares (the CLI, `serve`, the examples).
 
 A ChatSession holds the messages and the sampling settings; each reply is generated from the
-conversation rendered with the fine-tuning chat template (finetune.render_pieces), cut to the
-context window by dropping the oldest turns, and streamed piece by piece.
+conversation rendered with the chat template (data/instruct.py: render_pieces), cut to the context
+window by dropping the oldest turns (fit_conversation), and streamed piece by piece up to the end
+token (stream_response). `respond` is the whole reply at once.
 """
 
 from __future__ import annotations
@@ -11,19 +13,73 @@ import sys
 from typing import Any, Iterator, TextIO
 
 import torch
+import torch.nn as nn
 
+from build_llm.data.instruct import encode_conversation
 from build_llm.errors import UsageError
-
-from build_llm.train.finetune import fit_conversation, require_eos, stream_response
+from build_llm.infer.generate import check_sampling, decode_stream, stream
+from build_llm.store.checkpoint import load_checkpoint
+from build_llm.store.finetuned import FINETUNE_FILE, load_finetuned, resolve_finetuned
 
 HELP = "commands: /reset (forget the conversation), /temperature T, /top-k K|off, /help, /quit (or Ctrl-D)"
+
+
+def require_eos(tokenizer: Any) -> int:
+    """The tokenizer's end token, which ends every response of the chat template."""
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is None:
+        raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no end token (<|endoftext|>), which "
+                         "instruction fine-tuning appends to every response; use a GPT-2 or trained BPE tokenizer")
+    return eos
+
+
+def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int, budget: int
+                     ) -> tuple[list[int], int]:
+    """Prompt ids for the conversation (ending with the response header) in at most `budget` tokens,
+    dropping the oldest user/assistant turns as needed; returns (ids, turns dropped)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    dropped = 0
+    while True:
+        ids, _ = encode_conversation(system + turns, tokenizer, eos_id, add_generation_prompt=True)
+        if len(ids) <= budget:
+            return ids, dropped
+        if len(turns) <= 1:
+            raise UsageError(f"the message is {len(ids)} tokens with its prompt, more than the {budget} the "
+                             "context window leaves; send a shorter message")
+        turns, dropped = turns[2:], dropped + 1
+
+
+def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], eos_id: int, max_new_tokens: int,
+                    *, temperature: float = 0.0, top_k: int | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[str]:
+    """Yield the response text piece by piece as tokens are generated, up to the end token (not
+    included). Text is yielded only up to whole characters (a byte-level BPE can split a character)."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+
+    def new_ids() -> Iterator[int]:
+        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
+                            generator=generator):
+            if int(token[0, 0]) == eos_id:
+                return
+            yield int(token[0, 0])
+
+    yield from decode_stream(tokenizer, new_ids())
+
+
+def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 64,
+            **sampling: Any) -> str:
+    """The model's whole (greedy by default) reply to a conversation ending with a user message."""
+    eos = require_eos(tokenizer)
+    budget = model.cfg.context_length - max_new_tokens
+    ids, _ = fit_conversation(messages, tokenizer, eos, max(budget, 1))
+    return "".join(stream_response(model, tokenizer, ids, eos, max_new_tokens, **sampling))
 
 
 class ChatSession:
     def __init__(self, model: Any, tokenizer: Any, *, system: str | None = None, max_new_tokens: int | None = None,
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> None:
-        from build_llm.infer.generate import check_sampling
-
         check_sampling(temperature, top_k, None)
         context = model.cfg.context_length
         if max_new_tokens is None:
@@ -60,9 +116,6 @@ class ChatSession:
 
 def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
     """(model, tokenizer, note) of an instruction fine-tune, or of a plain checkpoint with a note."""
-    from build_llm.store.checkpoint import load_checkpoint
-    from build_llm.train.finetune import FINETUNE_FILE, load_finetuned, resolve_finetuned
-
     try:
         resolve_finetuned(checkpoint)
     except ValueError:

@@ -10,10 +10,10 @@ from typing import Any
 
 from build_llm import lora as lora_mod
 from build_llm.errors import UsageError
+from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
 TASKS = ("classify", "instruct")
-CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
 RESUMABLE = ("epochs", "steps", "eval_every", "device")  # what a resumed fine-tuning run may change
 
 

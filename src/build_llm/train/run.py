@@ -478,7 +478,8 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
     when resuming > defaults), fine-tune; returns the last evaluation row. Raises UsageError for bad
     settings and TrainingStopped when interrupted or diverged."""
     from build_llm.store.checkpoint import load_trainer_state
-    from build_llm.train.finetune import finetune, resolve_finetuned
+    from build_llm.train.finetune import finetune
+    from build_llm.store.finetuned import resolve_finetuned
     from build_llm.train.config import FinetuneConfig
     from build_llm.store.fsio import claim_dir, lock_dir
 

@@ -1,0 +1,180 @@
+"""Fine-tuned checkpoints: the classifier head surgery that shapes them, and building, loading,
+saving and merging them.
+
+A fine-tuned checkpoint is a checkpoint directory with FINETUNE_FILE (finetune.json: task, labels,
+format, the base's identity, the LoRA settings, the run's config) beside its config and tokenizer.
+A full fine-tune holds its own weights; a LoRA run holds the adapter alone (lora.py) and the identity
+(path and SHA-256) of the base checkpoint it applies to, which loading checks. `merge_checkpoint`
+(`build-llm merge-lora`) folds an adapter into its base's weights as a plain checkpoint.
+
+Classification (the book's chapter 6): the output head is replaced by a new Linear(emb_dim,
+num_classes); the book's recipe trains the head, the last transformer block and the final norm and
+freezes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from build_llm import lora as lora_mod
+from build_llm.config import GPTConfig
+from build_llm.data.tokenizer import load_tokenizer
+from build_llm.errors import UsageError
+from build_llm.gpt import GPTModel
+from build_llm.sizing import count_parameters
+from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, PREVIOUS_DIR, TOKENIZER_FILE,
+                                        load_checkpoint, save_checkpoint, unwrap, write_failed)
+from build_llm.store.fsio import replace_dir, write_json
+
+FINETUNE_FILE = "finetune.json"
+CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
+
+
+# --- the classifier head -------------------------------------------------------------------------
+def prepare_classifier(model: nn.Module, num_classes: int, *, train_last_block: bool = True,
+                       trainable: str = "last-block") -> nn.Module:
+    """The book's chapter 6 recipe, in place: freeze everything, put a new Linear(emb_dim, num_classes)
+    head (trainable) in `out_head`, and (with `train_last_block`) unfreeze the last transformer block
+    and the final norm. `trainable="all"` unfreezes every weight instead (a small base model's last
+    block alone may not carry what the labels need). The head is the model's own afterwards (no
+    longer tied to the embedding)."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UsageError(f"num_classes={num_classes!r} is invalid; expected an integer >= 2")
+    if trainable not in CLASSIFY_TRAINABLE:
+        raise UsageError(f"trainable={trainable!r} is invalid; expected one of {CLASSIFY_TRAINABLE}")
+    for p in model.parameters():
+        p.requires_grad = train_last_block and trainable == "all"
+    ref = model.tok_emb.weight
+    model.out_head = nn.Linear(model.cfg.emb_dim, num_classes, device=ref.device, dtype=ref.dtype)
+    model.cfg = model.cfg.replace(tie_weights=False)
+    if train_last_block:
+        for p in [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]:
+            p.requires_grad = True
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable parameters, all parameters)."""
+    return count_parameters(model, trainable_only=True), count_parameters(model)
+
+
+# --- building and loading ------------------------------------------------------------------------
+def build_model(base_cfg, meta: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
+    """An empty model shaped as `meta` (finetune.json) says: the base model, a classifier head for
+    classify, LoRA layers for an adapter run."""
+    model = GPTModel(GPTConfig.coerce(base_cfg)).to(device)
+    if meta["task"] == "classify":
+        prepare_classifier(model, len(meta["labels"]))
+    return model
+
+
+def _base_identity(base_dir: Path) -> dict[str, Any]:
+    return {"path": str(base_dir.resolve()), "sha256": lora_mod.file_sha256(base_dir / MODEL_FILE)}
+
+
+@dataclass
+class Finetuned:
+    model: nn.Module
+    tokenizer: Any
+    meta: dict[str, Any]   # finetune.json: task, labels, format, base, lora, config
+    path: Path
+
+
+def resolve_finetuned(path: str | Path) -> Path:
+    path = Path(path)
+    for candidate in (path, path / CHECKPOINT_DIR, path / PREVIOUS_DIR):
+        if (candidate / FINETUNE_FILE).is_file():
+            return candidate
+    raise UsageError(f"--checkpoint {str(path)!r} holds no fine-tuned checkpoint (no {FINETUNE_FILE}); give the "
+                     "--out of `build-llm finetune` or of `build-llm merge-lora`")
+
+
+def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Finetuned:
+    """A fine-tuned model (eval mode) from a run directory or checkpoint directory of `finetune`
+    (full or LoRA: the adapter is applied to its base checkpoint, whose identity is checked)."""
+    path = resolve_finetuned(path)
+    try:
+        meta = json.loads((path / FINETUNE_FILE).read_text(encoding="utf-8"))
+        cfg = GPTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"checkpoint {str(path)!r}: {FINETUNE_FILE} or {CONFIG_FILE} is unreadable ({e})") from e
+    tokenizer = load_tokenizer(path / TOKENIZER_FILE)
+    if meta.get("lora"):
+        model = _load_adapted(path, meta, device)
+    else:
+        model = _load_full(path, cfg, meta, device)
+    return Finetuned(model.eval(), tokenizer, meta, path)
+
+
+def _load_adapted(path: Path, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """The base checkpoint named in `meta`, checked to be the one trained on, with the adapter applied."""
+    base = Path(meta["base"]["path"])
+    if not (base / MODEL_FILE).is_file():
+        raise UsageError(f"checkpoint {str(path)!r} is a LoRA adapter for the base checkpoint {str(base)!r}, "
+                         "which is no longer there; put the base back or use a merged checkpoint")
+    if lora_mod.file_sha256(base / MODEL_FILE) != meta["base"]["sha256"]:
+        raise UsageError(f"the base checkpoint {str(base)!r} has changed since the adapter in {str(path)!r} "
+                         "was trained on it; the adapter does not apply to these weights")
+    model = load_checkpoint(base, device).model
+    if meta["task"] == "classify":
+        prepare_classifier(model, len(meta["labels"]))
+    tensors, lora_meta = lora_mod.load_adapter(path)
+    lora_mod.apply_adapter(model, {k: v.to(device) for k, v in tensors.items()}, lora_meta)
+    return model
+
+
+def _load_full(path: Path, cfg: GPTConfig, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
+    """A full fine-tune's own weights (a tied head shares the embedding's matrix again)."""
+    model = build_model(cfg if meta["task"] == "instruct" else cfg.replace(tie_weights=False), meta, device)
+    try:
+        state = load_file(path / MODEL_FILE, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} is missing or unreadable ({e})") from e
+    if cfg.tie_weights and "out_head.weight" not in state:
+        state["out_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)
+    if cfg.tie_weights:
+        model.out_head.weight = model.tok_emb.weight
+    return model
+
+
+# --- saving and merging --------------------------------------------------------------------------
+def finetuned_files(meta: dict[str, Any], model: nn.Module | None = None) -> dict[str, Callable[[Path], Any]]:
+    """`extra_files` for save_checkpoint: finetune.json (and the adapter files of a LoRA model)."""
+    files: dict[str, Callable[[Path], Any]] = {FINETUNE_FILE: lambda p: write_json(p, meta)}
+    if meta.get("lora"):
+        files[lora_mod.ADAPTER_FILE] = lambda p: lora_mod.save_adapter(p.parent, model, meta["lora"])
+    return files
+
+
+def _save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: dict[str, Callable[[Path], Any]]) -> None:
+    """A checkpoint directory (replaced atomically, as save_checkpoint does) with config, tokenizer and
+    `files` but no model.safetensors: a LoRA run's checkpoint, whose weights are its base's."""
+    try:
+        with replace_dir(path, "checkpoint") as tmp:
+            write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
+            tokenizer.save(tmp / TOKENIZER_FILE)
+            for name, write in files.items():
+                write(tmp / name)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(path, e) from e
+
+
+def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """`build-llm merge-lora`: the LoRA run at `checkpoint` as a plain checkpoint at `out` (the adapter
+    merged into the base weights), which `generate`, `chat`, `classify` and `export-hf` read."""
+    ft = load_finetuned(checkpoint)
+    if not ft.meta.get("lora"):
+        raise UsageError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
+    lora_mod.merge_lora(ft.model)
+    meta = {k: v for k, v in ft.meta.items() if k != "lora"}
+    meta["merged_from"] = {"adapter": str(ft.path.resolve()), "lora": ft.meta["lora"]}
+    return save_checkpoint(Path(out), ft.model, ft.tokenizer, finetuned_files(meta))

@@ -25,7 +25,8 @@ from build_llm import CharTokenizer, GPTConfig, GPTModel, generate, set_seed, te
 
 from build_llm.data.corpus import prepare_corpus
 from build_llm.data.markov import ABC, abc_text, entropy_rate, next_char_distribution, optimal_loss, optimal_loss_on_text
-from build_llm.inspect.probe import (format_mask, inspect_model, return_intermediates, surprisal_html, surprisal_report)
+from build_llm.inspect.intermediates import format_mask, inspect_model, return_intermediates
+from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.sizing import count_parameters, format_parameter_table
 from build_llm.train.loop import train
 from build_llm.train.config import ABC_TRAIN

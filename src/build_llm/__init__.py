@@ -12,7 +12,8 @@ from build_llm.infer.generate import generate, generate_text_simple, stream, tex
 from build_llm.gpt import GPTModel  # noqa: E402
 from build_llm.layer import LayerNorm  # noqa: E402
 from build_llm.mlp import FeedForward  # noqa: E402
-from build_llm.inspect.probe import next_token_distribution, return_intermediates
+from build_llm.inspect.intermediates import return_intermediates  # noqa: E402
+from build_llm.inspect.tables import next_token_distribution  # noqa: E402
 from build_llm.sizing import count_parameters, model_size_mb, parameter_table  # noqa: E402
 from build_llm.runtime import get_device, set_seed  # noqa: E402
 from build_llm.data.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, get_tokenizer, load_tokenizer  # noqa: E402

@@ -64,5 +64,26 @@ def test_the_books_first_two_batches():
     first, second = next(batches), next(batches)
     assert [t.tolist() for t in first] == [[[40, 367, 2885, 1464]], [[367, 2885, 1464, 1807]]]
     assert [t.tolist() for t in second] == [[[367, 2885, 1464, 1807]], [[2885, 1464, 1807, 3619]]]
-    assert GPTDatasetV1 is build_llm.data.corpus.GPTDatasetV1 and isinstance(loader.dataset, GPTDatasetV1)
+    assert GPTDatasetV1 is build_llm.book.ch02.GPTDatasetV1 and isinstance(loader.dataset, GPTDatasetV1)
     assert isinstance(first[0], torch.Tensor)
+
+
+STORY = ("In the beginning the text was short, and the model was small.\n"
+         "Every effort moves you, said the book, and so the windows slid along.\n") * 3
+
+
+def test_gpt_dataset_v1_is_the_books():
+    enc = tiktoken.get_encoding("gpt2")
+    ids = enc.encode(STORY)
+    ds = GPTDatasetV1(STORY, enc, max_length=8, stride=5)
+    starts = list(range(0, len(ids) - 8, 5))
+    assert len(ds) == len(starts)
+    for k in (0, len(ds) - 1):
+        x, y = ds[k]
+        assert x.tolist() == ids[starts[k]:starts[k] + 8] and y.tolist() == ids[starts[k] + 1:starts[k] + 9]
+    loader = create_dataloader_v1(STORY, batch_size=3, max_length=4, stride=4, shuffle=False)
+    x, y = next(iter(loader))
+    assert x.shape == (3, 4) and x[0].tolist() == ids[:4] and x[1].tolist() == ids[4:8]
+    assert len(loader) == len(range(0, len(ids) - 4, 4)) // 3  # drop_last
+    with pytest.raises(ValueError, match="stride"):
+        GPTDatasetV1(STORY, enc, max_length=4, stride=0)

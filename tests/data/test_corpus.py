@@ -7,8 +7,7 @@ import pytest
 import tiktoken
 import torch
 
-from build_llm.data.corpus import (GPTDatasetV1, create_dataloader_v1, draw_starts, prepare_corpus, random_windows,
-                            read_text, step_rng, token_dtype)
+from build_llm.data.corpus import draw_starts, prepare_corpus, random_windows, read_text, step_rng, token_dtype
 from build_llm.data.tokenizer import CharTokenizer
 
 TEXT = ("In the beginning the text was short, and the model was small.\n"
@@ -103,20 +102,3 @@ def test_random_windows_and_step_rng():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.min() == 0 and a.max() == 100 - 16 - 1  # every valid start, and only those
-
-
-def test_gpt_dataset_v1_is_the_books():
-    enc = tiktoken.get_encoding("gpt2")
-    ids = enc.encode(TEXT)
-    ds = GPTDatasetV1(TEXT, enc, max_length=8, stride=5)
-    starts = list(range(0, len(ids) - 8, 5))
-    assert len(ds) == len(starts)
-    for k in (0, len(ds) - 1):
-        x, y = ds[k]
-        assert x.tolist() == ids[starts[k]:starts[k] + 8] and y.tolist() == ids[starts[k] + 1:starts[k] + 9]
-    loader = create_dataloader_v1(TEXT, batch_size=3, max_length=4, stride=4, shuffle=False)
-    x, y = next(iter(loader))
-    assert x.shape == (3, 4) and x[0].tolist() == ids[:4] and x[1].tolist() == ids[4:8]
-    assert len(loader) == len(range(0, len(ids) - 4, 4)) // 3  # drop_last
-    with pytest.raises(ValueError, match="stride"):
-        GPTDatasetV1(TEXT, enc, max_length=4, stride=0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from build_llm.inspect.plots import _top_p_count, plot_attention_grid, plot_layer_stats, plot_next_token
-from build_llm.inspect.probe import tempered_distributions
+from build_llm.inspect.tables import tempered_distributions
 
 image = pytest.importorskip("matplotlib.image")
 

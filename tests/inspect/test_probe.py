@@ -16,10 +16,10 @@ import torch
 from abc_fixture import abc_checkpoint  # noqa: F401  (a fixture)
 
 from build_llm import CharTokenizer, GPTConfig, GPTModel, get_tokenizer, load_checkpoint, set_seed
-from build_llm.data.markov import ABC, abc_text, next_char_distribution
-from build_llm.inspect.probe import (attention_entropy, is_abc_tokenizer, residual_norms, return_intermediates,
-                             surprisal_html, surprisal_report, tempered_distributions, token_label, token_labels,
-                             token_losses, token_pieces, uniform_attention_entropy)
+from build_llm.data.markov import ABC, abc_text, is_abc_tokenizer, next_char_distribution
+from build_llm.inspect.intermediates import attention_entropy, residual_norms, return_intermediates, uniform_attention_entropy
+from build_llm.inspect.surprisal import surprisal_html, surprisal_report, token_losses
+from build_llm.inspect.tables import tempered_distributions, token_label, token_labels, token_pieces
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +228,7 @@ def test_context_table_merges_the_lengths_seen_once_and_says_why(abc):
     """The by-context table: lengths that occur once each (the first window of a long text) share one
     row, explained on the page; the counts still add up to the tokens, and each row's mean is the mean
     of its tokens' bits."""
-    from build_llm.inspect.probe import context_groups
+    from build_llm.inspect.surprisal import context_groups
 
     assert context_groups(np.array([1, 2, 3, 4, 3, 4, 3, 4])) == [[1, 2], [3], [4]]
     assert context_groups(np.array([1, 2, 3])) == [[1], [2], [3]]  # one window: a row per length

@@ -16,7 +16,8 @@ import torch
 import build_llm.train.loop as train_mod
 from build_llm import GPTConfig, GPTModel
 from build_llm.store.checkpoint import load_checkpoint, load_trainer_state
-from build_llm.data.corpus import create_dataloader_v1, prepare_corpus
+from build_llm.data.corpus import prepare_corpus
+from build_llm.book.ch02 import create_dataloader_v1
 from build_llm.data.markov import ABC, optimal_loss
 from build_llm.train.loop import TrainingStopped, lr_at, train, train_model_simple
 from build_llm.train.config import TrainConfig

@@ -1,5 +1,5 @@
 """Chapter 2, working with text data: the book's word-level tokenizers and its sliding-window
-dataset and loader (the latter are the package's own, in `build_llm.data.corpus`).
+dataset and loader.
 
 The book builds its vocabulary from "the-verdict.txt"; `build_vocab` does the same from any text,
 so the tokenizers can be tried on text you have:
@@ -11,9 +11,12 @@ so the tokenizers can be tried on text you have:
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
-from build_llm.data.corpus import GPTDatasetV1, create_dataloader_v1
+import tiktoken
+import torch
+from torch.utils.data import DataLoader, Dataset
+
 from build_llm.errors import UsageError
 
 __all__ = ["split_text", "build_vocab", "SimpleTokenizerV1", "SimpleTokenizerV2", "GPTDatasetV1",
@@ -84,3 +87,45 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
     def decode(self, ids: Iterable[int]) -> str:
         text = " ".join(self.int_to_str[i] for i in ids)
         return SPACE_BEFORE_PUNCTUATION_V2.sub(r"\1", text)
+
+
+# --- the sliding-window dataset (section 2.6) -----------------------------------------------------
+def _encode(tokenizer: Any, txt: str) -> list[int]:
+    if hasattr(tokenizer, "encode_ordinary"):  # a raw tiktoken Encoding, as in the book
+        return tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+    return tokenizer.encode(txt)
+
+
+class GPTDatasetV1(Dataset):
+    """The book's dataset: every `stride` tokens, an input chunk of `max_length` and its target
+    chunk shifted by one token."""
+
+    def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int) -> None:
+        for name, value in (("max_length", max_length), ("stride", stride)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name}={value!r} is invalid; expected an integer >= 1")
+        self.input_ids: list[torch.Tensor] = []
+        self.target_ids: list[torch.Tensor] = []
+        token_ids = _encode(tokenizer, txt)
+        for i in range(0, len(token_ids) - max_length, stride):
+            input_chunk = token_ids[i:i + max_length]
+            target_chunk = token_ids[i + 1:i + max_length + 1]
+            self.input_ids.append(torch.tensor(input_chunk))
+            self.target_ids.append(torch.tensor(target_chunk))
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[idx], self.target_ids[idx]
+
+
+def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
+                         shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
+                         tokenizer: Any = None) -> DataLoader:
+    """The book's loader over GPTDatasetV1, with the GPT-2 tokenizer unless `tokenizer` is given."""
+    if tokenizer is None:
+        tokenizer = tiktoken.get_encoding("gpt2")
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                      num_workers=num_workers)

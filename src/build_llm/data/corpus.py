@@ -4,7 +4,8 @@ Two ways to cut batches from a stream of token ids:
 - random windows (the R notebook): each row starts at a uniformly drawn position. The draw for a
   step comes from a generator seeded by (seed, step), so a resumed run or a process of a
   distributed run draws exactly the batch an uninterrupted single process would.
-- sliding windows with a stride (the book's `GPTDatasetV1` / `create_dataloader_v1`).
+- sliding windows with a stride (as the book's `GPTDatasetV1` cuts them; the book's dataset and
+  loader are in `build_llm.book.ch02`).
 
 `prepare_corpus` tokenizes a UTF-8 file or folder of files into `tokens.bin`, a NumPy memmap
 (uint16 when the vocabulary fits, else uint32), so a corpus of gigabytes is never held in memory
@@ -22,9 +23,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
+from build_llm.data.markov import abc_text
+from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
+from build_llm.store.fsio import atomic_write, read_json, write_json
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
 # Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
@@ -115,8 +118,6 @@ class Corpus:
 def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
                  val_ratio: float) -> Corpus:
     """Tokenize `pieces` into out_dir/tokens.bin and write meta.json; both appear atomically."""
-    from build_llm.store.fsio import atomic_write, write_json
-
     dtype = token_dtype(tokenizer.vocab_size)
     n = 0
     with atomic_write(out_dir / TOKENS_FILE, "wb") as fh:
@@ -132,8 +133,6 @@ def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dic
 
 def open_corpus(data_dir: Path) -> Corpus:
     """The corpus a previous `write_tokens` left in `data_dir` (memory-mapped, read-only)."""
-    from build_llm.store.fsio import read_json
-
     meta = read_json(data_dir / META_FILE)
     n = meta["n_tokens"]
     ids = np.memmap(data_dir / TOKENS_FILE, dtype=np.dtype(meta["dtype"]), mode="r", shape=(n,)) if n else \
@@ -188,50 +187,6 @@ def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -
     return np.arange(0, n_ids - context_length, stride or context_length)
 
 
-# --- the book's sliding-window dataset -----------------------------------------------------------
-def _encode(tokenizer: Any, txt: str) -> list[int]:
-    if hasattr(tokenizer, "encode_ordinary"):  # a raw tiktoken Encoding, as in the book
-        return tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
-    return tokenizer.encode(txt)
-
-
-class GPTDatasetV1(Dataset):
-    """The book's dataset: every `stride` tokens, an input chunk of `max_length` and its target
-    chunk shifted by one token."""
-
-    def __init__(self, txt: str, tokenizer: Any, max_length: int, stride: int) -> None:
-        for name, value in (("max_length", max_length), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"{name}={value!r} is invalid; expected an integer >= 1")
-        self.input_ids: list[torch.Tensor] = []
-        self.target_ids: list[torch.Tensor] = []
-        token_ids = _encode(tokenizer, txt)
-        for i in range(0, len(token_ids) - max_length, stride):
-            input_chunk = token_ids[i:i + max_length]
-            target_chunk = token_ids[i + 1:i + max_length + 1]
-            self.input_ids.append(torch.tensor(input_chunk))
-            self.target_ids.append(torch.tensor(target_chunk))
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.input_ids[idx], self.target_ids[idx]
-
-
-def create_dataloader_v1(txt: str, batch_size: int = 4, max_length: int = 256, stride: int = 128,
-                         shuffle: bool = True, drop_last: bool = True, num_workers: int = 0,
-                         tokenizer: Any = None) -> DataLoader:
-    """The book's loader over GPTDatasetV1, with the GPT-2 tokenizer unless `tokenizer` is given."""
-    if tokenizer is None:
-        import tiktoken
-
-        tokenizer = tiktoken.get_encoding("gpt2")
-    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-                      num_workers=num_workers)
-
-
 # --- a run's corpus ------------------------------------------------------------------------------
 def _scan(files: list[Path]) -> tuple[str, set[str], int]:
     """One pass over the files: SHA-256 of their bytes, their set of characters, their length."""
@@ -253,11 +208,7 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
     reuses them. With `same_as` (a resumed run's data identity), data or a tokenizer that differ
     from it are refused before anything is written.
     """
-    from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
-
     if data is None:
-        from build_llm.data.markov import abc_text
-
         text = abc_text(abc_words, abc_seed)
         tok = CharTokenizer.from_text(text) if tokenizer == "char" else get_tokenizer(tokenizer)
         sha, pieces = hashlib.sha256(text.encode("utf-8")).hexdigest(), lambda: iter([text])

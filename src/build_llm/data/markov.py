@@ -24,7 +24,7 @@ The character tokenizer also has a ``<PAD>`` token (id 0). It never occurs, so i
 
 Public names: :class:`WordSource`, :data:`ABC`, :func:`abc_text`, :func:`optimal_loss_per_position`,
 :func:`optimal_loss`, :func:`entropy_rate`, :func:`next_char_distribution`,
-:func:`optimal_window_losses`, :func:`optimal_loss_on_text`.
+:func:`optimal_window_losses`, :func:`optimal_loss_on_text`, :func:`is_abc_tokenizer`.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from build_llm.data.tokenizer import CharTokenizer
 from build_llm.errors import UsageError
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "next_char_distribution",
     "optimal_window_losses",
     "optimal_loss_on_text",
+    "is_abc_tokenizer",
 ]
 
 # Beliefs equal to this many decimals count as the same belief and are merged. This bounds the
@@ -429,3 +431,9 @@ def optimal_loss_on_text(
         return np.empty((0, n))
     ids = all_ids[starts[:, None] + np.arange(n + 1)[None, :]]
     return _batched_window_losses(chain, ids, lambda w: text[starts[w] : starts[w] + n + 1])
+
+
+def is_abc_tokenizer(tokenizer: object) -> bool:
+    """True for a character tokenizer over exactly :data:`ABC`'s alphabet (plus ``<PAD>``): a model
+    that reads ABC text, whose true next-character distribution is known."""
+    return isinstance(tokenizer, CharTokenizer) and tokenizer.vocab[1:] == list(ABC.alphabet)

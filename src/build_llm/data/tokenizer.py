@@ -22,13 +22,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import tiktoken
+import tiktoken.registry
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from build_llm.errors import UsageError, UsageTypeError
-
-if TYPE_CHECKING:  # imported lazily at run time: `import build_llm` must stay cheap
-    import tiktoken
-    import tokenizers
+from build_llm.store.fsio import read_json
 
 ENDOFTEXT = "<|endoftext|>"
 MAX_BPE_VOCAB = 2**20  # far above any real BPE (GPT-2: 50,257; the largest common ones: about 256k)
@@ -172,9 +174,9 @@ def gpt2_encoding_kwargs(data_dir: str | os.PathLike[str] | None = None) -> dict
 def install_offline_gpt2() -> bool:
     """Make `tiktoken.get_encoding("gpt2")` build GPT-2 from local files instead of downloading.
 
-    Called once when `build_llm` is imported. It costs one tiktoken import; the encoding itself is
-    built only on first use. Returns False (and changes nothing) if tiktoken's registry does not
-    look as expected, in which case `GPT2Tokenizer` still works, offline, on its own.
+    Called once when `build_llm` is imported; the encoding itself is built only on first use.
+    Returns False (and changes nothing) if tiktoken's registry does not look as expected, in which
+    case `GPT2Tokenizer` still works, offline, on its own.
     """
     # Why the constructor registry: tiktoken.get_encoding(name) looks `name` up in
     # tiktoken.registry.ENCODING_CONSTRUCTORS (filled from tiktoken_ext plugins), calls the
@@ -184,12 +186,10 @@ def install_offline_gpt2() -> bool:
     # redefine "gpt2" (duplicate names raise), and seeding the download cache (files named by the
     # sha1 of the URL) would write files at import, and breaks when TIKTOKEN_CACHE_DIR is set to an
     # empty string or changed. This layout is the same from tiktoken 0.6 to today.
-    import tiktoken.registry as registry
-
-    if registry.ENCODINGS.get("gpt2") is not None:
+    if tiktoken.registry.ENCODINGS.get("gpt2") is not None:
         return True  # already built (e.g. downloaded before build_llm was imported): the same encoding
-    registry.list_encoding_names()  # public; fills ENCODING_CONSTRUCTORS from the plugins
-    constructors = getattr(registry, "ENCODING_CONSTRUCTORS", None)
+    tiktoken.registry.list_encoding_names()  # public; fills ENCODING_CONSTRUCTORS from the plugins
+    constructors = getattr(tiktoken.registry, "ENCODING_CONSTRUCTORS", None)
     if not isinstance(constructors, dict):
         return False
     constructors["gpt2"] = gpt2_encoding_kwargs
@@ -198,8 +198,6 @@ def install_offline_gpt2() -> bool:
 
 @lru_cache(maxsize=None)
 def _gpt2_encoding(data_dir: str | None) -> tiktoken.Encoding:
-    import tiktoken
-
     if data_dir is None and install_offline_gpt2():
         return tiktoken.get_encoding("gpt2")  # share tiktoken's cached instance with user code
     return tiktoken.Encoding(**gpt2_encoding_kwargs(data_dir))
@@ -350,8 +348,6 @@ class BPETokenizer(Tokenizer):
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer) -> None:
-        import tokenizers
-
         if not isinstance(tokenizer, tokenizers.Tokenizer):
             raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, got {type(tokenizer).__name__}")
         self._tok = tokenizer
@@ -441,10 +437,7 @@ def _rust_panics_as_usage_errors() -> Iterator[None]:
 
 def _bpe_setup(
     vocab_size: int, min_frequency: int, special_tokens: Sequence[str]
-) -> tuple[tokenizers.Tokenizer, tokenizers.trainers.BpeTrainer]:
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
+) -> tuple[tokenizers.Tokenizer, trainers.BpeTrainer]:
     special_tokens = list(special_tokens)
     smallest = 256 + len(special_tokens)  # every byte has its own token, so any text is encodable
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not smallest <= vocab_size <= MAX_BPE_VOCAB:
@@ -454,7 +447,7 @@ def _bpe_setup(
         )
     if not isinstance(min_frequency, int) or min_frequency < 1:
         raise UsageError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
-    tok = HFTokenizer(models.BPE())
+    tok = tokenizers.Tokenizer(models.BPE())
     # No normalizer and no prefix space: the text is split into bytes as is, so decode inverts encode.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -492,13 +485,11 @@ def tokenizer_from_json(d: dict[str, Any]) -> Tokenizer:
             "(or a Hugging Face tokenizer.json, which has no 'type' but a 'model')"
         )
     if isinstance(d.get("model"), dict):
-        from tokenizers import Tokenizer as HFTokenizer
-
         _check_bpe_merges(d["model"])
 
         try:
             with _rust_panics_as_usage_errors():
-                tok = BPETokenizer(HFTokenizer.from_str(json.dumps(d)))
+                tok = BPETokenizer(tokenizers.Tokenizer.from_str(json.dumps(d)))
         except UsageError:
             raise
         except Exception as e:  # tokenizers raises its own exception type
@@ -541,8 +532,6 @@ def load_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
         raise UsageError(
             f"path={str(path)!r} does not exist or is not a file; expected a tokenizer JSON file"
         )
-    from build_llm.store.fsio import read_json
-
     d = read_json(p, f"tokenizer {str(path)!r}")
     try:
         return tokenizer_from_json(d)

@@ -24,6 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from build_llm.data.markov import abc_text, is_abc_tokenizer
+from build_llm.infer.generate import generate
+
 # Text for the round-trip and the loss when neither --data nor a known source is given: spaces,
 # newlines, punctuation, digits and accents (the course's Portuguese) in one short passage.
 SAMPLE_TEXT = ("O gato sobe no telhado. Não há nada mais a dizer!\n"
@@ -130,8 +133,6 @@ def check_causal(model: nn.Module, idx: torch.Tensor) -> CheckResult:
 def check_kv_cache(model: nn.Module, idx: torch.Tensor, new_tokens: int = 8) -> CheckResult:
     """Logits with the cache (prompt, then one token at a time) equal one full forward; generation
     gives the same tokens with and without the cache."""
-    from build_llm.infer.generate import generate
-
     model.eval()
     T = idx.shape[1]
     half = max(1, T // 2)
@@ -206,13 +207,9 @@ def check_overfit(model: nn.Module, window: torch.Tensor, steps: int = 60, lr: f
 # --- running them all ----------------------------------------------------------------------------
 def doctor_text(tokenizer: Any, text: str | None) -> tuple[str, str]:
     """The text the checks use and where it came from: the data, ABC text for an ABC model, or a sample."""
-    from build_llm.inspect.probe import is_abc_tokenizer
-
     if text is not None:
         return text, "the data"
     if is_abc_tokenizer(tokenizer):
-        from build_llm.data.markov import abc_text
-
         return abc_text(400, seed=0), "ABC text sampled from the source"
     return SAMPLE_TEXT, "a built-in sample text"
 

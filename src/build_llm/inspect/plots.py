@@ -1,43 +1,56 @@
 """matplotlib figures: loss curves, attention maps, next-token distributions, per-layer statistics.
 
 Every function writes one PNG and returns its path. The Agg backend is used, so no display is
-needed; `import build_llm` does not import matplotlib (only calling a function here does).
+needed. matplotlib is imported on the first drawing, not with this module: it takes about half a
+second to import (with pyplot), and this module is imported by every training run (`RunLog`) and
+with `import build_llm`, most of which never draw.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from build_llm.store.fsio import atomic_path
+
+
+def _matplotlib():
+    """matplotlib, with its colors and colormaps (no pyplot, no backend chosen)."""
+    import matplotlib.colors  # deferred: slow to import, only drawing needs it (see the module docstring)
+
+    return matplotlib
+
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    _matplotlib().use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt  # deferred: slow to import, only drawing needs it (see the module docstring)
 
     return plt
+
+
+def map_colour(value: float, vmin: float, vmax: float, cmap_name: str) -> tuple[str, str]:
+    """(background, text colour) hex for `value` on a matplotlib colormap over [vmin, vmax]; the text
+    is black on a light background and white on a dark one."""
+    mpl = _matplotlib()
+    x = 0.5 if vmax <= vmin else min(max((value - vmin) / (vmax - vmin), 0.0), 1.0)
+    r, g, b, _ = mpl.colormaps[cmap_name](x)
+    return mpl.colors.to_hex((r, g, b)), ("#000000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#ffffff")
 
 
 def _plain_text(plot):
     """Run a plotting function with mathtext off: a prompt's "$x^2$" is drawn as typed, and an odd
     "$" cannot make matplotlib fail half-way through a figure."""
-    import functools
-
     @functools.wraps(plot)
     def wrapper(*args, **kwargs):
-        import matplotlib
-
-        with matplotlib.rc_context({"text.parse_math": False}):
+        with _matplotlib().rc_context({"text.parse_math": False}):
             return plot(*args, **kwargs)
     return wrapper
 
 
 def _save(fig, path: str | Path) -> Path:
-    from build_llm.store.fsio import atomic_path
-
     path = Path(path)
     try:
         with atomic_path(path) as tmp:  # a reader never sees half a picture
@@ -54,7 +67,7 @@ def plot_attention_grid(attention: np.ndarray | Sequence[Any], labels: Sequence[
     """One heatmap per layer (rows) and head (columns): row = query token, column = key token.
 
     `attention` is (n_layers, n_heads, T, T) or a list of (1, n_heads, T, T) tensors (as
-    `probe.return_intermediates` gives them). The forbidden future (above the diagonal) is grey,
+    `intermediates.return_intermediates` gives them). The forbidden future (above the diagonal) is grey,
     so a leak would show as colour there. Token labels are drawn on the left column and bottom row.
     """
     plt = _pyplot()
@@ -104,7 +117,7 @@ def plot_next_token(distributions: Sequence[dict[str, Any]], labels: Sequence[st
                     title: str = "Next-token distribution", true_probs: Sequence[float] | None = None) -> Path:
     """Bars of P(next token) for the tokens `ids` (most likely first), one panel per temperature.
 
-    `distributions` come from `probe.tempered_distributions`. Blue bars are the tokens the sampler
+    `distributions` come from `tables.tempered_distributions`. Blue bars are the tokens the sampler
     keeps (top-k first, then top-p on what is left, as `generate` does), grey bars the ones it
     drops; the dashed line marks where top-k alone cuts, the dotted one where top-p alone would.
     `true_probs` (one per id), when the source is known, are drawn as black ticks on the
@@ -179,8 +192,9 @@ def plot_layer_stats(norms: np.ndarray, entropy: np.ndarray, uniform: float, pat
     """Left: the residual-stream norm at each depth (one thin line per token, bold mean).
     Right: each head's mean attention entropy per layer, against uniform attention (the maximum).
 
-    `norms` is (n_layers + 1, T) (`probe.residual_norms`), `entropy` (n_layers, n_heads) in bits
-    (`probe.attention_entropy`), `uniform` from `probe.uniform_attention_entropy`.
+    `norms` is (n_layers + 1, T) (`intermediates.residual_norms`), `entropy` (n_layers, n_heads) in bits
+    (`intermediates.attention_entropy`), `uniform` from
+    `intermediates.uniform_attention_entropy`.
     """
     return _save(layer_stats_figure(norms, entropy, uniform, labels, title), path)
 

@@ -1,7 +1,7 @@
-"""probe: token labels and pieces, attention statistics, tempered cuts, surprisal and its HTML page.
+"""surprisal: per-token losses over sliding windows, the report with the ABC optimum, its HTML page.
 
-Expected values come from direct computations (one forward per context, numpy softmax and
-sorting, the markov module's next_char_distribution), not from the functions under test.
+Expected values come from direct computations (one forward per context, the markov module's
+next_char_distribution), not from the functions under test.
 """
 
 from __future__ import annotations
@@ -13,95 +13,10 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 import torch
-from abc_fixture import abc_checkpoint  # noqa: F401  (a fixture)
 
-from build_llm import CharTokenizer, GPTConfig, GPTModel, get_tokenizer, load_checkpoint, set_seed
+from build_llm import CharTokenizer, GPTConfig, GPTModel, set_seed
 from build_llm.data.markov import ABC, abc_text, is_abc_tokenizer, next_char_distribution
-from build_llm.inspect.intermediates import attention_entropy, residual_norms, return_intermediates, uniform_attention_entropy
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report, token_losses
-from build_llm.inspect.tables import tempered_distributions, token_label, token_labels, token_pieces
-
-
-@pytest.fixture(scope="module")
-def abc(abc_checkpoint):  # noqa: F811
-    ckpt = load_checkpoint(abc_checkpoint)
-    return ckpt.model, ckpt.tokenizer
-
-
-def test_token_label_makes_whitespace_and_controls_visible():
-    assert token_label(" the") == "␣the"
-    assert token_label("\n\n") == "\\n\\n"
-    assert token_label("a\tb\x00") == "a\\tb\\x00"
-    assert token_label("") == "∅"
-    assert token_label("ação") == "ação"
-    assert token_labels(CharTokenizer(["<PAD>", "\n", "A"]), [0, 1, 2]) == ["<PAD>", "\\n", "A"]
-
-
-def test_token_pieces_join_to_the_text_even_when_a_character_spans_tokens():
-    tok = get_tokenizer("gpt2")
-    text = "Ação 🙂 coração, 日本語 é"
-    ids = tok.encode(text)
-    assert "".join(tok.decode([i]) for i in ids) != text  # some character is split across tokens
-    pieces = token_pieces(tok, ids)
-    assert len(pieces) == len(ids)
-    assert "".join(pieces) == text
-
-
-def test_attention_rows_are_distributions_over_the_past(abc):
-    model, tok = abc
-    ids = torch.tensor([tok.encode("CAAACB\n\nAABCBBC")])
-    inter = return_intermediates(model, ids)
-    T = ids.shape[1]
-    assert len(inter["attention"]) == model.cfg.n_layers
-    for a in inter["attention"]:
-        assert a.shape == (1, model.cfg.n_heads, T, T)
-        torch.testing.assert_close(a.sum(-1), torch.ones(1, model.cfg.n_heads, T))
-        assert torch.all(a.triu(diagonal=1) == 0)
-    assert torch.equal(inter["mask"], torch.triu(torch.ones(T, T, dtype=torch.int), diagonal=1))
-    # The last residual state, through the final norm and the head, gives the model's logits.
-    with torch.no_grad():
-        logits = model.out_head(model.final_norm(inter["hidden"][-1]))
-    torch.testing.assert_close(logits, inter["logits"])
-    norms = residual_norms(inter["hidden"])
-    assert norms.shape == (model.cfg.n_layers + 1, T)
-    torch.testing.assert_close(norms[0], torch.linalg.vector_norm(inter["hidden"][0][0], dim=-1))
-
-
-def test_attention_entropy_of_uniform_and_one_hot_rows():
-    T = 6
-    allowed = torch.tril(torch.ones(T, T))
-    uniform = (allowed / allowed.sum(-1, keepdim=True))[None, None]  # (1, 1, T, T)
-    one_hot = torch.eye(T)[None, None]
-    ent = attention_entropy([torch.cat([uniform, one_hot], dim=1)])  # 1 layer, 2 heads
-    expected = np.mean([math.log2(t + 1) for t in range(T)])
-    assert ent.shape == (1, 2)
-    assert ent[0, 0].item() == pytest.approx(expected, abs=1e-6)
-    assert ent[0, 1].item() == pytest.approx(0.0, abs=1e-9)
-    assert uniform_attention_entropy(T) == pytest.approx(expected)
-
-
-def _expected_keep(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> set[int]:
-    """The sampler's rule done by hand: the k largest, then the smallest head of their renormalised
-    distribution whose mass reaches top_p (a token stays if the mass before it is below top_p)."""
-    order = np.argsort(-logits)[:top_k]
-    z = logits[order] / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    before = np.cumsum(p) - p
-    return {int(i) for i, b in zip(order, before) if b < top_p}
-
-
-@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_tempered_distributions_cut_like_the_sampler(temperature):
-    g = torch.Generator().manual_seed(3)
-    logits = torch.randn(40, generator=g) * 2
-    (d,) = tempered_distributions(logits, [temperature], top_k=8, top_p=0.6)
-    z = logits.double().numpy() / temperature
-    probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
-    np.testing.assert_allclose(d["probs"].double().numpy(), probs, rtol=1e-5)
-    assert set(torch.nonzero(d["keep"])[:, 0].tolist()) == _expected_keep(logits.double().numpy(), temperature, 8, 0.6)
-    with pytest.raises(ValueError, match="temperature"):
-        tempered_distributions(logits, [0.0])
 
 
 def _direct_losses(model, ids: list[int]) -> list[float]:
@@ -198,30 +113,6 @@ def test_surprisal_html_holds_every_token_escaped_and_the_totals():
     shown = re.search(r'data-key="bits per token">([0-9.]+)<', page).group(1)
     assert float(shown) == pytest.approx(direct.mean(), abs=1e-4)
     assert "perplexity" in page and "bits per character" in page and "Excess" not in page
-
-
-def test_next_token_distribution_is_the_softmax_of_the_last_logits():
-    import math
-
-    from build_llm import GPTConfig, GPTModel, next_token_distribution
-    from build_llm.data.tokenizer import PAD, CharTokenizer
-
-    torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset("r-abc")).train()
-    tok = CharTokenizer([PAD, "\n", "A", "B", "C"])
-    table = next_token_distribution(model, tok, "ABCA" * 5, k=3)  # 20 characters: the last 16 are used
-    assert model.training  # its mode is restored
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.tensor([tok.encode(("ABCA" * 5)[-16:])]))[0, -1].tolist()
-    total = sum(math.exp(v) for v in logits)
-    expected = sorted(((math.exp(v) / total, i) for i, v in enumerate(logits)), reverse=True)[:3]
-    assert [i for _, i, _ in table] == [i for _, i in expected]
-    assert [s for s, _, _ in table] == [tok.decode([i]) for _, i in expected]
-    for (_, _, p), (q, _) in zip(table, expected):
-        assert abs(p - q) < 1e-6
-    with pytest.raises(ValueError, match="k=0"):
-        next_token_distribution(model, tok, "A", k=0)
 
 
 def test_context_table_merges_the_lengths_seen_once_and_says_why(abc):

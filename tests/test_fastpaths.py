@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from build_llm import GPTConfig, GPTModel, generate, generate_text_simple, load_model, save_checkpoint
+from build_llm.runtime import autocast, configure_backends, to_device
 
 
 # A GPT-2-shaped model large enough for every kernel to take its real path, small enough to be quick.
@@ -129,8 +130,6 @@ def test_compiled_forward_and_decoding_equal_eager():
 
 
 def test_runtime_autocast_selects_the_precision():
-    from build_llm.runtime import autocast
-
     a, b = torch.randn(8, 8), torch.randn(8, 8)
     with autocast("cpu", "bfloat16"):
         assert (a @ b).dtype == torch.bfloat16
@@ -141,8 +140,6 @@ def test_runtime_autocast_selects_the_precision():
 
 
 def test_runtime_cpu_paths_of_the_gpu_helpers_change_nothing():
-    from build_llm.runtime import configure_backends, to_device
-
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     configure_backends("cpu")
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before

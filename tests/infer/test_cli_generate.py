@@ -1,13 +1,13 @@
 """`build-llm generate` streams: each token's text is written (and flushed) as soon as it is
 generated, and stdout is exactly the prompt and its continuation."""
 
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from build_llm import GPTModel, generate, get_tokenizer, load_model, save_checkpoint, text_to_token_ids
-
 from build_llm.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,8 +68,6 @@ def test_tokens_are_printed_as_they_are_generated(checkpoint, monkeypatch):
 
 
 def test_streamed_output_through_a_pipe_is_the_same_text(checkpoint):
-    import subprocess
-
     args = ["generate", "--checkpoint", str(checkpoint), "--prompt", "The", "--max-new-tokens", "8"]
     result = subprocess.run([sys.executable, "-m", "build_llm.cli", *args], capture_output=True, text=True,
                             timeout=300)

@@ -1,11 +1,16 @@
 import math
+import random
 
 import pytest
+import tiktoken
 import torch
 
-from build_llm import GPTConfig, GPTModel, generate, generate_text_simple, get_tokenizer, stream
-
-from build_llm.infer.generate import filter_logits, text_to_token_ids, token_ids_to_text
+from build_llm import (GPTConfig, GPTModel, generate, generate_text_simple, get_tokenizer, load_model, save_checkpoint,
+                       stream)
+from build_llm.data.tokenizer import BPETokenizer, CharTokenizer
+from build_llm.gpt import use_decoding_layout
+from build_llm.infer.generate import decode_stream, filter_logits, text_to_token_ids, token_ids_to_text
+from build_llm.runtime import DECODE_ONE_THREAD_BELOW
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +125,6 @@ def test_invalid_idx(model):
 
 
 def test_text_helpers_round_trip_with_tiktoken_and_ours():
-    import tiktoken
-
     for tok in (get_tokenizer("gpt2"), tiktoken.get_encoding("gpt2")):
         ids = text_to_token_ids("Every effort moves you<|endoftext|>", tok)
         assert ids.shape == (1, 5) and int(ids[0, -1]) == 50256
@@ -129,9 +132,6 @@ def test_text_helpers_round_trip_with_tiktoken_and_ours():
 
 
 def test_decoding_layout_keeps_values_names_and_tokens(model, tmp_path):
-    from build_llm import load_model, save_checkpoint
-    from build_llm.gpt import use_decoding_layout
-
     idx = torch.randint(0, 50, (2, 4))
     before, logits = generate(model, idx, 20), model(idx)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -149,8 +149,6 @@ def test_decoding_layout_keeps_values_names_and_tokens(model, tmp_path):
 
 
 def test_decode_stream_pieces_add_up_and_never_split_a_character():
-    from build_llm.infer.generate import decode_stream
-
     tok = get_tokenizer("gpt2")
     text = "Ünïcode: 😀 and 世界, then ASCII."
     ids = tok.encode(text)
@@ -175,11 +173,6 @@ class FirstTokenWithoutSpace:
 
 @pytest.mark.parametrize("kind", ["gpt2", "char", "bpe", "first-token-without-space"])
 def test_decode_stream_equals_decoding_everything(kind):
-    import random
-
-    from build_llm.infer.generate import decode_stream
-    from build_llm.data.tokenizer import BPETokenizer, CharTokenizer
-
     rng = random.Random(0)
     text = "Ünïcode 😀 and 世界, then ASCII. " * 8
     if kind == "gpt2":
@@ -203,8 +196,6 @@ def test_decode_stream_equals_decoding_everything(kind):
 def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
     """runtime.decoding_threads: each step of a small model runs on one CPU thread; between steps
     (a paused stream) and afterwards the caller's count holds; OMP_NUM_THREADS turns it off."""
-    from build_llm.runtime import DECODE_ONE_THREAD_BELOW
-
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -7,10 +7,14 @@ import torch
 import torch.nn as nn
 
 from build_llm import GPTConfig, GPTModel
-
+from build_llm.attention import KVCache
+from build_llm.book.appendix_e import replace_linear_with_lora
+from build_llm.cli import main
+from build_llm.data.tokenizer import CharTokenizer
 from build_llm.infer import kernels
 from build_llm.infer.generate import generate
 from build_llm.infer.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int8, weight_bytes
+from build_llm.store.checkpoint import save_checkpoint
 
 
 def tiny(**kw) -> GPTModel:
@@ -90,10 +94,6 @@ def test_prepare_for_decoding_rejects_an_unknown_dtype():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 def test_generate_cli_decodes_with_the_chosen_weights(dtype, tmp_path, capsys):
-    from build_llm.store.checkpoint import save_checkpoint
-    from build_llm.cli import main
-    from build_llm.data.tokenizer import CharTokenizer
-
     tok = CharTokenizer.from_text("abcdefgh ")
     model = tiny(vocab_size=tok.vocab_size)
     save_checkpoint(tmp_path / "ckpt", model, tok)
@@ -141,8 +141,6 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
 
 @needs_kernels
 def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range():
-    from build_llm.attention import KVCache
-
     model = prepare_for_decoding(tiny(), "int8")
     plain = modules_only(model)
     prompts = [torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9)]
@@ -172,7 +170,6 @@ def test_compiled_step_only_for_models_it_computes_exactly():
     for kw in ({"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"pos_emb": "rope"}):
         model = prepare_for_decoding(tiny(**kw), "int8")
         assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
-    from build_llm.book.appendix_e import replace_linear_with_lora
 
     adapted = tiny()
     replace_linear_with_lora(adapted, rank=2, alpha=4)  # every Linear wrapped with an adapter: not the step's

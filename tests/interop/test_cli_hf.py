@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
+from build_llm import CharTokenizer, GPT2Tokenizer, GPTConfig, GPTModel, load_checkpoint, save_checkpoint
+from build_llm.cli import main
+
 transformers = pytest.importorskip("transformers")
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-from build_llm import GPT2Tokenizer, load_checkpoint  # noqa: E402
-from build_llm.cli import main  # noqa: E402
 
 # GPT-2's own vocabulary, so the imported checkpoint carries the GPT-2 tokenizer and can generate text.
 SMALL = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=50257, n_positions=64)
@@ -86,8 +86,6 @@ def test_export_hf_round_trip(checkpoint, reference, tmp_path, capsys):
 
 
 def test_export_hf_of_a_char_checkpoint_notes_the_tokenizer_is_left_out(tmp_path, capsys):
-    from build_llm import CharTokenizer, GPTConfig, GPTModel, save_checkpoint
-
     save_checkpoint(tmp_path / "ckpt", GPTModel(GPTConfig.from_preset("r-abc")), CharTokenizer.from_text("ABC\n"))
     code, out, err = run(capsys, "export-hf", "--checkpoint", tmp_path / "ckpt", "--out", tmp_path / "hf")
     assert code == 0

@@ -10,12 +10,14 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import build_llm.interop.hf as hf_module
+from build_llm import BPETokenizer, GPT2Tokenizer, GPTConfig, GPTModel, generate
+from build_llm.interop.hf import config_from_hf, config_to_hf, from_hf, save_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
-
-from build_llm import BPETokenizer, GPT2Tokenizer, GPTConfig, GPTModel, generate  # noqa: E402
-from build_llm.interop.hf import config_from_hf, config_to_hf, from_hf, save_hf, to_hf  # noqa: E402
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaForCausalLM  # noqa: E402
 
 TINY = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64, bos_token_id=None, eos_token_id=None)
 ATOL = 1e-5
@@ -74,8 +76,6 @@ def saved(reference, tmp_path_factory):
 
     # The files on the hub for openai-community/gpt2 name tensors without `transformer.` and carry
     # each layer's causal-mask buffer as `h.N.attn.bias`.
-    from safetensors.torch import save_file
-
     legacy = {k.removeprefix("transformer."): v.contiguous() for k, v in state.items()}
     for i in range(TINY["n_layer"]):
         legacy[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
@@ -188,8 +188,6 @@ def test_import_errors(saved, tmp_path):
 
 
 def test_import_rejects_weights_that_do_not_match_the_config(reference, tmp_path):
-    from safetensors.torch import save_file
-
     state = {k: v.contiguous() for k, v in reference.state_dict().items() if k != "lm_head.weight"}
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     missing = dict(state)
@@ -259,10 +257,8 @@ def test_to_hf_copies_the_weights():
 
 
 def test_export_refuses_what_gpt2_cannot_express(monkeypatch, tmp_path):
-    import build_llm.interop.hf as hf
-
     # Stand-in for a future GPTConfig feature with no GPT-2 counterpart.
-    monkeypatch.setattr(hf, "EXPRESSIBLE", hf.EXPRESSIBLE - {"ln_eps"})
+    monkeypatch.setattr(hf_module, "EXPRESSIBLE", hf_module.EXPRESSIBLE - {"ln_eps"})
     model = GPTModel(our_shapes["gpt2"].replace(ln_eps=1e-6))
     with pytest.raises(ValueError, match="GPT-2 cannot express this model: ln_eps=1e-06"):
         save_hf(model, tmp_path / "out")
@@ -281,8 +277,6 @@ llama_shapes = {
 @pytest.mark.parametrize("name", sorted(llama_shapes))
 def test_llama_shaped_models_export_to_llama(name, tmp_path):
     """Independent reference: transformers' own LlamaForCausalLM (its RoPE, RMSNorm, SwiGLU)."""
-    from transformers import LlamaForCausalLM
-
     cfg = llama_shapes[name]
     model = randomize_(GPTModel(cfg), seed=13).eval()
     idx = tokens(cfg.vocab_size, (2, cfg.context_length), seed=14)
@@ -317,8 +311,6 @@ def test_export_refuses_other_mixes_naming_the_option(changes, message, tmp_path
 
 
 def test_export_writes_tokenizers_that_autotokenizer_loads(tmp_path):
-    from transformers import AutoTokenizer
-
     text = "O gato dorme no telhado, à noite.<|endoftext|> Ação!"
     gpt2 = GPT2Tokenizer()
     save_hf(GPTModel(our_shapes["gpt2"].replace(vocab_size=50257)), tmp_path / "gpt2", gpt2)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,12 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import uvicorn
 
 from build_llm import GPTConfig, GPTModel
-from build_llm.store.checkpoint import save_checkpoint
-from build_llm.infer.generate import generate
-from build_llm.serve.engine import Engine, QueueFull, Sequence
 from build_llm.data.tokenizer import get_tokenizer
+from build_llm.infer.generate import generate
+from build_llm.infer.quant import prepare_for_decoding
+from build_llm.interop.hf import to_hf
+from build_llm.serve import Settings, create_app
+from build_llm.serve.engine import Engine, QueueFull, Sequence
+from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -52,8 +57,6 @@ class Collect:
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: rows decoded by the compiled step (quant.py)
 def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
-    from build_llm.infer.quant import prepare_for_decoding
-
     model = prepare_for_decoding(tiny_model(vocab_size=300), dtype)
     engine = Engine(model, max_batch=3, max_queue=16).start()
     try:
@@ -177,7 +180,6 @@ def client(server):
 
 
 def reference(tiny_ckpt, prompt: str, n: int) -> str:
-    from build_llm.store.checkpoint import load_checkpoint
     ckpt = load_checkpoint(tiny_ckpt)
     ids = ckpt.tokenizer.encode(prompt)
     out = generate(ckpt.model, torch.tensor([ids]), n)[0, len(ids):].tolist()
@@ -214,9 +216,6 @@ def test_openai_streaming_gives_the_same_text(client):
 
 
 def test_logprobs_with_echo_score_the_prompt_like_hugging_face(client, tiny_ckpt):
-    from build_llm.store.checkpoint import load_checkpoint
-    from build_llm.interop.hf import to_hf
-
     ckpt = load_checkpoint(tiny_ckpt)
     ids = ckpt.tokenizer.encode("Paris is the capital of France")
     r = client.completions.create(model="tiny", prompt=ids, max_tokens=0, echo=True, logprobs=3, temperature=0)
@@ -267,11 +266,6 @@ def test_openai_errors(client, server):
 
 def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
     """A model with a chat template (here a plain one given in-process), served by uvicorn in a thread."""
-    import uvicorn
-
-    from build_llm.store.checkpoint import load_checkpoint
-    from build_llm.serve import Settings, create_app
-
     ckpt = load_checkpoint(tiny_ckpt)
     tok = ckpt.tokenizer
 
@@ -434,7 +428,6 @@ def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
 # --- the playground page in a real browser ---------------------------------------------------------------
 def chromium():
     """A headless Chromium driven by Selenium through Debian's chromium-driver, or a skip with the reason."""
-    import shutil
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service

@@ -45,7 +45,7 @@ def grid() -> list[tuple[tuple[int, int], int]]:
 
 
 def run_one(data: str, shape: tuple[int, int], tokens: int, seed: int = 0) -> dict:
-    from build_llm.bench.run import matmul_params, train_flops_per_token
+    from build_llm.sizing import matmul_parameters, train_flops_per_token
 
     n_layers, emb_dim = shape
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,7 +58,7 @@ def run_one(data: str, shape: tuple[int, int], tokens: int, seed: int = 0) -> di
         result = train(Path(tmp) / "run", cfg, train_cfg, corpus, tok, log=lambda s: None)
         cpu_s = time.process_time() - t0
     return {"n_layers": n_layers, "emb_dim": emb_dim, "context_length": CONTEXT, "batch_size": BATCH,
-            "n_params": matmul_params(cfg), "tokens": steps * BATCH * CONTEXT, "steps": steps, "seed": seed,
+            "n_params": matmul_parameters(cfg), "tokens": steps * BATCH * CONTEXT, "steps": steps, "seed": seed,
             "flops": train_flops_per_token(cfg) * steps * BATCH * CONTEXT, "val_loss": result.val_loss,
             "cpu_s": round(cpu_s, 1)}
 

@@ -1,8 +1,10 @@
-"""Where and how the model runs: seeding, device and dtype choice."""
+"""Where and how the model runs: seeding, device and dtype choice, the memory available, and how
+many CPU threads a model gets (one rule for training and decoding)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import numpy as np
@@ -122,21 +124,29 @@ def one_thread():
             torch.set_num_threads(saved)
 
 
-# Decoding a model below this many weights runs on one CPU thread: its matrix-vector products are too
-# small to share among threads (measured with `build-llm bench`'s r-abc row, see the README's Speed).
-DECODE_ONE_THREAD_BELOW = 2_000_000
+# A model below this many weights runs on one CPU thread, in training and in decoding: its matrix
+# products are too small to share among threads, and other processes compete for the cores
+# (measured with `build-llm bench`'s r-abc row, see the README's Speed).
+ONE_THREAD_BELOW = 2_000_000
 
 
-def decoding_threads(model: torch.nn.Module):
-    """The context for each decoding step of `model`: `one_thread` for a small model on the CPU (see
-    DECODE_ONE_THREAD_BELOW), so that code between steps (and a caller holding a paused generator)
-    keeps its own count; a no-op when OMP_NUM_THREADS is set (the user chose), on another device, or
-    for a larger model."""
-    import os
+def wants_one_thread(weights: int, device: torch.device | str) -> bool:
+    """Whether a model of `weights` weights on `device` should run on one CPU thread: on the CPU, below
+    ONE_THREAD_BELOW, and OMP_NUM_THREADS not set (when it is, the user chose the count)."""
+    return (torch.device(device).type == "cpu" and weights < ONE_THREAD_BELOW
+            and "OMP_NUM_THREADS" not in os.environ)
 
-    first = next(model.parameters(), None)
-    weights = sum(p.numel() for p in model.parameters())
-    weights += sum(b.numel() for b in model.buffers() if b.dtype != torch.bool)  # bf16/int8 decoding weights
-    small = (first is not None and first.device.type == "cpu" and weights < DECODE_ONE_THREAD_BELOW
-             and "OMP_NUM_THREADS" not in os.environ)
-    return one_thread if small else contextlib.nullcontext
+
+def set_cpu_threads(weights: int, device: torch.device | str, threads: int | None = None) -> None:
+    """Before training a model of `weights` weights: one CPU thread if it wants one (wants_one_thread),
+    else `threads` (default: the count now). Nothing changes on another device or under OMP_NUM_THREADS."""
+    if torch.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1 if wants_one_thread(weights, device) else torch.get_num_threads() if threads is None
+                              else threads)
+
+
+def decoding_threads(weights: int, device: torch.device | str):
+    """The context for each decoding step of a model of `weights` weights on `device`: `one_thread` when
+    it wants one (wants_one_thread), so that code between steps (and a caller holding a paused
+    generator) keeps its own count; otherwise a no-op."""
+    return one_thread if wants_one_thread(weights, device) else contextlib.nullcontext

@@ -1,20 +1,46 @@
-"""Model sizing: parameter counts and tables, sizes in MB, and the bytes a model holds.
+"""Model sizing: parameters, FLOPs and bytes, each counted in one place.
 
-One home for the arithmetic that the CLI's `info`, the time budget, the memory checks and the
-benchmark all need (training FLOPs and memory estimates live here too)."""
+The CLI's `info`, the memory checks before loading or training, the time budget's rule and plan,
+and the benchmark all size a model with these functions. Sizing a config builds its model on the
+meta device: every shape, no memory, no initialisation."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from build_llm.config import GPTConfig
 from build_llm.gpt import GPTModel
 from build_llm.runtime import get_dtype
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters; a tied matrix counts once (as `model.parameters()` yields it once)."""
+def meta_model(cfg: GPTConfig) -> GPTModel:
+    """A GPTModel of `cfg` on the meta device: the shapes of every tensor, nothing allocated."""
+    with torch.device("meta"):
+        return GPTModel(cfg)
+
+
+# --- parameters ----------------------------------------------------------------------------------
+def count_parameters(model: nn.Module | GPTConfig, trainable_only: bool = False) -> int:
+    """Number of parameters of a model, or of a GPTModel of a config; a tied matrix counts once (as
+    `model.parameters()` yields it once)."""
+    if isinstance(model, GPTConfig):
+        model = meta_model(model)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def lookup_tables(model: GPTModel) -> list[torch.Tensor]:
+    """The embedding tables a token reads one row of: the position table (if any) and the token
+    table, unless the output head multiplies by that same matrix (tied)."""
+    tables = [model.pos_emb.weight] if model.pos_emb is not None else []
+    return tables if model.out_head.weight is model.tok_emb.weight else tables + [model.tok_emb.weight]
+
+
+def matmul_parameters(cfg: GPTConfig) -> int:
+    """N of the FLOP count and of the time budget's loss rule: the parameters that take part in
+    matrix products (all but the lookup tables)."""
+    model = meta_model(cfg)
+    return count_parameters(model) - sum(t.numel() for t in lookup_tables(model))
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
@@ -29,6 +55,40 @@ def format_parameter_table(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+# --- FLOPs ---------------------------------------------------------------------------------------
+def train_flops_per_token(cfg: GPTConfig) -> int:
+    """PaLM (Chowdhery et al. 2022) appendix B: 6N for the matrix products (forward 2N, backward 4N)
+    plus 12 * L * H * Q * T for attention's scores and weighted sums over a context of T, where
+    H heads of Q channels make the width C."""
+    return 6 * matmul_parameters(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * cfg.context_length
+
+
+# --- bytes ---------------------------------------------------------------------------------------
+def weights(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors that hold a model's weights, each once (a tied matrix is one tensor): its
+    parameters and the buffers in which a decoding layer keeps bfloat16 or int8 weights, their
+    scales and biases (not the causal masks, bool, nor LoRA's row ids, int64)."""
+    held = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.int8]
+    return list(model.parameters()) + held
+
+
+def count_weights(model: nn.Module) -> int:
+    """Number of weights (see `weights`): the parameter count of a model as trained, and still the
+    same count once decoding layers hold the weights in bfloat16 or int8."""
+    return sum(t.numel() for t in weights(model))
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight (see `weights`) at the dtype it is held in."""
+    return sum(t.numel() * t.element_size() for t in weights(model))
+
+
+def decode_bytes_per_token(model: GPTModel) -> int:
+    """Bytes of weights one decoding step reads: every weight once, except the lookup tables, of which
+    it reads one row (a tied token table is read whole, as the output head)."""
+    return weight_bytes(model) - sum(t.numel() * t.element_size() for t in lookup_tables(model))
+
+
 def model_size_mb(model: nn.Module, dtype: torch.dtype | str = torch.float32) -> float:
     """Size of the parameters in MiB (1024 * 1024 bytes, as the seed computes it) at `dtype`."""
     if isinstance(dtype, str):
@@ -36,9 +96,30 @@ def model_size_mb(model: nn.Module, dtype: torch.dtype | str = torch.float32) ->
     return count_parameters(model) * torch.empty((), dtype=dtype).element_size() / (1024 * 1024)
 
 
-def model_memory(cfg, dtype: torch.dtype = torch.float32) -> int:
+def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a GPTModel of `cfg` holds: its parameters plus each block's causal-mask buffer."""
-    with torch.device("meta"):
-        model = GPTModel(cfg)
-    params = sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    model = meta_model(cfg)
+    params = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def kv_cache_bytes(cfg: GPTConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a KV cache for `batch_size` sequences of the whole context: a key and a value per
+    layer, position and channel."""
+    return 2 * batch_size * cfg.n_layers * cfg.context_length * cfg.emb_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def estimate_peak_bytes(cfg: GPTConfig, batch_size: int, explicit_attention: bool | None = None) -> int:
+    """Peak resident memory of training `cfg` at `batch_size` windows per micro-batch, float32:
+    the interpreter with torch (about 320 MB), weights, gradients and AdamW's two moments, the
+    activations autograd keeps per layer (about 20 floats per token and channel, plus the T x T
+    attention weights five times over when dropout forces the explicit path) and the logits with
+    their softmax and gradient. Calibrated against measured peaks (docs/time-budget.md); a plan
+    that would not fit is refused with it."""
+    B, T, C, L, V, H = batch_size, cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.n_heads
+    if explicit_attention is None:
+        explicit_attention = cfg.drop_rate > 0 and getattr(cfg, "attn_impl", "auto") != "sdpa"
+    state = 4 * 4 * count_parameters(cfg)  # weights, gradients, two moments
+    per_layer = 20 * B * T * C + (5 * B * H * T * T if explicit_attention else 0)
+    logits = 4 * B * T * V
+    return int(320 * 2**20 + state + 4 * L * per_layer + 4 * logits)

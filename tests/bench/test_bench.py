@@ -5,29 +5,19 @@ import math
 
 import pytest
 
+import torch
+import torch.nn.functional as F
+
 from build_llm import GPTConfig
-from build_llm.bench.run import decode_bytes_per_token, integrate_steps, simple_step_lengths, train_flops_per_token
+from build_llm.bench.decode import add_bandwidth_bounds, integrate_steps, simple_step_lengths
+from build_llm.bench.perplexity import bench_perplexity, heldout_ids
+from build_llm.bench.report import format_report, goals, plot_report, ratios, to_json
+from build_llm.bench.suite import quick_suite
 from build_llm.cli import main
+from build_llm.data.tokenizer import CharTokenizer
 from build_llm.gpt import GPTModel
-
-# Hugging Face's GPT2LMHeadModel("gpt2") has 124,439,808 parameters; 1024 x 768 of them are the
-# position table, which decoding reads one row of.
-GPT2_PARAMS, GPT2_WPE = 124_439_808, 1024 * 768
-
-
-def test_decoding_reads_every_weight_but_the_lookup_tables():
-    import torch
-    with torch.device("meta"):
-        model = GPTModel(GPTConfig.from_preset("gpt2-small"))
-    assert decode_bytes_per_token(model) == 4 * (GPT2_PARAMS - GPT2_WPE)
-    with torch.device("meta"):
-        book = GPTModel(GPTConfig.from_preset("book-124m"))  # untied: its token table is only looked up
-    assert decode_bytes_per_token(book) == 4 * (163_009_536 - GPT2_WPE - 50257 * 768)
-
-
-def test_training_flops_follow_the_palm_formula():
-    n = GPT2_PARAMS - GPT2_WPE
-    assert train_flops_per_token(GPTConfig.from_preset("gpt2-small")) == 6 * n + 12 * 12 * 1024 * 768
+from build_llm.interop.hf import to_hf
+from build_llm.store.checkpoint import save_checkpoint
 
 
 def test_step_integration_is_exact_for_a_linear_cost():
@@ -38,6 +28,86 @@ def test_step_integration_is_exact_for_a_linear_cost():
     assert integrate_steps(lengths, [cost(t) for t in lengths]) == pytest.approx(exact, rel=1e-12)
 
 
+def exact_results() -> dict:
+    """A quick run's results with exact made-up measurements in place of timings (a real run is in
+    the slow test): what ratios, goals and the report are given."""
+    suite = quick_suite()
+    decoding = {"model": suite.decode_cfg.to_dict(), "prompt_tokens": 6, "new_tokens": 12,
+                "tokens_per_s": {"ours": 300.0, "ours bf16 weights": 450.0, "ours int8 weights": 600.0,
+                                 "hf generate": 150.0},
+                "same_tokens_as_hf": True, "bf16_tokens_agree": 12, "int8_tokens_agree": 11,
+                "weight_bytes_per_token": {"float32": 4_000_000, "bfloat16": 2_000_000, "int8": 1_000_000},
+                "kv_cache_bytes": 3 * 2**20,
+                "seed_style": {"12": {"simple_tokens_per_s": 100.0, "cached_tokens_per_s": 300.0, "speedup": 3.0},
+                               "40": {"simple_tokens_per_s": 20.0, "cached_tokens_per_s": 250.0, "speedup": 12.5}}}
+    add_bandwidth_bounds(decoding, bandwidth_gbs=2.0)
+    tiny = {"model": GPTConfig.from_preset("r-abc").to_dict(), "new_tokens": 40, "same_tokens": True,
+            "tokens_per_s": {"ours": 2000.0, "ours 4 threads": 500.0, "seed generate_text_simple": 250.0}}
+    shape = suite.train_shapes[0]
+    training = [{"shape": shape.name, "model": shape.cfg.to_dict(), "batch_size": shape.batch_size,
+                 "flops_per_token": 3_000_000,
+                 "tokens_per_s": {"ours": 1000.0, "ours bf16 autocast": 2000.0, "hf": 800.0, "hf bf16 autocast": 1600.0},
+                 "mfu": {"ours": 0.25, "ours bf16 autocast": 0.125, "hf": 0.2, "hf bf16 autocast": 0.1}}]
+    train_cli = {"steps": 3, "tokens_per_s": {"float32": 900.0, "bfloat16": 1500.0},
+                 "val_loss": {"float32": [2.0, 2.5, 3.0], "bfloat16": [2.25]},
+                 "val_bits_per_char": {"float32": [3.0, 3.5, 4.0], "bfloat16": [3.25]}}
+    perplexity = {"checkpoint": "run/checkpoint", "text": "the last 10% of t.txt", "tokens": 128,
+                  "perplexity": {"float32": 10.0, "bfloat16": 10.05, "int8": 10.5},
+                  "relative_change": {"bfloat16": 0.005, "int8": 0.05}}
+    memory = {"decoding ours": {"peak_rss_mb": 500.0, "above_torch_mb": 120.0},
+              "training ours": {"error": "the child process gave no answer"}}
+    machine = {"cpu": "Test CPU", "logical_cores": 4, "torch_threads": 4, "cpu_capability": "AVX2",
+               "torch": "2.x", "transformers": "4.x", "python": "3.x", "system": "Linux"}
+    r = {"machine": machine, "quick": True, "rounds": suite.rounds, "ceilings": {"bandwidth_gbs": 2.0,
+         "matmul_gflops": {"float32": 100.0, "bfloat16": 50.0}}, "decoding": decoding, "tiny_decoding": tiny,
+         "training": training, "train_cli": train_cli, "perplexity": perplexity, "memory": memory}
+    r["ratios"] = ratios(r)
+    r["goals"], r["elapsed_s"] = goals(r, suite), 12.0
+    return r
+
+
+def test_ratios_goals_and_report_of_exact_results(tmp_path):
+    r = exact_results()
+    d = r["decoding"]  # the bound: 2 GB/s over the bytes read per token
+    assert d["bound_tokens_per_s"] == {"ours": 500.0, "ours bf16 weights": 1000.0, "ours int8 weights": 2000.0}
+    assert d["fraction_of_bound"] == {"ours": 300 / 500, "ours bf16 weights": 450 / 1000,
+                                      "ours int8 weights": 600 / 2000, "hf generate": 150 / 500}
+    assert r["ratios"] == {
+        "decoding vs hf": 300 / 150, "decoding bf16 weights vs hf": 450 / 150, "decoding int8 weights vs hf": 600 / 150,
+        "cached vs seed-style at 12": 3.0, "cached vs seed-style at 40": 12.5,
+        "r-abc ours vs seed": 2000 / 250, "r-abc ours 4 threads vs seed": 500 / 250,
+        "training tiny-char vs hf": 1000 / 800, "training tiny-char bf16 vs hf fp32": 2000 / 800,
+        "training tiny-char bf16 vs hf bf16": 2000 / 1600,
+        "build-llm train fp32 vs hf": 900 / 800, "build-llm train bf16 vs hf fp32": 1500 / 800}
+    met = {g["goal"]: (g["value"], g["met"]) for g in r["goals"]}
+    assert len(met) == 9
+    assert met["decoding >= 1.5x hf generate (fp32)"] == (2.0, True)
+    assert met["decoding >= 75% of the bandwidth bound (fp32)"] == (0.6, False)
+    assert met["cached >= 10x seed-style at 40 tokens"] == (12.5, True)
+    assert met["build-llm train --dtype bfloat16 >= 1.75x hf fp32 (tiny-char)"] == (1500 / 800, True)
+    assert met["held-out perplexity with bfloat16 weights within 1% of float32"] == (0.005, True)
+    assert met["held-out perplexity with int8 weights within 3% of float32"] == (0.05, False)
+
+    table = format_report(r)
+    for name, tps in d["tokens_per_s"].items():  # tokens/s, its bound, the fraction of it: as given
+        bound = d["bound_tokens_per_s"].get(name, d["bound_tokens_per_s"]["ours"])
+        assert table.count(f"  {name:24s} {tps:9.1f} {bound:9.1f} {tps / bound:9.0%}") == 1
+    for name, tps in r["training"][0]["tokens_per_s"].items():
+        assert f"  {name:24s} {tps:9.0f} {r['training'][0]['mfu'][name]:6.0%}" in table
+    assert "float32 900 tokens/s, validation 2.5000 nats/token = 3.5000 bits/char" in " ".join(table.split())  # medians
+    assert "int8 10.5000 +5.00% vs float32" in " ".join(table.split())
+    assert "training ours the child process gave no answer" in " ".join(table.split())
+    assert "decoding ours 120 MB" in " ".join(table.split()) and "(its whole context, fp32): 3 MB" in table
+    for name, value in r["ratios"].items():
+        assert f"  {name:44s} {value:7.2f}x" in table
+    assert table.count("[met]") == 7 and table.count("[NOT met]") == 2
+
+    r["ratios"]["nothing measured"] = float("nan")
+    assert json.loads(to_json(r))["ratios"]["nothing measured"] is None  # JSON has no NaN
+    assert plot_report(r, tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # a whole quick bench: memory children and `build-llm train` processes (16-94 s)
 def test_quick_bench_json_table_and_chart(tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question\n" * 200, encoding="utf-8")
@@ -82,14 +152,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, named, capsys):
 
 
 def test_heldout_perplexity_of_the_decoding_dtypes_against_hugging_face(tmp_path):
-    import torch
-    import torch.nn.functional as F
-
-    from build_llm.bench.run import bench_perplexity, heldout_ids
-    from build_llm.store.checkpoint import save_checkpoint
-    from build_llm.interop.hf import to_hf
-    from build_llm.data.tokenizer import CharTokenizer
-
     text = "".join(f"{i} bottles of beer on the wall, {i} bottles of beer.\n" for i in range(99, 0, -1))
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     tok = CharTokenizer.from_text(text)

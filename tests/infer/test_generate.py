@@ -10,7 +10,7 @@ from build_llm import (GPTConfig, GPTModel, generate, generate_text_simple, get_
 from build_llm.data.tokenizer import BPETokenizer, CharTokenizer
 from build_llm.gpt import use_decoding_layout
 from build_llm.infer.generate import decode_stream, filter_logits, text_to_token_ids, token_ids_to_text
-from build_llm.runtime import DECODE_ONE_THREAD_BELOW
+from build_llm.runtime import ONE_THREAD_BELOW
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +203,7 @@ def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
     try:
         torch.manual_seed(0)
         small = GPTModel(GPTConfig.from_preset("r-abc")).eval()
-        assert sum(p.numel() for p in small.parameters()) < DECODE_ONE_THREAD_BELOW
+        assert sum(p.numel() for p in small.parameters()) < ONE_THREAD_BELOW
         small.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
         tokens = stream(small, torch.tensor([[2]]), 3)
         next(tokens)
@@ -215,10 +215,10 @@ def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
         list(stream(small, torch.tensor([[2]]), 2))
         assert seen == [2, 2]
         monkeypatch.delenv("OMP_NUM_THREADS")
-        layers = DECODE_ONE_THREAD_BELOW // (12 * 256 * 256) + 1  # just above the rule's size
+        layers = ONE_THREAD_BELOW // (12 * 256 * 256) + 1  # just above the rule's size
         big = GPTModel(GPTConfig.from_preset("gpt2-small", vocab_size=64, context_length=8, emb_dim=256, n_heads=4,
                                              n_layers=layers)).eval()
-        assert sum(p.numel() for p in big.parameters()) >= DECODE_ONE_THREAD_BELOW
+        assert sum(p.numel() for p in big.parameters()) >= ONE_THREAD_BELOW
         big.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
         seen.clear()
         list(stream(big, torch.tensor([[2]]), 2))

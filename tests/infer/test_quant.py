@@ -13,7 +13,8 @@ from build_llm.cli import main
 from build_llm.data.tokenizer import CharTokenizer
 from build_llm.infer import kernels
 from build_llm.infer.generate import generate
-from build_llm.infer.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int8, weight_bytes
+from build_llm.infer.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int8
+from build_llm.sizing import weight_bytes
 from build_llm.store.checkpoint import save_checkpoint
 
 

@@ -1,1 +1,23 @@
-"""`build-llm bench`: speed and memory beside the baselines, measured side by side in one run."""
+"""Benchmarks against peers, measured side by side in one run (`build-llm bench`).
+
+Every comparison runs its candidates in alternating rounds inside this one process (A B C, A B C,
+...), so that a machine that gets busier or quieter part-way slows every candidate alike; the report
+gives the median of the rounds and ratios of medians, never a single timing.
+
+- suite: what a run measures (full or `--quick`) and the alternating rounds.
+- ceilings: memory bandwidth and matrix-multiply FLOP/s, measured in the same run; decoding is
+  reported as a fraction of the bandwidth bound (weight bytes read per token), training as model
+  FLOPs utilisation (sizing.train_flops_per_token) against the measured matmul rate of its dtype.
+- decode: gpt2-small (random weights) decoding with this package's cached `generate` (fp32, bf16 and
+  int8 decoding weights) vs Hugging Face's `generate` on the same weights vs the seed's
+  `generate_text_simple`; and the tiny r-abc model on one thread vs every thread.
+- train: one optimizer step of GPTModel vs GPT2LMHeadModel, fp32 and bf16 autocast; and the
+  user-facing `build-llm train` run in a fresh process.
+- memory: peak memory of decoding and training, each in a fresh child process.
+- perplexity (with `--checkpoint`): fp32 vs bf16 vs int8 decoding weights on held-out text.
+- report: the run in order, its ratios and goals, as a table, a chart and JSON.
+"""
+
+from build_llm.bench.report import format_report, plot_report, run_bench, to_json
+
+__all__ = ["format_report", "plot_report", "run_bench", "to_json"]

@@ -17,6 +17,7 @@ import torch.nn as nn
 from build_llm.errors import UsageError
 from build_llm.gpt import INT_DTYPES
 from build_llm.runtime import decoding_threads
+from build_llm.sizing import count_weights
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
@@ -98,7 +99,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
     idx = idx.long()
     cache = model.new_cache(idx.shape[0], ctx) if use_cache and idx.shape[1] < ctx else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    threads = decoding_threads(model)  # one CPU thread for each step of a small model
+    threads = decoding_threads(count_weights(model), idx.device)  # one CPU thread for each step of a small model
 
     with torch.inference_mode():
         for _ in range(max_new_tokens):

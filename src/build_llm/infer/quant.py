@@ -210,12 +210,3 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
             model.decode_step = CompiledStep()
     use_decoding_layout(model)
     return model
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and DecodeLinear buffer (tied tensors once)."""
-    seen: dict[int, int] = {}
-    for t in list(model.parameters()) + [b for m in model.modules() if isinstance(m, DecodeLinear)
-                                          for b in m.buffers()]:
-        seen[t.data_ptr()] = t.numel() * t.element_size()
-    return sum(seen.values())

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from build_llm.errors import UsageError
+from build_llm.runtime import available_memory, set_cpu_threads
+from build_llm.sizing import count_parameters, estimate_peak_bytes, matmul_parameters
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -95,52 +97,10 @@ def load_fit() -> LossFit:
     return LossFit(**d)
 
 
-def n_matmul_params(cfg) -> int:
-    """N of the rule: parameters in matrix products (not the position or, when untied, token tables)."""
-    from build_llm.bench.run import matmul_params
-
-    return matmul_params(cfg)
-
-
-def n_params(cfg) -> int:
-    import torch
-
-    from build_llm.gpt import GPTModel
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in GPTModel(cfg).parameters())
-
-
-def estimate_peak_bytes(cfg, batch_size: int, explicit_attention: bool | None = None) -> int:
-    """Peak resident memory of training `cfg` at `batch_size` windows per micro-batch, float32:
-    the interpreter with torch (about 320 MB), weights, gradients and AdamW's two moments, the
-    activations autograd keeps per layer (about 20 floats per token and channel, plus the T x T
-    attention weights five times over when dropout forces the explicit path) and the logits with
-    their softmax and gradient. Calibrated against measured peaks (docs/time-budget.md)."""
-    B, T, C, L, V, H = batch_size, cfg.context_length, cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.n_heads
-    if explicit_attention is None:
-        explicit_attention = cfg.drop_rate > 0 and getattr(cfg, "attn_impl", "auto") != "sdpa"
-    weights = 4 * 4 * n_params(cfg)
-    per_layer = 20 * B * T * C + (5 * B * H * T * T if explicit_attention else 0)
-    logits = 4 * B * T * V
-    return int(320 * 2**20 + weights + 4 * L * per_layer + 4 * logits)
-
-
-def available_bytes() -> int | None:
-    """Memory the kernel could give this process now (MemAvailable), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = None) -> int:
     """The plan's peak estimate; refuses (UsageError, before anything is allocated) a plan that
     would not fit in the memory available now, suggesting what would."""
-    peak, have = estimate_peak_bytes(cfg, batch_size), available_bytes()
+    peak, have = estimate_peak_bytes(cfg, batch_size), available_memory()
     if have is None or peak <= have:
         return peak
     tips = []
@@ -215,7 +175,7 @@ class Plan:
 
     def text(self) -> str:
         c = self.model_cfg
-        lines = [f"plan: {n_params(c):,} parameters ({c.n_layers} layers, {c.emb_dim} wide, {c.n_heads} heads, "
+        lines = [f"plan: {count_parameters(c):,} parameters ({c.n_layers} layers, {c.emb_dim} wide, {c.n_heads} heads, "
                  f"context {c.context_length}), batch {self.batch_size}"
                  + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
                  + f"; {self.steps:,} steps = {self.tokens:,} tokens",
@@ -245,15 +205,15 @@ def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: 
     import torch
 
     threads = torch.get_num_threads()
-    have = available_bytes()
+    have = available_memory()
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
         cfg = shape_for(n_layers, emb_dim, BUDGET_CONTEXT, vocab_size)
         if have is not None and estimate_peak_bytes(cfg, BUDGET_BATCH) > 0.8 * have:
             break
-        threads_for(cfg, device, threads)
+        set_cpu_threads(count_parameters(cfg), device, threads)
         rate = probe_tokens_per_s(cfg, BUDGET_BATCH, ids, device, dtype, seconds=min(1.0, probe_s / 6))
-        loss = fit.predict(n_matmul_params(cfg), rate * train_s)
+        loss = fit.predict(matmul_parameters(cfg), rate * train_s)
         considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "tokens_per_s": round(rate),
                            "tokens": int(rate * train_s), "predicted_loss": round(loss, 4)})
         if log:
@@ -306,19 +266,3 @@ def process_started() -> float:
         return time.perf_counter() - max(0.0, age)
     except (OSError, ValueError, IndexError):
         return time.perf_counter()
-
-
-def threads_for(cfg, device, threads: int) -> None:
-    """One CPU thread for a model below 2M parameters unless OMP_NUM_THREADS says otherwise (its
-    matrices are too small to share among threads, and other processes compete for the cores);
-    `threads` otherwise."""
-    import os
-
-    import torch
-
-    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
-        return
-    torch.set_num_threads(1 if n_params(cfg) < SMALL_MODEL else threads)
-
-
-SMALL_MODEL = 2_000_000

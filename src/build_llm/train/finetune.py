@@ -42,6 +42,8 @@ from build_llm.data.instruct import IGNORE_INDEX, Example, collate_instruction, 
 from build_llm.errors import UsageError
 from build_llm.infer.chat import require_eos
 from build_llm.infer.classify import last_token_logits
+from build_llm.runtime import set_cpu_threads
+from build_llm.sizing import count_parameters
 from build_llm.store.finetuned import (_base_identity, _save_without_weights, count_trainable, finetuned_files,
                                        load_finetuned, prepare_classifier, resolve_finetuned)
 from build_llm.train.config import RESUMABLE, FinetuneConfig
@@ -205,7 +207,6 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     from build_llm.store.checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
                              save_checkpoint, set_rng_state, trainer_files)
     from build_llm.runtime import get_device
-    from build_llm.train.run import cpu_threads_for
     from build_llm.train.loop import RunLog, StopFlag, TrainingStopped, TrainState
 
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
@@ -297,7 +298,7 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
     # train.train_step in weighting micro-batches by their target tokens instead of equally.
     run_log = RunLog(out_dir, total_steps, state, resume=saved is not None, log=log)
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
-    cpu_threads_for(model.cfg, device)
+    set_cpu_threads(count_parameters(model.cfg), device)
     try:
         model.train()
         with StopFlag() as stop:

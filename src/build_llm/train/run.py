@@ -22,7 +22,8 @@ from build_llm.data.corpus import Corpus, sliding_starts
 from build_llm.train.distributed import Dist, close_distributed, init_distributed
 from build_llm.errors import UsageError
 from build_llm.store.fsio import check_writable_dir, claim_dir, lock_dir, read_json
-from build_llm.runtime import check_fits
+from build_llm.runtime import check_fits, set_cpu_threads
+from build_llm.sizing import count_parameters, matmul_parameters
 from build_llm.train.loop import (TrainingStopped, TrainResult, bits_per_unit, evaluate_windows, read_metrics, sample_text, train)
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 
@@ -71,7 +72,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     steps to end within it; with --data and no --steps a budget is the default. `log` receives the
     plan and progress lines (the CLI prints them on stderr).
     """
-    from build_llm.train.budget import Deadline, process_started, threads_for
+    from build_llm.train.budget import Deadline, process_started
 
     started = process_started()
     log = log or (lambda s: None)
@@ -119,7 +120,7 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         check_fits(training_memory(model_cfg, cfg), "training this model with these settings", device)
         if d.is_main:
             log(plan.text())
-        threads_for(model_cfg, device, threads)
+        set_cpu_threads(count_parameters(model_cfg), device, threads)
         optimum = None
         if data is None:
             from build_llm.data.markov import ABC, optimal_loss as exact_optimum
@@ -198,9 +199,7 @@ def make_plan(model_cfg, cfg: TrainConfig, corpus: Corpus, tok, device: torch.de
         tokens_per_step = cfg.batch_size * cfg.grad_accum * model_cfg.context_length
         steps = max(1, int(rate * plan.train_s / tokens_per_step))
         if predicted is not None:
-            from build_llm.train.budget import n_matmul_params
-
-            plan.predicted_loss = load_fit().predict(n_matmul_params(model_cfg), steps * tokens_per_step)
+            plan.predicted_loss = load_fit().predict(matmul_parameters(model_cfg), steps * tokens_per_step)
         changes = {"steps": steps}
         if cfg.warmup_steps >= steps // 5:
             changes["warmup_steps"] = steps // 10
@@ -220,13 +219,6 @@ def training_memory(model_cfg, cfg: TrainConfig) -> int:
     windows = cfg.batch_size * cfg.eval_batches * 8 + cfg.batch_size * cfg.grad_accum * model_cfg.context_length * 16
     logits = 2 * cfg.batch_size * model_cfg.context_length * model_cfg.vocab_size * 4
     return 4 * model_memory(model_cfg) + windows + logits
-
-
-def cpu_threads_for(model_cfg, device: torch.device) -> None:
-    """One CPU thread for a small model unless OMP_NUM_THREADS says otherwise (budget.threads_for)."""
-    from build_llm.train.budget import threads_for
-
-    threads_for(model_cfg, device, torch.get_num_threads())
 
 
 def check_run_dir(out: str | Path, resume: bool) -> Path:
@@ -450,7 +442,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
         raise UsageError(f"data has {len(ids)} tokens: too short for one window of context_length + 1 = {T + 1}")
     threads = torch.get_num_threads()
     try:
-        cpu_threads_for(ckpt.model.cfg, dev)
+        set_cpu_threads(count_parameters(ckpt.model.cfg), dev)
         loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
     finally:
         torch.set_num_threads(threads)

@@ -1,0 +1,188 @@
+"""Decoding speed, batch 1, greedy, from a short prompt: this package's cached `generate` (fp32, and
+the opt-in bf16 and int8 decoding weights of quant.py) vs Hugging Face `GPT2LMHeadModel.generate`
+holding the same weights (so the tokens can be compared too) vs the seed's `generate_text_simple`,
+which recomputes the whole context for every token; and the tiny r-abc model, whose steps are too
+small to share among threads.
+
+`generate_text_simple` at 1,000 new tokens costs minutes on a CPU (step t runs a t-token forward),
+so its time is integrated over the context length from steps measured at a few lengths: each
+measured step is one call of the real function, and the total is the trapezoid sum over all steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from build_llm import runtime
+from build_llm.bench.suite import Suite, alternate, medians
+from build_llm.config import GPTConfig
+from build_llm.errors import UsageError
+from build_llm.gpt import GPTModel, use_decoding_layout
+from build_llm.infer.generate import generate, generate_text_simple
+from build_llm.infer.quant import prepare_for_decoding
+from build_llm.interop.hf import to_hf
+from build_llm.sizing import decode_bytes_per_token, kv_cache_bytes
+
+PROMPT = [46, 308, 5549, 523, 1350, 645]  # the seed notebook's prompt ("O gato dorme no")
+
+
+def prompt_ids(cfg: GPTConfig) -> torch.Tensor:
+    ids = PROMPT if cfg.vocab_size > max(PROMPT) else [i % cfg.vocab_size for i in PROMPT]
+    return torch.tensor([ids])
+
+
+def hf_twin(model: GPTModel) -> nn.Module:
+    """GPT2LMHeadModel holding copies of `model`'s weights; it never stops early at an end token."""
+    hf = to_hf(model).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def hf_generate(hf: nn.Module, idx: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False)
+
+
+# --- the seed's loop, integrated over the context ------------------------------------------------
+def simple_step_lengths(prompt_len: int, new_tokens: int, samples: int) -> list[int]:
+    """Context lengths at which to time one step of generate_text_simple (first and last included)."""
+    last = prompt_len + new_tokens - 1
+    return sorted({round(prompt_len + i * (last - prompt_len) / (samples - 1)) for i in range(samples)})
+
+
+def integrate_steps(lengths: list[int], step_seconds: list[float]) -> float:
+    """Total seconds of the steps at every length from lengths[0] to lengths[-1], interpolating
+    linearly between the measured lengths (exact when a step's cost is linear in its length)."""
+    total = step_seconds[0]
+    for (a, ta), (b, tb) in zip(zip(lengths, step_seconds), zip(lengths[1:], step_seconds[1:])):
+        total += (b - a) * (ta + tb) / 2 + (tb - ta) / 2  # the steps a+1..b
+    return total
+
+
+def simple_step(model: GPTModel, length: int, step_times: dict[int, list[float]]) -> Callable[[], float]:
+    """A candidate: one step of generate_text_simple at `length` context tokens (their values do not
+    change its cost), its seconds appended to step_times[length]."""
+    cfg = model.cfg
+    window = torch.randint(0, cfg.vocab_size, (1, length), generator=torch.Generator().manual_seed(length))
+
+    def run() -> float:
+        start = time.perf_counter()
+        generate_text_simple(model, window, 1, cfg.context_length)
+        step_times.setdefault(length, []).append(time.perf_counter() - start)
+        return 1.0
+    return run
+
+
+def seed_style(new_tokens: int, lengths: list[int], step_times: dict[int, list[float]], cached: float,
+               rounds: int) -> dict[str, Any]:
+    """generate_text_simple's tokens/s for `new_tokens` (each round's steps integrated over the
+    lengths; the median round) beside the cached rate `cached`."""
+    per_round = [integrate_steps(lengths, [step_times[length][-rounds:][r] for length in lengths])
+                 for r in range(rounds)]
+    simple_tps = new_tokens / statistics.median(per_round)
+    return {"new_tokens": new_tokens, "simple_tokens_per_s": simple_tps, "cached_tokens_per_s": cached,
+            "speedup": cached / simple_tps, "measured_lengths": lengths}
+
+
+# --- gpt2-small: ours vs Hugging Face vs the seed ------------------------------------------------
+def decoding_models(cfg: GPTConfig) -> tuple[GPTModel, GPTModel, GPTModel, nn.Module]:
+    """The decoding model (random weights, seed 0), its copies with bf16 and int8 decoding weights,
+    and its Hugging Face twin."""
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    low = {}
+    for dtype in ("bfloat16", "int8"):
+        low[dtype] = GPTModel(cfg).eval()
+        low[dtype].load_state_dict(model.state_dict())
+        prepare_for_decoding(low[dtype], dtype)  # as `build-llm generate --dtype` does
+    hf = hf_twin(model)
+    use_decoding_layout(model)  # as load_model and `build-llm generate` do
+    return model, low["bfloat16"], low["int8"], hf
+
+
+def bench_decoding(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
+    cfg = suite.decode_cfg
+    model, model_bf16, model_int8, hf = decoding_models(cfg)
+    idx = prompt_ids(cfg)
+    n, n_long = suite.decode_tokens, suite.long_tokens
+    if idx.shape[1] + n_long > cfg.context_length:
+        raise UsageError(f"bench: prompt + {n_long} tokens exceed the context {cfg.context_length}")
+
+    ours = generate(model, idx, n)
+    same_as_hf = torch.equal(ours, hf_generate(hf, idx, n))
+    bf16_agree = int((generate(model_bf16, idx, n) == ours)[0, idx.shape[1]:].cumprod(0).sum())
+    int8_agree = int((generate(model_int8, idx, n) == ours)[0, idx.shape[1]:].cumprod(0).sum())
+    log(f"decoding {n} tokens: ours == Hugging Face tokens: {same_as_hf}; bf16 weights agree on the first "
+        f"{bf16_agree}, int8 on the first {int8_agree}")
+
+    lengths = {k: simple_step_lengths(idx.shape[1], k, suite.simple_samples) for k in (n, n_long)}
+    step_times: dict[int, list[float]] = {}
+    candidates = {
+        "ours": lambda: generate(model, idx, n).shape[1] - idx.shape[1],
+        "ours bf16 weights": lambda: generate(model_bf16, idx, n).shape[1] - idx.shape[1],
+        "ours int8 weights": lambda: generate(model_int8, idx, n).shape[1] - idx.shape[1],
+        "hf generate": lambda: hf_generate(hf, idx, n).shape[1] - idx.shape[1],
+        f"ours {n_long}": lambda: generate(model, idx, n_long).shape[1] - idx.shape[1],
+    }
+    for length in sorted(set(lengths[n]) | set(lengths[n_long])):
+        candidates[f"simple step @{length}"] = simple_step(model, length, step_times)
+    log(f"decoding: {len(candidates)} candidates x {suite.rounds} rounds")
+    rates = alternate(candidates, suite.rounds, warmup=0)
+    tps = medians({k: v for k, v in rates.items() if not k.startswith("simple")})
+    cached = {n: tps["ours"], n_long: tps[f"ours {n_long}"]}
+    return {
+        "model": cfg.to_dict(), "prompt_tokens": idx.shape[1], "new_tokens": n,
+        "tokens_per_s": {k: tps[k] for k in ("ours", "ours bf16 weights", "ours int8 weights", "hf generate")},
+        "rounds": rates, "same_tokens_as_hf": same_as_hf, "bf16_tokens_agree": bf16_agree,
+        "int8_tokens_agree": int8_agree,
+        "weight_bytes_per_token": {"float32": decode_bytes_per_token(model), "bfloat16": decode_bytes_per_token(model_bf16),
+                                   "int8": decode_bytes_per_token(model_int8)}, "kv_cache_bytes": kv_cache_bytes(cfg),
+        "seed_style": {str(k): seed_style(k, lengths[k], step_times, cached[k], suite.rounds) for k in (n, n_long)},
+    }
+
+
+def add_bandwidth_bounds(decoding: dict[str, Any], bandwidth_gbs: float) -> None:
+    """Each dtype's bound (bandwidth / weight bytes read per token) and the fraction of it reached,
+    into `decoding`; Hugging Face's against the float32 bound."""
+    for dtype, key in (("float32", "ours"), ("bfloat16", "ours bf16 weights"), ("int8", "ours int8 weights")):
+        bound = bandwidth_gbs * 1e9 / decoding["weight_bytes_per_token"][dtype]
+        decoding.setdefault("bound_tokens_per_s", {})[key] = bound
+        decoding.setdefault("fraction_of_bound", {})[key] = decoding["tokens_per_s"][key] / bound
+    decoding["fraction_of_bound"]["hf generate"] = (decoding["tokens_per_s"]["hf generate"]
+                                                    / decoding["bound_tokens_per_s"]["ours"])
+
+
+# --- r-abc: the one-thread rule ------------------------------------------------------------------
+def bench_tiny_decoding(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
+    """The `r-abc` model (a few hundred thousand weights) decoding `suite.tiny_tokens` characters:
+    ours (one thread for a small model, runtime.decoding_threads) vs ours on every thread vs the
+    seed's `generate_text_simple`; all greedy from "A", so all give the same characters."""
+    cfg = GPTConfig.from_preset("r-abc")
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    use_decoding_layout(model)
+    idx, n = torch.tensor([[2]]), suite.tiny_tokens  # "A" (id 2 after <PAD> and the newline)
+
+    def every_thread() -> float:
+        rule = runtime.ONE_THREAD_BELOW
+        runtime.ONE_THREAD_BELOW = 0  # the one-thread rule off: torch's own thread count
+        try:
+            return generate(model, idx, n).shape[1] - 1
+        finally:
+            runtime.ONE_THREAD_BELOW = rule
+
+    same = torch.equal(generate(model, idx, n), generate_text_simple(model, idx, n, cfg.context_length))
+    candidates = {"ours": lambda: generate(model, idx, n).shape[1] - 1,
+                  f"ours {torch.get_num_threads()} threads": every_thread,
+                  "seed generate_text_simple": lambda: generate_text_simple(model, idx, n, cfg.context_length).shape[1] - 1}
+    log(f"decoding r-abc: {n} characters, {len(candidates)} candidates x {suite.rounds} rounds")
+    rates = alternate(candidates, suite.rounds)
+    return {"model": cfg.to_dict(), "new_tokens": n, "tokens_per_s": medians(rates), "rounds": rates,
+            "same_tokens": same, "one_thread_below": runtime.ONE_THREAD_BELOW}

@@ -1,0 +1,227 @@
+"""The run and its report: every measurement in order, the ratios and goals drawn from them, and
+the results as a table, a bar chart and JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from build_llm.bench.ceilings import measure_ceilings
+from build_llm.bench.decode import add_bandwidth_bounds, bench_decoding, bench_tiny_decoding
+from build_llm.bench.memory import bench_memory
+from build_llm.bench.perplexity import bench_perplexity
+from build_llm.bench.suite import Suite, full_suite, quick_suite
+from build_llm.bench.train import bench_train_cli, bench_training
+from build_llm.store.fsio import atomic_path
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    try:
+        import transformers  # optional: only its version is reported
+        hf_version = transformers.__version__
+    except ImportError:
+        hf_version = None
+    return {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "transformers": hf_version, "python": platform.python_version(), "system": platform.system()}
+
+
+def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
+              log: Callable[[str], None] | None = None,
+              checkpoint: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict.
+
+    With `text`, also time the user-facing `build-llm train` on it (character tokenizer). With
+    `checkpoint` (a trained model), also compare its held-out perplexity with float32, bfloat16 and
+    int8 decoding weights (held out: the last 10% of `text`, or an ABC draw without text).
+    """
+    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+    suite = quick_suite() if quick else full_suite()
+    started = time.perf_counter()
+    log("ceilings: memory bandwidth and matmul throughput")
+    ceilings = measure_ceilings(suite)
+    decoding = bench_decoding(suite, log)
+    tiny = bench_tiny_decoding(suite, log)
+    add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
+    perplexity = None
+    if checkpoint is not None:
+        perplexity = bench_perplexity(checkpoint, text, 8 if quick else 64, log)
+    gc.collect()
+    training = [bench_training(shape, suite, ceilings, log) for shape in suite.train_shapes]
+    gc.collect()
+    memory = bench_memory(suite, log)
+    train_cli = None
+    if text is not None:
+        with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
+            train_cli = bench_train_cli(text, suite, Path(tmp), log)
+    results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
+               "decoding": decoding, "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
+               "perplexity": perplexity, "memory": memory}
+    results["ratios"] = ratios(results)
+    results["goals"] = goals(results, suite)
+    results["elapsed_s"] = time.perf_counter() - started
+    return results
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float]:
+    """Ours over the peer for each comparison of the results `r` (above 1: ours is faster)."""
+    dec, tiny = r["decoding"]["tokens_per_s"], r["tiny_decoding"]["tokens_per_s"]
+    out = {
+        "decoding vs hf": dec["ours"] / dec["hf generate"],
+        "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
+        "decoding int8 weights vs hf": dec["ours int8 weights"] / dec["hf generate"],
+        **{f"cached vs seed-style at {k}": v["speedup"] for k, v in r["decoding"]["seed_style"].items()},
+        **{f"r-abc {k} vs seed": v / tiny["seed generate_text_simple"] for k, v in tiny.items() if k.startswith("ours")},
+    }
+    for t in r["training"]:
+        tps = t["tokens_per_s"]
+        out[f"training {t['shape']} vs hf"] = tps["ours"] / tps["hf"]
+        out[f"training {t['shape']} bf16 vs hf fp32"] = tps["ours bf16 autocast"] / tps["hf"]
+        out[f"training {t['shape']} bf16 vs hf bf16"] = tps["ours bf16 autocast"] / tps["hf bf16 autocast"]
+    if r["train_cli"] is not None:
+        cli_tps, hf_tps = r["train_cli"]["tokens_per_s"], r["training"][0]["tokens_per_s"]["hf"]
+        out["build-llm train fp32 vs hf"] = cli_tps["float32"] / hf_tps
+        out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
+    return out
+
+
+def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
+    """The speed goals (a ratio at or above its target) and, with a checkpoint, the perplexity
+    goals (a relative change within its limit), each with whether it is met."""
+    ratio, first = r["ratios"], r["training"][0]["shape"]
+    speed = [
+        ("decoding >= 1.5x hf generate (fp32)", ratio["decoding vs hf"], 1.5),
+        ("decoding >= 1.8x hf generate fp32 (bf16 weights, --dtype bfloat16)", ratio["decoding bf16 weights vs hf"], 1.8),
+        ("decoding >= 2.5x hf generate fp32 (int8 weights, --dtype int8)", ratio["decoding int8 weights vs hf"], 2.5),
+        ("decoding >= 75% of the bandwidth bound (fp32)", r["decoding"]["fraction_of_bound"]["ours"], 0.75),
+        (f"cached >= 10x seed-style at {suite.long_tokens} tokens",
+         r["decoding"]["seed_style"][str(suite.long_tokens)]["speedup"], 10.0),
+        (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio[f"training {first} bf16 vs hf fp32"], 1.75),
+    ]
+    if r["train_cli"] is not None:
+        speed.append((f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
+                      ratio["build-llm train bf16 vs hf fp32"], 1.75))
+    out = [{"goal": goal, "value": value, "target": target, "met": bool(value >= target)} for goal, value, target in speed]
+    if r["perplexity"] is not None:
+        for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03)):
+            change = r["perplexity"]["relative_change"][dtype]
+            out.append({"goal": f"held-out perplexity with {dtype} weights within {limit:.0%} of float32",
+                        "value": change, "target": limit, "met": bool(abs(change) <= limit)})
+    return out
+
+
+# --- reporting -----------------------------------------------------------------------------------
+def format_report(r: dict[str, Any]) -> str:
+    """The results as the plain-text table `build-llm bench` prints."""
+    m, c, d = r["machine"], r["ceilings"], r["decoding"]
+    lines = [f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
+             f"{m['cpu_capability']}; torch {m['torch']}, transformers {m['transformers']}",
+             f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s; matmul {c['matmul_gflops']['float32']:.0f} "
+             f"GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16",
+             "", f"decoding ({d['model']['n_layers']} layers, {d['model']['emb_dim']} wide, batch 1, greedy, "
+             f"{d['prompt_tokens']}-token prompt, {d['new_tokens']} new tokens; median of {r['rounds']} rounds)",
+             f"  {'':24s} {'tokens/s':>9s} {'bound':>9s} {'of bound':>9s}"]
+    for k, v in d["tokens_per_s"].items():
+        bound = d["bound_tokens_per_s"].get(k, d["bound_tokens_per_s"]["ours"])
+        lines.append(f"  {k:24s} {v:9.1f} {bound:9.1f} {d['fraction_of_bound'][k]:9.0%}")
+    lines.append(f"  same tokens as Hugging Face: {d['same_tokens_as_hf']}; bf16 weights agree with fp32 on the first "
+                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens, int8 on the first {d['int8_tokens_agree']}")
+    for k, v in d["seed_style"].items():
+        lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
+                     f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
+    tiny = r["tiny_decoding"]
+    lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
+                  f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
+                  f"characters: {tiny['same_tokens']})", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in tiny["tokens_per_s"].items()]
+    for t in r["training"]:
+        cfg = t["model"]
+        lines += ["", f"training {t['shape']} ({cfg['n_layers']} layers, {cfg['n_heads']} heads, {cfg['emb_dim']} wide, "
+                      f"context {cfg['context_length']}, vocab {cfg['vocab_size']}, batch {t['batch_size']}, dropout "
+                      f"{cfg['drop_rate']}, AdamW; {t['flops_per_token'] / 1e6:.0f} MFLOP/token)",
+                  f"  {'':24s} {'tokens/s':>9s} {'MFU':>6s}"]
+        for k, v in t["tokens_per_s"].items():
+            lines.append(f"  {k:24s} {v:9.0f} {t['mfu'][k]:6.0%}")
+    if r.get("train_cli"):
+        c = r["train_cli"]
+        lines += ["", f"build-llm train --data TEXT --tokenizer char --batch-size 8 ({c['steps']} steps, its metrics.jsonl)"]
+        for k, v in c["tokens_per_s"].items():
+            bits = c.get("val_bits_per_char", {}).get(k)
+            lines.append(f"  {k:24s} {v:9.0f} tokens/s" + (f", validation {statistics.median(c['val_loss'][k]):.4f} nats/token"
+                                                          f" = {statistics.median(bits):.4f} bits/char" if bits else ""))
+    if r.get("perplexity"):
+        p = r["perplexity"]
+        lines += ["", f"perplexity of {p['checkpoint']} on {p['text']} ({p['tokens']} tokens)"]
+        for k, v in p["perplexity"].items():
+            change = p["relative_change"].get(k)
+            lines.append(f"  {k:24s} {v:9.4f}" + ("" if change is None else f"  {change:+.2%} vs float32"))
+    lines += ["", "peak memory (RSS above an interpreter with torch imported, fresh process each)"]
+    for k, v in r["memory"].items():
+        lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))
+    lines.append(f"  KV cache of the decoding model (its whole context, fp32): {d['kv_cache_bytes'] / 2**20:.0f} MB")
+    lines += ["", "ratios"] + [f"  {k:44s} {v:7.2f}x" for k, v in r["ratios"].items()]
+    lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: "
+                              + (f"{g['value']:+.2%}" if "perplexity" in g["goal"] else f"{g['value']:.2f}")
+                              for g in r["goals"]]
+    lines.append(f"\n(benchmark took {r['elapsed_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
+    """A PNG bar chart: tokens/s of each candidate, decoding and each training shape side by side."""
+    import matplotlib  # optional: only the chart needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # optional: only the chart needs it
+
+    d = r["decoding"]
+    panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
+    panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels):
+        names = list(values)
+        bars = ax.barh(names, [values[n] for n in names],
+                       color=["tab:blue" if n.startswith("ours") else "tab:gray" for n in names])
+        ax.bar_label(bars, fmt="%.0f", padding=2, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("tokens/s")
+        ax.margins(x=0.2)
+    fig.suptitle(f"build-llm bench on {r['machine']['cpu']} ({r['machine']['torch_threads']} threads)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+def to_json(r: dict[str, Any]) -> str:
+    def clean(v: Any) -> Any:  # JSON has no inf or nan: such a value is reported as null
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return json.dumps(clean(r), indent=2)

@@ -2,17 +2,18 @@
 
 The first seven fields are the seed notebook's dict keys (`GPT_CONFIG_124M`); the rest are the
 choices in which the book's model, OpenAI's GPT-2 and the R course's model differ. Their defaults
-are the book's, so the seed's plain dict builds exactly the seed's model.
+are the book's, so the seed's plain dict builds exactly the seed's model. Each field is declared
+once (settings.setting): its help, its valid values, and whether `train` has a flag for it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from build_llm.errors import UsageError, UsageTypeError
+from build_llm.settings import invalid, setting, validate
 
 GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
@@ -21,98 +22,60 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu", "relu2")
 
 
-def _finite_positive(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.1
-    qkv_bias: bool = False
-    # Output head shares the token-embedding matrix (GPT-2) or has its own (the book, the R model).
-    tie_weights: bool = False
-    # Biases of the attention output, the feed-forward layers and the LayerNorm shift.
-    bias: bool = True
-    gelu: str = "tanh"
-    # One (emb, 3*emb) projection for Q, K, V (GPT-2's c_attn, R's in_proj) or three (the book's).
-    fused_qkv: bool = False
-    # Token id whose embedding is fixed at zero (the R model's <PAD>), or None.
-    padding_idx: int | None = None
-    # Dropout on the attention output before the residual add (the book); the R model has none there.
-    attn_out_dropout: bool = True
-    # "auto": fused scaled_dot_product_attention except where dropout on the weights is active, so
-    # that training-mode numbers match the book's explicit path draw for draw (the seed's model);
-    # "sdpa": fused with dropout too (the GPT-2 presets, imported GPT-2s, the trainer's own models).
-    attn_impl: str = "auto"
-    # None: PyTorch's default initialisation (the book). A float: GPT-2's normal(0, std) scheme.
-    init_std: float | None = None
-    ln_eps: float = 1e-5
+    # The seed's seven keys. `internal`: no `train` flag (set by the tokenizer, a preset or a checkpoint).
+    vocab_size: int = setting(50257, "token ids the model reads and predicts", at_least=1, internal=True)
+    context_length: int = setting(1024, "longest input, in tokens", at_least=1)
+    emb_dim: int = setting(768, "embedding width", at_least=1)
+    n_heads: int = setting(12, "attention heads per layer (emb_dim a multiple of it)", at_least=1)
+    n_layers: int = setting(12, "transformer blocks", at_least=1)
+    drop_rate: float = setting(0.1, "dropout probability", at_least=0, below=1)
+    qkv_bias: bool = setting(False, "biases in the query, key and value projections")
+    tie_weights: bool = setting(False, "output head shares the token-embedding matrix (GPT-2) or has its own "
+                                       "(the book, the R model)")
+    bias: bool = setting(True, "biases in the attention output, the feed-forward and the LayerNorm shift")
+    gelu: str = setting("tanh", "GELU's tanh approximation (the book) or the exact erf form (the R model)",
+                        choices=GELU_KINDS, internal=True)
+    fused_qkv: bool = setting(False, "one (emb, 3*emb) projection for Q, K, V (GPT-2's c_attn, R's in_proj) or "
+                                     "three (the book's)", internal=True)
+    padding_idx: int | None = setting(None, "token id whose embedding is fixed at zero (the R model's <PAD>)",
+                                      at_least=0, internal=True)
+    attn_out_dropout: bool = setting(True, "dropout on the attention output before the residual add (the book); "
+                                           "the R model has none there", internal=True)
+    # "auto" keeps training-mode numbers equal to the book's explicit path draw for draw (the seed's model).
+    attn_impl: str = setting("auto", "auto: fused scaled_dot_product_attention except where dropout on the "
+                                     "weights is active; sdpa: fused with dropout too (the GPT-2 presets, imported "
+                                     "GPT-2s, the trainer's own models); explicit: the book's arithmetic",
+                             choices=ATTN_IMPLS, internal=True)
+    init_std: float | None = setting(None, "None: PyTorch's default initialisation (the book); a number: "
+                                           "GPT-2's normal(0, std) scheme", above=0, internal=True)
+    ln_eps: float = setting(1e-5, "the norms' epsilon", above=0, internal=True)
     # --- options beyond the book (docs/speed.md measures each): the defaults are the book's ---
-    # "learned": a position-embedding table (the book, GPT-2); "rope": rotary positions applied to
-    # queries and keys (Llama's rotate-half convention, base `rope_base`), no table.
-    pos_emb: str = "learned"
-    rope_base: float = 10000.0
-    # "layernorm" (the book) or "rmsnorm" (no mean subtraction, no shift; Llama).
-    norm: str = "layernorm"
-    # Feed-forward: "gelu" (the book: Linear, GELU, Linear), "relu2" (ReLU squared in place of GELU)
-    # or "swiglu" (SiLU(x W_gate) * (x W_up), then W_down; Llama).
-    mlp: str = "gelu"
-    # Hidden width of the feed-forward; None: 4 * emb_dim (swiglu: 8/3 * emb_dim rounded up to a
-    # multiple of 8, the same parameter count as 4 * emb_dim with two matrices).
-    ff_dim: int | None = None
-    # RMS-normalise each head's queries and keys (learned scale) before the dot product.
-    qk_norm: bool = False
+    pos_emb: str = setting("learned", "learned: a position-embedding table (the book, GPT-2); rope: rotary "
+                                      "positions on queries and keys (Llama's rotate-half), no table",
+                           choices=POS_EMBS)
+    rope_base: float = setting(10000.0, "rotary positions' base", above=1, internal=True)
+    norm: str = setting("layernorm", "layernorm (the book) or rmsnorm (no mean subtraction, no shift; Llama)",
+                        choices=NORMS)
+    mlp: str = setting("gelu", "feed-forward: gelu (the book: Linear, GELU, Linear), relu2 (ReLU squared) or "
+                               "swiglu (SiLU(x W_gate) * (x W_up), then W_down; Llama)", choices=MLPS)
+    ff_dim: int | None = setting(None, "feed-forward hidden width; unset: 4 x emb_dim (swiglu: 8/3 x emb_dim up "
+                                       "to a multiple of 8, the same parameters with three matrices)", at_least=1)
+    qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (learned scale) before the dot "
+                                   "product")
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"GPTConfig: {key}={value!r} is invalid; expected an integer >= 1")
+        validate(self)  # each field by its metadata; then what relates fields
         if self.emb_dim % self.n_heads:
-            raise UsageError(
-                f"GPTConfig: emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
-                "choose emb_dim a multiple of n_heads"
-            )
-        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) or not 0 <= self.drop_rate < 1:
-            raise UsageError(f"GPTConfig: drop_rate={self.drop_rate!r} is invalid; expected a number in [0, 1)")
-        for key in ("qkv_bias", "tie_weights", "bias", "fused_qkv", "attn_out_dropout"):
-            if not isinstance(getattr(self, key), bool):
-                raise UsageError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected true or false")
-        if self.gelu not in GELU_KINDS:
-            raise UsageError(f"GPTConfig: gelu={self.gelu!r} is invalid; expected one of {GELU_KINDS}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise UsageError(f"GPTConfig: attn_impl={self.attn_impl!r} is invalid; expected one of {ATTN_IMPLS}")
-        if self.padding_idx is not None and (
-            isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int)
-            or not 0 <= self.padding_idx < self.vocab_size
-        ):
-            raise UsageError(
-                f"GPTConfig: padding_idx={self.padding_idx!r} is invalid; expected None or an integer "
-                f"in [0, {self.vocab_size})"
-            )
-        if self.init_std is not None and not _finite_positive(self.init_std):
-            raise UsageError(f"GPTConfig: init_std={self.init_std!r} is invalid; expected None or a finite number > 0")
-        if not _finite_positive(self.ln_eps):
-            raise UsageError(f"GPTConfig: ln_eps={self.ln_eps!r} is invalid; expected a finite number > 0")
-        for key, valid in (("pos_emb", POS_EMBS), ("norm", NORMS), ("mlp", MLPS)):
-            if getattr(self, key) not in valid:
-                raise UsageError(f"GPTConfig: {key}={getattr(self, key)!r} is invalid; expected one of {valid}")
-        if (isinstance(self.rope_base, bool) or not isinstance(self.rope_base, (int, float))
-                or not self.rope_base > 1):
-            raise UsageError(f"GPTConfig: rope_base={self.rope_base!r} is invalid; expected a number > 1")
+            raise invalid(self, f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
+                                "choose emb_dim a multiple of n_heads", "emb_dim", "n_heads")
+        if self.padding_idx is not None and self.padding_idx >= self.vocab_size:
+            raise invalid(self, f"padding_idx={self.padding_idx!r} is invalid; expected None or an integer "
+                                f"in [0, {self.vocab_size})", "padding_idx")
         if self.pos_emb == "rope" and self.head_dim % 2:
-            raise UsageError(f"GPTConfig: pos_emb='rope' needs an even head size, but emb_dim / n_heads = "
-                             f"{self.head_dim}; choose emb_dim a multiple of 2 * n_heads")
-        if self.ff_dim is not None and (isinstance(self.ff_dim, bool) or not isinstance(self.ff_dim, int)
-                                        or self.ff_dim < 1):
-            raise UsageError(f"GPTConfig: ff_dim={self.ff_dim!r} is invalid; expected None or an integer >= 1")
-        if not isinstance(self.qk_norm, bool):
-            raise UsageError(f"GPTConfig: qk_norm={self.qk_norm!r} is invalid; expected true or false")
+            raise invalid(self, f"pos_emb='rope' needs an even head size, but emb_dim / n_heads = {self.head_dim}; "
+                                "choose emb_dim a multiple of 2 * n_heads", "pos_emb", "emb_dim", "n_heads")
 
     @property
     def head_dim(self) -> int:

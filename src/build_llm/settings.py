@@ -122,17 +122,18 @@ def _in_bounds(value: float, meta: Mapping[str, Any]) -> bool:
             and (meta["at_most"] is None or value <= meta["at_most"]) and (meta["below"] is None or value < meta["below"]))
 
 
-def expected(meta: Mapping[str, Any], kind: Kind) -> str:
-    """What a field accepts, in words: "an integer >= 1", "a number in [0, 1)", "one of (...)"."""
+def expected(meta: Mapping[str, Any], kind: Kind, sep: str = "") -> str:
+    """What a field accepts, in words: "an integer >= 1", "a number in [0, 1)", "one of (...)";
+    `sep` goes before a tuple's items ("two comma-separated numbers")."""
     if meta["expected"]:
         text = meta["expected"]
     elif kind.base is bool:
         text = "true or false"
     elif kind.base is tuple and meta["choices"]:
-        text = f"one or more of {sorted(meta['choices'])}"
+        text = f"a {sep}list of {sorted(meta['choices'])}"
     elif kind.base is tuple:
-        count = {2: "two", 3: "three"}.get(kind.length, str(kind.length)) if kind.length else "one or more"
-        text = f"{count} {'integers' if kind.item is int else 'numbers'}{_bounds(meta)}"
+        count = {2: "two", 3: "three"}.get(kind.length, str(kind.length)) if kind.length else "a list of"
+        text = f"{count} {sep}{'integers' if kind.item is int else 'numbers'}{_bounds(meta)}"
     elif meta["choices"]:
         text = f"one of {tuple(meta['choices'])}"
     elif kind.base is int:
@@ -214,7 +215,8 @@ def comma_list(kind: Kind, meta: Mapping[str, Any]) -> Callable[[str], tuple]:
         except ValueError:
             value = ()
         if not is_valid(value, meta, kind):
-            raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected {expected(meta, kind)}, comma-separated")
+            said = dataclasses.replace(kind, optional=False)
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected(meta, said, 'comma-separated ')}")
         return value
     return comma_list
 

@@ -89,7 +89,7 @@ def test_lora_instruct_merge_and_export_hf(base, tmp_path, capsys):
     (["--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "mlp"], "--lora-targets"),
     (["--resume"], "--resume: no checkpoint"),
     (["--micro-batch-size", "3"], "does not divide"),
-    (["--trainable", "all", "--lora-rank", "4", "--lora-alpha", "8"], "--trainable all applies to"),
+    (["--trainable", "all", "--lora-rank", "4", "--lora-alpha", "8"], "--trainable='all' applies to"),
     (["--trainable", "head"], "--trainable: invalid choice: 'head'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, extra, message):

@@ -96,14 +96,14 @@ def bad(tmp_path: Path, name: str, content: bytes | None) -> Path:
     (lambda t: ["--data", bad(t, "short.txt", b"hello world")], "corpus too short"),
     (lambda t: ["--data", bad(t, "ok.txt", b"x" * 500), "--tokenizer", t / "none.json"], "neither a tokenizer name"),
     (lambda t: ["--data", bad(t, "ok.txt", b"x" * 500), "--tokenizer", bad(t, "tok.json", b"{oops")], "does not parse"),
-    (lambda t: ["--n-heads", "3"], "not divisible by n_heads=3"),
-    (lambda t: ["--drop-rate", "1.5"], "drop_rate=1.5"),
-    (lambda t: ["--lr", "-1"], "lr=-1"),
+    (lambda t: ["--n-heads", "3"], "not divisible by --n-heads=3"),
+    (lambda t: ["--drop-rate", "1.5"], "--drop-rate=1.5"),
+    (lambda t: ["--lr", "-1"], "--lr=-1"),
     (lambda t: ["--betas", "0.9"], "not two comma-separated numbers"),
     (lambda t: ["--batch-size", "0"], "expected an integer >= 1"),
     (lambda t: ["--resume"], "no checkpoint in"),
     (lambda t: ["--fsdp"], "--fsdp needs several processes"),
-    (lambda t: ["--pos-emb", "rope", "--emb-dim", "30", "--n-heads", "10"], "pos_emb='rope' needs an even head size"),
+    (lambda t: ["--pos-emb", "rope", "--emb-dim", "30", "--n-heads", "10"], "--pos-emb='rope' needs an even head size"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     code, out, err = cli(capsys, "train", "--out", tmp_path / "run", *TINY, *argv(tmp_path))

@@ -135,7 +135,7 @@ def test_prepare_classifier_can_train_every_weight():
         prepare_classifier(GPTModel(tiny_cfg(50)), 3, trainable="head")
     for bad in ({"task": "instruct", "trainable": "all"},
                 {"task": "classify", "trainable": "all", "lora_rank": 4, "lora_alpha": 8}):
-        with pytest.raises(ValueError, match="--trainable all applies to a classification fine-tune without LoRA"):
+        with pytest.raises(ValueError, match="trainable='all' applies to a classification fine-tune without LoRA"):
             FinetuneConfig(**bad)
 
 

@@ -1,83 +1,55 @@
 """Training settings as validated, frozen dataclasses, stored as JSON in every checkpoint:
-TrainConfig (pretraining) and FinetuneConfig (classification and instruction fine-tuning)."""
+TrainConfig (pretraining) and FinetuneConfig (classification and instruction fine-tuning).
+
+Each field is declared once (settings.setting): its help, its valid values, whether a resumed run
+may change it (`resumable(TrainConfig)`); the `train` and `finetune` flags are made from them."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from build_llm import lora as lora_mod
 from build_llm.errors import UsageError
+from build_llm.settings import DEVICE_HELP, invalid, resumable, setting, validate
 from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
 TASKS = ("classify", "instruct")
-RESUMABLE = ("epochs", "steps", "eval_every", "device")  # what a resumed fine-tuning run may change
+DTYPES = ("float32", "bfloat16")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+RUNTIME, LORA = "runtime", "LoRA (appendix E)"  # --help sections
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimiser, schedule and loop settings, validated; stored as JSON in every checkpoint."""
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.99)
-    warmup_steps: int = 100
-    lr_decay: str = "cosine"        # cosine from lr down to min_lr_ratio * lr at the last step
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0          # max global gradient norm; 0 turns clipping off
-    grad_accum: int = 1             # micro-batches per optimizer step
-    batch_size: int = 64            # windows per micro-batch, summed over all processes
-    steps: int = 1000               # total optimizer steps (also when resuming)
-    eval_every: int = 100           # evaluate, log and checkpoint every this many steps
-    eval_batches: int = 20          # fixed validation batches per evaluation
-    seed: int = 123
-    device: str = "auto"
-    dtype: str = "float32"          # bfloat16: autocast around forward and loss
-    compile: bool = False
-    fsdp: bool = False              # under torchrun: shard parameters, gradients and optimizer state
-    val_ratio: float = 0.1
+    lr: float = setting(1e-3, "peak learning rate", above=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
+    betas: tuple[float, float] = setting((0.9, 0.99), "AdamW betas, e.g. 0.9,0.95", at_least=0, below=1)
+    warmup_steps: int = setting(100, "steps of linear warm-up", at_least=0)
+    lr_decay: str = setting("cosine", "cosine: from lr down to min_lr_ratio x lr at the last step; or constant",
+                            choices=LR_DECAYS)
+    min_lr_ratio: float = setting(0.1, "the cosine's last learning rate, as a share of lr", at_least=0, at_most=1)
+    grad_clip: float = setting(1.0, "max global gradient norm (0: no clipping)", at_least=0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", at_least=1)
+    batch_size: int = setting(64, "windows per micro-batch, summed over all processes", at_least=1)
+    steps: int = setting(1000, "total optimizer steps, also when resuming", at_least=1, resumable=True)
+    eval_every: int = setting(100, "evaluate, log and checkpoint every N steps", at_least=1, resumable=True)
+    eval_batches: int = setting(20, "fixed validation batches per evaluation", at_least=1, resumable=True)
+    seed: int = setting(123, "random seed", at_least=0)
+    device: str = setting("auto", DEVICE_HELP + " (under torchrun: each process's local GPU)", expected=DEVICES,
+                          resumable=True, group=RUNTIME)
+    dtype: str = setting("float32", "bfloat16: autocast around forward and loss", choices=DTYPES, resumable=True,
+                         group=RUNTIME)
+    compile: bool = setting(False, "torch.compile the model", resumable=True, group=RUNTIME)
+    fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)",
+                         resumable=True, group=RUNTIME)
+    val_ratio: float = setting(0.1, "share of the tokens held out for validation", above=0, below=1)
 
     def __post_init__(self) -> None:
-        def bad(key: str, expected: str) -> ValueError:
-            return UsageError(f"TrainConfig: {key}={getattr(self, key)!r} is invalid; expected {expected}")
-
-        def number(key: str) -> float:
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise bad(key, "a finite number")
-            return v
-
-        if not number("lr") > 0:
-            raise bad("lr", "a number > 0")
-        if number("weight_decay") < 0:
-            raise bad("weight_decay", "a number >= 0")
-        if number("grad_clip") < 0:
-            raise bad("grad_clip", "a number >= 0 (0: no clipping)")
-        if not 0 <= number("min_lr_ratio") <= 1:
-            raise bad("min_lr_ratio", "a number in [0, 1]")
-        if not 0 < number("val_ratio") < 1:
-            raise bad("val_ratio", "a number in (0, 1)")
-        betas = self.betas
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-            raise bad("betas", "two numbers in [0, 1)")
-        object.__setattr__(self, "betas", tuple(float(b) for b in betas))
-        for key, low in (("grad_accum", 1), ("batch_size", 1), ("steps", 1), ("eval_every", 1),
-                         ("eval_batches", 1), ("warmup_steps", 0), ("seed", 0)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise bad(key, f"an integer >= {low}")
-        if self.lr_decay not in LR_DECAYS:
-            raise bad("lr_decay", f"one of {LR_DECAYS}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise bad("dtype", "float32 or bfloat16")
-        if not isinstance(self.device, str) or not self.device:
-            raise bad("device", "auto, cpu, cuda or cuda:N")
-        for key in ("compile", "fsdp"):
-            if not isinstance(getattr(self, key), bool):
-                raise bad(key, "true or false")
+        validate(self)  # each field by its metadata (betas stored as a tuple of floats)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -90,7 +62,7 @@ class TrainConfig:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise UsageError(f"TrainConfig: unknown key(s) {unknown}; valid keys are {valid}")
-        return cls(**{**d, **({"betas": tuple(d["betas"])} if "betas" in d else {})})
+        return cls(**d)
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -111,56 +83,45 @@ BUDGET_TRAIN = TrainConfig(lr=2e-3, batch_size=16, warmup_steps=100, eval_every=
 # --- fine-tuning -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FinetuneConfig:
-    task: str
-    epochs: int = 3
-    steps: int | None = None            # total optimizer steps (overrides epochs)
-    batch_size: int = 8
-    micro_batch_size: int | None = None  # gradient accumulation: batch_size split into micro-batches
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    grad_clip: float = 0.0
-    eval_every: int | None = None        # steps; None: at the end of every epoch
-    val_fraction: float = 0.1            # held out from --data when no --val-data is given
-    max_length: int | None = None        # tokens per example (default: the context length)
-    seed: int = 123
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = lora_mod.DEFAULT_TARGETS
-    trainable: str = "last-block"        # classify without LoRA: "last-block" (the book's) or "all"
-    device: str = "cpu"
+    """A fine-tuning run's settings, validated; stored as JSON beside its checkpoint."""
+    task: str = setting(help="classify or instruct (the `finetune` subcommand)", choices=TASKS, internal=True)
+    epochs: int = setting(3, "passes over the training data", at_least=1, resumable=True)
+    steps: int | None = setting(None, "total optimizer steps (instead of epochs)", at_least=1, unset="from epochs",
+                                resumable=True)
+    batch_size: int = setting(8, "examples per optimizer step", at_least=1)
+    micro_batch_size: int | None = setting(None, "examples per forward pass (gradient accumulation)", at_least=1,
+                                           unset="the batch size")
+    lr: float = setting(5e-5, "learning rate (the book's default)", above=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
+    grad_clip: float = setting(0.0, "max gradient norm (0: no clipping)", at_least=0)
+    eval_every: int | None = setting(None, "evaluate and checkpoint every N steps", at_least=1, unset="each epoch",
+                                     resumable=True)
+    val_fraction: float = setting(0.1, "share of the data held out when no validation file is given",
+                                  above=0, below=1)
+    max_length: int | None = setting(None, "tokens per example", at_least=1, unset="the context length")
+    seed: int = setting(123, "random seed", at_least=0)
+    lora_rank: int | None = setting(None, "train rank-R adapters instead of the weights", at_least=1,
+                                    unset="no LoRA", group=LORA)
+    lora_alpha: float | None = setting(None, "adapter scale: the update is multiplied by alpha / rank", above=0,
+                                       group=LORA)
+    lora_targets: tuple[str, ...] = setting(lora_mod.DEFAULT_TARGETS, "layers that get adapters",
+                                            choices=tuple(lora_mod.TARGETS), group=LORA)
+    trainable: str = setting("last-block", "what a classification fine-tune without LoRA trains besides the new "
+                                           "head: last-block (the book's: the last block and final norm) or all "
+                                           "(every weight)", choices=CLASSIFY_TRAINABLE)
+    device: str = setting("auto", DEVICE_HELP, expected=DEVICES, resumable=True)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise UsageError(f"task={self.task!r} is invalid; expected one of {TASKS}")
-        for key in ("epochs", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
-        for key in ("steps", "micro_batch_size", "eval_every", "max_length"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"--{key.replace('_', '-')}={value!r} is invalid; expected an integer >= 1")
+        validate(self)  # each field by its metadata (lora_targets stored as a tuple); then what relates fields
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
-            raise UsageError(f"--micro-batch-size={self.micro_batch_size} does not divide --batch-size="
-                             f"{self.batch_size}; choose a divisor")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr={self.lr!r} is invalid; expected a number > 0")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UsageError(f"--weight-decay={self.weight_decay!r} is invalid; expected a number >= 0")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UsageError(f"--grad-clip={self.grad_clip!r} is invalid; expected a number >= 0 (0: off)")
-        if not 0 < self.val_fraction < 1:
-            raise UsageError(f"--val-fraction={self.val_fraction!r} is invalid; expected a number in (0, 1)")
+            raise invalid(self, f"micro_batch_size={self.micro_batch_size} does not divide batch_size="
+                                f"{self.batch_size}; choose a divisor", "micro_batch_size", "batch_size")
         if (self.lora_rank is None) != (self.lora_alpha is None):
-            raise UsageError("--lora-rank and --lora-alpha go together; give both or neither")
-        if self.trainable not in CLASSIFY_TRAINABLE:
-            raise UsageError(f"--trainable={self.trainable!r} is invalid; expected one of {list(CLASSIFY_TRAINABLE)}")
+            raise invalid(self, "lora_rank and lora_alpha go together; give both or neither", "lora_rank", "lora_alpha")
         if self.trainable != "last-block" and (self.task != "classify" or self.lora_rank is not None):
-            raise UsageError(f"--trainable {self.trainable} applies to a classification fine-tune without LoRA "
-                             "(an instruction fine-tune trains every weight, a LoRA run only its adapters)")
-        if self.lora_rank is not None:
-            lora_mod.check_rank_alpha(self.lora_rank, self.lora_alpha)
-            object.__setattr__(self, "lora_targets", lora_mod.check_targets(self.lora_targets))
+            raise invalid(self, f"trainable={self.trainable!r} applies to a classification fine-tune without LoRA "
+                                "(an instruction fine-tune trains every weight, a LoRA run only its adapters)",
+                          "trainable")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -169,4 +130,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        return cls(**{**d, "lora_targets": tuple(d.get("lora_targets", lora_mod.DEFAULT_TARGETS))})
+        return cls(**d)
+
+
+RESUMABLE = resumable(FinetuneConfig)  # what a resumed fine-tuning run may change (settings.resumable)

@@ -1,0 +1,107 @@
+"""What the verbs share: the parser (one-line errors, defaults in --help), integer types, the
+--preset/--checkpoint pair and its loader, and the flags made from a config dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any, Callable, Mapping
+
+import torch
+
+from build_llm.config import PRESETS, GPTConfig
+from build_llm.data.markov import ABC
+from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, PAD, CharTokenizer, get_tokenizer
+from build_llm.errors import UsageError
+from build_llm.gpt import GPTModel
+from build_llm.runtime import check_fits, set_seed
+from build_llm.settings import add_arguments, flags
+from build_llm.sizing import model_memory
+from build_llm.store.checkpoint import load_checkpoint
+
+# One default for every verb's --device: the best device there is (cuda, then mps, then cpu).
+DEVICE_DEFAULT = "auto"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (unless its help already says it, or there is none)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and action.default is not None and action.default is not False:
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+def int_at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= lowest."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer >= {lowest}")
+        return value
+    return parse
+
+
+positive_int, non_negative_int = int_at_least(1), int_at_least(0)
+
+
+def add_settings(p: argparse.ArgumentParser, cls: type, title: str, *, skip: tuple[str, ...] = (),
+                 variants: Mapping[str, Any] | None = None, default_text: str | None = None) -> dict[str, Any]:
+    """A flag for each field of a config dataclass (settings.add_arguments), --device defaulting to
+    DEVICE_DEFAULT as on every verb. The verb remembers field -> flag, so that an error naming a
+    field names the flag instead (see main). Returns the argument groups by title."""
+    groups = add_arguments(p, cls, title, skip=skip, variants=variants, default_text=default_text,
+                           defaults={"device": DEVICE_DEFAULT})
+    p.set_defaults(setting_flags={**(p.get_default("setting_flags") or {}), **flags(cls, skip)})
+    return groups
+
+
+def model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
+    group = p.add_mutually_exclusive_group(required=required)
+    group.add_argument("--preset", choices=sorted(PRESETS), help="a model preset (random weights)")
+    group.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
+
+
+def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):
+    """(model, tokenizer) from --checkpoint, or a seeded random model from --preset. A preset gets
+    the tokenizer its vocabulary implies (GPT-2's, or the ABC characters for r-abc); without one,
+    the tokenizer is None unless `need_tokenizer`."""
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint, device)
+        if ckpt.tokenizer is None and need_tokenizer:
+            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text")
+        return ckpt.model, ckpt.tokenizer
+    cfg = GPTConfig.from_preset(args.preset)
+    if cfg.vocab_size == GPT2_VOCAB_SIZE:
+        tokenizer = get_tokenizer("gpt2")
+    elif cfg.vocab_size == len(ABC.alphabet) + 1:
+        tokenizer = CharTokenizer([PAD, *ABC.alphabet])
+    elif need_tokenizer:
+        raise UsageError(f"preset {args.preset!r} has a {cfg.vocab_size}-token vocabulary with no tokenizer; "
+                         "use --checkpoint of a trained model")
+    else:
+        tokenizer = None
+    set_seed(getattr(args, "seed", None) or 0)
+    check_fits(model_memory(cfg), f"--preset {args.preset}", device)
+    with torch.device(device):
+        model = GPTModel(cfg).eval()
+    return model, tokenizer
+

@@ -1,0 +1,206 @@
+"""Verbs about a model itself: info, generate, import-hf, export-hf, and tokenizer train/stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from build_llm.cli.common import (DEVICE_DEFAULT, Parser, load_source, model_source, non_negative_int,
+                                  positive_int)
+from build_llm.config import GPTConfig
+from build_llm.data.corpus import read_pieces, read_text, text_files
+from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, get_tokenizer,
+                                      load_tokenizer, tokenizer_stats)
+from build_llm.errors import UsageError
+from build_llm.gpt import GPTModel
+from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
+from build_llm.infer.quant import prepare_for_decoding
+from build_llm.interop.hf import from_hf, save_hf
+from build_llm.runtime import get_device
+from build_llm.settings import DEVICE_HELP
+from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
+from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
+from build_llm.store.fsio import atomic_path, check_writable_dir, check_writable_file
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameter table, total and size of a model",
+                       description="Print the parameter table (name, shape, count), the total and the size "
+                                   "in MB at fp32 and bf16 of a preset or a checkpoint.")
+    model_source(p, required=False)
+    p.set_defaults(run=run_info)
+
+
+def run_info(args: argparse.Namespace) -> None:
+    if args.checkpoint:
+        model = load_model(args.checkpoint)
+    else:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = GPTModel(GPTConfig.from_preset(args.preset or "book-124m"))
+    print(format_parameter_table(model))
+    print(f"Total parameters: {count_parameters(model):,}")
+    print(f"Size: {model_size_mb(model, torch.float32):.2f} MB (fp32), {model_size_mb(model, torch.bfloat16):.2f} MB (bf16)")
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt",
+                       description="Print the prompt and its continuation (only that, on stdout), each token as "
+                                   "soon as it is generated.")
+    model_source(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
+    p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
+    p.set_defaults(run=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device = get_device(args.device)
+    model, tokenizer = load_source(args, device)
+    prepare_for_decoding(model, args.dtype)
+    if not args.prompt:
+        raise UsageError("--prompt is empty; give at least one character")
+    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
+    ctx = model.cfg.context_length
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = stream(model, idx[:, -ctx:], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
+                    use_cache=not args.no_cache)
+    # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
+    for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=idx[0].tolist()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    print(flush=True)
+
+
+def add_import_hf(sub) -> None:
+    p = sub.add_parser("import-hf", help="Hugging Face GPT-2 directory -> checkpoint",
+                       description="Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors "
+                                   "or pytorch_model.bin; gpt2 to gpt2-xl) and write a checkpoint of this package. "
+                                   "Nothing is downloaded: fetch the directory yourself (see the README).")
+    p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
+    p.set_defaults(run=run_import_hf)
+
+
+def run_import_hf(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and out.resolve() == Path(args.dir).resolve():
+        raise UsageError(f"--out {args.out!r} is the Hugging Face directory itself; give another directory")
+    check_writable_dir(out, "checkpoint", whole=True)  # before the (slow) conversion; save_checkpoint checks again
+    if (out / TRAINER_FILE).exists():
+        raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
+                         "state and break --resume; give another directory")
+    if args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
+        tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
+    else:
+        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file")
+    model = from_hf(args.dir)
+    if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
+        raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
+                         f"has {model.cfg.vocab_size}; pass --tokenizer with a matching JSON file, or none")
+    save_checkpoint(out, model, tokenizer)
+    print(f"{out}: {count_parameters(model):,} parameters from {args.dir}")
+
+
+def add_export_hf(sub) -> None:
+    p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face GPT-2 (or Llama) directory",
+                       description="Write a checkpoint as a directory that transformers.GPT2LMHeadModel."
+                                   "from_pretrained loads (config.json, model.safetensors) with the same logits, "
+                                   "plus its tokenizer (GPT-2 or a trained BPE) for AutoTokenizer. A model with "
+                                   "Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu --no-bias "
+                                   "--no-qkv-bias) is written for LlamaForCausalLM instead.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="directory to write (a new, empty or earlier export directory)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
+    p.set_defaults(run=run_export_hf)
+
+
+def run_export_hf(args: argparse.Namespace) -> None:
+    ckpt = load_checkpoint(args.checkpoint)
+    tokenizer = None if args.no_tokenizer else ckpt.tokenizer
+    if tokenizer is not None and not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
+        print(f"build-llm: note: the {type(tokenizer).__name__} has no Hugging Face form; exporting the model only",
+              file=sys.stderr)
+    written = save_hf(ckpt.model, args.out, tokenizer)
+    print(f"{args.out}: {', '.join(written)}")
+
+
+def add_tokenizer(sub) -> None:
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, or compare tokenizers on a text",
+                       description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) or report how "
+                                   "finely tokenizers cut a text.")
+    verbs = p.add_subparsers(dest="tokenizer_verb", metavar="{train,stats}", parser_class=Parser)
+    verbs.required = True
+    t = verbs.add_parser("train", help="train a byte-level BPE on text files",
+                         description="Train a byte-level BPE (special token <|endoftext|>) and save it as a "
+                                     "Hugging Face tokenizer.json, usable as `train --tokenizer FILE`.")
+    t.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="UTF-8 text file(s) or folder(s) of them (every non-hidden file, as train --data)")
+    t.add_argument("--vocab-size", required=True, type=positive_int, help="number of ids (at least 257)")
+    t.add_argument("--min-frequency", type=positive_int, default=2, help="least count of a pair to merge")
+    t.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON file to write")
+    t.set_defaults(run=run_tokenizer_train)
+    s = verbs.add_parser("stats", help="tokens per character and bytes per token of tokenizers on a text",
+                         description="Print, for gpt2, char (the text's own characters) and each --tokenizer, the "
+                                     "vocabulary size, tokens, tokens per character and bytes per token on a text.")
+    s.add_argument("--data", required=True, metavar="PATH", help="a UTF-8 text file")
+    s.add_argument("--tokenizer", action="append", default=[], metavar="FILE",
+                   help="a trained tokenizer JSON or checkpoint directory (repeatable)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(run=run_tokenizer_stats)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> None:
+    if args.vocab_size < 257:
+        raise UsageError(f"--vocab-size {args.vocab_size} is too small; a byte-level BPE needs at least 257 "
+                         f"(256 bytes + {ENDOFTEXT})")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")
+    check_writable_file(out)
+    files = [f for path in args.data for f in text_files(path)]
+    # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
+    if not sum(bool(piece.strip()) for piece in read_pieces(files)):
+        raise UsageError("--data is empty; give text to train on")
+    try:
+        tok = BPETokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency)
+    except (ValueError, TypeError, OSError):
+        raise
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise UsageError(f"training failed on --data: {e}") from e
+    with atomic_path(out) as tmp:
+        tok.save(tmp)
+    print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")
+
+
+def run_tokenizer_stats(args: argparse.Namespace) -> None:
+    text = read_text(args.data)
+    tokenizers = [("gpt2", GPT2Tokenizer()), ("char", CharTokenizer.from_text(text))]
+    for name in args.tokenizer:
+        if not Path(name).exists():
+            raise UsageError(f"--tokenizer {name!r} does not exist; give a tokenizer JSON file or a checkpoint directory")
+        tokenizers.append((name, load_tokenizer(name)))
+    rows = [{"tokenizer": name, "vocab_size": tok.vocab_size, **tokenizer_stats(text, tok)} for name, tok in tokenizers]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["tokenizer"]) for r in rows)
+    print(f"{'tokenizer':<{width}}  {'vocab':>7}  {'tokens':>10}  {'tokens/char':>11}  {'bytes/token':>11}")
+    for r in rows:
+        print(f"{r['tokenizer']:<{width}}  {r['vocab_size']:>7}  {r['tokens']:>10}  "
+              f"{r['tokens_per_char']:>11.4f}  {r['bytes_per_token']:>11.4f}")
+

@@ -1,0 +1,103 @@
+"""Verbs that answer with a trained model: serve (an OpenAI-compatible HTTP server), chat (in the
+terminal) and classify (labels from a classification fine-tune)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from build_llm.cli.common import int_at_least, load_source, model_source, non_negative_int, positive_int
+from build_llm.data.instruct import encode_conversation
+from build_llm.errors import UsageError
+from build_llm.infer.chat import load_chat_model, require_eos
+from build_llm.infer.chat import run_chat as chat
+from build_llm.infer.classify import classify_texts
+from build_llm.infer.quant import prepare_for_decoding
+from build_llm.serve import Settings, run_server
+from build_llm.store.finetuned import load_finetuned
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a playground page",
+                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions (models with a "
+                                   "chat template), /v1/models, /health, and a playground page at /. Requests are "
+                                   "decoded together (continuous batching). SIGTERM lets the requests in flight "
+                                   "finish, then exits 0.")
+    model_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_at_least(1), default=8000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="the largest max_tokens a request may ask (default: the model's context length)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
+    p.add_argument("--shutdown-timeout", type=positive_int, default=30,
+                   help="seconds that requests in flight may take to finish after SIGTERM (default 30)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if args.port > 65535:
+        raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
+    if args.api_key is not None and not args.api_key.strip():
+        raise UsageError("--api-key is empty; give a key or leave the option out")
+    chat_template = None
+    if args.checkpoint:  # an instruction fine-tune also answers /v1/chat/completions, in its own template
+        model, tokenizer, note = load_chat_model(args.checkpoint)
+        if note is None:
+            eos = require_eos(tokenizer)
+            chat_template = lambda messages: encode_conversation(  # noqa: E731
+                messages, tokenizer, eos, add_generation_prompt=True)[0]
+    else:
+        model, tokenizer = load_source(args)
+    prepare_for_decoding(model, args.dtype)
+    name = args.name or args.preset or Path(args.checkpoint).resolve().name
+    settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
+                        chat_template=chat_template)
+    run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
+               max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+
+
+def add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="chat in the terminal with an instruction-tuned checkpoint",
+                       description="Interactive chat: replies stream as they are generated; the conversation is "
+                                   "kept within the context window (the oldest turns are dropped, with a note). "
+                                   "Commands: /reset, /temperature T, /top-k K|off, /help, /quit. With --prompt, "
+                                   "print one reply and exit.")
+    p.add_argument("--checkpoint", required=True, help="an instruction fine-tune (or any checkpoint with a tokenizer)")
+    p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
+    p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.set_defaults(run=run_chat)
+
+
+def run_chat(args: argparse.Namespace) -> None:
+    chat(args.checkpoint, prompt=args.prompt, system=args.system, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+
+
+def add_classify(sub) -> None:
+    p = sub.add_parser("classify", help="label texts with a classification fine-tune",
+                       description="Print one JSON object per text: the text, its most probable label and every "
+                                   "label's probability.")
+    p.add_argument("--checkpoint", required=True, help="the --out of `build-llm finetune classify` (or its merge)")
+    p.add_argument("--text", action="append", required=True, help="a text to classify (repeat for several)")
+    p.set_defaults(run=run_classify)
+
+
+def run_classify(args: argparse.Namespace) -> None:
+    ft = load_finetuned(args.checkpoint)
+    if ft.meta["task"] != "classify":
+        raise UsageError(f"build-llm classify: --checkpoint {args.checkpoint!r} is an instruction fine-tune, not a "
+                         "classifier; use `build-llm chat`")
+    for text, result in zip(args.text, classify_texts(ft.model, ft.tokenizer, ft.meta["labels"], args.text,
+                                                       ft.meta.get("max_length"))):
+        print(json.dumps({"text": text, **result}))
+

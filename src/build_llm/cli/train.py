@@ -1,0 +1,136 @@
+"""Verbs that train: train (pretraining, or the R notebook's ABC experiment), eval, finetune
+(classify or instruct, fully or with LoRA) and merge-lora. The config flags of train and finetune
+are made from GPTConfig, TrainConfig and FinetuneConfig (settings.setting): a field added there
+is a flag here with no other edit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from build_llm.cli.common import DEVICE_DEFAULT, Parser, add_settings, positive_int
+from build_llm.config import PRESETS, GPTConfig
+from build_llm.settings import DEVICE_HELP, given
+from build_llm.store.finetuned import merge_checkpoint
+from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, FinetuneConfig, TrainConfig
+from build_llm.train.loop import TrainingStopped
+from build_llm.train.run import evaluate_checkpoint, run_finetune as finetune, run_training
+
+# The training settings' other defaults, shown in --help where they differ from TrainConfig's.
+TRAIN_VARIANTS = {"ABC": ABC_TRAIN, "time budget": BUDGET_TRAIN}
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (no data option: the R notebook's ABC experiment)",
+                       description="Train a GPT. With no --data it runs the R notebook's ABC experiment and "
+                                   "compares the validation loss with the exact optimum. Writes OUT/metrics.jsonl, "
+                                   "OUT/loss.png and OUT/checkpoint/. Works unchanged under torchrun. The "
+                                   "optimisation defaults are a --data run's with --steps; 'ABC:' and 'time "
+                                   "budget:' give the ABC experiment's and a --time-budget run's where they differ.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a UTF-8 text file or a folder of them")
+    src.add_argument("--abc", action="store_true", help="the ABC Markov text of the R notebook (the default)")
+    p.add_argument("--tokenizer", help="char (default), gpt2 or a tokenizer JSON path")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: r-abc for ABC, a 6-layer "
+                   "384-wide char model with context 256 for --data)")
+    add_settings(p, GPTConfig, "model (override the preset)", default_text="the preset's")
+    groups = add_settings(p, TrainConfig, "optimisation", variants=TRAIN_VARIANTS)
+    groups["optimisation"].add_argument(
+        "--time-budget", metavar="DURATION", help="train for this long (90s, 5m, 2h), final evaluation, checkpoint "
+        "and samples included: measures this machine's speed, then sizes the model (unless a shape flag or --preset "
+        "is given) and the steps for the lowest validation loss in that time (with --data and no --steps: 5 minutes "
+        "on a CPU)")
+    p.add_argument("--init-from", metavar="DIR", help="start from this model's weights, shape and tokenizer (a "
+                   "checkpoint, run directory or Hugging Face GPT-2 directory), with a fresh optimizer")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--out", required=True, help="run directory")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        run = run_training(args.out, data=args.data, tokenizer=args.tokenizer, preset=args.preset,
+                           model_options=given(args, GPTConfig), train_options=given(args, TrainConfig),
+                           resume=args.resume, init_from=args.init_from, time_budget=args.time_budget,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    except TrainingStopped as e:
+        if e.main_process:
+            print(f"build-llm: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    if run.report:
+        print(run.report)
+    return 0
+
+
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a text",
+                       description="Print JSON with loss, perplexity and tokens of a checkpoint on the "
+                                   "non-overlapping windows of a text; for the ABC source (no --data, or a model "
+                                   "trained on ABC) also the exact optimum on the same windows and the excess.")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="a UTF-8 text file or folder (default: a held-out ABC draw)")
+    src.add_argument("--abc", action="store_true", help="a held-out draw of the ABC source (the default)")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device), indent=2))
+
+
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint: classify (a CSV) or instruct (instructions)",
+                       description="Fine-tune a checkpoint as the book's chapters 6 and 7 do, fully or with LoRA. "
+                                   "Writes OUT/metrics.jsonl and OUT/checkpoint/ (the adapter alone for LoRA); "
+                                   "Ctrl-C saves, --resume continues exactly.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", parser_class=Parser)
+    tasks.required = True
+    c = tasks.add_parser("classify", help="text classification from a CSV file (any number of classes)",
+                         description="A new head with one output per label; the last block, final norm and head "
+                                     "train (or LoRA adapters and the head); the last token's logits classify. "
+                                     "metrics.jsonl holds the held-out accuracy.")
+    c.add_argument("--data", required=True, help="CSV file with a header row")
+    c.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+    c.add_argument("--label-column", default="label", help="column holding the label (default: label)")
+    i = tasks.add_parser("instruct", help="instruction fine-tuning (Alpaca JSON or chat JSONL)",
+                         description="The book's Alpaca prompt format (a chat template for messages); the loss "
+                                     "covers response tokens and the end token only.")
+    i.add_argument("--data", required=True, help="JSON array or JSONL of Alpaca records (instruction, input, "
+                   "output) or chat records ({\"messages\": [{\"role\", \"content\"}, ...]})")
+    for q, skip in ((c, ()), (i, ("trainable",))):  # --trainable: classification only
+        q.add_argument("--init-from", required=True, help="checkpoint to start from (a run directory or checkpoint)")
+        q.add_argument("--val-data", help="held-out file in the same format (default: --val-fraction of --data)")
+        q.add_argument("--out", required=True, help="run directory")
+        add_settings(q, FinetuneConfig, "optimisation", skip=skip)
+        q.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+        q.set_defaults(run=run_finetune)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    try:
+        result = finetune(args.out, args.init_from, args.task, data=args.data, val_data=args.val_data,
+                          text_column=getattr(args, "text_column", "text"),
+                          label_column=getattr(args, "label_column", "label"),
+                          options=given(args, FinetuneConfig), resume=args.resume)
+    except TrainingStopped as e:
+        print(f"build-llm: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    print(json.dumps(result))
+    return 0
+
+
+def add_merge_lora(sub) -> None:
+    p = sub.add_parser("merge-lora", help="merge a LoRA run's adapter into its base weights",
+                       description="Write a plain checkpoint (model.safetensors) whose weights are the base's plus "
+                                   "the adapter's update: the same logits, no adapter, readable by generate, chat, "
+                                   "classify and export-hf.")
+    p.add_argument("--checkpoint", required=True, help="the --out of a `build-llm finetune ... --lora-rank` run")
+    p.add_argument("--out", required=True, help="directory to write (new, empty or an earlier merge)")
+    p.set_defaults(run=run_merge_lora)
+
+
+def run_merge_lora(args: argparse.Namespace) -> None:
+    print(merge_checkpoint(args.checkpoint, args.out))

@@ -1,5 +1,11 @@
+"""Fixtures shared by more than one test area (pytest finds them here; a test names them as arguments or in
+`pytest.mark.usefixtures`, never imports them). Plain helpers are in tiny.py; an area's own fixtures are in
+its conftest.py."""
+
 import pytest
 import torch
+
+from tiny import words_tokenizer
 
 
 @pytest.fixture
@@ -11,3 +17,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The fine-tuning data sets' BPE tokenizer (tiny.words_tokenizer)."""
+    return words_tokenizer()

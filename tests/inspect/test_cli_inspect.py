@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from abc_fixture import abc_checkpoint, one_thread  # noqa: F401  (fixtures)
 
 from build_llm import GPTConfig, GPTModel, get_tokenizer, load_checkpoint, save_checkpoint, set_seed
 from build_llm import attention as attention_module
@@ -38,7 +37,7 @@ def _bad(capsys, argv, *needles):
     return err
 
 
-def test_inspect_abc_checkpoint_writes_correct_numbers_and_pictures(abc_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_inspect_abc_checkpoint_writes_correct_numbers_and_pictures(abc_checkpoint, tmp_path, capsys):
     prompt = "CAAACB\n\nAABCBBC"
     assert main(["inspect", "--checkpoint", str(abc_checkpoint), "--prompt", prompt, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -78,7 +77,7 @@ def test_inspect_gpt2_vocabulary_shows_spaces(gpt2_checkpoint, tmp_path, capsys)
     capsys.readouterr()
 
 
-def test_surprisal_html_and_totals_against_a_direct_computation(abc_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_surprisal_html_and_totals_against_a_direct_computation(abc_checkpoint, tmp_path, capsys):
     text = abc_text(5, seed=2)[:17]  # context 16 + 1: one window, each token's context is the text before it
     page = tmp_path / "s.html"
     assert main(["surprisal", "--checkpoint", str(abc_checkpoint), "--text", text, "--out", str(page)]) == 0
@@ -102,7 +101,7 @@ def test_surprisal_html_and_totals_against_a_direct_computation(abc_checkpoint, 
     assert 'id="excess"' in html and "By context length" in html
 
 
-def test_surprisal_samples_abc_text_and_slides_windows(abc_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_surprisal_samples_abc_text_and_slides_windows(abc_checkpoint, tmp_path, capsys):
     page = tmp_path / "abc.html"
     assert main(["surprisal", "--checkpoint", str(abc_checkpoint), "--out", str(page), "--max-tokens", "100"]) == 0
     out = capsys.readouterr()
@@ -115,7 +114,7 @@ def html_tokens(html: str) -> int:
     return block.count('<span class="tok')
 
 
-def test_doctor_exit_codes(abc_checkpoint, capsys, monkeypatch):  # noqa: F811
+def test_doctor_exit_codes(abc_checkpoint, capsys, monkeypatch):
     assert main(["doctor", "--checkpoint", str(abc_checkpoint), "--steps", "30"]) == 0
     out = capsys.readouterr().out
     assert out.count("PASS  ") == 6 and "6 passed, 0 failed" in out
@@ -133,7 +132,7 @@ def test_doctor_on_an_untrained_preset_checks_the_loss_against_ln_v(capsys):
     assert "ln(vocab) = 1.6094" in out and "near uniform" in out
 
 
-def test_bad_input_is_one_line_and_exit_2(abc_checkpoint, gpt2_checkpoint, tmp_path, capsys):  # noqa: F811
+def test_bad_input_is_one_line_and_exit_2(abc_checkpoint, gpt2_checkpoint, tmp_path, capsys):
     ck = str(abc_checkpoint)
     _bad(capsys, ["inspect", "--checkpoint", str(tmp_path / "nope"), "--prompt", "A", "--out", str(tmp_path)],
          "does not exist")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from abc_fixture import abc_checkpoint, one_thread  # noqa: F401  (fixtures)
 
 from build_llm import CharTokenizer, GPTConfig, GPTModel, load_checkpoint, set_seed
 from build_llm import attention as attention_module
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def abc(abc_checkpoint):  # noqa: F811  (a fresh copy per test: some tests break it)
+def abc(abc_checkpoint):  # a fresh copy per test: some tests break it
     ckpt = load_checkpoint(abc_checkpoint)
     return ckpt.model, ckpt.tokenizer
 

@@ -36,12 +36,7 @@ def tiny(vocab: int, **kw) -> GPTConfig:
                                drop_rate=0.1, qkv_bias=True), **kw})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tests share 2 cores with other work; one thread is faster then
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(run: Path) -> list[dict]:

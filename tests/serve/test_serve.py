@@ -501,15 +501,12 @@ def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
 def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     """`build-llm finetune instruct`'s checkpoint, served: /v1/chat/completions renders the messages in
     the fine-tuning template, and the model gives the answer it learned."""
-    from finetune_fixture import WORDS, tiny_cfg, write_instruct_json
+    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
 
-    from build_llm import BPETokenizer
     from build_llm.train.finetune import finetune
-    from build_llm.data.instruct import ALPACA_PREAMBLE
     from build_llm.train.config import FinetuneConfig
 
-    text = (" ".join(WORDS) + "\n" + ALPACA_PREAMBLE + "\n\n### Instruction:\n\n\n### Input:\n\n\n### Response:\n")
-    tok = BPETokenizer.train_from_texts([text * 20], vocab_size=300)
+    tok = words_tokenizer()
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
     write_instruct_json(tmp_path / "train.json")

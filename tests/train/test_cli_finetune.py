@@ -20,7 +20,9 @@ from build_llm.cli import main
 from build_llm.infer.chat import respond
 from build_llm.store.finetuned import load_finetuned
 
-from finetune_fixture import base, one_thread, tokenizer, write_classification_csv, write_instruct_json  # noqa: F401
+from tiny import write_classification_csv, write_instruct_json
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(args, capsys):
@@ -115,7 +117,7 @@ def test_instruct_needs_an_end_token(tmp_path, capsys):
     from build_llm import CharTokenizer, GPTModel
     from build_llm.store.checkpoint import save_checkpoint
 
-    from finetune_fixture import tiny_cfg
+    from tiny import tiny_cfg
 
     tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz #:\n.,'")
     save_checkpoint(tmp_path / "char", GPTModel(tiny_cfg(tok.vocab_size)), tok)

@@ -12,8 +12,10 @@ from build_llm import GPTConfig, GPTModel, count_parameters, model_size_mb, para
 from build_llm.config import PRESETS
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.sizing import (count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
-                              matmul_parameters, meta_model, model_memory, train_flops_per_token, weight_bytes)
+                              matmul_parameters, meta_model, model_memory, train_flops_per_token,
+                              training_memory, weight_bytes)
 from build_llm.train.budget import shape_for
+from build_llm.train.config import TrainConfig
 
 # Hugging Face's GPT2LMHeadModel("gpt2") has 124,439,808 parameters; 1024 x 768 of them are the
 # position table and 50257 x 768 the token table (which the head shares); the book's untied 124M
@@ -112,6 +114,16 @@ def test_memory_of_a_model_and_its_cache():
     assert model_memory(cfg, torch.bfloat16) == 2 * GPT2_PARAMS + masks
     assert kv_cache_bytes(cfg) == 2 * 12 * 1024 * 768 * 4  # a key and a value per layer, position, channel
     assert kv_cache_bytes(cfg, batch_size=3, dtype=torch.bfloat16) == 3 * 2 * 12 * 1024 * 768 * 2
+
+
+def test_training_memory_is_weights_four_times_and_the_batches():
+    """The lower bound checked before training: weights, gradients and two moments in fp32, the
+    validation windows (int64), a step's inputs and targets (int64) and one micro-batch's logits
+    and their gradient (fp32)."""
+    cfg = GPTConfig.from_preset("r-abc")  # 400,128 parameters, 2 blocks of a 16 x 16 bool mask, vocab 5
+    train = TrainConfig(batch_size=4, eval_batches=2, grad_accum=3)
+    weights = 4 * (4 * 400_128 + 2 * 16 * 16)
+    assert training_memory(cfg, train) == weights + 4 * 2 * 8 + 4 * 3 * 16 * 16 + 2 * 4 * 16 * 5 * 4
 
 
 @pytest.mark.slow  # two training children

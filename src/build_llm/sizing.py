@@ -73,8 +73,9 @@ def weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def count_weights(model: nn.Module) -> int:
-    """Number of weights (see `weights`): the parameter count of a model as trained, and still the
-    same count once decoding layers hold the weights in bfloat16 or int8."""
+    """Number of weights (see `weights`): a trained model's parameter count; once decoding layers
+    hold bfloat16 or int8 weights, those (with int8's scales, and the head's own copy where int8
+    unties it) in place of the Linear parameters, so that a quantized model is sized as it runs."""
     return sum(t.numel() for t in weights(model))
 
 
@@ -107,6 +108,17 @@ def kv_cache_bytes(cfg: GPTConfig, batch_size: int = 1, dtype: torch.dtype = tor
     """Bytes of a KV cache for `batch_size` sequences of the whole context: a key and a value per
     layer, position and channel."""
     return 2 * batch_size * cfg.n_layers * cfg.context_length * cfg.emb_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def training_memory(model_cfg: GPTConfig, train_cfg) -> int:
+    """A lower bound of the bytes training needs (checked before anything is allocated, behind the
+    plan's `estimate_peak_bytes`): fp32 weights, gradients and AdamW's two moments, the fixed
+    validation windows, a step's micro-batches (inputs and targets, int64, all drawn at once) and
+    one micro-batch's logits with their gradient. `train_cfg`: a TrainConfig."""
+    B, T = train_cfg.batch_size, model_cfg.context_length
+    windows = B * train_cfg.eval_batches * 8 + B * train_cfg.grad_accum * T * 16
+    logits = 2 * B * T * model_cfg.vocab_size * 4
+    return 4 * model_memory(model_cfg) + windows + logits
 
 
 def estimate_peak_bytes(cfg: GPTConfig, batch_size: int, explicit_attention: bool | None = None) -> int:

@@ -23,7 +23,7 @@ from build_llm.train.distributed import Dist, close_distributed, init_distribute
 from build_llm.errors import UsageError
 from build_llm.store.fsio import check_writable_dir, claim_dir, lock_dir, read_json
 from build_llm.runtime import check_fits, set_cpu_threads
-from build_llm.sizing import count_parameters, matmul_parameters
+from build_llm.sizing import count_parameters, matmul_parameters, training_memory
 from build_llm.train.loop import (TrainingStopped, TrainResult, bits_per_unit, evaluate_windows, read_metrics, sample_text, train)
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 
@@ -208,17 +208,6 @@ def make_plan(model_cfg, cfg: TrainConfig, corpus: Corpus, tok, device: torch.de
         cfg = cfg.replace(**changes)
     plan.train_cfg = cfg
     return plan
-
-
-def training_memory(model_cfg, cfg: TrainConfig) -> int:
-    """A lower bound of the bytes training needs: fp32 weights, gradients and AdamW's two moments,
-    the fixed validation windows, a step's micro-batches (inputs and targets, int64, all drawn at
-    once) and one micro-batch's logits with their gradient."""
-    from build_llm.sizing import model_memory
-
-    windows = cfg.batch_size * cfg.eval_batches * 8 + cfg.batch_size * cfg.grad_accum * model_cfg.context_length * 16
-    logits = 2 * cfg.batch_size * model_cfg.context_length * model_cfg.vocab_size * 4
-    return 4 * model_memory(model_cfg) + windows + logits
 
 
 def check_run_dir(out: str | Path, resume: bool) -> Path:

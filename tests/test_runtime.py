@@ -1,3 +1,4 @@
+import contextlib
 import random
 
 import numpy as np
@@ -5,7 +6,8 @@ import pytest
 import torch
 
 from build_llm import get_device, set_seed
-from build_llm.runtime import get_dtype
+from build_llm.runtime import (ONE_THREAD_BELOW, available_memory, check_fits, decoding_threads, get_dtype, one_thread,
+                               set_cpu_threads)
 
 
 def test_set_seed_makes_python_numpy_and_torch_repeat():
@@ -32,3 +34,35 @@ def test_get_dtype():
     assert get_dtype("bf16") is torch.bfloat16 and get_dtype("float32") is torch.float32
     with pytest.raises(ValueError, match="dtype='int8' is invalid"):
         get_dtype("int8")
+
+
+def test_one_thread_rule_for_training_and_decoding(monkeypatch):
+    """One rule, ONE_THREAD_BELOW weights, for a training run (set_cpu_threads) and for each decoding
+    step (decoding_threads); OMP_NUM_THREADS or another device leaves the count alone."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        set_cpu_threads(ONE_THREAD_BELOW - 1, "cpu", 3)
+        assert torch.get_num_threads() == 1
+        set_cpu_threads(ONE_THREAD_BELOW, "cpu", 3)
+        assert torch.get_num_threads() == 3
+        set_cpu_threads(ONE_THREAD_BELOW - 1, "meta", 2)
+        assert torch.get_num_threads() == 3
+        assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu") is one_thread
+        assert decoding_threads(ONE_THREAD_BELOW, "cpu") is contextlib.nullcontext
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        set_cpu_threads(ONE_THREAD_BELOW - 1, "cpu", 2)
+        assert torch.get_num_threads() == 3
+        assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu") is contextlib.nullcontext
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_check_fits_refuses_more_than_is_available():
+    free = available_memory()
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    assert free > 0
+    check_fits(1, "one byte")
+    with pytest.raises(ValueError, match="a huge model needs about .* GiB of memory but"):
+        check_fits(free * 4, "a huge model")

@@ -40,7 +40,8 @@ def test_generate_is_seeded(capsys):
     for seed in ("3", "3", "4"):
         assert main([*args, "--seed", seed]) == 0
         outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1]  # the same seed draws the same tokens
+    assert outputs[2] != outputs[0]  # another seed draws others: the seed is used, not ignored
 
 
 @pytest.mark.parametrize("args, words", [

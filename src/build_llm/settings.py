@@ -206,7 +206,7 @@ def flags(cls: type, skip: tuple[str, ...] = ()) -> dict[str, str]:
             if not f.metadata.get("internal") and f.name not in skip}
 
 
-def comma_list(kind: Kind, meta: Mapping[str, Any]) -> Callable[[str], tuple]:
+def comma_type(kind: Kind, meta: Mapping[str, Any]) -> Callable[[str], tuple]:
     """An argparse type for a tuple field: comma-separated items (`0.9,0.95`, `attn,ff`)."""
     def comma_list(text: str) -> tuple:
         items = [t.strip() for t in text.split(",")]
@@ -254,26 +254,26 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, *, ski
         if f.metadata.get("internal") or f.name in skip:
             continue
         name = f.metadata.get("group") or title
-        group = groups.get(name) or groups.setdefault(name, parser.add_argument_group(name))
-        default = defaults.get(f.name, f.default)
-        help_ = f"{f.metadata['help']} {default_text and f'(default: {default_text})' or default_help(f, kind, default, variants)}"
-        options: dict[str, Any] = dict(dest=f.name, default=defaults.get(f.name), help=help_.strip())
+        if name not in groups:
+            groups[name] = parser.add_argument_group(name)
+        said = (f"(default: {default_text})" if default_text
+                else default_help(f, kind, defaults.get(f.name, f.default), variants))
+        options: dict[str, Any] = dict(dest=f.name, default=defaults.get(f.name), help=f"{f.metadata['help']} {said}")
         if kind.base is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif kind.base is tuple:
-            options["type"], options["metavar"] = comma_list(kind, f.metadata), "LIST"
+            options["type"], options["metavar"] = comma_type(kind, f.metadata), "LIST"
         else:
             options["type"] = kind.base
             if f.metadata.get("choices"):
                 options["choices"] = f.metadata["choices"]
-        group.add_argument(flag_of(f), **options)
+        groups[name].add_argument(flag_of(f), **options)
     return groups
 
 
-def given(args: argparse.Namespace, cls: type, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     """The fields of `cls` whose flags were given (or have a default of the verb's), checked by the
     fields' metadata: a bad value fails here, before any work, naming the field."""
-    values = {name: getattr(args, name) for name in flags(cls, skip)
-              if getattr(args, name, None) is not None}
+    values = {name: getattr(args, name) for name in flags(cls) if getattr(args, name, None) is not None}
     check_values(cls, values, none_given=False)
     return values

@@ -106,10 +106,10 @@ def bad_values(world: Path, verb: str, action: argparse.Action) -> list[str]:
         return ["nan", "x", "-inf", ""]
     if kind == "parse" or action.type is int:  # the integer types
         return ["-1", "x", "1.5", ""]
-    if kind in ("_float_pair", "_temperatures"):
+    if kind == "_temperatures":
         return ["x", "1,2,3", "-1"]
-    if kind == "_lora_targets":
-        return ["x", "", "attn,bogus"]
+    if kind == "comma_list":  # a tuple setting: betas (two numbers in [0, 1)), lora targets
+        return ["x", "", "1,2,3", "-1", "attn,bogus"]
     name = action.dest
     if name == "time_budget":
         return ["x", "0s", "-5m", "5 parsecs"]

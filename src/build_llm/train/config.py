@@ -91,7 +91,7 @@ class FinetuneConfig:
     batch_size: int = setting(8, "examples per optimizer step", at_least=1)
     micro_batch_size: int | None = setting(None, "examples per forward pass (gradient accumulation)", at_least=1,
                                            unset="the batch size")
-    lr: float = setting(5e-5, "learning rate (the book's default)", above=0)
+    lr: float = setting(5e-5, "learning rate (the default is the book's)", above=0)
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
     grad_clip: float = setting(0.0, "max gradient norm (0: no clipping)", at_least=0)
     eval_every: int | None = setting(None, "evaluate and checkpoint every N steps", at_least=1, unset="each epoch",

@@ -45,12 +45,17 @@ def execute(name: str, cwd: Path, env: dict[str, str], monkeypatch) -> str:
     return "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
 
 
+# Slow (a Jupyter kernel each, 10-25 s): what they print is checked, more closely, by the faster runs of the
+# same cells as scripts (test_examples.py; test_notebook_matches_its_script proves the cells are the same);
+# these add only that the cells also run in a kernel, and CI's `make test-slow` runs them.
+@pytest.mark.slow
 def test_gpt_model_notebook_runs_and_prints_the_seed_numbers(tmp_path, monkeypatch):
     out = execute("gpt_model", tmp_path, {}, monkeypatch)
     assert out.count("same as the seed") == 5 and "DIFFERS" not in out
     assert "Total parameters: 163,009,536" in out
 
 
+@pytest.mark.slow
 def test_abc_markov_notebook_runs_and_writes_its_pictures(tmp_path, monkeypatch):
     out = execute("abc_markov", tmp_path, {"ABC_STEPS": "10", "ABC_WORDS": "1500", "ABC_NEW_TOKENS": "30",
                                            "ABC_OUT": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}, monkeypatch)

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 
-from build_llm import BPETokenizer, GPTConfig, GPTModel, get_tokenizer, load_checkpoint, save_checkpoint
+from build_llm import BPETokenizer, GPTModel, get_tokenizer, load_checkpoint, save_checkpoint
 from build_llm.cli import main
+from tiny import TINY
 
 WORDS = ("o gato dorme no telhado enquanto a chuva cai sobre a cidade e as crianças não sabem se "
          "amanhã haverá aula porque o ônibus quebrou perto da estação então ninguém pôde chegar à "
@@ -82,7 +83,7 @@ def test_a_portuguese_tokenizer_cuts_portuguese_text_into_fewer_tokens(trained, 
 
 def test_the_trained_tokenizer_is_saved_inside_a_checkpoint(trained, tmp_path):
     tok = get_tokenizer(str(trained))
-    model = GPTModel(GPTConfig(vocab_size=tok.vocab_size, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    model = GPTModel(TINY.replace(vocab_size=tok.vocab_size))
     save_checkpoint(tmp_path / "ckpt", model, tok)
     again = load_checkpoint(tmp_path / "ckpt").tokenizer
     text = "A chuva cai sobre a cidade, e ninguém pôde chegar."

@@ -9,6 +9,7 @@ import torch
 
 from build_llm import GPTModel, generate, get_tokenizer, load_model, save_checkpoint, text_to_token_ids
 from build_llm.cli import main
+from tiny import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -17,8 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "ckpt"
     torch.manual_seed(0)
-    model = GPTModel({"vocab_size": 50257, "context_length": 16, "emb_dim": 16, "n_heads": 2, "n_layers": 1,
-                      "drop_rate": 0.0, "qkv_bias": False})
+    model = GPTModel(TINY)
     save_checkpoint(path, model, get_tokenizer("gpt2"))
     return path
 

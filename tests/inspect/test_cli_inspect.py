@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from build_llm import GPTConfig, GPTModel, get_tokenizer, load_checkpoint, save_checkpoint, set_seed
+from build_llm import GPTModel, get_tokenizer, load_checkpoint, save_checkpoint, set_seed
 from build_llm import attention as attention_module
 from build_llm.cli import main
 from build_llm.data.markov import ABC, abc_text, optimal_window_losses
+from tiny import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def gpt2_checkpoint(tmp_path_factory):
     """A tiny random model with the GPT-2 vocabulary and tokenizer (fast stand-in for book-124m)."""
     set_seed(5)
-    model = GPTModel(GPTConfig(vocab_size=50257, context_length=32, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.1))
+    model = GPTModel(TINY)
     return save_checkpoint(tmp_path_factory.mktemp("gpt2") / "ckpt", model, get_tokenizer("gpt2"))
 
 

@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from build_llm import GPTConfig, GPTModel, get_tokenizer, save_checkpoint
+from build_llm import GPTModel, get_tokenizer, save_checkpoint
 from build_llm.cli import main
 from build_llm.interop.hf import save_hf
-
-TINY = GPTConfig(vocab_size=50257, context_length=16, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
+from tiny import TINY
 
 
 def tree(path: Path) -> dict[str, str]:

@@ -28,7 +28,7 @@ from build_llm.data.markov import ABC, abc_text, entropy_rate, next_char_distrib
 from build_llm.inspect.intermediates import format_mask, inspect_model, return_intermediates
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.sizing import count_parameters, format_parameter_table
-from build_llm.train.loop import train
+from build_llm.train.pretrain import train
 from build_llm.train.config import ABC_TRAIN
 
 STEPS = int(os.environ.get("ABC_STEPS", 800))

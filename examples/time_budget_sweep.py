@@ -30,7 +30,7 @@ import torch
 
 from build_llm.train.budget import fit_loss, shape_for
 from build_llm.data.corpus import prepare_corpus
-from build_llm.train.loop import train
+from build_llm.train.pretrain import train
 from build_llm.train.config import TrainConfig
 
 SHAPES = [(2, 64), (3, 96), (4, 128), (4, 192), (6, 256)]          # (n_layers, emb_dim)

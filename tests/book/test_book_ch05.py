@@ -1,5 +1,6 @@
 """Chapter 5: the book's `generate` (positional, stopping before the end token), its 9-word sampling
-example's printed numbers, `assign`, `load_weights_into_gpt` against Hugging Face, and `plot_losses`."""
+example's printed numbers, the book's training loop `train_model_simple`, `assign`,
+`load_weights_into_gpt` against Hugging Face, and `plot_losses`."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ import torch
 import build_llm
 from build_llm import GPTConfig, GPTModel
 from build_llm.book import ch05
-from build_llm.book.ch05 import assign, generate, load_weights_into_gpt
+from build_llm.book.ch02 import create_dataloader_v1
+from build_llm.book.ch05 import assign, generate, load_weights_into_gpt, train_model_simple
+from build_llm.train.loop import next_token_loss
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,14 +138,45 @@ def test_the_untrained_models_text_probabilities_and_loss_are_the_books():
     assert torch.exp(loss).item() == pytest.approx(48725.8203, rel=1e-4)  # the printed perplexity
 
 
-# --- the training functions are the package's ------------------------------------------------------
-def test_training_names_are_the_packages_own():
-    from build_llm.train import loop as train
+# --- the training functions: the book's loop in the chapter, on the package's loss ----------------
+PARAGRAPH = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+    "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+    "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+    "considered the rightful property of some one or other of their daughters.\n"
+)
 
+
+def test_training_names_live_in_the_chapter_on_the_packages_loss():
     for name in ("calc_loss_batch", "calc_loss_loader", "evaluate_model", "generate_and_print_sample",
                  "train_model_simple"):
-        assert getattr(ch05, name) is getattr(train, name), name
+        assert getattr(ch05, name).__module__ == "build_llm.book.ch05", name
+    model = tiny_model()
+    x, y = torch.randint(0, TINY["vocab_size"], (2, 2, 8))
+    with torch.no_grad():
+        assert torch.equal(ch05.calc_loss_batch(x, y, model, "cpu"), next_token_loss(model, x, y, "cpu"))
     assert ch05.text_to_token_ids is build_llm.text_to_token_ids
+
+
+def test_train_model_simple_is_the_books(capsys):
+    torch.manual_seed(123)
+    text = PARAGRAPH * 4
+    split = int(0.9 * len(text))
+    train_loader = create_dataloader_v1(text[:split], batch_size=2, max_length=16, stride=16, shuffle=True)
+    val_loader = create_dataloader_v1(text[split:], batch_size=2, max_length=16, stride=16, shuffle=False)
+    model = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
+    import tiktoken
+
+    train_losses, val_losses, tokens_seen = train_model_simple(
+        model, train_loader, val_loader, optimizer, "cpu", num_epochs=3, eval_freq=5, eval_iter=2,
+        start_context="It is a truth", tokenizer=tiktoken.get_encoding("gpt2"))
+    steps = 3 * len(train_loader)
+    assert len(train_losses) == len(val_losses) == len(tokens_seen) == len(range(0, steps, 5))
+    assert tokens_seen == [(s + 1) * 2 * 16 for s in range(0, steps, 5)]
+    assert train_losses[-1] < train_losses[0] - 1.0
+    out = capsys.readouterr().out
+    assert out.count("It is a truth") == 3 and "Ep 1 (Step 000000): Train loss" in out
 
 
 def test_model_configs_are_the_gpt2_sizes():

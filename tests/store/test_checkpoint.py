@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from build_llm.store.checkpoint import load_checkpoint, load_trainer_state, resolve_checkpoint
 from build_llm.data.corpus import prepare_corpus
-from build_llm.train.loop import train
+from build_llm.train.pretrain import train
 from build_llm.train.config import TrainConfig
 from build_llm import GPTConfig
 

@@ -1,5 +1,5 @@
-"""Tests for build_llm.train.loop: config validation, schedule, the loop on ABC and real text, exact resume,
-Ctrl-C, divergence, and the book's train_model_simple."""
+"""Tests for build_llm.train.loop through pretraining (train.pretrain): config validation, schedule, the
+loop on ABC and real text, exact resume, Ctrl-C, divergence."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import build_llm.train.loop as train_mod
+import build_llm.train.loop as loop_mod
+import build_llm.train.pretrain as train_mod
 from build_llm import GPTConfig, GPTModel
 from build_llm.store.checkpoint import load_checkpoint, load_trainer_state
 from build_llm.data.corpus import prepare_corpus
-from build_llm.book.ch02 import create_dataloader_v1
 from build_llm.data.markov import ABC, optimal_loss
-from build_llm.train.loop import TrainingStopped, lr_at, train, train_model_simple
+from build_llm.train.loop import TrainingStopped, lr_at
+from build_llm.train.pretrain import train
 from build_llm.train.config import TrainConfig
 
 SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "shakespeare.txt"
@@ -73,7 +74,7 @@ def test_lr_schedule_is_warmup_then_cosine():
 
 def test_weight_decay_only_on_matrices():
     model = GPTModel(tiny(5))
-    opt = train_mod.make_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
+    opt = loop_mod.make_optimizer(model, TrainConfig(weight_decay=0.3), torch.device("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 0.3 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
@@ -186,14 +187,14 @@ def test_resume_after_the_last_checkpoint_drops_later_rows(tmp_path, monkeypatch
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     corpus, tok = abc_corpus(tmp_path)
     cfg = TrainConfig(batch_size=4, steps=10, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
-    real, calls = train_mod.calc_loss_batch, []
+    real, calls = loop_mod.next_token_loss, []
 
     def loss(*args):
         calls.append(1)
         value = real(*args)
         return value * float("nan") if len(calls) == 5 else value
 
-    monkeypatch.setattr(train_mod, "calc_loss_batch", loss)
+    monkeypatch.setattr(loop_mod, "next_token_loss", loss)
     with pytest.raises(TrainingStopped, match="loss is nan at step 5") as e:
         train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
     assert e.value.exit_code == 1
@@ -214,24 +215,3 @@ def test_batch_size_must_divide_among_processes(tmp_path):
     corpus, tok = abc_corpus(tmp_path)
     with pytest.raises(ValueError, match="not divisible by the 2 processes"):
         train(tmp_path, tiny(5), TrainConfig(batch_size=5, val_ratio=0.2), corpus, tok, d=train_mod.Dist(0, 2, 0))
-
-
-def test_train_model_simple_is_the_books(capsys):
-    torch.manual_seed(123)
-    text = PARAGRAPH * 4
-    split = int(0.9 * len(text))
-    train_loader = create_dataloader_v1(text[:split], batch_size=2, max_length=16, stride=16, shuffle=True)
-    val_loader = create_dataloader_v1(text[split:], batch_size=2, max_length=16, stride=16, shuffle=False)
-    model = GPTModel(GPTConfig(vocab_size=50257, context_length=16, emb_dim=32, n_heads=2, n_layers=1, drop_rate=0.0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.1)
-    import tiktoken
-
-    train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, "cpu", num_epochs=3, eval_freq=5, eval_iter=2,
-        start_context="It is a truth", tokenizer=tiktoken.get_encoding("gpt2"))
-    steps = 3 * len(train_loader)
-    assert len(train_losses) == len(val_losses) == len(tokens_seen) == len(range(0, steps, 5))
-    assert tokens_seen == [(s + 1) * 2 * 16 for s in range(0, steps, 5)]
-    assert train_losses[-1] < train_losses[0] - 1.0
-    out = capsys.readouterr().out
-    assert out.count("It is a truth") == 3 and "Ep 1 (Step 000000): Train loss" in out

@@ -12,7 +12,7 @@ import torch
 
 from build_llm.store.checkpoint import load_checkpoint, load_trainer_state
 from build_llm.cli import main
-from build_llm.train.run import evaluate_checkpoint
+from build_llm.infer.evaluate import evaluate_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402

@@ -13,12 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm.data.corpus import read_text
-from build_llm.data.markov import abc_text
+from build_llm.data.markov import ABC_EVAL_SEED, ABC_EVAL_WORDS, abc_text
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.store.checkpoint import load_checkpoint
-from build_llm.train.run import ABC_EVAL_SEED, ABC_EVAL_WORDS
 
 
 def heldout_ids(tokenizer: Any, text: str | os.PathLike[str] | None) -> tuple[list[int], str]:

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from build_llm.errors import UsageError
-from build_llm.train.loop import train_model_simple
+from build_llm.book.ch05 import train_model_simple
 
 __all__ = ["book_lr", "train_model", "find_highest_gradient"]
 
@@ -61,7 +61,7 @@ class _ScheduledOptimizer:
 def train_model(model: nn.Module, train_loader, val_loader, optimizer: torch.optim.Optimizer, device,
                 n_epochs: int, eval_freq: int, eval_iter: int, start_context: str, tokenizer,
                 warmup_steps: int, initial_lr: float = 3e-05, min_lr: float = 1e-6):
-    """The book's `train_model_simple` (the package's own, so it prints its "Ep 1 (Step 000000)"
+    """The book's `train_model_simple` (chapter 5's, so it prints its "Ep 1 (Step 000000)"
     lines where the appendix prints "Iter") plus the schedule above, whose peak is the optimizer's
     learning rate when called, and gradient-norm clipping at 1.0 once warm-up is over.
 

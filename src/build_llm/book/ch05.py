@@ -1,15 +1,18 @@
 """Chapter 5, pretraining on unlabeled data: the book's training loop, its `generate`, and loading
 OpenAI's GPT-2 weights into the book's model.
 
-The loss and training functions are the package's own (`calc_loss_batch`, `calc_loss_loader`,
-`evaluate_model`, `generate_and_print_sample`, `train_model_simple`). Two names differ from the
-package on purpose and live here in the book's form:
+The book's loss and training functions live here (`calc_loss_batch`, `calc_loss_loader`,
+`evaluate_model`, `generate_and_print_sample`, `train_model_simple`); `calc_loss_batch` is the
+package's next-token loss (`build_llm.train.loop.next_token_loss`) in the book's argument order, and
+the package trains through its own loop (`build_llm.train.loop.run_loop`). Two names differ from
+the package on purpose and live here in the book's form:
 
 - `generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None, eos_id=None)`
   takes its arguments positionally and stops *before* appending `eos_id`, as the book's loop does;
   `build_llm.generate` is keyword-only and keeps the end token of each row of a batch.
 - `plot_losses(epochs_seen, tokens_seen, train_losses, val_losses)` draws the book's figure (loss
-  against epochs, tokens seen on a second axis); `build_llm.inspect.plots.plot_losses` draws the package's.
+  against epochs, tokens seen on a second axis); `build_llm.train.loop.plot_losses` draws a run's
+  loss.png.
 
 `load_weights_into_gpt(gpt, params)` takes the `params` dictionary the book's `download_and_load_gpt2`
 builds from OpenAI's TensorFlow checkpoint (NumPy arrays in OpenAI's layout). Without TensorFlow or a
@@ -26,9 +29,9 @@ import torch.nn as nn
 
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
-from build_llm.infer.generate import stream, text_to_token_ids, token_ids_to_text
-from build_llm.train.loop import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
-                     train_model_simple)
+from build_llm.infer.generate import generate_text_simple, stream, text_to_token_ids, token_ids_to_text
+from build_llm.store.checkpoint import unwrap
+from build_llm.train.loop import next_token_loss
 
 __all__ = ["generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader",
            "evaluate_model", "generate_and_print_sample", "train_model_simple", "plot_losses", "assign",
@@ -41,6 +44,76 @@ model_configs = {
 }
 
 
+# --- the book's training functions ----------------------------------------------------------------
+def calc_loss_batch(input_batch: torch.Tensor, target_batch: torch.Tensor, model: nn.Module,
+                    device: torch.device | str) -> torch.Tensor:
+    """Mean cross-entropy of the model's next-token logits against the targets of one batch (the
+    package's next_token_loss, in the book's argument order)."""
+    return next_token_loss(model, input_batch, target_batch, device)
+
+
+def calc_loss_loader(data_loader, model: nn.Module, device: torch.device | str, num_batches: int | None = None) -> float:
+    """Mean batch loss over the first `num_batches` batches of a loader (all of them by default)."""
+    total_loss = 0.0
+    if len(data_loader) == 0:
+        return float("nan")
+    num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
+    for i, (input_batch, target_batch) in enumerate(data_loader):
+        if i >= num_batches:
+            break
+        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+    return total_loss / num_batches
+
+
+def evaluate_model(model: nn.Module, train_loader, val_loader, device, eval_iter: int) -> tuple[float, float]:
+    """(train loss, validation loss) on `eval_iter` batches each, in eval mode."""
+    model.eval()
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+    model.train()
+    return train_loss, val_loss
+
+
+def generate_and_print_sample(model: nn.Module, tokenizer, device, start_context: str) -> None:
+    """Print a 50-token greedy continuation of `start_context` on one line."""
+    model.eval()
+    context_size = unwrap(model).cfg.context_length
+    encoded = text_to_token_ids(start_context, tokenizer).to(device)
+    with torch.no_grad():
+        token_ids = generate_text_simple(model=model, idx=encoded, max_new_tokens=50, context_size=context_size)
+    print(token_ids_to_text(token_ids, tokenizer).replace("\n", " "))
+    model.train()
+
+
+def train_model_simple(model: nn.Module, train_loader, val_loader, optimizer, device, num_epochs: int,
+                       eval_freq: int, eval_iter: int, start_context: str, tokenizer):
+    """The book's loop: epochs over the loader, evaluation every `eval_freq` steps, a sample per epoch.
+
+    Returns (train_losses, val_losses, track_tokens_seen), one entry per evaluation.
+    """
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in train_loader:
+            optimizer.zero_grad()
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += input_batch.numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                print(f"Ep {epoch+1} (Step {global_step:06d}): Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        generate_and_print_sample(model, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+# --- generating and plotting, in the book's form ---------------------------------------------------
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, context_size: int,
              temperature: float = 0.0, top_k: int | None = None, eos_id: int | None = None) -> torch.Tensor:
     """The book's `generate`: extend `idx` (B, T) by up to `max_new_tokens` tokens.
@@ -67,8 +140,8 @@ def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[float], trai
                 val_losses: Sequence[float], path: str | None = None):
     """The book's loss figure: training and validation loss against epochs, with tokens seen on a
     second x axis. Returns the matplotlib Figure; written to `path` only when one is given."""
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    import matplotlib.pyplot as plt  # deferred: slow to import, only this figure needs it
+    from matplotlib.ticker import MaxNLocator  # deferred with pyplot
 
     fig, ax1 = plt.subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_losses, label="Training loss")

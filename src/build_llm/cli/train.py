@@ -11,11 +11,13 @@ import sys
 
 from build_llm.cli.common import DEVICE_DEFAULT, Parser, add_settings, positive_int
 from build_llm.config import PRESETS, GPTConfig
+from build_llm.infer.evaluate import evaluate_checkpoint
 from build_llm.settings import DEVICE_HELP, given
 from build_llm.store.finetuned import merge_checkpoint
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, FinetuneConfig, TrainConfig
+from build_llm.train.finetune import run_finetune as finetune
 from build_llm.train.loop import TrainingStopped
-from build_llm.train.run import evaluate_checkpoint, run_finetune as finetune, run_training
+from build_llm.train.pretrain import run_training
 
 # The training settings' other defaults, shown in --help where they differ from TrainConfig's.
 TRAIN_VARIANTS = {"ABC": ABC_TRAIN, "time budget": BUDGET_TRAIN}

@@ -126,6 +126,8 @@ class WordSource:
 
 #: The R notebook's source: ``voc <- c("AABCBBC", "BCABCCA", "CAAACB\n\n")`` with ``p = (0.4, 0.4, 0.2)``.
 ABC = WordSource(words=("AABCBBC", "BCABCCA", "CAAACB\n\n"), probs=(0.4, 0.4, 0.2))
+#: The held-out ABC draw that `build-llm eval` and `bench` score (training draws with seed 1).
+ABC_EVAL_WORDS, ABC_EVAL_SEED = 30_000, 2027
 
 
 def abc_text(n_words: int = 150_000, seed: int | None = 1) -> str:

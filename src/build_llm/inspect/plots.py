@@ -1,9 +1,10 @@
-"""matplotlib figures: loss curves, attention maps, next-token distributions, per-layer statistics.
+"""matplotlib figures: attention maps, next-token distributions, per-layer statistics (a run's loss
+curve is train.loop.plot_losses).
 
 Every function writes one PNG and returns its path. The Agg backend is used, so no display is
 needed. matplotlib is imported on the first drawing, not with this module: it takes about half a
-second to import (with pyplot), and this module is imported by every training run (`RunLog`) and
-with `import build_llm`, most of which never draw.
+second to import (with pyplot), and this module is imported with `import build_llm`, most of
+which never draws.
 """
 
 from __future__ import annotations
@@ -244,25 +245,3 @@ def layer_stats_figure(norms: np.ndarray, entropy: np.ndarray, uniform: float, l
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig
-
-
-# --- loss curves -----------------------------------------------------------------------------------
-@_plain_text
-def plot_losses(tokens_seen: Sequence[float], train_losses: Sequence[float], val_losses: Sequence[float],
-                path: str | Path, optimal_loss: float | None = None, title: str = "Training") -> Path:
-    """Training and validation loss against tokens seen; for a synthetic source, the exact optimum
-    as a horizontal line (the gap to it is what the model has still to learn)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    ax.plot(tokens_seen, train_losses, marker=".", label="train (mean since previous evaluation)")
-    ax.plot(tokens_seen, val_losses, marker=".", label="validation")
-    if optimal_loss is not None:
-        ax.axhline(optimal_loss, color="black", linestyle="--", linewidth=1,
-                   label=f"exact optimum {optimal_loss:.4f}")
-    ax.set_xlabel("tokens seen")
-    ax.set_ylabel("cross-entropy (nats per token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)

@@ -1,4 +1,5 @@
-"""`--time-budget`: durations, the fitted loss rule, the throughput probe and the sizing it drives.
+"""`--time-budget`: durations, the fitted loss rule, the throughput probe, the sizing it drives,
+and the plan every `build-llm train` states before its first step.
 
 The rule comes from a measured sweep (examples/time_budget_sweep.py, docs/time-budget.md): on
 character-level Shakespeare, validation loss after D training tokens of a model with N parameters
@@ -11,16 +12,26 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
+import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
+from build_llm.config import GPTConfig
+from build_llm.data.corpus import Corpus, draw_starts, random_windows
 from build_llm.errors import UsageError
-from build_llm.runtime import available_memory, set_cpu_threads
+from build_llm.gpt import GPTModel
+from build_llm.runtime import available_memory, get_device, set_cpu_threads
 from build_llm.sizing import count_parameters, estimate_peak_bytes, matmul_parameters
+from build_llm.train.config import TrainConfig
+from build_llm.train.distributed import Dist
+from build_llm.train.loop import make_optimizer, train_step
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -78,8 +89,6 @@ def fit_loss(n_params, tokens, losses) -> LossFit:
 def shape_for(n_layers: int, emb_dim: int, context_length: int, vocab_size: int, head_dim: int = 32):
     """The custom model family the rule sizes: heads `head_dim` wide, no dropout, every other
     option at GPTConfig's default."""
-    from build_llm.config import GPTConfig
-
     return GPTConfig(vocab_size=vocab_size, context_length=context_length, emb_dim=emb_dim,
                      n_heads=max(1, emb_dim // head_dim), n_layers=n_layers, drop_rate=0.0, qkv_bias=False)
 
@@ -122,15 +131,6 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
     """Training tokens per second of `cfg` at `batch_size` on this machine now: AdamW steps on real
     windows of `ids`, after one untimed step; at least two timed steps, until `seconds` pass. The
     median step counts, so that one slow step (a page fault, another process) does not skew it."""
-    import statistics
-    import time
-
-    from build_llm.data.corpus import draw_starts, random_windows
-    from build_llm.train.distributed import Dist
-    from build_llm.gpt import GPTModel
-    from build_llm.train.loop import make_optimizer, train_step
-    from build_llm.train.config import TrainConfig
-
     model = GPTModel(cfg).to(device).train()
     tcfg = TrainConfig(batch_size=batch_size, dtype=dtype)
     optimizer = make_optimizer(model, tcfg, device)
@@ -200,10 +200,6 @@ def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: 
     """The candidate shape with the lowest predicted validation loss after `train_s` seconds:
     each candidate's throughput is measured (smallest first, stopping once a larger shape predicts
     worse or the probe time `probe_s` is spent, or memory would not fit)."""
-    import time
-
-    import torch
-
     threads = torch.get_num_threads()
     have = available_memory()
     best, considered, t0 = None, [], time.perf_counter()
@@ -241,8 +237,6 @@ class Deadline:
         self.step0 = 0
 
     def __call__(self, state) -> int:
-        import time
-
         now = time.perf_counter()
         if self.t0 is None:
             self.t0, self.step0 = now, state.step
@@ -256,9 +250,6 @@ class Deadline:
 def process_started() -> float:
     """time.perf_counter() at which this process started (Linux), so that a budget counts the
     interpreter's start and imports too; elsewhere, now."""
-    import os
-    import time
-
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -266,3 +257,66 @@ def process_started() -> float:
         return time.perf_counter() - max(0.0, age)
     except (OSError, ValueError, IndexError):
         return time.perf_counter()
+
+
+# --- the plan of a `build-llm train` -------------------------------------------------------------
+DEFAULT_BUDGET_S = {"cpu": 300.0, "cuda": 900.0}  # `train --data FILE` with no --steps: a time-budgeted run
+
+
+def budget_seconds(time_budget: str | float | None, data: str | None, resume: bool,
+                   train_options: dict[str, Any]) -> float | None:
+    """Seconds of the run's time budget: --time-budget, or by default (--data, no --steps, not
+    resuming) DEFAULT_BUDGET_S for the device; None for a run of --steps steps."""
+    if time_budget is None:
+        if data is None or resume or "steps" in train_options:
+            return None
+        return DEFAULT_BUDGET_S["cuda" if get_device(train_options.get("device", "auto")).type == "cuda" else "cpu"]
+    if resume:
+        raise UsageError("--time-budget with --resume: a resumed run continues its schedule to its last step; "
+                         "drop --time-budget (or give --steps N to run to step N)")
+    if "steps" in train_options:
+        raise UsageError("--time-budget and --steps both set the run's length; drop one of them")
+    return parse_duration(time_budget) if isinstance(time_budget, str) else float(time_budget)
+
+
+def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok, device: torch.device, d: Dist,
+              started: float, budget_s: float | None, model_options: dict[str, Any], preset: str | None,
+              log: Callable[[str], None]) -> Plan:
+    """The run's plan, before anything big is allocated: the memory check (refusing what would not
+    fit), then the measured throughput; with a budget, the shape (if `model_cfg` is None) and the steps."""
+    if model_cfg is None:  # the rule chooses the shape, within the time left after a 5% share for probing
+        left = budget_s - (time.perf_counter() - started)
+        model_cfg, rate, predicted, considered = choose_shape(
+            0.9 * left, tok.vocab_size, corpus.train, device, cfg.dtype, load_fit(), probe_s=min(20.0, 0.05 * budget_s),
+            log=log if d.is_main else None)
+        extra = {k: v for k, v in model_options.items() if k not in ("drop_rate",)}
+        model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), **extra,
+                                         "drop_rate": model_options.get("drop_rate", 0.0)})
+        assert model_cfg.context_length == BUDGET_CONTEXT
+        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+    else:
+        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        predicted, considered = None, []
+        rate = probe_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype) if not d.active else 0.0
+    plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rate, peak, budget_s, considered=considered,
+                predicted_loss=predicted)
+    plan.train_cfg = cfg if budget_s is None else _fit_steps(plan, cfg, started, predicted is not None)
+    return plan
+
+
+def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool) -> TrainConfig:
+    """The steps that fit in the budget's time left at the measured rate (the warm-up and evaluation
+    interval shortened to suit), set in `plan`; the train config with them."""
+    # What follows the last step: the final evaluation, checkpoint and report (a 200-token sample).
+    plan.reserve_s = 2.0 + 0.04 * plan.budget_s
+    plan.train_s = plan.budget_s - (time.perf_counter() - started) - plan.reserve_s
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * plan.model_cfg.context_length
+    steps = max(1, int(plan.tokens_per_s * plan.train_s / tokens_per_step))
+    if predict:
+        plan.predicted_loss = load_fit().predict(matmul_parameters(plan.model_cfg), steps * tokens_per_step)
+    changes = {"steps": steps}
+    if cfg.warmup_steps >= steps // 5:
+        changes["warmup_steps"] = steps // 10
+    changes["eval_every"] = max(1, min(cfg.eval_every, steps // 10))
+    plan.steps = steps
+    return cfg.replace(**changes)

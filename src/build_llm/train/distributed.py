@@ -10,9 +10,12 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from build_llm.errors import UsageError
+from build_llm.runtime import get_device
 
 
 @dataclass
@@ -31,27 +34,19 @@ class Dist:
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
-            import torch.distributed as dist
-
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as dist
-
             dist.barrier()
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
     """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
-    from build_llm.runtime import get_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), get_device(device_name)
-    import torch.distributed as dist
-
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
@@ -65,11 +60,8 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 
 def close_distributed(d: Dist) -> None:
-    if d.active:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wrap_model(core: nn.Module, d: Dist, device: torch.device, *, fsdp: bool = False,
@@ -81,14 +73,12 @@ def wrap_model(core: nn.Module, d: Dist, device: torch.device, *, fsdp: bool = F
     if fsdp:
         if not d.active:
             raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # heavy: seconds to import, and only --fsdp needs it
 
         for block in core.trf_blocks:
             fully_shard(block)
         fully_shard(core)
     elif d.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:
         model = torch.compile(model)
@@ -98,6 +88,6 @@ def wrap_model(core: nn.Module, d: Dist, device: torch.device, *, fsdp: bool = F
 def full_state_options(fsdp: bool):
     """torch.distributed.checkpoint options for whole (unsharded) state dicts, gathered to the CPU
     under FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    from torch.distributed.checkpoint.state_dict import StateDictOptions  # heavy: seconds to import
 
     return StateDictOptions(full_state_dict=True, cpu_offload=fsdp)

@@ -16,17 +16,17 @@ of the whole step.
 With LoRA (lora.py) only the adapters (and a classifier's new head, or the end token's rows) train,
 and the checkpoint holds the adapter alone, plus the identity of the base checkpoint it applies to.
 
-`finetune(...)` is the loop behind `build-llm finetune classify|instruct`; the batch of step s is a
-slice of a permutation drawn from (seed, epoch), and dropout is reseeded from (seed, s), so a run
-stopped and resumed takes exactly the steps an uninterrupted run takes.
+`finetune(...)` runs `Finetuning` (the objective) through the one training loop (loop.run_loop),
+which owns Ctrl-C, divergence and when to evaluate and save; `run_finetune` is `build-llm finetune
+classify|instruct` around it. The batch of step s is a slice of a permutation drawn from (seed,
+epoch), and dropout is reseeded from (seed, s), so a run stopped and resumed takes exactly the steps
+an uninterrupted run takes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,11 +42,15 @@ from build_llm.data.instruct import IGNORE_INDEX, Example, collate_instruction, 
 from build_llm.errors import UsageError
 from build_llm.infer.chat import require_eos
 from build_llm.infer.classify import last_token_logits
-from build_llm.runtime import set_cpu_threads
+from build_llm.runtime import get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
+from build_llm.store.checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
+                                        save_checkpoint, set_rng_state, trainer_files)
 from build_llm.store.finetuned import (_base_identity, _save_without_weights, count_trainable, finetuned_files,
                                        load_finetuned, prepare_classifier, resolve_finetuned)
-from build_llm.train.config import RESUMABLE, FinetuneConfig
+from build_llm.train.config import FinetuneConfig
+from build_llm.train.loop import RunLog, TrainState, make_optimizer, run_loop
+from build_llm.train.rundir import FINETUNE_KIND, check_resume, check_run_dir, owned
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -196,30 +200,89 @@ def evaluate(model: nn.Module, data: FinetuneData, pad_id: int, max_length: int,
     return out
 
 
+# --- the objective and the run -------------------------------------------------------------------
+class Finetuning:
+    """What `run_loop` calls for a fine-tune: the step (its examples, dropout reseeded from (seed,
+    step), micro-batches weighted as one batch, clipping), the learning rate (constant: cfg.lr),
+    the evaluation (with the epoch) and the checkpoint (the adapter alone for LoRA)."""
+
+    def __init__(self, out_dir: Path, cfg: FinetuneConfig, data: FinetuneData, model: nn.Module, tokenizer: Any,
+                 meta: dict[str, Any], device: torch.device) -> None:
+        self.out_dir, self.cfg, self.data, self.model, self.tokenizer = out_dir, cfg, data, model, tokenizer
+        self.meta, self.device, self.max_length = meta, device, meta["max_length"]  # meta: finetune.json
+        self.pad_id = getattr(tokenizer, "eos_id", None) or 0
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.steps_per_epoch = steps_per_epoch(len(data.train), cfg.batch_size)
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+
+    def step(self, state: TrainState, stop: Callable[[], bool]) -> tuple[float, int]:
+        cfg = self.cfg
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, 2, state.step]).integers(2**62)))  # dropout
+        examples = [self.data.train[i] for i in batch_at(state.step, len(self.data.train), cfg)]
+        state.optimizer.zero_grad(set_to_none=True)
+        loss, _ = step_loss(state.model, examples, cfg.task, self.pad_id, self.max_length, cfg.micro_batch_size,
+                            self.device)
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
+        state.optimizer.step()
+        return loss, sum(len(e.ids) for e in examples)
+
+    def lr(self, state: TrainState) -> float:
+        return self.cfg.lr
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        metrics = evaluate(state.model, self.data, self.pad_id, self.max_length, self.device)
+        return {**metrics, "epoch": round(state.step / self.steps_per_epoch, 3)}
+
+    def save(self, state: TrainState) -> Path:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict  # heavy: seconds to import
+
+        trainer = {"format": 1, "step": state.step, "elapsed_s": state.elapsed, "tokens_seen": state.tokens_seen,
+                   "finetune_config": self.cfg.to_dict(), "data": self.data.meta,
+                   "init_from_sha256": self.meta["base"]["sha256"]}
+        optimizer_state = get_optimizer_state_dict(self.model, state.optimizer)
+        files = {**finetuned_files(self.meta, self.model), **trainer_files(optimizer_state, trainer)}
+        path = self.out_dir / CHECKPOINT_DIR
+        if self.meta["lora"] is not None:  # the adapter alone, no copy of the base weights
+            _save_without_weights(path, self.model, self.tokenizer, files)
+        else:
+            save_checkpoint(path, self.model, self.tokenizer, files)
+        return path
+
+
 def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *, data: str | Path,
              val_data: str | Path | None = None, text_column: str = "text", label_column: str = "label",
              resume: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Fine-tune the checkpoint `init_from` on `data`, writing metrics.jsonl and checkpoint/ in out_dir.
-    Returns the last evaluation row. Raises train.TrainingStopped on Ctrl-C (after saving) and when
-    the loss stops being finite."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    from build_llm.store.checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
-                             save_checkpoint, set_rng_state, trainer_files)
-    from build_llm.runtime import get_device
-    from build_llm.train.loop import RunLog, StopFlag, TrainingStopped, TrainState
-
+    Returns the last evaluation row. Raises loop.TrainingStopped on Ctrl-C (after saving) and when
+    the loss, a metric or a weight stops being finite (keeping the last good checkpoint)."""
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
-    out_dir = Path(out_dir)
-    device = get_device(cfg.device)
+    out_dir, device = Path(out_dir), get_device(cfg.device)
     saved = load_trainer_state(resolve_finetuned(out_dir)) if resume else None
     if saved is not None:
-        prev = saved.state
-        before = FinetuneConfig.from_dict(prev["finetune_config"])
-        for key in (f.name for f in dataclasses.fields(FinetuneConfig)):
-            if key not in RESUMABLE and getattr(before, key) != getattr(cfg, key):
-                raise UsageError(f"--resume: the run was started with {key}={getattr(before, key)!r}, not "
-                                 f"{getattr(cfg, key)!r}; drop the option or start a new run with another --out")
+        check_resume(FinetuneConfig.from_dict(saved.state["finetune_config"]), cfg.to_dict())
+    run = prepare_finetuning(out_dir, init_from, cfg, saved, device, data=data, val_data=val_data,
+                             text_column=text_column, label_column=label_column)
+    state = start_state(run, saved, log)
+    threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
+    set_cpu_threads(count_parameters(run.model.cfg), device)
+    try:
+        with RunLog(out_dir, run.total_steps, state, resume=saved is not None, log=log) as run_log:
+            run_loop(state, run.step, lr=run.lr, evaluate=run.evaluate, save=run.save, log=run_log,
+                     eval_every=run.eval_every, device=device)
+    finally:
+        torch.set_num_threads(threads)
+    run.model.eval()
+    row = run_log.history[-1] if run_log.history else {}
+    return {**row, "trainable_parameters": run.meta["trainable_parameters"], "parameters": run.meta["parameters"]}
+
+
+def prepare_finetuning(out_dir: Path, init_from: str | Path, cfg: FinetuneConfig, saved: Any, device: torch.device,
+                       *, data: str | Path, val_data: str | Path | None, text_column: str,
+                       label_column: str) -> Finetuning:
+    """The run's base checkpoint (the one a resumed run started from), its encoded data (the same
+    files when resuming) and the model made ready: the head, LoRA, the saved weights when resuming."""
     base_dir = resolve_checkpoint(init_from)
     base_identity = _base_identity(base_dir)
     ckpt = load_checkpoint(base_dir, device)
@@ -239,8 +302,17 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
             if saved.state["data"].get(key) != ft_data.meta.get(key):
                 raise UsageError("--resume: --data or --val-data differs from what the run was trained on; "
                                  "give the same files, or start a new run with another --out")
-    pad_id = getattr(tokenizer, "eos_id", None) or 0
+    meta = adapt_model(model, cfg, ft_data, tokenizer, base_identity, max_length)
+    if saved is not None:
+        model.load_state_dict(load_finetuned(saved.path, device).model.state_dict(), strict=True)
+    model.to(device)
+    return Finetuning(out_dir, cfg, ft_data, model, tokenizer, meta, device)
 
+
+def adapt_model(model: nn.Module, cfg: FinetuneConfig, ft_data: FinetuneData, tokenizer: Any,
+                base_identity: dict[str, Any], max_length: int) -> dict[str, Any]:
+    """Make `model` what the run trains, in place: a classifier head, LoRA adapters (and the end
+    token's rows for instruct), what is frozen; returns finetune.json's content."""
     torch.manual_seed(cfg.seed)  # the new head's initialisation
     if cfg.task == "classify":
         prepare_classifier(model, len(ft_data.meta["labels"]), train_last_block=cfg.lora_rank is None,
@@ -256,85 +328,52 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
         for p in model.parameters():
             p.requires_grad = True
     trainable, total_params = count_trainable(model)
-    meta = {"task": cfg.task, "labels": ft_data.meta.get("labels"), "format": ft_data.meta.get("format"),
+    return {"task": cfg.task, "labels": ft_data.meta.get("labels"), "format": ft_data.meta.get("format"),
             "base": base_identity, "lora": lora_meta, "finetune_config": cfg.to_dict(),
             "max_length": max_length, "trainable_parameters": trainable, "parameters": total_params}
-    if saved is not None:
-        weights = load_finetuned(saved.path, device).model.state_dict()
-        model.load_state_dict(weights, strict=True)
-    model.to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=cfg.lr)
-    n_train = len(ft_data.train)
-    spe = steps_per_epoch(n_train, cfg.batch_size)
-    total_steps = cfg.steps or cfg.epochs * spe
-    eval_every = cfg.eval_every or spe
-    state = TrainState(core=model, model=model, optimizer=optimizer)
+
+def start_state(run: Finetuning, saved: Any, log: Callable[[str], None]) -> TrainState:
+    """The loop's state: a new AdamW (fused on CUDA), or for a resumed run the saved optimizer, RNG
+    states, step, clock and tokens; a new run says what it trains."""
+    model, cfg, meta = run.model, run.cfg, run.meta
+    state = TrainState(core=model, model=model, optimizer=make_optimizer(model, cfg, run.device),
+                       total_steps=run.total_steps)
     if saved is not None:
-        set_optimizer_state_dict(model, optimizer, saved.optimizer)
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # heavy: seconds to import
+
+        set_optimizer_state_dict(model, state.optimizer, saved.optimizer)
         set_rng_state(saved.rng, saved.state["rng"])
         state.step, state.elapsed, state.tokens_seen = (saved.state["step"], saved.state["elapsed_s"],
                                                         saved.state["tokens_seen"])
+        return state
+    trainable, total = meta["trainable_parameters"], meta["parameters"]
+    log(f"fine-tuning ({cfg.task}{', LoRA rank %d' % cfg.lora_rank if meta['lora'] else ''}): "
+        f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%), "
+        f"{len(run.data.train)} training and {len(run.data.val)} validation examples, {run.total_steps} steps")
+    if run.data.meta.get("n_truncated"):
+        log(f"note: {run.data.meta['n_truncated']} training example(s) are longer than {run.max_length} tokens and "
+            "were cut (their end token is lost)")
+    return state
+
+
+def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str | Path,
+                 val_data: str | Path | None = None, text_column: str = "text", label_column: str = "label",
+                 options: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """`build-llm finetune classify|instruct`: check the run directory (a new or empty one, or our
+    fine-tuning run; locked while writing), resolve the settings (given options > the checkpoint's
+    when resuming > defaults), fine-tune; returns the last evaluation row. Raises UsageError for bad
+    settings and TrainingStopped when interrupted or diverged."""
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    out = check_run_dir(out, resume)
+    if resume:
+        saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
+        if saved["task"] != task:
+            raise UsageError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
+        cfg = FinetuneConfig.from_dict({**saved, **options})
     else:
-        log(f"fine-tuning ({cfg.task}{', LoRA rank %d' % cfg.lora_rank if lora_meta else ''}): "
-            f"{trainable:,} of {total_params:,} parameters trainable ({100 * trainable / total_params:.2f}%), "
-            f"{n_train} training and {len(ft_data.val)} validation examples, {total_steps} steps")
-        if ft_data.meta.get("n_truncated"):
-            log(f"note: {ft_data.meta['n_truncated']} training example(s) are longer than {max_length} tokens and "
-                "were cut (their end token is lost)")
-
-    def save() -> None:
-        trainer = {"format": 1, "step": state.step, "elapsed_s": state.elapsed, "tokens_seen": state.tokens_seen,
-                   "finetune_config": cfg.to_dict(), "data": ft_data.meta, "init_from_sha256": meta["base"]["sha256"]}
-        files = {**finetuned_files(meta, model), **trainer_files(get_optimizer_state_dict(model, optimizer), trainer)}
-        if lora_meta is not None:  # the adapter alone, no copy of the base weights
-            _save_without_weights(out_dir / CHECKPOINT_DIR, model, tokenizer, files)
-        else:
-            save_checkpoint(out_dir / CHECKPOINT_DIR, model, tokenizer, files)
-
-    # The run's record (metrics.jsonl, progress bar, loss.png) is the trainer's; the step differs from
-    # train.train_step in weighting micro-batches by their target tokens instead of equally.
-    run_log = RunLog(out_dir, total_steps, state, resume=saved is not None, log=log)
-    threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
-    set_cpu_threads(count_parameters(model.cfg), device)
-    try:
-        model.train()
-        with StopFlag() as stop:
-            while state.step < total_steps:
-                torch.manual_seed(int(np.random.default_rng([cfg.seed, 2, state.step]).integers(2**62)))  # dropout
-                examples = [ft_data.train[i] for i in batch_at(state.step, n_train, cfg)]
-                t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss, n_targets = step_loss(model, examples, cfg.task, pad_id, max_length, cfg.micro_batch_size,
-                                            device)
-                if not math.isfinite(loss):
-                    raise TrainingStopped(f"loss is {loss} at step {state.step + 1}: fine-tuning diverged; the last "
-                                          f"good checkpoint is kept in {out_dir / CHECKPOINT_DIR} (try a lower --lr)", 1)
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                tokens = sum(len(e.ids) for e in examples)
-                state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
-                run_log.step(loss, cfg.lr, time.perf_counter() - t0, tokens)
-                evaluated = state.step % eval_every == 0 or state.step == total_steps
-                if evaluated:
-                    metrics = evaluate(model, ft_data, pad_id, max_length, device)
-                    state.elapsed = run_log.elapsed()
-                    run_log.evaluation(state, cfg.lr, {**metrics, "epoch": round(state.step / spe, 3)})
-                    save()
-                    run_log.plot(force=state.step == total_steps)
-                if stop.raised is not None:
-                    state.elapsed = run_log.elapsed()
-                    if not evaluated:
-                        save()
-                    raise TrainingStopped(f"interrupted at step {state.step}/{total_steps}; checkpoint saved in "
-                                          f"{out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
-    finally:
-        run_log.close()
-        torch.set_num_threads(threads)
-    row = run_log.history[-1] if run_log.history else {}
-    model.eval()
-    return {**row, "trainable_parameters": trainable, "parameters": total_params}
+        cfg = FinetuneConfig(task=task, **options)
+    with owned(out, FINETUNE_KIND):  # a new or empty directory, or one of our fine-tuning runs
+        return finetune(out, init_from, cfg, data=data, val_data=val_data, text_column=text_column,
+                        label_column=label_column, resume=resume)
 

@@ -88,7 +88,7 @@ print(f"untrained loss {loss.item():.3f} nats; ln(5) = {math.log(5):.3f}")
 
 # %% [markdown]
 # ## Training with the package: 80/20 split, random windows, AdamW at lr 0.003
-# `build_llm.train.loop.train` is the loop behind `build-llm train`. It logs to stderr, writes
+# `build_llm.train.pretrain.train` is what `build-llm train` runs. It logs to stderr, writes
 # metrics.jsonl, loss.png and checkpoint/ in OUT, and knows the exact optimum.
 
 # %%

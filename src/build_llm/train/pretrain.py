@@ -290,8 +290,9 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
         close_distributed(d)
 
 
-def request(out, data, tokenizer, preset, model_options, train_options, resume, init_from, time_budget,
-            log) -> Request:
+def request(out: str | Path, data: str | None, tokenizer: str | None, preset: str | None,
+            model_options: dict[str, Any] | None, train_options: dict[str, Any] | None, resume: bool,
+            init_from: str | Path | None, time_budget: str | float | None, log: Callable[[str], None]) -> Request:
     """The settings of a `build-llm train` (options left None take their default), checked before
     anything is written: the run directory, --init-from, the checkpoint being resumed, the budget."""
     started = process_started()

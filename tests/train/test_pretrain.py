@@ -1,5 +1,6 @@
-"""run.py, the command glue: `--init-from` a Hugging Face GPT-2 directory or a checkpoint of ours
-(weights, shape and tokenizer kept, a fresh optimizer, new data), with --resume and its bad input."""
+"""train/pretrain.py, the `build-llm train` glue, scored with infer/evaluate.py: `--init-from` a Hugging
+Face GPT-2 directory or a checkpoint of ours (weights, shape and tokenizer kept, a fresh optimizer, new
+data), with --resume and its bad input."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from build_llm import lora as lora_mod
 from build_llm.errors import UsageError
-from build_llm.settings import DEVICE_HELP, invalid, resumable, setting, validate
+from build_llm.settings import DEVICE_HELP, invalid, setting, validate
 from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
@@ -131,6 +131,3 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
         return cls(**d)
-
-
-RESUMABLE = resumable(FinetuneConfig)  # what a resumed fine-tuning run may change (settings.resumable)

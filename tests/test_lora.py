@@ -10,8 +10,8 @@ import torch
 
 from build_llm import GPTConfig, GPTModel
 from build_llm.lora import (LinearWithLoRA, LoRALayer, WithTokenRows, adapter_meta, apply_adapter, apply_lora,
-                            freeze_for_lora, is_adapter_tensor, load_adapter, merge_lora, save_adapter,
-                            train_token_rows)
+                            freeze_for_lora, is_adapter_tensor, merge_lora, train_token_rows)
+from build_llm.store.finetuned import load_adapter, save_adapter
 
 TINY = GPTConfig.from_preset("book-124m", vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                              drop_rate=0.0, qkv_bias=True)

@@ -8,12 +8,11 @@ once (settings.setting): its help, its valid values, and whether `train` has a f
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from build_llm.errors import UsageError, UsageTypeError
-from build_llm.settings import invalid, setting, validate
+from build_llm.errors import UsageError
+from build_llm.settings import Config, invalid, setting
 
 GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
@@ -23,7 +22,7 @@ MLPS = ("gelu", "swiglu", "relu2")
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class GPTConfig(Config):
     # The seed's seven keys. `internal`: no `train` flag (set by the tokenizer, a preset or a checkpoint).
     vocab_size: int = setting(50257, "token ids the model reads and predicts", at_least=1, internal=True)
     context_length: int = setting(1024, "longest input, in tokens", at_least=1)
@@ -65,8 +64,7 @@ class GPTConfig:
     qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (learned scale) before the dot "
                                    "product")
 
-    def __post_init__(self) -> None:
-        validate(self)  # each field by its metadata; then what relates fields
+    def check(self) -> None:
         if self.emb_dim % self.n_heads:
             raise invalid(self, f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
                                 "choose emb_dim a multiple of n_heads", "emb_dim", "n_heads")
@@ -88,21 +86,6 @@ class GPTConfig:
             return self.ff_dim
         return 4 * self.emb_dim if self.mlp != "swiglu" else -(-8 * self.emb_dim // 24) * 8
 
-    # --- dict <-> config -------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "GPTConfig":
-        """Build from a dict with the seed's keys (and optionally the extra fields)."""
-        if not isinstance(d, Mapping):
-            raise UsageTypeError(f"GPTConfig.from_dict: expected a dict, got {type(d).__name__}")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UsageError(f"GPTConfig: unknown key(s) {unknown}; valid keys are {valid}")
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     @classmethod
     def coerce(cls, cfg: "GPTConfig | Mapping[str, Any]") -> "GPTConfig":
         """Accept a GPTConfig or the seed's plain dict."""
@@ -111,10 +94,6 @@ class GPTConfig:
         if isinstance(cfg, Mapping):
             return cls.from_dict(cfg)
         raise TypeError(f"cfg: expected a GPTConfig or a dict, got {type(cfg).__name__}")
-
-    def replace(self, **changes: Any) -> "GPTConfig":
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
 
     # --- presets ---------------------------------------------------------------------------------
     @classmethod

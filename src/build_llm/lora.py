@@ -14,27 +14,22 @@ a token whose row points nowhere. Instruction fine-tuning with LoRA therefore al
 token's rows of the embedding and the head (`train_token_rows`; one row when they are tied), emb_dim
 numbers each, as PEFT's "trainable tokens" do for a new special token.
 
-An adapter file holds only the adapter tensors (and any other trainable weights, such as a new
-classification head or token rows) as safetensors, with its rank, alpha, scaling, targets, token
-rows and the identity of the base weights in the safetensors metadata and a JSON file beside it.
+An adapter holds only the adapter tensors (and any other trainable weights, such as a new
+classification head or token rows: `adapter_state`) with its rank, alpha, scaling, targets, token
+rows and the identity of the base weights (`adapter_meta`); store/finetuned.py writes and reads
+its files. This module does no I/O: it is part of the model.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from build_llm.errors import UsageError
 
-ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"
 
 # Which Linear layers each target names, by their position in GPTModel.
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -209,15 +204,7 @@ def token_row_ids(model: nn.Module) -> list[int]:
     return model.tok_emb.token_rows.ids.tolist() if isinstance(model.tok_emb, WithTokenRows) else []
 
 
-# --- adapter files -------------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# --- adapters -------------------------------------------------------------------------------
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors of an adapted model: LoRA matrices and anything else left trainable."""
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
@@ -230,29 +217,6 @@ def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any])
     lora = layers[0][1].lora
     return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.scaling, "targets": list(targets),
             "layers": [n for n, _ in layers], "token_rows": token_row_ids(model), "base": base}
-
-
-def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> list[str]:
-    """Write ADAPTER_FILE (the trainable tensors) and ADAPTER_META_FILE into `directory` (which the
-    caller writes atomically, e.g. as save_checkpoint's extra files)."""
-    directory = Path(directory)
-    save_file(adapter_state(model), directory / ADAPTER_FILE, metadata={"format": "pt", "lora": json.dumps(meta)})
-    (directory / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return [ADAPTER_FILE, ADAPTER_META_FILE]
-
-
-def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of an adapter written by save_adapter."""
-    directory = Path(directory)
-    try:
-        meta = json.loads((directory / ADAPTER_META_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(directory / ADAPTER_FILE)
-    except (OSError, ValueError, SafetensorError) as e:
-        raise UsageError(f"adapter in {str(directory)!r} is missing or unreadable ({e})") from e
-    for key in ("rank", "alpha", "scaling", "targets"):
-        if key not in meta:
-            raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
-    return tensors, meta
 
 
 def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:

@@ -21,7 +21,7 @@ import types
 import typing
 from typing import Any, Callable, Mapping
 
-from build_llm.errors import UsageError
+from build_llm.errors import UsageError, UsageTypeError
 
 # One help for every --device (the default, "auto", is each verb's).
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
@@ -188,6 +188,38 @@ def validate(obj: Any) -> None:
         value = getattr(obj, f.name)
         if kind.base is tuple and value is not None:
             object.__setattr__(obj, f.name, tuple(float(v) if kind.item is float else v for v in value))
+
+
+class Config:
+    """What every config dataclass shares (GPTConfig, TrainConfig, FinetuneConfig): fields checked
+    on construction (`check` adds the checks that relate fields), JSON-ready dicts in and out, and
+    `replace`. Subclasses are frozen dataclasses whose fields are `setting`s."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        self.check()
+
+    def check(self) -> None:
+        """Checks that relate fields (raise `invalid(...)`); none by default."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON values (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Build from a dict of fields (the JSON of `to_dict`); an unknown key is refused."""
+        if not isinstance(d, Mapping):
+            raise UsageTypeError(f"{cls.__name__}.from_dict: expected a dict, got {type(d).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise UsageError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {valid}")
+        return cls(**d)
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (checked again)."""
+        return dataclasses.replace(self, **changes)
 
 
 def invalid(obj: Any, text: str, *fields: str) -> SettingError:

@@ -49,6 +49,11 @@ def _ids_list(ids: Iterable[Any], argument: str = "ids") -> list[int]:
         raise TypeError(f"{argument} must be a sequence of integer token ids, got {ids!r:.80}") from e
 
 
+def _check_text(text: Any) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+
+
 def _check_range(ids: list[int], vocab_size: int, argument: str = "ids") -> None:
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
@@ -221,8 +226,7 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         """GPT-2 ids of `text`; the literal text `<|endoftext|>` becomes the end-of-text id 50256."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_text(text)
         return self._encoding.encode(text, allowed_special={ENDOFTEXT})
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -286,8 +290,7 @@ class CharTokenizer(Tokenizer):
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         """The vocabulary of `text`: "<PAD>" then its distinct characters, sorted by code point."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_text(text)
         if not text:
             raise UsageError("text is empty; a character vocabulary needs at least one character")
         return cls([PAD, *sorted(set(text))])
@@ -303,8 +306,7 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         """One id per character of `text`; a character outside the vocabulary raises ValueError."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_text(text)
         try:
             return [self._id_of[c] for c in text]
         except KeyError:
@@ -395,8 +397,7 @@ class BPETokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; a special token's literal text becomes its id."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        _check_text(text)
         with _rust_panics_as_usage_errors():
             return self._tok.encode(text, add_special_tokens=False).ids
 
@@ -566,8 +567,7 @@ def get_tokenizer(name_or_path: str | os.PathLike[str], text: str | None = None)
 
 def tokenizer_stats(text: str, tokenizer: Tokenizer) -> dict[str, float | int]:
     """How finely `tokenizer` cuts `text`: counts of tokens, characters and UTF-8 bytes, and ratios."""
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    _check_text(text)
     if not text:
         raise UsageError("text is empty; the ratios need at least one character")
     tokens = len(tokenizer.encode(text))

@@ -14,6 +14,7 @@ freezes the rest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from build_llm import lora as lora_mod
 from build_llm.config import GPTConfig
@@ -35,6 +36,7 @@ from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE,
 from build_llm.store.fsio import replace_dir, write_json
 
 FINETUNE_FILE = "finetune.json"
+ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"  # a LoRA run's checkpoint
 CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
 
 
@@ -76,8 +78,8 @@ def build_model(base_cfg, meta: dict[str, Any], device: str | torch.device = "cp
     return model
 
 
-def _base_identity(base_dir: Path) -> dict[str, Any]:
-    return {"path": str(base_dir.resolve()), "sha256": lora_mod.file_sha256(base_dir / MODEL_FILE)}
+def base_identity(base_dir: Path) -> dict[str, Any]:
+    return {"path": str(base_dir.resolve()), "sha256": file_sha256(base_dir / MODEL_FILE)}
 
 
 @dataclass
@@ -120,13 +122,13 @@ def _load_adapted(path: Path, meta: dict[str, Any], device: str | torch.device) 
     if not (base / MODEL_FILE).is_file():
         raise UsageError(f"checkpoint {str(path)!r} is a LoRA adapter for the base checkpoint {str(base)!r}, "
                          "which is no longer there; put the base back or use a merged checkpoint")
-    if lora_mod.file_sha256(base / MODEL_FILE) != meta["base"]["sha256"]:
+    if file_sha256(base / MODEL_FILE) != meta["base"]["sha256"]:
         raise UsageError(f"the base checkpoint {str(base)!r} has changed since the adapter in {str(path)!r} "
                          "was trained on it; the adapter does not apply to these weights")
     model = load_checkpoint(base, device).model
     if meta["task"] == "classify":
         prepare_classifier(model, len(meta["labels"]))
-    tensors, lora_meta = lora_mod.load_adapter(path)
+    tensors, lora_meta = load_adapter(path)
     lora_mod.apply_adapter(model, {k: v.to(device) for k, v in tensors.items()}, lora_meta)
     return model
 
@@ -151,11 +153,11 @@ def finetuned_files(meta: dict[str, Any], model: nn.Module | None = None) -> dic
     """`extra_files` for save_checkpoint: finetune.json (and the adapter files of a LoRA model)."""
     files: dict[str, Callable[[Path], Any]] = {FINETUNE_FILE: lambda p: write_json(p, meta)}
     if meta.get("lora"):
-        files[lora_mod.ADAPTER_FILE] = lambda p: lora_mod.save_adapter(p.parent, model, meta["lora"])
+        files[ADAPTER_FILE] = lambda p: save_adapter(p.parent, model, meta["lora"])
     return files
 
 
-def _save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: dict[str, Callable[[Path], Any]]) -> None:
+def save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: dict[str, Callable[[Path], Any]]) -> None:
     """A checkpoint directory (replaced atomically, as save_checkpoint does) with config, tokenizer and
     `files` but no model.safetensors: a LoRA run's checkpoint, whose weights are its base's."""
     try:
@@ -178,3 +180,35 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     meta = {k: v for k, v in ft.meta.items() if k != "lora"}
     meta["merged_from"] = {"adapter": str(ft.path.resolve()), "lora": ft.meta["lora"]}
     return save_checkpoint(Path(out), ft.model, ft.tokenizer, finetuned_files(meta))
+
+
+# --- adapter files (a LoRA run's checkpoint holds these instead of model.safetensors) ---------------
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) -> list[str]:
+    """Write ADAPTER_FILE (the trainable tensors) and ADAPTER_META_FILE into `directory` (which the
+    caller writes atomically, e.g. as save_checkpoint's extra files)."""
+    directory = Path(directory)
+    save_file(lora_mod.adapter_state(model), directory / ADAPTER_FILE, metadata={"format": "pt", "lora": json.dumps(meta)})
+    (directory / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return [ADAPTER_FILE, ADAPTER_META_FILE]
+
+
+def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata) of an adapter written by save_adapter."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / ADAPTER_META_FILE).read_text(encoding="utf-8"))
+        tensors = load_file(directory / ADAPTER_FILE)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UsageError(f"adapter in {str(directory)!r} is missing or unreadable ({e})") from e
+    for key in ("rank", "alpha", "scaling", "targets"):
+        if key not in meta:
+            raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
+    return tensors, meta

@@ -6,13 +6,10 @@ may change it (`resumable(TrainConfig)`); the `train` and `finetune` flags are m
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from build_llm import lora as lora_mod
-from build_llm.errors import UsageError
-from build_llm.settings import DEVICE_HELP, invalid, setting, validate
+from build_llm.settings import DEVICE_HELP, Config, invalid, setting
 from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
@@ -23,7 +20,7 @@ RUNTIME, LORA = "runtime", "LoRA (appendix E)"  # --help sections
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Optimiser, schedule and loop settings, validated; stored as JSON in every checkpoint."""
     lr: float = setting(1e-3, "peak learning rate", above=0)
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
@@ -48,25 +45,6 @@ class TrainConfig:
                          resumable=True, group=RUNTIME)
     val_ratio: float = setting(0.1, "share of the tokens held out for validation", above=0, below=1)
 
-    def __post_init__(self) -> None:
-        validate(self)  # each field by its metadata (betas stored as a tuple of floats)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(valid))
-        if unknown:
-            raise UsageError(f"TrainConfig: unknown key(s) {unknown}; valid keys are {valid}")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
-
 
 # The R notebook's ABC experiment: AdamW at lr 0.003 (torch's default betas and weight decay, as R's
 # optim_adamw), batch 64, 80/20 split. The notebook keeps the lr constant for 400 steps; a short
@@ -82,7 +60,7 @@ BUDGET_TRAIN = TrainConfig(lr=2e-3, batch_size=16, warmup_steps=100, eval_every=
 
 # --- fine-tuning -------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(Config):
     """A fine-tuning run's settings, validated; stored as JSON beside its checkpoint."""
     task: str = setting(help="classify or instruct (the `finetune` subcommand)", choices=TASKS, internal=True)
     epochs: int = setting(3, "passes over the training data", at_least=1, resumable=True)
@@ -111,8 +89,7 @@ class FinetuneConfig:
                                            "(every weight)", choices=CLASSIFY_TRAINABLE)
     device: str = setting("auto", DEVICE_HELP, expected=DEVICES, resumable=True)
 
-    def __post_init__(self) -> None:
-        validate(self)  # each field by its metadata (lora_targets stored as a tuple); then what relates fields
+    def check(self) -> None:
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise invalid(self, f"micro_batch_size={self.micro_batch_size} does not divide batch_size="
                                 f"{self.batch_size}; choose a divisor", "micro_batch_size", "batch_size")
@@ -122,12 +99,3 @@ class FinetuneConfig:
             raise invalid(self, f"trainable={self.trainable!r} applies to a classification fine-tune without LoRA "
                                 "(an instruction fine-tune trains every weight, a LoRA run only its adapters)",
                           "trainable")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["lora_targets"] = list(self.lora_targets)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FinetuneConfig":
-        return cls(**d)

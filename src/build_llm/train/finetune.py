@@ -46,7 +46,7 @@ from build_llm.runtime import get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
                                         save_checkpoint, set_rng_state, trainer_files)
-from build_llm.store.finetuned import (_base_identity, _save_without_weights, count_trainable, finetuned_files,
+from build_llm.store.finetuned import (base_identity, save_without_weights, count_trainable, finetuned_files,
                                        load_finetuned, prepare_classifier, resolve_finetuned)
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.loop import RunLog, TrainState, make_optimizer, run_loop
@@ -245,7 +245,7 @@ class Finetuning:
         files = {**finetuned_files(self.meta, self.model), **trainer_files(optimizer_state, trainer)}
         path = self.out_dir / CHECKPOINT_DIR
         if self.meta["lora"] is not None:  # the adapter alone, no copy of the base weights
-            _save_without_weights(path, self.model, self.tokenizer, files)
+            save_without_weights(path, self.model, self.tokenizer, files)
         else:
             save_checkpoint(path, self.model, self.tokenizer, files)
         return path
@@ -284,12 +284,12 @@ def prepare_finetuning(out_dir: Path, init_from: str | Path, cfg: FinetuneConfig
     """The run's base checkpoint (the one a resumed run started from), its encoded data (the same
     files when resuming) and the model made ready: the head, LoRA, the saved weights when resuming."""
     base_dir = resolve_checkpoint(init_from)
-    base_identity = _base_identity(base_dir)
+    base = base_identity(base_dir)
     ckpt = load_checkpoint(base_dir, device)
     model, tokenizer = ckpt.model, ckpt.tokenizer
     if tokenizer is None:
         raise UsageError(f"--init-from {str(base_dir)!r} has no tokenizer.json; fine-tuning needs to encode text")
-    if saved is not None and saved.state["init_from_sha256"] != base_identity["sha256"]:
+    if saved is not None and saved.state["init_from_sha256"] != base["sha256"]:
         raise UsageError("--resume: --init-from is not the checkpoint the run started from; give the same one")
     max_length = min(cfg.max_length or model.cfg.context_length, model.cfg.context_length)
 
@@ -302,7 +302,7 @@ def prepare_finetuning(out_dir: Path, init_from: str | Path, cfg: FinetuneConfig
             if saved.state["data"].get(key) != ft_data.meta.get(key):
                 raise UsageError("--resume: --data or --val-data differs from what the run was trained on; "
                                  "give the same files, or start a new run with another --out")
-    meta = adapt_model(model, cfg, ft_data, tokenizer, base_identity, max_length)
+    meta = adapt_model(model, cfg, ft_data, tokenizer, base, max_length)
     if saved is not None:
         model.load_state_dict(load_finetuned(saved.path, device).model.state_dict(), strict=True)
     model.to(device)
@@ -310,7 +310,7 @@ def prepare_finetuning(out_dir: Path, init_from: str | Path, cfg: FinetuneConfig
 
 
 def adapt_model(model: nn.Module, cfg: FinetuneConfig, ft_data: FinetuneData, tokenizer: Any,
-                base_identity: dict[str, Any], max_length: int) -> dict[str, Any]:
+                base: dict[str, Any], max_length: int) -> dict[str, Any]:
     """Make `model` what the run trains, in place: a classifier head, LoRA adapters (and the end
     token's rows for instruct), what is frozen; returns finetune.json's content."""
     torch.manual_seed(cfg.seed)  # the new head's initialisation
@@ -323,13 +323,13 @@ def adapt_model(model: nn.Module, cfg: FinetuneConfig, ft_data: FinetuneData, to
         if cfg.task == "instruct":  # the end token the base never predicted (lora.py: token rows)
             lora_mod.train_token_rows(model, [require_eos(tokenizer)])
         lora_mod.freeze_for_lora(model, ["out_head"] if cfg.task == "classify" else [])
-        lora_meta = lora_mod.adapter_meta(model, cfg.lora_targets, base_identity)
+        lora_meta = lora_mod.adapter_meta(model, cfg.lora_targets, base)
     elif cfg.task == "instruct":
         for p in model.parameters():
             p.requires_grad = True
     trainable, total_params = count_trainable(model)
     return {"task": cfg.task, "labels": ft_data.meta.get("labels"), "format": ft_data.meta.get("format"),
-            "base": base_identity, "lora": lora_meta, "finetune_config": cfg.to_dict(),
+            "base": base, "lora": lora_meta, "finetune_config": cfg.to_dict(),
             "max_length": max_length, "trainable_parameters": trainable, "parameters": total_params}
 
 

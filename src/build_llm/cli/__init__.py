@@ -3,7 +3,8 @@
 stdout carries only each verb's result; progress goes to stderr. Bad input is one line on stderr
 and exit code 2, never a traceback. The verbs live by area: model (info, generate, import-hf,
 export-hf, tokenizer), inspect (inspect, surprisal, doctor), train (train, eval, finetune,
-merge-lora), serve (serve, chat, classify) and bench; common holds what they share.
+merge-lora), serve (serve, chat, classify) and bench; common holds what they share, `verb` among
+it: a verb is declared by its name, its docstring (help and description) and its own arguments.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Sequence
 
 from build_llm.cli.bench import add_bench
-from build_llm.cli.common import DEVICE_DEFAULT, Parser
+from build_llm.cli.common import DEVICE_DEFAULT, Parser, add_verbs
 from build_llm.cli.inspect import add_doctor, add_inspect, add_surprisal
 from build_llm.cli.model import add_export_hf, add_generate, add_import_hf, add_info, add_tokenizer
 from build_llm.cli.serve import add_chat, add_classify, add_serve
@@ -26,6 +27,7 @@ from build_llm.settings import DEVICE_HELP, SettingError
 __all__ = ["main", "build_parser", "DEVICE_DEFAULT", "DEVICE_HELP"]
 
 # --- the command ---------------------------------------------------------------------------------
+# The verbs in the order --help lists them; each is declared in its area's module with `verb`.
 VERBS: list[Callable] = [add_info, add_generate, add_import_hf, add_export_hf, add_tokenizer, add_inspect,
                          add_surprisal, add_doctor, add_train, add_eval, add_bench, add_serve, add_finetune,
                          add_classify, add_merge_lora, add_chat]
@@ -41,8 +43,7 @@ def package_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="build-llm", description="Build, train, inspect and sample GPT models from scratch.")
     parser.add_argument("--version", action="version", version=f"build-llm {package_version()}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
-    sub.required = True
+    sub = add_verbs(parser, "verb", "VERB")
     for add in VERBS:
         add(sub)
     return parser

@@ -5,27 +5,11 @@ from __future__ import annotations
 import argparse
 
 from build_llm.bench import format_report, plot_report, run_bench, to_json
+from build_llm.cli.common import verb
 from build_llm.data.corpus import read_text
 from build_llm.errors import UsageError
 from build_llm.store.checkpoint import resolve_checkpoint
 from build_llm.store.fsio import check_writable_dir, check_writable_file, claim_dir, write_text
-
-
-def add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="speed against Hugging Face transformers, side by side",
-                       description="Measure decoding and training speed of this package against Hugging Face "
-                                   "GPT2LMHeadModel of the same shape and the seed's generate_text_simple, in one "
-                                   "process, in alternating rounds; report medians, ratios, the machine's bandwidth "
-                                   "and matmul ceilings, and peak memory. The full run takes a few minutes.")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (a smoke test, not a measurement)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
-    p.add_argument("--out", help="directory for bench.json, bench.txt and bench.png")
-    p.add_argument("--png", help="write the bar chart to this PNG file")
-    p.add_argument("--text", help="also time `build-llm train` on this text file (character tokenizer), "
-                                  "e.g. Shakespeare; its shape is nanoGPT's shakespeare-char")
-    p.add_argument("--checkpoint", help="a trained model: compare its held-out perplexity with float32, bfloat16 "
-                                        "and int8 decoding weights (on the last 10%% of --text, or an ABC draw)")
-    p.set_defaults(run=run_bench_cli)
 
 
 def run_bench_cli(args: argparse.Namespace) -> None:
@@ -53,3 +37,20 @@ def run_bench_cli(args: argparse.Namespace) -> None:
         plot_report(results, args.png)
     print(text if args.json else table)
 
+
+@verb("bench", run_bench_cli)
+def add_bench(p: argparse.ArgumentParser) -> None:
+    """speed against Hugging Face transformers, side by side
+
+    Measure decoding and training speed of this package against Hugging Face GPT2LMHeadModel of the
+    same shape and the seed's generate_text_simple, in one process, in alternating rounds; report
+    medians, ratios, the machine's bandwidth and matmul ceilings, and peak memory. The full run takes a
+    few minutes."""
+    p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (a smoke test, not a measurement)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    p.add_argument("--out", help="directory for bench.json, bench.txt and bench.png")
+    p.add_argument("--png", help="write the bar chart to this PNG file")
+    p.add_argument("--text", help="also time `build-llm train` on this text file (character tokenizer), "
+                                  "e.g. Shakespeare; its shape is nanoGPT's shakespeare-char")
+    p.add_argument("--checkpoint", help="a trained model: compare its held-out perplexity with float32, bfloat16 "
+                                        "and int8 decoding weights (on the last 10%% of --text, or an ABC draw)")

@@ -1,10 +1,13 @@
-"""What the verbs share: the parser (one-line errors, defaults in --help), integer types, the
+"""What the verbs share: the parser (one-line errors, defaults in --help), how a verb is declared
+(`verb`), integer types, the flags several verbs take (--checkpoint, --out, --device, --seed), the
 --preset/--checkpoint pair and its loader, and the flags made from a config dataclass."""
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import inspect
 from typing import Any, Callable, Mapping
 
 import torch
@@ -15,12 +18,13 @@ from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, PAD, CharTokenizer, get_to
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.runtime import check_fits, set_seed
-from build_llm.settings import add_arguments, flags
+from build_llm.settings import DEVICE_HELP, add_arguments, flags
 from build_llm.sizing import model_memory
 from build_llm.store.checkpoint import load_checkpoint
 
 # One default for every verb's --device: the best device there is (cuda, then mps, then cpu).
 DEVICE_DEFAULT = "auto"
+CHECKPOINT_HELP = "a run directory (its newest checkpoint) or a checkpoint directory"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +51,38 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: error: {message} (see --help)")
 
 
+# --- declaring a verb ----------------------------------------------------------------------------
+def verb(name: str, run: Callable[[argparse.Namespace], int | None] | None = None) -> Callable:
+    """Declare the verb `name` on the function that adds its own arguments to its parser:
+
+        @verb("eval", run_eval)
+        def add_eval(p): ...    # add_eval(sub) adds `build-llm eval` to the verbs sub (add_verbs)
+
+    The function's docstring says what the verb does: its first paragraph is the one-line help in
+    the list of verbs, the rest the description its --help shows. run(args) runs the verb; a verb
+    with verbs of its own (tokenizer, finetune) has none: its function adds them."""
+    def declare(own_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
+        help, _, description = inspect.cleandoc(own_arguments.__doc__).partition("\n\n")
+
+        @functools.wraps(own_arguments)
+        def add(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+            p = sub.add_parser(name, help=help, description=description)
+            own_arguments(p)
+            if run is not None:
+                p.set_defaults(run=run)
+            return p
+        return add
+    return declare
+
+
+def add_verbs(p: argparse.ArgumentParser, dest: str, metavar: str) -> argparse._SubParsersAction:
+    """The place for p's verbs, one of which must be given; args.<dest> names it."""
+    sub = p.add_subparsers(dest=dest, metavar=metavar, parser_class=Parser)
+    sub.required = True
+    return sub
+
+
+# --- arguments -----------------------------------------------------------------------------------
 def int_at_least(lowest: int) -> Callable[[str], int]:
     """An argparse type: an integer >= lowest."""
     def parse(text: str) -> int:
@@ -63,6 +99,22 @@ def int_at_least(lowest: int) -> Callable[[str], int]:
 positive_int, non_negative_int = int_at_least(1), int_at_least(0)
 
 
+def add_checkpoint(p: argparse.ArgumentParser, help: str = CHECKPOINT_HELP) -> None:
+    p.add_argument("--checkpoint", required=True, help=help)
+
+
+def add_out(p: argparse.ArgumentParser, help: str, **kwargs: Any) -> None:
+    p.add_argument("--out", required=True, help=help, **kwargs)
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
+
+
+def add_seed(p: argparse.ArgumentParser, help: str | None = None) -> None:
+    p.add_argument("--seed", type=non_negative_int, default=0, help=help)
+
+
 def add_settings(p: argparse.ArgumentParser, cls: type, title: str, *, skip: tuple[str, ...] = (),
                  variants: Mapping[str, Any] | None = None, default_text: str | None = None) -> dict[str, Any]:
     """A flag for each field of a config dataclass (settings.add_arguments), --device defaulting to
@@ -77,7 +129,7 @@ def add_settings(p: argparse.ArgumentParser, cls: type, title: str, *, skip: tup
 def model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     group = p.add_mutually_exclusive_group(required=required)
     group.add_argument("--preset", choices=sorted(PRESETS), help="a model preset (random weights)")
-    group.add_argument("--checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    group.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
 def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):

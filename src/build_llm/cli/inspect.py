@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from build_llm.cli.common import DEVICE_DEFAULT, load_source, model_source, non_negative_int, positive_int
+from build_llm.cli.common import add_device, add_out, add_seed, load_source, model_source, positive_int, verb
 from build_llm.data.corpus import read_text
 from build_llm.data.markov import ABC, abc_text, is_abc_tokenizer
 from build_llm.errors import UsageError
@@ -16,7 +16,6 @@ from build_llm.inspect.doctor import run_checks
 from build_llm.inspect.intermediates import inspect_model
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.runtime import get_device
-from build_llm.settings import DEVICE_HELP
 from build_llm.store.fsio import check_writable_file, write_text
 
 
@@ -28,26 +27,6 @@ def _temperatures(text: str) -> tuple[float, ...]:
     if not values or any(not t > 0 for t in values):
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected temperatures > 0, e.g. 0.5,1,2")
     return values
-
-
-def add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="attention maps, causal mask, next-token table and layer statistics",
-                       description="Run the model on a prompt and write, in --out: attention.png (a map per layer and "
-                                   "head), mask.txt (positions and the causal mask), next_token.txt and next_token.png "
-                                   "(top-k table; bars at several temperatures with the top-k and top-p cut-offs), "
-                                   "layers.png (residual-stream norms and attention entropy) and inspect.json (all "
-                                   "the numbers). The summary is printed too.")
-    model_source(p)
-    p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
-    p.add_argument("--out", required=True, help="directory for the files: new, empty, or an earlier inspect --out "
-                                                "(replaced whole)")
-    p.add_argument("--top-k", type=positive_int, default=None, help="top-k cut-off (default: half the vocabulary, at most 10)")
-    p.add_argument("--top-p", type=float, default=0.9, help="top-p (nucleus) cut-off, in (0, 1] (default 0.9)")
-    p.add_argument("--temperatures", type=_temperatures, default=(0.5, 1.0, 2.0), help="comma-separated, default 0.5,1,2")
-    p.add_argument("--max-tokens", type=positive_int, default=48, help="use at most this many prompt tokens (default 48)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of a --preset's random weights")
-    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
-    p.set_defaults(run=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> None:
@@ -66,26 +45,23 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {path}")
 
 
-def add_surprisal(sub) -> None:
-    p = sub.add_parser("surprisal", help="colour each token of a text by its surprisal (HTML)",
-                       description="Score a text with the model and write an HTML page where each token is coloured by "
-                                   "its surprisal -log2 p, with bits per token, bits per character and perplexity. For "
-                                   "the ABC source (a character model over its alphabet, or --abc) the page also shows "
-                                   "the excess over the exact Bayes-optimal prediction. Texts longer than the context "
-                                   "are scored in sliding windows.")
+@verb("inspect", run_inspect)
+def add_inspect(p: argparse.ArgumentParser) -> None:
+    """attention maps, causal mask, next-token table and layer statistics
+
+    Run the model on a prompt and write, in --out: attention.png (a map per layer and head), mask.txt
+    (positions and the causal mask), next_token.txt and next_token.png (top-k table; bars at several
+    temperatures with the top-k and top-p cut-offs), layers.png (residual-stream norms and attention
+    entropy) and inspect.json (all the numbers). The summary is printed too."""
     model_source(p)
-    text = p.add_mutually_exclusive_group()
-    text.add_argument("--text", help="the text to score")
-    text.add_argument("--data", help="a UTF-8 text file to score (its first --max-tokens tokens)")
-    p.add_argument("--abc", action="store_true",
-                   help="compare with the exact ABC optimum (automatic for an ABC model); with no text, sample ABC text")
-    p.add_argument("--out", required=True, help="the HTML file to write")
-    p.add_argument("--stride", type=positive_int, default=None,
-                   help="window step for long texts (default half the context)")
-    p.add_argument("--max-tokens", type=positive_int, default=4000, help="score at most this many tokens (default 4000)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of sampled ABC text and of a --preset")
-    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
-    p.set_defaults(run=run_surprisal)
+    p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
+    add_out(p, "directory for the files: new, empty, or an earlier inspect --out (replaced whole)")
+    p.add_argument("--top-k", type=positive_int, default=None, help="top-k cut-off (default: half the vocabulary, at most 10)")
+    p.add_argument("--top-p", type=float, default=0.9, help="top-p (nucleus) cut-off, in (0, 1] (default 0.9)")
+    p.add_argument("--temperatures", type=_temperatures, default=(0.5, 1.0, 2.0), help="comma-separated, default 0.5,1,2")
+    p.add_argument("--max-tokens", type=positive_int, default=48, help="use at most this many prompt tokens (default 48)")
+    add_seed(p, "seed of a --preset's random weights")
+    add_device(p)
 
 
 def run_surprisal(args: argparse.Namespace) -> None:
@@ -132,23 +108,26 @@ def run_surprisal(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-def add_doctor(sub) -> None:
-    p = sub.add_parser("doctor", help="quick checks for the silent bugs of a GPT (pass/fail)",
-                       description="Check a model: tokenizer round-trip on the data, initial loss near ln(vocab) for "
-                                   "an untrained model (below it for a trained one), no causal leak, KV cache equal to "
-                                   "recomputation, finite gradients, and one batch overfits within --steps. One "
-                                   "PASS/FAIL line each; exit code 1 if any check fails.")
+@verb("surprisal", run_surprisal)
+def add_surprisal(p: argparse.ArgumentParser) -> None:
+    """colour each token of a text by its surprisal (HTML)
+
+    Score a text with the model and write an HTML page where each token is coloured by its surprisal
+    -log2 p, with bits per token, bits per character and perplexity. For the ABC source (a character
+    model over its alphabet, or --abc) the page also shows the excess over the exact Bayes-optimal
+    prediction. Texts longer than the context are scored in sliding windows."""
     model_source(p)
-    p.add_argument("--data", help="a UTF-8 text file for the round-trip and the batch (default: ABC text for an ABC "
-                                  "model, otherwise a built-in sample)")
-    p.add_argument("--untrained", action="store_true",
-                   help="the checkpoint is freshly initialised: require its loss near ln(vocab) (always so for --preset)")
-    p.add_argument("--steps", type=positive_int, default=60, help="AdamW steps allowed to overfit one batch (default 60)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the overfit check (default 1e-3)")
-    p.add_argument("--seq-len", type=positive_int, default=16, help="tokens per check sequence (default 16)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
-    p.set_defaults(run=run_doctor)
+    text = p.add_mutually_exclusive_group()
+    text.add_argument("--text", help="the text to score")
+    text.add_argument("--data", help="a UTF-8 text file to score (its first --max-tokens tokens)")
+    p.add_argument("--abc", action="store_true",
+                   help="compare with the exact ABC optimum (automatic for an ABC model); with no text, sample ABC text")
+    add_out(p, "the HTML file to write")
+    p.add_argument("--stride", type=positive_int, default=None,
+                   help="window step for long texts (default half the context)")
+    p.add_argument("--max-tokens", type=positive_int, default=4000, help="score at most this many tokens (default 4000)")
+    add_seed(p, "seed of sampled ABC text and of a --preset")
+    add_device(p)
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -166,3 +145,21 @@ def run_doctor(args: argparse.Namespace) -> int:
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
+
+@verb("doctor", run_doctor)
+def add_doctor(p: argparse.ArgumentParser) -> None:
+    """quick checks for the silent bugs of a GPT (pass/fail)
+
+    Check a model: tokenizer round-trip on the data, initial loss near ln(vocab) for an untrained model
+    (below it for a trained one), no causal leak, KV cache equal to recomputation, finite gradients,
+    and one batch overfits within --steps. One PASS/FAIL line each; exit code 1 if any check fails."""
+    model_source(p)
+    p.add_argument("--data", help="a UTF-8 text file for the round-trip and the batch (default: ABC text for an ABC "
+                                  "model, otherwise a built-in sample)")
+    p.add_argument("--untrained", action="store_true",
+                   help="the checkpoint is freshly initialised: require its loss near ln(vocab) (always so for --preset)")
+    p.add_argument("--steps", type=positive_int, default=60, help="AdamW steps allowed to overfit one batch (default 60)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate of the overfit check (default 1e-3)")
+    p.add_argument("--seq-len", type=positive_int, default=16, help="tokens per check sequence (default 16)")
+    add_seed(p)
+    add_device(p)

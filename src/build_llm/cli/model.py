@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from build_llm.cli.common import (DEVICE_DEFAULT, Parser, load_source, model_source, non_negative_int,
-                                  positive_int)
+from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed, add_verbs, load_source,
+                                  model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import read_pieces, read_text, text_files
 from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, get_tokenizer,
@@ -21,18 +21,9 @@ from build_llm.infer.generate import check_sampling, decode_stream, stream, text
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
-from build_llm.settings import DEVICE_HELP
 from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
 from build_llm.store.fsio import atomic_path, check_writable_dir, check_writable_file
-
-
-def add_info(sub) -> None:
-    p = sub.add_parser("info", help="parameter table, total and size of a model",
-                       description="Print the parameter table (name, shape, count), the total and the size "
-                                   "in MB at fp32 and bf16 of a preset or a checkpoint.")
-    model_source(p, required=False)
-    p.set_defaults(run=run_info)
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -46,22 +37,13 @@ def run_info(args: argparse.Namespace) -> None:
     print(f"Size: {model_size_mb(model, torch.float32):.2f} MB (fp32), {model_size_mb(model, torch.bfloat16):.2f} MB (bf16)")
 
 
-def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="continue a prompt",
-                       description="Print the prompt and its continuation (only that, on stdout), each token as "
-                                   "soon as it is generated.")
-    model_source(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=non_negative_int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--device", default=DEVICE_DEFAULT, help=DEVICE_HELP)
-    p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
-    p.set_defaults(run=run_generate)
+@verb("info", run_info)
+def add_info(p: argparse.ArgumentParser) -> None:
+    """parameter table, total and size of a model
+
+    Print the parameter table (name, shape, count), the total and the size in MB at fp32 and bf16 of
+    a preset or a checkpoint."""
+    model_source(p, required=False)
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -84,16 +66,22 @@ def run_generate(args: argparse.Namespace) -> None:
     print(flush=True)
 
 
-def add_import_hf(sub) -> None:
-    p = sub.add_parser("import-hf", help="Hugging Face GPT-2 directory -> checkpoint",
-                       description="Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors "
-                                   "or pytorch_model.bin; gpt2 to gpt2-xl) and write a checkpoint of this package. "
-                                   "Nothing is downloaded: fetch the directory yourself (see the README).")
-    p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
-    p.set_defaults(run=run_import_hf)
+@verb("generate", run_generate)
+def add_generate(p: argparse.ArgumentParser) -> None:
+    """continue a prompt
+
+    Print the prompt and its continuation (only that, on stdout), each token as soon as it is generated."""
+    model_source(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=50)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    add_seed(p)
+    add_device(p)
+    p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
 
 
 def run_import_hf(args: argparse.Namespace) -> None:
@@ -116,17 +104,17 @@ def run_import_hf(args: argparse.Namespace) -> None:
     print(f"{out}: {count_parameters(model):,} parameters from {args.dir}")
 
 
-def add_export_hf(sub) -> None:
-    p = sub.add_parser("export-hf", help="checkpoint -> Hugging Face GPT-2 (or Llama) directory",
-                       description="Write a checkpoint as a directory that transformers.GPT2LMHeadModel."
-                                   "from_pretrained loads (config.json, model.safetensors) with the same logits, "
-                                   "plus its tokenizer (GPT-2 or a trained BPE) for AutoTokenizer. A model with "
-                                   "Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu --no-bias "
-                                   "--no-qkv-bias) is written for LlamaForCausalLM instead.")
-    p.add_argument("--checkpoint", required=True, help="a run directory (its newest checkpoint) or a checkpoint directory")
-    p.add_argument("--out", required=True, help="directory to write (a new, empty or earlier export directory)")
-    p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
-    p.set_defaults(run=run_export_hf)
+@verb("import-hf", run_import_hf)
+def add_import_hf(p: argparse.ArgumentParser) -> None:
+    """Hugging Face GPT-2 directory -> checkpoint
+
+    Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin;
+    gpt2 to gpt2-xl) and write a checkpoint of this package. Nothing is downloaded: fetch the directory
+    yourself (see the README)."""
+    p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
+    add_out(p, "checkpoint directory to write")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
 
 
 def run_export_hf(args: argparse.Namespace) -> None:
@@ -139,29 +127,17 @@ def run_export_hf(args: argparse.Namespace) -> None:
     print(f"{args.out}: {', '.join(written)}")
 
 
-def add_tokenizer(sub) -> None:
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer, or compare tokenizers on a text",
-                       description="Train a byte-level BPE tokenizer (Hugging Face tokenizers) or report how "
-                                   "finely tokenizers cut a text.")
-    verbs = p.add_subparsers(dest="tokenizer_verb", metavar="{train,stats}", parser_class=Parser)
-    verbs.required = True
-    t = verbs.add_parser("train", help="train a byte-level BPE on text files",
-                         description="Train a byte-level BPE (special token <|endoftext|>) and save it as a "
-                                     "Hugging Face tokenizer.json, usable as `train --tokenizer FILE`.")
-    t.add_argument("--data", required=True, nargs="+", metavar="PATH",
-                   help="UTF-8 text file(s) or folder(s) of them (every non-hidden file, as train --data)")
-    t.add_argument("--vocab-size", required=True, type=positive_int, help="number of ids (at least 257)")
-    t.add_argument("--min-frequency", type=positive_int, default=2, help="least count of a pair to merge")
-    t.add_argument("--out", required=True, metavar="FILE", help="tokenizer JSON file to write")
-    t.set_defaults(run=run_tokenizer_train)
-    s = verbs.add_parser("stats", help="tokens per character and bytes per token of tokenizers on a text",
-                         description="Print, for gpt2, char (the text's own characters) and each --tokenizer, the "
-                                     "vocabulary size, tokens, tokens per character and bytes per token on a text.")
-    s.add_argument("--data", required=True, metavar="PATH", help="a UTF-8 text file")
-    s.add_argument("--tokenizer", action="append", default=[], metavar="FILE",
-                   help="a trained tokenizer JSON or checkpoint directory (repeatable)")
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    s.set_defaults(run=run_tokenizer_stats)
+@verb("export-hf", run_export_hf)
+def add_export_hf(p: argparse.ArgumentParser) -> None:
+    """checkpoint -> Hugging Face GPT-2 (or Llama) directory
+
+    Write a checkpoint as a directory that transformers.GPT2LMHeadModel.from_pretrained loads
+    (config.json, model.safetensors) with the same logits, plus its tokenizer (GPT-2 or a trained BPE)
+    for AutoTokenizer. A model with Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu
+    --no-bias --no-qkv-bias) is written for LlamaForCausalLM instead."""
+    add_checkpoint(p)
+    add_out(p, "directory to write (a new, empty or earlier export directory)")
+    p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> None:
@@ -187,6 +163,19 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")
 
 
+@verb("train", run_tokenizer_train)
+def add_tokenizer_train(p: argparse.ArgumentParser) -> None:
+    """train a byte-level BPE on text files
+
+    Train a byte-level BPE (special token <|endoftext|>) and save it as a Hugging Face tokenizer.json,
+    usable as `train --tokenizer FILE`."""
+    p.add_argument("--data", required=True, nargs="+", metavar="PATH",
+                   help="UTF-8 text file(s) or folder(s) of them (every non-hidden file, as train --data)")
+    p.add_argument("--vocab-size", required=True, type=positive_int, help="number of ids (at least 257)")
+    p.add_argument("--min-frequency", type=positive_int, default=2, help="least count of a pair to merge")
+    add_out(p, "tokenizer JSON file to write", metavar="FILE")
+
+
 def run_tokenizer_stats(args: argparse.Namespace) -> None:
     text = read_text(args.data)
     tokenizers = [("gpt2", GPT2Tokenizer()), ("char", CharTokenizer.from_text(text))]
@@ -204,3 +193,24 @@ def run_tokenizer_stats(args: argparse.Namespace) -> None:
         print(f"{r['tokenizer']:<{width}}  {r['vocab_size']:>7}  {r['tokens']:>10}  "
               f"{r['tokens_per_char']:>11.4f}  {r['bytes_per_token']:>11.4f}")
 
+
+@verb("stats", run_tokenizer_stats)
+def add_tokenizer_stats(p: argparse.ArgumentParser) -> None:
+    """tokens per character and bytes per token of tokenizers on a text
+
+    Print, for gpt2, char (the text's own characters) and each --tokenizer, the vocabulary size, tokens,
+    tokens per character and bytes per token on a text."""
+    p.add_argument("--data", required=True, metavar="PATH", help="a UTF-8 text file")
+    p.add_argument("--tokenizer", action="append", default=[], metavar="FILE",
+                   help="a trained tokenizer JSON or checkpoint directory (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@verb("tokenizer")
+def add_tokenizer(p: argparse.ArgumentParser) -> None:
+    """train a byte-level BPE tokenizer, or compare tokenizers on a text
+
+    Train a byte-level BPE tokenizer (Hugging Face tokenizers) or report how finely tokenizers cut a text."""
+    verbs = add_verbs(p, "tokenizer_verb", "{train,stats}")
+    add_tokenizer_train(verbs)
+    add_tokenizer_stats(verbs)

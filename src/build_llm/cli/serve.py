@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from build_llm.cli.common import int_at_least, load_source, model_source, non_negative_int, positive_int
+from build_llm.cli.common import add_checkpoint, add_seed, int_at_least, load_source, model_source, positive_int, verb
 from build_llm.data.instruct import encode_conversation
 from build_llm.errors import UsageError
 from build_llm.infer.chat import load_chat_model, require_eos
@@ -16,28 +16,6 @@ from build_llm.infer.classify import classify_texts
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.serve import Settings, run_server
 from build_llm.store.finetuned import load_finetuned
-
-
-def add_serve(sub) -> None:
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a playground page",
-                       description="Serve a model over HTTP: /v1/completions, /v1/chat/completions (models with a "
-                                   "chat template), /v1/models, /health, and a playground page at /. Requests are "
-                                   "decoded together (continuous batching). SIGTERM lets the requests in flight "
-                                   "finish, then exits 0.")
-    model_source(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int_at_least(1), default=8000)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
-    p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="the largest max_tokens a request may ask (default: the model's context length)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
-    p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
-    p.add_argument("--shutdown-timeout", type=positive_int, default=30,
-                   help="seconds that requests in flight may take to finish after SIGTERM (default 30)")
-    p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> None:
@@ -62,20 +40,26 @@ def run_serve(args: argparse.Namespace) -> None:
                max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
 
 
-def add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="chat in the terminal with an instruction-tuned checkpoint",
-                       description="Interactive chat: replies stream as they are generated; the conversation is "
-                                   "kept within the context window (the oldest turns are dropped, with a note). "
-                                   "Commands: /reset, /temperature T, /top-k K|off, /help, /quit. With --prompt, "
-                                   "print one reply and exit.")
-    p.add_argument("--checkpoint", required=True, help="an instruction fine-tune (or any checkpoint with a tokenizer)")
-    p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
-    p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.set_defaults(run=run_chat)
+@verb("serve", run_serve)
+def add_serve(p: argparse.ArgumentParser) -> None:
+    """an OpenAI-compatible HTTP server with a playground page
+
+    Serve a model over HTTP: /v1/completions, /v1/chat/completions (models with a chat template),
+    /v1/models, /health, and a playground page at /. Requests are decoded together (continuous
+    batching). SIGTERM lets the requests in flight finish, then exits 0."""
+    model_source(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int_at_least(1), default=8000)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
+    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
+                   help="the largest max_tokens a request may ask (default: the model's context length)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
+    p.add_argument("--shutdown-timeout", type=positive_int, default=30,
+                   help="seconds that requests in flight may take to finish after SIGTERM (default 30)")
 
 
 def run_chat(args: argparse.Namespace) -> None:
@@ -83,13 +67,20 @@ def run_chat(args: argparse.Namespace) -> None:
         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
 
 
-def add_classify(sub) -> None:
-    p = sub.add_parser("classify", help="label texts with a classification fine-tune",
-                       description="Print one JSON object per text: the text, its most probable label and every "
-                                   "label's probability.")
-    p.add_argument("--checkpoint", required=True, help="the --out of `build-llm finetune classify` (or its merge)")
-    p.add_argument("--text", action="append", required=True, help="a text to classify (repeat for several)")
-    p.set_defaults(run=run_classify)
+@verb("chat", run_chat)
+def add_chat(p: argparse.ArgumentParser) -> None:
+    """chat in the terminal with an instruction-tuned checkpoint
+
+    Interactive chat: replies stream as they are generated; the conversation is kept within the context
+    window (the oldest turns are dropped, with a note). Commands: /reset, /temperature T, /top-k K|off,
+    /help, /quit. With --prompt, print one reply and exit."""
+    add_checkpoint(p, "an instruction fine-tune (or any checkpoint with a tokenizer)")
+    p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
+    p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
+    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
+    add_seed(p)
 
 
 def run_classify(args: argparse.Namespace) -> None:
@@ -101,3 +92,11 @@ def run_classify(args: argparse.Namespace) -> None:
                                                        ft.meta.get("max_length"))):
         print(json.dumps({"text": text, **result}))
 
+
+@verb("classify", run_classify)
+def add_classify(p: argparse.ArgumentParser) -> None:
+    """label texts with a classification fine-tune
+
+    Print one JSON object per text: the text, its most probable label and every label's probability."""
+    add_checkpoint(p, "the --out of `build-llm finetune classify` (or its merge)")
+    p.add_argument("--text", action="append", required=True, help="a text to classify (repeat for several)")

@@ -154,12 +154,15 @@ def test_ctrl_c_saves_and_resume_equals_no_stop(tmp_path, monkeypatch):
     model_cfg = tiny(5, drop_rate=0.2)
     full = train(tmp_path / "a", model_cfg, cfg, corpus, tok, log=lambda s: None)
 
+    # The handler before the run: Python's default_int_handler, or SIG_IGN when pytest was started in
+    # the background of a non-interactive shell (which ignores SIGINT for its background jobs).
+    before = signal.getsignal(signal.SIGINT)
     interrupt_after(monkeypatch, 4)  # during step 4 (2 micro-batches): it is abandoned after the first
     with pytest.raises(TrainingStopped, match="interrupted during step 4/10") as e:
         train(tmp_path / "b", model_cfg, cfg, corpus, tok, log=lambda s: None)
     assert e.value.exit_code == 130
     assert load_trainer_state(tmp_path / "b").state["step"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     monkeypatch.undo()
     resumed = train(tmp_path / "b", model_cfg, cfg, corpus, tok, resume=True, log=lambda s: None)
 

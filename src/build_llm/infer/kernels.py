@@ -20,15 +20,27 @@ into the user's cache (`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, els
 that is not possible (no compiler, no AVX-512, not Linux x86-64, not CPU tensors), `available()` is
 False and callers use PyTorch's own kernels: same results up to float rounding, only slower.
 `BUILD_LLM_KERNELS=0` turns them off.
+
+Loading a library runs its code, so a cached one is loaded only when no one but this user can have
+put it there: the cache directory and the library (and its record, `matvec-<hash>.json`, holding the
+library's SHA-256 from when this package built it) must be this user's, writable by no one else, not
+symbolic links, and the library's SHA-256 the recorded one. Every check is made on an open file
+descriptor and the library is loaded through that descriptor (`/proc/self/fd/N`), so the file
+checked is the file loaded whatever happens to the path meanwhile. A library that fails a check is
+rebuilt; a cache directory that fails one is left alone and the kernels are compiled for this run
+in a private temporary directory; either way with one note on stderr saying why.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
+import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -61,12 +73,20 @@ class Model(ctypes.Structure):
 
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+SYMBOLS = ("matvec_bf16", "matvec_int8", "decode_step")  # what the library must export
+
+
+class Refused(Exception):
+    """A cache file or directory that may not be trusted; the message says why."""
 
 
 def _cache_dir() -> Path:
+    """The cache directory, absolute: a relative $BUILD_LLM_CACHE is taken from the working directory now (so it
+    cannot change meaning later); a relative $XDG_CACHE_HOME is ignored, as the XDG specification says."""
     if os.environ.get("BUILD_LLM_CACHE"):
-        return Path(os.environ["BUILD_LLM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "build-llm"
+        return Path(os.path.abspath(os.environ["BUILD_LLM_CACHE"]))
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "build-llm"
 
 
 def _cpu_supported() -> bool:
@@ -79,18 +99,137 @@ def _cpu_supported() -> bool:
     return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl"))
 
 
-def _build(source: str, target: Path) -> None:
-    """Compile the C `source` into `target`, atomically (a temporary name, then a rename)."""
+def open_trusted(path: str | os.PathLike[str], dir_fd: int | None = None, directory: bool = False) -> int:
+    """`path` (relative to `dir_fd` if given) opened read-only without following a symbolic link, when what was
+    opened is a regular file (or a directory) of this user that no one else may write; else `Refused` saying
+    why (FileNotFoundError when absent). The caller closes the descriptor."""
+    kind = "directory" if directory else "regular file"
+    # O_NONBLOCK: a FIFO at the name must not hang the open (it is then refused as not a regular file)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_DIRECTORY if directory else os.O_NONBLOCK)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):  # O_NOFOLLOW on a link: ELOOP, or ENOTDIR with O_DIRECTORY
+            link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+            raise Refused(f"{path} is {'a symbolic link' if link else 'not a ' + kind}") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+            raise Refused(f"{path} is not a {kind}")
+        if st.st_uid != os.geteuid():
+            raise Refused(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})")
+        if st.st_mode & 0o022:
+            raise Refused(f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _sha256(fd: int) -> str:
+    h = hashlib.sha256()
+    while chunk := os.read(fd, 1 << 20):
+        h.update(chunk)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return h.hexdigest()
+
+
+def open_cached(dir_fd: int, name: str, source: str) -> int:
+    """The cached library `name`.so in the open cache directory, when it may be loaded: it and its record `name`.json
+    pass `open_trusted`, and the record (written when this package built it from `source`) holds that source's
+    and the library's SHA-256. Else `Refused` saying why; FileNotFoundError when either file is absent."""
+    fd = open_trusted(name + ".json", dir_fd)
+    try:
+        text = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        record = None
+    fd = open_trusted(name + ".so", dir_fd)
+    try:
+        if (not isinstance(record, dict) or record.get("source_sha256") != hashlib.sha256(source.encode()).hexdigest()
+                or record.get("library_sha256") != _sha256(fd)):
+            raise Refused(f"{name}.so is not the library its record {name}.json says was built")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _compile(source: str, tmp: Path) -> int:
+    """Compile `source` in the new private directory `tmp`; the built library, open and checked."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc) found")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src, out = Path(tmp) / "matvec.c", Path(tmp) / "matvec.so"
-        src.write_text(source, encoding="ascii")  # the very text that was hashed
-        subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-fPIC", "-shared",
-                        str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
-        os.replace(out, target)
+    os.close(open_trusted(tmp, directory=True))  # made by mkdtemp: 0700, this user's (checked all the same)
+    src, out = tmp / "matvec.c", tmp / "matvec.so"
+    src.write_text(source, encoding="ascii")  # the very text that was hashed
+    subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-fPIC", "-shared",
+                    str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+    os.chmod(out, 0o755)  # the compiler made it 0777 & ~umask: with umask 000, writable by everyone
+    return open_trusted(out)
+
+
+def _build_cached(source: str, cache: Path, dir_fd: int, name: str) -> int:
+    """Compile `source` and put the library and its record in the trusted cache directory (atomically, each by a
+    rename); the library built, open."""
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        fd = _compile(source, Path(tmp))
+        record = {"source_sha256": hashlib.sha256(source.encode()).hexdigest(), "library_sha256": _sha256(fd)}
+        rec = os.open(Path(tmp) / "record.json", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        with os.fdopen(rec, "w", encoding="ascii") as f:
+            json.dump(record, f)
+        try:  # the library first: a crash between the renames leaves a record that does not match, so a rebuild
+            os.replace(Path(tmp) / "matvec.so", name + ".so", dst_dir_fd=dir_fd)
+            os.replace(Path(tmp) / "record.json", name + ".json", dst_dir_fd=dir_fd)
+        except OSError:  # not cached (say, the directory moved meanwhile): this run still has the library it built
+            pass
+    return fd
+
+
+def _library(source: str, cache: Path, notes: list[str]) -> int:
+    """An open library built from `source` that may be loaded: the cached one, else one built now, into the cache
+    when the cache directory may be trusted, else into a private temporary directory. Why a directory or file
+    found was not used goes to `notes`."""
+    name = "matvec-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    try:
+        os.makedirs(cache.parent, 0o700, exist_ok=True)  # a parent it makes is 0700, as XDG asks of ~/.cache
+        try:
+            os.mkdir(cache, 0o700)  # private whatever the umask (it only takes bits away)
+        except FileExistsError:
+            pass
+        dir_fd = open_trusted(cache, directory=True)
+    except (Refused, OSError) as e:  # a directory that cannot be made (read-only home, say) is no news: no note
+        if isinstance(e, Refused):
+            notes.append(f"not using the kernel cache {cache} ({e}); the kernels are compiled for this run only")
+        with tempfile.TemporaryDirectory() as tmp:
+            return _compile(source, Path(tmp))  # the descriptor outlives the file: loaded through /proc
+    try:
+        try:
+            return open_cached(dir_fd, name, source)
+        except FileNotFoundError:
+            pass
+        except Refused as e:
+            notes.append(f"not loading {cache / name}.so ({e}); rebuilt it")
+        return _build_cached(source, cache, dir_fd, name)
+    finally:
+        os.close(dir_fd)
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    missing = [name for name in SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise Refused(f"the kernel library lacks {', '.join(missing)}")
+    for fn in (lib.matvec_bf16, lib.matvec_int8):
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.decode_step.restype = ctypes.c_int
+    lib.decode_step.argtypes = ([ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int])
+    return lib
 
 
 def _load() -> ctypes.CDLL | bool:
@@ -100,20 +239,19 @@ def _load() -> ctypes.CDLL | bool:
         source = SOURCE.read_text(encoding="ascii")
     except OSError:  # not installed with the package
         return False
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    target = _cache_dir() / f"matvec-{digest}.so"
+    notes: list[str] = []
+    lib: ctypes.CDLL | bool = False
     try:
-        if not target.exists():
-            _build(source, target)
-        lib = ctypes.CDLL(str(target))  # after torch: shares the OpenMP runtime torch has loaded
-    except (OSError, subprocess.SubprocessError):
-        return False
-    for fn in (lib.matvec_bf16, lib.matvec_int8):
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.decode_step.restype = ctypes.c_int
-    lib.decode_step.argtypes = ([ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                                 ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int])
+        fd = _library(source, _cache_dir(), notes)
+        # Loaded through the descriptor that was checked; it stays open so that the name stays this library's.
+        # After torch: the library shares the OpenMP runtime torch has loaded.
+        lib = _bind(ctypes.CDLL(f"/proc/self/fd/{fd}"))
+    except Refused as e:
+        notes.append(str(e))
+    except (OSError, subprocess.SubprocessError):  # no compiler, a failed build: PyTorch's kernels, as always
+        pass
+    if notes:  # one note, whatever happened
+        print(f"build-llm: {notes[0]}{'' if lib else '; using PyTorch kernels instead'}", file=sys.stderr)
     return lib
 
 

@@ -204,7 +204,8 @@ def _library(source: str, cache: Path, notes: list[str]) -> int:
         dir_fd = open_trusted(cache, directory=True)
     except (Refused, OSError) as e:  # a directory that cannot be made (read-only home, say) is no news: no note
         if isinstance(e, Refused):
-            notes.append(f"not using the kernel cache {cache} ({e}); the kernels are compiled for this run only")
+            notes.append(f"not using the kernel cache: {e}; the kernels are compiled for this run only "
+                         "(a cache directory must be yours and writable by you alone)")
         with tempfile.TemporaryDirectory() as tmp:
             return _compile(source, Path(tmp))  # the descriptor outlives the file: loaded through /proc
     try:
@@ -213,7 +214,7 @@ def _library(source: str, cache: Path, notes: list[str]) -> int:
         except FileNotFoundError:
             pass
         except Refused as e:
-            notes.append(f"not loading {cache / name}.so ({e}); rebuilt it")
+            notes.append(f"not loading the cached kernels in {cache}: {e}; rebuilt them")
         return _build_cached(source, cache, dir_fd, name)
     finally:
         os.close(dir_fd)

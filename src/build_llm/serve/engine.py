@@ -33,6 +33,9 @@ from build_llm.infer.generate import filter_logits
 from build_llm.runtime import one_thread
 
 
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a temperature below it samples greedily
+
+
 class QueueFull(Exception):
     """The waiting queue is at its limit: the caller should answer 503."""
 
@@ -63,6 +66,7 @@ class Sequence:
     echo: bool = False  # report the prompt's own tokens with their logprobs
     eos_id: int | None = None
     cancelled: bool = False
+    failed: bool = False  # an error was reported: the caller hears nothing more
     generated: int = field(default=0, init=False)
     last: int = field(default=0, init=False)
     generator: torch.Generator | None = field(default=None, init=False)
@@ -79,9 +83,18 @@ def token_info(logits: torch.Tensor, token: int, top: int | None) -> Token:
     logp = torch.log_softmax(logits.float(), dim=-1)
     alternatives = None
     if top > 0:
-        values, ids = logp.topk(top)
+        values, ids = logp.topk(min(top, len(logp)))  # no more alternatives than the vocabulary has
         alternatives = list(zip(ids.tolist(), values.tolist()))
     return Token(token, float(logp[token]), alternatives)
+
+
+def fail(s: Sequence, e: Exception) -> None:
+    """Report `e` to `s`'s caller alone and mark `s` to leave the batch; the other rows go on."""
+    s.failed = s.cancelled = True
+    try:
+        s.emit("error", f"{type(e).__name__}: {e}")
+    except Exception:  # a caller that cannot be told (its event loop closed): nothing more to do
+        pass
 
 
 class Engine:
@@ -143,11 +156,10 @@ class Engine:
                         break
                 try:
                     self.step()
-                except Exception as e:  # the model failed: every sequence in flight gets the error
-                    for s in self.rows + list(self.waiting):
-                        s.emit("error", f"{type(e).__name__}: {e}")
+                except Exception as e:  # the batch's forward failed: every row in flight gets the error
+                    for s in self.rows:
+                        fail(s, e)
                     self.rows, self.lengths = [], []
-                    self.waiting.clear()
         for s in self.rows + list(self.waiting):
             s.emit("done", "cancelled")
 
@@ -162,10 +174,19 @@ class Engine:
             if s.cancelled:
                 s.emit("done", "cancelled")
             elif s.echo:
-                self.prefill_echo(s)
+                try:
+                    self.prefill_echo(s)
+                except Exception as e:  # this sequence alone fails; it never joined the batch
+                    fail(s, e)
             else:
                 admitted.append(s)
-        self.prefill_together(admitted)
+        before = len(self.rows)
+        try:
+            self.prefill_together(admitted)
+        except Exception as e:  # the admitted prompts fail together; the rows already decoding go on
+            del self.rows[before:], self.lengths[before:]
+            for s in admitted:
+                fail(s, e)
         self.retire()
         if self.rows:
             self.decode()
@@ -180,7 +201,8 @@ class Engine:
             if not (s.cancelled or eos or s.generated >= s.max_tokens):
                 i += 1
                 continue
-            s.emit("done", "cancelled" if s.cancelled else "stop" if eos else "length")
+            if not s.failed:
+                s.emit("done", "cancelled" if s.cancelled else "stop" if eos else "length")
             last = len(self.rows) - 1
             if i != last:  # move the last row into the freed slot
                 n = self.lengths[last]
@@ -248,9 +270,12 @@ class Engine:
                 self.lengths[i] += 1
                 if s.generated >= s.max_tokens or s.cancelled:
                     continue
-                s.last = self.sample(logits[i], s)
-                s.generated += 1
-                s.emit("token", token_info(logits[i], s.last, s.logprobs))
+                try:
+                    s.last = self.sample(logits[i], s)
+                    s.generated += 1
+                    s.emit("token", token_info(logits[i], s.last, s.logprobs))
+                except Exception as e:  # this row alone fails, and leaves at the next step boundary
+                    fail(s, e)
 
     @staticmethod
     def sample(logits: torch.Tensor, s: Sequence) -> int:
@@ -258,7 +283,7 @@ class Engine:
         distribution by the inverse of the cumulative distribution at one uniform number from the row's
         generator (the same distribution as torch.multinomial, at a tenth of its cost over GPT-2's 50,257
         tokens: it was a quarter of a 16-row step's time)."""
-        if s.temperature == 0:
+        if s.temperature < TINY:  # 0, or a temperature that is 0 in float32 (it would divide by zero)
             return int(torch.argmax(logits))
         logits = logits.float()
         scaled = (logits - logits.max()) / s.temperature  # shifted first: a tiny temperature cannot overflow

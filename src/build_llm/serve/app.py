@@ -35,6 +35,12 @@ from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, erro
 STATIC = Path(__file__).parent / "static"
 
 
+async def disconnected(request: Request) -> None:
+    """Return once the client has gone away (its body was read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # a server whose receive does not wait: poll
+
+
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying `payload` as JSON."""
     return f"data: {json.dumps(payload)}\n\n"
@@ -215,24 +221,33 @@ class Api:
             raise ApiError(503, f"the server is busy: {e}; retry later", code="server_overloaded") from None
         return Completion(choices, used, queue, sampling, chat, self.settings.model_name)
 
-    async def reply(self, prompts: list[tuple[list[int], str | None]], sampling: Sampling, chat: bool) -> Response:
+    async def reply(self, request: Request, prompts: list[tuple[list[int], str | None]], sampling: Sampling,
+                    chat: bool) -> Response:
         completion = self.submit(prompts, sampling, chat)
         if sampling.stream:
             return StreamingResponse(completion.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await completion.body())
+        collect, gone = asyncio.ensure_future(completion.body()), asyncio.ensure_future(disconnected(request))
+        await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not collect.done():  # the client went away: cancelling frees its rows (Completion.body's finally)
+            collect.cancel()
+            return Response(status_code=499)
+        return JSONResponse(collect.result())
 
     # --- the routes ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         self.check_key(request)
         body = await self.read_body(request)
         self.check_model(body)
-        sampling = parse_sampling(body, self.settings, self.context_length, 16)
-        prompts = parse_prompts(body, self.tokenizer.encode, self.vocab_size)
-        if len(prompts) * sampling.n > self.engine.max_queue:
-            raise ApiError(400, f"{len(prompts)} prompts x n={sampling.n} is more than the {self.engine.max_queue} "
+        sampling = parse_sampling(body, self.settings, self.context_length, 16, self.vocab_size)
+        prompt = body.get("prompt")  # counted before any is encoded: refusing a long list costs nothing
+        count = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+        if count * sampling.n > self.engine.max_queue:
+            raise ApiError(400, f"{count} prompts x n={sampling.n} is more than the {self.engine.max_queue} "
                                 "sequences this server queues; send fewer", param="n")
-        return await self.reply(prompts, sampling, False)
+        prompts = parse_prompts(body, self.tokenizer.encode, self.vocab_size)
+        return await self.reply(request, prompts, sampling, False)
 
     async def chat_completions(self, request: Request) -> Response:
         self.check_key(request)
@@ -252,7 +267,7 @@ class Api:
             ids = settings.chat_template(messages)
         except ValueError as e:
             raise ApiError(400, " ".join(str(e).split()), param="messages") from None
-        return await self.reply([(ids, None)], sampling, True)
+        return await self.reply(request, [(ids, None)], sampling, True)
 
     def model_card(self) -> dict[str, Any]:
         s = self.settings

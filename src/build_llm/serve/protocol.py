@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from starlette.responses import JSONResponse
 
-from build_llm.serve.engine import Sequence, Token
+from build_llm.serve.engine import TINY, Sequence, Token
 
 
 @dataclass
@@ -107,7 +107,8 @@ class Sampling:
     include_usage: bool = False
 
 
-def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None) -> Sampling:
+def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None,
+                   vocab_size: int | None = None) -> Sampling:
     limit = settings.max_tokens or context_length
     max_tokens = _integer(body, "max_tokens", default_max_tokens, 0, limit)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
@@ -128,16 +129,21 @@ def parse_sampling(body: dict, settings: Settings, context_length: int, default_
     logprobs = body.get("logprobs")
     if logprobs is False:
         logprobs = None
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < TINY:  # 0 in float32, where the logits are divided by it
+        raise ApiError(400, f"temperature={temperature!r} is invalid; expected 0 (greedy) or a number in "
+                            f"[{TINY:.3g}, 2]", param="temperature")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options={options!r} is invalid; expected an object such as "
                             '{"include_usage": true}', param="stream_options")
     return Sampling(
         include_usage=_boolean(options, "include_usage"),
-        max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        max_tokens=max_tokens, temperature=temperature,
         top_p=None if top_p == 1.0 else top_p, top_k=top_k, n=_integer(body, "n", 1, 1, settings.max_n), stop=stop,
         seed=_integer(body, "seed", None, -(1 << 63), (1 << 63) - 1), stream=_boolean(body, "stream"),
-        logprobs=_integer({"logprobs": logprobs}, "logprobs", None, 0, settings.max_logprobs),
+        logprobs=_integer({"logprobs": logprobs}, "logprobs", None, 0,
+                          min(settings.max_logprobs, vocab_size or settings.max_logprobs)),  # no more than exist
         echo=_boolean(body, "echo"), truncate=_boolean(body, "truncate"))
 
 
@@ -186,6 +192,51 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
 
 
 # --- one choice: tokens in, text and logprobs out ---------------------------------------------------
+class StopScan:
+    """The first stop string in a text that grows at its end, and how much of its end could still
+    become one. A Knuth-Morris-Pratt matcher per stop string reads each new character once (amortised),
+    so a long completion costs time in proportion to its length, however long the stop strings are;
+    each failure table is built only as far as the text has matched its stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.matched = [0] * len(stops)  # per stop string: the longest end of the text that begins it
+        self.tables: list[list[int]] = [[0] for _ in stops]  # per stop string: KMP's failure function
+        self.scanned = 0  # characters of the text read so far
+
+    @property
+    def held(self) -> int:
+        """How many of the text's last characters may still grow into a stop string."""
+        return max(self.matched, default=0)
+
+    def _table(self, j: int, upto: int) -> list[int]:
+        """Stop string j's failure function, extended to cover its first `upto` characters."""
+        s, table = self.stops[j], self.tables[j]
+        while len(table) < upto:
+            k = table[-1]
+            while k and s[len(table)] != s[k]:
+                k = table[k - 1]
+            table.append(k + 1 if s[len(table)] == s[k] else 0)
+        return table
+
+    def feed(self, text: str, end: int) -> int | None:
+        """Read `text[:end]` (whose start was read before): where the first stop string begins, or None."""
+        hits = []
+        for j, s in enumerate(self.stops):
+            q = self.matched[j]
+            for i in range(self.scanned, end):
+                while q and s[q] != text[i]:
+                    q = self._table(j, q)[q - 1]
+                if s[q] == text[i]:
+                    q += 1
+                if q == len(s):
+                    hits.append(i + 1 - q)
+                    break
+            self.matched[j] = q
+        self.scanned = end
+        return min(hits) if hits else None
+
+
 class Choice:
     """Turns the engine's tokens for one sequence into OpenAI text, logprobs and a finish reason.
 
@@ -196,6 +247,7 @@ class Choice:
     def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool, eos_id: int | None) -> None:
         self.index, self.tokenizer, self.stop, self.want_logprobs, self.eos_id = index, tokenizer, stop, want_logprobs, eos_id
         self.ids: list[int] = []
+        self.scan = StopScan(stop)
         self.text = ""  # final text of the completion so far (sent or to send)
         self.sent = 0
         self.prefix = ""  # the echoed prompt
@@ -237,19 +289,15 @@ class Choice:
             self.add_logprobs([token], len(self.prefix) + len(self.tokenizer.decode(self.ids)))
         self.ids.append(token.id)
         full = self.tokenizer.decode(self.ids)
-        hits = [full.find(s) for s in self.stop if s in full]
-        if hits:
-            self.text = full[:min(hits)]
+        keep = len(full.rstrip("\ufffd"))  # a character still being spelled out in bytes
+        hit = self.scan.feed(full, keep)
+        if hit is not None:
+            self.text = full[:hit]
             self.finish = "stop"
             if self.seq is not None:
                 self.seq.cancel()
             return
-        keep = len(full.rstrip("\ufffd"))  # a character still being spelled out in bytes
-        for s in self.stop:  # a tail that may become a stop string
-            for k in range(min(len(s) - 1, keep), 0, -1):
-                if full[:keep].endswith(s[:k]):
-                    keep -= k
-                    break
+        keep -= self.scan.held  # a tail that may become a stop string
         self.text = full[:keep] if keep >= self.sent else full[:self.sent]
 
     def on_done(self, reason: str) -> None:

@@ -373,7 +373,7 @@ def test_client_disconnect_mid_stream_frees_the_row(server):
     body = json.dumps({**GOOD, "max_tokens": 60, "stream": True, "prompt": "a"}).encode()
     for _ in range(3):
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
             assert b"200 OK" in s.recv(4096)
         # the socket closes after the first bytes

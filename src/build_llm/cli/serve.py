@@ -14,15 +14,56 @@ from build_llm.infer.chat import load_chat_model, require_eos
 from build_llm.infer.chat import run_chat as chat
 from build_llm.infer.classify import classify_texts
 from build_llm.infer.quant import prepare_for_decoding
+from build_llm.runtime import available_memory
 from build_llm.serve import Settings, run_server
+from build_llm.sizing import kv_cache_bytes
 from build_llm.store.finetuned import load_finetuned
+
+MAX_BATCH = 1024  # rows decoded together; past this a step is far too slow to serve anyone
+
+
+def batch_size(text: str) -> int:
+    """An argparse type for --max-batch: an integer in 1 .. MAX_BATCH."""
+    value = int_at_least(1)(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"{value} is invalid; expected an integer in 1 .. {MAX_BATCH}")
+    return value
+
+
+def host_name_arg(text: str) -> str:
+    """An argparse type for --allow-host: a host name or address, with no scheme, path or spaces."""
+    if not text.strip() or any(c in text for c in "/ \t\n@"):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; expected a host name such as my.box or 192.168.1.5")
+    return text.strip()
+
+
+def check_cache_fits(model, max_batch: int) -> None:
+    """Refuse a --max-batch whose KV cache (allocated whole when the server starts) the memory cannot hold."""
+    cfg, dtype = model.cfg, model.tok_emb.weight.dtype
+    need, free = kv_cache_bytes(cfg, max_batch, dtype), available_memory()
+    if free is not None and need > free:
+        raise UsageError(f"--max-batch {max_batch} needs {need / 2**30:,.1f} GiB for its KV cache ({max_batch} rows of "
+                         f"{cfg.context_length} positions) but {free / 2**30:,.1f} GiB of memory is available; "
+                         f"choose --max-batch {max(1, max_batch * free // need // 2)} or less")
+
+
+def check_api_key(key: str | None) -> None:
+    """Refuse a key no client can send: an HTTP header carries printable ASCII, and its ends are trimmed."""
+    if key is None:
+        return
+    if not key.strip():
+        raise UsageError("--api-key is empty; give a key or leave the option out")
+    bad = next((c for c in key if not " " <= c <= "~"), None)
+    if bad is not None or key != key.strip():
+        what = f"the character {bad!r}" if bad is not None else "a space at an end"
+        raise UsageError(f"--api-key holds {what}, which an 'Authorization' header cannot carry; give a key of "
+                         "printable ASCII (letters, digits, punctuation) with no spaces at its ends")
 
 
 def run_serve(args: argparse.Namespace) -> None:
     if args.port > 65535:
         raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
-    if args.api_key is not None and not args.api_key.strip():
-        raise UsageError("--api-key is empty; give a key or leave the option out")
+    check_api_key(args.api_key)
     chat_template = None
     if args.checkpoint:  # an instruction fine-tune also answers /v1/chat/completions, in its own template
         model, tokenizer, note = load_chat_model(args.checkpoint)
@@ -33,11 +74,12 @@ def run_serve(args: argparse.Namespace) -> None:
     else:
         model, tokenizer = load_source(args)
     prepare_for_decoding(model, args.dtype)
+    check_cache_fits(model, args.max_batch)
     name = args.name or args.preset or Path(args.checkpoint).resolve().name
     settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
                         chat_template=chat_template)
     run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
-               max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout)
+               max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, allow_hosts=args.allow_host or ())
 
 
 @verb("serve", run_serve)
@@ -52,7 +94,12 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int_at_least(1), default=8000)
     p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
-    p.add_argument("--max-batch", type=positive_int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--allow-host", action="append", type=host_name_arg, metavar="NAME",
+                   help="also answer requests sent to this host name (repeatable). Bound to a loopback address the "
+                        "server answers only localhost, 127.0.0.1 and [::1] (a web page cannot reach it under a name "
+                        "of its own: DNS rebinding); bound elsewhere it answers any name unless this is given")
+    p.add_argument("--max-batch", type=batch_size, default=16,
+                   help=f"sequences decoded together (default 16, at most {MAX_BATCH})")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="the largest max_tokens a request may ask (default: the model's context length)")

@@ -2,8 +2,16 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health, and the
 playground page at /. Errors are OpenAI's JSON (`{"error": {"message", "type", "param", "code"}}`)
-with the matching status: 400 bad request, 401 missing or wrong key, 404 unknown model or route,
-405 wrong method, 413 body too large, 503 queue full, 500 a bug.
+with the matching status: 400 bad request, 401 missing or wrong key, 403 a Host this server does not
+answer to or a cross-origin preflight, 404 unknown model or route, 405 wrong method, 413 body too
+large, 415 a POST body that is not application/json, 503 queue full, 500 a bug.
+
+A server on this machine is reachable from any web page its user opens, so `Guard` stands in front
+of the routes: a POST must be sent as JSON (a page can send text/plain or a form to another site
+without asking first, but not JSON), cross-origin preflights are refused (no page of another site
+may send JSON here or read an answer), and a server bound to a loopback address answers only Host
+names that mean this machine (a DNS-rebinding page makes its own name point at 127.0.0.1; its
+requests then carry that name, and are refused).
 
 `Api` holds the engine, the tokenizer and the settings; its methods are the routes, and
 `create_app` mounts them. A request's sequences go to the engine; their tokens come back on an
@@ -16,23 +24,93 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from build_llm.serve.engine import Engine, QueueFull, Sequence
 from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, error_response, parse_json,
                                       parse_messages, parse_prompts, parse_sampling)
 
 STATIC = Path(__file__).parent / "static"
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+# --- who may talk to the server -----------------------------------------------------------------------
+def host_name(value: str) -> str:
+    """The name in a Host header (or an --allow-host value), lower case and without the port:
+    'LocalHost:8000' -> 'localhost', '[::1]:8000' -> '::1'."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.partition(":")[0] if value.count(":") == 1 else value
+
+
+def is_loopback(host: str) -> bool:
+    name = host_name(host)
+    try:
+        return name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_hosts(bind: str, allow: Iterable[str] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to the address `bind` answers (None: any).
+
+    Bound to loopback: this machine's names and `allow`. Bound to another address: any Host, unless
+    `allow` names some (then those and this machine's names). The bound address itself always counts:
+    an address typed as a number cannot be rebound by DNS."""
+    allow = {host_name(a) for a in allow}
+    if not allow and not is_loopback(bind):
+        return None
+    bound = {host_name(bind)} - {"", "0.0.0.0", "::"}
+    return frozenset(LOOPBACK_NAMES) | bound | allow
+
+
+class Guard:
+    """ASGI middleware refusing what a web page of another site could send (see the module's docstring)."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    def problem(self, method: str, headers: Headers) -> ApiError | None:
+        allowed = self.settings.allowed_hosts
+        host = headers.get("host")
+        if allowed is not None and (host is None or host_name(host) not in allowed):
+            # 403 rather than 421 (Misdirected Request): a client may retry a 421 on another
+            # connection by itself, and the answer here will not change.
+            return ApiError(403, f"the Host header {host!r} is not a name this server answers to "
+                                 f"({', '.join(sorted(allowed))}); start it with --allow-host NAME to add one",
+                            code="host_not_allowed")
+        if method == "OPTIONS" and "origin" in headers and "access-control-request-method" in headers:
+            return ApiError(403, f"cross-origin requests are refused: {headers['origin']!r} may not call this "
+                                 "server from a web page (no CORS)", code="cross_origin_refused")
+        media = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if method == "POST" and media != "application/json":
+            given = f"Content-Type {media!r}" if media else "no Content-Type"
+            return ApiError(415, f"the request body has {given}; send JSON with 'Content-Type: application/json'",
+                            code="unsupported_media_type")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            error = self.problem(scope["method"], Headers(scope=scope))
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def disconnected(request: Request) -> None:
@@ -326,6 +404,6 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
               Route("/v1/models/{model:path}", api.model_info),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat_completions, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=api.lifespan,
+    return Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(Guard, settings=settings)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
                                          ClientDisconnect: on_disconnect, Exception: on_bug})

@@ -28,6 +28,8 @@ class Settings:
     max_logprobs: int = 20
     # messages -> the prompt's token ids, ending where the assistant's reply begins (None: no chat)
     chat_template: Callable[[list[dict[str, str]]], list[int]] | None = None
+    # the Host names the server answers (None: any); see app.allowed_hosts
+    allowed_hosts: frozenset[str] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -52,11 +54,31 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+MAX_DEPTH = 64  # JSON nesting: OpenAI's requests need a few levels; Python's parser fails near 1000
+
+
+def _depth_ok(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:  # not recursive: a deep value must not exhaust Python's stack here either
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+    return True
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
+    too_deep = ApiError(400, f"the request body nests JSON more than {MAX_DEPTH} levels deep; send a flatter object",
+                        code="invalid_json")
     try:
         body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)  # no NaN / Infinity
     except (UnicodeDecodeError, ValueError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object", code="invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and not _depth_ok(body):  # the count: most bodies skip the walk
+        raise too_deep
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send a JSON object", code="invalid_json")
     return body
@@ -147,6 +169,15 @@ def parse_sampling(body: dict, settings: Settings, context_length: int, default_
         echo=_boolean(body, "echo"), truncate=_boolean(body, "truncate"))
 
 
+def check_text(text: str, param: str) -> None:
+    """Refuse a string that is not Unicode text: JSON can spell a lone surrogate ("\\ud800"), UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{param} holds the lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
+                            "which is not valid Unicode; send UTF-8 text", param=param) from None
+
+
 def _is_ids(x: Any) -> bool:
     return isinstance(x, list) and len(x) > 0 and all(isinstance(i, int) and not isinstance(i, bool) for i in x)
 
@@ -169,7 +200,11 @@ def parse_prompts(body: dict, encode: Callable[[str], list[int]], vocab_size: in
     out = []
     for item in items:
         if isinstance(item, str):
-            ids = encode(item)
+            check_text(item, "prompt")
+            try:
+                ids = encode(item)
+            except ValueError as e:  # e.g. a character a character-level vocabulary does not have
+                raise ApiError(400, f"prompt cannot be encoded: {' '.join(str(e).split())}", param="prompt") from None
             if not ids:
                 raise ApiError(400, "prompt is empty; give at least one token of text", param="prompt")
             out.append((ids, item))
@@ -188,6 +223,8 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
             and isinstance(m.get("content"), str) for m in messages) or messages[-1]["role"] != "user":
         raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": system|user|assistant, "
                             "\"content\": text} ending with the user's message", param="messages")
+    for m in messages:
+        check_text(m["content"], "messages")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 

@@ -227,3 +227,172 @@ def test_sigterm_during_a_long_step_stops_between_micro_batches(tmp_path):
     assert waited < 30, waited  # one micro-batch, a save and a plot, not the step's 100,000 micro-batches
     assert "interrupted during step 1/3" in err
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 0
+
+
+# --- issue 20: outputs that are inputs, links, files the tool did not write, partial reports ------
+def test_issue20_item3_a_planted_metrics_link_is_not_followed(tmp_path, capsys):
+    # a run directory the tool claimed (as a failed run leaves it), with metrics.jsonl -> a user's file
+    from build_llm.store import fsio
+
+    text = small_text(tmp_path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = fsio.claim_dir(tmp_path / "runA", "run")
+    (out / "metrics.jsonl").symlink_to(victim)
+    code, err = run(capsys, "train", "--data", text, "--out", out, *TINY_RUN)
+    assert code == 0, err
+    assert victim.read_text() == "precious"
+    assert not (out / "metrics.jsonl").is_symlink() and json.loads((out / "metrics.jsonl").read_text())["step"] == 2
+
+
+def test_issue20_item3_metrics_are_appended_without_following_a_link(tmp_path):
+    # a link planted after the run started (between two evaluations): refused, its target untouched
+    from build_llm.store import fsio
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(fsio.UsageError, match="symbolic link"):
+        fsio.open_append(tmp_path / "metrics.jsonl")
+    assert victim.read_text() == "precious"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tokenizer) -> tuple[Path, Path]:
+    """(L, BASE): a LoRA instruction fine-tune L whose --init-from is the checkpoint BASE."""
+    from tiny import tiny_cfg, write_instruct_json
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("lora")
+    base = root / "base"
+    save_checkpoint(base, GPTModel(tiny_cfg(tokenizer.vocab_size)), tokenizer)
+    write_instruct_json(root / "train.json", 12)
+    code = main([str(a) for a in ("finetune", "instruct", "--init-from", base, "--data", root / "train.json",
+                                  "--out", root / "L", "--steps", 1, "--lora-rank", 2, "--lora-alpha", 4)])
+    assert code == 0
+    return root / "L", base
+
+
+@pytest.mark.parametrize("target", ["base", "adapter", "folder_holding_both"])
+def test_issue20_item4_merge_lora_refuses_to_write_over_its_inputs(target, lora_run, tmp_path, capsys):
+    lora, base = lora_run
+    out = {"base": base, "adapter": lora / "checkpoint", "folder_holding_both": base.parent}[target]
+    before = tree(base.parent)
+    code, err = run(capsys, "merge-lora", "--checkpoint", lora, "--out", out)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is also the input" in err, err
+    assert tree(base.parent) == before
+    assert run(capsys, "merge-lora", "--checkpoint", lora, "--out", tmp_path / "merged")[0] == 0  # elsewhere: fine
+
+
+def test_issue20_item5_tokenizer_train_never_writes_over_its_input_or_a_foreign_file(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("hello world, a small text to train a tokenizer on.\n" * 50)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    before = tree(tmp_path)
+    for force in ([], ["--force"]):
+        code, err = run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", corpus, *force)
+        assert code == 2 and "is also the input --data" in err and len(err.strip().splitlines()) == 1
+    code, err = run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", notes)
+    assert code == 2 and "did not write it" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
+    tok = tmp_path / "tok.json"
+    for _ in range(2):  # a new file, then a tokenizer JSON (ours to replace)
+        assert run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", tok)[0] == 0
+    assert run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", notes, "--force")[0] == 0
+    assert json.loads(notes.read_text())["model"]["type"] == "BPE"
+
+
+def test_issue20_item5_surprisal_never_writes_over_its_input_or_a_foreign_file(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("abcabcab bcabca cabcab\n" * 3)
+    page = tmp_path / "page.html"
+    page.write_text("<html>my own page</html>")
+    before = tree(tmp_path)
+    common = ("surprisal", "--preset", "r-abc", "--max-tokens", "20")
+    for force in ([], ["--force"]):
+        code, err = run(capsys, *common, "--data", notes, "--out", notes, *force)
+        assert code == 2 and "is also the input --data" in err and len(err.strip().splitlines()) == 1
+    code, err = run(capsys, *common, "--out", page)
+    assert code == 2 and "did not write it" in err and len(err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
+    new = tmp_path / "new.html"
+    for _ in range(2):  # a new file, then a page of ours
+        assert run(capsys, *common, "--out", new)[0] == 0
+    assert run(capsys, *common, "--out", page, "--force")[0] == 0 and "my own page" not in page.read_text()
+
+
+def test_issue20_item5_bench_png_never_writes_over_a_foreign_file(tmp_path, capsys):
+    png = tmp_path / "chart.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + b"a photograph" * 10)
+    before = tree(tmp_path)
+    code, err = run(capsys, "bench", "--quick", "--png", png)
+    assert code == 2 and "--png" in err and "did not write it" in err and len(err.strip().splitlines()) == 1
+    assert tree(tmp_path) == before
+
+
+def test_issue20_item5_a_chart_of_ours_is_recognised(tmp_path):
+    from bench.test_bench import exact_results
+    from build_llm.bench import plot_report
+    from build_llm.store import fsio
+
+    chart = plot_report(exact_results(), tmp_path / "chart.png")
+    assert fsio.written_by_us(chart)
+    fsio.check_overwrite(chart, force=False, what="--png")  # ours: replaced without --force
+
+
+@pytest.mark.parametrize("verb", ["merge-lora", "export-hf", "inspect"])
+def test_issue20_item6_a_symlinked_out_is_refused_up_front(verb, lora_run, ckpt, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    argv = {"merge-lora": ["--checkpoint", lora_run[0]], "export-hf": ["--checkpoint", ckpt],
+            "inspect": ["--checkpoint", ckpt, "--prompt", "hello"]}[verb]
+    code, err = run(capsys, verb, *argv, "--out", link)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is a symbolic link" in err, err
+    assert link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "target"]
+    assert list(target.iterdir()) == []
+
+
+def test_issue20_item7_temporary_files_of_a_killed_plot_go_on_the_next_run(tmp_path, capsys):
+    from build_llm.store import fsio
+
+    text = small_text(tmp_path)
+    out = fsio.claim_dir(tmp_path / "r", "run")  # a run killed during its plot, before its first checkpoint
+    left = [out / ".loss.png.tmp-k1ll3d_x", out / ".metrics.jsonl.tmp-abcd1234"]  # mkstemp's names
+    for path in left:
+        path.write_bytes(b"half a file")
+    mine = out / ".loss.png.tmp-mine"  # not one of our temporary names: a user's
+    mine.write_text("mine")
+    # the next run diverges at once (no evaluation, no plot): the leftovers still go
+    code, err = run(capsys, "train", "--data", text, "--out", out, *TINY_RUN, "--lr", "1e30", "--eval-every", "1")
+    assert code in (0, 1), err
+    assert not any(p.exists() for p in left) and mine.read_text() == "mine"
+
+
+def test_issue20_item7_a_bench_report_is_written_whole_or_not_at_all(tmp_path):
+    # a disk that fills after the two small files (RLIMIT_FSIZE: writing past the limit fails with EFBIG)
+    import subprocess
+    import sys
+
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from bench.test_bench import exact_results
+import build_llm.cli.bench as cli_bench
+from build_llm.cli import main
+from build_llm.bench import format_report, to_json
+r = exact_results()
+cli_bench.run_bench = lambda **kw: r  # the measurements are made up; the writing is real
+limit = max(len(to_json(r)), len(format_report(r))) + 2048  # room for bench.json and bench.txt, not the chart
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(["bench", "--out", sys.argv[1]]))
+"""
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not out.exists() or sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
+    assert [p.name for p in tmp_path.iterdir()] in ([], ["report"])  # no temporary sibling left either

@@ -18,6 +18,6 @@ gives the median of the rounds and ratios of medians, never a single timing.
 - report: the run in order, its ratios and goals, as a table, a chart and JSON.
 """
 
-from build_llm.bench.report import format_report, plot_report, run_bench, to_json
+from build_llm.bench.report import format_report, plot_report, run_bench, to_json, write_report
 
-__all__ = ["format_report", "plot_report", "run_bench", "to_json"]
+__all__ = ["format_report", "plot_report", "run_bench", "to_json", "write_report"]

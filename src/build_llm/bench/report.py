@@ -24,7 +24,7 @@ from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
 from build_llm.bench.suite import Suite, full_suite, quick_suite
 from build_llm.bench.train import bench_train_cli, bench_training
-from build_llm.store.fsio import atomic_path
+from build_llm.store.fsio import PNG_SOFTWARE, atomic_path, replace_dir
 
 
 def machine() -> dict[str, Any]:
@@ -208,11 +208,23 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     fig.tight_layout()
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png")
+        fmt = path.suffix[1:] or "png"
+        with atomic_path(path) as tmp:  # the Software tag says the PNG is ours (fsio.written_by_us)
+            fig.savefig(tmp, dpi=110, format=fmt, metadata={"Software": PNG_SOFTWARE} if fmt == "png" else None)
     finally:
         plt.close(fig)
     return path
+
+
+def write_report(r: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """bench.json, bench.txt and bench.png in `out_dir`, all three or none: they are written in a
+    temporary sibling that then takes the place of `out_dir` whole (fsio.replace_dir), so a full disk
+    leaves the previous report, or nothing, never part of one."""
+    with replace_dir(out_dir, "bench") as tmp:
+        (tmp / "bench.json").write_text(to_json(r) + "\n", encoding="utf-8")
+        (tmp / "bench.txt").write_text(format_report(r) + "\n", encoding="utf-8")
+        plot_report(r, tmp / "bench.png")
+    return Path(out_dir)
 
 
 def to_json(r: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from build_llm.inspect.doctor import run_checks
 from build_llm.inspect.intermediates import inspect_model
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.runtime import get_device
-from build_llm.store.fsio import check_writable_file, write_text
+from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_file, write_text
 
 
 def _temperatures(text: str) -> tuple[float, ...]:
@@ -69,6 +69,8 @@ def run_surprisal(args: argparse.Namespace) -> None:
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file name such as surprisal.html")
     check_writable_file(out)
+    check_not_input(out, {"--data": args.data})
+    check_overwrite(out, args.force)  # a page of ours carries fsio.HTML_GENERATOR
     model, tokenizer = load_source(args, get_device(args.device))
     is_abc = is_abc_tokenizer(tokenizer)
     if args.abc and not is_abc:
@@ -123,6 +125,7 @@ def add_surprisal(p: argparse.ArgumentParser) -> None:
     p.add_argument("--abc", action="store_true",
                    help="compare with the exact ABC optimum (automatic for an ABC model); with no text, sample ABC text")
     add_out(p, "the HTML file to write")
+    p.add_argument("--force", action="store_true", help="replace --out even if build-llm did not write it")
     p.add_argument("--stride", type=positive_int, default=None,
                    help="window step for long texts (default half the context)")
     p.add_argument("--max-tokens", type=positive_int, default=4000, help="score at most this many tokens (default 4000)")

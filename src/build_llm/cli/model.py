@@ -23,7 +23,7 @@ from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.fsio import atomic_path, check_writable_dir, check_writable_file
+from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -152,6 +152,8 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
     if not sum(bool(piece.strip()) for piece in read_pieces(files)):
         raise UsageError("--data is empty; give text to train on")
+    check_not_input(out, {"--data": files})
+    check_overwrite(out, args.force, ours=_is_tokenizer_file)
     try:
         tok = BPETokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency)
     except (ValueError, TypeError, OSError):
@@ -161,6 +163,15 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
     with atomic_path(out) as tmp:
         tok.save(tmp)
     print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")
+
+
+def _is_tokenizer_file(path: Path) -> bool:
+    """A tokenizer JSON (the kind of file this verb writes; its format admits no marker of ours)."""
+    try:
+        load_tokenizer(path)
+        return True
+    except (UsageError, ValueError, TypeError, OSError):
+        return False
 
 
 @verb("train", run_tokenizer_train)
@@ -174,6 +185,7 @@ def add_tokenizer_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", required=True, type=positive_int, help="number of ids (at least 257)")
     p.add_argument("--min-frequency", type=positive_int, default=2, help="least count of a pair to merge")
     add_out(p, "tokenizer JSON file to write", metavar="FILE")
+    p.add_argument("--force", action="store_true", help="replace --out even if it is not a tokenizer JSON")
 
 
 def run_tokenizer_stats(args: argparse.Namespace) -> None:

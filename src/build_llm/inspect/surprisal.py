@@ -15,6 +15,7 @@ from build_llm.data.markov import optimal_window_losses
 from build_llm.errors import UsageError
 from build_llm.inspect.plots import map_colour
 from build_llm.inspect.tables import token_label, token_pieces
+from build_llm.store.fsio import HTML_GENERATOR
 
 
 def token_losses(model: nn.Module, ids: list[int], stride: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +184,7 @@ def surprisal_html(report: dict[str, Any], title: str = "Surprisal") -> str:
                  ("excess over the optimum, bits per token", f"{report['excess_bits_per_token']:+.4f}")]
     totals = "".join(f'<tr><th style="text-align:left">{k}</th><td class="total" data-key="{k}">{v}</td></tr>'
                      for k, v in rows)
-    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{_escape(title)}</title>"
+    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\">{HTML_GENERATOR}<title>{_escape(title)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>{_escape(title)}</h1>",
              "<p>Each token is coloured by its surprisal −log<sub>2</sub> p(token | the tokens before it): pale is "

@@ -15,6 +15,9 @@
   process is refused instead of interleaving its files.
 - Temporary files and directories left by a killed process are recognised (they are ours by name
   and marker, and their creator's lock is gone) and removed the next time the same target is written.
+- An output is never one of the command's inputs, and an existing file there is replaced only if
+  the tool wrote it (recognised by its content) or the user says --force. A file the tool appends
+  to, and a directory it replaces whole, is never reached through a symbolic link.
 - Files and directories get the modes the umask allows, like any file a program creates.
 """
 
@@ -94,6 +97,63 @@ def check_writable_file(path: str | os.PathLike[str], what: str = "--out") -> No
     if path.is_dir():
         raise UsageError(f"{what} {str(path)!r} is a directory; give a file path")
     _check_parents(path)
+
+
+# --- outputs that would destroy a user's file ------------------------------------------------------
+# A file is "ours" when its content says so: a PNG whose Software text chunk is PNG_SOFTWARE, an HTML
+# page carrying HTML_GENERATOR (matplotlib and our page writers put them there), or what a command's
+# own `ours` test recognises (a tokenizer JSON, whose format admits no extra key). Anything else at an
+# output path is a user's file: replaced only with --force. A new path is always fine.
+PNG_SOFTWARE = "build-llm"
+HTML_GENERATOR = '<meta name="generator" content="build-llm">'
+_HEAD_BYTES = 4096  # the PNG text chunks precede the image data; the meta tag is in the <head>
+
+
+def written_by_us(path: str | os.PathLike[str]) -> bool:
+    """True if `path` is a regular file (not a link) whose first bytes show the tool wrote it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.read(fd, _HEAD_BYTES)
+    finally:
+        os.close(fd)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"tEXtSoftware\x00" + PNG_SOFTWARE.encode() in head
+    return HTML_GENERATOR.encode() in head
+
+
+def _same_or_inside(inner: Path, outer: Path) -> bool:
+    """True if `inner` is `outer` (by real path, or the same file by inode) or lies inside it."""
+    real_in, real_out = Path(os.path.realpath(inner)), Path(os.path.realpath(outer))
+    if real_in == real_out or real_out in real_in.parents:
+        return True
+    with contextlib.suppress(OSError):
+        return os.path.samefile(inner, outer)
+    return False
+
+
+def check_not_input(out: str | os.PathLike[str], inputs: dict[str, Any], what: str = "--out") -> None:
+    """Raise UsageError if writing `out` would overwrite or replace one of `inputs` ({flag: path or
+    paths}): `out` is the same file or directory, or a directory holding it."""
+    for flag, paths in inputs.items():
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else (paths or []):
+            if _same_or_inside(Path(path), Path(out)):
+                raise UsageError(f"{what} {str(out)!r} is also the input {flag} {str(path)!r}; writing it would "
+                                 "destroy the input: give another path")
+
+
+def check_overwrite(path: str | os.PathLike[str], force: bool, what: str = "--out", ours: Any = None) -> None:
+    """Raise UsageError if `path` exists (a link counts) and is not a file the tool wrote (see
+    written_by_us, or the `ours(path)` test given), unless `force`."""
+    path = Path(path)
+    if force or not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_symlink() and (written_by_us(path) or (ours is not None and ours(path))):
+        return
+    raise UsageError(f"{what} {str(path)!r} already exists and build-llm did not write it; give a new file name, "
+                     "or add --force to replace it")
 
 
 def _tmp_prefix(target: Path) -> str:
@@ -184,6 +244,18 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "") as fh:
             yield fh
+
+
+def open_append(path: str | os.PathLike[str]) -> IO[str]:
+    """Open a text file for appending (created if absent), never through a symbolic link: a link
+    planted at the name would have us write into its target."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{str(path)!r} is a symbolic link; remove it") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -280,6 +352,9 @@ def check_writable_dir(path: str | os.PathLike[str], kind: str, what: str = "--o
     _check_parents(path)
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{what} {str(path)!r} is a dangling symbolic link; give a new or empty directory")
+    if whole and path.is_symlink():  # replacing it whole would replace the link, not the folder it names
+        raise UsageError(f"{what} {str(path)!r} is a symbolic link; give the directory itself "
+                         f"({os.path.realpath(path)!r}) or a new path")
     if not path.exists():
         return
     if not path.is_dir():

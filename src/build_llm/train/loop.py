@@ -39,7 +39,7 @@ from tqdm import tqdm
 from build_llm.errors import UsageError
 from build_llm.runtime import autocast, to_device
 from build_llm.store.checkpoint import CHECKPOINT_DIR
-from build_llm.store.fsio import atomic_path, write_text
+from build_llm.store.fsio import atomic_path, clean_stale, open_append, write_text
 from build_llm.train.config import TrainConfig
 from build_llm.train.distributed import Dist
 
@@ -222,12 +222,15 @@ class RunLog:
         self.path = self.out_dir / "metrics.jsonl"
         self.history: list[dict[str, Any]] = []  # every row of the run (including a resumed run's earlier ones)
         self.last: dict[str, Any] | None = None  # the last row this process logged
+        if self.d.is_main:  # what a process killed while writing them left (e.g. during the last plot)
+            clean_stale(self.path)
+            clean_stale(self.out_dir / "loss.png")
         if self.d.is_main and resume and self.path.exists():
             self.history = read_metrics(self.path, state.step)
             write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.history))
         elif self.d.is_main and not resume:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
+            write_text(self.path, "")  # a new file: a link planted at the name is replaced, its target untouched
         self.t_start = time.perf_counter() - state.elapsed
         self.losses, self.seconds, self.tokens = [], 0.0, 0  # since the last evaluation
         self.last_plot = self.last_line = time.perf_counter()
@@ -284,7 +287,7 @@ class RunLog:
         self.history.append(row)
         self.last = row
         if self.d.is_main:
-            with open(self.path, "a", encoding="utf-8") as fh:
+            with open_append(self.path) as fh:
                 fh.write(json.dumps(row) + "\n")
             self.line(self._row_text(row, metrics, sample))
         self.losses, self.seconds, self.tokens = [], 0.0, 0

@@ -305,3 +305,139 @@ def test_permission_denied_is_reported_as_such_naming_the_path(tmp_path):
         assert len(lines) == 1 and "permission denied" in lines[0].lower() and str(secret) in lines[0], lines
     finally:
         secret.chmod(0o600)
+
+
+# --- issue 20: text that is not Unicode, byte-order marks, non-finite adapters and outputs -----------
+@pytest.fixture(scope="module")
+def bpe_runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BPE base checkpoint, a one-step classification fine-tune and a one-step LoRA instruct run."""
+    from tiny import tiny_cfg, words_tokenizer, write_classification_csv, write_instruct_json
+
+    d = tmp_path_factory.mktemp("bpe")
+    tok = words_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(d / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    write_classification_csv(d / "train.csv")
+    write_instruct_json(d / "train.json", 24)
+    for argv in (["finetune", "classify", "--data", d / "train.csv", "--out", d / "cls"],
+                 ["finetune", "instruct", "--data", d / "train.json", "--out", d / "lora", "--lora-rank", 4,
+                  "--lora-alpha", 8]):
+        assert main([str(a) for a in [*argv, "--init-from", d / "base", "--steps", 1]]) == 0
+    return {"dir": d, "base": d / "base", "cls": d / "cls", "lora": d / "lora"}
+
+
+# command-line arguments with bytes that are not UTF-8 reach Python as lone surrogates (surrogateescape)
+NOT_UTF8 = os.fsdecode(b"hi \xed\xa0\x80 there")
+
+
+@pytest.mark.parametrize("verb", ["chat-prompt", "chat-system", "generate", "classify", "inspect", "surprisal"])
+def test_text_that_is_not_unicode_is_one_error_line(bpe_runs, verb, tmp_path, capsys):
+    argv = {"chat-prompt": ["chat", "--checkpoint", bpe_runs["lora"], "--prompt", NOT_UTF8],
+            "chat-system": ["chat", "--checkpoint", bpe_runs["lora"], "--prompt", "hi", "--system", os.fsdecode(b"\xff")],
+            "generate": ["generate", "--checkpoint", bpe_runs["base"], "--prompt", NOT_UTF8],
+            "classify": ["classify", "--checkpoint", bpe_runs["cls"], "--text", NOT_UTF8],
+            "inspect": ["inspect", "--checkpoint", bpe_runs["base"], "--prompt", NOT_UTF8, "--out", tmp_path / "o"],
+            "surprisal": ["surprisal", "--checkpoint", bpe_runs["base"], "--text", NOT_UTF8, "--out", tmp_path / "o"]}
+    line = one_line_error(capsys, *argv[verb], contains="not valid Unicode")
+    assert "UTF-8" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_line_that_is_not_utf8_in_interactive_chat_is_one_note_and_the_session_goes_on(bpe_runs):
+    code = "import sys; from build_llm.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "chat", "--checkpoint", str(bpe_runs["lora"]),
+                           "--max-new-tokens", "2"], input=b"hi \xff there\nred\n/quit\n", capture_output=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "not valid Unicode" in out + err
+    assert (out + err).count("you>") >= 3  # the next line was answered
+
+
+def test_instruct_data_with_a_lone_surrogate_names_the_record(bpe_runs, tmp_path, capsys):
+    records = json.loads((bpe_runs["dir"] / "train.json").read_text())
+    records[3]["input"] = "red \ud800 blue"
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps(records))  # JSON's "\ud800" escape: valid JSON, not valid Unicode
+    one_line_error(capsys, "finetune", "instruct", "--init-from", bpe_runs["base"], "--data", data,
+                   "--out", tmp_path / "run", "--steps", 1, contains="record 4")
+
+
+@pytest.mark.parametrize("name", ["train.csv", "train.json"])
+def test_a_data_file_with_a_byte_order_mark_is_read(bpe_runs, name, tmp_path, capsys):
+    data = tmp_path / name  # Excel's "CSV UTF-8" and Notepad's UTF-8 start with EF BB BF
+    data.write_bytes(b"\xef\xbb\xbf" + (bpe_runs["dir"] / name).read_bytes())
+    task = "classify" if name.endswith(".csv") else "instruct"
+    code = main(["finetune", task, "--init-from", str(bpe_runs["base"]), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--steps", "1"])
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def _tamper_adapter(lora: Path, out: Path, how: str) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(lora, out)
+    ckpt = out / "checkpoint"
+    tensors = load_file(ckpt / "adapter.safetensors")
+    name = next(n for n in tensors if n.endswith("lora.A"))
+    if how == "nan":
+        tensors[name][0, 0] = math.nan
+    elif how in ("int8", "bool", "complex64"):
+        tensors[name] = tensors[name].to(getattr(torch, how))
+    else:
+        meta = json.loads((ckpt / "adapter.json").read_text())
+        meta["scaling"] = {"scaling-inf": math.inf, "scaling-nan": math.nan, "scaling-huge": 1e308}[how]
+        (ckpt / "adapter.json").write_text(json.dumps(meta))
+    save_file(tensors, ckpt / "adapter.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("how, says", [("nan", "NaN"), ("int8", "int8"), ("bool", "bool"), ("complex64", "complex64"),
+                                       ("scaling-inf", "scaling=inf"), ("scaling-nan", "scaling=nan"),
+                                       ("scaling-huge", "NaN or infinity")])
+def test_merge_lora_refuses_an_adapter_that_is_not_finite_floats(bpe_runs, how, says, tmp_path, capsys):
+    run = _tamper_adapter(bpe_runs["lora"], tmp_path / "run", how)
+    one_line_error(capsys, "merge-lora", "--checkpoint", run, "--out", tmp_path / "merged", contains=says)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_classify_with_nan_weights_is_one_error_line_not_invalid_json(bpe_runs, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "cls"
+    shutil.copytree(bpe_runs["cls"], run)
+    weights = run / "checkpoint" / "model.safetensors"
+    state = load_file(weights)
+    state["out_head.weight"].fill_(math.nan)
+    save_file(state, weights, metadata={"format": "pt"})
+    code = main(["classify", "--checkpoint", str(run), "--text", "the cat is cat"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    assert len(captured.err.strip().splitlines()) == 1 and "NaN" in captured.err
+
+
+def test_a_temperature_that_is_zero_in_float32_is_refused_as_too_small(ckpt, capsys):
+    # Half float32's smallest positive value rounds to 0 (ties to even); the next float above rounds up to it.
+    smallest_zero = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.float32).eps / 2
+    assert torch.tensor(smallest_zero).item() == 0 < torch.tensor(math.nextafter(smallest_zero, 1)).item()
+    line = one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "1e-46",
+                          contains="too small")
+    assert "infinity" not in line and f"{smallest_zero:.3g}" in line
+    argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "AB", "--max-new-tokens", "4"]
+    assert main(argv + ["--temperature", repr(math.nextafter(smallest_zero, 1))]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("key", ["sk-1\n", "sk 1\r", "\tsk1", "sk1 ", os.fsdecode(b"sk\xff1"), "clé"])
+def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, capsys):
+    import build_llm.cli.serve as serve_cli
+
+    started = []
+    monkeypatch.setattr(serve_cli, "run_server", lambda *a, **kw: started.append(a))  # never listen in a test
+    one_line_error(capsys, "serve", "--checkpoint", ckpt, "--api-key", key, contains="--api-key")
+    assert not started

@@ -18,7 +18,7 @@ def read_labeled_csv(path: str | Path, text_column: str, label_column: str) -> t
     """(texts, labels) from a CSV file with a header row."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):

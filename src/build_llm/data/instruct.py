@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from build_llm.data.tokenizer import check_unicode
 from build_llm.errors import UsageError
 
 IGNORE_INDEX = -100
@@ -123,7 +124,7 @@ def read_instruction_data(path: str | Path) -> tuple[list[list[dict[str, str]]],
     ("alpaca" or "chat")."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not JSON: drop it
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--data {str(path)!r} cannot be read as UTF-8 text ({e})") from e
     records: list[tuple[Any, str]] = []
@@ -145,6 +146,8 @@ def read_instruction_data(path: str | Path) -> tuple[list[list[dict[str, str]]],
     conversations, formats = [], set()
     for record, where in records:
         messages, fmt = _record_to_messages(record, where)
+        for m in messages:  # a "\ud800" in JSON: name the record rather than fail later in the tokenizer
+            check_unicode(m["content"], f"{where} ({m['role']})")
         conversations.append(messages)
         formats.add(fmt)
     return conversations, "alpaca" if formats == {"alpaca"} else "chat"

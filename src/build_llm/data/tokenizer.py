@@ -52,6 +52,24 @@ def _ids_list(ids: Iterable[Any], argument: str = "ids") -> list[int]:
 def _check_text(text: Any) -> None:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    check_unicode(text)
+
+
+def check_unicode(text: str, what: str = "the text") -> None:
+    """Refuse a str no tokenizer can encode (a lone surrogate) as a UsageError naming `what` and where."""
+    if text.isascii():  # O(1) in CPython: the common case costs nothing
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        # A lone surrogate: a "\ud800" in JSON, or a byte that is not UTF-8 in a command-line argument or
+        # a terminal line (Python keeps those as U+DC80..U+DCFF). No tokenizer can encode it; replacing it
+        # would change the user's text without saying so.
+        code = ord(text[e.start])
+        bad = f"a byte that is not UTF-8 (0x{code - 0xDC00:02x})" if 0xDC80 <= code <= 0xDCFF else \
+            f"the lone surrogate U+{code:04X}"
+        where = f" after {text[max(0, e.start - 20):e.start]!r}" if e.start else ""
+        raise UsageError(f"{what} is not valid Unicode: it holds {bad}{where}; give UTF-8 text") from None
 
 
 def _check_range(ids: list[int], vocab_size: int, argument: str = "ids") -> None:

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from build_llm.data.classify import collate_classification, encode_text
 from build_llm.data.instruct import Example
+from build_llm.errors import UsageError
 
 
 def last_token_logits(model: nn.Module, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,9 @@ def classify_texts(model: nn.Module, tokenizer: Any, labels: Sequence[str], text
         examples = [Example(encode_text(tokenizer, t, limit), 0) for t in texts[i:i + batch_size]]
         inputs, lengths, _ = collate_classification(examples, pad)
         probas = torch.softmax(last_token_logits(model, inputs.to(device), lengths).float(), dim=-1)
+        if not torch.isfinite(probas).all():  # else the JSON line would hold the invalid token NaN
+            raise UsageError("the model's class scores are NaN: its weights hold NaN or infinity (a damaged "
+                             "checkpoint or a diverged run); load another checkpoint")
         for row in probas.tolist():
             best = max(range(len(row)), key=row.__getitem__)
             results.append({"label": labels[best], "probabilities": dict(zip(labels, row))})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -177,6 +178,11 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     if not ft.meta.get("lora"):
         raise UsageError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
     lora_mod.merge_lora(ft.model)
+    # Finite parts can still overflow (a huge scaling), and the base may already be damaged.
+    bad = [n for n, p in ft.model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise UsageError(f"merging {str(ft.path)!r} into its base gives weights that are NaN or infinity "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); nothing was written")
     meta = {k: v for k, v in ft.meta.items() if k != "lora"}
     meta["merged_from"] = {"adapter": str(ft.path.resolve()), "lora": ft.meta["lora"]}
     return save_checkpoint(Path(out), ft.model, ft.tokenizer, finetuned_files(meta))
@@ -211,4 +217,22 @@ def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     for key in ("rank", "alpha", "scaling", "targets"):
         if key not in meta:
             raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
+    scaling = meta["scaling"]
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has scaling={scaling!r}; expected a "
+                         "finite number")
+    _check_adapter_tensors(directory, tensors)
     return tensors, meta
+
+
+def _check_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse tensors that would load without complaint but merge into NaN, infinity or rounded garbage."""
+    where = f"adapter in {str(directory)!r}"
+    for name, t in tensors.items():
+        # load_state_dict would convert an int8, bool or complex tensor to the model's dtype silently
+        if not t.is_floating_point():
+            raise UsageError(f"{where}: {name} is {t.dtype}; an adapter's tensors are floating point "
+                             "(as build-llm finetune writes them)")
+        if not torch.isfinite(t).all():
+            raise UsageError(f"{where}: {name} holds NaN or infinity (a damaged file or a diverged run); "
+                             "use another checkpoint of the run")

@@ -305,7 +305,7 @@ def test_issue20_item5_tokenizer_train_never_writes_over_its_input_or_a_foreign_
 
 def test_issue20_item5_surprisal_never_writes_over_its_input_or_a_foreign_file(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
-    notes.write_text("abcabcab bcabca cabcab\n" * 3)
+    notes.write_text("ABCABCAB\nBCABCA\nCABCAB\n" * 3)
     page = tmp_path / "page.html"
     page.write_text("<html>my own page</html>")
     before = tree(tmp_path)
@@ -396,3 +396,23 @@ sys.exit(main(["bench", "--out", sys.argv[1]]))
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not out.exists() or sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == []
     assert [p.name for p in tmp_path.iterdir()] in ([], ["report"])  # no temporary sibling left either
+
+
+def test_issue20_item3_finetune_does_not_follow_a_planted_metrics_link(lora_run, tmp_path, capsys):
+    # finetune classify --data empty.csv --out runA fails after claiming runA; a link is planted there
+    from tiny import write_classification_csv
+
+    base = lora_run[1]
+    empty, data = tmp_path / "empty.csv", tmp_path / "train.csv"
+    empty.write_text("text,label\n")
+    write_classification_csv(data, 4)
+    out = tmp_path / "runA"
+    code, err = run(capsys, "finetune", "classify", "--init-from", base, "--data", empty, "--out", out)
+    assert code == 2, err
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out.mkdir(exist_ok=True)  # claimed by the failed run (or, if not, an empty folder the next run claims)
+    (out / "metrics.jsonl").symlink_to(victim)
+    code, err = run(capsys, "finetune", "classify", "--init-from", base, "--data", data, "--out", out, "--steps", 2)
+    assert code == 0, err
+    assert victim.read_text() == "precious" and not (out / "metrics.jsonl").is_symlink()

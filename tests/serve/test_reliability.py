@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import socket
 import threading
 import time
@@ -207,6 +208,7 @@ def test_a_mixed_batch_answers_every_good_request_and_refuses_every_bad_one(abc_
                 assert 400 <= code < 500 and answer["error"]["message"], (str(body)[:80], code, answer)
     finally:
         watch.stop()
+    print(f"the slowest /health answer: {watch.slowest:.3f} s")
     assert not watch.errors and watch.slowest < 1.0, (watch.slowest, watch.errors[:3])
 
 
@@ -239,3 +241,17 @@ def test_a_dropped_client_of_a_whole_reply_frees_its_rows(bpe_server):
         time.sleep(0.05)
     now = health(s.url)
     assert now["active"] == 0 and now["steps"] - before < 600, now
+
+
+def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):
+    """The bad values with echo used to leave their requests unanswered; SIGTERM then waited the whole
+    shutdown timeout and printed about 40 lines of traceback. (Last in this file: it stops the server.)"""
+    s, _ = abc_server
+    good = {"model": "abc", "prompt": "ABCA", "max_tokens": 4, "temperature": 0, "echo": True}
+    with ThreadPoolExecutor(len(BAD_VALUES)) as pool:
+        replies = [pool.submit(post, s.url, {**good, key: value}, key=None) for key, value in BAD_VALUES.items()]
+        assert [r.result(120)[0] for r in replies] == [400] * len(BAD_VALUES)
+    start = time.time()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(60) == 0 and time.time() - start < 10
+    assert "Traceback" not in s.proc.stderr.read()

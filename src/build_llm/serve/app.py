@@ -169,6 +169,7 @@ class Completion:
         try:
             while any(c.finish is None for c in self.choices):
                 self.apply(await self.queue.get())
+                await asyncio.sleep(0)  # a full queue's get does not yield: let other requests and /health in
         finally:
             self.cancel()
         if self.chat:
@@ -199,6 +200,7 @@ class Completion:
             while any(c.finish is None for c in self.choices):
                 try:
                     c = self.apply(await self.queue.get())
+                    await asyncio.sleep(0)  # as in body: other requests in between tokens
                 except ApiError as e:
                     yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
                     return

@@ -343,11 +343,13 @@ def test_text_that_is_not_unicode_is_one_error_line(bpe_runs, verb, tmp_path, ca
     assert not (tmp_path / "o").exists()
 
 
-def test_a_line_that_is_not_utf8_in_interactive_chat_is_one_note_and_the_session_goes_on(bpe_runs):
+@pytest.mark.parametrize("stdin_errors", ["surrogateescape", "strict"])  # C.UTF-8's and most locales' stdin
+def test_a_line_that_is_not_utf8_in_interactive_chat_is_one_note_and_the_session_goes_on(bpe_runs, stdin_errors):
     code = "import sys; from build_llm.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.run([sys.executable, "-c", code, "chat", "--checkpoint", str(bpe_runs["lora"]),
                            "--max-new-tokens", "2"], input=b"hi \xff there\nred\n/quit\n", capture_output=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                            "PYTHONIOENCODING": f"utf-8:{stdin_errors}"})
     out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "not valid Unicode" in out + err

@@ -181,6 +181,10 @@ def run_chat(checkpoint: str, *, prompt: str | None = None, system: str | None =
         return
     print(f"chatting with {checkpoint} ({model.cfg.context_length}-token context); {HELP}", file=err, flush=True)
     inp = stdin or sys.stdin
+    if inp is sys.stdin and hasattr(inp, "reconfigure"):
+        # A line that is not UTF-8 becomes lone surrogates, which the tokenizer refuses as one note for
+        # that line, rather than a UnicodeDecodeError that ends the session (stdin is strict in most locales)
+        inp.reconfigure(errors="surrogateescape")
     while True:
         out.write("you> ")
         out.flush()

@@ -15,6 +15,10 @@ settings and a callback. The thread runs a loop of steps; at each step boundary 
 The weights are read once per step for all rows, which is where batching's throughput comes from.
 A row's tokens are those it would get alone: the per-row attention mask hides every other row's
 keys, and greedy decoding depends only on the row's own logits.
+
+A failure is its own sequence's: one whose sampling, logprobs or echoed prompt fails is told
+("error", message) and leaves at the next step boundary while the others go on; only a forward over
+the whole batch that fails errors every row in it.
 """
 
 from __future__ import annotations

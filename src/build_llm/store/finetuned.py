@@ -34,7 +34,7 @@ from build_llm.gpt import GPTModel
 from build_llm.sizing import count_parameters
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, PREVIOUS_DIR, TOKENIZER_FILE,
                                         load_checkpoint, save_checkpoint, unwrap, write_failed)
-from build_llm.store.fsio import replace_dir, write_json
+from build_llm.store.fsio import check_not_input, replace_dir, write_json
 
 FINETUNE_FILE = "finetune.json"
 ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"  # a LoRA run's checkpoint
@@ -177,6 +177,9 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     ft = load_finetuned(checkpoint)
     if not ft.meta.get("lora"):
         raise UsageError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
+    # Writing over the adapter or its base would leave an adapter that can no longer load or resume.
+    check_not_input(out, {"--checkpoint": [checkpoint, ft.path],
+                          "--init-from (the adapter's base)": ft.meta["base"]["path"]})
     lora_mod.merge_lora(ft.model)
     # Finite parts can still overflow (a huge scaling), and the base may already be damaged.
     bad = [n for n, p in ft.model.named_parameters() if not torch.isfinite(p).all()]

@@ -219,8 +219,24 @@ def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any])
             "layers": [n for n, _ in layers], "token_rows": token_row_ids(model), "base": base}
 
 
+def _check_lora_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], rank: int, targets: Sequence[str]) -> None:
+    """Each targeted layer's A (in, rank) and B (rank, out) are in `tensors` with those shapes: checked
+    before any is allocated, as a rank beyond the model's width would ask for terabytes."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and _is_target(name, targets):
+            for part, shape in (("A", (module.in_features, rank)), ("B", (rank, module.out_features))):
+                t = tensors.get(f"{name}.lora.{part}")
+                if t is None:
+                    raise UsageError(f"adapter does not fit this model: missing tensors ['{name}.lora.{part}']")
+                if tuple(t.shape) != shape:
+                    raise UsageError(f"adapter does not fit this model: {name}.lora.{part} has shape "
+                                     f"{tuple(t.shape)}; rank={rank} on this model makes it {shape}")
+
+
 def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
     """Wrap `model` as the adapter's metadata says and load its tensors (strictly), in place."""
+    check_rank_alpha(meta["rank"], meta["alpha"])
+    _check_lora_shapes(model, tensors, meta["rank"], check_targets(meta["targets"]))
     apply_lora(model, meta["rank"], meta["alpha"], meta["targets"], scaling=meta["scaling"])
     rows = meta.get("token_rows") or []
     vocab_size = model.cfg.vocab_size

@@ -215,6 +215,10 @@ class Config:
         unknown = sorted(set(d) - set(valid))
         if unknown:
             raise UsageError(f"{cls.__name__}: unknown key(s) {unknown}; valid keys are {valid}")
+        required = [f.name for f in dataclasses.fields(cls) if f.name not in d
+                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if required:
+            raise UsageError(f"{cls.__name__}: missing key(s) {required}, which have no default")
         return cls(**d)
 
     def replace(self, **changes: Any):

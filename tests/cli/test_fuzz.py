@@ -12,9 +12,12 @@ import argparse
 import contextlib
 import hashlib
 import io
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,17 +28,18 @@ from build_llm import cli
 FUZZ_EXAMPLES = int(os.environ.get("BUILD_LLM_FUZZ_EXAMPLES", "25"))
 SLOW_EXAMPLES = 400
 SKIP_VERBS = {"serve", "chat"}  # long-running servers and interactive loops: not a one-shot command
-TRIED = {"flags": 0, "tampered": 0}  # cases run (hypothesis's shrinking included)
-PASSED = {"flags": 0, "tampered": 0}  # of which every check held
+TRIED = {"flags": 0, "tampered": 0, "fine-tune": 0}  # cases run (hypothesis's shrinking included)
+PASSED = {"flags": 0, "tampered": 0, "fine-tune": 0}  # of which every check held
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_how_many_cases_were_tried():
     """Printed with pytest -s at the end of the module; the issue's note quotes it."""
     yield
-    if TRIED["flags"] + TRIED["tampered"]:
+    if sum(TRIED.values()):
         print(f"\nfuzz: bad flags over {len(PARSERS)} verbs: {PASSED['flags']} of {TRIED['flags']} cases passed; "
-              f"tampered files: {PASSED['tampered']} of {TRIED['tampered']} cases passed")
+              f"tampered files: {PASSED['tampered']} of {TRIED['tampered']} cases passed; "
+              f"tampered fine-tune files: {PASSED['fine-tune']} of {TRIED['fine-tune']} cases passed")
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -211,8 +215,6 @@ READERS = [
 def copy_run(src: Path, dst: Path) -> None:
     """A copy of a run directory that is ours as the original is: each marker is tied to its folder's
     inode, so each is rewritten for the copy's folder (what the tool would have written there)."""
-    import json
-
     from build_llm.store.fsio import MARKER
 
     shutil.copytree(src, dst)
@@ -252,3 +254,183 @@ def test_tampered_checkpoints_are_one_error_line(world, tmp_path_factory, file, 
 @given(data=st.data())
 def test_every_verb_refuses_bad_flags_many_cases(world, data):
     run_flag_case(world, data.draw(flag_cases(world)))
+
+
+# --- tampered fine-tune checkpoints --------------------------------------------------------------
+# The files a fine-tune writes (full or LoRA, classify or instruct, and a merge-lora output), read by
+# the verbs that take them: classify, chat, serve (its model loading: the server itself is stubbed),
+# merge-lora and finetune --resume.
+FT_FILES = {
+    "cls": ["finetune.json", "model.safetensors", "config.json", "tokenizer.json", "trainer_state.json",
+            "optimizer.safetensors", "rng.safetensors"],
+    "ins": ["finetune.json", "model.safetensors", "config.json", "tokenizer.json", "trainer_state.json",
+            "optimizer.safetensors", "rng.safetensors"],
+    "cls-lora": ["finetune.json", "adapter.json", "adapter.safetensors", "config.json", "tokenizer.json",
+                 "trainer_state.json", "optimizer.safetensors", "rng.safetensors"],
+    "ins-lora": ["finetune.json", "adapter.json", "adapter.safetensors", "config.json", "tokenizer.json",
+                 "trainer_state.json", "optimizer.safetensors", "rng.safetensors"],
+    "merged": ["finetune.json", "model.safetensors", "config.json", "tokenizer.json"],
+}
+CLASSIFY = ["classify", "--checkpoint", "{ckpt}", "--text", "the fox is a fox"]
+CHAT = ["chat", "--checkpoint", "{ckpt}", "--prompt", "what is the word", "--max-new-tokens", "2"]
+SERVE = ["serve", "--checkpoint", "{ckpt}"]
+MERGE = ["merge-lora", "--checkpoint", "{ckpt}", "--out", "{out}"]
+RESUME = {task: ["finetune", task, "--init-from", "{base}", "--data", data, "--out", "{ckpt}", "--resume", "--steps", "2"]
+          for task, data in (("classify", "{csv}"), ("instruct", "{json}"))}
+FT_READERS = {
+    "cls": [CLASSIFY, SERVE, RESUME["classify"]],
+    "cls-lora": [CLASSIFY, MERGE, RESUME["classify"]],
+    "ins": [CHAT, SERVE, RESUME["instruct"]],
+    "ins-lora": [CHAT, SERVE, MERGE, RESUME["instruct"]],
+    "merged": [CHAT, SERVE],
+}
+HOSTILE = [None, [], {}, "x", "", -1, 0, 1.5, 2**40, True, [[["deep"]]], {"a": {"b": None}}, ["x"] * 5]
+
+
+def tamper_field(b: bytes, i: int) -> bytes:
+    """A JSON object with one field (at the top or one object down) set to a hostile value, dropped,
+    or joined by an unknown key: what the byte-level tampers rarely reach."""
+    try:
+        data = json.loads(b)
+    except ValueError:
+        return TAMPERS["flip a byte"](b, i)
+    if not isinstance(data, dict) or not data:
+        return b"[]"
+    target, key = data, sorted(data)[i % len(data)]
+    if isinstance(data[key], dict) and data[key] and (i // 7) % 2:
+        target = data[key]
+        key = sorted(target)[(i // 14) % len(target)]
+    choice = (i // 3) % (len(HOSTILE) + 2)
+    if choice == len(HOSTILE):
+        del target[key]
+    elif choice == len(HOSTILE) + 1:
+        target["bogus"] = 1
+    else:
+        target[key] = HOSTILE[choice]
+    return json.dumps(data).encode()
+
+
+FT_TAMPERS = {**TAMPERS, "json field": tamper_field}
+
+
+@pytest.fixture(scope="module")
+def ft_world(tmp_path_factory, tokenizer):
+    """A tiny base checkpoint with a BPE tokenizer, its fine-tunes (one step each) and a merge."""
+    import torch
+
+    from build_llm import GPTModel
+    from build_llm.store.checkpoint import save_checkpoint
+    from tiny import TINY, write_classification_csv, write_instruct_json
+
+    root = tmp_path_factory.mktemp("ft-fuzz")
+    torch.manual_seed(0)
+    save_checkpoint(root / "base", GPTModel(TINY.replace(vocab_size=tokenizer.vocab_size, context_length=128)),
+                    tokenizer)
+    write_classification_csv(root / "train.csv", 4)
+    write_instruct_json(root / "train.json", 12)
+    lora = ["--lora-rank", "2", "--lora-alpha", "4"]
+    for name, task, data, extra in (("cls", "classify", "train.csv", []), ("cls-lora", "classify", "train.csv", lora),
+                                    ("ins", "instruct", "train.json", []), ("ins-lora", "instruct", "train.json", lora)):
+        code, err = call(["finetune", task, "--init-from", str(root / "base"), "--data", str(root / data),
+                          "--out", str(root / name), "--steps", "1", "--batch-size", "4", *extra])
+        assert code == 0, err
+    code, err = call(["merge-lora", "--checkpoint", str(root / "ins-lora"), "--out", str(root / "merged")])
+    assert code == 0, err
+    return root
+
+
+def ft_case(ft_world: Path, base: Path, run: str, file: str, tamper: Callable[[bytes], bytes],
+            reader: list[str]) -> tuple[list[str], int, str]:
+    """Copy the run `run`, tamper its `file` (in its checkpoint/), run `reader` on the copy; check that
+    the outcome is clean and that only a resumed run that worked changed any file."""
+    run_dir = base / run
+    copy_run(ft_world / run, run_dir)
+    target = run_dir / file if run == "merged" else run_dir / "checkpoint" / file
+    target.write_bytes(tamper(target.read_bytes()))
+    argv = [a.format(ckpt=run_dir, out=base / "out", base=ft_world / "base", csv=ft_world / "train.csv",
+                     json=ft_world / "train.json") for a in reader]
+    before, world_before = snapshot(base), snapshot(ft_world)
+    with mock.patch("build_llm.cli.serve.run_server"):  # serve: the model loading, not the server
+        code, err = call(argv)
+    check_outcome(argv, code, err, (0, 1, 2))
+    if code or reader[0] != "finetune":  # a resumed run that worked has moved on; anything else changes nothing
+        after = snapshot(base)
+        assert {k: after.get(k) for k in before} == before, (argv, file)
+    assert snapshot(ft_world) == world_before, (argv, file)  # the base and the original runs above all
+    return argv, code, err
+
+
+def edit_json(**changes: Any) -> Callable[[bytes], bytes]:
+    """A tamper setting keys of a JSON object (a value of DROP removes the key; a dotted key reaches
+    into an object)."""
+    def tamper(b: bytes) -> bytes:
+        data = json.loads(b)
+        for key, value in changes.items():
+            *outer, last = key.split(".")
+            target = data
+            for k in outer:
+                target = target[k]
+            if value is DROP:
+                del target[last]
+            else:
+                target[last] = value
+        return json.dumps(data).encode()
+    return tamper
+
+
+DROP = object()
+NAMED_TAMPERS = [  # issue 20, item 14: each is one line naming the file, exit 2
+    ("cls", "finetune.json", lambda b: b"[]", CLASSIFY, "finetune.json"),
+    ("cls", "finetune.json", edit_json(task=DROP), CLASSIFY, "task"),
+    ("cls", "finetune.json", edit_json(task="summarize"), CLASSIFY, "task"),
+    ("cls-lora", "finetune.json", edit_json(base={}), CLASSIFY, "base"),
+    ("ins-lora", "finetune.json", edit_json(base="x"), CHAT, "base"),
+    ("ins-lora", "finetune.json", edit_json(base="x"), RESUME["instruct"], "base"),
+    ("cls", "finetune.json", lambda b: b"[" * 50_000 + b"]" * 50_000, CLASSIFY, "finetune.json"),
+    ("cls", "finetune.json", edit_json(labels=DROP), CLASSIFY, "labels"),
+    ("cls-lora", "finetune.json", edit_json(labels=None), CLASSIFY, "labels"),
+    ("cls", "finetune.json", edit_json(labels=[1, 2, 3]), CLASSIFY, "labels"),
+    ("cls", "finetune.json", edit_json(labels=["a", "b", "c", "d"]), CLASSIFY, "labels"),
+    ("cls-lora", "finetune.json", edit_json(labels=["a", "b", "c", "d"]), CLASSIFY, "labels"),
+    ("cls", "finetune.json", edit_json(max_length="x"), CLASSIFY, "max_length"),
+    ("cls", "finetune.json", edit_json(max_length=-1), CLASSIFY, "max_length"),
+    ("ins-lora", "finetune.json", edit_json(lora="x"), CHAT, "lora"),
+    ("ins-lora", "adapter.json", lambda b: b'"x"', CHAT, "adapter.json"),
+    ("ins-lora", "adapter.json", lambda b: b"x", CHAT, "adapter.json"),
+    ("ins-lora", "adapter.json", lambda b: b"[" * 50_000 + b"]" * 50_000, CHAT, "adapter.json"),
+    ("ins-lora", "adapter.json", lambda b: b'{"a": ' + b + b"}", CHAT, "adapter.json"),
+    ("ins-lora", "adapter.json", edit_json(scaling="x"), CHAT, "scaling"),
+    ("ins-lora", "adapter.json", edit_json(scaling="x"), RESUME["instruct"], "scaling"),
+    ("ins-lora", "adapter.json", edit_json(scaling=float("nan")), MERGE, "scaling"),
+    ("ins-lora", "adapter.json", edit_json(rank=2**40), CHAT, "rank"),
+    ("ins-lora", "adapter.json", edit_json(rank=2**40), RESUME["instruct"], "rank"),
+    ("ins-lora", "adapter.json", edit_json(rank=3), MERGE, "rank"),
+    ("ins-lora", "adapter.json", edit_json(targets="attn"), CHAT, "targets"),
+    ("cls", "config.json", edit_json(n_layers=2), CLASSIFY, "config.json"),
+    ("ins", "config.json", edit_json(n_layers=2), SERVE, "config.json"),
+    ("cls-lora", "config.json", edit_json(n_layers=2), CLASSIFY, "config.json"),
+    ("cls", "trainer_state.json", edit_json(**{"finetune_config.bogus": 1}), RESUME["classify"], "bogus"),
+    ("cls", "trainer_state.json", edit_json(**{"finetune_config.task": DROP}), RESUME["classify"], "task"),
+    ("ins-lora", "trainer_state.json", edit_json(**{"finetune_config.lora_rank": 3}), RESUME["instruct"],
+     "trainer_state.json"),
+]
+
+
+@pytest.mark.parametrize("run, file, tamper, reader, named", NAMED_TAMPERS,
+                         ids=[f"{r}-{f}-{i}" for i, (r, f, *_) in enumerate(NAMED_TAMPERS)])
+def test_named_fine_tune_tampers_are_one_error_line(ft_world, tmp_path, run, file, tamper, reader, named):
+    argv, code, err = ft_case(ft_world, tmp_path, run, file, tamper, reader)
+    assert code == 2, (argv, err)
+    assert named in err, (argv, err)
+
+
+@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), tamper=st.sampled_from(sorted(FT_TAMPERS)), where=st.integers(0, 10**6))
+def test_tampered_fine_tune_files_are_one_error_line(ft_world, tmp_path_factory, data, tamper, where):
+    run = data.draw(st.sampled_from(sorted(FT_FILES)), "run")
+    file = data.draw(st.sampled_from(FT_FILES[run]), "file")
+    reader = data.draw(st.sampled_from(FT_READERS[run]), "reader")
+    TRIED["fine-tune"] += 1
+    ft_case(ft_world, tmp_path_factory.mktemp("ft-tampered"), run, file, lambda b: FT_TAMPERS[tamper](b, where), reader)
+    PASSED["fine-tune"] += 1

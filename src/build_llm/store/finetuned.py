@@ -31,14 +31,16 @@ from build_llm.config import GPTConfig
 from build_llm.data.tokenizer import load_tokenizer
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.sizing import count_parameters
+from build_llm.runtime import check_fits
+from build_llm.sizing import count_parameters, model_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, PREVIOUS_DIR, TOKENIZER_FILE,
                                         load_checkpoint, save_checkpoint, unwrap, write_failed)
-from build_llm.store.fsio import check_not_input, replace_dir, write_json
+from build_llm.store.fsio import check_not_input, read_json, replace_dir, write_json
 
 FINETUNE_FILE = "finetune.json"
 ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"  # a LoRA run's checkpoint
 CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
+TASKS = ("classify", "instruct")
 
 
 # --- the classifier head -------------------------------------------------------------------------
@@ -104,20 +106,64 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> Fine
     """A fine-tuned model (eval mode) from a run directory or checkpoint directory of `finetune`
     (full or LoRA: the adapter is applied to its base checkpoint, whose identity is checked)."""
     path = resolve_finetuned(path)
+    meta = read_finetune_meta(path)
+    config = _read_json(path, CONFIG_FILE)
     try:
-        meta = json.loads((path / FINETUNE_FILE).read_text(encoding="utf-8"))
-        cfg = GPTConfig.from_dict(json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"checkpoint {str(path)!r}: {FINETUNE_FILE} or {CONFIG_FILE} is unreadable ({e})") from e
+        cfg = GPTConfig.from_dict(config)
+    except UsageError as e:
+        raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from None
     tokenizer = load_tokenizer(path / TOKENIZER_FILE)
     if meta.get("lora"):
-        model = _load_adapted(path, meta, device)
+        model = _load_adapted(path, cfg, meta, device)
     else:
         model = _load_full(path, cfg, meta, device)
     return Finetuned(model.eval(), tokenizer, meta, path)
 
 
-def _load_adapted(path: Path, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
+def _read_json(path: Path, name: str) -> Any:
+    try:
+        return read_json(path / name, f"checkpoint {str(path)!r}: {name}")
+    except OSError as e:
+        raise UsageError(f"checkpoint {str(path)!r}: {name} is missing or unreadable ({e.strerror})") from None
+
+
+def _invalid(path: Path, name: str, key: str, value: Any, valid: str) -> UsageError:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    return UsageError(f"checkpoint {str(path)!r}: {name} {f'has {key}=' if key else 'holds '}{shown}; expected "
+                      f"{valid} (it was not written by build-llm, or was damaged)")
+
+
+def read_finetune_meta(path: Path) -> dict[str, Any]:
+    """finetune.json of the checkpoint directory `path`, checked to hold what loading reads."""
+    meta = _read_json(path, FINETUNE_FILE)
+    if not isinstance(meta, dict):
+        raise _invalid(path, FINETUNE_FILE, "", meta, "a JSON object")
+    task, labels, base, max_length, lora = (meta.get(k) for k in ("task", "labels", "base", "max_length", "lora"))
+    checks = {
+        "task": (task in TASKS, f"one of {list(TASKS)}"),
+        "labels": (task != "classify" or (isinstance(labels, list) and all(isinstance(x, str) for x in labels)
+                                          and len(set(labels)) == len(labels) >= 2),
+                   "a list of two or more distinct label strings"),
+        "base": (isinstance(base, dict) and all(isinstance(base.get(k), str) for k in ("path", "sha256")),
+                 'an object with "path" and "sha256" strings'),
+        "max_length": (max_length is None or (type(max_length) is int and max_length >= 1), "a positive integer or null"),
+        "lora": (lora is None or isinstance(lora, dict), "an object (the adapter's settings) or null"),
+    }
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise _invalid(path, FINETUNE_FILE, key, meta.get(key), valid)
+    return meta
+
+
+def _check_head(path: Path, name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """A classifier's head has one output per label in finetune.json."""
+    head = tensors.get("out_head.weight")
+    if meta["task"] == "classify" and head is not None and head.shape[0] != len(meta["labels"]):
+        raise UsageError(f"checkpoint {str(path)!r}: {FINETUNE_FILE} lists {len(meta['labels'])} labels but the "
+                         f"classifier head in {name} has {head.shape[0]} outputs; the files do not belong together")
+
+
+def _load_adapted(path: Path, cfg: GPTConfig, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
     """The base checkpoint named in `meta`, checked to be the one trained on, with the adapter applied."""
     base = Path(meta["base"]["path"])
     if not (base / MODEL_FILE).is_file():
@@ -127,23 +173,37 @@ def _load_adapted(path: Path, meta: dict[str, Any], device: str | torch.device) 
         raise UsageError(f"the base checkpoint {str(base)!r} has changed since the adapter in {str(path)!r} "
                          "was trained on it; the adapter does not apply to these weights")
     model = load_checkpoint(base, device).model
+    # config.json is the base's (a classifier's head untied): another one means files of other runs
+    differ = {k: v for k, v in cfg.replace(tie_weights=False).to_dict().items()
+              if model.cfg.replace(tie_weights=False).to_dict()[k] != v}
+    if differ:
+        key = next(iter(differ))
+        raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} has {key}={differ[key]!r} but the base checkpoint "
+                         f"{str(base)!r} the adapter applies to has {key}={model.cfg.to_dict()[key]!r}")
     if meta["task"] == "classify":
         prepare_classifier(model, len(meta["labels"]))
     tensors, lora_meta = load_adapter(path)
+    _check_head(path, ADAPTER_FILE, meta, tensors)
     lora_mod.apply_adapter(model, {k: v.to(device) for k, v in tensors.items()}, lora_meta)
     return model
 
 
 def _load_full(path: Path, cfg: GPTConfig, meta: dict[str, Any], device: str | torch.device) -> nn.Module:
     """A full fine-tune's own weights (a tied head shares the embedding's matrix again)."""
-    model = build_model(cfg if meta["task"] == "instruct" else cfg.replace(tie_weights=False), meta, device)
+    check_fits(model_memory(cfg), f"the model of checkpoint {str(path)!r}", device)
     try:
         state = load_file(path / MODEL_FILE, device=str(device))
-    except (SafetensorError, OSError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} is missing or unreadable ({e})") from e
-    if cfg.tie_weights and "out_head.weight" not in state:
+    _check_head(path, MODEL_FILE, meta, state)
+    model = build_model(cfg if meta["task"] == "instruct" else cfg.replace(tie_weights=False), meta, device)
+    if cfg.tie_weights and "out_head.weight" not in state and "tok_emb.weight" in state:
         state["out_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # names missing, unexpected and misshapen tensors
+        raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} does not hold the model {CONFIG_FILE} and "
+                         f"{FINETUNE_FILE} describe ({' '.join(str(e).split())[:240]})") from None
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
     return model
@@ -212,20 +272,35 @@ def save_adapter(directory: str | Path, model: nn.Module, meta: dict[str, Any]) 
 def load_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of an adapter written by save_adapter."""
     directory = Path(directory)
+    meta = _read_json(directory, ADAPTER_META_FILE)
+    _check_adapter_meta(directory, meta)
     try:
-        meta = json.loads((directory / ADAPTER_META_FILE).read_text(encoding="utf-8"))
         tensors = load_file(directory / ADAPTER_FILE)
     except (OSError, ValueError, SafetensorError) as e:
         raise UsageError(f"adapter in {str(directory)!r} is missing or unreadable ({e})") from e
-    for key in ("rank", "alpha", "scaling", "targets"):
-        if key not in meta:
-            raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has no {key!r}")
-    scaling = meta["scaling"]
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise UsageError(f"adapter in {str(directory)!r}: {ADAPTER_META_FILE} has scaling={scaling!r}; expected a "
-                         "finite number")
     _check_adapter_tensors(directory, tensors)
     return tensors, meta
+
+
+def _check_adapter_meta(directory: Path, meta: Any) -> None:
+    """adapter.json holds the settings apply_adapter reads, each of its type (the tensors' shapes are
+    checked against the rank by apply_adapter, before anything is allocated)."""
+    if not isinstance(meta, dict):
+        raise _invalid(directory, ADAPTER_META_FILE, "", meta, "a JSON object")
+    rank, alpha, scaling, targets, rows = (meta.get(k) for k in ("rank", "alpha", "scaling", "targets", "token_rows"))
+    checks = {
+        "rank": (type(rank) is int and rank >= 1, "an integer >= 1"),
+        "alpha": (type(alpha) in (int, float) and math.isfinite(alpha) and alpha > 0, "a number > 0"),
+        "scaling": (type(scaling) in (int, float) and math.isfinite(scaling), "a finite number"),
+        "targets": (isinstance(targets, list) and targets and all(isinstance(t, str) and t in lora_mod.TARGETS
+                                                                  for t in targets),
+                    f"a list of one or more of {sorted(lora_mod.TARGETS)}"),
+        "token_rows": (rows is None or (isinstance(rows, list) and all(type(i) is int and i >= 0 for i in rows)),
+                       "a list of token ids"),
+    }
+    for key, (ok, valid) in checks.items():
+        if not ok:
+            raise _invalid(directory, ADAPTER_META_FILE, key, meta.get(key), valid)
 
 
 def _check_adapter_tensors(directory: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -44,8 +44,8 @@ from build_llm.infer.chat import require_eos
 from build_llm.infer.classify import last_token_logits
 from build_llm.runtime import get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
-from build_llm.store.checkpoint import (CHECKPOINT_DIR, load_checkpoint, load_trainer_state, resolve_checkpoint,
-                                        save_checkpoint, set_rng_state, trainer_files)
+from build_llm.store.checkpoint import (CHECKPOINT_DIR, TRAINER_FILE, load_checkpoint, load_trainer_state,
+                                        resolve_checkpoint, save_checkpoint, set_rng_state, trainer_files)
 from build_llm.store.finetuned import (base_identity, save_without_weights, count_trainable, finetuned_files,
                                        load_finetuned, prepare_classifier, resolve_finetuned)
 from build_llm.train.config import FinetuneConfig
@@ -304,7 +304,11 @@ def prepare_finetuning(out_dir: Path, init_from: str | Path, cfg: FinetuneConfig
                                  "give the same files, or start a new run with another --out")
     meta = adapt_model(model, cfg, ft_data, tokenizer, base, max_length)
     if saved is not None:
-        model.load_state_dict(load_finetuned(saved.path, device).model.state_dict(), strict=True)
+        try:
+            model.load_state_dict(load_finetuned(saved.path, device).model.state_dict(), strict=True)
+        except RuntimeError as e:  # the weights are not those of the settings in trainer_state.json
+            raise UsageError(f"--resume: checkpoint {str(saved.path)!r}: the model does not match the settings in "
+                             f"{TRAINER_FILE} ({' '.join(str(e).split())[:200]})") from None
     model.to(device)
     return Finetuning(out_dir, cfg, ft_data, model, tokenizer, meta, device)
 
@@ -367,7 +371,13 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
     options = {k: v for k, v in (options or {}).items() if v is not None}
     out = check_run_dir(out, resume)
     if resume:
-        saved = load_trainer_state(resolve_finetuned(out)).state["finetune_config"]
+        ckpt = resolve_finetuned(out)
+        saved = load_trainer_state(ckpt).state["finetune_config"]
+        try:
+            FinetuneConfig.from_dict(saved)
+        except UsageError as e:
+            raise UsageError(f"--resume: checkpoint {str(ckpt)!r}: {TRAINER_FILE} holds an invalid finetune_config "
+                             f"({e})") from None
         if saved["task"] != task:
             raise UsageError(f"--resume: the run in {str(out)!r} is a {saved['task']} fine-tune, not {task}")
         cfg = FinetuneConfig.from_dict({**saved, **options})

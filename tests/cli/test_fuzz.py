@@ -1,5 +1,6 @@
 """Fuzzing the command (hypothesis): every verb with generated bad flags, and the verbs that read a
-checkpoint against tampered checkpoint files. Each case must end in exit code 2 (or 0/1 where the
+checkpoint against tampered checkpoint files, of pretraining runs and of fine-tunes (full, LoRA,
+merged). Each case must end in exit code 2 (or 0/1 where the
 tampering is harmless or the run diverges) with exactly one line on stderr, never a traceback, and
 leave every file that existed before unchanged.
 

@@ -28,6 +28,15 @@ from build_llm import cli
 
 FUZZ_EXAMPLES = int(os.environ.get("BUILD_LLM_FUZZ_EXAMPLES", "25"))
 SLOW_EXAMPLES = 400
+
+
+def fuzz(examples: int, derandomize: bool = False):
+    """hypothesis settings of every fuzz test: no deadline (a case runs the real CLI), fixtures reused."""
+    return settings(max_examples=examples, deadline=None, derandomize=derandomize,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
+
+
 SKIP_VERBS = {"serve", "chat"}  # long-running servers and interactive loops: not a one-shot command
 TRIED = {"flags": 0, "tampered": 0, "fine-tune": 0}  # cases run (hypothesis's shrinking included)
 PASSED = {"flags": 0, "tampered": 0, "fine-tune": 0}  # of which every check held
@@ -182,9 +191,7 @@ def run_flag_case(world: Path, argv: list[str]) -> None:
     PASSED["flags"] += 1
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@fuzz(FUZZ_EXAMPLES, derandomize=True)
 @given(data=st.data())
 def test_every_verb_refuses_bad_flags_in_one_line(world, data):
     run_flag_case(world, data.draw(flag_cases(world)))
@@ -225,8 +232,7 @@ def copy_run(src: Path, dst: Path) -> None:
         marker.write_text(json.dumps(data) + "\n")
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz(FUZZ_EXAMPLES, derandomize=True)
 @given(file=st.sampled_from(["checkpoint/model.safetensors", "checkpoint/config.json", "checkpoint/tokenizer.json",
                              "checkpoint/trainer_state.json", "checkpoint/optimizer.safetensors",
                              "checkpoint/rng.safetensors", "data/meta.json", "data/tokens.bin", "metrics.jsonl"]),
@@ -249,9 +255,7 @@ def test_tampered_checkpoints_are_one_error_line(world, tmp_path_factory, file, 
 
 
 @pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@fuzz(SLOW_EXAMPLES)
 @given(data=st.data())
 def test_every_verb_refuses_bad_flags_many_cases(world, data):
     run_flag_case(world, data.draw(flag_cases(world)))
@@ -425,8 +429,7 @@ def test_named_fine_tune_tampers_are_one_error_line(ft_world, tmp_path, run, fil
     assert named in err, (argv, err)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz(FUZZ_EXAMPLES, derandomize=True)
 @given(data=st.data(), tamper=st.sampled_from(sorted(FT_TAMPERS)), where=st.integers(0, 10**6))
 def test_tampered_fine_tune_files_are_one_error_line(ft_world, tmp_path_factory, data, tamper, where):
     run = data.draw(st.sampled_from(sorted(FT_FILES)), "run")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 from build_llm.errors import UsageError, UsageTypeError
 
 # One help for every --device (the default, "auto", is each verb's).
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"
 
 

@@ -29,7 +29,7 @@ from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.runtime import available_memory, get_device, set_cpu_threads
 from build_llm.sizing import count_parameters, estimate_peak_bytes, matmul_parameters
-from build_llm.train.config import TrainConfig
+from build_llm.train.config import BUDGET_TRAIN, TrainConfig
 from build_llm.train.distributed import Dist
 from build_llm.train.loop import make_optimizer, train_step
 
@@ -98,7 +98,7 @@ FIT_FILE = Path(__file__).with_name("budget_fit.json")
 # The family the sweep measured (depth grows slowly with width), largest last; context and batch are
 # the sweep's (its fit holds for them).
 CANDIDATES = [(2, 64), (3, 96), (4, 128), (4, 192), (6, 256), (6, 384), (8, 512)]
-BUDGET_CONTEXT, BUDGET_BATCH, BUDGET_LR = 64, 16, 2e-3
+BUDGET_CONTEXT = 64  # the batch is BUDGET_TRAIN's
 
 
 def load_fit() -> LossFit:
@@ -205,10 +205,10 @@ def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: 
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
         cfg = shape_for(n_layers, emb_dim, BUDGET_CONTEXT, vocab_size)
-        if have is not None and estimate_peak_bytes(cfg, BUDGET_BATCH) > 0.8 * have:
+        if have is not None and estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) > 0.8 * have:
             break
         set_cpu_threads(count_parameters(cfg), device, threads)
-        rate = probe_tokens_per_s(cfg, BUDGET_BATCH, ids, device, dtype, seconds=min(1.0, probe_s / 6))
+        rate = probe_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, seconds=min(1.0, probe_s / 6))
         loss = fit.predict(matmul_parameters(cfg), rate * train_s)
         considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "tokens_per_s": round(rate),
                            "tokens": int(rate * train_s), "predicted_loss": round(loss, 4)})

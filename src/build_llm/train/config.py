@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from build_llm import lora as lora_mod
-from build_llm.settings import DEVICE_HELP, Config, invalid, setting
+from build_llm.settings import DEVICE_HELP, DEVICES, Config, invalid, setting
 from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
 TASKS = ("classify", "instruct")
 DTYPES = ("float32", "bfloat16")
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
 RUNTIME, LORA = "runtime", "LoRA (appendix E)"  # --help sections
 
 

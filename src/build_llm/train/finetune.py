@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from build_llm import lora as lora_mod
 from build_llm.data.classify import collate_classification, encode_text, read_labeled_csv
-from build_llm.data.corpus import fingerprint
+from build_llm.data.corpus import fingerprint, step_rng
 from build_llm.data.instruct import IGNORE_INDEX, Example, collate_instruction, encode_conversation, read_instruction_data
 from build_llm.errors import UsageError
 from build_llm.infer.chat import require_eos
@@ -51,6 +51,9 @@ from build_llm.store.finetuned import (base_identity, save_without_weights, coun
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.loop import RunLog, TrainState, make_optimizer, run_loop
 from build_llm.train.rundir import FINETUNE_KIND, check_resume, check_run_dir, owned
+
+# Keys of the step_rng streams of a fine-tune: each epoch's example order, each step's dropout.
+ORDER_STREAM, DROPOUT_STREAM = 1, 2
 
 
 def token_loss_sum(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -142,7 +145,7 @@ def batch_at(step: int, n: int, cfg: FinetuneConfig) -> np.ndarray:
     """Indices of the training examples of `step`: a slice of epoch's permutation from (seed, epoch)."""
     spe = steps_per_epoch(n, cfg.batch_size)
     epoch, i = divmod(step, spe)
-    order = np.random.default_rng([cfg.seed, 1, epoch]).permutation(n)
+    order = step_rng(cfg.seed, ORDER_STREAM, epoch).permutation(n)
     return order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
 
 
@@ -218,7 +221,7 @@ class Finetuning:
 
     def step(self, state: TrainState, stop: Callable[[], bool]) -> tuple[float, int]:
         cfg = self.cfg
-        torch.manual_seed(int(np.random.default_rng([cfg.seed, 2, state.step]).integers(2**62)))  # dropout
+        torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step).integers(2**62)))
         examples = [self.data.train[i] for i in batch_at(state.step, len(self.data.train), cfg)]
         state.optimizer.zero_grad(set_to_none=True)
         loss, _ = step_loss(state.model, examples, cfg.task, self.pad_id, self.max_length, cfg.micro_batch_size,

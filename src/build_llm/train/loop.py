@@ -387,9 +387,9 @@ def _interrupted(state: TrainState, log: RunLog, save, saved_at: int | None, whe
 
 def _finite_weights(model: nn.Module, d: Dist, device: torch.device) -> bool:
     """Whether every parameter is finite, on every process (a sharded parameter checks its shard)."""
-    local = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-                for p in model.parameters())
-    return d.sum(torch.tensor(float(not local), device=device)).item() == 0
+    finite = [torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all() for p in model.parameters()]
+    bad = torch.stack(finite).logical_not().any().float().to(device)  # one device sync, not one per parameter
+    return d.sum(bad).item() == 0
 
 
 def _diverged(what: str, out_dir: Path) -> TrainingStopped:

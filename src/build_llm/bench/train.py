@@ -87,12 +87,14 @@ def bench_train_cli(text: str | os.PathLike[str], suite: Suite, workdir: Path, l
     log(f"build-llm train on {Path(text).name}: {suite.cli_steps} steps x 2 dtypes x {suite.cli_rounds} rounds")
     for r in range(suite.cli_rounds):
         for dtype in rates:
-            out = workdir / f"train-{dtype}-{r}"
-            cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", str(text), "--tokenizer", "char",
+            out = Path(workdir).resolve() / f"train-{dtype}-{r}"
+            cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", os.path.abspath(text), "--tokenizer", "char",
                    "--batch-size", "8", "--steps", str(suite.cli_steps), "--eval-every", str(suite.cli_steps),
                    "--eval-batches", "2", "--dtype", dtype, "--out", str(out), *SHAKESPEARE_CHAR_FLAGS,
                    *suite.cli_shape]
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            # `python -m` puts its working directory first on sys.path: run it in the bench's own directory,
+            # never in the user's (a build_llm/ or torch.py planted there would run).
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
             if done.returncode != 0:
                 raise RuntimeError(f"build-llm train failed: {done.stderr.strip().splitlines()[-1:]}")
             last = json.loads((out / "metrics.jsonl").read_text().strip().splitlines()[-1])

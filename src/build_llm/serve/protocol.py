@@ -282,7 +282,7 @@ class Choice:
     """
 
     def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool, eos_id: int | None) -> None:
-        self.index, self.tokenizer, self.stop, self.want_logprobs, self.eos_id = index, tokenizer, stop, want_logprobs, eos_id
+        self.index, self.tokenizer, self.want_logprobs, self.eos_id = index, tokenizer, want_logprobs, eos_id
         self.ids: list[int] = []
         self.scan = StopScan(stop)
         self.text = ""  # final text of the completion so far (sent or to send)

@@ -234,12 +234,13 @@ def save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: di
 def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     """`build-llm merge-lora`: the LoRA run at `checkpoint` as a plain checkpoint at `out` (the adapter
     merged into the base weights), which `generate`, `chat`, `classify` and `export-hf` read."""
-    ft = load_finetuned(checkpoint)
-    if not ft.meta.get("lora"):
-        raise UsageError(f"--checkpoint {str(ft.path)!r} is not a LoRA run; there is nothing to merge")
+    path = resolve_finetuned(checkpoint)
+    meta = read_finetune_meta(path)  # checked before the base is hashed and loaded
+    if not meta.get("lora"):
+        raise UsageError(f"--checkpoint {str(path)!r} is not a LoRA run; there is nothing to merge")
     # Writing over the adapter or its base would leave an adapter that can no longer load or resume.
-    check_not_input(out, {"--checkpoint": [checkpoint, ft.path],
-                          "--init-from (the adapter's base)": ft.meta["base"]["path"]})
+    check_not_input(out, {"--checkpoint": [checkpoint, path], "--init-from (the adapter's base)": meta["base"]["path"]})
+    ft = load_finetuned(path)
     lora_mod.merge_lora(ft.model)
     # Finite parts can still overflow (a huge scaling), and the base may already be damaged.
     bad = [n for n, p in ft.model.named_parameters() if not torch.isfinite(p).all()]

@@ -64,13 +64,15 @@ def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
-                    extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
+                    extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None,
+                    weights: bool = True) -> Path:
     """Write a checkpoint directory at `path`, atomically replacing a checkpoint this package wrote
     there before (see fsio.replace_dir); any other non-empty directory is refused, and so is a training
     run's checkpoint when `extra_files` carries no trainer state (its optimizer state would be lost).
 
     `extra_files` maps file names to callables that write them given a Path (the trainer's state).
     `state` is the weights when they are not `model`'s own (a sharded model's gathered full state).
+    `weights=False` leaves model.safetensors out: a LoRA run's checkpoint, whose weights are its base's.
     """
     path = Path(path)
     if (path / TRAINER_FILE).exists() and TRAINER_FILE not in (extra_files or {}):
@@ -78,11 +80,12 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                          "would lose the optimizer state and break --resume; give another directory")
     try:
         with replace_dir(path, "checkpoint") as tmp:
-            if state is not None:
+            if weights and state is not None:
                 unsaved = mask_keys(model) | ({"out_head.weight"} if unwrap(model).cfg.tie_weights else set())
                 state = {k: v for k, v in state.items() if k not in unsaved}
-            save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
-                      tmp / MODEL_FILE, metadata={"format": "pt"})
+            if weights:
+                save_file(model_state(model) if state is None else {k: v.contiguous() for k, v in state.items()},
+                          tmp / MODEL_FILE, metadata={"format": "pt"})
             write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_FILE)

@@ -34,8 +34,8 @@ from build_llm.gpt import GPTModel
 from build_llm.runtime import check_fits
 from build_llm.sizing import count_parameters, model_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, PREVIOUS_DIR, TOKENIZER_FILE,
-                                        load_checkpoint, save_checkpoint, unwrap, write_failed)
-from build_llm.store.fsio import check_not_input, read_json, replace_dir, write_json
+                                        load_checkpoint, save_checkpoint)
+from build_llm.store.fsio import check_not_input, read_json, write_json
 
 FINETUNE_FILE = "finetune.json"
 ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"  # a LoRA run's checkpoint
@@ -216,19 +216,6 @@ def finetuned_files(meta: dict[str, Any], model: nn.Module | None = None) -> dic
     if meta.get("lora"):
         files[ADAPTER_FILE] = lambda p: save_adapter(p.parent, model, meta["lora"])
     return files
-
-
-def save_without_weights(path: Path, model: nn.Module, tokenizer: Any, files: dict[str, Callable[[Path], Any]]) -> None:
-    """A checkpoint directory (replaced atomically, as save_checkpoint does) with config, tokenizer and
-    `files` but no model.safetensors: a LoRA run's checkpoint, whose weights are its base's."""
-    try:
-        with replace_dir(path, "checkpoint") as tmp:
-            write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
-            tokenizer.save(tmp / TOKENIZER_FILE)
-            for name, write in files.items():
-                write(tmp / name)
-    except (OSError, SafetensorError) as e:
-        raise write_failed(path, e) from e
 
 
 def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:

@@ -46,7 +46,7 @@ from build_llm.runtime import get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, TRAINER_FILE, load_checkpoint, load_trainer_state,
                                         resolve_checkpoint, save_checkpoint, set_rng_state, trainer_files)
-from build_llm.store.finetuned import (base_identity, save_without_weights, count_trainable, finetuned_files,
+from build_llm.store.finetuned import (base_identity, count_trainable, finetuned_files,
                                        load_finetuned, prepare_classifier, resolve_finetuned)
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.loop import RunLog, TrainState, make_optimizer, run_loop
@@ -247,11 +247,8 @@ class Finetuning:
         optimizer_state = get_optimizer_state_dict(self.model, state.optimizer)
         files = {**finetuned_files(self.meta, self.model), **trainer_files(optimizer_state, trainer)}
         path = self.out_dir / CHECKPOINT_DIR
-        if self.meta["lora"] is not None:  # the adapter alone, no copy of the base weights
-            save_without_weights(path, self.model, self.tokenizer, files)
-        else:
-            save_checkpoint(path, self.model, self.tokenizer, files)
-        return path
+        # A LoRA run saves the adapter alone (in `files`), no copy of the base weights.
+        return save_checkpoint(path, self.model, self.tokenizer, files, weights=self.meta["lora"] is None)
 
 
 def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *, data: str | Path,

@@ -66,7 +66,8 @@ def write_inputs(where: Path, n_speeches: int, n_records: int) -> None:
     records = []
     for _ in range(n_records):
         s = rng.choice(list(SPEAKERS))
-        records.append({"instruction": "Who speaks these lines?", "input": speech(rng, s), "output": s})
+        records.append({"messages": [{"role": "user", "content": f"Who speaks these lines? {speech(rng, s)}"},
+                                     {"role": "assistant", "content": s}]})
     (where / "instructions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
                                              encoding="utf-8")
 

@@ -96,6 +96,15 @@ class GPTConfig(Config):
     scale_emb: bool = setting(False, "token embeddings multiplied by sqrt(emb_dim) (Gemma)", internal=True)
     post_norms: bool = setting(False, "a norm after each sub-layer too, before its residual add (Gemma 3)",
                                internal=True)
+    # --- mixture of experts (Qwen3-MoE, Mixtral): n_experts=0 keeps the dense feed-forward ---
+    n_experts: int = setting(0, "experts in each block's feed-forward (a mixture of SwiGLU experts, each token "
+                                "routed to n_experts_per_token of them); 0: one dense feed-forward", at_least=0)
+    n_experts_per_token: int = setting(2, "experts each token is routed to (top-k of the router's softmax)",
+                                       at_least=1)
+    moe_ff_dim: int | None = setting(None, "each expert's hidden width; unset: ff_hidden (each expert as wide as "
+                                           "the dense feed-forward, as Mixtral's)", at_least=1)
+    moe_norm_topk: bool = setting(False, "rescale the chosen experts' router probabilities to sum to 1 "
+                                         "(Qwen3-MoE's norm_topk_prob)")
 
     def check(self) -> None:
         if self.head_size is None and self.emb_dim % self.n_heads:
@@ -124,6 +133,12 @@ class GPTConfig(Config):
                                 f"rope_low_freq_factor={self.rope_low_freq_factor}", "rope_high_freq_factor")
         if self.norm_plus_one and self.norm != "rmsnorm":
             raise invalid(self, "norm_plus_one needs norm='rmsnorm'", "norm_plus_one", "norm")
+        if self.n_experts and self.mlp != "swiglu":
+            raise invalid(self, f"n_experts={self.n_experts} needs mlp='swiglu' (the experts are SwiGLUs), got "
+                                f"mlp={self.mlp!r}; set mlp='swiglu' or n_experts=0", "n_experts", "mlp")
+        if self.n_experts and self.n_experts_per_token > self.n_experts:
+            raise invalid(self, f"n_experts_per_token={self.n_experts_per_token} exceeds n_experts={self.n_experts}; "
+                                f"choose 1 to {self.n_experts}", "n_experts_per_token", "n_experts")
 
     @property
     def head_dim(self) -> int:
@@ -148,6 +163,11 @@ class GPTConfig(Config):
         if self.ff_dim is not None:
             return self.ff_dim
         return 4 * self.emb_dim if self.mlp not in ("swiglu", "geglu") else -(-8 * self.emb_dim // 24) * 8
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's hidden width (moe_ff_dim, or the dense feed-forward's)."""
+        return self.moe_ff_dim if self.moe_ff_dim is not None else self.ff_hidden
 
     @classmethod
     def coerce(cls, cfg: "GPTConfig | Mapping[str, Any]") -> "GPTConfig":

@@ -11,6 +11,7 @@ from build_llm.attention import LayerKV, MultiHeadAttention, Rotary
 from build_llm.config import GPTConfig
 from build_llm.layer import make_norm
 from build_llm.mlp import FeedForward
+from build_llm.moe import MoEFeedForward
 
 
 def layer_rotary(cfg: GPTConfig, layer: int) -> Rotary | None:
@@ -37,7 +38,7 @@ class TransformerBlock(nn.Module):
             qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps, num_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_size,
             window=cfg.sliding_window if sliding else None, scale=cfg.attn_scale, norm_plus_one=cfg.norm_plus_one,
         )
-        self.ff = FeedForward(cfg)
+        self.ff = MoEFeedForward(cfg) if cfg.n_experts else FeedForward(cfg)
         norm = dict(kind=cfg.norm, emb_dim=cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias, plus_one=cfg.norm_plus_one)
         self.norm1 = make_norm(**norm)
         self.norm2 = make_norm(**norm)

@@ -11,7 +11,7 @@ import torch
 from build_llm import GPTConfig, GPTModel, count_parameters, model_size_mb, parameter_table
 from build_llm.config import PRESETS
 from build_llm.infer.quant import prepare_for_decoding
-from build_llm.sizing import (count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
+from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
                               matmul_parameters, meta_model, model_memory, train_flops_per_token,
                               training_memory, weight_bytes)
 from build_llm.train.budget import shape_for
@@ -153,3 +153,16 @@ print(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 10
                for _ in range(2))
     estimate = estimate_peak_bytes(cfg, 64)
     assert abs(estimate - peak) / peak < 0.25, (estimate / 2**20, peak / 2**20)
+
+
+def test_a_mixture_of_experts_counts_every_expert_but_a_token_uses_k():
+    # Two blocks of 6 experts (2 per token), each 3 matrices of 32 x 24, a 32 x 6 router, rotary, untied.
+    cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, bias=False,
+                    pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_experts=6, n_experts_per_token=2, moe_ff_dim=24)
+    per_block = 4 * 32 * 32 + 32 * 6 + 6 * 3 * 32 * 24 + 2 * 32  # attention, router, experts, two norms
+    total = 2 * 64 * 32 + 2 * per_block + 32  # token table, head, blocks, final norm
+    assert count_parameters(cfg) == total
+    assert active_parameters(cfg) == total - 2 * 4 * 3 * 32 * 24  # 4 experts per block idle
+    assert matmul_parameters(cfg) == active_parameters(cfg) - 64 * 32  # less the token table
+    dense = cfg.replace(n_experts=0)
+    assert active_parameters(dense) == count_parameters(dense)

@@ -63,6 +63,15 @@ class GPTConfig(Config):
                                        "to a multiple of 8, the same parameters with three matrices)", at_least=1)
     qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (learned scale) before the dot "
                                    "product")
+    # --- mixture of experts (Qwen3-MoE, Mixtral): n_experts=0 keeps the dense feed-forward ---
+    n_experts: int = setting(0, "experts in each block's feed-forward (a mixture of SwiGLU experts, each token "
+                                "routed to n_experts_per_token of them); 0: one dense feed-forward", at_least=0)
+    n_experts_per_token: int = setting(2, "experts each token is routed to (top-k of the router's softmax)",
+                                       at_least=1)
+    moe_ff_dim: int | None = setting(None, "each expert's hidden width; unset: ff_hidden (each expert as wide as "
+                                           "the dense feed-forward, as Mixtral's)", at_least=1)
+    moe_norm_topk: bool = setting(False, "rescale the chosen experts' router probabilities to sum to 1 "
+                                         "(Qwen3-MoE's norm_topk_prob)")
 
     def check(self) -> None:
         if self.emb_dim % self.n_heads:
@@ -74,6 +83,12 @@ class GPTConfig(Config):
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise invalid(self, f"pos_emb='rope' needs an even head size, but emb_dim / n_heads = {self.head_dim}; "
                                 "choose emb_dim a multiple of 2 * n_heads", "pos_emb", "emb_dim", "n_heads")
+        if self.n_experts and self.mlp != "swiglu":
+            raise invalid(self, f"n_experts={self.n_experts} needs mlp='swiglu' (the experts are SwiGLUs), got "
+                                f"mlp={self.mlp!r}; set mlp='swiglu' or n_experts=0", "n_experts", "mlp")
+        if self.n_experts and self.n_experts_per_token > self.n_experts:
+            raise invalid(self, f"n_experts_per_token={self.n_experts_per_token} exceeds n_experts={self.n_experts}; "
+                                f"choose 1 to {self.n_experts}", "n_experts_per_token", "n_experts")
 
     @property
     def head_dim(self) -> int:
@@ -85,6 +100,11 @@ class GPTConfig(Config):
         if self.ff_dim is not None:
             return self.ff_dim
         return 4 * self.emb_dim if self.mlp != "swiglu" else -(-8 * self.emb_dim // 24) * 8
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's hidden width (moe_ff_dim, or the dense feed-forward's)."""
+        return self.moe_ff_dim if self.moe_ff_dim is not None else self.ff_hidden
 
     @classmethod
     def coerce(cls, cfg: "GPTConfig | Mapping[str, Any]") -> "GPTConfig":

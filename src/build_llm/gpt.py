@@ -12,6 +12,7 @@ from build_llm.attention import KVCache
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.layer import make_norm
+from build_llm.moe import MoEFeedForward
 from build_llm.transformer import TransformerBlock
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -53,9 +54,15 @@ class GPTModel(nn.Module):
                 module.weight.normal_(0.0, std)
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
+            elif isinstance(module, MoEFeedForward):  # the experts' stacked matrices, as if each were a Linear
+                for w in (module.fc1, module.fc2, module.fc3):
+                    scale = math.sqrt(2 * self.cfg.n_layers) if id(w) in residual_out else 1.0
+                    w.normal_(0.0, std / scale)
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos."""
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos.
+        `last_only`: only the last position's logits (B, 1, vocab_size), all generation needs from a
+        prompt (the head is a large share of a prompt's work: 38M of gpt2-small's 124M weights)."""
         start = 0 if cache is None else cache.pos  # an int, or per-row positions (B,)
         per_row = isinstance(start, torch.Tensor)
         self.check_input(in_idx, int(start.max()) if per_row else start)
@@ -76,6 +83,8 @@ class GPTModel(nn.Module):
                 x = block(x, cache.layer(i))
             cache.pos += seq_len
 
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
 

@@ -29,6 +29,20 @@ def count_parameters(model: nn.Module | GPTConfig, trainable_only: bool = False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def inactive_expert_parameters(cfg: GPTConfig) -> int:
+    """Parameters of the experts a token is not routed to: in each of the n_layers mixtures, the
+    n_experts - n_experts_per_token others, of three emb_dim x expert_hidden matrices each. 0 if dense."""
+    if not cfg.n_experts:
+        return 0
+    return cfg.n_layers * (cfg.n_experts - cfg.n_experts_per_token) * 3 * cfg.emb_dim * cfg.expert_hidden
+
+
+def active_parameters(cfg: GPTConfig) -> int:
+    """Parameters one token's forward pass uses (the "A3B" of Qwen3-30B-A3B): all but the experts it is
+    not routed to, the embeddings included; count_parameters itself for a dense model."""
+    return count_parameters(cfg) - inactive_expert_parameters(cfg)
+
+
 def lookup_tables(model: GPTModel) -> list[torch.Tensor]:
     """The embedding tables a token reads one row of: the position table (if any) and the token
     table, unless the output head multiplies by that same matrix (tied)."""
@@ -37,10 +51,10 @@ def lookup_tables(model: GPTModel) -> list[torch.Tensor]:
 
 
 def matmul_parameters(cfg: GPTConfig) -> int:
-    """N of the FLOP count and of the time budget's loss rule: the parameters that take part in
-    matrix products (all but the lookup tables)."""
+    """N of the FLOP count and of the time budget's loss rule: the parameters that take part in a
+    token's matrix products (all but the lookup tables and the experts it is not routed to)."""
     model = meta_model(cfg)
-    return count_parameters(model) - sum(t.numel() for t in lookup_tables(model))
+    return count_parameters(model) - sum(t.numel() for t in lookup_tables(model)) - inactive_expert_parameters(cfg)
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:

@@ -9,6 +9,7 @@ from build_llm.attention import LayerKV, MultiHeadAttention
 from build_llm.config import GPTConfig
 from build_llm.layer import make_norm
 from build_llm.mlp import FeedForward
+from build_llm.moe import MoEFeedForward
 
 
 class TransformerBlock(nn.Module):
@@ -22,7 +23,7 @@ class TransformerBlock(nn.Module):
             fused_qkv=cfg.fused_qkv, out_bias=cfg.bias, impl=cfg.attn_impl,
             rope_base=cfg.rope_base if cfg.pos_emb == "rope" else None, qk_norm=cfg.qk_norm, norm_eps=cfg.ln_eps,
         )
-        self.ff = FeedForward(cfg)
+        self.ff = MoEFeedForward(cfg) if cfg.n_experts else FeedForward(cfg)
         self.norm1 = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
         self.norm2 = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)

@@ -19,7 +19,7 @@ demo: install
 	.venv/bin/build-llm train --out runs/abc-demo
 
 test: install
-	$(PY) -m pytest -q -rs  # -rs: the reason of each skipped test
+	$(PY) -m pytest -q -rs  # -rs: each skipped test's reason, in the summary
 
 test-slow: install
 	$(PY) -m pytest -q -rs -m slow || test $$? -eq 5  # 5: no slow tests collected

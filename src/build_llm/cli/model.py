@@ -21,7 +21,7 @@ from build_llm.infer.generate import check_sampling, decode_stream, stream, text
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
-from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
+from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
 from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
 
@@ -34,6 +34,9 @@ def run_info(args: argparse.Namespace) -> None:
             model = GPTModel(GPTConfig.from_preset(args.preset or "book-124m"))
     print(format_parameter_table(model))
     print(f"Total parameters: {count_parameters(model):,}")
+    if model.cfg.n_experts:
+        print(f"Active parameters per token: {active_parameters(model.cfg):,} ({model.cfg.n_experts_per_token} of "
+              f"{model.cfg.n_experts} experts per layer)")
     print(f"Size: {model_size_mb(model, torch.float32):.2f} MB (fp32), {model_size_mb(model, torch.bfloat16):.2f} MB (bf16)")
 
 

@@ -30,10 +30,13 @@ slow: PyTorch has no int4 product on the CPU that takes float activations).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.gpt import use_decoding_layout
 from build_llm.infer import kernels
@@ -43,6 +46,10 @@ DECODE_DTYPES = ("float32", "bfloat16", "int8", "int4")
 # one thread): 32 -> 21 ms, 64 -> 20 ms, 128 -> 15 ms a token, against int8's 24-38 ms; 64 keeps twice 128's
 # scales for outliers at a small cost (`build-llm bench --checkpoint` reports the perplexity it gives).
 INT4_GROUP = 64
+# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers).
+KERNEL_FIELDS = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
+                 "bias", "gelu", "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
+                 "pos_emb", "rope_base", "norm", "mlp", "ff_dim", "qk_norm"}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,8 +176,13 @@ class CompiledStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
+        """Whether the C step computes this model: GPT-2's architecture, every field outside KERNEL_FIELDS at
+        its default (so an option added to GPTConfig later runs in PyTorch until the kernel learns it)."""
         cfg = getattr(model, "cfg", None)
         if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
+            return False
+        defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        if any(v != defaults[k] for k, v in cfg.to_dict().items() if k not in KERNEL_FIELDS):
             return False
         return all(isinstance(m, DecodeLinear) and m.packed for m in CompiledStep.linears(model)) \
             and model.tok_emb.weight.dtype == torch.float32

@@ -249,7 +249,7 @@ def dequantized_reference(low: GPTModel, model: GPTModel) -> GPTModel:
 
 
 @pytest.mark.parametrize("name", sorted(NEW_FAMILY))
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
 def test_new_family_models_decode_low_precision_weights_through_pytorch(name, dtype, tmp_path, capsys):
     model = tiny(fused_qkv=False, **NEW_FAMILY[name])
     low = prepare_for_decoding(copy.deepcopy(model), dtype)
@@ -264,6 +264,6 @@ def test_new_family_models_decode_low_precision_weights_through_pytorch(name, dt
     small = tiny(vocab_size=tok.vocab_size, fused_qkv=False, **NEW_FAMILY[name])
     save_checkpoint(tmp_path / "ckpt", small, tok)
     assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc", "--max-new-tokens", "12",
-                 "--dtype", dtype]) == 0
+                 "--dtype", dtype, "--greedy"]) == 0
     expected = generate(prepare_for_decoding(copy.deepcopy(small), dtype), torch.tensor([tok.encode("abc")]), 12)
     assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"

@@ -19,7 +19,7 @@ from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GP
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
-from build_llm.infer.quant import prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
@@ -119,8 +119,9 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     add_seed(p)
     add_device(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default="float32",
+                   help="decoding weights: float32 (default), bfloat16, int8 (per-channel, CPU) or int4 (a scale per "
+                        "group of 64 weights, CPU)")
 
 
 def run_import_hf(args: argparse.Namespace) -> None:

@@ -11,9 +11,9 @@ import torch
 from build_llm import GPTConfig, GPTModel, count_parameters, model_size_mb, parameter_table
 from build_llm.config import PRESETS
 from build_llm.infer.quant import prepare_for_decoding
-from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
-                              matmul_parameters, meta_model, model_memory, train_flops_per_token,
-                              training_memory, weight_bytes)
+from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes,
+                              kv_cache_bytes, matmul_parameters, meta_model, model_memory,
+                              train_flops_per_token, training_memory, weight_bytes)
 from build_llm.train.budget import shape_for
 from build_llm.train.config import TrainConfig
 
@@ -33,8 +33,8 @@ def expected_count(c: GPTConfig) -> int:
     return V * E + c.context_length * E + L * (attn + ff + norms) + (2 * E if c.bias else E) + head
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_parameter_count_of_every_preset(name):
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if PRESETS[n].get("pos_emb", "learned") == "learned"))
+def test_parameter_count_of_every_gpt2_shaped_preset(name):  # today's open models: counted against transformers
     cfg = GPTConfig.from_preset(name)
     with torch.device("meta"):
         model = GPTModel(cfg)
@@ -179,3 +179,21 @@ def test_a_mixture_of_experts_counts_every_expert_but_a_token_uses_k():
     assert matmul_parameters(cfg) == active_parameters(cfg) - 64 * 32  # less the token table
     dense = cfg.replace(n_experts=0)
     assert active_parameters(dense) == count_parameters(dense)
+
+
+def test_qwen3_30b_a3b_preset_counts_as_transformers_builds_it():
+    transformers = pytest.importorskip("transformers")
+    # Qwen/Qwen3-30B-A3B's config.json, built by transformers on the meta device (no memory)
+    cfg = GPTConfig.from_preset("qwen3-30b-a3b")
+    hf_cfg = transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf = transformers.Qwen3MoeForCausalLM(hf_cfg)
+        ours = GPTModel(cfg)
+    total = sum(p.numel() for p in hf.parameters())
+    assert count_parameters(cfg) == count_parameters(ours) == total  # 30,532,122,624
+    # the "A3B": a token uses 8 of each layer's 128 experts, 3.35 billion parameters (Qwen's "3.3B activated")
+    assert active_parameters(cfg) == total - 48 * (128 - 8) * 3 * 2048 * 768 == 3_353_032_704

@@ -206,4 +206,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GELU, <PAD> embedding at zero, vocabulary of the ABC text (<PAD>, \n, A, B, C).
     "r-abc": dict(vocab_size=5, context_length=16, emb_dim=128, n_heads=2, n_layers=2, drop_rate=0.2,
                   qkv_bias=True, fused_qkv=True, gelu="exact", padding_idx=0, attn_out_dropout=False),
+    # Qwen/Qwen3-30B-A3B's shape (random weights), for `info` and planning: 48 blocks of 128 SwiGLU
+    # experts, 8 per token, normalised top-k; 30.5 billion parameters, 3.3 billion used per token.
+    "qwen3-30b-a3b": dict(vocab_size=151936, context_length=40960, emb_dim=2048, n_heads=32, n_kv_heads=4,
+                          head_size=128, n_layers=48, drop_rate=0.0, bias=False, qkv_bias=False, pos_emb="rope",
+                          norm="rmsnorm", mlp="swiglu", ff_dim=6144, qk_norm=True, rope_base=1_000_000.0,
+                          ln_eps=1e-6, n_experts=128, n_experts_per_token=8, moe_ff_dim=768, moe_norm_topk=True),
 }

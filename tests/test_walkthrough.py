@@ -177,8 +177,8 @@ def run_walkthrough(tmp_path: Path, monkeypatch, capsys, short: bool) -> None:
             elif step.startswith("build-llm serve "):
                 server = Server(step)
             else:
-                check_command(shlex.split(step)[1], run_command(step, short, capsys))
-            ran.append(shlex.split(step)[1] if kind == "command" else "python")
+                check_command(shlex.split(step, comments=True)[1], run_command(step, short, capsys))
+            ran.append(shlex.split(step, comments=True)[1] if kind == "command" else "python")
     finally:
         if server is not None:
             assert server.stop() == 0

@@ -55,9 +55,16 @@ class Collect:
             self.done.set()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: rows decoded by the compiled step (quant.py)
-def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
-    model = prepare_for_decoding(tiny_model(vocab_size=300), dtype)
+# Gemma 3's options: grouped-query attention, a 4-token window on local layers, (1 + w) norms, ...
+GEMMA_LIKE = dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True, n_kv_heads=2,
+                  head_size=16, sliding_window=4, layer_types=("sliding", "full"), rope_local_base=100.0,
+                  norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.3, fused_qkv=False)
+
+
+# int8: rows decoded by the compiled step (quant.py); a Gemma-like model: by the modules, rows at their own positions
+@pytest.mark.parametrize("dtype, kw", [("float32", {}), ("int8", {}), ("float32", GEMMA_LIKE)])
+def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw):
+    model = prepare_for_decoding(tiny_model(vocab_size=300, **kw), dtype)
     engine = Engine(model, max_batch=3, max_queue=16).start()
     try:
         gen = torch.Generator().manual_seed(1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,9 +31,17 @@ from build_llm.errors import UsageError
 from build_llm.store.fsio import atomic_write, read_json, write_json
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
-# Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
-# end at a newline so a BPE tokenizer sees whole lines.
+# Text is read in pieces of about CHUNK_CHARS characters (at most CHUNK_CHARS + SAFE_CUT_SEARCH), so
+# that neither a big corpus nor a long line is ever wholly in memory. A piece ends where a tokenizer
+# would cut anyway: before a whitespace character that stands between two others (" word", "\nword").
+# GPT-2's split pattern (tiktoken's and our byte-level BPE's pre-tokenizer) always ends a pre-token
+# there and looks only ahead, so the pieces encode to exactly the ids of the whole text; a character
+# tokenizer cuts anywhere. Only where the last SAFE_CUT_SEARCH characters hold no such place (a
+# run of that many characters without a single space) is a piece cut at a character boundary: a BPE
+# may then start a new token where the whole text would have merged one, once per such cut.
 CHUNK_CHARS = 1 << 22
+SAFE_CUT_SEARCH = 1 << 16
+_SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
 
 # --- reading text --------------------------------------------------------------------------------
@@ -54,8 +63,20 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_pieces(files: list[Path]) -> Iterator[str]:
-    """The files' text in pieces of about CHUNK_CHARS characters; checks UTF-8 and text-ness."""
+def safe_cut(text: str) -> int:
+    """Where to end a piece of `text` (see CHUNK_CHARS): the last place before a whitespace character
+    between two others, within the last SAFE_CUT_SEARCH characters; else the end of `text`."""
+    start = max(0, len(text) - SAFE_CUT_SEARCH)
+    cut = None
+    for cut in _SAFE_CUT.finditer(text, start):
+        pass
+    return cut.start() if cut is not None and cut.start() > 0 else len(text)
+
+
+def read_pieces(files: list[Path], chunk_chars: int | None = None) -> Iterator[str]:
+    """The files' text in pieces of about CHUNK_CHARS characters, whatever the lengths of its lines,
+    each ending at a safe place for a tokenizer (safe_cut); checks UTF-8 and text-ness."""
+    chunk_chars = chunk_chars or CHUNK_CHARS
     for f in files:
         with open(f, "rb") as fh:
             head = fh.read(8192)
@@ -63,14 +84,17 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
             raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
         try:
             with open(f, encoding="utf-8", newline="") as fh:
-                while True:
-                    piece = fh.read(CHUNK_CHARS)
-                    if not piece:
-                        break
-                    piece += fh.readline()  # finish the line so BPE never sees half a word
-                    if "\x00" in piece:  # NUL is not text; the head check above misses a late one
+                carry = ""
+                while block := fh.read(chunk_chars):
+                    if "\x00" in block:  # NUL is not text; the head check above misses a late one
                         raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
-                    yield piece
+                    text = carry + block
+                    cut = safe_cut(text)
+                    carry = text[cut:]
+                    if cut:
+                        yield text[:cut]
+                if carry:
+                    yield carry
         except UnicodeDecodeError as e:
             raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None

@@ -1,0 +1,121 @@
+"""build_llm.data.corpus at scale: text read in bounded pieces whatever its line lengths (the ids
+equal those of the whole text), peak memory of preparation, interrupted preparation leaves nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import build_llm.data.corpus as corpus_mod
+from build_llm.data.corpus import read_pieces
+from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer
+
+WORDS = ["the", "quick", "brown", "fox", "don't", "jumps", "1984", "über", "naïve", "!!", "--", "日本語", "x"]
+SPACES = [" ", " ", " ", "  ", "\t", "\n", "\n\n", " \n ", "   "]
+
+
+def one_line_text(n_words: int, seed: int = 0, newlines: bool = False) -> str:
+    """Words and every kind of whitespace run between them (no newline unless asked): one long line."""
+    rng = np.random.default_rng(seed)
+    spaces = SPACES if newlines else [s for s in SPACES if "\n" not in s]
+    words, gaps = rng.choice(WORDS, n_words), rng.choice(spaces, n_words)
+    return "".join(w + g for w, g in zip(words, gaps))
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    monkeypatch.setattr(corpus_mod, "CHUNK_CHARS", 4096)
+    monkeypatch.setattr(corpus_mod, "SAFE_CUT_SEARCH", 300)
+
+
+@pytest.mark.parametrize("newlines", [False, True])
+def test_a_long_line_is_read_in_pieces_that_encode_as_the_whole(tmp_path, small_pieces, newlines):
+    text = one_line_text(40_000, newlines=newlines)
+    path = tmp_path / "line.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(read_pieces([path]))
+    assert "".join(pieces) == text and len(pieces) > 20
+    assert max(map(len, pieces)) <= 4096 + 300
+    gpt2 = GPT2Tokenizer()
+    assert [i for p in pieces for i in gpt2.encode(p)] == gpt2.encode(text)
+    bpe = BPETokenizer.train_from_texts([text[:50_000]], 400)
+    assert [i for p in pieces for i in bpe.encode(p)] == bpe.encode(text)
+
+
+def test_a_line_without_spaces_is_cut_at_characters(tmp_path, small_pieces):
+    text = "é" * 20_000 + " tail"
+    path = tmp_path / "dense.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(read_pieces([path]))
+    assert "".join(pieces) == text and max(map(len, pieces)) <= 4096 + 300
+
+
+PEAK_CHILD = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from build_llm.data.corpus import prepare_corpus
+    def hwm():
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    from build_llm.data.tokenizer import GPT2Tokenizer
+    GPT2Tokenizer().encode("warm up the encoder " * 1000)
+    before = hwm()
+    corpus, tok = prepare_corpus(sys.argv[1], "gpt2", Path(sys.argv[2]), 0.1)
+    print(before, hwm(), corpus.meta["n_tokens"])
+""")
+
+
+@pytest.mark.slow
+def test_preparing_a_32_mb_line_peaks_like_a_small_file(tmp_path):
+    """A 32 MB file of one line tokenizes (GPT-2) in pieces: the peak grows by less than 160 MB, the
+    working set of one piece (measured +119 MB; reading the line whole and encoding it in one call
+    added 520 MB)."""
+    path = tmp_path / "line.txt"
+    text = one_line_text(6_000_000, seed=1)
+    path.write_text(text, encoding="utf-8")
+    size = path.stat().st_size
+    assert size > 32e6
+    proc = subprocess.run([sys.executable, "-c", PEAK_CHILD, str(path), str(tmp_path / "data")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, peak, n_tokens = map(int, proc.stdout.split())
+    print(f"{size / 1e6:.0f} MB on one line: {n_tokens:,} tokens, peak +{(peak - before) / 2**20:.0f} MB")
+    assert n_tokens > 5_000_000 and peak - before < 160 * 2**20
+
+
+INTERRUPT_CHILD = textwrap.dedent("""
+    import sys
+    from build_llm.cli import main
+    sys.exit(main(["train", "--data", sys.argv[1], "--tokenizer", "gpt2", "--out", sys.argv[2], "--steps", "1"]))
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_preparation_leaves_no_temporary_file(tmp_path, sig):
+    """SIGTERM or SIGINT while the tokens are written: exit 130 and no .tokens.bin.tmp-* left behind."""
+    path = tmp_path / "big.txt"
+    path.write_text(one_line_text(1_500_000, newlines=True), encoding="utf-8")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_CHILD, str(path), str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(p.name.startswith(".tokens.bin") for p in _entries(run / "data")):
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+    assert not [p.name for p in _entries(run / "data") if ".tmp" in p.name or p.name.startswith(".")]
+
+
+def _entries(folder):
+    try:
+        return list(folder.iterdir())
+    except OSError:
+        return []

@@ -98,24 +98,59 @@ INTERRUPT_CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_preparation_leaves_no_temporary_file(tmp_path, sig):
-    """SIGTERM or SIGINT while the tokens are written: exit 130 and no .tokens.bin.tmp-* left behind."""
+    """SIGTERM or SIGINT while the tokens are written (into the token cache): exit 130, and no
+    temporary file left in the cache or the run."""
     path = tmp_path / "big.txt"
-    path.write_text(one_line_text(1_500_000, newlines=True), encoding="utf-8")
-    run = tmp_path / "run"
+    path.write_text(one_line_text(3_000_000, newlines=True), encoding="utf-8")
+    run, cache = tmp_path / "run", tmp_path / "cache"
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_CHILD, str(path), str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "BUILD_LLM_CACHE": str(cache)})
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not any(p.name.startswith(".tokens.bin") for p in _entries(run / "data")):
+    while time.monotonic() < deadline and not [p for p in _temporary(tmp_path) if "tokens" in p.name]:
         time.sleep(0.02)
+    assert _temporary(tmp_path), "the tokens were never being written"
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "interrupted" in err
-    assert not [p.name for p in _entries(run / "data") if ".tmp" in p.name or p.name.startswith(".")]
+    assert not _temporary(tmp_path)
 
 
-def _entries(folder):
-    try:
-        return list(folder.iterdir())
-    except OSError:
-        return []
+def _temporary(folder):
+    return [p for p in folder.rglob(".*") if ".tmp" in p.name or p.name.startswith(".tokens")]
+
+
+def test_the_token_cache_serves_a_new_run_directory_and_sees_a_changed_file(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("BUILD_LLM_CACHE", str(cache))
+    path = tmp_path / "t.txt"
+    path.write_text("the first corpus, " * 500, encoding="utf-8")
+    first, _ = corpus_mod.prepare_corpus(path, "gpt2", tmp_path / "a" / "data", 0.1)
+    assert cache.stat().st_mode & 0o777 == 0o700
+    reads = []
+    monkeypatch.setattr(corpus_mod, "read_pieces", lambda *a, **k: reads.append(a) or iter(()))
+    second, _ = corpus_mod.prepare_corpus(path, "gpt2", tmp_path / "b" / "data", 0.1)
+    assert not reads  # neither hashed nor tokenized again
+    assert (tmp_path / "b" / "data" / "tokens.bin").stat().st_ino == (tmp_path / "a" / "data" / "tokens.bin").stat().st_ino
+    assert np.array_equal(first.ids, second.ids) and second.meta == first.meta
+    monkeypatch.undo()
+    monkeypatch.setenv("BUILD_LLM_CACHE", str(cache))
+    stat = path.stat()
+    path.write_text("the other corpus, " * 500, encoding="utf-8")  # same size, same modification time
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    third, tok = corpus_mod.prepare_corpus(path, "gpt2", tmp_path / "c" / "data", 0.1)
+    assert third.meta["data_sha256"] != first.meta["data_sha256"]
+    assert tok.decode(np.asarray(third.ids[:4]).tolist()) == "the other corpus,"
+
+
+def test_a_cache_others_can_write_is_not_used(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "shared"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    monkeypatch.setenv("BUILD_LLM_CACHE", str(cache))
+    path = tmp_path / "t.txt"
+    path.write_text("some text to tokenize " * 200, encoding="utf-8")
+    corpus_mod.prepare_corpus(path, "gpt2", tmp_path / "run" / "data", 0.1)
+    assert "not using the token cache" in capsys.readouterr().err
+    assert not list(cache.iterdir())

@@ -28,7 +28,9 @@ import torch
 from build_llm.data.markov import abc_text
 from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
-from build_llm.store.fsio import atomic_write, read_json, write_json
+from build_llm.progress import Progress
+from build_llm.data.cache import cached_scan, tokens_dir
+from build_llm.store.fsio import atomic_write, link_or_copy, read_json, write_json
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
 # Text is read in pieces of about CHUNK_CHARS characters (at most CHUNK_CHARS + SAFE_CUT_SEARCH), so
@@ -73,10 +75,10 @@ def safe_cut(text: str) -> int:
     return cut.start() if cut is not None and cut.start() > 0 else len(text)
 
 
-def read_pieces(files: list[Path], chunk_chars: int | None = None) -> Iterator[str]:
+def read_pieces(files: list[Path], progress: Progress | None = None) -> Iterator[str]:
     """The files' text in pieces of about CHUNK_CHARS characters, whatever the lengths of its lines,
-    each ending at a safe place for a tokenizer (safe_cut); checks UTF-8 and text-ness."""
-    chunk_chars = chunk_chars or CHUNK_CHARS
+    each ending at a safe place for a tokenizer (safe_cut); checks UTF-8 and text-ness. `progress`
+    is told the bytes read."""
     for f in files:
         with open(f, "rb") as fh:
             head = fh.read(8192)
@@ -84,8 +86,11 @@ def read_pieces(files: list[Path], chunk_chars: int | None = None) -> Iterator[s
             raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
         try:
             with open(f, encoding="utf-8", newline="") as fh:
-                carry = ""
-                while block := fh.read(chunk_chars):
+                carry, pos = "", 0
+                while block := fh.read(CHUNK_CHARS):
+                    if progress is not None:
+                        progress.update(fh.buffer.tell() - pos)
+                        pos = fh.buffer.tell()
                     if "\x00" in block:  # NUL is not text; the head check above misses a late one
                         raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
                     text = carry + block
@@ -98,6 +103,12 @@ def read_pieces(files: list[Path], chunk_chars: int | None = None) -> Iterator[s
         except UnicodeDecodeError as e:
             raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None
+
+
+def read_showing_progress(files: list[Path], desc: str) -> Iterator[str]:
+    """read_pieces with its progress shown on stderr as `desc` (progress.Progress)."""
+    with Progress(desc, sum(f.stat().st_size for f in files), "B") as progress:
+        yield from read_pieces(files, progress)
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -164,9 +175,8 @@ def open_corpus(data_dir: Path) -> Corpus:
     return Corpus(ids, meta["n_train"], meta)
 
 
-def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
-                         val_ratio: float) -> Corpus:
-    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else write them."""
+def _matching(data_dir: Path, meta: dict[str, Any], val_ratio: float) -> Corpus | None:
+    """data_dir's corpus if it came from the same source, tokenizer and split and is whole, else None."""
     if (data_dir / META_FILE).is_file() and (data_dir / TOKENS_FILE).is_file():
         try:
             corpus = open_corpus(data_dir)
@@ -175,7 +185,24 @@ def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer
                 return corpus
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             pass  # unreadable or tampered leftovers: tokenize again
-    return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+    return None
+
+
+def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
+                         val_ratio: float) -> Corpus:
+    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else the
+    token cache's (data.cache), linked into data_dir; else tokenize, into the cache when there is one."""
+    if (corpus := _matching(data_dir, meta, val_ratio)) is not None:
+        return corpus
+    cached = tokens_dir({**meta, "val_ratio": val_ratio, "format": 1}) if meta.get("source") == "text" else None
+    if cached is None:
+        return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+    if _matching(cached, meta, val_ratio) is None:
+        cached.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_tokens(pieces(), tokenizer, cached, meta, val_ratio)
+    for name in (TOKENS_FILE, META_FILE):  # the run keeps its tokens if the cache is removed
+        link_or_copy(cached / name, data_dir / name)
+    return open_corpus(data_dir)
 
 
 def check_splits(corpus: Corpus, context_length: int) -> None:
@@ -212,14 +239,18 @@ def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -
 
 
 # --- a run's corpus ------------------------------------------------------------------------------
-def _scan(files: list[Path]) -> tuple[str, set[str], int]:
-    """One pass over the files: SHA-256 of their bytes, their set of characters, their length."""
-    h, chars, n = hashlib.sha256(), set(), 0
-    for piece in read_pieces(files):
-        h.update(piece.encode("utf-8"))
-        chars.update(piece)
-        n += len(piece)
-    return h.hexdigest(), chars, n
+def _scan(files: list[Path]) -> tuple[str, str, int]:
+    """One pass over the files: SHA-256 of their bytes, their characters (sorted), their length;
+    remembered in the cache (data.cache.cached_scan), so an unchanged corpus is not read again."""
+    def scan() -> tuple[str, str, int]:
+        h, chars, n = hashlib.sha256(), set(), 0
+        for piece in read_showing_progress(files, "read"):
+            h.update(piece.encode("utf-8"))
+            chars.update(piece)
+            n += len(piece)
+        return h.hexdigest(), "".join(sorted(chars)), n
+
+    return tuple(cached_scan(files, scan))
 
 
 def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
@@ -246,7 +277,7 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
         else:
             tok = get_tokenizer(tokenizer)
-        pieces = lambda: read_pieces(files)  # noqa: E731
+        pieces = lambda: read_showing_progress(files, "tokenize")  # noqa: E731
         source = {"source": "text"}
     tok_json = json.dumps(tok.to_json(), sort_keys=True)
     meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),

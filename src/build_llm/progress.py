@@ -1,7 +1,7 @@
 """Progress of a long phase (reading and hashing a corpus, tokenizing it, training a tokenizer,
 evaluating a large split) on stderr: a tqdm bar on a terminal; otherwise (a log file, a pipe, CI) a
-line when the phase starts, then one every LINE_EVERY_S seconds with the rate and the time left,
-and one when it ends if it took longer than that."""
+line once the phase has taken FIRST_LINE_S seconds, then one every LINE_EVERY_S seconds, with the
+rate and the time left, and one when it ends. A short phase says nothing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 
 from tqdm import tqdm
 
-LINE_EVERY_S = 30.0
+FIRST_LINE_S, LINE_EVERY_S = 5.0, 30.0
 
 
 def _size(n: float, unit: str) -> str:
@@ -37,8 +37,7 @@ class Progress:
         self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, file=sys.stderr, dynamic_ncols=True,
                         disable=None if enabled else True)  # None: off when stderr is not a terminal
         self.lines = enabled and self.bar.disable
-        if self.lines:
-            self._line(f"{desc}: started" + (f", {_size(total, unit)} to go" if total else ""))
+        self.said = False  # whether a line was printed: then the end is said too
 
     def __enter__(self) -> "Progress":
         return self
@@ -50,7 +49,7 @@ class Progress:
         self.done += n
         if not self.bar.disable:
             self.bar.update(n)
-        elif self.lines and time.perf_counter() - self.last >= self.every_s:
+        elif self.lines and time.perf_counter() - self.last >= (self.every_s if self.said else FIRST_LINE_S):
             self._line(self.status())
 
     def status(self) -> str:
@@ -67,11 +66,10 @@ class Progress:
 
     def _line(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
-        self.last = time.perf_counter()
+        self.last, self.said = time.perf_counter(), True
 
     def close(self) -> None:
         self.bar.close()
-        spent = time.perf_counter() - self.t0
-        if self.lines and spent >= self.every_s:
-            self._line(f"{self.desc}: done, {_size(self.done, self.unit)} in {_seconds(spent)}")
-            self.lines = False
+        if self.lines and self.said:
+            self._line(f"{self.desc}: done, {_size(self.done, self.unit)} in {_seconds(time.perf_counter() - self.t0)}")
+        self.lines = False

@@ -3,6 +3,7 @@ equal those of the whole text), peak memory of preparation, interrupted preparat
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -154,3 +155,35 @@ def test_a_cache_others_can_write_is_not_used(tmp_path, monkeypatch, capsys):
     corpus_mod.prepare_corpus(path, "gpt2", tmp_path / "run" / "data", 0.1)
     assert "not using the token cache" in capsys.readouterr().err
     assert not list(cache.iterdir())
+
+
+def test_tokenizer_train_reads_a_long_line_in_pieces_and_learns_the_same_merges(tmp_path, small_pieces, capsys,
+                                                                                monkeypatch):
+    """`tokenizer train` on one long line: the trainer sees small pieces (64k characters; 500 here),
+    cut where no word is split, so it counts the same words and learns the same BPE as on the whole."""
+    import build_llm.cli.model as model_cli
+    from build_llm.cli import main
+
+    text = one_line_text(30_000, seed=2)
+    path = tmp_path / "line.txt"
+    path.write_text(text, encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(model_cli, "small_pieces", lambda p: (seen.append(x) or x for x in corpus_mod.small_pieces(p, 500)))
+    assert main(["tokenizer", "train", "--data", str(path), "--vocab-size", "300", "--out", str(tmp_path / "t.json")]) == 0
+    err = capsys.readouterr().err
+    assert "distinct words" in err and "the trainer needs about" in err
+    assert "".join(seen) == text and max(map(len, seen)) <= 500 and len(seen) > 100
+    whole = BPETokenizer.train_from_texts([text], 300)
+    assert whole.to_json()["model"] == json.loads((tmp_path / "t.json").read_text())["model"]
+
+
+def test_tokenizer_train_refuses_invalid_utf8_late_in_a_file(tmp_path, small_pieces, capsys):
+    from build_llm.cli import main
+
+    path = tmp_path / "late.txt"
+    path.write_bytes(one_line_text(5000).encode("utf-8") + "ação".encode("latin-1"))
+    out = tmp_path / "t.json"
+    code = main(["tokenizer", "train", "--data", str(path), "--vocab-size", "300", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not valid UTF-8" in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -111,6 +111,20 @@ def read_showing_progress(files: list[Path], desc: str) -> Iterator[str]:
         yield from read_pieces(files, progress)
 
 
+def small_pieces(pieces: Iterator[str], chars: int = 1 << 16) -> Iterator[str]:
+    """The pieces cut again at safe places (safe_cut) into pieces of at most `chars` characters: for a
+    consumer that holds hundreds of pieces at once (the tokenizers trainer buffers 256)."""
+    for piece in pieces:
+        start = 0
+        while len(piece) - start > chars:
+            window = piece[start:start + chars]
+            cut = safe_cut(window)
+            yield window[:cut]
+            start += cut
+        if start < len(piece):
+            yield piece[start:]
+
+
 def read_text(path: str | os.PathLike[str]) -> str:
     """All the text of a UTF-8 file or folder of files (folder files joined in sorted path order)."""
     text = "".join(read_pieces(text_files(path)))

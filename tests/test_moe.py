@@ -8,6 +8,8 @@ from build_llm import GPTConfig, GPTModel
 from build_llm.errors import UsageError
 from build_llm.moe import MoEFeedForward
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread waits on no other
+
 MOE = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0, bias=False,
                 pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_experts=6, n_experts_per_token=2, moe_ff_dim=24)
 

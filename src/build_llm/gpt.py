@@ -31,8 +31,8 @@ class GPTModel(nn.Module):
         # Rotary positions live in the attention; a learned table only for pos_emb="learned".
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias, plus_one=cfg.norm_plus_one)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -71,6 +71,8 @@ class GPTModel(nn.Module):
             return self.decode_step(self, in_idx, cache)  # (B, 1, vocab_size): the same numbers, in one C call
 
         x = self.tok_emb(in_idx)  # (B, T, C)
+        if self.cfg.scale_emb:  # Gemma: sqrt(C), rounded to the embeddings' dtype first as Gemma does
+            x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:  # rotary positions (pos_emb="rope") act inside the attention instead
             pos_ids = torch.arange(seq_len, device=in_idx.device) + (start[:, None] if per_row else start)
             x = x + self.pos_emb(pos_ids)  # (T, C) broadcast over B, or (B, T, C) per row
@@ -104,9 +106,9 @@ class GPTModel(nn.Module):
             )
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KVCache for this model, sized by its context length."""
+        """An empty KVCache for this model, sized by its context length; it holds the key/value heads only."""
         ref = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len or self.cfg.context_length,
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len or self.cfg.context_length,
                        self.cfg.head_dim, device=ref.device, dtype=ref.dtype)
 
 

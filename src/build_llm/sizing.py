@@ -81,7 +81,7 @@ def train_flops_per_token(cfg: GPTConfig) -> int:
 def weights(model: nn.Module) -> list[torch.Tensor]:
     """The tensors that hold a model's weights, each once (a tied matrix is one tensor): its
     parameters and the buffers in which a decoding layer keeps bfloat16 or int8 weights, their
-    scales and biases (not the causal masks, bool, nor LoRA's row ids, int64)."""
+    scales and biases (not LoRA's row ids, int64)."""
     held = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.int8]
     return list(model.parameters()) + held
 
@@ -112,7 +112,8 @@ def model_size_mb(model: nn.Module, dtype: torch.dtype | str = torch.float32) ->
 
 
 def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a GPTModel of `cfg` holds: its parameters plus each block's causal-mask buffer."""
+    """Bytes a GPTModel of `cfg` holds: its parameters plus any buffers (none today: no layer stores a
+    causal mask, so this is linear in the context length)."""
     model = meta_model(cfg)
     params = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
@@ -120,8 +121,9 @@ def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
 
 def kv_cache_bytes(cfg: GPTConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of a KV cache for `batch_size` sequences of the whole context: a key and a value per
-    layer, position and channel."""
-    return 2 * batch_size * cfg.n_layers * cfg.context_length * cfg.emb_dim * torch.empty(0, dtype=dtype).element_size()
+    layer, position and key/value channel (fewer than emb_dim under grouped-query attention)."""
+    channels = cfg.kv_heads * cfg.head_dim
+    return 2 * batch_size * cfg.n_layers * cfg.context_length * channels * torch.empty(0, dtype=dtype).element_size()
 
 
 def training_memory(model_cfg: GPTConfig, train_cfg) -> int:

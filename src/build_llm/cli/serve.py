@@ -13,7 +13,7 @@ from build_llm.errors import UsageError
 from build_llm.infer.chat import load_chat_model, require_eos
 from build_llm.infer.chat import run_chat as chat
 from build_llm.infer.classify import classify_texts
-from build_llm.infer.quant import prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.runtime import available_memory
 from build_llm.serve import Settings, run_server
 from build_llm.sizing import kv_cache_bytes
@@ -92,8 +92,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_at_least(1), default=8000)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default="float32",
+                   help="decoding weights: float32 (default), bfloat16, int8 (per-channel) or int4 (a scale per group "
+                        "of 64 weights)")
     p.add_argument("--allow-host", action="append", type=host_name_arg, metavar="NAME",
                    help="also answer requests sent to this host name (repeatable). Bound to a loopback address the "
                         "server answers only localhost, 127.0.0.1 and [::1] (a web page cannot reach it under a name "
@@ -102,7 +103,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help=f"sequences decoded together (default 16, at most {MAX_BATCH})")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="the largest max_tokens a request may ask (default: the model's context length)")
+                   help="the largest max_tokens a request may ask (default: the model's context length). A "
+                        "request without max_tokens gets what the context leaves after its prompt (a "
+                        "/v1/completions request: at most 16, OpenAI's default)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
     p.add_argument("--shutdown-timeout", type=positive_int, default=30,
@@ -124,7 +127,9 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     add_checkpoint(p, "an instruction fine-tune (or any checkpoint with a tokenizer)")
     p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
     p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="longest reply (default: what the context window leaves after the conversation; old turns "
+                        "are dropped to keep 256 tokens or half the context for it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
     add_seed(p)

@@ -46,7 +46,7 @@ def return_intermediates(model: nn.Module, in_idx: torch.Tensor) -> dict[str, An
             h.remove()
         model.train(was_training)
     T = in_idx.shape[1]
-    return {"positions": torch.arange(T), "mask": model.trf_blocks[0].att.mask[:T, :T].int(),
+    return {"positions": torch.arange(T), "mask": model.trf_blocks[0].att.causal_mask(0, T, in_idx.device).int(),
             "hidden": hidden, "attention": attention, "logits": logits}
 
 

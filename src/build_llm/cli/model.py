@@ -146,11 +146,12 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
 @verb("import-hf", run_import_hf)
 def add_import_hf(p: argparse.ArgumentParser) -> None:
-    """Hugging Face GPT-2 directory -> checkpoint
+    """Hugging Face model directory -> checkpoint
 
-    Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin;
-    gpt2 to gpt2-xl) and write a checkpoint of this package. Nothing is downloaded: fetch the directory
-    yourself (see the README)."""
+    Read a local Hugging Face directory of a GPT-2, Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text)
+    model (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin; float32 or
+    bfloat16) and write a checkpoint of this package; a config setting the model cannot compute is
+    refused by name. Nothing is downloaded: fetch the directory yourself (see the README)."""
     p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
     add_out(p, "checkpoint directory to write")
     p.add_argument("--tokenizer", default="gpt2",
@@ -169,12 +170,13 @@ def run_export_hf(args: argparse.Namespace) -> None:
 
 @verb("export-hf", run_export_hf)
 def add_export_hf(p: argparse.ArgumentParser) -> None:
-    """checkpoint -> Hugging Face GPT-2 (or Llama) directory
+    """checkpoint -> Hugging Face directory (GPT-2 or the Llama family)
 
-    Write a checkpoint as a directory that transformers.GPT2LMHeadModel.from_pretrained loads
+    Write a checkpoint as a directory that transformers.AutoModelForCausalLM.from_pretrained loads
     (config.json, model.safetensors) with the same logits, plus its tokenizer (GPT-2 or a trained BPE)
-    for AutoTokenizer. A model with Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu
-    --no-bias --no-qkv-bias) is written for LlamaForCausalLM instead."""
+    for AutoTokenizer. A GPT-2-shaped model is written as GPT-2; one with rotary positions, RMSNorm or
+    a gated feed-forward as the first of llama, mistral, qwen2, qwen3 and gemma3_text that holds all
+    its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama)."""
     add_checkpoint(p)
     add_out(p, "directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")

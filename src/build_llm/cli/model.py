@@ -22,7 +22,7 @@ from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
-from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
+from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
 from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
 
 
@@ -92,10 +92,14 @@ def run_import_hf(args: argparse.Namespace) -> None:
     if (out / TRAINER_FILE).exists():
         raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
                          "state and break --resume; give another directory")
-    if args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
+    if args.tokenizer == "auto":  # the model's own tokenizer.json, with its special tokens and chat template
+        own = Path(args.dir) / TOKENIZER_FILE
+        tokenizer = load_tokenizer(own) if own.is_file() else get_tokenizer("gpt2")
+    elif args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
         tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
     else:
-        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file")
+        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file "
+                         "(or auto, the default: the directory's own tokenizer.json)")
     model = from_hf(args.dir)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
@@ -109,12 +113,14 @@ def add_import_hf(p: argparse.ArgumentParser) -> None:
     """Hugging Face GPT-2 directory -> checkpoint
 
     Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin;
-    gpt2 to gpt2-xl) and write a checkpoint of this package. Nothing is downloaded: fetch the directory
-    yourself (see the README)."""
+    gpt2 to gpt2-xl) and write a checkpoint of this package, with the directory's tokenizer.json, its
+    special tokens and chat template (which chat, serve and finetune instruct then use). Nothing is
+    downloaded: fetch the directory yourself (see the README)."""
     p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
     add_out(p, "checkpoint directory to write")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
+    p.add_argument("--tokenizer", default="auto",
+                   help="tokenizer stored with the model: auto (default: the directory's tokenizer.json with its "
+                        "special tokens and chat template, else gpt2), gpt2, a tokenizer JSON file, or none")
 
 
 def run_export_hf(args: argparse.Namespace) -> None:

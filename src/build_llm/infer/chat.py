@@ -2,20 +2,21 @@
 pieces every chat front end shares (the CLI, `serve`, the examples).
 
 A ChatSession holds the messages and the sampling settings; each reply is generated from the
-conversation rendered with the chat template (data/instruct.py: render_pieces), cut to the context
-window by dropping the oldest turns (fit_conversation), and streamed piece by piece up to the end
-token (stream_response). `respond` is the whole reply at once.
+conversation rendered in the tokenizer's chat template, or the package's own format
+(data/chat_template.py: chat_format), cut to the context window by dropping the oldest turns
+(fit_conversation), and streamed piece by piece up to an end token or the template's end of turn
+(stream_response). `respond` is the whole reply at once.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import torch
 import torch.nn as nn
 
-from build_llm.data.instruct import encode_conversation
+from build_llm.data.chat_template import ChatFormat, chat_format, template_source
 from build_llm.errors import UsageError
 from build_llm.infer.generate import check_sampling, decode_stream, stream
 from build_llm.store.checkpoint import load_checkpoint
@@ -33,15 +34,15 @@ def require_eos(tokenizer: Any) -> int:
     return eos
 
 
-def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int, budget: int
-                     ) -> tuple[list[int], int]:
-    """Prompt ids for the conversation (ending with the response header) in at most `budget` tokens,
-    dropping the oldest user/assistant turns as needed; returns (ids, turns dropped)."""
+def fit_conversation(messages: list[dict[str, str]], fmt: ChatFormat, budget: int) -> tuple[list[int], int]:
+    """Prompt ids for the conversation in the chat format `fmt` (ending where the assistant's reply
+    begins) in at most `budget` tokens, dropping the oldest user/assistant turns as needed; returns
+    (ids, turns dropped)."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     dropped = 0
     while True:
-        ids, _ = encode_conversation(system + turns, tokenizer, eos_id, add_generation_prompt=True)
+        ids, _ = fmt.encode(system + turns, add_generation_prompt=True)
         if len(ids) <= budget:
             return ids, dropped
         if len(turns) <= 1:
@@ -50,18 +51,19 @@ def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int
         turns, dropped = turns[2:], dropped + 1
 
 
-def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], eos_id: int, max_new_tokens: int,
-                    *, temperature: float = 0.0, top_k: int | None = None,
+def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], stop_ids: Sequence[int],
+                    max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                     generator: torch.Generator | None = None) -> Iterator[str]:
-    """Yield the response text piece by piece as tokens are generated, up to the end token (not
-    included). Text is yielded only up to whole characters (a byte-level BPE can split a character)."""
+    """Yield the response text piece by piece as tokens are generated, up to the first of `stop_ids`
+    (the end token, or the template's end of turn; not included). Text is yielded only up to whole
+    characters (a byte-level BPE can split a character)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    stops = set(stop_ids)
 
     def new_ids() -> Iterator[int]:
-        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
-                            generator=generator):
-            if int(token[0, 0]) == eos_id:
+        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
+            if int(token[0, 0]) in stops:
                 return
             yield int(token[0, 0])
 
@@ -70,11 +72,12 @@ def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], eos
 
 def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 64,
             **sampling: Any) -> str:
-    """The model's whole (greedy by default) reply to a conversation ending with a user message."""
-    eos = require_eos(tokenizer)
+    """The model's whole (greedy by default) reply to a conversation ending with a user message, in the
+    tokenizer's chat template (or the package's own format)."""
+    fmt = chat_format(tokenizer)
     budget = model.cfg.context_length - max_new_tokens
-    ids, _ = fit_conversation(messages, tokenizer, eos, max(budget, 1))
-    return "".join(stream_response(model, tokenizer, ids, eos, max_new_tokens, **sampling))
+    ids, _ = fit_conversation(messages, fmt, max(budget, 1))
+    return "".join(stream_response(model, tokenizer, ids, fmt.stop_ids, max_new_tokens, **sampling))
 
 
 class ChatSession:
@@ -87,7 +90,7 @@ class ChatSession:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < context:
             raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer in [1, {context - 1}] "
                              f"(the context window is {context} tokens and the prompt needs room)")
-        self.model, self.tokenizer, self.eos = model, tokenizer, require_eos(tokenizer)
+        self.model, self.tokenizer, self.format = model, tokenizer, chat_format(tokenizer)
         self.system = [{"role": "system", "content": system}] if system else []
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -102,11 +105,11 @@ class ChatSession:
         and `dropped` says how many old turns were dropped to fit the context window."""
         budget = self.model.cfg.context_length - self.max_new_tokens
         messages = self.system + self.turns + [{"role": "user", "content": text}]
-        ids, self.dropped = fit_conversation(messages, self.tokenizer, self.eos, budget)
+        ids, self.dropped = fit_conversation(messages, self.format, budget)
         self.turns = self.turns[2 * self.dropped:]
         pieces: list[str] = []
         try:
-            for piece in stream_response(self.model, self.tokenizer, ids, self.eos, self.max_new_tokens,
+            for piece in stream_response(self.model, self.tokenizer, ids, self.format.stop_ids, self.max_new_tokens,
                                          temperature=self.temperature, top_k=self.top_k, generator=self.generator):
                 pieces.append(piece)
                 yield piece
@@ -115,15 +118,18 @@ class ChatSession:
 
 
 def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, note) of an instruction fine-tune, or of a plain checkpoint with a note."""
+    """(model, tokenizer, note) of an instruction fine-tune or a chat model (a checkpoint whose tokenizer
+    has a chat template), or of a plain checkpoint with a note."""
     try:
         resolve_finetuned(checkpoint)
     except ValueError:
         ckpt = load_checkpoint(checkpoint)
         if ckpt.tokenizer is None:
             raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
-        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}); "
-                                            "its replies continue the prompt text")
+        if template_source(ckpt.tokenizer) is not None:
+            return ckpt.model, ckpt.tokenizer, None
+        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}) "
+                                            "and has no chat template; its replies continue the prompt text")
     ft = load_finetuned(checkpoint)
     if ft.meta["task"] != "instruct":
         raise UsageError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")

@@ -46,7 +46,7 @@ def test_generate_is_seeded(capsys):
 
 @pytest.mark.parametrize("args, words", [
     (["info", "--preset", "gpt5"], ["invalid choice: 'gpt5'", "gpt2-small"]),
-    (["generate", "--preset", "gpt2-small"], ["--prompt"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", ""], ["--prompt is empty", "leave --prompt out"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-k", "0"], ["--top-k", "expected an integer >= 1"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["top_p=2.0", "(0, 1]"]),

@@ -4,6 +4,7 @@ text coloured by -log2 p) and doctor (pass/fail checks for a GPT's silent bugs).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     model, tokenizer = load_source(args, get_device(args.device))
     title = f"{args.preset or Path(args.checkpoint).name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
     report = inspect_model(model, tokenizer, args.prompt, args.out, top_k=args.top_k, top_p=args.top_p,
-                           temperatures=args.temperatures, max_tokens=args.max_tokens, title=title)
+                           temperatures=args.temperatures, max_tokens=args.max_tokens, title=title,
+                           screen=tuple(shutil.get_terminal_size()))
     print(report["text"])
     print()
     for name, path in report["files"].items():
@@ -52,7 +54,8 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
     Run the model on a prompt and write, in --out: attention.png (a map per layer and head), mask.txt
     (positions and the causal mask), next_token.txt and next_token.png (top-k table; bars at several
     temperatures with the top-k and top-p cut-offs), layers.png (residual-stream norms and attention
-    entropy) and inspect.json (all the numbers). The summary is printed too."""
+    entropy) and inspect.json (all the numbers). The summary is printed too, its mask cut to the
+    terminal's size (the whole mask is in mask.txt)."""
     model_source(p)
     p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
     add_out(p, "directory for the files: new, empty, or an earlier inspect --out (replaced whole)")

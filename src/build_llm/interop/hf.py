@@ -286,9 +286,6 @@ def _fresh_model(cfg: GPTConfig) -> GPTModel:
     model = model.to_empty(device="cpu")
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
-    n = cfg.context_length
-    for block in model.trf_blocks:  # the causal mask is a buffer, not a weight: rebuild it
-        block.att.mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     return model
 
 

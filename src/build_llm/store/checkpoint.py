@@ -158,9 +158,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model.load_state_dict(state, strict=True, assign=False)
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
-    for block in model.trf_blocks:  # buffers are not saved; rebuild the causal mask on the device
-        n = cfg.context_length
-        block.att.mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
     tokenizer = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"checkpoint {str(path)!r}: {TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model's "

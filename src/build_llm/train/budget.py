@@ -149,6 +149,14 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
     return batch_size * cfg.context_length / statistics.median(times)
 
 
+def global_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str, d: Dist, seconds: float = 1.0) -> float:
+    """Training tokens per second of all processes together: under torchrun every process measures
+    its own share of the batch (batch_size / world) at once, as training will run them, and the
+    rates add up (the gradients' all-reduce is not in it: the run's Deadline measures that)."""
+    rate = probe_tokens_per_s(cfg, max(1, batch_size // d.world), ids, device, dtype, seconds=seconds)
+    return float(d.sum(torch.tensor(rate, dtype=torch.float64, device=device)).item()) if d.active else rate
+
+
 @dataclass
 class Plan:
     """What a run will do, said before its first step."""
@@ -164,10 +172,13 @@ class Plan:
     considered: list[dict[str, Any]] = field(default_factory=list)
     reserve_s: float = 0.0             # kept after the last step for the final evaluation, checkpoint, report
     train_cfg: Any = None              # the TrainConfig with the planned steps
+    start_step: int = 0                # the step a resumed run continues from
+    processes: int = 1                 # under torchrun: the throughput is all of theirs together
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.batch_size * self.grad_accum * self.model_cfg.context_length
+        """The tokens still to train: from start_step to the last step."""
+        return max(0, self.steps - self.start_step) * self.batch_size * self.grad_accum * self.model_cfg.context_length
 
     @property
     def estimated_s(self) -> float:
@@ -178,9 +189,11 @@ class Plan:
         lines = [f"plan: {count_parameters(c):,} parameters ({c.n_layers} layers, {c.emb_dim} wide, {c.n_heads} heads, "
                  f"context {c.context_length}), batch {self.batch_size}"
                  + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
-                 + f"; {self.steps:,} steps = {self.tokens:,} tokens",
+                 + (f"; steps {self.start_step:,} to {self.steps:,} = {self.tokens:,} tokens to go" if self.start_step
+                    else f"; {self.steps:,} steps = {self.tokens:,} tokens"),
                  f"plan: about {_human(self.estimated_s)} of training at {self.tokens_per_s:,.0f} tokens/s (measured "
-                 f"now), peak memory about {self.peak_bytes / 2**20:,.0f} MB"]
+                 f"now{f', {self.processes} processes together' if self.processes > 1 else ''}), "
+                 f"peak memory about {self.peak_bytes / 2**20:,.0f} MB" + (" per process" if self.processes > 1 else "")]
         if self.budget_s is not None:
             lines.append(f"plan: time budget {_human(self.budget_s)}; the learning rate decays to its end"
                          + (f"; predicted validation loss {self.predicted_loss:.2f}" if self.predicted_loss else ""))
@@ -196,29 +209,31 @@ def _human(seconds: float) -> str:
 
 
 def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: LossFit,
-                 probe_s: float, log=None) -> tuple[Any, float, float, list[dict[str, Any]]]:
+                 probe_s: float, log=None, d: Dist | None = None) -> tuple[Any, float, float, list[dict[str, Any]]]:
     """The candidate shape with the lowest predicted validation loss after `train_s` seconds:
     each candidate's throughput is measured (smallest first, stopping once a larger shape predicts
-    worse or the probe time `probe_s` is spent, or memory would not fit)."""
+    worse or the probe time `probe_s` is spent, or memory would not fit). Under torchrun every
+    process probes at once (global_tokens_per_s) and the main process makes each decision."""
+    d = d or Dist()
     threads = torch.get_num_threads()
     have = available_memory()
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
         cfg = shape_for(n_layers, emb_dim, BUDGET_CONTEXT, vocab_size)
-        if have is not None and estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) > 0.8 * have:
+        if not d.from_main(lambda: have is None or estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) <= 0.8 * have):
             break
         set_cpu_threads(count_parameters(cfg), device, threads)
-        rate = probe_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, seconds=min(1.0, probe_s / 6))
+        rate = global_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, d, seconds=min(1.0, probe_s / 6))
         loss = fit.predict(matmul_parameters(cfg), rate * train_s)
         considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "tokens_per_s": round(rate),
                            "tokens": int(rate * train_s), "predicted_loss": round(loss, 4)})
         if log:
             log(f"probe: {n_layers} layers x {emb_dim}: {rate:,.0f} tokens/s -> {rate * train_s / 1e6:.2f}M tokens, "
                 f"predicted loss {loss:.3f}")
-        if best is not None and loss > best[2]:
+        if d.from_main(lambda: best is not None and loss > best[2]):
             break
         best = (cfg, rate, loss)
-        if len(considered) >= 3 and time.perf_counter() - t0 > probe_s:
+        if d.from_main(lambda: len(considered) >= 3 and time.perf_counter() - t0 > probe_s):
             break
     if best is None:
         raise UsageError("even the smallest model of the --time-budget family does not fit in the available memory")
@@ -281,27 +296,28 @@ def budget_seconds(time_budget: str | float | None, data: str | None, resume: bo
 
 def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok, device: torch.device, d: Dist,
               started: float, budget_s: float | None, model_options: dict[str, Any], preset: str | None,
-              log: Callable[[str], None]) -> Plan:
+              log: Callable[[str], None], start_step: int = 0) -> Plan:
     """The run's plan, before anything big is allocated: the memory check (refusing what would not
-    fit), then the measured throughput; with a budget, the shape (if `model_cfg` is None) and the steps."""
+    fit), then the measured throughput; with a budget, the shape (if `model_cfg` is None) and the steps.
+    Under torchrun every process takes part in the probes, and the main process's plan is everyone's."""
     if model_cfg is None:  # the rule chooses the shape, within the time left after a 5% share for probing
         left = budget_s - (time.perf_counter() - started)
         model_cfg, rate, predicted, considered = choose_shape(
             0.9 * left, tok.vocab_size, corpus.train, device, cfg.dtype, load_fit(), probe_s=min(20.0, 0.05 * budget_s),
-            log=log if d.is_main else None)
+            log=log if d.is_main else None, d=d)
         extra = {k: v for k, v in model_options.items() if k not in ("drop_rate",)}
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), **extra,
                                          "drop_rate": model_options.get("drop_rate", 0.0)})
         assert model_cfg.context_length == BUDGET_CONTEXT
-        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
     else:
-        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
         predicted, considered = None, []
-        rate = probe_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype) if not d.active else 0.0
+        rate = global_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype, d)
     plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rate, peak, budget_s, considered=considered,
-                predicted_loss=predicted)
+                predicted_loss=predicted, start_step=start_step, processes=d.world)
     plan.train_cfg = cfg if budget_s is None else _fit_steps(plan, cfg, started, predicted is not None)
-    return plan
+    return d.broadcast(plan)  # the main process's measurements and steps: one model and schedule everywhere
 
 
 def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool) -> TrainConfig:

@@ -324,7 +324,7 @@ def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, t
     check_splits(corpus, model_cfg.context_length if model_cfg is not None else BUDGET_CONTEXT)  # before the plan
     # The plan's estimate refuses first (with what to change); check_fits is the lower bound behind it.
     plan = make_plan(model_cfg, req.cfg, corpus, tok, device, d, req.started, req.budget_s, req.model_options,
-                     req.preset, req.log)
+                     req.preset, req.log, start_step=req.saved.state["step"] if req.saved is not None else 0)
     check_fits(training_memory(plan.model_cfg, plan.train_cfg), "training this model with these settings", device)
     if d.is_main:
         req.log(plan.text())

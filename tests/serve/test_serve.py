@@ -264,6 +264,18 @@ def test_openai_errors(client, server):
         bad.completions.create(model="tiny", prompt="hi", max_tokens=1)
 
 
+def test_completions_without_max_tokens_get_16_or_what_the_context_leaves(client, tiny_ckpt):
+    short = client.completions.create(model="tiny", prompt="The cat sat on", temperature=0)
+    assert short.usage.completion_tokens == 16 and short.choices[0].text == reference(tiny_ckpt, "The cat sat on", 16)
+    prompt = [1000] * 55  # 55 tokens: 9 are left in the 64-token window
+    r = client.completions.create(model="tiny", prompt=prompt, temperature=0)
+    assert r.usage.prompt_tokens == 55 and r.usage.completion_tokens == 9 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="no room is left"):  # the prompt alone fills the window
+        client.completions.create(model="tiny", prompt="word " * 64)
+    r = client.completions.create(model="tiny", prompt="word " * 64, temperature=0, extra_body={"truncate": True})
+    assert r.usage.prompt_tokens == 48 and r.usage.completion_tokens == 16
+
+
 def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
     """A model with a chat template (here a plain one given in-process), served by uvicorn in a thread."""
     ckpt = load_checkpoint(tiny_ckpt)
@@ -294,6 +306,17 @@ def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
         assert parts[0].choices[0].delta.role == "assistant"
         assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
         assert parts[-1].choices[0].finish_reason == "length"
+        # Without max_tokens, the reply may take what the context leaves after a long prompt (no 400);
+        # an explicit max_tokens that does not fit is refused as before.
+        long = [{"role": "user", "content": "Tell me more about " + "cats and dogs " * 12}]
+        ids = template(long)
+        assert 32 < len(ids) < 64  # more than the half of the window the old default (256 at most) left
+        r = chat.chat.completions.create(model="chatty", messages=long, temperature=0)
+        expected = generate(ckpt.model, torch.tensor([ids]), 64 - len(ids), eos_id=tok.eos_id)[0, len(ids):]
+        assert r.usage.completion_tokens == 64 - len(ids) == len(expected) and r.choices[0].finish_reason == "length"
+        assert r.choices[0].message.content == tok.decode(expected.tolist())
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+            chat.chat.completions.create(model="chatty", messages=long, max_tokens=64 - len(ids) + 1)
         with pytest.raises(openai.BadRequestError, match="ending with the user's message"):
             chat.chat.completions.create(model="chatty", messages=messages[:1] + [{"role": "assistant", "content": "x"}])
     finally:

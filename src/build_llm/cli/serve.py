@@ -103,7 +103,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help=f"sequences decoded together (default 16, at most {MAX_BATCH})")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="the largest max_tokens a request may ask (default: the model's context length)")
+                   help="the largest max_tokens a request may ask (default: the model's context length). A "
+                        "request without max_tokens gets what the context leaves after its prompt (a "
+                        "/v1/completions request: at most 16, OpenAI's default)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
     p.add_argument("--shutdown-timeout", type=positive_int, default=30,
@@ -125,7 +127,9 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     add_checkpoint(p, "an instruction fine-tune (or any checkpoint with a tokenizer)")
     p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
     p.add_argument("--system", help="a system message (in the package's own format it replaces the Alpaca preamble)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="longest reply (default: what the context window leaves after the conversation; old turns "
+                        "are dropped to keep 256 tokens or half the context for it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
     add_seed(p)

@@ -116,7 +116,7 @@ def _boolean(body: dict, key: str, default: bool = False) -> bool:
 
 @dataclass
 class Sampling:
-    max_tokens: int
+    max_tokens: int | None  # None: not given; the app gives what the context leaves (Api.fit)
     temperature: float
     top_p: float | None
     top_k: int | None
@@ -130,10 +130,9 @@ class Sampling:
     include_usage: bool = False
 
 
-def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None,
-                   vocab_size: int | None = None) -> Sampling:
+def parse_sampling(body: dict, settings: Settings, context_length: int, vocab_size: int | None = None) -> Sampling:
     limit = settings.max_tokens or context_length
-    max_tokens = _integer(body, "max_tokens", default_max_tokens, 0, limit)
+    max_tokens = _integer(body, "max_tokens", None, 0, limit)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         max_tokens = _integer(body, "max_completion_tokens", None, 0, limit)
     stop = body.get("stop")

@@ -256,6 +256,19 @@ def trainer_files(optimizer_state: dict[str, Any], trainer_state: dict[str, Any]
     }
 
 
+def trained_steps(path: str | Path) -> int | None:
+    """The optimizer steps a checkpoint's trainer state records (None: it has none, e.g. a model saved
+    or imported without training, or the record is unreadable)."""
+    state_file = resolve_checkpoint(path) / TRAINER_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        step = read_json(state_file).get("step")
+    except (UsageError, OSError, AttributeError):
+        return None
+    return step if type(step) is int and step >= 0 else None
+
+
 @dataclass
 class TrainerState:
     state: dict[str, Any]        # trainer_state.json (step, train_config, data, rng, ...)

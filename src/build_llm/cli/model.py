@@ -24,7 +24,8 @@ from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
+from build_llm.store.fsio import (atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file,
+                                 read_json)
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -124,6 +125,19 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                         "group of 64 weights, CPU)")
 
 
+def own_tokenizer(directory: Path) -> Any:
+    """The tokenizer of a Hugging Face model directory: its tokenizer.json with the special tokens and
+    chat template beside it; without one, GPT-2's for a GPT-2 and none (with a note) for another model."""
+    if (directory / TOKENIZER_FILE).is_file():
+        return load_tokenizer(directory / TOKENIZER_FILE)
+    config = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if not isinstance(config, dict) or config.get("model_type", "gpt2") == "gpt2":
+        return get_tokenizer("gpt2")
+    print(f"build-llm: note: {directory} has no {TOKENIZER_FILE}; the checkpoint has no tokenizer (pass --tokenizer "
+          "FILE to add one)", file=sys.stderr)
+    return None
+
+
 def run_import_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and out.resolve() == Path(args.dir).resolve():
@@ -132,9 +146,8 @@ def run_import_hf(args: argparse.Namespace) -> None:
     if (out / TRAINER_FILE).exists():
         raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
                          "state and break --resume; give another directory")
-    if args.tokenizer == "auto":  # the model's own tokenizer.json, with its special tokens and chat template
-        own = Path(args.dir) / TOKENIZER_FILE
-        tokenizer = load_tokenizer(own) if own.is_file() else get_tokenizer("gpt2")
+    if args.tokenizer == "auto":
+        tokenizer = own_tokenizer(Path(args.dir))
     elif args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
         tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
     else:
@@ -150,12 +163,14 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
 @verb("import-hf", run_import_hf)
 def add_import_hf(p: argparse.ArgumentParser) -> None:
-    """Hugging Face GPT-2 directory -> checkpoint
+    """Hugging Face model directory -> checkpoint
 
-    Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin;
-    gpt2 to gpt2-xl) and write a checkpoint of this package, with the directory's tokenizer.json, its
-    special tokens and chat template (which chat, serve and finetune instruct then use). Nothing is
-    downloaded: fetch the directory yourself (see the README)."""
+    Read a local Hugging Face directory of a GPT-2, Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text)
+    model (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin; float32 or
+    bfloat16) and write a checkpoint of this package, with the directory's tokenizer.json, its special
+    tokens and chat template (which chat, serve and finetune instruct then use); a config setting the
+    model cannot compute is refused by name. Nothing is downloaded: fetch the directory yourself (see
+    the README)."""
     p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
     add_out(p, "checkpoint directory to write")
     p.add_argument("--tokenizer", default="auto",
@@ -175,12 +190,13 @@ def run_export_hf(args: argparse.Namespace) -> None:
 
 @verb("export-hf", run_export_hf)
 def add_export_hf(p: argparse.ArgumentParser) -> None:
-    """checkpoint -> Hugging Face GPT-2 (or Llama) directory
+    """checkpoint -> Hugging Face directory (GPT-2 or the Llama family)
 
-    Write a checkpoint as a directory that transformers.GPT2LMHeadModel.from_pretrained loads
+    Write a checkpoint as a directory that transformers.AutoModelForCausalLM.from_pretrained loads
     (config.json, model.safetensors) with the same logits, plus its tokenizer (GPT-2 or a trained BPE)
-    for AutoTokenizer. A model with Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu
-    --no-bias --no-qkv-bias) is written for LlamaForCausalLM instead."""
+    for AutoTokenizer. A GPT-2-shaped model is written as GPT-2; one with rotary positions, RMSNorm or
+    a gated feed-forward as the first of llama, mistral, qwen2, qwen3 and gemma3_text that holds all
+    its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama)."""
     add_checkpoint(p)
     add_out(p, "directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")

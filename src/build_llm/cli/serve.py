@@ -104,8 +104,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="the largest max_tokens a request may ask (default: the model's context length). A "
-                        "request without max_tokens gets what the context leaves after its prompt (a "
-                        "/v1/completions request: at most 16, OpenAI's default)")
+                        "request without max_tokens gets what the context leaves after its prompt, at most this")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
     p.add_argument("--shutdown-timeout", type=positive_int, default=30,

@@ -18,7 +18,7 @@ The two models compute the same function; only names and layouts differ:
       tie_word_embeddings is false)
 
 A model with rotary positions, RMSNorm or a gated feed-forward is one of the Llama family instead
-(llama, mistral, qwen2, qwen3, gemma3_text; interop/hf_decoders.py): imported from any of them, and
+(llama, mistral, qwen2, qwen3, qwen3_moe, gemma3_text; interop/hf_decoders.py): imported from any of them, and
 exported as the first whose config holds every option it has. Any other mix of options, or a config
 setting GPTModel does not compute, is refused with the option or key named.
 
@@ -48,7 +48,8 @@ from build_llm.data.special_tokens import TokenizerConfig, write_tokenizer_confi
 from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
 from build_llm.gpt import GPTModel
-from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, family_of)
+from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, expert_slice,
+                                          family_of, stack_experts, unstack_experts)
 from build_llm.store.checkpoint import unwrap, write_failed
 from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 
@@ -303,7 +304,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
     with torch.no_grad():
         for name, key in by_hf.items():  # one tensor in memory at a time, beside the model
             ours, transposed = names[name]
-            target = params[ours]
+            target = expert_slice(params, ours)
             expected = tuple(target.shape[::-1] if transposed else target.shape)
             tensor = loaders[key]()
             if tuple(tensor.shape) != expected:
@@ -315,7 +316,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
 
 def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
     """A GPTModel (eval mode, float32) with the weights of a Hugging Face GPT-2, Llama, Mistral, Qwen2,
-    Qwen3 or Gemma 3 (text) model.
+    Qwen3, Qwen3-MoE or Gemma 3 (text) model.
 
     `model_or_dir` is a local directory (config.json plus model.safetensors, a sharded
     model.safetensors.index.json, or pytorch_model.bin; float32 or bfloat16) or a `transformers` model
@@ -331,11 +332,11 @@ def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
     config = getattr(model_or_dir, "config", None)
     if not isinstance(model_or_dir, nn.Module) or not hasattr(config, "to_dict"):
         raise TypeError("model_or_dir: expected a directory path or a transformers GPT-2 model (or Llama, Mistral, "
-                        f"Qwen2, Qwen3, Gemma 3), got {type(model_or_dir).__name__}")
+                        f"Qwen2, Qwen3, Qwen3-MoE, Gemma 3), got {type(model_or_dir).__name__}")
     config = config.to_dict()
     cfg = config_from_hf(config, drop_rate=drop_rate)
     state = model_or_dir.state_dict()
-    loaders = {key: (lambda t=t: t.detach()) for key, t in state.items()}
+    loaders = unstack_experts({key: (lambda t=t: t.detach()) for key, t in state.items()})
     return _fill(_fresh_model(cfg), loaders, type(model_or_dir).__name__, config.get("model_type", "gpt2")).eval()
 
 
@@ -411,7 +412,7 @@ def decoder_tensors(model: GPTModel, family: str) -> Iterator[tuple[str, torch.T
                     for name, t in (("W_query", q), ("W_key", k), ("W_value", v)):
                         ours[f"trf_blocks.{i}.att.{name}.{part}"] = t
     for hf_name, our_name in decoder_names(model.cfg, family).items():
-        yield hf_name, ours[our_name]
+        yield hf_name, expert_slice(ours, our_name)
 
 
 def to_hf(model: nn.Module) -> Any:
@@ -437,6 +438,7 @@ def to_hf(model: nn.Module) -> Any:
     if model.cfg.tie_weights:
         state["lm_head.weight"] = state["transformer.wte.weight" if "transformer.wte.weight" in state
                                         else "model.embed_tokens.weight"]
+    state = stack_experts(state, hf.state_dict())  # transformers 5 holds the experts stacked
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     still_meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]

@@ -45,7 +45,6 @@ from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, erro
                                       parse_messages, parse_prompts, parse_sampling)
 
 STATIC = Path(__file__).parent / "static"
-COMPLETION_TOKENS = 16  # /v1/completions without max_tokens: OpenAI's default, or what the context leaves
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -263,13 +262,13 @@ class Api:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {name!r}",
                            param="model", code="model_not_found")
 
-    def fit(self, ids: list[int], sampling: Sampling, chat: bool) -> tuple[list[int], int]:
+    def fit(self, ids: list[int], sampling: Sampling) -> tuple[list[int], int]:
         """The prompt's ids, cut to its last tokens when `truncate` asks and it does not fit, and the
-        completion's length: max_tokens, or without it what the context leaves after the prompt (a
-        completion: at most 16, OpenAI's default), never more than --max-tokens."""
+        completion's length: max_tokens, or without it what the context leaves after the prompt (as
+        OpenAI's chat models do), never more than --max-tokens."""
         context_length = self.context_length
         if sampling.max_tokens is None:
-            most = min(self.settings.max_tokens or context_length, context_length if chat else COMPLETION_TOKENS)
+            most = self.settings.max_tokens or context_length
             if len(ids) < context_length:
                 return ids, min(most, context_length - len(ids))
             if sampling.truncate:  # keep room for a reply: the prompt's last tokens up to half the window
@@ -298,7 +297,7 @@ class Api:
         choices, seqs, used = [], [], []
         stop_ids = self.chat_stop_ids if chat else self.stop_ids
         for p, (ids, _) in enumerate(prompts):
-            ids, max_tokens = self.fit(ids, sampling, chat)
+            ids, max_tokens = self.fit(ids, sampling)
             used.append(ids)
             for j in range(sampling.n):
                 index = p * sampling.n + j

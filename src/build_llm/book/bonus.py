@@ -46,6 +46,9 @@ def gpt_config(cfg: Mapping[str, Any], *, norm_eps: float) -> GPTConfig:
                   ln_eps=norm_eps, rope_base=float(cfg.get("rope_base", 10_000.0)),
                   qk_norm=bool(cfg.get("qk_norm", False)), n_kv_heads=cfg.get("n_kv_groups"),
                   head_size=cfg.get("head_dim"))
+    orig = cfg.get("orig_context_length", cfg["context_length"])
+    if orig != cfg["context_length"]:  # the book's first Llama 3.2 version: the base scaled with the context
+        fields["rope_base"] *= cfg["context_length"] / orig
     freq = cfg.get("rope_freq")
     if freq is not None:  # Llama 3's frequency bands
         fields.update(rope_scaling="llama3", rope_factor=float(freq["factor"]),

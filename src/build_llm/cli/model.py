@@ -13,9 +13,9 @@ import torch
 from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed, add_verbs, load_source,
                                   model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
-from build_llm.data.corpus import read_pieces, read_text, text_files
-from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, get_tokenizer,
-                                      load_tokenizer, tokenizer_stats)
+from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
+from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
+                                      get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
@@ -211,13 +211,22 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")
     check_writable_file(out)
     files = [f for path in args.data for f in text_files(path)]
-    # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
-    if not sum(bool(piece.strip()) for piece in read_pieces(files)):
+    # The text's first words: not all of it empty, and the sample of the trainer's memory estimate
+    # (the rest is checked as the trainer reads it).
+    reading = read_showing_progress(files, "check text")
+    sample = next((piece for piece in reading if piece.strip()), None)
+    reading.close()
+    if sample is None:
         raise UsageError("--data is empty; give text to train on")
     check_not_input(out, {"--data": files})
     check_overwrite(out, args.force, ours=_is_tokenizer_file)
+    total = sum(f.stat().st_size for f in files)
+    words, peak = bpe_training_estimate(sample, total)
+    print(f"tokenizer train: {total / 2**20:,.0f} MB of text, about {words:,} distinct words (from its first "
+          f"{len(sample) / 2**20:,.1f} M characters): the trainer needs about {peak / 2**20:,.0f} MB", file=sys.stderr)
     try:
-        tok = BPETokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency)
+        pieces = small_pieces(read_showing_progress(files, "train tokenizer"))  # bounded, whatever the lines
+        tok = BPETokenizer.train_from_texts(pieces, args.vocab_size, min_frequency=args.min_frequency)
     except (ValueError, TypeError, OSError):
         raise
     except Exception as e:  # the tokenizers library raises its own exception type

@@ -89,6 +89,10 @@ def test_side_files_as_transformers_reads_them(tmp_path):
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.config.eos_token == "<|im_end|>" and tok.eos_id == 2 and tok.stop_ids == (2, 6)
     assert chat_format(tok).render([{"role": "user", "content": "x"}]) == "A<|im_end|>"
+    (tmp_path / "saved").mkdir()
+    tok.save_to(tmp_path / "saved")  # named templates go back as tokenizer_config.json's list, as transformers reads
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == tok.config.chat_template
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["eos_token_id"] == [2, 6]
     (tmp_path / "chat_template.jinja").write_text("C")
     assert read_tokenizer_config(tmp_path).chat_template == "C"
 

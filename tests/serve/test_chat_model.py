@@ -227,3 +227,4 @@ def test_import_hf_of_a_llama_without_tokenizer_json_stores_no_tokenizer(tmp_pat
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     assert "has no tokenizer.json; the checkpoint has no tokenizer" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run").tokenizer is None
+

@@ -24,11 +24,12 @@ from build_llm.serve.engine import Engine, Sequence
 from build_llm.store.checkpoint import load_checkpoint
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.finetune import prepare_instruction
-from tiny import CHATML_TEMPLATE, write_chat_tokenizer
+from tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE, write_chat_tokenizer
 
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,  # noqa: E402
+                          LlamaForCausalLM)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, how are you?"},
@@ -58,16 +59,35 @@ def run_dir(hf_dir, tmp_path_factory):
     return out
 
 
-def hf_reply(hf_dir, messages) -> tuple[list[int], str]:
+def hf_reply(hf_dir, messages, turn_end: str = "<|im_end|>") -> tuple[list[int], str]:
     """transformers' prompt ids and greedy reply, up to the end of the turn."""
     tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    stops = [tok.convert_tokens_to_ids(turn_end), tok.eos_token_id]
     out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=stops,
                          pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
     out = out[:next((i for i, t in enumerate(out) if t in stops), len(out))]
     return list(ids), tok.backend_tokenizer.decode(out, skip_special_tokens=False)
+
+
+def test_a_tiny_llama_answers_in_its_llama3_template(tmp_path, capsys):
+    """Llama 3's shape: bos_token and header tokens in the template, <|eot_id|> as eos; GQA weights."""
+    hf_dir = tmp_path / "llama-chat-tiny"
+    tok = write_chat_tokenizer(hf_dir, LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 tie_word_embeddings=False)).save_pretrained(hf_dir)
+    ids, expected = hf_reply(hf_dir, MESSAGES[:2], "<|eot_id|>")
+    assert ids[0] == tok.bos_token_id and len(expected) > NEW // 2
+    assert main(["import-hf", str(hf_dir), "--out", str(tmp_path / "run")]) == 0
+    assert chat_format(load_checkpoint(tmp_path / "run").tokenizer).encode(MESSAGES[:2], True)[0] == ids
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(tmp_path / "run"), "--system", MESSAGES[0]["content"], "--prompt",
+                 MESSAGES[1]["content"], "--max-new-tokens", str(NEW)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
 
 
 def test_import_hf_keeps_the_tokenizer_and_template(run_dir, hf_dir):
@@ -125,6 +145,10 @@ def test_a_template_that_raises_is_one_line_and_exit_2(run_dir, tmp_path, capsys
     code = main(["chat", "--checkpoint", str(broken), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "This model only chats in French" in err
+    (broken / "chat_template.jinja").write_text("{% for message in messages %}")  # not Jinja: refused at start
+    code = main(["serve", "--checkpoint", str(broken), "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the chat template is not valid Jinja" in err
 
 
 # --- a real server ------------------------------------------------------------------------------------
@@ -194,3 +218,13 @@ def test_finetune_instruct_trains_in_the_template_and_chat_stops_at_its_end_of_t
     assert main(["chat", "--checkpoint", str(tmp_path / "ft"), "--prompt", conversation[0]["content"],
                  "--max-new-tokens", "30"]) == 0
     assert capsys.readouterr().out == "Paris is the capital.\n"
+
+
+def test_import_hf_of_a_llama_without_tokenizer_json_stores_no_tokenizer(tmp_path, capsys):
+    """GPT-2's tokenizer is the fallback for a GPT-2 only: another model's ids would mean other words."""
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    assert "has no tokenizer.json; the checkpoint has no tokenizer" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "run").tokenizer is None
+

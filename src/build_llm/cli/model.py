@@ -14,7 +14,7 @@ from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed,
                                   model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
-from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
+from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
                                       get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
@@ -203,9 +203,11 @@ def add_export_hf(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> None:
-    if args.vocab_size < 257:
-        raise UsageError(f"--vocab-size {args.vocab_size} is too small; a byte-level BPE needs at least 257 "
-                         f"(256 bytes + {ENDOFTEXT})")
+    # Both bounds before the text is read, so the refusal is the only line.
+    if not 257 <= args.vocab_size <= MAX_BPE_VOCAB:
+        size = "too small" if args.vocab_size < 257 else "too large"
+        raise UsageError(f"--vocab-size {args.vocab_size} is {size}; a byte-level BPE needs between 257 "
+                         f"(256 bytes + {ENDOFTEXT}) and {MAX_BPE_VOCAB:,} ids")
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")

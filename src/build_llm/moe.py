@@ -15,7 +15,7 @@ One (n_experts, ...) tensor per projection keeps a 128-expert layer three parame
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -61,19 +61,21 @@ class MoEFeedForward(nn.Module):
         """Expert e's SwiGLU on its tokens x (n, C) -> (n, C)."""
         return F.linear(F.silu(F.linear(x, self.fc1[e])) * F.linear(x, self.fc2[e]), self.fc3[e])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, expert: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`expert(e, x)` computes expert e (default: self.expert; LoRA's MoEWithLoRA adds its adapters)."""
+        expert = expert or self.expert
         b, num_tokens, emb = x.shape
         x = x.reshape(b * num_tokens, emb)  # (N, C): routing is per token
         experts, weights = self.route(x)  # (N, k) each
         k = experts.shape[1]
         # Group the N*k (token, expert) pairs by expert: pair j is token j // k's choice number j % k.
-        pairs = experts.flatten()  # (N*k,)
+        pairs, pair_weights = experts.flatten(), weights.flatten()  # (N*k,) each
         order = pairs.argsort(stable=True)  # pair ids, expert 0's first
         counts = torch.bincount(pairs, minlength=self.n_experts).tolist()
         out = torch.zeros_like(x)  # (N, C)
         for e, chosen in zip(range(self.n_experts), order.split(counts)):
             if len(chosen):  # an expert no token chose costs nothing
                 tokens = chosen // k  # (n,)
-                y = self.expert(e, x[tokens]) * weights.flatten()[chosen, None]  # (n, C)
-                out.index_add_(0, tokens, y)
+                out.index_add_(0, tokens, expert(e, x[tokens]) * pair_weights[chosen, None])  # (n, C) added
         return out.view(b, num_tokens, emb)  # (B, T, C)

@@ -115,7 +115,7 @@ def check_command(argv0: str, out: str) -> None:
         result = json.loads(out)  # uniform over bytes is 8 bits a byte; a model of this text is far below
         assert math.isfinite(result["loss"]) and 0 < result["bits_per_byte"] < 4, result
     elif argv0 == "finetune":
-        rows = [json.loads(r) for r in Path("runs/mine-chat/metrics.jsonl").read_text().splitlines() if r.strip()]
+        rows = [json.loads(r) for r in Path("runs/mine-sft/metrics.jsonl").read_text().splitlines() if r.strip()]
         val = [r["val_loss"] for r in rows if r.get("val_loss") is not None]
         assert len(val) >= 2 and val[-1] < val[0], rows  # the instruction fine-tune learns
     elif argv0 == "chat":

@@ -224,3 +224,10 @@ def test_compiled_step_only_for_models_it_computes_exactly():
     assert generate(adapted, torch.tensor([[1, 2]]), 4).shape == (1, 6)
     assert prepare_for_decoding(tiny(), "float32").decode_step is None
     assert GPTModel.decode_step is None  # a plain model decodes through its modules
+
+
+def test_int4_layer_refuses_scales_for_another_group_size():
+    q, scale = quantize_int4(torch.randn(8, 100), 32)  # 4 groups a row
+    assert DecodeLinear(q, scale, None, group=32).group == 32
+    with pytest.raises(ValueError, match="a scale per group of `group` columns"):
+        DecodeLinear(q, scale, None, group=64)  # would read 2 scales a row: garbage

@@ -128,7 +128,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
                 else:
                     cache = None  # the window slides: positions shift, cached keys are stale
                     logits = last_logits(model, idx[:, -ctx:])
-            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)
                 finished |= idx_next[:, 0] == eos_id

@@ -11,9 +11,9 @@ import torch
 from build_llm import GPTConfig, GPTModel, count_parameters, model_size_mb, parameter_table
 from build_llm.config import PRESETS
 from build_llm.infer.quant import prepare_for_decoding
-from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
-                              matmul_parameters, meta_model, model_memory, train_flops_per_token,
-                              training_memory, weight_bytes)
+from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes,
+                              kv_cache_bytes, matmul_parameters, meta_model, model_memory,
+                              train_flops_per_token, training_memory, weight_bytes)
 from build_llm.train.budget import shape_for
 from build_llm.train.config import TrainConfig
 
@@ -25,16 +25,21 @@ GPT2_PARAMS, BOOK_PARAMS, GPT2_WPE, GPT2_WTE = 124_439_808, 163_009_536, 1024 * 
 
 # Parameter counts from exact arithmetic on each architecture (and the seeds' printed totals).
 def expected_count(c: GPTConfig) -> int:
-    E, V, L = c.emb_dim, c.vocab_size, c.n_layers
-    attn = 4 * E * E + (3 * E if c.qkv_bias else 0) + (E if c.bias else 0)
-    ff = 8 * E * E + (5 * E if c.bias else 0)
-    norms = 2 * (2 * E if c.bias else E)
+    E, V, L, F = c.emb_dim, c.vocab_size, c.n_layers, c.ff_hidden
+    Q, KV = c.n_heads * c.head_dim, c.kv_heads * c.head_dim  # query and key/value widths
+    attn = E * Q + 2 * E * KV + Q * E + (Q + 2 * KV if c.qkv_bias else 0) + (E if c.bias else 0)
+    attn += 2 * c.head_dim if c.qk_norm else 0
+    gated = c.mlp in ("swiglu", "geglu")
+    ff = (3 if gated else 2) * E * F + ((2 * F if gated else F) + E if c.bias else 0)
+    norm = 2 * E if c.bias and c.norm == "layernorm" else E
+    norms = (4 if c.post_norms else 2) * norm
     head = 0 if c.tie_weights else V * E
-    return V * E + c.context_length * E + L * (attn + ff + norms) + (2 * E if c.bias else E) + head
+    table = c.context_length * E if c.pos_emb == "learned" else 0
+    return V * E + table + L * (attn + ff + norms) + norm + head
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_parameter_count_of_every_preset(name):
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if not PRESETS[n].get("n_experts")))
+def test_parameter_count_of_every_dense_preset(name):  # (and against transformers: tests/test_config.py)
     cfg = GPTConfig.from_preset(name)
     with torch.device("meta"):
         model = GPTModel(cfg)
@@ -179,3 +184,19 @@ def test_a_mixture_of_experts_counts_every_expert_but_a_token_uses_k():
     assert matmul_parameters(cfg) == active_parameters(cfg) - 64 * 32  # less the token table
     dense = cfg.replace(n_experts=0)
     assert active_parameters(dense) == count_parameters(dense)
+
+
+def test_the_131072_token_llama_preset_builds_and_runs_without_context_squared_memory():
+    """llama-3.2-1b's context with a narrow model: a real (allocated) model, one forward and a cached
+    step; nothing in it or its state dict grows with the context squared (a bool mask would be 16 GiB)."""
+    cfg = GPTConfig.from_preset("llama-3.2-1b", n_layers=2, emb_dim=64, n_heads=4, n_kv_heads=2, ff_dim=128,
+                                vocab_size=100)
+    assert cfg.context_length == 131072
+    model = GPTModel(cfg).eval()
+    assert not list(model.buffers()) and not [k for k in model.state_dict() if k.endswith("mask")]
+    cache = model.new_cache(1, 64)
+    with torch.no_grad():
+        full = model(torch.arange(17)[None] % 100)
+        model(torch.arange(16)[None] % 100, cache)
+        step = model(torch.tensor([[16]]), cache)
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=0)

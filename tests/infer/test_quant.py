@@ -231,3 +231,46 @@ def test_int4_layer_refuses_scales_for_another_group_size():
     assert DecodeLinear(q, scale, None, group=32).group == 32
     with pytest.raises(ValueError, match="a scale per group of `group` columns"):
         DecodeLinear(q, scale, None, group=64)  # would read 2 scales a row: garbage
+
+
+# --- today's open models' options: PyTorch's path with the low-precision weights, never the C step -------
+NEW_FAMILY = {
+    "gqa-window": dict(n_kv_heads=2, sliding_window=5, head_size=24),  # GPT-2's norms and MLP, Mistral's attention
+    "qwen3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, qk_norm=True,
+                       n_kv_heads=1, head_size=32),
+    "gemma3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True,
+                        norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.2, n_kv_heads=2,
+                        sliding_window=4, layer_types=("sliding", "full"), rope_local_base=100.0),
+}
+
+
+def dequantized_reference(low: GPTModel, model: GPTModel) -> GPTModel:
+    """`model` in float32 with each Linear's weight replaced by the one the decoding layer holds."""
+    ref = copy.deepcopy(model)
+    lows = dict(low.named_modules())
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            if isinstance(m, nn.Linear):
+                m.weight = nn.Parameter(lows[name].dequantized().float())
+    return ref
+
+
+@pytest.mark.parametrize("name", sorted(NEW_FAMILY))
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
+def test_new_family_models_decode_low_precision_weights_through_pytorch(name, dtype, tmp_path, capsys):
+    model = tiny(fused_qkv=False, **NEW_FAMILY[name])
+    low = prepare_for_decoding(copy.deepcopy(model), dtype)
+    assert low.decode_step is None and not CompiledStep.supports(low)  # the C step computes GPT-2's shape only
+    idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = dequantized_reference(low, model)(idx)
+    out = low(idx).float()
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()  # int8's activations are bfloat16, nothing else differs
+    cached = generate(low, idx[:1, :4], 10)
+    assert torch.equal(cached, generate(low, idx[:1, :4], 10, use_cache=False))
+    tok = CharTokenizer.from_text("abcdefgh ")
+    small = tiny(vocab_size=tok.vocab_size, fused_qkv=False, **NEW_FAMILY[name])
+    save_checkpoint(tmp_path / "ckpt", small, tok)
+    assert main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "abc", "--max-new-tokens", "12",
+                 "--dtype", dtype, "--greedy"]) == 0
+    expected = generate(prepare_for_decoding(copy.deepcopy(small), dtype), torch.tensor([tok.encode("abc")]), 12)
+    assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"

@@ -17,6 +17,7 @@ from build_llm.inspect.doctor import run_checks
 from build_llm.inspect.intermediates import inspect_model
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.runtime import get_device
+from build_llm.store.checkpoint import trained_steps
 from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_file, write_text
 
 
@@ -141,14 +142,19 @@ def run_doctor(args: argparse.Namespace) -> int:
         raise UsageError(f"--lr {args.lr!r} is invalid; expected a number > 0")
     text = read_text(args.data) if args.data else None
     model, tokenizer = load_source(args, get_device(args.device), need_tokenizer=False)
-    untrained = not args.checkpoint
+    # Untrained: a preset, --untrained, or a run at step 0. A trained run's trainer state records its
+    # steps; without one (a model saved or imported) the loss decides (check_untrained_loss).
+    steps = None if not args.checkpoint or args.untrained else trained_steps(args.checkpoint)
+    untrained = True if not args.checkpoint or args.untrained else None if steps is None else steps == 0
     results = []
-    for result in run_checks(model, tokenizer, text, untrained=untrained or args.untrained, steps=args.steps,
+    for result in run_checks(model, tokenizer, text, untrained=untrained, steps=args.steps,
                              lr=args.lr, seq_len=args.seq_len, seed=args.seed):
         print(result.line(), flush=True)
         results.append(result)
     failed = [r.name for r in results if r.failed]
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    skipped = sum(r.status == "SKIP" for r in results)
+    print(f"{len(results) - len(failed) - skipped} passed, " + (f"{skipped} skipped, " if skipped else "")
+          + f"{len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -156,12 +162,13 @@ def run_doctor(args: argparse.Namespace) -> int:
 def add_doctor(p: argparse.ArgumentParser) -> None:
     """quick checks for the silent bugs of a GPT (pass/fail)
 
-    Check a model: tokenizer round-trip on the data, initial loss near ln(vocab) for an untrained model
-    (below it for a trained one), no causal leak, KV cache equal to recomputation, finite gradients,
+    Check a model: tokenizer round-trip on the data (default: a sample text the tokenizer covers),
+    initial loss near ln(vocab) for an untrained model (skipped for a trained one: a run's trainer
+    state records its steps; otherwise a loss far below ln(vocab) shows it), no causal leak, KV cache equal to recomputation, finite gradients,
     and one batch overfits within --steps. One PASS/FAIL line each; exit code 1 if any check fails."""
     model_source(p)
     p.add_argument("--data", help="a UTF-8 text file for the round-trip and the batch (default: ABC text for an ABC "
-                                  "model, otherwise a built-in sample)")
+                                  "model, otherwise a built-in sample, cut to a character model's alphabet)")
     p.add_argument("--untrained", action="store_true",
                    help="the checkpoint is freshly initialised: require its loss near ln(vocab) (always so for --preset)")
     p.add_argument("--steps", type=positive_int, default=60, help="AdamW steps allowed to overfit one batch (default 60)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,12 +28,22 @@ import torch
 from build_llm.data.markov import abc_text
 from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
-from build_llm.store.fsio import atomic_write, read_json, write_json
+from build_llm.progress import Progress
+from build_llm.data.cache import cached_scan, tokens_dir
+from build_llm.store.fsio import atomic_write, link_or_copy, read_json, write_json
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
-# Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
-# end at a newline so a BPE tokenizer sees whole lines.
+# Text is read in pieces of about CHUNK_CHARS characters (at most CHUNK_CHARS + SAFE_CUT_SEARCH), so
+# that neither a big corpus nor a long line is ever wholly in memory. A piece ends where a tokenizer
+# would cut anyway: before a whitespace character that stands between two others (" word", "\nword").
+# GPT-2's split pattern (tiktoken's and our byte-level BPE's pre-tokenizer) always ends a pre-token
+# there and looks only ahead, so the pieces encode to exactly the ids of the whole text; a character
+# tokenizer cuts anywhere. Only where the last SAFE_CUT_SEARCH characters hold no such place (a
+# run of that many characters without a single space) is a piece cut at a character boundary: a BPE
+# may then start a new token where the whole text would have merged one, once per such cut.
 CHUNK_CHARS = 1 << 22
+SAFE_CUT_SEARCH = 1 << 16
+_SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
 
 # --- reading text --------------------------------------------------------------------------------
@@ -54,8 +65,20 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_pieces(files: list[Path]) -> Iterator[str]:
-    """The files' text in pieces of about CHUNK_CHARS characters; checks UTF-8 and text-ness."""
+def safe_cut(text: str) -> int:
+    """Where to end a piece of `text` (see CHUNK_CHARS): the last place before a whitespace character
+    between two others, within the last SAFE_CUT_SEARCH characters; else the end of `text`."""
+    start = max(0, len(text) - SAFE_CUT_SEARCH)
+    cut = None
+    for cut in _SAFE_CUT.finditer(text, start):
+        pass
+    return cut.start() if cut is not None and cut.start() > 0 else len(text)
+
+
+def read_pieces(files: list[Path], progress: Progress | None = None) -> Iterator[str]:
+    """The files' text in pieces of about CHUNK_CHARS characters, whatever the lengths of its lines,
+    each ending at a safe place for a tokenizer (safe_cut); checks UTF-8 and text-ness. `progress`
+    is told the bytes read."""
     for f in files:
         with open(f, "rb") as fh:
             head = fh.read(8192)
@@ -63,17 +86,43 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
             raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
         try:
             with open(f, encoding="utf-8", newline="") as fh:
-                while True:
-                    piece = fh.read(CHUNK_CHARS)
-                    if not piece:
-                        break
-                    piece += fh.readline()  # finish the line so BPE never sees half a word
-                    if "\x00" in piece:  # NUL is not text; the head check above misses a late one
+                carry, pos = "", 0
+                while block := fh.read(CHUNK_CHARS):
+                    if progress is not None:
+                        progress.update(fh.buffer.tell() - pos)
+                        pos = fh.buffer.tell()
+                    if "\x00" in block:  # NUL is not text; the head check above misses a late one
                         raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
-                    yield piece
+                    text = carry + block
+                    cut = safe_cut(text)
+                    carry = text[cut:]
+                    if cut:
+                        yield text[:cut]
+                if carry:
+                    yield carry
         except UnicodeDecodeError as e:
             raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None
+
+
+def read_showing_progress(files: list[Path], desc: str) -> Iterator[str]:
+    """read_pieces with its progress shown on stderr as `desc` (progress.Progress)."""
+    with Progress(desc, sum(f.stat().st_size for f in files), "B") as progress:
+        yield from read_pieces(files, progress)
+
+
+def small_pieces(pieces: Iterator[str], chars: int = 1 << 16) -> Iterator[str]:
+    """The pieces cut again at safe places (safe_cut) into pieces of at most `chars` characters: for a
+    consumer that holds hundreds of pieces at once (the tokenizers trainer buffers 256)."""
+    for piece in pieces:
+        start = 0
+        while len(piece) - start > chars:
+            window = piece[start:start + chars]
+            cut = safe_cut(window)
+            yield window[:cut]
+            start += cut
+        if start < len(piece):
+            yield piece[start:]
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -140,9 +189,8 @@ def open_corpus(data_dir: Path) -> Corpus:
     return Corpus(ids, meta["n_train"], meta)
 
 
-def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
-                         val_ratio: float) -> Corpus:
-    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else write them."""
+def _matching(data_dir: Path, meta: dict[str, Any], val_ratio: float) -> Corpus | None:
+    """data_dir's corpus if it came from the same source, tokenizer and split and is whole, else None."""
     if (data_dir / META_FILE).is_file() and (data_dir / TOKENS_FILE).is_file():
         try:
             corpus = open_corpus(data_dir)
@@ -151,7 +199,24 @@ def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer
                 return corpus
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             pass  # unreadable or tampered leftovers: tokenize again
-    return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+    return None
+
+
+def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
+                         val_ratio: float) -> Corpus:
+    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else the
+    token cache's (data.cache), linked into data_dir; else tokenize, into the cache when there is one."""
+    if (corpus := _matching(data_dir, meta, val_ratio)) is not None:
+        return corpus
+    cached = tokens_dir({**meta, "val_ratio": val_ratio, "format": 1}) if meta.get("source") == "text" else None
+    if cached is None:
+        return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+    if _matching(cached, meta, val_ratio) is None:
+        cached.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_tokens(pieces(), tokenizer, cached, meta, val_ratio)
+    for name in (TOKENS_FILE, META_FILE):  # the run keeps its tokens if the cache is removed
+        link_or_copy(cached / name, data_dir / name)
+    return open_corpus(data_dir)
 
 
 def check_splits(corpus: Corpus, context_length: int) -> None:
@@ -188,14 +253,18 @@ def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -
 
 
 # --- a run's corpus ------------------------------------------------------------------------------
-def _scan(files: list[Path]) -> tuple[str, set[str], int]:
-    """One pass over the files: SHA-256 of their bytes, their set of characters, their length."""
-    h, chars, n = hashlib.sha256(), set(), 0
-    for piece in read_pieces(files):
-        h.update(piece.encode("utf-8"))
-        chars.update(piece)
-        n += len(piece)
-    return h.hexdigest(), chars, n
+def _scan(files: list[Path]) -> tuple[str, str, int]:
+    """One pass over the files: SHA-256 of their bytes, their characters (sorted), their length;
+    remembered in the cache (data.cache.cached_scan), so an unchanged corpus is not read again."""
+    def scan() -> tuple[str, str, int]:
+        h, chars, n = hashlib.sha256(), set(), 0
+        for piece in read_showing_progress(files, "read"):
+            h.update(piece.encode("utf-8"))
+            chars.update(piece)
+            n += len(piece)
+        return h.hexdigest(), "".join(sorted(chars)), n
+
+    return tuple(cached_scan(files, scan))
 
 
 def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
@@ -222,7 +291,7 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
         else:
             tok = get_tokenizer(tokenizer)
-        pieces = lambda: read_pieces(files)  # noqa: E731
+        pieces = lambda: read_showing_progress(files, "tokenize")  # noqa: E731
         source = {"source": "text"}
     tok_json = json.dumps(tok.to_json(), sort_keys=True)
     meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),

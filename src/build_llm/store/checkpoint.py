@@ -88,7 +88,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                           tmp / MODEL_FILE, metadata={"format": "pt"})
             write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
             if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER_FILE)
+                tokenizer.save_to(tmp)  # tokenizer.json, and a Hugging Face tokenizer's side files
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
     except (OSError, SafetensorError) as e:
@@ -254,6 +254,19 @@ def trainer_files(optimizer_state: dict[str, Any], trainer_state: dict[str, Any]
         RNG_FILE: lambda p: save_file(rng_tensors, p),
         TRAINER_FILE: lambda p: write_json(p, state),
     }
+
+
+def trained_steps(path: str | Path) -> int | None:
+    """The optimizer steps a checkpoint's trainer state records (None: it has none, e.g. a model saved
+    or imported without training, or the record is unreadable)."""
+    state_file = resolve_checkpoint(path) / TRAINER_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        step = read_json(state_file).get("step")
+    except (UsageError, OSError, AttributeError):
+        return None
+    return step if type(step) is int and step >= 0 else None
 
 
 @dataclass

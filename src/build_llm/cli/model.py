@@ -203,8 +203,10 @@ def add_export_hf(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> None:
-    if not 257 <= args.vocab_size <= MAX_BPE_VOCAB:  # before reading anything, so the refusal is the only line
-        raise UsageError(f"--vocab-size {args.vocab_size} is invalid; a byte-level BPE needs between 257 "
+    # Both bounds before the text is read, so the refusal is the only line.
+    if not 257 <= args.vocab_size <= MAX_BPE_VOCAB:
+        size = "too small" if args.vocab_size < 257 else "too large"
+        raise UsageError(f"--vocab-size {args.vocab_size} is {size}; a byte-level BPE needs between 257 "
                          f"(256 bytes + {ENDOFTEXT}) and {MAX_BPE_VOCAB:,} ids")
     out = Path(args.out)
     if out.is_dir():

@@ -232,9 +232,12 @@ def decode_stream(tokenizer: Any, ids: Iterable[int], prefix: Sequence[int] = ()
 
 
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
-    """Encode text to a (1, T) LongTensor (tiktoken encodings may contain <|endoftext|>)."""
+    """Encode a prompt to a (1, T) LongTensor (tiktoken encodings may contain <|endoftext|>; a
+    tokenizer that puts a start token before a text puts it first: Tokenizer.encode_prompt)."""
     if hasattr(tokenizer, "encode_ordinary"):  # a raw tiktoken Encoding, as in the book
         ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    elif hasattr(tokenizer, "encode_prompt"):
+        ids = tokenizer.encode_prompt(text)
     else:
         ids = tokenizer.encode(text)
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from build_llm.bench.ceilings import measure_ceilings
-from build_llm.bench.decode import add_bandwidth_bounds, bench_decoding, bench_tiny_decoding
+from build_llm.bench.decode import add_bandwidth_bounds, bench_decoding, bench_llama_decoding, bench_tiny_decoding
 from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
 from build_llm.bench.suite import Suite, full_suite, quick_suite
@@ -60,6 +60,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     ceilings = measure_ceilings(suite)
     decoding = bench_decoding(suite, log)
     tiny = bench_tiny_decoding(suite, log)
+    gc.collect()
+    llama = bench_llama_decoding(suite, log)
     add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
     perplexity = None
     if checkpoint is not None:
@@ -73,7 +75,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
             train_cli = bench_train_cli(text, suite, Path(tmp), log)
     results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
-               "decoding": decoding, "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
+               "decoding": decoding, "llama_decoding": llama, "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
                "perplexity": perplexity, "memory": memory}
     results["ratios"] = ratios(results)
     results["goals"] = goals(results, suite)
@@ -89,6 +91,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
         "decoding int8 weights vs hf": dec["ours int8 weights"] / dec["hf generate"],
         **{f"cached vs seed-style at {k}": v["speedup"] for k, v in r["decoding"]["seed_style"].items()},
+        **llama_ratios(r["llama_decoding"]),
         **{f"r-abc {k} vs seed": v / tiny["seed generate_text_simple"] for k, v in tiny.items() if k.startswith("ours")},
     }
     for t in r["training"]:
@@ -101,6 +104,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         out["build-llm train fp32 vs hf"] = cli_tps["float32"] / hf_tps
         out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
     return out
+
+
+def llama_ratios(llama: dict[str, Any]) -> dict[str, float]:
+    tps = llama["tokens_per_s"]
+    return {f"{llama['name']} {k} vs hf": tps[k] / tps["hf generate"] for k in ("ours bf16 weights", "ours int8 weights")}
 
 
 def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
@@ -116,6 +124,10 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
          r["decoding"]["seed_style"][str(suite.long_tokens)]["speedup"], 10.0),
         (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio[f"training {first} bf16 vs hf fp32"], 1.75),
     ]
+    name, gpt2 = r["llama_decoding"]["name"], r["decoding"]["model"]
+    for kind in ("bf16", "int8"):  # the Llama shape at least as many times faster than Hugging Face as GPT-2's shape
+        speed.append((f"{name} decoding ({kind} weights) vs hf >= {gpt2['n_layers']}-layer gpt2's ratio",
+                      ratio[f"{name} ours {kind} weights vs hf"], ratio[f"decoding {kind} weights vs hf"]))
     if r["train_cli"] is not None:
         speed.append((f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
                       ratio["build-llm train bf16 vs hf fp32"], 1.75))
@@ -147,6 +159,7 @@ def format_report(r: dict[str, Any]) -> str:
     for k, v in d["seed_style"].items():
         lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
                      f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
+    lines += llama_lines(r["llama_decoding"], r["rounds"])
     tiny = r["tiny_decoding"]
     lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
                   f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
@@ -185,6 +198,17 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def llama_lines(llama: dict[str, Any], rounds: int) -> list[str]:
+    cfg, agree = llama["model"], llama["tokens_agree_with_hf"]
+    lines = ["", f"decoding {llama['name']} ({cfg['n_layers']} layers, {cfg['emb_dim']} wide, {cfg['n_heads']} query heads "
+                 f"to {cfg['n_kv_heads']} key/value heads, random weights, batch 1, greedy, {llama['prompt_tokens']}-token "
+                 f"prompt, {llama['new_tokens']} new tokens; median of {rounds} rounds)", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in llama["tokens_per_s"].items()]
+    lines.append(f"  tokens equal to Hugging Face fp32's: the first {agree['bfloat16']} with bf16 weights, "
+                 f"{agree['int8']} with int8 (of {llama['new_tokens']})")
+    return lines
+
+
 def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """A PNG bar chart: tokens/s of each candidate, decoding and each training shape side by side."""
     import matplotlib  # optional: only the chart needs it
@@ -193,6 +217,7 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     d = r["decoding"]
     panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
+    panels.append((f"decoding {r['llama_decoding']['name']}", r["llama_decoding"]["tokens_per_s"]))
     panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
     for ax, (title, values) in zip(axes[0], panels):

@@ -33,7 +33,7 @@ from build_llm.gpt import GPTModel
 from build_llm.infer.evaluate import bits_per_unit, evaluate_windows
 from build_llm.infer.generate import generate, text_to_token_ids
 from build_llm.interop.hf import from_hf
-from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed
+from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed, training_dtype
 from build_llm.sizing import count_parameters, training_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE, load_checkpoint,
                                         load_trainer_state, save_checkpoint, set_rng_state, trainer_files)
@@ -41,7 +41,8 @@ from build_llm.store.fsio import check_writable_dir
 from build_llm.train.budget import BUDGET_CONTEXT, Deadline, budget_seconds, make_plan, process_started
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 from build_llm.train.distributed import Dist, close_distributed, full_state_options, init_distributed, wrap_model
-from build_llm.train.loop import RunLog, TrainingStopped, TrainState, lr_at, make_optimizer, run_loop, train_step
+from build_llm.train.loop import (RunLog, TrainingStopped, TrainState, grad_scaler, lr_at, make_optimizer, run_loop,
+                                  train_step)
 from build_llm.train.rundir import RUN_KIND, Resumed, check_run_dir, contradiction, owned, resumed_settings
 
 # Keys of step_rng streams: training batches, the fixed validation windows, dropout.
@@ -108,7 +109,7 @@ class LanguageModelling:
         cfg, d = self.cfg, self.d
         torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))  # dropout
         batches = micro_batches(self.corpus.train, state.step, cfg, self.T, d)
-        loss = train_step(state.model, state.optimizer, batches, self.device, cfg, d, stop=stop)
+        loss = train_step(state.model, state.optimizer, batches, self.device, cfg, d, stop=stop, scaler=state.scaler)
         return None if loss is None else (loss.item(), self.tokens_per_step)
 
     def lr(self, state: TrainState) -> float:
@@ -153,8 +154,9 @@ def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = Non
     core = core.to(device)
     if saved is not None:
         load_weights(core, saved.path, device)
-    model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile)
-    state = TrainState(core, model, make_optimizer(core, cfg, device), total_steps=cfg.steps)
+    model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile, dtype=cfg.dtype)
+    state = TrainState(core, model, make_optimizer(core, cfg, device), total_steps=cfg.steps,
+                       scaler=grad_scaler(cfg.dtype, device))
     if saved is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # heavy: seconds to import
 
@@ -274,8 +276,12 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     """
     req = request(out, data, tokenizer, preset, model_options, train_options, resume, init_from, time_budget,
                   log or (lambda s: None))
-    d, device = init_distributed(req.cfg.device)
+    d, device = init_distributed(req.cfg.device, req.log)
     configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
+    dtype, why = training_dtype(req.cfg.dtype, device)
+    if why and d.is_main:
+        req.log(why)
+    req.cfg = req.cfg.replace(dtype=dtype)
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         if req.cfg.fsdp and not d.active:

@@ -46,6 +46,9 @@ def gpt_config(cfg: Mapping[str, Any], *, norm_eps: float) -> GPTConfig:
                   ln_eps=norm_eps, rope_base=float(cfg.get("rope_base", 10_000.0)),
                   qk_norm=bool(cfg.get("qk_norm", False)), n_kv_heads=cfg.get("n_kv_groups"),
                   head_size=cfg.get("head_dim"))
+    orig = cfg.get("orig_context_length", cfg["context_length"])
+    if orig != cfg["context_length"]:  # the book's first Llama 3.2 version: the base scaled with the context
+        fields["rope_base"] *= cfg["context_length"] / orig
     freq = cfg.get("rope_freq")
     if freq is not None:  # Llama 3's frequency bands
         fields.update(rope_scaling="llama3", rope_factor=float(freq["factor"]),
@@ -221,3 +224,17 @@ def generate_text_simple_stream(model: BookModel, token_ids: torch.Tensor, max_n
         yield next_token
         if step + 1 < max_new_tokens:
             logits = model(next_token, cache=cache)
+
+
+@torch.no_grad()
+def generate_text_basic_stream(model: BookModel, token_ids: torch.Tensor, max_new_tokens: int,
+                               eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+    """The standalone notebooks' streaming loop without a cache: each greedy next token (B, 1), the
+    whole sequence read again each step; stops early as generate_text_simple_stream does."""
+    model.eval()
+    for _ in range(max_new_tokens):
+        next_token = model(token_ids)[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        if eos_token_id is not None and torch.all(next_token == eos_token_id):
+            break
+        yield next_token
+        token_ids = torch.cat([token_ids, next_token], dim=1)

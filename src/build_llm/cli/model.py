@@ -23,8 +23,9 @@ from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
-from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
+from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
+from build_llm.store.fsio import (atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file,
+                                 read_json)
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -124,6 +125,19 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                         "group of 64 weights, CPU)")
 
 
+def own_tokenizer(directory: Path) -> Any:
+    """The tokenizer of a Hugging Face model directory: its tokenizer.json with the special tokens and
+    chat template beside it; without one, GPT-2's for a GPT-2 and none (with a note) for another model."""
+    if (directory / TOKENIZER_FILE).is_file():
+        return load_tokenizer(directory / TOKENIZER_FILE)
+    config = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if not isinstance(config, dict) or config.get("model_type", "gpt2") == "gpt2":
+        return get_tokenizer("gpt2")
+    print(f"build-llm: note: {directory} has no {TOKENIZER_FILE}; the checkpoint has no tokenizer (pass --tokenizer "
+          "FILE to add one)", file=sys.stderr)
+    return None
+
+
 def run_import_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and out.resolve() == Path(args.dir).resolve():
@@ -132,10 +146,13 @@ def run_import_hf(args: argparse.Namespace) -> None:
     if (out / TRAINER_FILE).exists():
         raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
                          "state and break --resume; give another directory")
-    if args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
+    if args.tokenizer == "auto":
+        tokenizer = own_tokenizer(Path(args.dir))
+    elif args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
         tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
     else:
-        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file")
+        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file "
+                         "(or auto, the default: the directory's own tokenizer.json)")
     model = from_hf(args.dir)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
@@ -150,12 +167,15 @@ def add_import_hf(p: argparse.ArgumentParser) -> None:
 
     Read a local Hugging Face directory of a GPT-2, Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text)
     model (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin; float32 or
-    bfloat16) and write a checkpoint of this package; a config setting the model cannot compute is
-    refused by name. Nothing is downloaded: fetch the directory yourself (see the README)."""
+    bfloat16) and write a checkpoint of this package, with the directory's tokenizer.json, its special
+    tokens and chat template (which chat, serve and finetune instruct then use); a config setting the
+    model cannot compute is refused by name. Nothing is downloaded: fetch the directory yourself (see
+    the README)."""
     p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
     add_out(p, "checkpoint directory to write")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
+    p.add_argument("--tokenizer", default="auto",
+                   help="tokenizer stored with the model: auto (default: the directory's tokenizer.json with its "
+                        "special tokens and chat template, else gpt2), gpt2, a tokenizer JSON file, or none")
 
 
 def run_export_hf(args: argparse.Namespace) -> None:

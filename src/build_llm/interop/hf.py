@@ -44,6 +44,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from build_llm.config import GPTConfig
+from build_llm.data.special_tokens import TokenizerConfig, write_tokenizer_config
 from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
 from build_llm.gpt import GPTModel
@@ -456,7 +457,8 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
     The directory holds config.json and model.safetensors, which
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; a GPT-2 tokenizer adds vocab.json
     and merges.txt (the canonical files), a trained BPE its tokenizer.json, each with
-    tokenizer_config.json for `AutoTokenizer`. A character tokenizer has no Hugging Face form and is
+    tokenizer_config.json for `AutoTokenizer` (an imported tokenizer's own special tokens and chat
+    template, with generation_config.json for its end ids). A character tokenizer has no Hugging Face form and is
     left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced
     atomically; any other non-empty directory is refused (see fsio). Returns the names of the files written.
     """
@@ -480,6 +482,9 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
                 shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
                 shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
                 tok_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+            elif isinstance(tokenizer, BPETokenizer) and tokenizer.config != TokenizerConfig():
+                tokenizer.save(tmp / "tokenizer.json")  # its own special tokens and chat template, as imported
+                write_tokenizer_config(tmp, tokenizer.config, model_max_length=model.cfg.context_length)
             elif isinstance(tokenizer, BPETokenizer):
                 tokenizer.save(tmp / "tokenizer.json")
                 tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}

@@ -225,7 +225,9 @@ class Api:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.context_length = engine.context_length
         self.vocab_size = engine.model.cfg.vocab_size
-        self.eos_id = getattr(tokenizer, "eos_id", None)
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
+        self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends
 
     # --- what every request is checked for ---------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -293,19 +295,20 @@ class Api:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices, seqs, used = [], [], []
+        stop_ids = self.chat_stop_ids if chat else self.stop_ids
         for p, (ids, _) in enumerate(prompts):
             ids, max_tokens = self.fit(ids, sampling)
             used.append(ids)
             for j in range(sampling.n):
                 index = p * sampling.n + j
-                choice = Choice(index, self.tokenizer, sampling.stop, sampling.logprobs is not None, self.eos_id)
+                choice = Choice(index, self.tokenizer, sampling.stop, sampling.logprobs is not None, stop_ids)
 
                 def emit(kind: str, payload: object, index: int = index) -> None:  # called on the engine's thread
                     loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
                 seed = None if sampling.seed is None else (sampling.seed + index) % (1 << 63)
                 choice.seq = Sequence(ids, max_tokens, emit, temperature=sampling.temperature,
                                       top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, logprobs=sampling.logprobs,
-                                      echo=sampling.echo, eos_id=self.eos_id)
+                                      echo=sampling.echo, stop_ids=stop_ids)
                 choices.append(choice)
                 seqs.append(choice.seq)
         try:

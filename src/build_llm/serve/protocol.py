@@ -28,6 +28,7 @@ class Settings:
     max_logprobs: int = 20
     # messages -> the prompt's token ids, ending where the assistant's reply begins (None: no chat)
     chat_template: Callable[[list[dict[str, str]]], list[int]] | None = None
+    chat_stop_ids: tuple[int, ...] = ()  # the ids that end a chat reply (the template's end of turn)
     # the Host names the server answers (None: any); see app.allowed_hosts
     allowed_hosts: frozenset[str] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -280,8 +281,10 @@ class Choice:
     still grow into a stop string, is held back until the next token decides it.
     """
 
-    def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool, eos_id: int | None) -> None:
-        self.index, self.tokenizer, self.want_logprobs, self.eos_id = index, tokenizer, want_logprobs, eos_id
+    def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool,
+                 stop_ids: frozenset[int] | None = None) -> None:
+        self.index, self.tokenizer, self.want_logprobs = index, tokenizer, want_logprobs
+        self.stop_ids = stop_ids or frozenset()  # the end token, or a chat template's end of turn
         self.ids: list[int] = []
         self.scan = StopScan(stop)
         self.text = ""  # final text of the completion so far (sent or to send)
@@ -317,7 +320,7 @@ class Choice:
         if self.finish is not None:
             return
         self.completion_tokens += 1
-        if self.eos_id is not None and token.id == self.eos_id:
+        if token.id in self.stop_ids:
             self.finish = "stop"
             self.text = self.tokenizer.decode(self.ids)
             return

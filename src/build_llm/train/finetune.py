@@ -36,11 +36,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm import lora as lora_mod
+from build_llm.data.chat_template import chat_format
 from build_llm.data.classify import collate_classification, encode_text, read_labeled_csv
 from build_llm.data.corpus import fingerprint, step_rng
-from build_llm.data.instruct import IGNORE_INDEX, Example, collate_instruction, encode_conversation, read_instruction_data
+from build_llm.data.instruct import IGNORE_INDEX, Example, collate_instruction, read_instruction_data
 from build_llm.errors import UsageError
-from build_llm.infer.chat import require_eos
 from build_llm.infer.classify import last_token_logits
 from build_llm.runtime import get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
@@ -111,7 +111,7 @@ def prepare_classification(data: str | Path, val_data: str | Path | None, text_c
 
 def prepare_instruction(data: str | Path, val_data: str | Path | None, tokenizer: Any, max_length: int,
                         cfg: FinetuneConfig) -> FinetuneData:
-    eos = require_eos(tokenizer)
+    chat = chat_format(tokenizer)  # the tokenizer's chat template, or the package's own format
     conversations, fmt = read_instruction_data(data)
     if val_data is not None:
         val, fmt_val = read_instruction_data(val_data)
@@ -124,7 +124,7 @@ def prepare_instruction(data: str | Path, val_data: str | Path | None, tokenizer
     def encode(convs):
         out = []
         for messages in convs:
-            ids, is_response = encode_conversation(messages, tokenizer, eos)
+            ids, is_response = chat.encode(messages)
             out.append(Example(ids[:max_length + 1], is_response[:max_length + 1]))
         return out
 
@@ -325,7 +325,7 @@ def adapt_model(model: nn.Module, cfg: FinetuneConfig, ft_data: FinetuneData, to
     if cfg.lora_rank is not None:
         lora_mod.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
         if cfg.task == "instruct":  # the end token the base never predicted (lora.py: token rows)
-            lora_mod.train_token_rows(model, [require_eos(tokenizer)])
+            lora_mod.train_token_rows(model, list(chat_format(tokenizer).stop_ids))
         lora_mod.freeze_for_lora(model, ["out_head"] if cfg.task == "classify" else [])
         lora_meta = lora_mod.adapter_meta(model, cfg.lora_targets, base)
     elif cfg.task == "instruct":

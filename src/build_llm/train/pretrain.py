@@ -27,10 +27,10 @@ from build_llm.config import GPTConfig
 from build_llm.data.corpus import (Corpus, check_splits, draw_starts, prepare_corpus, random_windows, sliding_starts,
                                    step_rng)
 from build_llm.data.markov import ABC, optimal_loss, optimal_loss_on_text
-from build_llm.data.tokenizer import GPT2_VOCAB_SIZE
+from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, text_size
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.infer.evaluate import bits_per_unit, evaluate_windows
+from build_llm.infer.evaluate import bits_per_counts, evaluate_windows
 from build_llm.infer.generate import generate, text_to_token_ids
 from build_llm.interop.hf import from_hf
 from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed, training_dtype
@@ -102,8 +102,9 @@ class LanguageModelling:
         # evaluates every window; otherwise the ranks share the windows and sum.
         self.eval_dist = None if cfg.fsdp else d
         # The evaluation windows are a sample of the validation split: its tokens per character (and
-        # per byte) turn their mean loss into bits per character (and per byte) of the split's text.
-        self.val_text = tokenizer.decode(np.asarray(corpus.val).tolist())
+        # per byte) turn their mean loss into bits per character (and per byte) of the split's text,
+        # counted from the ids (the split is never decoded: it may be gigabytes).
+        self.val_chars, self.val_bytes = text_size(corpus.val, tokenizer)
 
     def step(self, state: TrainState, stop: Callable[[], bool]) -> tuple[float, int] | None:
         cfg, d = self.cfg, self.d
@@ -119,7 +120,8 @@ class LanguageModelling:
         val = self.corpus.val
         loss = evaluate_windows(state.core, val, self.val_starts, self.T, self.cfg.batch_size, self.device,
                                 self.eval_dist, self.cfg.dtype)[0]
-        return {"val_loss": loss, **{f"val_{k}": v for k, v in bits_per_unit(loss, len(val), self.val_text).items()}}
+        bits = bits_per_counts(loss, len(val), self.val_chars, self.val_bytes)
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in bits.items()}}
 
     def sample(self, state: TrainState) -> str | None:
         # With the evaluation, at most every 50 steps (generation is slow next to a tiny step)

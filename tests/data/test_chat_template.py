@@ -176,3 +176,18 @@ def test_the_constructs_real_templates_use_render_as_in_transformers(family):
     expected = hf.apply_chat_template(CONVERSATIONS[2], chat_template=CONSTRUCTS, tokenize=False)
     assert "WHAT IS THE CAPITAL OF FRANCE" in expected
     assert JinjaChat(ours, CONSTRUCTS).render(CONVERSATIONS[2]) == expected
+
+
+def test_a_chat_prompt_does_not_need_the_replies_verbatim(family):
+    """A template may rewrite earlier replies (Qwen3 drops their <think> part): a prompt to generate from
+    is still transformers'; only training, which must find each reply, refuses it in one line."""
+    hf, ours = family
+    rewriting = CHATML_TEMPLATE.replace("{{ message.content }}<|im_end|>{% endgeneration %}",
+                                        "{{ message.content.split('</think>')[-1] }}<|im_end|>{% endgeneration %}")
+    messages = [TURNS[0], {"role": "assistant", "content": "<think>hmm</think>Fine."}, TURNS[2]]
+    chat = JinjaChat(ours, rewriting)
+    assert chat.prompt(messages) == hf.apply_chat_template(messages, chat_template=rewriting,
+                                                           add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)
+    with pytest.raises(UsageError, match="does not render assistant message 2's text as it is given"):
+        chat.encode(messages)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -51,8 +52,14 @@ def get_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory a new allocation can use now (Linux MemAvailable), or None if unknown."""
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes a new allocation on `device` can use now: on CUDA the device's free memory
+    (torch.cuda.mem_get_info), elsewhere the host's (Linux MemAvailable); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None  # mps shares the host's memory under rules of its own: no check
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -64,13 +71,33 @@ def available_memory() -> int | None:
 
 
 def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
-    """Refuse (UsageError) before allocating `nbytes` on the CPU when the machine has less available."""
-    if torch.device(device).type != "cpu":
-        return
-    free = available_memory()
+    """Refuse (UsageError) before allocating `nbytes` on `device` when it has less available."""
+    free = available_memory(device)
     if free is not None and nbytes > free:
-        raise UsageError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory but {free / 2**30:,.1f} GiB is "
-                         "available; choose a smaller model")
+        where = f"{torch.device(device)} has" if torch.device(device).type == "cuda" else "the machine has"
+        raise UsageError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory but {where} {free / 2**30:,.1f} "
+                         "GiB available; choose a smaller model")
+
+
+def training_dtype(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """(the dtype training runs in, why): bfloat16 where the device has it; on a CUDA GPU without
+    bfloat16 (before Ampere), float16 with a gradient scaler instead; float16 as asked."""
+    device = torch.device(device)
+    if requested in ("bfloat16", "bf16") and device.type == "cuda" and not _cuda_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return "float16", (f"--dtype bfloat16: this GPU (compute capability {major}.{minor}) has no bfloat16; "
+                           "training in float16 with a gradient scaler instead")
+    if requested in ("float16", "fp16"):
+        return "float16", "--dtype float16: autocast in float16, losses scaled against underflow (GradScaler)"
+    return get_dtype_name(requested), ""
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def get_dtype_name(name: str) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[get_dtype(name)]
 
 
 def get_dtype(name: str) -> torch.dtype:
@@ -145,8 +172,67 @@ def set_cpu_threads(weights: int, device: torch.device | str, threads: int | Non
                               else threads)
 
 
+class TimedThreads:
+    """A context for each decoding step that runs it on the CPU thread count that has been fastest: all of
+    torch's threads or one, chosen by timing the steps as they run.
+
+    Each product of a step is an OpenMP region whose threads must all arrive before the step goes on. On a
+    machine whose cores are busy with other work (other processes, or a server's own threads) a region waits
+    for a thread that is not running, and a step on every thread can be many times slower than on one:
+    measured on the development machine (2 cores, load average 10-15), int8 gpt2-small decoded at 2.2 tokens/s
+    on 2 threads against 13 on one. On a quiet machine every thread is faster. So a step runs on the count
+    whose running average of step times is lower, and every `explore`-th step on the other, so that a change
+    in the machine's load is seen. The first step (the prompt) runs on every thread and is not timed. The count
+    is restored after each step, so code between steps keeps its own."""
+
+    def __init__(self, most: int, explore: int = 64) -> None:
+        self.options = sorted({1, max(1, most)})
+        self.explore, self.steps = explore, 0
+        self.average: dict[int, float] = {}  # threads -> running average of a step's seconds
+
+    def pick(self) -> int:
+        self.steps += 1
+        for n in self.options:
+            if n not in self.average:
+                return n
+        best = min(self.options, key=self.average.__getitem__)
+        if self.steps % self.explore == 0:
+            return next((n for n in self.options if n != best), best)
+        return best
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The faster count's steps are averaged; another's (an exploring step) replaces its last time, so that
+        a machine that went quiet is believed at once (and a wrong belief is undone by the next steps)."""
+        old = self.average.get(threads)
+        best = old is not None and threads == min(self.options, key=lambda n: self.average.get(n, float("inf")))
+        self.average[threads] = 0.75 * old + 0.25 * seconds if best else seconds
+
+    @contextlib.contextmanager
+    def __call__(self):
+        saved = torch.get_num_threads()
+        first = self.steps == 0 and not self.average
+        n = self.options[-1] if first else self.pick()
+        if first:
+            self.steps = 1
+        if n != saved:
+            torch.set_num_threads(n)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if not first:
+                self.record(n, time.perf_counter() - start)
+            if n != saved:
+                torch.set_num_threads(saved)
+
+
 def decoding_threads(weights: int, device: torch.device | str):
     """The context for each decoding step of a model of `weights` weights on `device`: `one_thread` when
     it wants one (wants_one_thread), so that code between steps (and a caller holding a paused
-    generator) keeps its own count; otherwise a no-op."""
-    return one_thread if wants_one_thread(weights, device) else contextlib.nullcontext
+    generator) keeps its own count; on a CPU with more than one thread and OMP_NUM_THREADS not set, a
+    `TimedThreads` (one per decoding loop); otherwise a no-op."""
+    if wants_one_thread(weights, device):
+        return one_thread
+    if torch.device(device).type == "cpu" and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ:
+        return TimedThreads(torch.get_num_threads())
+    return contextlib.nullcontext

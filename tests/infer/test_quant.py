@@ -262,6 +262,13 @@ def test_compiled_step_only_for_models_it_computes_exactly():
     assert GPTModel.decode_step is None  # a plain model decodes through its modules
 
 
+def test_int4_layer_refuses_scales_for_another_group_size():
+    q, scale = quantize_int4(torch.randn(8, 100), 32)  # 4 groups a row
+    assert DecodeLinear(q, scale, None, group=32).group == 32
+    with pytest.raises(ValueError, match="a scale per group of `group` columns"):
+        DecodeLinear(q, scale, None, group=64)  # would read 2 scales a row: garbage
+
+
 def dequantized_reference(low: GPTModel, model: GPTModel) -> GPTModel:
     """`model` in float32 with each Linear's weight replaced by the one the decoding layer holds."""
     ref = copy.deepcopy(model)

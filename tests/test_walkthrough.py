@@ -74,8 +74,8 @@ def write_inputs(where: Path, n_speeches: int, n_records: int) -> None:
 
 
 def walkthrough_steps(path: Path = ROOT / "README.md") -> list[tuple[str, str]]:
-    """("command", line) for each `build-llm` line and ("python", code) for each Python block of the
-    walkthrough section, in order."""
+    """("command", line) for each `build-llm` line of a bash block and ("python", code) for each Python
+    block of the walkthrough section, in order."""
     text = path.read_text(encoding="utf-8")
     assert START in text and END in text, f"{path.name} has no walkthrough section"
     section = text[text.index(START):text.index(END)]
@@ -84,7 +84,7 @@ def walkthrough_steps(path: Path = ROOT / "README.md") -> list[tuple[str, str]]:
         lines = [line[len(indent):] for line in body.splitlines()]  # a block inside a list item is indented
         if lang == "python":
             steps.append(("python", "\n".join(lines)))
-        else:
+        elif lang == "bash":  # a block without a language shows what a command prints
             steps += [("command", line) for line in lines if line.startswith("build-llm ")]
     return steps
 

@@ -62,6 +62,24 @@ def test_deadline_moves_the_last_step_to_the_time_left():
         time.perf_counter = clock
 
 
+def test_deadline_keeps_a_plan_that_holds():
+    """On pace (within a tenth of the time): the total on the progress line stays the plan's."""
+    t = [0.0]
+    deadline = Deadline(end=110.0, reserve_s=10.0)
+    state = SimpleNamespace(step=0, total_steps=100)
+    clock = time.perf_counter
+    try:
+        time.perf_counter = lambda: t[0]
+        assert deadline(state) == 100
+        for step, now in ((10, 10.0), (50, 52.0), (80, 78.0)):  # 1 step/s, +-4%: each end within 10 s of 100 s
+            state.step, t[0] = step, now
+            assert deadline(state) == 100
+        state.step, t[0] = 85, 95.0  # fell behind: 15 steps left would end at 112 s
+        assert deadline(state) == 85 + int(85 / 95 * 5)
+    finally:
+        time.perf_counter = clock
+
+
 def test_a_plan_that_does_not_fit_stops_before_allocating(tmp_path, capsys):
     """The README's old example: gpt2-small at batch 64 x context 1024 with dropout needs ~100 GB."""
     data = tmp_path / "t.txt"

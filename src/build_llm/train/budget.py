@@ -2,8 +2,10 @@
 and the plan every `build-llm train` states before its first step.
 
 The rule comes from a measured sweep (examples/time_budget_sweep.py, docs/time-budget.md): on
-character-level Shakespeare, validation loss after D training tokens of a model with N parameters
-in matrix products fits L(N, D) = E + A / N**alpha + B / D**beta. A budget of seconds becomes
+character-level Shakespeare, validation loss after D training characters of a model with N
+parameters in matrix products fits L(N, D) = E + A / N**alpha + B / D**beta nats per character.
+It predicts bits per character, which do not depend on the tokenizer: a model of another
+tokenizer sees D = tokens x characters per token (for it the rule is a guide, fitted on characters). A budget of seconds becomes
 tokens only at run time, through this machine's measured throughput for each candidate shape, so
 the rule itself does not depend on how fast (or how busy) the machine that swept it was.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -25,8 +28,10 @@ import torch
 
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import Corpus, draw_starts, random_windows
+from build_llm.data.tokenizer import CharTokenizer
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
+from build_llm.infer.evaluate import evaluate_windows
 from build_llm.runtime import available_memory, get_device, set_cpu_threads
 from build_llm.sizing import count_parameters, estimate_peak_bytes, matmul_parameters
 from build_llm.train.config import BUDGET_TRAIN, TrainConfig
@@ -95,10 +100,21 @@ def shape_for(n_layers: int, emb_dim: int, context_length: int, vocab_size: int,
 
 # --- the fitted rule, candidates, memory ----------------------------------------------------------
 FIT_FILE = Path(__file__).with_name("budget_fit.json")
-# The family the sweep measured (depth grows slowly with width), largest last; context and batch are
-# the sweep's (its fit holds for them).
+# The family the sweep measured (depth grows slowly with width), largest last; the batch is the
+# sweep's (BUDGET_TRAIN's), and so is the context of a character model. A model of a subword
+# tokenizer gets a context long enough for instruction records and a chat's turns.
 CANDIDATES = [(2, 64), (3, 96), (4, 128), (4, 192), (6, 256), (6, 384), (8, 512)]
-BUDGET_CONTEXT = 64  # the batch is BUDGET_TRAIN's
+CHAR_CONTEXT, TOKEN_CONTEXT = 64, 256
+
+
+def budget_context(tokenizer) -> int:
+    """The context of the shapes the budget chooses from, for a run with this tokenizer."""
+    return CHAR_CONTEXT if isinstance(tokenizer, CharTokenizer) else TOKEN_CONTEXT
+
+
+def chars_per_token(corpus: Corpus) -> float:
+    """Characters of the training text per training token (1 for a character model)."""
+    return corpus.meta.get("n_train_chars", corpus.n_train) / max(corpus.n_train, 1)
 
 
 def load_fit() -> LossFit:
@@ -127,9 +143,10 @@ def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = Non
 
 # --- throughput probe and the plan ---------------------------------------------------------------
 def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32", seconds: float = 1.0,
-                       max_steps: int = 20) -> float:
-    """Training tokens per second of `cfg` at `batch_size` on this machine now: AdamW steps on real
-    windows of `ids`, after one untimed step; at least two timed steps, until `seconds` pass. The
+                       max_steps: int = 20) -> tuple[float, float]:
+    """(training, evaluation) tokens per second of `cfg` at `batch_size` on this machine now, with the
+    CPU threads set as now: AdamW steps on real windows of `ids`, after one untimed step; at least
+    two timed steps, until `seconds` pass; then two evaluation batches as the run evaluates. The
     median step counts, so that one slow step (a page fault, another process) does not skew it."""
     model = GPTModel(cfg).to(device).train()
     tcfg = TrainConfig(batch_size=batch_size, dtype=dtype)
@@ -146,7 +163,11 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return batch_size * cfg.context_length / statistics.median(times)
+    start = time.perf_counter()
+    evaluate_windows(model, ids, draw_starts(len(ids), cfg.context_length, 2 * batch_size, rng), cfg.context_length,
+                     batch_size, device, None, dtype)
+    eval_rate = 2 * batch_size * cfg.context_length / (time.perf_counter() - start)
+    return batch_size * cfg.context_length / statistics.median(times), eval_rate
 
 
 @dataclass
@@ -158,9 +179,11 @@ class Plan:
     steps: int
     tokens_per_s: float
     peak_bytes: int
+    eval_tokens_per_s: float = 0.0     # forward only, as the evaluations run
+    threads: int = 1                   # the CPU threads of the probe and the run
     budget_s: float | None = None      # the wall-time budget, if any
     train_s: float = 0.0               # the part of it left for optimizer steps
-    predicted_loss: float | None = None
+    predicted_bits: float | None = None  # validation bits per character, by the fitted rule
     considered: list[dict[str, Any]] = field(default_factory=list)
     reserve_s: float = 0.0             # kept after the last step for the final evaluation, checkpoint, report
     train_cfg: Any = None              # the TrainConfig with the planned steps
@@ -171,7 +194,13 @@ class Plan:
 
     @property
     def estimated_s(self) -> float:
-        return self.tokens / max(self.tokens_per_s, 1e-9)
+        """The optimizer steps' time and the evaluations' (every eval_every steps and at the end)."""
+        cfg = self.train_cfg
+        if cfg is None or not self.eval_tokens_per_s:
+            return self.tokens / max(self.tokens_per_s, 1e-9)
+        evals = self.steps // cfg.eval_every + (self.steps % cfg.eval_every > 0)
+        eval_tokens = evals * cfg.eval_batches * cfg.batch_size * self.model_cfg.context_length
+        return self.tokens / max(self.tokens_per_s, 1e-9) + eval_tokens / self.eval_tokens_per_s
 
     def text(self) -> str:
         c = self.model_cfg
@@ -180,10 +209,12 @@ class Plan:
                  + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
                  + f"; {self.steps:,} steps = {self.tokens:,} tokens",
                  f"plan: about {_human(self.estimated_s)} of training at {self.tokens_per_s:,.0f} tokens/s (measured "
-                 f"now), peak memory about {self.peak_bytes / 2**20:,.0f} MB"]
+                 f"now, {self.threads} CPU thread{'s' if self.threads > 1 else ''}, evaluations "
+                 f"included), peak memory about {self.peak_bytes / 2**20:,.0f} MB"]
         if self.budget_s is not None:
             lines.append(f"plan: time budget {_human(self.budget_s)}; the learning rate decays to its end"
-                         + (f"; predicted validation loss {self.predicted_loss:.2f}" if self.predicted_loss else ""))
+                         + (f"; predicted validation {self.predicted_bits:.2f} bits per character"
+                            if self.predicted_bits else ""))
         return "\n".join(lines)
 
 
@@ -195,29 +226,31 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: LossFit,
-                 probe_s: float, log=None) -> tuple[Any, float, float, list[dict[str, Any]]]:
-    """The candidate shape with the lowest predicted validation loss after `train_s` seconds:
-    each candidate's throughput is measured (smallest first, stopping once a larger shape predicts
-    worse or the probe time `probe_s` is spent, or memory would not fit)."""
+def choose_shape(train_s: float, vocab_size: int, context_length: int, ids, char_ratio: float, device, dtype: str,
+                 fit: LossFit, probe_s: float, log=None) -> tuple[Any, tuple[float, float], float, list[dict[str, Any]]]:
+    """The candidate shape with the lowest predicted validation bits per character after `train_s`
+    seconds (`char_ratio` characters per token): each candidate's throughput is measured (smallest
+    first, stopping once a larger shape predicts worse or the probe time `probe_s` is spent, or
+    memory would not fit)."""
     threads = torch.get_num_threads()
     have = available_memory()
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
-        cfg = shape_for(n_layers, emb_dim, BUDGET_CONTEXT, vocab_size)
+        cfg = shape_for(n_layers, emb_dim, context_length, vocab_size)
         if have is not None and estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) > 0.8 * have:
             break
         set_cpu_threads(count_parameters(cfg), device, threads)
-        rate = probe_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, seconds=min(1.0, probe_s / 6))
-        loss = fit.predict(matmul_parameters(cfg), rate * train_s)
+        rate, eval_rate = probe_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype,
+                                             seconds=min(1.0, probe_s / 6))
+        loss = fit.predict(matmul_parameters(cfg), rate * train_s * char_ratio) / math.log(2)  # bits per char
         considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "tokens_per_s": round(rate),
-                           "tokens": int(rate * train_s), "predicted_loss": round(loss, 4)})
+                           "tokens": int(rate * train_s), "predicted_bits_per_char": round(loss, 4)})
         if log:
             log(f"probe: {n_layers} layers x {emb_dim}: {rate:,.0f} tokens/s -> {rate * train_s / 1e6:.2f}M tokens, "
-                f"predicted loss {loss:.3f}")
+                f"predicted {loss:.3f} bits per character")
         if best is not None and loss > best[2]:
             break
-        best = (cfg, rate, loss)
+        best = (cfg, (rate, eval_rate), loss)
         if len(considered) >= 3 and time.perf_counter() - t0 > probe_s:
             break
     if best is None:
@@ -226,13 +259,14 @@ def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: 
 
 
 class Deadline:
-    """`adjust` for the loop: moves the schedule's last step so that training ends `reserve_s`
-    before `end` (a time.perf_counter() value). Steps left = time left x steps per second measured
-    since the loop began (evaluations and checkpoints included), once 3 steps and 2 s are measured;
-    until then the plan's estimate stands."""
+    """`adjust` for the loop: keeps the plan's last step while the pace measured since the loop began
+    (evaluations and checkpoints included) ends the run within `tolerance` of the time it has
+    (`end`, a time.perf_counter() value, less `reserve_s`); otherwise moves the last step to where
+    that pace ends it on time. The pace counts once 3 steps and 2 s (and a twentieth of the time)
+    are measured. With a plan that holds, the total on the progress line never changes."""
 
-    def __init__(self, end: float, reserve_s: float) -> None:
-        self.end, self.reserve_s = end, reserve_s
+    def __init__(self, end: float, reserve_s: float, tolerance: float = 0.1) -> None:
+        self.end, self.reserve_s, self.tolerance = end, reserve_s, tolerance
         self.t0: float | None = None
         self.step0 = 0
 
@@ -241,10 +275,14 @@ class Deadline:
         if self.t0 is None:
             self.t0, self.step0 = now, state.step
             return state.total_steps
-        done, spent = state.step - self.step0, now - self.t0
-        if done < 3 or spent < 2.0:
+        done, spent, span = state.step - self.step0, now - self.t0, self.end - self.reserve_s - self.t0
+        if done < 3 or spent < max(2.0, span / 20):
             return state.total_steps
-        return state.step + max(0, int(done / spent * (self.end - self.reserve_s - now)))
+        pace = done / spent
+        projected_end = now + (state.total_steps - state.step) / pace
+        if abs(projected_end - (self.end - self.reserve_s)) <= self.tolerance * span:
+            return state.total_steps
+        return state.step + max(0, int(pace * (self.end - self.reserve_s - now)))
 
 
 def process_started() -> float:
@@ -283,37 +321,48 @@ def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok
               started: float, budget_s: float | None, model_options: dict[str, Any], preset: str | None,
               log: Callable[[str], None]) -> Plan:
     """The run's plan, before anything big is allocated: the memory check (refusing what would not
-    fit), then the measured throughput; with a budget, the shape (if `model_cfg` is None) and the steps."""
+    fit), then the measured throughput of the step that will run (its threads, dtype and batch);
+    with a budget, the shape (if `model_cfg` is None) and the steps."""
+    threads = torch.get_num_threads()
     if model_cfg is None:  # the rule chooses the shape, within the time left after a 5% share for probing
         left = budget_s - (time.perf_counter() - started)
-        model_cfg, rate, predicted, considered = choose_shape(
-            0.9 * left, tok.vocab_size, corpus.train, device, cfg.dtype, load_fit(), probe_s=min(20.0, 0.05 * budget_s),
-            log=log if d.is_main else None)
+        model_cfg, rates, predicted, considered = choose_shape(
+            0.9 * left, tok.vocab_size, budget_context(tok), corpus.train, chars_per_token(corpus), device, cfg.dtype,
+            load_fit(), probe_s=min(20.0, 0.05 * budget_s), log=log if d.is_main else None)
         extra = {k: v for k, v in model_options.items() if k not in ("drop_rate",)}
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), **extra,
                                          "drop_rate": model_options.get("drop_rate", 0.0)})
-        assert model_cfg.context_length == BUDGET_CONTEXT
         peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        set_cpu_threads(count_parameters(model_cfg), device, threads)  # the chosen shape's (a larger one probed last)
     else:
         peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
         predicted, considered = None, []
-        rate = probe_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype) if not d.active else 0.0
-    plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rate, peak, budget_s, considered=considered,
-                predicted_loss=predicted)
-    plan.train_cfg = cfg if budget_s is None else _fit_steps(plan, cfg, started, predicted is not None)
+        set_cpu_threads(count_parameters(model_cfg), device, threads)
+        rates = probe_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype) if not d.active \
+            else (0.0, 0.0)
+    plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rates[0], peak, rates[1],
+                torch.get_num_threads(), budget_s, considered=considered, predicted_bits=predicted)
+    plan.train_cfg = cfg if budget_s is None else _fit_steps(plan, cfg, started, predicted is not None,
+                                                             chars_per_token(corpus))
     return plan
 
 
-def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool) -> TrainConfig:
-    """The steps that fit in the budget's time left at the measured rate (the warm-up and evaluation
-    interval shortened to suit), set in `plan`; the train config with them."""
+def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool, char_ratio: float) -> TrainConfig:
+    """The steps that fit in the budget's time left at the measured rates, evaluations included (the
+    warm-up and evaluation interval shortened to suit), set in `plan`; the train config with them."""
     # What follows the last step: the final evaluation, checkpoint and report (a 200-token sample).
     plan.reserve_s = 2.0 + 0.04 * plan.budget_s
     plan.train_s = plan.budget_s - (time.perf_counter() - started) - plan.reserve_s
     tokens_per_step = cfg.batch_size * cfg.grad_accum * plan.model_cfg.context_length
-    steps = max(1, int(plan.tokens_per_s * plan.train_s / tokens_per_step))
+    step_s = tokens_per_step / max(plan.tokens_per_s, 1e-9)
+    eval_s = cfg.eval_batches * cfg.batch_size * plan.model_cfg.context_length / max(plan.eval_tokens_per_s, 1e-9)
+    steps = int(plan.train_s / (step_s + eval_s / cfg.eval_every))  # evaluations every eval_every steps
+    if steps // 10 < cfg.eval_every:  # a short run evaluates about 10 times
+        steps = int((plan.train_s - 10 * eval_s) / step_s)
+    steps = max(1, steps)
     if predict:
-        plan.predicted_loss = load_fit().predict(matmul_parameters(plan.model_cfg), steps * tokens_per_step)
+        plan.predicted_bits = load_fit().predict(matmul_parameters(plan.model_cfg),
+                                                 steps * tokens_per_step * char_ratio) / math.log(2)
     changes = {"steps": steps}
     if cfg.warmup_steps >= steps // 5:
         changes["warmup_steps"] = steps // 10

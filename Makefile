@@ -19,10 +19,10 @@ demo: install
 	.venv/bin/build-llm train --out runs/abc-demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -rs  # -rs: each skipped test's reason, in the summary
 
 test-slow: install
-	$(PY) -m pytest -q -m slow || test $$? -eq 5  # 5: no slow tests collected
+	$(PY) -m pytest -q -rs -m slow || test $$? -eq 5  # 5: no slow tests collected
 
 # The text for timing `build-llm train` (skipped when the file is absent).
 BENCH_TEXT ?= ../shared/data/shakespeare.txt

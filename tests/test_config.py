@@ -35,7 +35,7 @@ def test_preset_overrides_and_replace():
     ({"init_std": -1}, ["init_std=-1"]),
     ({"pos_emb": "alibi"}, ["pos_emb='alibi'", "rope"]),
     ({"norm": "batchnorm"}, ["norm='batchnorm'", "rmsnorm"]),
-    ({"mlp": "geglu"}, ["mlp='geglu'", "swiglu", "relu2"]),
+    ({"mlp": "reglu"}, ["mlp='reglu'", "swiglu", "geglu", "relu2"]),
     ({"ff_dim": 0}, ["ff_dim=0", ">= 1"]),
     ({"qk_norm": 1}, ["qk_norm=1", "true or false"]),
     ({"rope_base": 1}, ["rope_base=1", "> 1"]),

@@ -59,3 +59,20 @@ def test_causal_no_future_leak():
     a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :10], b[:, :10])
     assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_last_only_logits_equal_the_full_heads_last_position():
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig.from_preset("gpt2-small", n_layers=2, emb_dim=32, n_heads=4, vocab_size=60,
+                                           context_length=16)).eval()
+    idx = torch.randint(0, 60, (3, 9))
+    full = model(idx)  # (3, 9, 60)
+    last = model(idx, last_only=True)
+    assert last.shape == (3, 1, 60)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-6, atol=1e-6)
+    # with a cache (prompt, then one more token at per-row positions): the same numbers, the same cache
+    cache_all, cache_last = model.new_cache(3), model.new_cache(3)
+    model(idx[:, :6], cache=cache_all)
+    torch.testing.assert_close(model(idx[:, :6], cache=cache_last, last_only=True), full[:, 5:6], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache_last.k, cache_all.k, rtol=0, atol=0)
+    torch.testing.assert_close(model(idx[:, 6:], cache=cache_last, last_only=True), full[:, -1:], rtol=1e-5, atol=1e-5)

@@ -11,9 +11,9 @@ import torch
 from build_llm import GPTConfig, GPTModel, count_parameters, model_size_mb, parameter_table
 from build_llm.config import PRESETS
 from build_llm.infer.quant import prepare_for_decoding
-from build_llm.sizing import (count_weights, decode_bytes_per_token, estimate_peak_bytes, kv_cache_bytes,
-                              matmul_parameters, meta_model, model_memory, train_flops_per_token,
-                              training_memory, weight_bytes)
+from build_llm.sizing import (active_parameters, count_weights, decode_bytes_per_token, estimate_peak_bytes,
+                              kv_cache_bytes, matmul_parameters, meta_model, model_memory,
+                              train_flops_per_token, training_memory, weight_bytes)
 from build_llm.train.budget import shape_for
 from build_llm.train.config import TrainConfig
 
@@ -33,8 +33,8 @@ def expected_count(c: GPTConfig) -> int:
     return V * E + c.context_length * E + L * (attn + ff + norms) + (2 * E if c.bias else E) + head
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_parameter_count_of_every_preset(name):
+@pytest.mark.parametrize("name", sorted(n for n in PRESETS if PRESETS[n].get("pos_emb", "learned") == "learned"))
+def test_parameter_count_of_every_gpt2_shaped_preset(name):  # today's open models: counted against transformers
     cfg = GPTConfig.from_preset(name)
     with torch.device("meta"):
         model = GPTModel(cfg)
@@ -109,20 +109,33 @@ def test_decoding_weights_count_in_the_dtype_they_are_held_in():
 
 def test_memory_of_a_model_and_its_cache():
     cfg = GPTConfig.from_preset("gpt2-small")
-    masks = 12 * 1024 * 1024  # a bool (1 byte) causal mask per block
-    assert model_memory(cfg) == 4 * GPT2_PARAMS + masks
-    assert model_memory(cfg, torch.bfloat16) == 2 * GPT2_PARAMS + masks
+    assert model_memory(cfg) == 4 * GPT2_PARAMS  # no causal-mask buffers (they were 12 x 1024 x 1024 bytes)
+    assert model_memory(cfg, torch.bfloat16) == 2 * GPT2_PARAMS
     assert kv_cache_bytes(cfg) == 2 * 12 * 1024 * 768 * 4  # a key and a value per layer, position, channel
     assert kv_cache_bytes(cfg, batch_size=3, dtype=torch.bfloat16) == 3 * 2 * 12 * 1024 * 768 * 2
+
+
+def test_grouped_query_attention_caches_only_the_key_value_heads():
+    cfg = GPTConfig(emb_dim=64, n_heads=8, n_kv_heads=2, head_size=16, n_layers=3, context_length=32)
+    assert kv_cache_bytes(cfg) == 2 * 3 * 32 * (2 * 16) * 4
+    cache = GPTModel(cfg).new_cache(1)
+    assert kv_cache_bytes(cfg) == cache.k.numel() * 4 + cache.v.numel() * 4
+
+
+def test_a_long_context_model_holds_no_context_squared_buffer():
+    """30 layers at context 8192 held 30 x 8192 x 8192 bytes (1.9 GiB) of causal masks; now none."""
+    cfg = GPTConfig(emb_dim=64, n_heads=4, n_layers=30, context_length=8192, vocab_size=100)
+    assert not list(meta_model(cfg).buffers())
+    assert model_memory(cfg) == 4 * count_parameters(cfg)
 
 
 def test_training_memory_is_weights_four_times_and_the_batches():
     """The lower bound checked before training: weights, gradients and two moments in fp32, the
     validation windows (int64), a step's inputs and targets (int64) and one micro-batch's logits
     and their gradient (fp32)."""
-    cfg = GPTConfig.from_preset("r-abc")  # 400,128 parameters, 2 blocks of a 16 x 16 bool mask, vocab 5
+    cfg = GPTConfig.from_preset("r-abc")  # 400,128 parameters, vocab 5, context 16
     train = TrainConfig(batch_size=4, eval_batches=2, grad_accum=3)
-    weights = 4 * (4 * 400_128 + 2 * 16 * 16)
+    weights = 4 * 4 * 400_128
     assert training_memory(cfg, train) == weights + 4 * 2 * 8 + 4 * 3 * 16 * 16 + 2 * 4 * 16 * 5 * 4
 
 
@@ -153,3 +166,34 @@ print(hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 10
                for _ in range(2))
     estimate = estimate_peak_bytes(cfg, 64)
     assert abs(estimate - peak) / peak < 0.25, (estimate / 2**20, peak / 2**20)
+
+
+def test_a_mixture_of_experts_counts_every_expert_but_a_token_uses_k():
+    # Two blocks of 6 experts (2 per token), each 3 matrices of 32 x 24, a 32 x 6 router, rotary, untied.
+    cfg = GPTConfig(vocab_size=64, context_length=16, emb_dim=32, n_heads=4, n_layers=2, bias=False,
+                    pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_experts=6, n_experts_per_token=2, moe_ff_dim=24)
+    per_block = 4 * 32 * 32 + 32 * 6 + 6 * 3 * 32 * 24 + 2 * 32  # attention, router, experts, two norms
+    total = 2 * 64 * 32 + 2 * per_block + 32  # token table, head, blocks, final norm
+    assert count_parameters(cfg) == total
+    assert active_parameters(cfg) == total - 2 * 4 * 3 * 32 * 24  # 4 experts per block idle
+    assert matmul_parameters(cfg) == active_parameters(cfg) - 64 * 32  # less the token table
+    dense = cfg.replace(n_experts=0)
+    assert active_parameters(dense) == count_parameters(dense)
+
+
+def test_qwen3_30b_a3b_preset_counts_as_transformers_builds_it():
+    transformers = pytest.importorskip("transformers")
+    # Qwen/Qwen3-30B-A3B's config.json, built by transformers on the meta device (no memory)
+    cfg = GPTConfig.from_preset("qwen3-30b-a3b")
+    hf_cfg = transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=40960, rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf = transformers.Qwen3MoeForCausalLM(hf_cfg)
+        ours = GPTModel(cfg)
+    total = sum(p.numel() for p in hf.parameters())
+    assert count_parameters(cfg) == count_parameters(ours) == total  # 30,532,122,624
+    # the "A3B": a token uses 8 of each layer's 128 experts, 3.35 billion parameters (Qwen's "3.3B activated")
+    assert active_parameters(cfg) == total - 48 * (128 - 8) * 3 * 2048 * 768 == 3_353_032_704

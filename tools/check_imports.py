@@ -21,7 +21,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = [
     ["errors", "settings"],
     ["config"],
-    ["activation", "layer", "mlp", "attention", "transformer", "gpt", "lora"],
+    ["activation", "layer", "mlp", "moe", "attention", "transformer", "gpt", "lora"],
     ["runtime", "sizing"],
     ["store.fsio"],
     ["data"],

@@ -18,7 +18,9 @@ GELU_KINDS = ("tanh", "exact")
 ATTN_IMPLS = ("auto", "explicit", "sdpa")
 POS_EMBS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "relu2")
+MLPS = ("gelu", "swiglu", "geglu", "relu2")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+LAYER_TYPES = ("full", "sliding")
 
 
 @dataclass(frozen=True)
@@ -63,28 +65,109 @@ class GPTConfig(Config):
                                        "to a multiple of 8, the same parameters with three matrices)", at_least=1)
     qk_norm: bool = setting(False, "RMS-normalise each head's queries and keys (learned scale) before the dot "
                                    "product")
+    # --- today's open models (Llama 3, Qwen, Mistral, Gemma 3); unset, each is the book's arithmetic ---
+    n_kv_heads: int | None = setting(None, "key/value heads, shared by groups of query heads (grouped-query "
+                                           "attention; 1: multi-query); unset: n_heads", at_least=1)
+    head_size: int | None = setting(None, "channels per attention head; unset: emb_dim / n_heads", at_least=1,
+                                    internal=True)
+    rope_scaling: str = setting("none", "rotary frequencies stretched for a longer context: linear (positions / "
+                                        "rope_factor) or llama3 (Llama 3's frequency bands)", choices=ROPE_SCALINGS,
+                                internal=True)
+    rope_factor: float = setting(1.0, "rotary scaling factor", at_least=1, internal=True)
+    rope_low_freq_factor: float = setting(1.0, "llama3 scaling: wavelengths above original context / this are "
+                                               "divided by rope_factor", above=0, internal=True)
+    rope_high_freq_factor: float = setting(4.0, "llama3 scaling: wavelengths below original context / this are "
+                                                "kept", above=0, internal=True)
+    rope_original_context: int | None = setting(None, "llama3 scaling: the context length the model was "
+                                                      "pretrained at", at_least=1, internal=True)
+    sliding_window: int | None = setting(None, "sliding-window attention: a query sees only the last this-many "
+                                               "positions, itself included (Mistral, Gemma 3's local layers)",
+                                         at_least=1)
+    layer_types: tuple[str, ...] | None = setting(None, "each layer's attention, full or sliding (Gemma 3: five "
+                                                        "sliding, then one full); unset: all sliding when "
+                                                        "sliding_window is set, else all full", choices=LAYER_TYPES,
+                                                  internal=True)
+    rope_local_base: float | None = setting(None, "rotary base of the sliding layers, which take no rope_scaling "
+                                                  "(Gemma 3); unset: rope_base", above=1, internal=True)
+    attn_scale: float | None = setting(None, "multiplier of the attention scores; unset: 1 / sqrt(head size) "
+                                             "(Gemma 3: query_pre_attn_scalar^-1/2)", above=0, internal=True)
+    norm_plus_one: bool = setting(False, "RMSNorms multiply by (1 + scale), their scales starting at zero (Gemma)",
+                                  internal=True)
+    scale_emb: bool = setting(False, "token embeddings multiplied by sqrt(emb_dim) (Gemma)", internal=True)
+    post_norms: bool = setting(False, "a norm after each sub-layer too, before its residual add (Gemma 3)",
+                               internal=True)
+    # --- mixture of experts (Qwen3-MoE, Mixtral): n_experts=0 keeps the dense feed-forward ---
+    n_experts: int = setting(0, "experts in each block's feed-forward (a mixture of SwiGLU experts, each token "
+                                "routed to n_experts_per_token of them); 0: one dense feed-forward", at_least=0)
+    n_experts_per_token: int = setting(2, "experts each token is routed to (top-k of the router's softmax)",
+                                       at_least=1)
+    moe_ff_dim: int | None = setting(None, "each expert's hidden width; unset: ff_hidden (each expert as wide as "
+                                           "the dense feed-forward, as Mixtral's)", at_least=1)
+    moe_norm_topk: bool = setting(False, "rescale the chosen experts' router probabilities to sum to 1 "
+                                         "(Qwen3-MoE's norm_topk_prob)")
 
     def check(self) -> None:
-        if self.emb_dim % self.n_heads:
+        if self.head_size is None and self.emb_dim % self.n_heads:
             raise invalid(self, f"emb_dim={self.emb_dim} is not divisible by n_heads={self.n_heads}; "
-                                "choose emb_dim a multiple of n_heads", "emb_dim", "n_heads")
+                                "choose emb_dim a multiple of n_heads (or set head_size)", "emb_dim", "n_heads")
+        if self.n_heads % self.kv_heads:
+            raise invalid(self, f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; choose a "
+                                "divisor of n_heads", "n_kv_heads")
         if self.padding_idx is not None and self.padding_idx >= self.vocab_size:
             raise invalid(self, f"padding_idx={self.padding_idx!r} is invalid; expected None or an integer "
                                 f"in [0, {self.vocab_size})", "padding_idx")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise invalid(self, f"pos_emb='rope' needs an even head size, but emb_dim / n_heads = {self.head_dim}; "
                                 "choose emb_dim a multiple of 2 * n_heads", "pos_emb", "emb_dim", "n_heads")
+        if self.layer_types is not None and len(self.layer_types) != self.n_layers:
+            raise invalid(self, f"layer_types has {len(self.layer_types)} entries; expected one per layer "
+                                f"(n_layers={self.n_layers})", "layer_types")
+        if "sliding" in self.types_of_layers and self.sliding_window is None:
+            raise invalid(self, "layer_types has sliding layers but sliding_window is unset; set sliding_window",
+                          "layer_types", "sliding_window")
+        if self.rope_scaling == "llama3" and self.rope_original_context is None:
+            raise invalid(self, "rope_scaling='llama3' needs rope_original_context (the pretraining context)",
+                          "rope_scaling", "rope_original_context")
+        if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise invalid(self, f"rope_high_freq_factor={self.rope_high_freq_factor} must exceed "
+                                f"rope_low_freq_factor={self.rope_low_freq_factor}", "rope_high_freq_factor")
+        if self.norm_plus_one and self.norm != "rmsnorm":
+            raise invalid(self, "norm_plus_one needs norm='rmsnorm'", "norm_plus_one", "norm")
+        if self.n_experts and self.mlp != "swiglu":
+            raise invalid(self, f"n_experts={self.n_experts} needs mlp='swiglu' (the experts are SwiGLUs), got "
+                                f"mlp={self.mlp!r}; set mlp='swiglu' or n_experts=0", "n_experts", "mlp")
+        if self.n_experts and self.n_experts_per_token > self.n_experts:
+            raise invalid(self, f"n_experts_per_token={self.n_experts_per_token} exceeds n_experts={self.n_experts}; "
+                                f"choose 1 to {self.n_experts}", "n_experts_per_token", "n_experts")
 
     @property
     def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
+        """Channels per head: head_size, or emb_dim / n_heads."""
+        return self.head_size if self.head_size is not None else self.emb_dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def types_of_layers(self) -> tuple[str, ...]:
+        """Each layer's attention, "full" or "sliding" (layer_types, or its default)."""
+        if self.layer_types is not None:
+            return self.layer_types
+        return ("sliding" if self.sliding_window is not None else "full",) * self.n_layers
 
     @property
     def ff_hidden(self) -> int:
         """The feed-forward's hidden width (ff_dim, or its default for the mlp kind)."""
         if self.ff_dim is not None:
             return self.ff_dim
-        return 4 * self.emb_dim if self.mlp != "swiglu" else -(-8 * self.emb_dim // 24) * 8
+        return 4 * self.emb_dim if self.mlp not in ("swiglu", "geglu") else -(-8 * self.emb_dim // 24) * 8
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's hidden width (moe_ff_dim, or the dense feed-forward's)."""
+        return self.moe_ff_dim if self.moe_ff_dim is not None else self.ff_hidden
 
     @classmethod
     def coerce(cls, cfg: "GPTConfig | Mapping[str, Any]") -> "GPTConfig":
@@ -123,4 +206,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GELU, <PAD> embedding at zero, vocabulary of the ABC text (<PAD>, \n, A, B, C).
     "r-abc": dict(vocab_size=5, context_length=16, emb_dim=128, n_heads=2, n_layers=2, drop_rate=0.2,
                   qkv_bias=True, fused_qkv=True, gelu="exact", padding_idx=0, attn_out_dropout=False),
+    # Qwen/Qwen3-30B-A3B's shape (random weights), for `info` and planning: 48 blocks of 128 SwiGLU
+    # experts, 8 per token, normalised top-k; 30.5 billion parameters, 3.3 billion used per token.
+    "qwen3-30b-a3b": dict(vocab_size=151936, context_length=40960, emb_dim=2048, n_heads=32, n_kv_heads=4,
+                          head_size=128, n_layers=48, drop_rate=0.0, bias=False, qkv_bias=False, pos_emb="rope",
+                          norm="rmsnorm", mlp="swiglu", ff_dim=6144, qk_norm=True, rope_base=1_000_000.0,
+                          ln_eps=1e-6, n_experts=128, n_experts_per_token=8, moe_ff_dim=768, moe_norm_topk=True),
 }

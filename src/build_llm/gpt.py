@@ -12,6 +12,7 @@ from build_llm.attention import KVCache
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.layer import make_norm
+from build_llm.moe import MoEFeedForward
 from build_llm.transformer import TransformerBlock
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -30,8 +31,8 @@ class GPTModel(nn.Module):
         # Rotary positions live in the attention; a learned table only for pos_emb="learned".
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim) if cfg.pos_emb == "learned" else None
         self.drop_emb = nn.Dropout(cfg.drop_rate)
-        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias)
+        self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg, i) for i in range(cfg.n_layers)])
+        self.final_norm = make_norm(cfg.norm, cfg.emb_dim, eps=cfg.ln_eps, bias=cfg.bias, plus_one=cfg.norm_plus_one)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_weights:
             self.out_head.weight = self.tok_emb.weight
@@ -53,9 +54,15 @@ class GPTModel(nn.Module):
                 module.weight.normal_(0.0, std)
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
+            elif isinstance(module, MoEFeedForward):  # the experts' stacked matrices, as if each were a Linear
+                for w in (module.fc1, module.fc2, module.fc3):
+                    scale = math.sqrt(2 * self.cfg.n_layers) if id(w) in residual_out else 1.0
+                    w.normal_(0.0, std / scale)
 
-    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos."""
+    def forward(self, in_idx: torch.Tensor, cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids (B, T); with `cache`, T new tokens after cache.pos.
+        `last_only`: only the last position's logits (B, 1, vocab_size), all generation needs from a
+        prompt (the head is a large share of a prompt's work: 38M of gpt2-small's 124M weights)."""
         start = 0 if cache is None else cache.pos  # an int, or per-row positions (B,)
         per_row = isinstance(start, torch.Tensor)
         self.check_input(in_idx, int(start.max()) if per_row else start)
@@ -64,6 +71,8 @@ class GPTModel(nn.Module):
             return self.decode_step(self, in_idx, cache)  # (B, 1, vocab_size): the same numbers, in one C call
 
         x = self.tok_emb(in_idx)  # (B, T, C)
+        if self.cfg.scale_emb:  # Gemma: sqrt(C), rounded to the embeddings' dtype first as Gemma does
+            x = x * torch.tensor(self.cfg.emb_dim ** 0.5, dtype=x.dtype)
         if self.pos_emb is not None:  # rotary positions (pos_emb="rope") act inside the attention instead
             pos_ids = torch.arange(seq_len, device=in_idx.device) + (start[:, None] if per_row else start)
             x = x + self.pos_emb(pos_ids)  # (T, C) broadcast over B, or (B, T, C) per row
@@ -76,6 +85,8 @@ class GPTModel(nn.Module):
                 x = block(x, cache.layer(i))
             cache.pos += seq_len
 
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
         x = self.final_norm(x)
         return self.out_head(x)  # (B, T, vocab_size)
 
@@ -95,9 +106,9 @@ class GPTModel(nn.Module):
             )
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KVCache for this model, sized by its context length."""
+        """An empty KVCache for this model, sized by its context length; it holds the key/value heads only."""
         ref = self.tok_emb.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_heads, max_len or self.cfg.context_length,
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len or self.cfg.context_length,
                        self.cfg.head_dim, device=ref.device, dtype=ref.dtype)
 
 

@@ -1,14 +1,14 @@
 """FeedForward: the position-wise MLP, emb_dim -> hidden -> emb_dim.
 
 The book's is Linear, GELU, Linear with hidden = 4 * emb_dim; `mlp="relu2"` swaps GELU for ReLU
-squared; `mlp="swiglu"` is Llama's gated form, W_down(SiLU(W_gate x) * W_up x).
+squared; `mlp="swiglu"` is Llama's gated form, W_down(SiLU(W_gate x) * W_up x), and `mlp="geglu"`
+Gemma's, with GELU (the config's `gelu` form) in place of SiLU.
 """
 
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from build_llm.activation import GELU, ReLUSquared
 from build_llm.config import GPTConfig
@@ -19,8 +19,9 @@ class FeedForward(nn.Module):
         super().__init__()
         cfg = GPTConfig.coerce(cfg)
         hidden = cfg.ff_hidden
-        self.gated = cfg.mlp == "swiglu"
+        self.gated = cfg.mlp in ("swiglu", "geglu")
         if self.gated:
+            self.act = nn.SiLU() if cfg.mlp == "swiglu" else GELU(cfg.gelu)
             self.gate = nn.Linear(cfg.emb_dim, hidden, bias=cfg.bias)
             self.up = nn.Linear(cfg.emb_dim, hidden, bias=cfg.bias)
             self.down = nn.Linear(hidden, cfg.emb_dim, bias=cfg.bias)
@@ -38,5 +39,5 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            return self.down(self.act(self.gate(x)) * self.up(x))  # (B, T, hidden) gated, then (B, T, C)
         return self.layers(x)

@@ -29,6 +29,20 @@ def count_parameters(model: nn.Module | GPTConfig, trainable_only: bool = False)
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+def inactive_expert_parameters(cfg: GPTConfig) -> int:
+    """Parameters of the experts a token is not routed to: in each of the n_layers mixtures, the
+    n_experts - n_experts_per_token others, of three emb_dim x expert_hidden matrices each. 0 if dense."""
+    if not cfg.n_experts:
+        return 0
+    return cfg.n_layers * (cfg.n_experts - cfg.n_experts_per_token) * 3 * cfg.emb_dim * cfg.expert_hidden
+
+
+def active_parameters(cfg: GPTConfig) -> int:
+    """Parameters one token's forward pass uses (the "A3B" of Qwen3-30B-A3B): all but the experts it is
+    not routed to, the embeddings included; count_parameters itself for a dense model."""
+    return count_parameters(cfg) - inactive_expert_parameters(cfg)
+
+
 def lookup_tables(model: GPTModel) -> list[torch.Tensor]:
     """The embedding tables a token reads one row of: the position table (if any) and the token
     table, unless the output head multiplies by that same matrix (tied)."""
@@ -37,10 +51,10 @@ def lookup_tables(model: GPTModel) -> list[torch.Tensor]:
 
 
 def matmul_parameters(cfg: GPTConfig) -> int:
-    """N of the FLOP count and of the time budget's loss rule: the parameters that take part in
-    matrix products (all but the lookup tables)."""
+    """N of the FLOP count and of the time budget's loss rule: the parameters that take part in a
+    token's matrix products (all but the lookup tables and the experts it is not routed to)."""
     model = meta_model(cfg)
-    return count_parameters(model) - sum(t.numel() for t in lookup_tables(model))
+    return count_parameters(model) - sum(t.numel() for t in lookup_tables(model)) - inactive_expert_parameters(cfg)
 
 
 def parameter_table(model: nn.Module) -> list[tuple[str, tuple[int, ...], int]]:
@@ -67,7 +81,7 @@ def train_flops_per_token(cfg: GPTConfig) -> int:
 def weights(model: nn.Module) -> list[torch.Tensor]:
     """The tensors that hold a model's weights, each once (a tied matrix is one tensor): its
     parameters and the buffers in which a decoding layer keeps bfloat16 or int8 weights, their
-    scales and biases (not the causal masks, bool, nor LoRA's row ids, int64)."""
+    scales and biases (not LoRA's row ids, int64)."""
     held = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.int8]
     return list(model.parameters()) + held
 
@@ -98,7 +112,8 @@ def model_size_mb(model: nn.Module, dtype: torch.dtype | str = torch.float32) ->
 
 
 def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a GPTModel of `cfg` holds: its parameters plus each block's causal-mask buffer."""
+    """Bytes a GPTModel of `cfg` holds: its parameters plus any buffers (none today: no layer stores a
+    causal mask, so this is linear in the context length)."""
     model = meta_model(cfg)
     params = count_parameters(model) * torch.empty(0, dtype=dtype).element_size()
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
@@ -106,8 +121,9 @@ def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
 
 def kv_cache_bytes(cfg: GPTConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of a KV cache for `batch_size` sequences of the whole context: a key and a value per
-    layer, position and channel."""
-    return 2 * batch_size * cfg.n_layers * cfg.context_length * cfg.emb_dim * torch.empty(0, dtype=dtype).element_size()
+    layer, position and key/value channel (fewer than emb_dim under grouped-query attention)."""
+    channels = cfg.kv_heads * cfg.head_dim
+    return 2 * batch_size * cfg.n_layers * cfg.context_length * channels * torch.empty(0, dtype=dtype).element_size()
 
 
 def training_memory(model_cfg: GPTConfig, train_cfg) -> int:

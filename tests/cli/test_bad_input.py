@@ -72,7 +72,7 @@ def test_sampling_flags_nan_are_refused(ckpt, capsys):
 def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(ckpt, capsys):
     # T -> 0 and top_p -> 0 both leave only the argmax: the tokens must equal greedy decoding's
     argv = ["generate", "--checkpoint", str(ckpt), "--prompt", "AB", "--max-new-tokens", "12"]
-    assert main(argv) == 0
+    assert main(argv + ["--greedy"]) == 0
     greedy = capsys.readouterr().out
     for extra in (["--temperature", "1e-45"], ["--temperature", "1", "--top-p", "1e-300"]):
         assert main(argv + extra) == 0, capsys.readouterr().err

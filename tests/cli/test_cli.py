@@ -26,6 +26,15 @@ def test_info_defaults_to_the_seed_model(capsys):
     assert "Total parameters: 163,009,536" in out and "621.83 MB (fp32)" in out
 
 
+def test_info_of_a_mixture_of_experts_counts_total_and_active_without_allocating(capsys):
+    assert main(["info", "--preset", "qwen3-30b-a3b"]) == 0  # 57 GiB in bf16: only the meta device holds it
+    out = capsys.readouterr().out
+    assert "trf_blocks.47.ff.fc1" in out and "128 x 768 x 2048" in out
+    assert "Total parameters: 30,532,122,624" in out
+    idle = 48 * (128 - 8) * 3 * 2048 * 768  # per layer, 120 experts of three 2048 x 768 matrices not used
+    assert f"Active parameters per token: {30_532_122_624 - idle:,} (8 of 128 experts per layer)" in out
+
+
 def test_generate_with_a_random_preset_prints_only_the_text():
     # A subprocess, as a user runs it: nothing but the text on stdout.
     result = run("generate", "--preset", "gpt2-small", "--prompt", "Hello, I am", "--max-new-tokens", "3")
@@ -46,7 +55,7 @@ def test_generate_is_seeded(capsys):
 
 @pytest.mark.parametrize("args, words", [
     (["info", "--preset", "gpt5"], ["invalid choice: 'gpt5'", "gpt2-small"]),
-    (["generate", "--preset", "gpt2-small"], ["--prompt"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", ""], ["--prompt is empty", "leave --prompt out"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-k", "0"], ["--top-k", "expected an integer >= 1"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["top_p=2.0", "(0, 1]"]),

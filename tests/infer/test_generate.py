@@ -225,3 +225,17 @@ def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
         assert seen == [2, 2]  # a larger model keeps every thread
     finally:
         torch.set_num_threads(threads)
+
+
+def test_prefill_runs_the_head_for_the_last_position_only(model):
+    """Generation asks the model for the prompt's last logits alone: the head sees one position, and the
+    tokens are those of the book's loop, which computes every position's logits."""
+    seen = []
+    hook = model.out_head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].shape[1]))
+    try:
+        idx = torch.randint(0, 50, (2, 7))
+        out = generate(model, idx, 3)
+    finally:
+        hook.remove()
+    assert seen == [1, 1, 1]
+    assert torch.equal(out, generate_text_simple(model, idx, 3, context_size=12))

@@ -1,19 +1,71 @@
-"""The AVX-512 matrix-vector kernels against exact float64 arithmetic on the same numbers."""
+"""The matrix-vector kernels (AVX-512 or portable, whichever this CPU runs; and the portable build alone)
+against exact float64 arithmetic on the same numbers."""
+
+import ctypes
+import shutil
+import subprocess
 
 import pytest
 import torch
 
 from build_llm.infer import kernels
-from build_llm.infer.quant import DecodeLinear, quantize_int8
+from build_llm.infer.quant import DecodeLinear, quantize_int4, quantize_int8
 
 needs_kernels = pytest.mark.skipif(not kernels.available(),
-                                   reason="the C kernels need Linux x86-64 with AVX-512 and a C compiler")
+                                   reason="the C kernels need Linux x86-64 and a C compiler")
 
 
-@needs_kernels
+@pytest.fixture(scope="module", params=["as built", "portable"])
+def library(request, tmp_path_factory):
+    """The kernels as this machine builds them, then the portable C alone (-DKERNELS_PORTABLE: what a CPU without
+    AVX2 or AVX-512 runs), each installed as the library `kernels` calls."""
+    if not kernels.available():
+        pytest.skip("the C kernels need Linux x86-64 and a C compiler")
+    if request.param == "as built":
+        yield kernels._lib
+        return
+    out = tmp_path_factory.mktemp("portable") / "portable.so"
+    subprocess.run([shutil.which("cc") or "gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DKERNELS_PORTABLE",
+                    str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
+    built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(out)))
+    assert not kernels.wide()
+    yield kernels._lib
+    kernels._lib = built
+
+
+def x16_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 and int4 kernels take it: rounded to int16 per row (max |x| -> 32767), in float64."""
+    x_scale = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as in the kernel
+    x16 = torch.round(x * (1 / x_scale))
+    assert x16.abs().max() <= 32767
+    return x16.double() * x_scale.double()
+
+
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS + 5])  # beyond MAX_ROWS: taken in two calls
+@pytest.mark.parametrize("n, k, group", [(1, 1, 32), (7, 20, 64), (9, 100, 32), (64, 768, 64), (50, 3072, 128)])
+def test_int4_matvec_is_the_float64_product_of_the_dequantised_weights(library, rows, n, k, group):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    x, w, bias = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    q, scale = quantize_int4(w, group)
+    dequantised = q.double() * scale.double().repeat_interleave(group, dim=1)[:, :k]
+    exact = x16_rounded(x) @ dequantised.T + bias.double()
+    tol = 1e-5 * (x.abs().double() @ dequantised.abs().T).max().item()  # float32 sums of the groups' exact sums
+    got = kernels.matvec(x, kernels.pack_int4(q, group), n, scale, bias, group)
+    torch.testing.assert_close(got.double(), exact, atol=tol, rtol=0)
+
+
+def test_int4_packs_two_values_a_byte_and_unpacks_them():
+    q = (torch.arange(3 * 40) % 16 - 8).view(3, 40).to(torch.int8)
+    packed = kernels.pack_int4(q, 32)
+    assert packed.shape == (3, 32) and packed.dtype == torch.uint8  # 40 columns padded to 64, two a byte
+    assert int(packed[0, 0]) == (int(q[0, 0]) + 8) | ((int(q[0, 16]) + 8) << 4)  # value j and j + 16
+    assert int(packed[0, 16]) == (int(q[0, 32]) + 8) | (8 << 4)  # the padding holds 0 (stored as 8)
+    assert torch.equal(kernels.unpack_int4(packed, 40, 32), q)
+
+
 @pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS + 5])  # beyond MAX_ROWS: taken in two calls
 @pytest.mark.parametrize("n, k", [(1, 1), (7, 20), (9, 33), (64, 768), (50, 3072)])  # tails of 4 rows, 16 columns
-def test_matvec_is_the_float64_product_of_the_stored_weights(rows, n, k):
+def test_matvec_is_the_float64_product_of_the_stored_weights(library, rows, n, k):
     g = torch.Generator().manual_seed(n * 1000 + k)
     x = torch.randn(rows, k, generator=g)
     w = torch.randn(n, k, generator=g)
@@ -22,17 +74,14 @@ def test_matvec_is_the_float64_product_of_the_stored_weights(rows, n, k):
     q, scale = quantize_int8(w)
     exact_bf16 = x.double() @ wb.double().T + bias.double()
     # int8 takes x rounded to int16 per row (max |x| -> 32767), then sums the products exactly
-    x_scale = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as in the kernel
-    x16 = torch.round(x * (1 / x_scale))
-    assert x16.abs().max() <= 32767
-    exact_int8 = (x16.double() * x_scale.double()) @ (q.double() * scale.double()[:, None]).T
+    exact_int8 = x16_rounded(x) @ (q.double() * scale.double()[:, None]).T
     tol = 1e-5 * (x.abs().double() @ w.abs().double().T).max().item()  # float32 accumulation over k terms
     torch.testing.assert_close(kernels.matvec(x, kernels.pack(wb), n, None, bias).double(), exact_bf16, atol=tol, rtol=0)
     torch.testing.assert_close(kernels.matvec(x, kernels.pack(q), n, scale).double(), exact_int8, atol=tol, rtol=0)
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
 def test_decode_linear_gives_the_same_with_and_without_the_kernels(dtype, monkeypatch):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
@@ -40,15 +89,15 @@ def test_decode_linear_gives_the_same_with_and_without_the_kernels(dtype, monkey
     x = torch.randn(2, 3, 96)  # 6 rows: the kernel's path
     fast = layer(x)
     assert layer.packed
-    monkeypatch.setattr(kernels, "_lib", False)  # PyTorch's kernels (bfloat16 activations)
+    monkeypatch.setattr(kernels, "_lib", False)  # PyTorch's kernels (bfloat16 activations; int4: float32)
     plain = DecodeLinear.from_linear(linear, dtype)
     assert not plain.packed and torch.equal(plain.dequantized(), layer.dequantized())
     slow = plain(x)
     exact = x.double() @ plain.dequantized().double().T + plain.bias.double()
     assert fast.shape == slow.shape == (2, 3, 40)
-    # float32 activations (int8: rounded to 15 bits), against bfloat16 activations (~3 significant digits)
+    # float32 activations (int8, int4: rounded to 15 bits), against bfloat16 activations (~3 significant digits)
     assert (fast.double() - exact).abs().max() < 1e-4
-    assert (slow.double() - exact).abs().max() < 0.05
+    assert (slow.double() - exact).abs().max() < (1e-5 if dtype == "int4" else 0.05)
 
 
 def test_pack_lays_out_tiles_of_4_rows_by_32_columns_and_unpack_inverts_it():

@@ -219,12 +219,12 @@ def _trained_here(base, tmp_path):
 
     path = tmp_path / "trained"
     shutil.copytree(base, path)
-    (path / TRAINER_FILE).write_text(json.dumps({"format": 1, "step": 10}))
+    (path / TRAINER_FILE).write_text(json.dumps({"format": 1, "step": 10, "train_config": {"lr": 4e-3}}))
     return path
 
 
 @pytest.mark.parametrize("trained_here, lr, trainable, words", [
-    (False, 5e-5, "last-block", "book's recipe"), (True, 3e-4, "all", "small base trained here")])
+    (False, 5e-5, "last-block", "book's recipe"), (True, 2e-3, "all", "small base trained here at lr 0.004")])
 def test_defaults_are_chosen_by_the_base_and_said(base, tmp_path, capsys, trained_here, lr, trainable, words):
     data = tmp_path / "train.csv"
     write_classification_csv(data)

@@ -286,3 +286,38 @@ def test_train_help_names_the_shapes_it_chooses(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "6-layer 384-wide char model" not in help_text
     assert "bpe (the default for --data" in help_text and "context 256 (64 for --tokenizer char)" in help_text
+
+
+def test_time_budget_under_torchrun_plans_once_for_both_processes(tmp_path):
+    """2 gloo processes with --time-budget and no shape: the main process's plan (shape and steps,
+    throughput of both processes together) is both processes', so DDP wraps one model; the run keeps
+    to its budget. With an explicit shape and --steps the plan's time line is a real estimate."""
+    data, run, budget = abc_file(tmp_path, words=20000), tmp_path / "run", 20
+    start = time.perf_counter()
+    proc = torchrun("train", "--data", data, "--time-budget", f"{budget}s", "--out", run)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"torchrun --time-budget {budget}s took {wall:.1f} s")
+    assert proc.stderr.count("plan: time budget") == 1 and "2 processes together" in proc.stderr
+    probes = [line for line in proc.stderr.splitlines() if line.startswith("probe:")]
+    assert probes and all(float(p.split(": ")[2].split()[0].replace(",", "")) > 0 for p in probes)
+    state = load_trainer_state(run).state
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == state["train_config"]["steps"] == rows(run)[-1]["step"]
+    assert (config["n_layers"], config["emb_dim"]) in {(2, 64), (3, 96), (4, 128), (4, 192), (6, 256)}
+    assert state["elapsed_s"] < budget  # the Deadline (rank 0's, on both processes) ended training in time
+
+    fixed = torchrun("train", "--data", data, "--out", tmp_path / "fixed", *SMALL_RUN)
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    line = next(l for l in fixed.stderr.splitlines() if l.startswith("plan: about"))
+    assert float(line.split(" at ")[1].split()[0].replace(",", "")) > 0, line  # not "0 tokens/s"
+    assert "h of training" not in line, line  # 4 tiny steps: seconds, not hours
+
+
+def test_resumed_plan_counts_the_steps_left(tmp_path, capsys):
+    data, run = abc_file(tmp_path), tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *SMALL_RUN]) == 0
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--out", str(run), "--resume", "--steps", "10"]) == 0
+    err = capsys.readouterr().err
+    assert "steps 4 to 10 = 384 tokens to go" in err, err  # 6 steps x 8 windows x 8 tokens

@@ -4,6 +4,7 @@ text coloured by -log2 p) and doctor (pass/fail checks for a GPT's silent bugs).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from build_llm.inspect.doctor import run_checks
 from build_llm.inspect.intermediates import inspect_model
 from build_llm.inspect.surprisal import surprisal_html, surprisal_report
 from build_llm.runtime import get_device
+from build_llm.store.checkpoint import trained_steps
 from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_file, write_text
 
 
@@ -38,7 +40,8 @@ def run_inspect(args: argparse.Namespace) -> None:
     model, tokenizer = load_source(args, get_device(args.device))
     title = f"{args.preset or Path(args.checkpoint).name}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads"
     report = inspect_model(model, tokenizer, args.prompt, args.out, top_k=args.top_k, top_p=args.top_p,
-                           temperatures=args.temperatures, max_tokens=args.max_tokens, title=title)
+                           temperatures=args.temperatures, max_tokens=args.max_tokens, title=title,
+                           screen=tuple(shutil.get_terminal_size()))
     print(report["text"])
     print()
     for name, path in report["files"].items():
@@ -52,7 +55,8 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
     Run the model on a prompt and write, in --out: attention.png (a map per layer and head), mask.txt
     (positions and the causal mask), next_token.txt and next_token.png (top-k table; bars at several
     temperatures with the top-k and top-p cut-offs), layers.png (residual-stream norms and attention
-    entropy) and inspect.json (all the numbers). The summary is printed too."""
+    entropy) and inspect.json (all the numbers). The summary is printed too, its mask cut to the
+    terminal's size (the whole mask is in mask.txt)."""
     model_source(p)
     p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
     add_out(p, "directory for the files: new, empty, or an earlier inspect --out (replaced whole)")
@@ -138,14 +142,19 @@ def run_doctor(args: argparse.Namespace) -> int:
         raise UsageError(f"--lr {args.lr!r} is invalid; expected a number > 0")
     text = read_text(args.data) if args.data else None
     model, tokenizer = load_source(args, get_device(args.device), need_tokenizer=False)
-    untrained = not args.checkpoint
+    # Untrained: a preset, --untrained, or a run at step 0. A trained run's trainer state records its
+    # steps; without one (a model saved or imported) the loss decides (check_untrained_loss).
+    steps = None if not args.checkpoint or args.untrained else trained_steps(args.checkpoint)
+    untrained = True if not args.checkpoint or args.untrained else None if steps is None else steps == 0
     results = []
-    for result in run_checks(model, tokenizer, text, untrained=untrained or args.untrained, steps=args.steps,
+    for result in run_checks(model, tokenizer, text, untrained=untrained, steps=args.steps,
                              lr=args.lr, seq_len=args.seq_len, seed=args.seed):
         print(result.line(), flush=True)
         results.append(result)
     failed = [r.name for r in results if r.failed]
-    print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    skipped = sum(r.status == "SKIP" for r in results)
+    print(f"{len(results) - len(failed) - skipped} passed, " + (f"{skipped} skipped, " if skipped else "")
+          + f"{len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
 
@@ -153,12 +162,13 @@ def run_doctor(args: argparse.Namespace) -> int:
 def add_doctor(p: argparse.ArgumentParser) -> None:
     """quick checks for the silent bugs of a GPT (pass/fail)
 
-    Check a model: tokenizer round-trip on the data, initial loss near ln(vocab) for an untrained model
-    (below it for a trained one), no causal leak, KV cache equal to recomputation, finite gradients,
+    Check a model: tokenizer round-trip on the data (default: a sample text the tokenizer covers),
+    initial loss near ln(vocab) for an untrained model (skipped for a trained one: a run's trainer
+    state records its steps; otherwise a loss far below ln(vocab) shows it), no causal leak, KV cache equal to recomputation, finite gradients,
     and one batch overfits within --steps. One PASS/FAIL line each; exit code 1 if any check fails."""
     model_source(p)
     p.add_argument("--data", help="a UTF-8 text file for the round-trip and the batch (default: ABC text for an ABC "
-                                  "model, otherwise a built-in sample)")
+                                  "model, otherwise a built-in sample, cut to a character model's alphabet)")
     p.add_argument("--untrained", action="store_true",
                    help="the checkpoint is freshly initialised: require its loss near ln(vocab) (always so for --preset)")
     p.add_argument("--steps", type=positive_int, default=60, help="AdamW steps allowed to overfit one batch (default 60)")

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,10 +19,10 @@ from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GP
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
-from build_llm.infer.quant import prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
-from build_llm.sizing import count_parameters, format_parameter_table, model_size_mb
+from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
 from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
 
@@ -34,6 +35,9 @@ def run_info(args: argparse.Namespace) -> None:
             model = GPTModel(GPTConfig.from_preset(args.preset or "book-124m"))
     print(format_parameter_table(model))
     print(f"Total parameters: {count_parameters(model):,}")
+    if model.cfg.n_experts:
+        print(f"Active parameters per token: {active_parameters(model.cfg):,} ({model.cfg.n_experts_per_token} of "
+              f"{model.cfg.n_experts} experts per layer)")
     print(f"Size: {model_size_mb(model, torch.float32):.2f} MB (fp32), {model_size_mb(model, torch.bfloat16):.2f} MB (bf16)")
 
 
@@ -46,42 +50,78 @@ def add_info(p: argparse.ArgumentParser) -> None:
     model_source(p, required=False)
 
 
+# nanoGPT's sample.py samples at temperature 0.8 from the 200 most likely tokens: a little sharper than
+# the model's own distribution, with the long tail of unlikely tokens cut. Greedy decoding instead
+# repeats itself ("the street the street ...") on small models.
+SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
+
+
+def start_ids(tokenizer: Any, prompt: str | None) -> tuple[list[int], bool]:
+    """The ids generation starts from, and whether to print them: the prompt's, or with no prompt
+    the end-of-text token (what a new document follows), else a newline (nanoGPT's start), else id 0."""
+    if prompt:
+        return text_to_token_ids(prompt, tokenizer)[0].tolist(), True
+    eos = getattr(tokenizer, "eos_id", None)
+    if eos is not None:
+        return [eos], False
+    try:
+        newline = tokenizer.encode("\n")
+    except ValueError:  # a character tokenizer without it
+        newline = []
+    return (newline if len(newline) == 1 else [0]), False
+
+
 def run_generate(args: argparse.Namespace) -> None:
-    check_sampling(args.temperature, args.top_k, args.top_p)
+    temperature = 0.0 if args.greedy else args.temperature
+    check_sampling(temperature, args.top_k, args.top_p)
+    if args.prompt == "":
+        raise UsageError("--prompt is empty; give at least one character, or leave --prompt out to start a new text")
     device = get_device(args.device)
     model, tokenizer = load_source(args, device)
     prepare_for_decoding(model, args.dtype)
-    if not args.prompt:
-        raise UsageError("--prompt is empty; give at least one character")
-    idx = text_to_token_ids(args.prompt, tokenizer).to(device)
-    ctx = model.cfg.context_length
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    tokens = stream(model, idx[:, -ctx:], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
-                    use_cache=not args.no_cache)
-    # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
-    for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=idx[0].tolist()):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    print(flush=True)
+    ids, shown = start_ids(tokenizer, args.prompt)
+    idx = torch.tensor([ids[-model.cfg.context_length:]], device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # once: the samples follow one another
+    for n in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {n + 1} of {args.num_samples} ---", flush=True)
+        tokens = stream(model, idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
+                        top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
+                        use_cache=not args.no_cache)
+        # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
+        for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=ids if shown else ()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(flush=True)  # the text ends with a newline, so the shell prompt starts on a line of its own
 
 
 @verb("generate", run_generate)
 def add_generate(p: argparse.ArgumentParser) -> None:
-    """continue a prompt
+    """sample text, or continue a prompt
 
-    Print the prompt and its continuation (only that, on stdout), each token as soon as it is generated."""
+    Print the prompt and its continuation (only that, on stdout), each token as soon as it is generated,
+    then a newline. Sampling by default, as nanoGPT's sample.py: temperature 0.8 from the 200 most likely
+    tokens, seeded (the same --seed gives the same text); --greedy (or --temperature 0) takes the most
+    likely token each step. Without --prompt a new text starts after the end-of-text token (a newline for
+    a tokenizer without one). With --num-samples N, each sample follows a line "--- sample i of N ---"."""
     model_source(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", default=None, help="text to continue (default: none, start a new text)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="how many texts to sample")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-k", type=positive_int, default=None)
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
+                     help=f"sampling temperature; 0 is greedy (default {SAMPLE_TEMPERATURE}, as nanoGPT's sample.py)")
+    how.add_argument("--greedy", action="store_true", help="the most likely token each step (--temperature 0)")
+    p.add_argument("--top-k", type=positive_int, default=SAMPLE_TOP_K,
+                   help=f"sample from the k most likely tokens (default {SAMPLE_TOP_K}, as nanoGPT's sample.py; "
+                        "a k at least the vocabulary size cuts nothing)")
     p.add_argument("--top-p", type=float, default=None)
     add_seed(p)
     add_device(p)
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel, CPU)")
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default="float32",
+                   help="decoding weights: float32 (default), bfloat16, int8 (per-channel, CPU) or int4 (a scale per "
+                        "group of 64 weights, CPU)")
 
 
 def run_import_hf(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from build_llm.errors import UsageError
 from build_llm.infer.chat import load_chat_model, require_eos
 from build_llm.infer.chat import run_chat as chat
 from build_llm.infer.classify import classify_texts
-from build_llm.infer.quant import prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.runtime import available_memory
 from build_llm.serve import Settings, run_server
 from build_llm.sizing import kv_cache_bytes
@@ -92,8 +92,9 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int_at_least(1), default=8000)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="decoding weights: float32 (default), bfloat16, or int8 (per-channel)")
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default="float32",
+                   help="decoding weights: float32 (default), bfloat16, int8 (per-channel) or int4 (a scale per group "
+                        "of 64 weights)")
     p.add_argument("--allow-host", action="append", type=host_name_arg, metavar="NAME",
                    help="also answer requests sent to this host name (repeatable). Bound to a loopback address the "
                         "server answers only localhost, 127.0.0.1 and [::1] (a web page cannot reach it under a name "

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from build_llm.errors import UsageError
-from build_llm.gpt import INT_DTYPES
+from build_llm.gpt import INT_DTYPES, GPTModel
 from build_llm.runtime import decoding_threads
 from build_llm.sizing import count_weights
 
@@ -91,6 +91,14 @@ def _check_idx(idx: Any) -> None:
         raise TypeError(f"idx: expected an integer dtype (e.g. torch.long), got {idx.dtype}")
 
 
+def last_logits(model: nn.Module, idx: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    """The last position's logits (B, V): a GPTModel runs its head for that position alone; any other
+    module (a test's stand-in, say) is called as the book calls it."""
+    if isinstance(model, GPTModel):
+        return model(idx, cache=cache, last_only=True)[:, -1, :]
+    return (model(idx) if cache is None else model(idx, cache=cache))[:, -1, :]
+
+
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_size: int | None = None,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -116,10 +124,10 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
             with threads():
                 if cache is not None and idx.shape[1] <= ctx:
                     new = idx[:, cache.pos:]  # the whole prompt first, then one token per step
-                    logits = model(new, cache=cache)[:, -1, :]
+                    logits = last_logits(model, new, cache)
                 else:
                     cache = None  # the window slides: positions shift, cached keys are stale
-                    logits = model(idx[:, -ctx:])[:, -1, :]  # (B, V)
+                    logits = last_logits(model, idx[:, -ctx:])
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)

@@ -1,6 +1,12 @@
-/* The decoding kernels of build_llm.infer.kernels (see its docstring): matvec_bf16, matvec_int8 and
- * decode_step, called through ctypes. Shipped as package data; compiled once per machine into the
- * user's cache, under a name that carries a hash of this text, so that an edit here is rebuilt. */
+/* The decoding kernels of build_llm.infer.kernels (see its docstring): matvec_bf16, matvec_int8, matvec_int4
+ * and decode_step, called through ctypes. Shipped as package data; compiled once per machine into the
+ * user's cache, under a name that carries a hash of this text, so that an edit here is rebuilt.
+ *
+ * One library for every x86-64 CPU, choosing at run time: bfloat16 and int8 products run the AVX-512
+ * intrinsics below where the CPU has AVX-512 (F, BW, VL), else portable C over the same packed layout;
+ * the portable C (int4's product and the decoding step included) is compiled twice, for x86-64-v3 (AVX2,
+ * FMA) and for any x86-64, and the loader picks the clone the CPU runs. The same numbers either way, up
+ * to the order of float32 additions. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -13,15 +19,54 @@
    are in the L1 cache; blocks are shared among `threads` OpenMP threads when the matrix is large
    enough to pay for waking them. */
 #define PARALLEL_MIN (1 << 18)
+#define INT8_CHUNK 4096  /* int8 sums exactly in int32 over at most this many columns (see int8_rows) */
 /* Both kernels ask for the weights PREFETCH ahead of the ones they multiply (into L1): one core alone cannot
    keep enough reads in flight to use the memory's bandwidth. Measured over gpt2-small's 49 products on the
    development machine (2 cores): bfloat16 23-25 ms -> 18 ms, int8 15 ms -> 10 ms a token. */
 #define PREFETCH 4096
-#define FETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #define STORE(v, m, x_scale)                                                                          \
     for (int64_t r = 0; r < 4 && n0 + r < N; r++)                                                      \
         y[(m) * N + n0 + r] = v[r] * (x_scale) * (scale ? scale[n0 + r] : 1.0f) + (bias ? bias[n0 + r] : 0.0f);
 
+/* x rounded to int16 per row as the AVX-512 int8 kernel rounds it (to nearest, ties to even; saturated): row m's
+   scale into xs[m], its Kp (zero-padded) values into xq. Used by the portable int8 kernel and by int4. */
+static void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float top = 0.0f;
+        for (int64_t k = 0; k < K; k++) top = fabsf(xm[k]) > top ? fabsf(xm[k]) : top;
+        xs[m] = top > 0.0f ? top / 32767.0f : 1.0f;
+        const float inv = 1.0f / xs[m];
+        for (int64_t k = 0; k < Kp; k++) {
+            const float q = k < K ? nearbyintf(xm[k] * inv) : 0.0f;
+            xq[m * Kp + k] = (int16_t)(q > 32767.0f ? 32767.0f : q < -32768.0f ? -32768.0f : q);
+        }
+    }
+}
+
+/* -DKERNELS_PORTABLE builds the portable C alone, for any x86-64 (the tests check it on CPUs that have more) */
+#ifdef KERNELS_PORTABLE
+#define CLONES
+#define HAS(feature) 0
+#else
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define HAS(feature) __builtin_cpu_supports(feature)
+#endif
+
+static int wide(void) {  /* whether this CPU runs the AVX-512 kernels */
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = HAS("avx512f") && HAS("avx512bw") && HAS("avx512vl");
+    }
+    return known;
+}
+
+int kernels_wide(void) { return wide(); }
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#define FETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 /* bfloat16: a 64-byte tile row holds 32 weights as 16 pairs; bfloat16 is the top half of a float32, so
@@ -56,8 +101,8 @@ static inline __attribute__((always_inline)) void bf16_rows(const int MR, const 
         for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
 }
 
-void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
-                 int64_t M, int64_t N, int64_t K, int threads) {
+static void matvec_bf16_wide(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
+                             int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32, H = Kp / 2;
     float *xe = calloc(2 * M * H, sizeof(float)), *xo = xe + M * H;
     for (int64_t m = 0; m < M; m++)
@@ -83,7 +128,6 @@ void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const fl
    products are summed exactly in int32 (`vpmaddwd`: 32 products per instruction, added in pairs), over
    at most 4096 columns at a time so that no sum can overflow (4096 * 32767 * 127 < 2^31 * 2), then
    converted to float32. `int8_rows` is `bf16_rows` for int8: each tile sign-extended once for MR rows. */
-#define INT8_CHUNK 4096
 static inline __attribute__((always_inline)) void int8_rows(const int MR, const int8_t *wb, const int16_t *xq,
                                                             int64_t Kp, float dot[4][4]) {
     __m512 acc[4][4];
@@ -111,8 +155,8 @@ static inline __attribute__((always_inline)) void int8_rows(const int MR, const 
         for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
 }
 
-void matvec_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                 int64_t M, int64_t N, int64_t K, int threads) {
+static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                             int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32;
     int16_t *xq = calloc(M * Kp, sizeof(int16_t));
     float *xs = calloc(M, sizeof(float));
@@ -150,12 +194,152 @@ void matvec_int8(const float *x, const int8_t *w, const float *scale, const floa
     free(xs);
 }
 
+#pragma GCC pop_options
+
+static inline float bf16_to_float(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+/* Portable C of the same two kernels over the same packed layout: for each block of 4 weight rows, each
+   tile's 32 columns are multiplied into 32 accumulators a row (contiguous: the compiler vectorises them). */
+static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const float *scale, const float *bias,
+                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32, blocks = (N + 3) / 4;
+    float *xp = calloc(M * Kp, sizeof(float));  /* x zero-padded to Kp columns */
+    for (int64_t m = 0; m < M; m++) memcpy(xp + m * Kp, x + m * K, sizeof(float) * K);
+    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 4;
+        const uint16_t *wb = w + blk * 4 * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            float acc[4][32] = {{0}}, dot[4];
+            const float *xm = xp + m * Kp;
+            for (int64_t k = 0; k < Kp; k += 32)
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 32; c++) acc[r][c] += xm[k + c] * bf16_to_float(wb[k * 4 + 32 * r + c]);
+            for (int r = 0; r < 4; r++) {
+                dot[r] = 0.0f;
+                for (int c = 0; c < 32; c++) dot[r] += acc[r][c];
+            }
+            STORE(dot, m, 1.0f)
+        }
+    }
+    free(xp);
+}
+
+static CLONES void matvec_int8_portable(const float *x, const int8_t *w, const float *scale, const float *bias,
+                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32, blocks = (N + 3) / 4;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
+    float *xs = calloc(M, sizeof(float));
+    quantize_rows(x, xq, xs, M, K, Kp);
+    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t n0 = blk * 4;
+        const int8_t *wb = w + blk * 4 * Kp;
+        for (int64_t m = 0; m < M; m++) {
+            float dot[4] = {0};
+            const int16_t *xm = xq + m * Kp;
+            for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {  /* exact int32 sums, as in the AVX-512 kernel */
+                const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
+                int32_t sum[4][32] = {{0}};
+                for (int64_t k = k0; k < k1; k += 32)
+                    for (int r = 0; r < 4; r++)
+                        for (int c = 0; c < 32; c++) sum[r][c] += (int32_t)xm[k + c] * wb[k * 4 + 32 * r + c];
+                for (int r = 0; r < 4; r++) {
+                    int64_t total = 0;
+                    for (int c = 0; c < 32; c++) total += sum[r][c];
+                    dot[r] += (float)total;
+                }
+            }
+            STORE(dot, m, xs[m])
+        }
+    }
+    free(xq);
+    free(xs);
+}
+
+void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+    (wide() ? matvec_bf16_wide : matvec_bf16_portable)(x, w, scale, bias, y, M, N, K, threads);
+}
+
+void matvec_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int threads) {
+    (wide() ? matvec_int8_wide : matvec_int8_portable)(x, w, scale, bias, y, M, N, K, threads);
+}
+
+/* int4: W[n, k] = scale[n, k / G] * q[n, k] with q in [-8, 7] and one bfloat16 scale per group of G columns
+   (G a multiple of 32). Row n is Kp / 2 bytes (Kp: K padded to a multiple of G): within each group, byte j
+   holds q[j] + 8 in its low 4 bits and q[j + G/2] + 8 in its high 4 bits, so that both halves meet
+   contiguous inputs. x is rounded to int16 as for int8; each group's products are summed exactly in int32
+   (G * 32768 * 8 < 2^31 for G <= 4096), then scaled by the group's scale into a float32 sum. */
+static float int4_row_portable(const uint8_t *wr, const uint16_t *sr, const int16_t *xm, int64_t Kp, int64_t G) {
+    float acc = 0.0f;
+    const int64_t half = G / 2;
+    for (int64_t g = 0; g < Kp / G; g++) {
+        const uint8_t *b = wr + g * half;
+        const int16_t *lo = xm + g * G, *hi = lo + half;
+        int32_t s = 0;
+        for (int64_t j = 0; j < half; j++)
+            s += (int32_t)lo[j] * ((b[j] & 15) - 8) + (int32_t)hi[j] * ((b[j] >> 4) - 8);
+        acc += (float)s * bf16_to_float(sr[g]);
+    }
+    return acc;
+}
+
+/* The same with AVX2 (which the compiler does not find by itself): 16 bytes widen to 16 int16 lanes, their low
+   and high halves multiply 16 inputs each in one `vpmaddwd`, and each group's 8 int32 lane sums are scaled
+   into 8 float32 sums. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static float int4_row_avx2(const uint8_t *wr, const uint16_t *sr, const int16_t *xm, int64_t Kp, int64_t G) {
+    const __m256i low4 = _mm256_set1_epi16(15), eight = _mm256_set1_epi16(8);
+    const int64_t half = G / 2;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < Kp / G; g++) {
+        const uint8_t *b = wr + g * half;
+        const int16_t *lo = xm + g * G, *hi = lo + half;
+        __m256i s = _mm256_setzero_si256();
+        for (int64_t j = 0; j < half; j += 16) {
+            const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(b + j)));
+            const __m256i ql = _mm256_sub_epi16(_mm256_and_si256(v, low4), eight);
+            const __m256i qh = _mm256_sub_epi16(_mm256_srli_epi16(v, 4), eight);
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(ql, _mm256_loadu_si256((const __m256i *)(lo + j))));
+            s = _mm256_add_epi32(s, _mm256_madd_epi16(qh, _mm256_loadu_si256((const __m256i *)(hi + j))));
+        }
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(bf16_to_float(sr[g])), acc);
+    }
+    const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
+#pragma GCC pop_options
+
+void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    const int64_t Kp = (K + G - 1) / G * G;
+    float (*row)(const uint8_t *, const uint16_t *, const int16_t *, int64_t, int64_t) =
+        HAS("avx2") ? int4_row_avx2 : int4_row_portable;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
+    float *xs = calloc(M, sizeof(float));
+    quantize_rows(x, xq, xs, M, K, Kp);
+    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)  /* row n's Kp / 2 bytes stay in the L1 cache for every input row */
+            y[m * N + n] = row(w + n * (Kp / 2), scale + n * (Kp / G), xq + m * Kp, Kp, G) * xs[m]
+                           + (bias ? bias[n] : 0.0f);
+    free(xq);
+    free(xs);
+}
 /* ---- One decoding step of a GPT-2-style model: every block, the final norm and the head in one call ----
    M rows (sequences), each adding one token at its own position; keys and values go into the caller's KV
    cache (float32, (layers, rows, heads, max_len, head_dim) with the given layer and row strides). The
-   Linear layers are packed bfloat16 (scale NULL) or int8 weights; everything else is float32, computed as
+   Linear layers are packed bfloat16, int8 or int4 weights (`kind`); everything else is float32, computed as
    PyTorch's modules compute it (pre-norm LayerNorm, GELU, softmax attention scaled by 1/sqrt(head_dim)). */
-typedef struct { const void *w; const float *scale, *bias; int64_t n, k; } Lin;
+enum { BF16, INT8, INT4 };
+typedef struct { const void *w; const void *scale; const float *bias; int64_t n, k, kind, group; } Lin;
 typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* ln*_b NULL: no shift */
     Lin qkv[3]; int64_t n_qkv;                   /* one (3C, C) product (q, k, v), or three (C, C) ones */
@@ -170,7 +354,8 @@ typedef struct {
 } Model;
 
 static void linear(const Lin *l, const float *x, float *y, int64_t M, int threads) {
-    if (l->scale) matvec_int8(x, l->w, l->scale, l->bias, y, M, l->n, l->k, threads);
+    if (l->kind == INT4) matvec_int4(x, l->w, l->scale, l->bias, y, M, l->n, l->k, l->group, threads);
+    else if (l->kind == INT8) matvec_int8(x, l->w, l->scale, l->bias, y, M, l->n, l->k, threads);
     else matvec_bf16(x, l->w, NULL, l->bias, y, M, l->n, l->k, threads);
 }
 
@@ -185,27 +370,24 @@ static void layer_norm(const float *x, const float *w, const float *b, float *y,
     }
 }
 
+/* 16 partial sums (the compiler keeps them in vector registers: float additions are not reordered for it) */
 static inline float dot(const float *a, const float *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 in = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(in, a + i), _mm512_maskz_loadu_ps(in, b + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+    float acc[16] = {0}, total = 0.0f;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+    for (; i < n; i++) total += a[i] * b[i];
+    for (int j = 0; j < 16; j++) total += acc[j];
+    return total;
 }
 
-/* y += a * x over n floats */
-static inline void axpy(float a, const float *x, float *y, int64_t n) {
-    const __m512 av = _mm512_set1_ps(a);
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 in = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        _mm512_mask_storeu_ps(y + i, in, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(in, x + i), _mm512_maskz_loadu_ps(in, y + i)));
-    }
+static inline void axpy(float a, const float *x, float *y, int64_t n) {  /* y += a * x over n floats */
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
 /* Returns 0, or 1 when a token id is outside the vocabulary, 2 when a position is outside the cache or the
    position table (nothing is written then). */
-int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, float *k_cache, float *v_cache,
+CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, float *k_cache, float *v_cache,
                 int64_t layer_stride, int64_t row_stride, int64_t max_len, int64_t n_positions, float *logits,
                 int threads) {
     const int64_t C = md->emb_dim, H = md->n_heads, D = md->head_dim, F = md->hidden;

@@ -1,23 +1,25 @@
-"""Matrix-vector kernels for decoding with bfloat16 or int8 weights on an AVX-512 CPU.
+"""Matrix-vector kernels for decoding with bfloat16, int8 or int4 weights on an x86-64 CPU.
 
 Decoding a token at batch 1 multiplies one row vector by every weight matrix, so it is bound by the
-bytes of weights read from memory: 4 per weight in float32, 2 in bfloat16, 1 in int8. To get that
-gain, each weight must be widened to float32 inside the multiply loop, in registers, never written
-back to memory. PyTorch's CPU kernels do not do this well on a CPU without bfloat16 instructions
-(AVX512-BF16 / AMX): measured on the development machine (AVX-512F/BW only), its bfloat16 product
-ran no faster than float32 and its weight-only int8 product at about half of the memory bound.
+bytes of weights read from memory: 4 per weight in float32, 2 in bfloat16, 1 in int8, 1/2 in int4. To get
+that gain, each weight must be widened inside the multiply loop, in registers, never written back to
+memory. PyTorch's CPU kernels do not do this well on a CPU without bfloat16 instructions (AVX512-BF16 /
+AMX): measured on the development machine (AVX-512F/BW only), its bfloat16 product ran no faster than
+float32 and its weight-only int8 product at about half of the memory bound; PyTorch has no int4 product
+that takes float activations.
 
-The kernels are a few lines of C with AVX-512 intrinsics, in kernels.c beside this file: for each
-block of 4 weight rows, for each of the (at most 16) input rows, 16 weights at a time are loaded,
-widened to float32 (bfloat16: zero-extend and shift left 16 bits; int8: sign-extend and convert)
-and multiplied into float32 accumulators; int8 rows are then scaled by their per-row scale. The
-rows are shared among `torch.get_num_threads()` OpenMP threads (loaded after PyTorch, the library
-uses PyTorch's OpenMP runtime and its thread pool).
+The kernels are a few lines of C in kernels.c beside this file: for each block of weight rows, for each of
+the (at most 16) input rows, the weights are loaded, widened (bfloat16: shifted into float32; int8 and
+int4: multiplied as integers with the input rounded to int16, summed exactly in int32) and accumulated in
+float32; int8 rows are then scaled by their per-row scale, int4 groups by their group's. One library
+serves every x86-64 CPU: AVX-512 intrinsics where the CPU has AVX-512, else portable C compiled for AVX2
+and for plain x86-64, chosen when it runs. The rows are shared among `torch.get_num_threads()` OpenMP
+threads (loaded after PyTorch, the library uses PyTorch's OpenMP runtime and its thread pool).
 
 The C source (shipped as package data) is compiled once per machine with the system's C compiler
 into the user's cache (`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, else
 `~/.cache/build-llm`), under a name holding a hash of the source, and called through ctypes. Where
-that is not possible (no compiler, no AVX-512, not Linux x86-64, not CPU tensors), `available()` is
+that is not possible (no compiler, not Linux x86-64, not CPU tensors), `available()` is
 False and callers use PyTorch's own kernels: same results up to float rounding, only slower.
 `BUILD_LLM_KERNELS=0` turns them off.
 
@@ -53,9 +55,12 @@ MAX_ROWS = 16  # input rows (tokens x batch) per C call; `matvec` takes longer i
 SOURCE = Path(__file__).with_name("kernels.c")  # the C source, shipped beside this file as package data
 
 
+KINDS = {torch.bfloat16: 0, torch.int8: 1, torch.uint8: 2}  # the packed weight's dtype -> Lin.kind (BF16, INT8, INT4)
+
+
 class Lin(ctypes.Structure):  # the C structs of `decode_step`, field for field
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int64), ("k", ctypes.c_int64)]
+                ("n", ctypes.c_int64), ("k", ctypes.c_int64), ("kind", ctypes.c_int64), ("group", ctypes.c_int64)]
 
 
 class Block(ctypes.Structure):
@@ -73,7 +78,7 @@ class Model(ctypes.Structure):
 
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
-SYMBOLS = ("matvec_bf16", "matvec_int8", "decode_step")  # what the library must export
+SYMBOLS = ("matvec_bf16", "matvec_int8", "matvec_int4", "decode_step", "kernels_wide")  # what the library must export
 
 
 class Refused(Exception):
@@ -96,7 +101,7 @@ def _cpu_supported() -> bool:
         flags = Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace")
     except OSError:
         return False
-    return all(f" {flag}" in flags for flag in ("avx512f", "avx512bw", "avx512vl"))
+    return " sse2" in flags  # every x86-64 CPU: the library picks its AVX-512 or portable code when it runs
 
 
 def open_trusted(path: str | os.PathLike[str], dir_fd: int | None = None, directory: bool = False) -> int:
@@ -167,7 +172,7 @@ def _compile(source: str, tmp: Path) -> int:
     os.close(open_trusted(tmp, directory=True))  # made by mkdtemp: 0700, this user's (checked all the same)
     src, out = tmp / "matvec.c", tmp / "matvec.so"
     src.write_text(source, encoding="ascii")  # the very text that was hashed
-    subprocess.run([compiler, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-fPIC", "-shared",
+    subprocess.run([compiler, "-O3", "-fopenmp", "-fPIC", "-shared",
                     str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
     os.chmod(out, 0o755)  # the compiler made it 0777 & ~umask: with umask 000, writable by everyone
     return open_trusted(out)
@@ -227,6 +232,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for fn in (lib.matvec_bf16, lib.matvec_int8):
         fn.restype = None
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.matvec_int4.restype = None
+    lib.matvec_int4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    lib.kernels_wide.restype = ctypes.c_int
+    lib.kernels_wide.argtypes = []
     lib.decode_step.restype = ctypes.c_int
     lib.decode_step.argtypes = ([ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int])
@@ -264,6 +273,12 @@ def available() -> bool:
     return _lib is not False
 
 
+def wide() -> bool:
+    """Whether the bfloat16 and int8 products run the AVX-512 code (else the portable C); False when the kernels
+    are unavailable."""
+    return available() and bool(_lib.kernels_wide())
+
+
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -287,18 +302,43 @@ def unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return packed.transpose(1, 2).reshape(blocks * 4, tiles * 32)[:n, :k]
 
 
+def pack_int4(q: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) int8 values in [-8, 7] -> matvec_int4's layout: (N, Kp / 2) uint8, K zero-padded to Kp (a multiple
+    of `group`); within each group of columns, byte j holds value j + 8 (low 4 bits) and value j + group/2 + 8
+    (high 4 bits)."""
+    n, k = q.shape
+    kp = -(-k // group) * group
+    padded = torch.zeros(n, kp, dtype=torch.int16)
+    padded[:, :k] = q
+    halves = (padded + 8).view(n, kp // group, 2, group // 2)  # (N, groups, low/high half, group/2)
+    return (halves[:, :, 0] | (halves[:, :, 1] << 4)).to(torch.uint8).reshape(n, kp // 2)
+
+
+def unpack_int4(packed: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """The (N, k) int8 values that `pack_int4` laid out."""
+    n, kp = packed.shape[0], packed.shape[1] * 2
+    b = packed.view(n, kp // group, 1, group // 2).to(torch.int16)  # (N, groups, 1, group/2)
+    halves = torch.cat([(b & 15) - 8, (b >> 4) - 8], dim=2)  # (N, groups, 2, group/2)
+    return halves.reshape(n, kp)[:, :k].to(torch.int8)
+
+
 def matvec(x: torch.Tensor, packed: torch.Tensor, n: int, scale: torch.Tensor | None = None,
-           bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., K) float32 x the (n, K) bfloat16 or int8 weight that `pack` laid out -> (..., n) float32:
-    x @ (scale[:, None] * W).T + bias, MAX_ROWS rows of x at a time. CPU tensors, when `available()`;
-    scale and bias are float32 (n,). (Decoding calls this about 50 times a token: it stays lean.)"""
+           bias: torch.Tensor | None = None, group: int = 0) -> torch.Tensor:
+    """(..., K) float32 x the (n, K) weight that `pack` (bfloat16, int8) or `pack_int4` (uint8, with `group`)
+    laid out -> (..., n) float32: x @ (scale * W).T + bias, MAX_ROWS rows of x at a time. CPU tensors, when
+    `available()`; scale is float32 (n,) for int8, bfloat16 (n, groups) for int4; bias float32 (n,).
+    (Decoding calls this about 50 times a token: it stays lean.)"""
     K = x.shape[-1]
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     y = x.new_empty(*x.shape[:-1], n)
-    fn = _lib.matvec_bf16 if packed.dtype == torch.bfloat16 else _lib.matvec_int8
     rows, threads = x.numel() // K if K else 0, torch.get_num_threads()
     w, s, b, px, py = packed.data_ptr(), _ptr(scale), _ptr(bias), x.data_ptr(), y.data_ptr()
+    if packed.dtype == torch.uint8:
+        for i in range(0, rows, MAX_ROWS):
+            _lib.matvec_int4(px + 4 * i * K, w, s, b, py + 4 * i * n, min(MAX_ROWS, rows - i), n, K, group, threads)
+        return y
+    fn = _lib.matvec_bf16 if packed.dtype == torch.bfloat16 else _lib.matvec_int8
     for i in range(0, rows, MAX_ROWS):
         fn(px + 4 * i * K, w, s, b, py + 4 * i * n, min(MAX_ROWS, rows - i), n, K, threads)
     return y

@@ -1,4 +1,5 @@
-"""Decoding weights in fewer bytes: bfloat16, and weight-only int8 with one scale per output channel.
+"""Decoding weights in fewer bytes: bfloat16, weight-only int8 with one scale per output channel, and
+weight-only int4 with one scale per group of INT4_GROUP weights of a row.
 
 Decoding one token at batch 1 multiplies a single row vector by every weight matrix, so its speed is
 set by how many bytes of weights it streams from memory: float32 reads 4 bytes per weight, bfloat16
@@ -8,7 +9,13 @@ set by how many bytes of weights it streams from memory: float32 reads 4 bytes p
     W[o, :] ~= scale[o] * q[o, :],   scale[o] = max_i |W[o, i]| / 127,   q = round(W / scale) in [-127, 127]
 
 (symmetric, per output channel: each row keeps its own range, so one large row does not coarsen
-the others); `"bfloat16"` does the same with bfloat16 weights. A tied output head gets its own copy;
+the others); `"bfloat16"` does the same with bfloat16 weights. `"int4"` has 16 levels, too few for a
+whole row's range, so each group of INT4_GROUP consecutive weights of a row gets its own scale:
+
+    W[o, i] ~= d[o, g] * q[o, i],   d[o, g] = (the group's weight of largest magnitude) / -8,   q in [-8, 7]
+
+(the largest weight lands exactly on -8, the end with one more level); 4 bits a weight plus a bfloat16
+scale a group. A tied output head gets its own copy;
 the token table stays float32 for the lookup, and everything outside the Linear layers (LayerNorm,
 attention, the KV cache, the residual stream) stays float32.
 
@@ -17,20 +24,32 @@ float32 in registers inside the multiply loop, and a GPT-2-style model's one-tok
 `CompiledStep`. Where the kernels are unavailable, PyTorch's run: `aten._weight_int8pack_mm` with
 bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
 `torch._int_mm` needs quantised activations, dequantising first writes and re-reads a float32 copy),
-and its bfloat16 product.
+its bfloat16 product, and for int4 a float32 product with the weights dequantised at every call (correct,
+slow: PyTorch has no int4 product on the CPU that takes float activations).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.gpt import use_decoding_layout
 from build_llm.infer import kernels
 
-DECODE_DTYPES = ("float32", "bfloat16", "int8")
+DECODE_DTYPES = ("float32", "bfloat16", "int8", "int4")
+# Weights per int4 scale. Measured on the development machine (2-core AMD EPYC, AVX2; gpt2-small's products,
+# one thread): 32 -> 21 ms, 64 -> 20 ms, 128 -> 15 ms a token, against int8's 24-38 ms; 64 keeps twice 128's
+# scales for outliers at a small cost (`build-llm bench --checkpoint` reports the perplexity it gives).
+INT4_GROUP = 64
+# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers).
+KERNEL_FIELDS = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
+                 "bias", "gelu", "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
+                 "pos_emb", "rope_base", "norm", "mlp", "ff_dim", "qk_norm"}
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,39 +66,70 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale
 
 
-class DecodeLinear(nn.Module):
-    """A Linear layer for decoding (no training) whose weight is bfloat16, or int8 with a float32 scale
-    per output channel; its input and output stay float32. On a CPU where `kernels` run, the weight is
-    kept in their packed layout (`packed` is True) and every product runs in them."""
+def quantize_int4(weight: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): int8 (out, in) values in [-8, 7] and bfloat16 (out, groups) scales, groups = ceil(in / group),
+    with weight[o, i] ~= scale[o, i // group] * q[o, i]."""
+    if weight.ndim != 2:
+        raise UsageError(f"weight: expected a 2-D (out, in) matrix, got shape {tuple(weight.shape)}")
+    n, k = weight.shape
+    kp = -(-k // group) * group
+    w = torch.zeros(n, kp)
+    w[:, :k] = weight.detach().float()
+    w = w.view(n, kp // group, group)  # (out, groups, group)
+    extreme = w.gather(2, w.abs().argmax(dim=2, keepdim=True))  # (out, groups, 1): signed, largest magnitude
+    scale = (extreme / -8).to(torch.bfloat16)  # the kernel's dtype: quantise against the rounded value
+    scale = torch.where(scale != 0, scale, torch.ones_like(scale))  # an all-zero group stays zero
+    q = torch.round(w / scale.float()).clamp_(-8, 7).to(torch.int8)
+    return q.view(n, kp)[:, :k].contiguous(), scale[..., 0].contiguous()
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+
+class DecodeLinear(nn.Module):
+    """A Linear layer for decoding (no training) whose weight is bfloat16, int8 with a float32 scale per
+    output channel, or int4 (`group` > 0: int8 values in [-8, 7], held two to a byte, with a bfloat16 scale
+    per group of `group` weights of a row); its input and output stay float32. On a CPU where `kernels` run,
+    the weight is kept in their packed layout (`packed` is True) and every product runs in them."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+                 group: int = 0) -> None:
         super().__init__()
-        if weight.dtype not in (torch.bfloat16, torch.int8) or (scale is None) != (weight.dtype == torch.bfloat16):
-            raise ValueError("DecodeLinear: expected a bfloat16 weight, or an int8 weight with a scale per row")
+        int4 = group > 0 and weight.dtype == torch.int8 and scale is not None and scale.ndim == 2
+        if not int4 and (weight.dtype not in (torch.bfloat16, torch.int8) or group
+                         or (scale is None) != (weight.dtype == torch.bfloat16)):
+            raise ValueError("DecodeLinear: expected a bfloat16 weight, an int8 weight with a scale per row, or int4 "
+                             "values with a scale per group")
         self.out_features, self.in_features = weight.shape
+        self.group = group
         self.packed = weight.device.type == "cpu" and kernels.available()
-        self.register_buffer("weight", kernels.pack(weight) if self.packed else weight.contiguous())
-        self.register_buffer("scale", None if scale is None else scale.float().contiguous())
+        if int4:  # two values a byte, whether or not the kernels run (dequantized() reads them back)
+            self.register_buffer("weight", kernels.pack_int4(weight, group))
+        else:
+            self.register_buffer("weight", kernels.pack(weight) if self.packed else weight.contiguous())
+        self.register_buffer("scale", None if scale is None else scale.contiguous() if int4 else scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str) -> "DecodeLinear":
         if dtype == "int8":
             return cls(*quantize_int8(linear.weight), linear.bias)
+        if dtype == "int4":
+            return cls(*quantize_int4(linear.weight), linear.bias, group=INT4_GROUP)
         return cls(linear.weight.detach().to(torch.bfloat16), None, linear.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 (out, in) weight this layer stands for."""
+        if self.group:
+            q = kernels.unpack_int4(self.weight, self.in_features, self.group).float()
+            return q * self.scale.float().repeat_interleave(self.group, dim=1)[:, :self.in_features]
         w = kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
         w = w.float()
         return w if self.scale is None else w * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed:
-            return kernels.matvec(x, self.weight, self.out_features, self.scale, self.bias)  # (..., out)
+        if self.packed:  # (..., out)
+            return kernels.matvec(x, self.weight, self.out_features, self.scale, self.bias, self.group)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()  # (B*T, in)
-        if x2.device.type != "cpu":  # correct everywhere, fast only on the CPU (other devices use bfloat16)
+        if x2.device.type != "cpu" or self.group:  # correct everywhere, fast only where the kernels run
             y = F.linear(x2, self.dequantized())
         elif self.scale is None:  # PyTorch's bfloat16 product, in bfloat16
             y = F.linear(x2.to(torch.bfloat16), self.weight).float()
@@ -91,7 +141,7 @@ class DecodeLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "bfloat16" if self.scale is None else "int8 per-channel"
+        kind = "bfloat16" if self.scale is None else f"int4, groups of {self.group}" if self.group else "int8 per-channel"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
@@ -126,8 +176,13 @@ class CompiledStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
+        """Whether the C step computes this model: GPT-2's architecture, every field outside KERNEL_FIELDS at
+        its default (so an option added to GPTConfig later runs in PyTorch until the kernel learns it)."""
         cfg = getattr(model, "cfg", None)
         if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
+            return False
+        defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+        if any(v != defaults[k] for k, v in cfg.to_dict().items() if k not in KERNEL_FIELDS):
             return False
         return all(isinstance(m, DecodeLinear) and m.packed for m in CompiledStep.linears(model)) \
             and model.tok_emb.weight.dtype == torch.float32
@@ -148,12 +203,13 @@ class CompiledStep:
         def ptr(t: torch.Tensor | None) -> int | None:  # held in `keep`: never freed while described
             if t is None:
                 return None
-            t = t.detach().contiguous() if t.dtype in (torch.bfloat16, torch.int8) else t.detach().float().contiguous()
+            t = t.detach().contiguous() if t.dtype in kernels.KINDS else t.detach().float().contiguous()
             keep.append(t)
             return t.data_ptr()
 
         def lin(m: DecodeLinear) -> kernels.Lin:
-            return kernels.Lin(ptr(m.weight), ptr(m.scale), ptr(m.bias), m.out_features, m.in_features)
+            return kernels.Lin(ptr(m.weight), ptr(m.scale), ptr(m.bias), m.out_features, m.in_features,
+                               kernels.KINDS[m.weight.dtype], m.group)
 
         head, *rest = self.linears(model)
         per_block = len(rest) // cfg.n_layers  # 4 with a fused qkv, 6 with the book's three
@@ -191,7 +247,7 @@ def check_decode_dtype(dtype: str) -> str:
 def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
     """Put an eval-mode model's weights in the form decoding reads fastest, in place; returns it.
 
-    float32: the fastest memory layout (see `use_decoding_layout`). bfloat16 on the CPU and int8:
+    float32: the fastest memory layout (see `use_decoding_layout`). bfloat16 on the CPU, int8 and int4:
     every Linear, the output head included, becomes a DecodeLinear of that dtype (a tied head gets
     its own copy; the token table, norms, attention, KV cache and residual stream stay float32).
     bfloat16 on other devices: the whole model in bfloat16. The model is for inference afterwards
@@ -200,8 +256,8 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
     check_decode_dtype(dtype)
     model.eval()
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if dtype == "int8" and not on_cpu:
-        raise UsageError("dtype='int8' runs on the CPU; use bfloat16 or float32 on other devices")
+    if dtype in ("int8", "int4") and not on_cpu:
+        raise UsageError(f"dtype={dtype!r} runs on the CPU; use bfloat16 or float32 on other devices")
     if dtype == "bfloat16" and not on_cpu:
         model.to(torch.bfloat16)
     elif dtype != "float32":

@@ -2,8 +2,9 @@
 
 Each check returns a `CheckResult` (PASS, FAIL or SKIP, and one line saying what was measured):
 - tokenizer round-trip: decode(encode(text)) gives the text back;
-- initial loss: an untrained model predicts about uniformly, so its loss is near ln(vocab_size);
-  a trained one must not do worse than that;
+- initial loss (untrained models only): an untrained model predicts about uniformly, so its loss
+  is near ln(vocab_size); a trained model skips it (its loss on a test text says nothing of its
+  initialisation);
 - causal mask: changing a future token never changes an earlier position's logits;
 - KV cache: logits computed position by position with the cache equal those of one full forward,
   and generation gives the same tokens with and without the cache;
@@ -25,10 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm.data.markov import abc_text, is_abc_tokenizer
+from build_llm.data.tokenizer import CharTokenizer
 from build_llm.infer.generate import generate
 
 # Text for the round-trip and the loss when neither --data nor a known source is given: spaces,
-# newlines, punctuation, digits and accents (the course's Portuguese) in one short passage.
+# newlines, punctuation, digits and accents (the course's Portuguese) in one short passage. A
+# character tokenizer gets the part of it its alphabet covers, and the alphabet itself.
 SAMPLE_TEXT = ("O gato sobe no telhado. Não há nada mais a dizer!\n"
                "Every effort moves you forward; 1, 2, 3 tokens... and then\n\n"
                "  the end — or is it? Ação, coração, 100% café.\n")
@@ -204,21 +207,48 @@ def check_overfit(model: nn.Module, window: torch.Tensor, steps: int = 60, lr: f
                        f"{window.shape[1] - 1} tokens; {'below' if ok else 'NOT below'} {target} within {steps}")
 
 
+def check_untrained_loss(model: nn.Module, batch: torch.Tensor, untrained: bool | None,
+                         tolerance: float = 0.5) -> CheckResult:
+    """The initial-loss check for an untrained model; a SKIP for a trained one. `untrained` None: not
+    known, so a loss far below ln V (more than `tolerance`) shows a trained model, and any other is
+    checked as an untrained model's."""
+    if untrained is None:
+        model.eval()
+        with torch.no_grad():
+            loss = float(_lm_loss(model, batch))
+        ln_v = math.log(model.cfg.vocab_size)
+        untrained = not loss < ln_v - tolerance
+        if not untrained:
+            return CheckResult("initial loss", "SKIP", f"loss {loss:.4f} nats on {batch.shape[0]}x{batch.shape[1] - 1} "
+                                                       f"tokens; ln(vocab) = {ln_v:.4f}: far below, a trained model; "
+                                                       "the check is for untrained models")
+    if untrained:
+        return check_initial_loss(model, batch, untrained=True, tolerance=tolerance)
+    return CheckResult("initial loss", "SKIP", "a trained model (its trainer state records training steps); the "
+                                               "check is for untrained models, whose loss must be near ln(vocab)")
+
+
 # --- running them all ----------------------------------------------------------------------------
 def doctor_text(tokenizer: Any, text: str | None) -> tuple[str, str]:
-    """The text the checks use and where it came from: the data, ABC text for an ABC model, or a sample."""
+    """The text the checks use and where it came from: the data, ABC text for an ABC model, or a
+    sample the tokenizer covers (a character tokenizer cannot encode a character it never saw)."""
     if text is not None:
         return text, "the data"
     if is_abc_tokenizer(tokenizer):
         return abc_text(400, seed=0), "ABC text sampled from the source"
+    if isinstance(tokenizer, CharTokenizer):
+        alphabet = tokenizer.vocab[1:]
+        sample = "".join(c for c in SAMPLE_TEXT if c in set(alphabet))
+        return sample + "".join(alphabet), "the built-in sample in the tokenizer's alphabet, then the alphabet"
     return SAMPLE_TEXT, "a built-in sample text"
 
 
-def run_checks(model: nn.Module, tokenizer: Any = None, text: str | None = None, *, untrained: bool = False,
+def run_checks(model: nn.Module, tokenizer: Any = None, text: str | None = None, *, untrained: bool | None = None,
                steps: int = 60, lr: float = 1e-3, seq_len: int = 16, seed: int = 0) -> Iterator[CheckResult]:
     """Run every check in turn (cheapest first) and yield its result; `text` is the data to use.
 
-    `untrained` says the model is freshly initialised, so its loss must be near ln(vocab_size).
+    `untrained` says whether the model is freshly initialised, so that its loss must be near
+    ln(vocab_size); a trained model skips that check; None: decided by the loss (check_untrained_loss).
     A check that raises is reported as a FAIL with the error.
     """
     was_training = model.training
@@ -248,7 +278,7 @@ def run_checks(model: nn.Module, tokenizer: Any = None, text: str | None = None,
     if tokenizer is not None:
         checks.append(("tokenizer round-trip", lambda: check_tokenizer(tokenizer, text)))
     checks += [
-        ("initial loss", lambda: _note(check_initial_loss(model, batch, untrained), source)),
+        ("initial loss", lambda: _note(check_untrained_loss(model, batch, untrained), source)),
         ("causal mask", lambda: check_causal(model, idx)),
         ("KV cache", lambda: check_kv_cache(model, idx)),
         ("gradients", lambda: check_gradients(model, batch)),

@@ -46,7 +46,7 @@ def return_intermediates(model: nn.Module, in_idx: torch.Tensor) -> dict[str, An
             h.remove()
         model.train(was_training)
     T = in_idx.shape[1]
-    return {"positions": torch.arange(T), "mask": model.trf_blocks[0].att.mask[:T, :T].int(),
+    return {"positions": torch.arange(T), "mask": model.trf_blocks[0].att.causal_mask(0, T, in_idx.device).int(),
             "hidden": hidden, "attention": attention, "logits": logits}
 
 
@@ -76,17 +76,24 @@ def residual_norms(hidden: list[torch.Tensor]) -> torch.Tensor:
 
 
 # --- the `inspect` report ------------------------------------------------------------------------
-def format_mask(labels: list[str], mask: torch.Tensor) -> str:
-    """The positions and the causal mask as the R notebook prints them (`x1`, `wei`), labelled."""
+def format_mask(labels: list[str], mask: torch.Tensor, columns: int | None = None, lines: int | None = None) -> str:
+    """The positions and the causal mask as the R notebook prints them (`x1`, `wei`), labelled.
+
+    With `columns` and `lines` (a terminal's size), a mask too large to show is cut to its top-left
+    corner, with a note; the whole mask goes to mask.txt."""
     T = len(labels)
     width = max(len(s) for s in labels)
-    lines = ["tokens and positions (x1; the R notebook counts from 1, PyTorch from 0):"]
-    lines += [f"  {t:>3}  {label}" for t, label in enumerate(labels)]
-    lines.append("causal mask (wei): row = query, column = key; 1 = may not look at that position")
-    lines.append(" " * (width + 2) + " ".join(f"{t:>2}" for t in range(T)))
-    for t in range(T):
-        lines.append(f"{labels[t]:>{width}}  " + " ".join(f"{int(v):>2}" for v in mask[t].tolist()))
-    return "\n".join(lines)
+    n = T if columns is None else max(1, min(T, (columns - width - 2) // 3))  # each column: " %2d"
+    n = n if lines is None else max(1, min(n, lines - 4))  # room for the heading lines around it
+    out = ["tokens and positions (x1; the R notebook counts from 1, PyTorch from 0):"]
+    out += [f"  {t:>3}  {label}" for t, label in enumerate(labels)]
+    out.append("causal mask (wei): row = query, column = key; 1 = may not look at that position")
+    if n < T:
+        out.append(f"(the top-left {n} x {n} of the {T} x {T} mask; all of it is in mask.txt)")
+    out.append(" " * (width + 2) + " ".join(f"{t:>2}" for t in range(n)))
+    for t in range(n):
+        out.append(f"{labels[t]:>{width}}  " + " ".join(f"{int(v):>2}" for v in mask[t, :n].tolist()))
+    return "\n".join(out)
 
 
 def prompt_window(model: nn.Module, tokenizer: Any, prompt: str, max_tokens: int) -> tuple[list[int], int]:
@@ -177,7 +184,7 @@ def _inspect_json(tokenizer: Any, ids: list[int], cut: int, labels: list[str], i
 def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | Path, *,
                   top_k: int | None = None, top_p: float | None = 0.9,
                   temperatures: tuple[float, ...] = (0.5, 1.0, 2.0), max_tokens: int = 48,
-                  title: str = "") -> dict[str, Any]:
+                  title: str = "", screen: tuple[int, int] | None = None) -> dict[str, Any]:
     """Look inside `model` on `prompt` and write to `out_dir`:
 
     attention.png (layers x heads maps), mask.txt (positions and causal mask), next_token.txt and
@@ -185,7 +192,8 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
     layers.png (residual-stream norms, attention entropy) and inspect.json (all the numbers,
     attention weights included). Only the last `max_tokens` tokens of the prompt are used, so the
     pictures stay readable. `top_k` defaults to half the vocabulary, at most 10. Returns a dict
-    with `text` (the printed summary) and `files` (the paths written).
+    with `text` (the printed summary: its mask cut to fit `screen`, a terminal's (columns, lines))
+    and `files` (the paths written).
     """
     ids, cut = prompt_window(model, tokenizer, prompt, max_tokens)
     top_k = max(1, min(10, model.cfg.vocab_size // 2)) if top_k is None else top_k
@@ -221,5 +229,6 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
                                              ("next_token_chart", "next_token.png"), ("next_token", "next_token.txt"),
                                              ("layers", "layers.png"), ("json", "inspect.json"))}
     head = f"prompt: {len(ids)} tokens" + (f" (the first {cut} dropped: showing the last {len(ids)})" if cut else "")
-    text = "\n\n".join([head, mask_text, "\n".join(nxt["lines"]), "\n".join(layers["lines"])])
+    shown_mask = mask_text if screen is None else format_mask(labels, inter["mask"], *screen)
+    text = "\n\n".join([head, shown_mask, "\n".join(nxt["lines"]), "\n".join(layers["lines"])])
     return {"text": text, "files": files, "intermediates": inter, "ids": ids, "labels": labels}

@@ -65,7 +65,7 @@ def next_token_distribution(model: nn.Module, tokenizer: Any, prompt: str, k: in
     model.eval()
     try:
         with torch.no_grad():
-            logits = model(idx[:, -ctx:].to(model.tok_emb.weight.device))[0, -1]
+            logits = model(idx[:, -ctx:].to(model.tok_emb.weight.device), last_only=True)[0, -1]
     finally:
         model.train(was_training)
     probas = torch.softmax(logits.float(), dim=-1)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-2 <-> GPTModel, both ways, with no network; Llama-shaped models export to Llama.
+"""Hugging Face GPT-2 and the Llama family <-> GPTModel, both ways, with no network.
 
 Import reads a local Hugging Face GPT-2 directory (`config.json` plus `model.safetensors`, a sharded
 `model.safetensors.index.json`, or a legacy `pytorch_model.bin` read with `weights_only=True`) or a
@@ -17,11 +17,10 @@ The two models compute the same function; only names and layouts differ:
     lm_head (tied to wte unless      out_head
       tie_word_embeddings is false)
 
-A model with Llama's options (pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False,
-qkv_bias=False, qk_norm=False) exports as `LlamaForCausalLM` instead: embed_tokens, layers.i.
-{input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,up,down}_proj},
-norm and lm_head, every matrix in Linear layout (our rotary pairing is already Llama's rotate-half).
-Any other mix of options is refused with the option that neither GPT-2 nor Llama can express.
+A model with rotary positions, RMSNorm or a gated feed-forward is one of the Llama family instead
+(llama, mistral, qwen2, qwen3, gemma3_text; interop/hf_decoders.py): imported from any of them, and
+exported as the first whose config holds every option it has. Any other mix of options, or a config
+setting GPTModel does not compute, is refused with the option or key named.
 
 GPT-2 has three dropout rates (embeddings, attention weights, residual branches); GPTModel has one,
 `drop_rate`, used in all three places. Import takes the largest of the three (they are equal in
@@ -48,6 +47,7 @@ from build_llm.config import GPTConfig
 from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
 from build_llm.gpt import GPTModel
+from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, family_of)
 from build_llm.store.checkpoint import unwrap, write_failed
 from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 
@@ -75,6 +75,7 @@ EXPRESSIBLE = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers",
 
 # The causal-mask buffers that old GPT-2 files carry next to the weights (not parameters).
 MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+ROTARY_BUFFER = re.compile(r"model\.(layers\.\d+\.self_attn\.)?rotary_emb\..*")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,12 +84,16 @@ MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
 def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> GPTConfig:
-    """The GPTConfig of a Hugging Face GPT-2 `config.json` dict; GPT-2 features we lack raise ValueError."""
+    """The GPTConfig of a Hugging Face `config.json` dict (GPT-2 or the Llama family); features we lack
+    raise ValueError naming the key."""
     if not isinstance(hf, Mapping):
         raise UsageTypeError(f"config: expected a dict (config.json), got {type(hf).__name__}")
     model_type = hf.get("model_type", "gpt2")
+    if model_type in DECODERS:
+        return decoder_config(hf, model_type, drop_rate)
     if model_type != "gpt2":
-        raise UsageError(f"config.json: model_type={model_type!r} is not supported; only 'gpt2' models can be imported")
+        raise UsageError(f"config.json: model_type={model_type!r} is not supported; valid model types are gpt2, "
+                         f"{', '.join(DECODERS)}")
     for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
         if key not in hf:
             raise UsageError(f"config.json: {key!r} is missing; a GPT-2 config needs n_embd, n_head, n_layer, "
@@ -119,26 +124,13 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
         raise UsageError(f"config.json: not a valid GPT-2 config: {e}") from e
 
 
-# What a Llama has, in GPTConfig's terms; every other field that changes the forward pass must keep
-# its book default, except the ones Llama writes into its config (LLAMA_EXPRESSIBLE).
-LLAMA = {"pos_emb": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": False, "qk_norm": False}
-LLAMA_EXPRESSIBLE = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "tie_weights",
-                     "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
-                     "rope_base", "ff_dim", "gelu"}
-
-
 def hf_architecture(cfg: GPTConfig) -> str:
-    """"gpt2" or "llama": the Hugging Face architecture that can hold `cfg`, or UsageError naming the
-    option that neither can express. Rotary positions, RMSNorm or SwiGLU make it a Llama."""
-    if not any(getattr(cfg, k) == v for k, v in LLAMA.items() if k in ("pos_emb", "norm", "mlp")):
+    """"gpt2" or a Llama-family model_type: the Hugging Face architecture that can hold `cfg`, or
+    UsageError naming the options none can express. Rotary positions, RMSNorm or a gated
+    feed-forward make it one of the Llama family."""
+    if cfg.pos_emb != "rope" and cfg.norm != "rmsnorm" and cfg.mlp not in ("swiglu", "geglu"):
         return "gpt2" if not _not_gpt2(cfg) else _refuse("GPT-2", _not_gpt2(cfg))
-    wrong = {k: getattr(cfg, k) for k, v in LLAMA.items() if getattr(cfg, k) != v}
-    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
-    wrong.update({k: v for k, v in cfg.to_dict().items()
-                  if k not in LLAMA and k not in LLAMA_EXPRESSIBLE and v != defaults.get(k)})
-    if wrong:
-        _refuse("Llama", wrong, needs="; a Llama needs " + ", ".join(f"{k}={v!r}" for k, v in LLAMA.items()))
-    return "llama"
+    return family_of(cfg)
 
 
 def _not_gpt2(cfg: GPTConfig) -> dict[str, Any]:
@@ -152,23 +144,13 @@ def _refuse(arch: str, extra: Mapping[str, Any], needs: str = "") -> str:
 
 
 def config_to_hf(cfg: GPTConfig, *, eos_id: int | None = None) -> dict[str, Any]:
-    """A Hugging Face `config.json` dict for `cfg` (GPT-2, or Llama for a model with Llama's options);
-    features neither has raise UsageError."""
+    """A Hugging Face `config.json` dict for `cfg` (GPT-2, or the Llama-family type that holds it);
+    features none has raise UsageError."""
     if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
         eos_id = None
-    if hf_architecture(cfg) == "llama":
-        return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.emb_dim, "intermediate_size": cfg.ff_hidden,
-            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": cfg.context_length, "rms_norm_eps": cfg.ln_eps,
-            "rope_theta": cfg.rope_base, "rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-            "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.drop_rate,
-            "initializer_range": cfg.init_std or 0.02, "tie_word_embeddings": cfg.tie_weights, "use_cache": True,
-            "bos_token_id": eos_id, "eos_token_id": eos_id, "torch_dtype": "float32",
-        }
+    family = hf_architecture(cfg)
+    if family != "gpt2":
+        return decoder_hf_config(cfg, family, eos_id)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_embd": cfg.emb_dim,
@@ -285,27 +267,36 @@ def _fresh_model(cfg: GPTConfig) -> GPTModel:
     model = model.to_empty(device="cpu")
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
-    n = cfg.context_length
-    for block in model.trf_blocks:  # the causal mask is a buffer, not a weight: rebuild it
-        block.att.mask = torch.triu(torch.ones(n, n, dtype=torch.bool), diagonal=1)
     return model
 
 
-def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], source: str) -> GPTModel:
-    names = name_map(model.cfg)
+def weight_names(cfg: GPTConfig, family: str) -> dict[str, tuple[str, bool]]:
+    """Hugging Face name (GPT-2's without `transformer.`) -> (our name, transposed) for `family`."""
+    if family == "gpt2":
+        return name_map(cfg)
+    return {hf: (ours, False) for hf, ours in decoder_names(cfg, family).items()}
+
+
+def _ignored(name: str, cfg: GPTConfig) -> bool:
+    """Tensors a file may hold that are not weights: causal-mask and rotary buffers, and the tied
+    head's copy of the token embedding."""
+    return bool(MASK_BUFFER.fullmatch(name) or ROTARY_BUFFER.fullmatch(name)
+                or (name == "lm_head.weight" and cfg.tie_weights))
+
+
+def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], source: str, family: str) -> GPTModel:
+    names = weight_names(model.cfg, family)
     by_hf = {}
     unexpected = []
     for key in loaders:
-        name = _hf_name(key)
+        name = _hf_name(key) if family == "gpt2" else key
         if name in names:
             by_hf[name] = key
-        elif MASK_BUFFER.fullmatch(name) or (name == "lm_head.weight" and model.cfg.tie_weights):
-            continue  # buffers, and the tied head's copy of wte
-        else:
+        elif not _ignored(name, model.cfg):
             unexpected.append(key)
     missing = sorted(set(names) - set(by_hf))
     if missing or unexpected:
-        raise UsageError(f"{source}: the weights do not match a GPT-2 of this config (missing {missing[:4]}, "
+        raise UsageError(f"{source}: the weights do not match a {family} of this config (missing {missing[:4]}, "
                          f"unexpected {sorted(unexpected)[:4]})")
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
@@ -316,33 +307,35 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
             tensor = loaders[key]()
             if tuple(tensor.shape) != expected:
                 raise UsageError(f"{source}: {key} has shape {tuple(tensor.shape)}, but config.json implies {expected}")
-            target.copy_(tensor.t() if transposed else tensor)  # Conv1D (in, out) -> Linear (out, in)
+            target.copy_(tensor.t() if transposed else tensor)  # Conv1D (in, out) -> Linear (out, in); any dtype
             del tensor
     return model
 
 
 def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
-    """A GPTModel (eval mode, float32) with the weights of a Hugging Face GPT-2.
+    """A GPTModel (eval mode, float32) with the weights of a Hugging Face GPT-2, Llama, Mistral, Qwen2,
+    Qwen3 or Gemma 3 (text) model.
 
     `model_or_dir` is a local directory (config.json plus model.safetensors, a sharded
-    model.safetensors.index.json, or pytorch_model.bin) or a `transformers` GPT2LMHeadModel /
-    GPT2Model. Tensors are copied one at a time, so any size up to gpt2-xl needs about the model's
-    own memory. `drop_rate` overrides the largest of GPT-2's three dropout rates.
+    model.safetensors.index.json, or pytorch_model.bin; float32 or bfloat16) or a `transformers` model
+    of one of those types. Tensors are copied one at a time into an uninitialised model, so the
+    import needs about the model's own memory. `drop_rate` overrides the config's dropout.
     """
     if isinstance(model_or_dir, (str, os.PathLike)):
         directory = Path(model_or_dir)
         with ExitStack() as stack:
             config, loaders = _open_directory(directory, stack)
             cfg = config_from_hf(config, drop_rate=drop_rate)
-            return _fill(_fresh_model(cfg), loaders, str(directory)).eval()
+            return _fill(_fresh_model(cfg), loaders, str(directory), config.get("model_type", "gpt2")).eval()
     config = getattr(model_or_dir, "config", None)
     if not isinstance(model_or_dir, nn.Module) or not hasattr(config, "to_dict"):
-        raise TypeError("model_or_dir: expected a directory path or a transformers GPT-2 model, got "
-                        f"{type(model_or_dir).__name__}")
-    cfg = config_from_hf(config.to_dict(), drop_rate=drop_rate)
+        raise TypeError("model_or_dir: expected a directory path or a transformers GPT-2 model (or Llama, Mistral, "
+                        f"Qwen2, Qwen3, Gemma 3), got {type(model_or_dir).__name__}")
+    config = config.to_dict()
+    cfg = config_from_hf(config, drop_rate=drop_rate)
     state = model_or_dir.state_dict()
     loaders = {key: (lambda t=t: t.detach()) for key, t in state.items()}
-    return _fill(_fresh_model(cfg), loaders, type(model_or_dir).__name__).eval()
+    return _fill(_fresh_model(cfg), loaders, type(model_or_dir).__name__, config.get("model_type", "gpt2")).eval()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,8 +344,8 @@ def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
 
 
 def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, tensor) of every weight of `model`: GPT-2's names in Conv1D layout, or
-    Llama's (llama_tensors) for a model with Llama's options.
+    """(Hugging Face name, tensor) of every weight of `model`: GPT-2's names in Conv1D layout, or the
+    Llama family's (decoder_tensors) for a model with their options.
 
     Missing pieces that GPT-2 always has are written as the zeros that make them do nothing: QKV
     biases, and all biases and LayerNorm shifts of a `bias=False` model. Separate Q, K and V
@@ -362,8 +355,9 @@ def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     if not isinstance(model, GPTModel):
         raise TypeError(f"model: expected a GPTModel, got {type(model).__name__}")
     cfg = model.cfg
-    if hf_architecture(cfg) == "llama":
-        yield from llama_tensors(model)
+    family = hf_architecture(cfg)
+    if family != "gpt2":
+        yield from decoder_tensors(model, family)
         return
 
     def shift(norm: nn.Module) -> torch.Tensor:
@@ -401,34 +395,29 @@ def hf_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield "lm_head.weight", model.out_head.weight
 
 
-def llama_tensors(model: GPTModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face Llama name, tensor) of every weight of a Llama-shaped GPTModel (Linear layout)."""
-    yield "model.embed_tokens.weight", model.tok_emb.weight
+def decoder_tensors(model: GPTModel, family: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) of every weight of a Llama-family GPTModel (Linear layout); a fused
+    W_qkv is split into the q, k and v projections."""
+    ours = dict(model.named_parameters(remove_duplicate=False))
     for i, block in enumerate(model.trf_blocks):
-        p, att = f"model.layers.{i}.", block.att
+        att = block.att
         if att.fused_qkv:
-            q, k, v = att.W_qkv.weight.split(att.d_out, dim=0)  # (C, C) each
-        else:
-            q, k, v = att.W_query.weight, att.W_key.weight, att.W_value.weight
-        yield p + "input_layernorm.weight", block.norm1.scale
-        yield p + "self_attn.q_proj.weight", q
-        yield p + "self_attn.k_proj.weight", k
-        yield p + "self_attn.v_proj.weight", v
-        yield p + "self_attn.o_proj.weight", att.out_proj.weight
-        yield p + "post_attention_layernorm.weight", block.norm2.scale
-        yield p + "mlp.gate_proj.weight", block.ff.gate.weight
-        yield p + "mlp.up_proj.weight", block.ff.up.weight
-        yield p + "mlp.down_proj.weight", block.ff.down.weight
-    yield "model.norm.weight", model.final_norm.scale
-    if not model.cfg.tie_weights:
-        yield "lm_head.weight", model.out_head.weight
+            kv_out = att.num_kv_heads * att.head_dim
+            for part in ("weight", "bias"):
+                fused = getattr(att.W_qkv, part)
+                if fused is not None:
+                    q, k, v = fused.split([att.d_out, kv_out, kv_out], dim=0)  # (nh*hs, ...), (n_kv*hs, ...) x 2
+                    for name, t in (("W_query", q), ("W_key", k), ("W_value", v)):
+                        ours[f"trf_blocks.{i}.att.{name}.{part}"] = t
+    for hf_name, our_name in decoder_names(model.cfg, family).items():
+        yield hf_name, ours[our_name]
 
 
 def to_hf(model: nn.Module) -> Any:
-    """A `transformers.GPT2LMHeadModel` (or `LlamaForCausalLM` for a model with Llama's options),
+    """A `transformers` model (GPT2LMHeadModel, or the Llama-family class that holds `model`'s options),
     eval mode, that computes the same logits as `model`."""
     try:  # transformers is optional: only to_hf needs it
-        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:
         raise ImportError("to_hf needs the optional package 'transformers' (pip install transformers); "
                           "save_hf writes a loadable directory without it") from e
@@ -439,17 +428,14 @@ def to_hf(model: nn.Module) -> Any:
     hf_config = config_to_hf(model.cfg)
     hf_config.pop("architectures")
     hf_config.pop("torch_dtype")
-    llama = hf_config["model_type"] == "llama"
-    if llama:
-        hf_config.pop("rope_parameters")  # this transformers version builds it from rope_theta, or has none
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if llama else (GPT2Config, GPT2LMHeadModel)
-    config = config_cls(**hf_config)
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     with torch.device("meta"):  # no memory and no random initialisation for weights about to be replaced
-        hf = model_cls(config)
+        hf = AutoModelForCausalLM.from_config(config)
     if any(b.is_meta for b in hf.buffers()):  # causal-mask or rotary buffers: build the model for real
-        hf = model_cls(config)
+        hf = AutoModelForCausalLM.from_config(config)
     if model.cfg.tie_weights:
-        state["lm_head.weight"] = state["model.embed_tokens.weight" if llama else "transformer.wte.weight"]
+        state["lm_head.weight"] = state["transformer.wte.weight" if "transformer.wte.weight" in state
+                                        else "model.embed_tokens.weight"]
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     still_meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -463,10 +449,10 @@ HF_KIND = "hf-export"  # the kind in the ownership marker of a directory save_hf
 
 def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> list[str]:
     """Write `model` (and `tokenizer`, if Hugging Face can hold it) as a Hugging Face GPT-2 directory
-    (a Llama directory for a model with Llama's options).
+    (a Llama-family one for a model with their options).
 
     The directory holds config.json and model.safetensors, which
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` (or `LlamaForCausalLM`) loads; a GPT-2 tokenizer adds vocab.json
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; a GPT-2 tokenizer adds vocab.json
     and merges.txt (the canonical files), a trained BPE its tokenizer.json, each with
     tokenizer_config.json for `AutoTokenizer`. A character tokenizer has no Hugging Face form and is
     left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced

@@ -253,7 +253,8 @@ class Engine:
                 ids[b, :len(body)] = torch.tensor(body, dtype=torch.long)
             start = torch.zeros(len(seqs), dtype=torch.long)  # every row from position 0
             self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + len(seqs)],
-                                               self.cache.v[:, slot:slot + len(seqs)], start))
+                                               self.cache.v[:, slot:slot + len(seqs)], start),
+                       last_only=True)  # only the cache is wanted: the head runs for one position, not width
         for s, body in zip(seqs, bodies):
             if s.seed is not None:
                 s.generator = torch.Generator().manual_seed(s.seed)

@@ -158,9 +158,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
     model.load_state_dict(state, strict=True, assign=False)
     if cfg.tie_weights:
         model.out_head.weight = model.tok_emb.weight
-    for block in model.trf_blocks:  # buffers are not saved; rebuild the causal mask on the device
-        n = cfg.context_length
-        block.att.mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=device), diagonal=1)
     tokenizer = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"checkpoint {str(path)!r}: {TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model's "
@@ -257,6 +254,19 @@ def trainer_files(optimizer_state: dict[str, Any], trainer_state: dict[str, Any]
         RNG_FILE: lambda p: save_file(rng_tensors, p),
         TRAINER_FILE: lambda p: write_json(p, state),
     }
+
+
+def trained_steps(path: str | Path) -> int | None:
+    """The optimizer steps a checkpoint's trainer state records (None: it has none, e.g. a model saved
+    or imported without training, or the record is unreadable)."""
+    state_file = resolve_checkpoint(path) / TRAINER_FILE
+    if not state_file.is_file():
+        return None
+    try:
+        step = read_json(state_file).get("step")
+    except (UsageError, OSError, AttributeError):
+        return None
+    return step if type(step) is int and step >= 0 else None
 
 
 @dataclass

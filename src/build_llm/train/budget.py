@@ -19,7 +19,7 @@ import os
 import re
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -142,20 +142,35 @@ def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = Non
 
 
 # --- throughput probe and the plan ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Probe:
+    """What the probe measured of one shape in one dtype."""
+    dtype: str
+    tokens_per_s: float          # training
+    eval_tokens_per_s: float     # forward only, as the evaluations run
+    losses: tuple[float, ...]    # of the first steps: the same weights and windows in every dtype
+
+    def matches(self, reference: Probe, tolerance: float = 0.01) -> bool:
+        """Whether its first losses are within `tolerance` (relative) of `reference`'s."""
+        return all(abs(a - b) <= tolerance * abs(b) for a, b in zip(self.losses[:3], reference.losses[:3]))
+
+
 def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32", seconds: float = 1.0,
-                       max_steps: int = 20) -> tuple[float, float]:
-    """(training, evaluation) tokens per second of `cfg` at `batch_size` on this machine now, with the
-    CPU threads set as now: AdamW steps on real windows of `ids`, after one untimed step; at least
-    two timed steps, until `seconds` pass; then two evaluation batches as the run evaluates. The
-    median step counts, so that one slow step (a page fault, another process) does not skew it."""
+                       max_steps: int = 20) -> Probe:
+    """Training and evaluation tokens per second of `cfg` at `batch_size` in `dtype` on this machine
+    now, with the CPU threads set as now: AdamW steps on real windows of `ids` from seeded weights,
+    after one untimed step; at least two timed steps, until `seconds` pass; then two evaluation
+    batches as the run evaluates. The median step counts, so that one slow step (a page fault,
+    another process) does not skew it."""
+    torch.manual_seed(0)
     model = GPTModel(cfg).to(device).train()
     tcfg = TrainConfig(batch_size=batch_size, dtype=dtype)
     optimizer = make_optimizer(model, tcfg, device)
-    rng = np.random.default_rng(0)
+    rng, losses = np.random.default_rng(0), []
 
     def step() -> None:
         x, y = random_windows(ids, draw_starts(len(ids), cfg.context_length, batch_size, rng), cfg.context_length)
-        train_step(model, optimizer, [(x, y)], device, tcfg, Dist()).item()
+        losses.append(train_step(model, optimizer, [(x, y)], device, tcfg, Dist()).item())
 
     step()
     times, end = [], time.perf_counter() + seconds
@@ -167,7 +182,30 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
     evaluate_windows(model, ids, draw_starts(len(ids), cfg.context_length, 2 * batch_size, rng), cfg.context_length,
                      batch_size, device, None, dtype)
     eval_rate = 2 * batch_size * cfg.context_length / (time.perf_counter() - start)
-    return batch_size * cfg.context_length / statistics.median(times), eval_rate
+    return Probe(dtype, batch_size * cfg.context_length / statistics.median(times), eval_rate, tuple(losses))
+
+
+def global_probe(cfg, batch_size: int, ids, device, dtype: str, d: Dist, seconds: float = 1.0) -> Probe:
+    """The probe of all processes together: under torchrun every process measures its own share of
+    the batch (batch_size / world) at once, as training will run them, and the rates add up (the
+    gradients' all-reduce is not in it: the run's Deadline measures that)."""
+    probe = probe_tokens_per_s(cfg, max(1, batch_size // d.world), ids, device, dtype, seconds=seconds)
+    if not d.active:
+        return probe
+    rates = d.sum(torch.tensor([probe.tokens_per_s, probe.eval_tokens_per_s], dtype=torch.float64, device=device))
+    return replace(probe, tokens_per_s=float(rates[0]), eval_tokens_per_s=float(rates[1]))
+
+
+def fastest(probes: list[Probe]) -> Probe:
+    """The fastest of `probes` whose first losses match the first's (the configured dtype's)."""
+    return max((p for p in probes if p is probes[0] or p.matches(probes[0])), key=lambda p: p.tokens_per_s)
+
+
+def dtype_words(probes: list[Probe], chosen: Probe) -> str:
+    """The plan's words for the dtype choice: what was measured beside it."""
+    others = [f"{p.dtype} {p.tokens_per_s:,.0f} tokens/s{'' if p.matches(probes[0]) else ', its loss differs'}"
+              for p in probes if p is not chosen]
+    return chosen.dtype + (f" ({'; '.join(others)})" if others else "")
 
 
 @dataclass
@@ -181,24 +219,28 @@ class Plan:
     peak_bytes: int
     eval_tokens_per_s: float = 0.0     # forward only, as the evaluations run
     threads: int = 1                   # the CPU threads of the probe and the run
+    dtype: str = "float32"             # and why, when the probe chose it
     budget_s: float | None = None      # the wall-time budget, if any
     train_s: float = 0.0               # the part of it left for optimizer steps
     predicted_bits: float | None = None  # validation bits per character, by the fitted rule
     considered: list[dict[str, Any]] = field(default_factory=list)
     reserve_s: float = 0.0             # kept after the last step for the final evaluation, checkpoint, report
     train_cfg: Any = None              # the TrainConfig with the planned steps
+    start_step: int = 0                # the step a resumed run continues from
+    processes: int = 1                 # under torchrun: the throughput is all of theirs together
 
     @property
     def tokens(self) -> int:
-        return self.steps * self.batch_size * self.grad_accum * self.model_cfg.context_length
+        """The tokens still to train: from start_step to the last step."""
+        return max(0, self.steps - self.start_step) * self.batch_size * self.grad_accum * self.model_cfg.context_length
 
     @property
     def estimated_s(self) -> float:
         """The optimizer steps' time and the evaluations' (every eval_every steps and at the end)."""
-        cfg = self.train_cfg
+        cfg, steps = self.train_cfg, max(0, self.steps - self.start_step)
         if cfg is None or not self.eval_tokens_per_s:
             return self.tokens / max(self.tokens_per_s, 1e-9)
-        evals = self.steps // cfg.eval_every + (self.steps % cfg.eval_every > 0)
+        evals = steps // cfg.eval_every + (steps % cfg.eval_every > 0)
         eval_tokens = evals * cfg.eval_batches * cfg.batch_size * self.model_cfg.context_length
         return self.tokens / max(self.tokens_per_s, 1e-9) + eval_tokens / self.eval_tokens_per_s
 
@@ -207,10 +249,12 @@ class Plan:
         lines = [f"plan: {count_parameters(c):,} parameters ({c.n_layers} layers, {c.emb_dim} wide, {c.n_heads} heads, "
                  f"context {c.context_length}), batch {self.batch_size}"
                  + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
-                 + f"; {self.steps:,} steps = {self.tokens:,} tokens",
+                 + (f"; steps {self.start_step:,} to {self.steps:,} = {self.tokens:,} tokens to go" if self.start_step
+                    else f"; {self.steps:,} steps = {self.tokens:,} tokens"),
                  f"plan: about {_human(self.estimated_s)} of training at {self.tokens_per_s:,.0f} tokens/s (measured "
-                 f"now, {self.threads} CPU thread{'s' if self.threads > 1 else ''}, evaluations "
-                 f"included), peak memory about {self.peak_bytes / 2**20:,.0f} MB"]
+                 f"now in {self.dtype}, {self.threads} CPU thread{'s' if self.threads > 1 else ''}"
+                 f"{f', {self.processes} processes together' if self.processes > 1 else ''}, evaluations included), "
+                 f"peak memory about {self.peak_bytes / 2**20:,.0f} MB" + (" per process" if self.processes > 1 else "")]
         if self.budget_s is not None:
             lines.append(f"plan: time budget {_human(self.budget_s)}; the learning rate decays to its end"
                          + (f"; predicted validation {self.predicted_bits:.2f} bits per character"
@@ -226,36 +270,42 @@ def _human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def choose_shape(train_s: float, vocab_size: int, context_length: int, ids, char_ratio: float, device, dtype: str,
-                 fit: LossFit, probe_s: float, log=None) -> tuple[Any, tuple[float, float], float, list[dict[str, Any]]]:
-    """The candidate shape with the lowest predicted validation bits per character after `train_s`
-    seconds (`char_ratio` characters per token): each candidate's throughput is measured (smallest
-    first, stopping once a larger shape predicts worse or the probe time `probe_s` is spent, or
-    memory would not fit)."""
+def choose_shape(train_s: float, vocab_size: int, context_length: int, ids, char_ratio: float, device,
+                 dtypes: tuple[str, ...], fit: LossFit, probe_s: float, log=None, d: Dist | None = None):
+    """(shape, its Probe, predicted bits, candidates considered, its dtype's words): the candidate
+    shape with the lowest predicted validation bits per character after `train_s` seconds
+    (`char_ratio` characters per token). Each candidate's throughput is measured in each of `dtypes`
+    (the fastest whose loss matches the first's counts), smallest first, stopping once a larger
+    shape predicts worse or the probe time `probe_s` is spent, or memory would not fit. Under
+    torchrun every process probes at once (global_probe) and the main process makes each decision."""
+    d = d or Dist()
     threads = torch.get_num_threads()
     have = available_memory()
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
         cfg = shape_for(n_layers, emb_dim, context_length, vocab_size)
-        if have is not None and estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) > 0.8 * have:
+        if not d.from_main(lambda: have is None or estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) <= 0.8 * have):
             break
         set_cpu_threads(count_parameters(cfg), device, threads)
-        rate, eval_rate = probe_tokens_per_s(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype,
-                                             seconds=min(1.0, probe_s / 6))
+        probes = [global_probe(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, d, seconds=min(1.0, probe_s / 6))
+                  for dtype in dtypes]
+        chosen = probes[d.from_main(lambda: probes.index(fastest(probes)))]
+        rate = chosen.tokens_per_s
         loss = fit.predict(matmul_parameters(cfg), rate * train_s * char_ratio) / math.log(2)  # bits per char
-        considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "tokens_per_s": round(rate),
+        considered.append({"n_layers": n_layers, "emb_dim": emb_dim, "dtype": chosen.dtype,
+                           **{f"tokens_per_s_{p.dtype}": round(p.tokens_per_s) for p in probes},
                            "tokens": int(rate * train_s), "predicted_bits_per_char": round(loss, 4)})
         if log:
-            log(f"probe: {n_layers} layers x {emb_dim}: {rate:,.0f} tokens/s -> {rate * train_s / 1e6:.2f}M tokens, "
-                f"predicted {loss:.3f} bits per character")
-        if best is not None and loss > best[2]:
+            log(f"probe: {n_layers} layers x {emb_dim}: {rate:,.0f} tokens/s in {dtype_words(probes, chosen)} -> "
+                f"{rate * train_s / 1e6:.2f}M tokens, predicted {loss:.3f} bits per character")
+        if d.from_main(lambda: best is not None and loss > best[2]):
             break
-        best = (cfg, (rate, eval_rate), loss)
-        if len(considered) >= 3 and time.perf_counter() - t0 > probe_s:
+        best = (cfg, chosen, loss, dtype_words(probes, chosen))
+        if d.from_main(lambda: len(considered) >= 3 and time.perf_counter() - t0 > probe_s):
             break
     if best is None:
         raise UsageError("even the smallest model of the --time-budget family does not fit in the available memory")
-    return (*best, considered)
+    return best[0], best[1], best[2], considered, best[3]
 
 
 class Deadline:
@@ -319,32 +369,35 @@ def budget_seconds(time_budget: str | float | None, data: str | None, resume: bo
 
 def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok, device: torch.device, d: Dist,
               started: float, budget_s: float | None, model_options: dict[str, Any], preset: str | None,
-              log: Callable[[str], None]) -> Plan:
+              log: Callable[[str], None], start_step: int = 0, dtypes: tuple[str, ...] = ()) -> Plan:
     """The run's plan, before anything big is allocated: the memory check (refusing what would not
     fit), then the measured throughput of the step that will run (its threads, dtype and batch);
-    with a budget, the shape (if `model_cfg` is None) and the steps."""
-    threads = torch.get_num_threads()
+    with a budget, the shape (if `model_cfg` is None), its dtype (the fastest of cfg.dtype and
+    `dtypes` whose loss matches) and the steps. Under torchrun every process takes part in the
+    probes, and the main process's plan is everyone's."""
+    threads, words = torch.get_num_threads(), cfg.dtype
     if model_cfg is None:  # the rule chooses the shape, within the time left after a 5% share for probing
         left = budget_s - (time.perf_counter() - started)
-        model_cfg, rates, predicted, considered = choose_shape(
-            0.9 * left, tok.vocab_size, budget_context(tok), corpus.train, chars_per_token(corpus), device, cfg.dtype,
-            load_fit(), probe_s=min(20.0, 0.05 * budget_s), log=log if d.is_main else None)
+        model_cfg, probe, predicted, considered, words = choose_shape(
+            0.9 * left, tok.vocab_size, budget_context(tok), corpus.train, chars_per_token(corpus), device,
+            (cfg.dtype, *dtypes), load_fit(), probe_s=min(20.0, 0.05 * budget_s), log=log if d.is_main else None, d=d)
         extra = {k: v for k, v in model_options.items() if k not in ("drop_rate",)}
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), **extra,
                                          "drop_rate": model_options.get("drop_rate", 0.0)})
-        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
         set_cpu_threads(count_parameters(model_cfg), device, threads)  # the chosen shape's (a larger one probed last)
+        cfg = cfg.replace(dtype=probe.dtype)
     else:
-        peak = check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset)
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
         predicted, considered = None, []
         set_cpu_threads(count_parameters(model_cfg), device, threads)
-        rates = probe_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype) if not d.active \
-            else (0.0, 0.0)
-    plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rates[0], peak, rates[1],
-                torch.get_num_threads(), budget_s, considered=considered, predicted_bits=predicted)
+        probe = global_probe(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype, d)
+    plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, probe.tokens_per_s, peak,
+                probe.eval_tokens_per_s, torch.get_num_threads(), words, budget_s, considered=considered,
+                predicted_bits=predicted, start_step=start_step, processes=d.world)
     plan.train_cfg = cfg if budget_s is None else _fit_steps(plan, cfg, started, predicted is not None,
                                                              chars_per_token(corpus))
-    return plan
+    return d.broadcast(plan)  # the main process's measurements and steps: one model and schedule everywhere
 
 
 def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool, char_ratio: float) -> TrainConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,30 @@ class Dist:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """The main process's `obj` (any picklable value), on every process."""
+        if not self.active:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def from_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() run on the main process only, its result given to every process; a UsageError it
+        raises is raised on every process (so that none waits for a collective the others left)."""
+        if not self.active:
+            return fn()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UsageError as e:
+                error = str(e)
+        result, error = self.broadcast((result, error))
+        if error is not None:
+            raise UsageError(error)
+        return result
 
 
 def init_distributed(device_name: str) -> tuple[Dist, torch.device]:

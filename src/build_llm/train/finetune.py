@@ -348,7 +348,7 @@ def base_recipe(cfg: FinetuneConfig, base_dir: Path, n_params: int) -> tuple[Fin
                       trainable=cfg.trainable if cfg.trainable is not None else trainable)
     what = f"lr {new.lr:g}" + (f", trains {'every weight' if new.trainable == 'all' else 'the last block'} and the head"
                                if cfg.task == "classify" and cfg.lora_rank is None else "")
-    base = (f"a small base trained here ({n_params:,} parameters)" if small else
+    base = (f"a small base trained here, {n_params:,} parameters" if small else
             "a large or imported pretrained base: the book's recipe")
     given = [f"--{k}" for k in ("lr", "trainable") if getattr(cfg, k) is not None]
     return new, f"{what} ({'given by ' + ' and '.join(given) if len(given) == 2 else 'chosen for ' + base})"

@@ -349,16 +349,29 @@ def run_loop(state: TrainState, step: Step, *, lr: Callable[[TrainState], float]
             if not math.isfinite(loss):
                 raise _diverged(f"loss is {loss} at step {state.step + 1}", log.out_dir)
             state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
-            if adjust is not None:
-                state.total_steps = max(state.step, adjust(state))
+            stopping = _agree(state, stop, adjust, d, device)
             log.step(loss, rate, time.perf_counter() - t0, tokens, state.total_steps)
+            if stopping:
+                raise _interrupted(state, log, save, saved_at,
+                                   f"at step {state.step}/{state.total_steps}; checkpoint")
             if state.step % eval_every == 0 or state.step == state.total_steps:
                 _evaluate_and_save(state, rate, evaluate, save, sample, log, d, device)
                 saved_at = state.step
-            if d.sum(torch.tensor(float(stop()), device=device)).item() > 0:
-                raise _interrupted(state, log, save, saved_at,
-                                   f"at step {state.step}/{state.total_steps}; checkpoint")
     return state
+
+
+def _agree(state: TrainState, stop: Callable[[], bool], adjust, d: Dist, device: torch.device) -> bool:
+    """Whether to stop now, and the run's last step (moved by `adjust`), the same on every process:
+    under torchrun both come from one collective (the stop flag summed, the main process's last
+    step), so that no process trains a step the others do not."""
+    total = max(state.step, adjust(state)) if adjust is not None else state.total_steps
+    if not d.active:
+        state.total_steps = total
+        return stop()
+    flags = torch.tensor([float(stop()), float(total) if d.is_main else 0.0], dtype=torch.float64, device=device)
+    stopped, total = d.sum(flags).tolist()
+    state.total_steps = max(state.step, int(total))
+    return stopped > 0
 
 
 def _evaluate_and_save(state: TrainState, lr: float, evaluate, save, sample, log: RunLog, d: Dist,

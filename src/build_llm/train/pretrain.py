@@ -252,6 +252,7 @@ class Request:
     init: InitFrom | None        # --init-from of a new run
     saved: Resumed | None        # the checkpoint of a resumed run
     budget_s: float | None       # the time budget, if any
+    dtype_given: bool            # --dtype given: the probe measures it alone
     started: float               # time.perf_counter() at the process's start
     log: Callable[[str], None]
 
@@ -311,7 +312,8 @@ def request(out: str | Path, data: str | None, tokenizer: str | None, preset: st
     else:
         cfg = (ABC_TRAIN if data is None else TrainConfig() if budget_s is None else BUDGET_TRAIN).replace(**train_options)
         tokenizer = init.tokenizer if init is not None else (tokenizer or ("char" if data is None else "bpe"))
-    return Request(out, data, preset, model_options, cfg, tokenizer, init, saved, budget_s, started, log)
+    return Request(out, data, preset, model_options, cfg, tokenizer, init, saved, budget_s, "dtype" in train_options,
+                   started, log)
 
 
 def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, threads: int):
@@ -324,8 +326,11 @@ def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, t
         model_cfg = model_config(req.data, req.preset, req.model_options, tok, req.init, req.saved, corpus, device)
     check_splits(corpus, model_cfg.context_length if model_cfg is not None else budget_context(tok))  # before the plan
     # The plan's estimate refuses first (with what to change); check_fits is the lower bound behind it.
+    # Unless --dtype is given, the budget's probe also measures bf16 autocast, and takes it where it is faster.
+    dtypes = ("bfloat16",) if not req.dtype_given and req.cfg.dtype == "float32" else ()
     plan = make_plan(model_cfg, req.cfg, corpus, tok, device, d, req.started, req.budget_s, req.model_options,
-                     req.preset, req.log)
+                     req.preset, req.log, start_step=req.saved.state["step"] if req.saved is not None else 0,
+                     dtypes=dtypes)
     check_fits(training_memory(plan.model_cfg, plan.train_cfg), "training this model with these settings", device)
     if d.is_main:
         req.log(plan.text())

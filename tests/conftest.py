@@ -2,10 +2,21 @@
 `pytest.mark.usefixtures`, never imports them). Plain helpers are in tiny.py; an area's own fixtures are in
 its conftest.py."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 
 from tiny import words_tokenizer
+
+# The token cache (build_llm.data.cache) of every test and of the processes tests start: a private
+# folder of this session, never the user's own cache.
+if "BUILD_LLM_CACHE" not in os.environ:
+    os.environ["BUILD_LLM_CACHE"] = tempfile.mkdtemp(prefix="build-llm-cache-")
+    atexit.register(shutil.rmtree, os.environ["BUILD_LLM_CACHE"], True)
 
 
 @pytest.fixture

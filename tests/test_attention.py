@@ -184,3 +184,15 @@ def test_rotary_per_row_positions_decode_as_each_row_alone():
     logits = model(torch.cat([s[:, -1:] for s in seqs]), cache=rows)[:, -1]  # (3, V)
     for r, s in enumerate(seqs):
         torch.testing.assert_close(logits[r], model(s)[0, -1], atol=1e-5, rtol=0)
+
+
+def test_a_lora_wrapped_model_reports_its_masks_in_the_state_dict():
+    """The mask is built where the weights are, found through any parameter: a LoRA-wrapped out_proj has no
+    `.weight` of its own (that failed once, in every fine-tune's checkpoint)."""
+    from build_llm.book.appendix_e import replace_linear_with_lora
+
+    model = GPTModel(GPTConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=1))
+    replace_linear_with_lora(model, rank=2, alpha=4)
+    state = model.state_dict()
+    assert torch.equal(state["trf_blocks.0.att.mask"], torch.triu(torch.ones(8, 8, dtype=torch.bool), diagonal=1))
+    model.load_state_dict(state)

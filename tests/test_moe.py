@@ -125,3 +125,12 @@ def test_gpt2_initialisation_scales_the_experts_down_projection():
     ff = GPTModel(cfg).trf_blocks[0].ff
     assert ff.fc1.std().item() == pytest.approx(0.02, rel=0.05)
     assert ff.fc3.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # / sqrt(2 * n_layers)
+
+
+def test_lora_refuses_to_adapt_experts_it_cannot_reach():
+    from build_llm.lora import apply_lora
+
+    model = GPTModel(MOE)
+    with pytest.raises(UsageError, match="LoRA target 'ff' is invalid for a mixture-of-experts model"):
+        apply_lora(model, rank=2, alpha=4)  # the default targets include 'ff'
+    assert len(apply_lora(model, rank=2, alpha=4, targets=("attn",))) == 2 * 4  # q, k, v, out per block

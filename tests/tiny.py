@@ -51,3 +51,75 @@ def write_instruct_json(path, n=40):
     records = [{"instruction": "what is the word", "input": items[i % 9], "output": kinds[items[i % 9]]}
                for i in range(n)]
     path.write_text(json.dumps(records))
+
+
+# --- chat templates: written for the tests in the style of two real families --------------------------------
+# ChatML as Qwen writes it: a default system turn, <|im_start|>ROLE ... <|im_end|>, the assistant's text inside
+# {% generation %} (so transformers can report which tokens are the assistant's), a system message anywhere
+# but first refused with raise_exception.
+CHATML_TEMPLATE = """{%- for message in messages %}
+{%- if loop.first and message.role != 'system' %}
+<|im_start|>system
+You are a helpful assistant.<|im_end|>
+{% endif %}
+{%- if message.role == 'system' and not loop.first %}
+{{- raise_exception('System message must be first') }}
+{%- endif %}
+{%- if message.role == 'assistant' %}
+<|im_start|>assistant
+{% generation %}{{ message.content }}<|im_end|>{% endgeneration %}
+
+{% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+    {% endif %}"""
+
+# Llama 3's shape: bos_token, header tokens, a dated system turn (strftime_now), trimmed contents, tools
+# as JSON when given, alternation checked, `continue` and a namespace.
+LLAMA3_TEMPLATE = """{{- bos_token }}
+{%- set ns = namespace(system="") %}
+{%- if messages[0].role == 'system' %}{% set ns.system = messages[0].content | trim %}{% endif %}
+<|start_header_id|>system<|end_header_id|>
+
+Today Date: {{ strftime_now("%d %b %Y") }}
+{% if tools is not none %}{{ tools | tojson }}
+{% endif %}
+{{ ns.system }}<|eot_id|>
+{%- for message in messages %}
+{%- if message.role == 'system' %}{% continue %}{% endif %}
+{%- if (message.role == 'user') != (loop.index0 % 2 == (1 if messages[0].role == 'system' else 0)) %}
+{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
+{%- endif %}
+<|start_header_id|>{{ message.role }}<|end_header_id|>
+
+{{ message.content | trim }}<|eot_id|>
+{%- endfor %}
+{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>
+
+{% endif %}"""
+
+CHAT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eot_id|>")
+
+
+def write_chat_tokenizer(directory, template: str, **special_tokens: str):
+    """A tiny byte-level BPE with the chat specials, trained with `tokenizers` and saved by transformers'
+    PreTrainedTokenizerFast.save_pretrained with `template` and `special_tokens` (bos_token=..., ...):
+    the files a Hugging Face chat model's directory holds. Returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ("You are a helpful assistant. Hello there, how are you today? I am fine, thank you. What is the capital "
+            "of France? Paris is the capital. system user assistant Today Date: Grüße 日本 ") * 20
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=list(CHAT_SPECIALS),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **special_tokens)
+    hf.save_pretrained(directory)
+    return hf

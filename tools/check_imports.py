@@ -22,7 +22,7 @@ LAYERS = [
     ["errors", "settings"],
     ["config"],
     ["activation", "layer", "mlp", "moe", "attention", "transformer", "gpt", "lora"],
-    ["runtime", "sizing"],
+    ["runtime", "sizing", "progress"],
     ["store.fsio"],
     ["data"],
     ["store"],

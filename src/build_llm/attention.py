@@ -171,8 +171,13 @@ class MultiHeadAttention(nn.Module):
     def mask(self) -> torch.Tensor:
         """The book's (context_length, context_length) causal mask, True above the diagonal. Built
         when asked for, never stored: the book's code and `inspect` read it, the forward pass does not."""
-        rows = torch.arange(self.context_length, device=self.out_proj.weight.device)
+        rows = torch.arange(self.context_length, device=self.device)
         return blocked(rows, self.context_length)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (a LoRA-wrapped projection has no `.weight` of its own)."""
+        return next(self.parameters()).device
 
     # The book registers its mask as a saved buffer, so a book `model.state_dict()` carries
     # `trf_blocks.N.att.mask` and a book model loads strictly only a state dict that has it. To load
@@ -182,7 +187,7 @@ class MultiHeadAttention(nn.Module):
     # mask, whatever its dtype (the book's is float 0/1).
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        n, device = self.context_length, self.out_proj.weight.device
+        n, device = self.context_length, self.device
         if n <= BOOK_MASK_LIMIT and device.type != "meta":
             mask = _masks.get((n, str(device)))
             if mask is None:

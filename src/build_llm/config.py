@@ -1,4 +1,5 @@
-"""GPTConfig: the model's hyper-parameters as a validated, frozen dataclass with presets.
+"""GPTConfig: the model's hyper-parameters as a validated, frozen dataclass with presets (GPT-2, the
+book's, the R course's, and today's open models: SmolLM2, Llama 3.2, Qwen3, Gemma 3, Mistral).
 
 The first seven fields are the seed notebook's dict keys (`GPT_CONFIG_124M`); the rest are the
 choices in which the book's model, OpenAI's GPT-2 and the R course's model differ. Their defaults
@@ -194,6 +195,10 @@ class GPTConfig(Config):
 _GPT2 = dict(vocab_size=50257, context_length=1024, drop_rate=0.1, qkv_bias=True,
              tie_weights=True, fused_qkv=True, init_std=0.02, attn_impl="sdpa")
 
+# The Llama family's common ground: rotary positions, RMSNorm, SwiGLU, no biases, no dropout.
+_LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, drop_rate=0.0, ln_eps=1e-5,
+              init_std=0.02, attn_impl="sdpa")
+
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-small": dict(_GPT2, emb_dim=768, n_heads=12, n_layers=12),
     "gpt2-medium": dict(_GPT2, emb_dim=1024, n_heads=16, n_layers=24),
@@ -206,6 +211,29 @@ PRESETS: dict[str, dict[str, Any]] = {
     # GELU, <PAD> embedding at zero, vocabulary of the ABC text (<PAD>, \n, A, B, C).
     "r-abc": dict(vocab_size=5, context_length=16, emb_dim=128, n_heads=2, n_layers=2, drop_rate=0.2,
                   qkv_bias=True, fused_qkv=True, gelu="exact", padding_idx=0, attn_out_dropout=False),
+    # Today's open models, their public shapes (random weights; `import-hf` brings the real ones).
+    "smollm2-135m": dict(_LLAMA, vocab_size=49152, context_length=8192, emb_dim=576, n_heads=9, n_kv_heads=3,
+                         n_layers=30, ff_dim=1536, rope_base=100000.0, tie_weights=True),
+    "smollm2-360m": dict(_LLAMA, vocab_size=49152, context_length=8192, emb_dim=960, n_heads=15, n_kv_heads=5,
+                         n_layers=32, ff_dim=2560, rope_base=100000.0, tie_weights=True),
+    # 131,072 positions: rotary (no table) and no stored causal masks, so nothing context-squared.
+    "llama-3.2-1b": dict(_LLAMA, vocab_size=128256, context_length=131072, emb_dim=2048, n_heads=32, n_kv_heads=8,
+                         n_layers=16, ff_dim=8192, rope_base=500000.0, rope_scaling="llama3", rope_factor=32.0,
+                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_context=8192,
+                         tie_weights=True),
+    "qwen3-0.6b": dict(_LLAMA, vocab_size=151936, context_length=40960, emb_dim=1024, n_heads=16, n_kv_heads=8,
+                       head_size=128, n_layers=28, ff_dim=3072, rope_base=1000000.0, ln_eps=1e-6, qk_norm=True,
+                       tie_weights=True),
+    # Five local layers (a 512-token window, rotary base 10^4) to one global (base 10^6).
+    "gemma-3-270m": dict(_LLAMA, vocab_size=262144, context_length=32768, emb_dim=640, n_heads=4, n_kv_heads=1,
+                         head_size=256, n_layers=18, ff_dim=2048, mlp="geglu", gelu="tanh", rope_base=1000000.0,
+                         rope_local_base=10000.0, sliding_window=512,
+                         layer_types=tuple("full" if (i + 1) % 6 == 0 else "sliding" for i in range(18)),
+                         ln_eps=1e-6, qk_norm=True, norm_plus_one=True, scale_emb=True, post_norms=True,
+                         tie_weights=True),
+    # Mistral 7B v0.1: a 4096-token sliding window on every layer.
+    "mistral-7b": dict(_LLAMA, vocab_size=32000, context_length=32768, emb_dim=4096, n_heads=32, n_kv_heads=8,
+                       n_layers=32, ff_dim=14336, sliding_window=4096),
     # Qwen/Qwen3-30B-A3B's shape (random weights), for `info` and planning: 48 blocks of 128 SwiGLU
     # experts, 8 per token, normalised top-k; 30.5 billion parameters, 3.3 billion used per token.
     "qwen3-30b-a3b": dict(vocab_size=151936, context_length=40960, emb_dim=2048, n_heads=32, n_kv_heads=4,

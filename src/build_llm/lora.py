@@ -106,6 +106,10 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]
             and model.out_head.weight is model.tok_emb.weight:
         raise UsageError("LoRA target 'head' is invalid for a model whose head is tied to the token embedding; "
                          f"choose from {sorted(set(TARGETS) - {'head'})}")
+    if "ff" in targets and getattr(getattr(model, "cfg", None), "n_experts", 0):
+        # a mixture's experts are stacked tensors, not Linear layers: 'ff' would adapt only the router
+        raise UsageError("LoRA target 'ff' is invalid for a mixture-of-experts model (n_experts > 0): its experts "
+                         f"are not Linear layers; choose from {sorted(set(TARGETS) - {'ff'})}")
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and _is_target(name, targets)]
     for name in names:

@@ -67,13 +67,12 @@ class MoEFeedForward(nn.Module):
         experts, weights = self.route(x)  # (N, k) each
         k = experts.shape[1]
         # Group the N*k (token, expert) pairs by expert: pair j is token j // k's choice number j % k.
-        pairs = experts.flatten()  # (N*k,)
+        pairs, pair_weights = experts.flatten(), weights.flatten()  # (N*k,) each
         order = pairs.argsort(stable=True)  # pair ids, expert 0's first
         counts = torch.bincount(pairs, minlength=self.n_experts).tolist()
         out = torch.zeros_like(x)  # (N, C)
         for e, chosen in zip(range(self.n_experts), order.split(counts)):
             if len(chosen):  # an expert no token chose costs nothing
                 tokens = chosen // k  # (n,)
-                y = self.expert(e, x[tokens]) * weights.flatten()[chosen, None]  # (n, C)
-                out.index_add_(0, tokens, y)
+                out.index_add_(0, tokens, self.expert(e, x[tokens]) * pair_weights[chosen, None])  # (n, C) added
         return out.view(b, num_tokens, emb)  # (B, T, C)

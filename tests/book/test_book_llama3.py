@@ -79,6 +79,9 @@ def test_rope_helpers_equal_transformers_llama3_rotary_embedding():
     torch.testing.assert_close(apply_rope(q, cos, sin), ref_q)
     torch.testing.assert_close(apply_rope(k, cos, sin), ref_k)
     assert rescale_theta(500_000.0, 131_072, 8192) == 31_250.0
+    # the book's first Llama 3.2 configs ran 8192 of 131,072 positions with the base rescaled
+    model = Llama3Model({**TINY, "context_length": 64, "orig_context_length": 1024})
+    assert model.cfg.rope_base == rescale_theta(500_000.0, 1024, 64) == 31_250.0
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ import torch
 
 from build_llm.book.qwen3 import (QWEN3_CONFIG_30B_A3B, QWEN_CONFIG_06_B, FeedForward, GroupedQueryAttention,
                                   KVCache, MoEFeedForward, Qwen3Model, Qwen3Tokenizer, RMSNorm, apply_rope,
-                                  compute_rope_params, generate_text_simple, generate_text_simple_stream,
+                                  compute_rope_params, generate_text_basic_stream, generate_text_simple,
+                                  generate_text_simple_stream,
                                   load_weights_into_qwen)
 from build_llm.book.bonus import gpt_config
 from build_llm.errors import UsageError
@@ -87,6 +88,11 @@ def test_the_kv_cache_chapters_equal_the_uncached_model(cfg):
     assert torch.equal(generate_text_simple(model, x, 20), plain)
     streamed = torch.cat(list(generate_text_simple_stream(model, x, 20)), dim=1)
     assert torch.equal(streamed, plain[:, 9:])
+    basic = torch.cat(list(generate_text_basic_stream(model, x, 20)), dim=1)
+    assert torch.equal(basic, plain[:, 9:])
+    end = int(plain[0, 12])  # a stream stops before the end token's first appearance
+    first = int((plain[0, 9:] == end).nonzero()[0])
+    assert len(list(generate_text_simple_stream(model, x, 20, eos_token_id=end))) == first
 
 
 @torch.no_grad()

@@ -213,3 +213,23 @@ def test_export_refuses_what_no_family_holds(tmp_path):
     with pytest.raises(ValueError, match="cannot express this model: (qk_norm|qkv_bias)=True"):
         save_hf(mixed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_import_hf_and_export_hf_commands_round_trip(tmp_path, capsys):
+    from build_llm.cli import main
+
+    reference = reference_model("gemma3_text")
+    reference.save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ckpt"), "--tokenizer", "none"]) == 0
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back")]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    idx = tokens()
+    torch.testing.assert_close(logits(loaded, idx), logits(reference, idx), atol=ATOL, rtol=0)
+    (tmp_path / "bad").mkdir()
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "attn_logit_softcapping": 50.0}))
+    (tmp_path / "bad" / "model.safetensors").write_bytes((tmp_path / "hf" / "model.safetensors").read_bytes())
+    capsys.readouterr()
+    assert main(["import-hf", str(tmp_path / "bad"), "--out", str(tmp_path / "x"), "--tokenizer", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "attn_logit_softcapping=50.0 is not supported" in err

@@ -55,9 +55,16 @@ class Collect:
             self.done.set()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])  # int8: rows decoded by the compiled step (quant.py)
-def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype):
-    model = prepare_for_decoding(tiny_model(vocab_size=300), dtype)
+# Gemma 3's options: grouped-query attention, a 4-token window on local layers, (1 + w) norms, ...
+GEMMA_LIKE = dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True, n_kv_heads=2,
+                  head_size=16, sliding_window=4, layer_types=("sliding", "full"), rope_local_base=100.0,
+                  norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.3, fused_qkv=False)
+
+
+# int8: rows decoded by the compiled step (quant.py); a Gemma-like model: by the modules, rows at their own positions
+@pytest.mark.parametrize("dtype, kw", [("float32", {}), ("int8", {}), ("float32", GEMMA_LIKE)])
+def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw):
+    model = prepare_for_decoding(tiny_model(vocab_size=300, **kw), dtype)
     engine = Engine(model, max_batch=3, max_queue=16).start()
     try:
         gen = torch.Generator().manual_seed(1)
@@ -264,6 +271,18 @@ def test_openai_errors(client, server):
         bad.completions.create(model="tiny", prompt="hi", max_tokens=1)
 
 
+def test_completions_without_max_tokens_get_what_the_context_leaves(client, tiny_ckpt):
+    short = client.completions.create(model="tiny", prompt="The cat sat on", temperature=0)
+    assert short.usage.completion_tokens == 60 and short.choices[0].text == reference(tiny_ckpt, "The cat sat on", 60)
+    prompt = [1000] * 55  # 55 tokens: 9 are left in the 64-token window
+    r = client.completions.create(model="tiny", prompt=prompt, temperature=0)
+    assert r.usage.prompt_tokens == 55 and r.usage.completion_tokens == 9 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError, match="no room is left"):  # the prompt alone fills the window
+        client.completions.create(model="tiny", prompt="word " * 64)
+    r = client.completions.create(model="tiny", prompt="word " * 64, temperature=0, extra_body={"truncate": True})
+    assert r.usage.prompt_tokens == 32 and r.usage.completion_tokens == 32  # half the window for each
+
+
 def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
     """A model with a chat template (here a plain one given in-process), served by uvicorn in a thread."""
     ckpt = load_checkpoint(tiny_ckpt)
@@ -294,6 +313,17 @@ def test_chat_completions_with_a_template_through_the_openai_client(tiny_ckpt):
         assert parts[0].choices[0].delta.role == "assistant"
         assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
         assert parts[-1].choices[0].finish_reason == "length"
+        # Without max_tokens, the reply may take what the context leaves after a long prompt (no 400);
+        # an explicit max_tokens that does not fit is refused as before.
+        long = [{"role": "user", "content": "Tell me more about " + "cats and dogs " * 12}]
+        ids = template(long)
+        assert 32 < len(ids) < 64  # more than the half of the window the old default (256 at most) left
+        r = chat.chat.completions.create(model="chatty", messages=long, temperature=0)
+        expected = generate(ckpt.model, torch.tensor([ids]), 64 - len(ids), eos_id=tok.eos_id)[0, len(ids):]
+        assert r.usage.completion_tokens == 64 - len(ids) == len(expected) and r.choices[0].finish_reason == "length"
+        assert r.choices[0].message.content == tok.decode(expected.tolist())
+        with pytest.raises(openai.BadRequestError, match="maximum context length is 64"):
+            chat.chat.completions.create(model="chatty", messages=long, max_tokens=64 - len(ids) + 1)
         with pytest.raises(openai.BadRequestError, match="ending with the user's message"):
             chat.chat.completions.create(model="chatty", messages=messages[:1] + [{"role": "assistant", "content": "x"}])
     finally:
@@ -459,7 +489,9 @@ def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny
         prompt = browser.find_element(By.ID, "prompt")
         prompt.clear()
         prompt.send_keys("Hello world")
-        for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 9)):
+        assert browser.find_element(By.ID, "max_tokens-v").text == "auto"  # the default: what the context leaves
+        assert not browser.find_element(By.ID, "modes").is_displayed()  # no chat template: no chat mode
+        for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 10)):
             browser.find_element(By.ID, slider).send_keys(*keys)  # as a keyboard user moves a slider
         assert browser.find_element(By.ID, "temperature-v").text == "0"
         assert browser.find_element(By.ID, "max_tokens-v").text == "10"
@@ -482,6 +514,100 @@ def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny
         browser.save_screenshot(str(tmp_path / "playground.png"))
     finally:
         browser.quit()
+
+
+def test_playground_first_generate_on_a_small_context_fills_what_it_leaves(server, tiny_ckpt):
+    """The playground's defaults on a 64-token model: a 36-token prompt, Generate, and the reply takes the
+    28 positions left (the old default of 64 tokens was a 400 here)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    text = "The cat sat on the mat and " * 5
+    ids = load_checkpoint(tiny_ckpt).tokenizer.encode(text)
+    assert len(ids) == 36
+    browser = chromium()
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys(text)
+        browser.find_element(By.ID, "temperature").send_keys(Keys.HOME)  # greedy, to compare with the library
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: "(length)" in b.find_element(By.ID, "status").text)
+        tokens = browser.find_elements(By.CSS_SELECTOR, "#output .tok")
+        assert len(tokens) == 64 - 36
+        assert "".join(t.get_attribute("textContent") for t in tokens) == reference(tiny_ckpt, text, 28)
+        assert browser.find_element(By.ID, "max_tokens").get_attribute("max") == "63"  # the slider's reach: the context
+    finally:
+        browser.quit()
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tmp_path_factory) -> Path:
+    """A brief instruction fine-tune (96-token context): its server answers /v1/chat/completions."""
+    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
+
+    from build_llm.train.config import FinetuneConfig
+    from build_llm.train.finetune import finetune
+
+    tmp = tmp_path_factory.mktemp("chat")
+    tok = words_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    write_instruct_json(tmp / "train.json")
+    finetune(tmp / "sft", tmp / "base", FinetuneConfig(task="instruct", steps=4, lr=3e-3), data=tmp / "train.json",
+             log=lambda s: None)
+    return tmp / "sft"
+
+
+def test_playground_chat_mode_shows_the_conversation(chat_ckpt, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from build_llm.infer.chat import respond
+    from build_llm.store.finetuned import load_finetuned
+
+    ft = load_finetuned(chat_ckpt)
+    s = Server(chat_ckpt)
+    browser = chromium()
+    try:
+        browser.get(s.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "modes").is_displayed())  # a chat template: chat mode offered
+        assert browser.find_element(By.ID, "mode-chat").is_selected()  # and chosen
+        assert browser.find_element(By.ID, "generate").text == "Send"
+        assert not browser.find_element(By.ID, "output").is_displayed()
+        browser.find_element(By.ID, "temperature").send_keys(Keys.HOME)  # greedy, to compare with the library
+        box = browser.find_element(By.ID, "prompt")
+
+        def say(text: str) -> list[str]:
+            box.send_keys(text)
+            browser.find_element(By.ID, "generate").click()
+            wait.until(lambda b: "(stop)" in b.find_element(By.ID, "status").text
+                       or "(length)" in b.find_element(By.ID, "status").text)
+            return [m.get_attribute("textContent") for m in browser.find_elements(By.CSS_SELECTOR, "#chat .msg")]
+
+        first = respond(ft.model, ft.tokenizer, [{"role": "user", "content": "what is the word"}])
+        assert say("what is the word") == ["what is the word", first]
+        assert box.get_attribute("value") == ""
+        # 75 + 21 tokens fill the 96-token window: the next message drops the first exchange, greyed out
+        second = respond(ft.model, ft.tokenizer, [{"role": "user", "content": "what colour"}])
+        assert say("what colour") == ["what is the word", first, "what colour", second]
+        assert "dropped the 1 oldest exchange" in browser.find_element(By.ID, "status").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#chat .msg.dropped")) == 2
+        roles = [m.get_attribute("data-role") for m in browser.find_elements(By.CSS_SELECTOR, "#chat .msg")]
+        assert roles == ["user", "assistant"] * 2
+        browser.save_screenshot(str(tmp_path / "chat.png"))
+        browser.find_element(By.ID, "reset").click()
+        assert browser.find_elements(By.CSS_SELECTOR, "#chat .msg") == []
+    finally:
+        browser.quit()
+        assert s.stop() == 0
 
 
 @pytest.mark.slow

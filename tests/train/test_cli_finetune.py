@@ -18,6 +18,7 @@ import torch
 from build_llm.store.checkpoint import load_checkpoint
 from build_llm.cli import main
 from build_llm.infer.chat import respond
+from build_llm.infer.generate import generate
 from build_llm.store.finetuned import load_finetuned
 
 from tiny import write_classification_csv, write_instruct_json
@@ -148,6 +149,29 @@ def test_chat_prompt_prints_the_reply(instruct_run, capsys):
     assert code == 0, err
     ft = load_finetuned(instruct_run)
     assert out == respond(ft.model, ft.tokenizer, [{"role": "user", "content": "what is the word"}], 8) + "\n"
+
+
+def test_chat_replies_with_what_the_context_leaves_by_default(instruct_run, capsys):
+    """A message longer than half the 96-token context is answered (the reply may take what is left);
+    an explicit --max-new-tokens that leaves the message no room keeps its clear error."""
+    from build_llm.data.instruct import encode_conversation
+
+    ft = load_finetuned(instruct_run)
+    message = "what is the word"  # 75 tokens in the Alpaca prompt
+    ids, _ = encode_conversation([{"role": "user", "content": message}], ft.tokenizer, ft.tokenizer.eos_id,
+                                 add_generation_prompt=True)
+    context = ft.model.cfg.context_length
+    assert context // 2 < len(ids) < context  # refused before: the reply kept half the context
+    code, out, err = run(["chat", "--checkpoint", instruct_run, "--prompt", message, "--temperature", 0], capsys)
+    assert code == 0, err
+    with torch.no_grad():  # the greedy reply, by the library's own loop, up to the end token or the context's end
+        reply = generate(ft.model, torch.tensor([ids]), context - len(ids), eos_id=ft.tokenizer.eos_id)[0, len(ids):]
+    reply = reply.tolist()
+    reply = reply[:reply.index(ft.tokenizer.eos_id)] if ft.tokenizer.eos_id in reply else reply
+    assert out == ft.tokenizer.decode(reply) + "\n"
+    code, out, err = run(["chat", "--checkpoint", instruct_run, "--prompt", message, "--max-new-tokens",
+                          context - len(ids) + 1], capsys)
+    assert code == 2 and "context window leaves" in err and len(err.strip().splitlines()) == 1
 
 
 class Recorder(io.StringIO):

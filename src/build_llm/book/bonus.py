@@ -25,6 +25,7 @@ from build_llm.attention import Rotary
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
+from build_llm.interop.hf_decoders import decoder_names, expert_slice
 
 
 # --- the book's dict config -> GPTConfig -----------------------------------------------------------
@@ -45,6 +46,9 @@ def gpt_config(cfg: Mapping[str, Any], *, norm_eps: float) -> GPTConfig:
                   ln_eps=norm_eps, rope_base=float(cfg.get("rope_base", 10_000.0)),
                   qk_norm=bool(cfg.get("qk_norm", False)), n_kv_heads=cfg.get("n_kv_groups"),
                   head_size=cfg.get("head_dim"))
+    orig = cfg.get("orig_context_length", cfg["context_length"])
+    if orig != cfg["context_length"]:  # the book's first Llama 3.2 version: the base scaled with the context
+        fields["rope_base"] *= cfg["context_length"] / orig
     freq = cfg.get("rope_freq")
     if freq is not None:  # Llama 3's frequency bands
         fields.update(rope_scaling="llama3", rope_factor=float(freq["factor"]),
@@ -122,9 +126,13 @@ class BookModel(GPTModel):
     norm_eps = 1e-5  # the subclass's: Llama's norms use 1e-5, Qwen3's 1e-6
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
-        super().__init__(gpt_config(cfg, norm_eps=self.norm_eps))
-        if cfg.get("dtype") is not None:
-            self.to(cfg["dtype"])
+        gpt_cfg = gpt_config(cfg, norm_eps=self.norm_eps)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(cfg.get("dtype") or default)  # made in the book's dtype: no float32 copy first
+        try:
+            super().__init__(gpt_cfg)
+        finally:
+            torch.set_default_dtype(default)
         self.book_cfg = dict(cfg)
         self.current_pos: int | torch.Tensor = 0
 
@@ -154,42 +162,19 @@ class BookModel(GPTModel):
 
 
 # --- weights with Hugging Face's names --------------------------------------------------------------
-def hf_names(cfg: GPTConfig) -> Iterator[tuple[str, str, int | None]]:
-    """(Hugging Face name, our parameter name, expert index or None) of a Llama or Qwen3(-MoE) GPTModel."""
-    yield "model.embed_tokens.weight", "tok_emb.weight", None
-    for i in range(cfg.n_layers):
-        hf, ours = f"model.layers.{i}.", f"trf_blocks.{i}."
-        for theirs, mine in (("self_attn.q_proj", "att.W_query"), ("self_attn.k_proj", "att.W_key"),
-                             ("self_attn.v_proj", "att.W_value"), ("self_attn.o_proj", "att.out_proj")):
-            yield f"{hf}{theirs}.weight", f"{ours}{mine}.weight", None
-        if cfg.qk_norm:
-            yield f"{hf}self_attn.q_norm.weight", f"{ours}att.q_norm.scale", None
-            yield f"{hf}self_attn.k_norm.weight", f"{ours}att.k_norm.scale", None
-        yield f"{hf}input_layernorm.weight", f"{ours}norm1.scale", None
-        yield f"{hf}post_attention_layernorm.weight", f"{ours}norm2.scale", None
-        if cfg.n_experts:
-            yield f"{hf}mlp.gate.weight", f"{ours}ff.gate.weight", None
-            for e in range(cfg.n_experts):
-                for theirs, mine in (("gate_proj", "fc1"), ("up_proj", "fc2"), ("down_proj", "fc3")):
-                    yield f"{hf}mlp.experts.{e}.{theirs}.weight", f"{ours}ff.{mine}", e
-        else:
-            for theirs, mine in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-                yield f"{hf}mlp.{theirs}.weight", f"{ours}ff.{mine}.weight", None
-    yield "model.norm.weight", "final_norm.scale", None
-
-
 @torch.no_grad()
 def load_hf_weights(model: GPTModel, params: Mapping[str, torch.Tensor]) -> None:
-    """Copy a Hugging Face state dict (Llama, Qwen3 or Qwen3-MoE names) into `model`, each tensor
-    checked for shape; without `lm_head.weight` the head gets the embedding (the tied checkpoints)."""
+    """Copy a Hugging Face state dict (Llama, Qwen3 or Qwen3-MoE names, as interop reads them) into
+    `model`, each tensor checked for shape; without `lm_head.weight` the head gets the embedding (the
+    tied checkpoints)."""
     ours = dict(model.named_parameters())
-    for hf, name, expert in [*hf_names(model.cfg), ("lm_head.weight", "out_head.weight", None)]:
+    family = "qwen3_moe" if model.cfg.n_experts else "qwen3" if model.cfg.qk_norm else "llama"
+    for hf, name in decoder_names(model.cfg, family).items():
         if hf == "lm_head.weight" and hf not in params:
             hf = "model.embed_tokens.weight"
         if hf not in params:
             raise UsageError(f"params: {hf!r} is missing; expected a Hugging Face state dict of this model's config")
-        target = ours[name] if expert is None else ours[name][expert]
-        given = params[hf]
+        target, given = expert_slice(ours, name), params[hf]
         if tuple(given.shape) != tuple(target.shape):
             raise ValueError(f"Shape mismatch in tensor '{hf}'. Left: {tuple(target.shape)}, "
                              f"Right: {tuple(given.shape)}")
@@ -239,3 +224,17 @@ def generate_text_simple_stream(model: BookModel, token_ids: torch.Tensor, max_n
         yield next_token
         if step + 1 < max_new_tokens:
             logits = model(next_token, cache=cache)
+
+
+@torch.no_grad()
+def generate_text_basic_stream(model: BookModel, token_ids: torch.Tensor, max_new_tokens: int,
+                               eos_token_id: int | None = None) -> Iterator[torch.Tensor]:
+    """The standalone notebooks' streaming loop without a cache: each greedy next token (B, 1), the
+    whole sequence read again each step; stops early as generate_text_simple_stream does."""
+    model.eval()
+    for _ in range(max_new_tokens):
+        next_token = model(token_ids)[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        if eos_token_id is not None and torch.all(next_token == eos_token_id):
+            break
+        yield next_token
+        token_ids = torch.cat([token_ids, next_token], dim=1)

@@ -18,14 +18,15 @@ from typing import Any, Mapping
 import torch
 
 from build_llm.book import qwen3
-from build_llm.book.bonus import (BookModel, KVCache, apply_rope, compute_rope_params, generate_text_simple,
-                                  generate_text_simple_stream, gpt_config, load_hf_weights)
+from build_llm.book.bonus import (BookModel, KVCache, apply_rope, compute_rope_params, generate_text_basic_stream,
+                                  generate_text_simple, generate_text_simple_stream, gpt_config, load_hf_weights)
 from build_llm.errors import UsageError
 from build_llm.mlp import FeedForward as PackageFeedForward
 
 __all__ = ["LLAMA32_CONFIG_1B", "LLAMA32_CONFIG_3B", "Llama3Model", "GroupedQueryAttention", "FeedForward",
            "compute_rope_params", "apply_rope", "rescale_theta", "load_weights_into_llama", "Llama3Tokenizer",
-           "ChatFormat", "clean_text", "KVCache", "generate_text_simple", "generate_text_simple_stream"]
+           "ChatFormat", "clean_text", "KVCache",
+           "generate_text_simple", "generate_text_simple_stream", "generate_text_basic_stream"]
 
 
 def _llama32(emb_dim: int, n_heads: int, n_layers: int) -> dict[str, Any]:

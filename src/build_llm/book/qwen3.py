@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from build_llm.attention import MultiHeadAttention
-from build_llm.book.bonus import (BookModel, KVCache, apply_rope, compute_rope_params, generate_text_simple,
-                                  generate_text_simple_stream, gpt_config, load_hf_weights)
+from build_llm.book.bonus import (BookModel, KVCache, apply_rope, compute_rope_params, generate_text_basic_stream,
+                                  generate_text_simple, generate_text_simple_stream, gpt_config, load_hf_weights)
 from build_llm.errors import UsageError
 from build_llm.layer import RMSNorm as PackageRMSNorm
 from build_llm.mlp import FeedForward as PackageFeedForward
@@ -31,7 +31,8 @@ from build_llm.moe import MoEFeedForward as PackageMoEFeedForward
 __all__ = ["QWEN_CONFIG_06_B", "QWEN3_CONFIG_1_7B", "QWEN3_CONFIG_4B", "QWEN3_CONFIG_8B", "QWEN3_CONFIG_14B",
            "QWEN3_CONFIG_32B", "QWEN3_CONFIG_30B_A3B", "Qwen3Model", "GroupedQueryAttention", "FeedForward",
            "MoEFeedForward", "RMSNorm", "compute_rope_params", "apply_rope", "load_weights_into_qwen",
-           "Qwen3Tokenizer", "KVCache", "generate_text_simple", "generate_text_simple_stream"]
+           "Qwen3Tokenizer", "KVCache",
+           "generate_text_simple", "generate_text_simple_stream", "generate_text_basic_stream"]
 
 
 def _qwen3(emb_dim: int, n_heads: int, n_layers: int, hidden_dim: int, **extra: Any) -> dict[str, Any]:
@@ -124,7 +125,8 @@ class RMSNorm(PackageRMSNorm):
         return (y + self.shift if self.shift is not None else y).to(x.dtype)
 
 
-def load_weights_into_qwen(model: Qwen3Model, param_config: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> None:
+def load_weights_into_qwen(model: Qwen3Model, param_config: Mapping[str, Any],
+                           params: Mapping[str, torch.Tensor]) -> None:
     """Copy a Hugging Face Qwen3 (or Qwen3-MoE) state dict into `model`, shapes checked; without
     lm_head.weight (the tied checkpoints) the head gets a copy of the embedding."""
     if param_config.get("n_layers", model.cfg.n_layers) != model.cfg.n_layers:

@@ -10,8 +10,11 @@ it: a verb is declared by its name, its docstring (help and description) and its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Sequence
 
@@ -65,9 +68,26 @@ def error_text(e: UsageError | OSError, flags: dict[str, str]) -> str:
     return e.with_flags(flags) if isinstance(e, SettingError) else str(e)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while a verb runs: it unwinds as Ctrl-C does (temporary
+    files removed, exit code 130) instead of killing the process where it stands."""
+    def terminated(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    install = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    old = signal.signal(signal.SIGTERM, terminated) if install else None
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; bad input is one line on stderr and exit code 2.
 
+    SIGTERM stops a verb as Ctrl-C does (training installs its own handler: it saves first).
     Set BUILD_LLM_DEBUG=1 to see the traceback of an error instead.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -77,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
-        status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)
+        with _sigterm_as_interrupt():
+            status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)
     except (UsageError, OSError) as e:  # anything else is a bug: its traceback shows
         if os.environ.get("BUILD_LLM_DEBUG"):
             raise

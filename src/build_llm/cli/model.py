@@ -13,9 +13,9 @@ import torch
 from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed, add_verbs, load_source,
                                   model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
-from build_llm.data.corpus import read_pieces, read_text, text_files
-from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, get_tokenizer,
-                                      load_tokenizer, tokenizer_stats)
+from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
+from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
+                                      get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
@@ -23,8 +23,9 @@ from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
-from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.fsio import atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file
+from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
+from build_llm.store.fsio import (atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file,
+                                 read_json)
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -124,6 +125,19 @@ def add_generate(p: argparse.ArgumentParser) -> None:
                         "group of 64 weights, CPU)")
 
 
+def own_tokenizer(directory: Path) -> Any:
+    """The tokenizer of a Hugging Face model directory: its tokenizer.json with the special tokens and
+    chat template beside it; without one, GPT-2's for a GPT-2 and none (with a note) for another model."""
+    if (directory / TOKENIZER_FILE).is_file():
+        return load_tokenizer(directory / TOKENIZER_FILE)
+    config = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
+    if not isinstance(config, dict) or config.get("model_type", "gpt2") == "gpt2":
+        return get_tokenizer("gpt2")
+    print(f"build-llm: note: {directory} has no {TOKENIZER_FILE}; the checkpoint has no tokenizer (pass --tokenizer "
+          "FILE to add one)", file=sys.stderr)
+    return None
+
+
 def run_import_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and out.resolve() == Path(args.dir).resolve():
@@ -132,10 +146,13 @@ def run_import_hf(args: argparse.Namespace) -> None:
     if (out / TRAINER_FILE).exists():
         raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "
                          "state and break --resume; give another directory")
-    if args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
+    if args.tokenizer == "auto":
+        tokenizer = own_tokenizer(Path(args.dir))
+    elif args.tokenizer in ("gpt2", "none") or Path(args.tokenizer).is_file():
         tokenizer = None if args.tokenizer == "none" else get_tokenizer(args.tokenizer)
     else:
-        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file")
+        raise UsageError(f"--tokenizer {args.tokenizer!r} is invalid; expected gpt2, none or a tokenizer JSON file "
+                         "(or auto, the default: the directory's own tokenizer.json)")
     model = from_hf(args.dir)
     if tokenizer is not None and tokenizer.vocab_size > model.cfg.vocab_size:
         raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
@@ -146,15 +163,19 @@ def run_import_hf(args: argparse.Namespace) -> None:
 
 @verb("import-hf", run_import_hf)
 def add_import_hf(p: argparse.ArgumentParser) -> None:
-    """Hugging Face GPT-2 directory -> checkpoint
+    """Hugging Face model directory -> checkpoint
 
-    Read a local Hugging Face GPT-2 directory (config.json plus model.safetensors or pytorch_model.bin;
-    gpt2 to gpt2-xl) and write a checkpoint of this package. Nothing is downloaded: fetch the directory
-    yourself (see the README)."""
+    Read a local Hugging Face directory of a GPT-2, Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text)
+    model (config.json plus model.safetensors, sharded safetensors or pytorch_model.bin; float32 or
+    bfloat16) and write a checkpoint of this package, with the directory's tokenizer.json, its special
+    tokens and chat template (which chat, serve and finetune instruct then use); a config setting the
+    model cannot compute is refused by name. Nothing is downloaded: fetch the directory yourself (see
+    the README)."""
     p.add_argument("dir", metavar="DIR", help="the Hugging Face model directory")
     add_out(p, "checkpoint directory to write")
-    p.add_argument("--tokenizer", default="gpt2",
-                   help="tokenizer stored with the model: gpt2 (default), a tokenizer JSON file, or none")
+    p.add_argument("--tokenizer", default="auto",
+                   help="tokenizer stored with the model: auto (default: the directory's tokenizer.json with its "
+                        "special tokens and chat template, else gpt2), gpt2, a tokenizer JSON file, or none")
 
 
 def run_export_hf(args: argparse.Namespace) -> None:
@@ -169,12 +190,13 @@ def run_export_hf(args: argparse.Namespace) -> None:
 
 @verb("export-hf", run_export_hf)
 def add_export_hf(p: argparse.ArgumentParser) -> None:
-    """checkpoint -> Hugging Face GPT-2 (or Llama) directory
+    """checkpoint -> Hugging Face directory (GPT-2 or the Llama family)
 
-    Write a checkpoint as a directory that transformers.GPT2LMHeadModel.from_pretrained loads
+    Write a checkpoint as a directory that transformers.AutoModelForCausalLM.from_pretrained loads
     (config.json, model.safetensors) with the same logits, plus its tokenizer (GPT-2 or a trained BPE)
-    for AutoTokenizer. A model with Llama's options (--pos-emb rope --norm rmsnorm --mlp swiglu
-    --no-bias --no-qkv-bias) is written for LlamaForCausalLM instead."""
+    for AutoTokenizer. A GPT-2-shaped model is written as GPT-2; one with rotary positions, RMSNorm or
+    a gated feed-forward as the first of llama, mistral, qwen2, qwen3 and gemma3_text that holds all
+    its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama)."""
     add_checkpoint(p)
     add_out(p, "directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")
@@ -189,13 +211,22 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")
     check_writable_file(out)
     files = [f for path in args.data for f in text_files(path)]
-    # One pass over the text first: every file must be UTF-8 text, and not all of them empty.
-    if not sum(bool(piece.strip()) for piece in read_pieces(files)):
+    # The text's first words: not all of it empty, and the sample of the trainer's memory estimate
+    # (the rest is checked as the trainer reads it).
+    reading = read_showing_progress(files, "check text")
+    sample = next((piece for piece in reading if piece.strip()), None)
+    reading.close()
+    if sample is None:
         raise UsageError("--data is empty; give text to train on")
     check_not_input(out, {"--data": files})
     check_overwrite(out, args.force, ours=_is_tokenizer_file)
+    total = sum(f.stat().st_size for f in files)
+    words, peak = bpe_training_estimate(sample, total)
+    print(f"tokenizer train: {total / 2**20:,.0f} MB of text, about {words:,} distinct words (from its first "
+          f"{len(sample) / 2**20:,.1f} M characters): the trainer needs about {peak / 2**20:,.0f} MB", file=sys.stderr)
     try:
-        tok = BPETokenizer.train(files, args.vocab_size, min_frequency=args.min_frequency)
+        pieces = small_pieces(read_showing_progress(files, "train tokenizer"))  # bounded, whatever the lines
+        tok = BPETokenizer.train_from_texts(pieces, args.vocab_size, min_frequency=args.min_frequency)
     except (ValueError, TypeError, OSError):
         raise
     except Exception as e:  # the tokenizers library raises its own exception type

@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 from build_llm.cli.common import add_checkpoint, add_seed, int_at_least, load_source, model_source, positive_int, verb
-from build_llm.data.instruct import encode_conversation
+from build_llm.data.chat_template import chat_format
 from build_llm.errors import UsageError
-from build_llm.infer.chat import load_chat_model, require_eos
+from build_llm.infer.chat import load_chat_model
 from build_llm.infer.chat import run_chat as chat
 from build_llm.infer.classify import classify_texts
 from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
@@ -64,20 +64,20 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.port > 65535:
         raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
     check_api_key(args.api_key)
-    chat_template = None
-    if args.checkpoint:  # an instruction fine-tune also answers /v1/chat/completions, in its own template
+    chat_template, stop_ids = None, ()
+    if args.checkpoint:  # an instruction fine-tune or a chat model also answers /v1/chat/completions
         model, tokenizer, note = load_chat_model(args.checkpoint)
         if note is None:
-            eos = require_eos(tokenizer)
-            chat_template = lambda messages: encode_conversation(  # noqa: E731
-                messages, tokenizer, eos, add_generation_prompt=True)[0]
+            fmt = chat_format(tokenizer)  # its chat template, or the package's own format
+            chat_template = lambda messages: fmt.encode(messages, add_generation_prompt=True)[0]  # noqa: E731
+            stop_ids = fmt.stop_ids
     else:
         model, tokenizer = load_source(args)
     prepare_for_decoding(model, args.dtype)
     check_cache_fits(model, args.max_batch)
     name = args.name or args.preset or Path(args.checkpoint).resolve().name
     settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
-                        chat_template=chat_template)
+                        chat_template=chat_template, chat_stop_ids=stop_ids)
     run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
                max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, allow_hosts=args.allow_host or ())
 
@@ -103,7 +103,8 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help=f"sequences decoded together (default 16, at most {MAX_BATCH})")
     p.add_argument("--max-queue", type=positive_int, default=64, help="waiting sequences before 503 (default 64)")
     p.add_argument("--max-tokens", type=positive_int, default=None,
-                   help="the largest max_tokens a request may ask (default: the model's context length)")
+                   help="the largest max_tokens a request may ask (default: the model's context length). A "
+                        "request without max_tokens gets what the context leaves after its prompt, at most this")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
     p.add_argument("--shutdown-timeout", type=positive_int, default=30,
@@ -124,8 +125,10 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     /help, /quit. With --prompt, print one reply and exit."""
     add_checkpoint(p, "an instruction fine-tune (or any checkpoint with a tokenizer)")
     p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
-    p.add_argument("--system", help="a system message (replaces the Alpaca preamble)")
-    p.add_argument("--max-new-tokens", type=positive_int, help="longest reply (default: 256 or half the context)")
+    p.add_argument("--system", help="a system message (in the package's own format it replaces the Alpaca preamble)")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="longest reply (default: what the context window leaves after the conversation; old turns "
+                        "are dropped to keep 256 tokens or half the context for it)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=positive_int, help="sample among the K most likely tokens")
     add_seed(p)

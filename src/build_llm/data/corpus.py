@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,15 +33,22 @@ import torch
 from build_llm.data.markov import abc_text
 from build_llm.data.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, load_tokenizer
 from build_llm.errors import UsageError
-from build_llm.store.fsio import atomic_write, read_json, write_json
+from build_llm.progress import Progress
+from build_llm.data.cache import cached_scan, tokens_dir
+from build_llm.store.fsio import atomic_write, link_or_copy, read_json, write_json
 
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
-# Read text in pieces this large (characters) so a big corpus is never wholly in memory; pieces
-# end at a newline so a BPE tokenizer sees whole lines.
+# Text is read in pieces of about CHUNK_CHARS characters (at most CHUNK_CHARS + SAFE_CUT_SEARCH), so
+# that neither a big corpus nor a long line is ever wholly in memory. A piece ends where a tokenizer
+# would cut anyway: before a whitespace character that stands between two others (" word", "\nword").
+# GPT-2's split pattern (tiktoken's and our byte-level BPE's pre-tokenizer) always ends a pre-token
+# there and looks only ahead, so the pieces encode to exactly the ids of the whole text; a character
+# tokenizer cuts anywhere. Only where the last SAFE_CUT_SEARCH characters hold no such place (a
+# run of that many characters without a single space) is a piece cut at a character boundary: a BPE
+# may then start a new token where the whole text would have merged one, once per such cut.
 CHUNK_CHARS = 1 << 22
-# A tokenizer is given blocks of whole lines this large: a BPE's working memory grows with the text
-# it is given at once (Shakespeare's 4 MB in one call: 440 MB more at the peak than in 64 KB blocks).
-BLOCK_CHARS = 1 << 16
+SAFE_CUT_SEARCH = 1 << 16
+_SAFE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
 
 
 # --- reading text --------------------------------------------------------------------------------
@@ -62,8 +70,20 @@ def text_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def read_pieces(files: list[Path]) -> Iterator[str]:
-    """The files' text in pieces of about CHUNK_CHARS characters; checks UTF-8 and text-ness."""
+def safe_cut(text: str) -> int:
+    """Where to end a piece of `text` (see CHUNK_CHARS): the last place before a whitespace character
+    between two others, within the last SAFE_CUT_SEARCH characters; else the end of `text`."""
+    start = max(0, len(text) - SAFE_CUT_SEARCH)
+    cut = None
+    for cut in _SAFE_CUT.finditer(text, start):
+        pass
+    return cut.start() if cut is not None and cut.start() > 0 else len(text)
+
+
+def read_pieces(files: list[Path], progress: Progress | None = None) -> Iterator[str]:
+    """The files' text in pieces of about CHUNK_CHARS characters, whatever the lengths of its lines,
+    each ending at a safe place for a tokenizer (safe_cut); checks UTF-8 and text-ness. `progress`
+    is told the bytes read."""
     for f in files:
         with open(f, "rb") as fh:
             head = fh.read(8192)
@@ -71,28 +91,43 @@ def read_pieces(files: list[Path]) -> Iterator[str]:
             raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
         try:
             with open(f, encoding="utf-8", newline="") as fh:
-                while True:
-                    piece = fh.read(CHUNK_CHARS)
-                    if not piece:
-                        break
-                    piece += fh.readline()  # finish the line so BPE never sees half a word
-                    if "\x00" in piece:  # NUL is not text; the head check above misses a late one
+                carry, pos = "", 0
+                while block := fh.read(CHUNK_CHARS):
+                    if progress is not None:
+                        progress.update(fh.buffer.tell() - pos)
+                        pos = fh.buffer.tell()
+                    if "\x00" in block:  # NUL is not text; the head check above misses a late one
                         raise UsageError(f"data file {str(f)!r} looks binary (it has NUL bytes); give UTF-8 text")
-                    yield piece
+                    text = carry + block
+                    cut = safe_cut(text)
+                    carry = text[cut:]
+                    if cut:
+                        yield text[:cut]
+                if carry:
+                    yield carry
         except UnicodeDecodeError as e:
             raise UsageError(f"data file {str(f)!r} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                              "convert it to UTF-8") from None
 
 
-def blocks(pieces: Iterator[str], size: int = BLOCK_CHARS) -> Iterator[str]:
-    """The pieces' text again, in blocks of about `size` characters that end at a newline (a piece's
-    last block ends where the piece does)."""
+def read_showing_progress(files: list[Path], desc: str) -> Iterator[str]:
+    """read_pieces with its progress shown on stderr as `desc` (progress.Progress)."""
+    with Progress(desc, sum(f.stat().st_size for f in files), "B") as progress:
+        yield from read_pieces(files, progress)
+
+
+def small_pieces(pieces: Iterator[str], chars: int = 1 << 16) -> Iterator[str]:
+    """The pieces cut again at safe places (safe_cut) into pieces of at most `chars` characters: for a
+    consumer that holds hundreds of pieces at once (the tokenizers trainer buffers 256)."""
     for piece in pieces:
         start = 0
-        while start < len(piece):
-            end = piece.find("\n", start + size) + 1 or len(piece)
-            yield piece[start:end]
-            start = end
+        while len(piece) - start > chars:
+            window = piece[start:start + chars]
+            cut = safe_cut(window)
+            yield window[:cut]
+            start += cut
+        if start < len(piece):
+            yield piece[start:]
 
 
 def read_text(path: str | os.PathLike[str]) -> str:
@@ -137,14 +172,16 @@ class Corpus:
 def write_tokens(pieces: Callable[[bool], Iterator[str]], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
                  val_ratio: float) -> Corpus:
     """Tokenize the training pieces (`pieces(False)`), then the held-out ones (`pieces(True)`), into
-    out_dir/tokens.bin and write meta.json; both appear atomically."""
+    out_dir/tokens.bin and write meta.json; both appear atomically. The tokenizer is given at most
+    64K characters at once (small_pieces): a BPE's working memory grows with the text it is given
+    (Shakespeare's 4 MB pieces: 700 MB more at the peak)."""
     dtype = token_dtype(tokenizer.vocab_size)
     n, n_train = 0, 0
     with atomic_write(out_dir / TOKENS_FILE, "wb") as fh:
         for held_out in (False, True):
             n_train = n if held_out else 0
-            for block in blocks(pieces(held_out)):
-                ids = np.asarray(tokenizer.encode(block), dtype=dtype)
+            for piece in small_pieces(pieces(held_out)):
+                ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
                 ids.tofile(fh)
                 n += ids.size
     meta = {**meta, "n_tokens": n, "n_train": n_train, "dtype": dtype.name, "val_ratio": val_ratio}
@@ -161,9 +198,8 @@ def open_corpus(data_dir: Path) -> Corpus:
     return Corpus(ids, meta["n_train"], meta)
 
 
-def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
-                         val_ratio: float) -> Corpus:
-    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else write them."""
+def _matching(data_dir: Path, meta: dict[str, Any], val_ratio: float) -> Corpus | None:
+    """data_dir's corpus if it came from the same source, tokenizer and split and is whole, else None."""
     if (data_dir / META_FILE).is_file() and (data_dir / TOKENS_FILE).is_file():
         try:
             corpus = open_corpus(data_dir)
@@ -172,7 +208,24 @@ def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer
                 return corpus
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             pass  # unreadable or tampered leftovers: tokenize again
-    return write_tokens(pieces, tokenizer, data_dir, meta, val_ratio)
+    return None
+
+
+def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer: Any,
+                         val_ratio: float) -> Corpus:
+    """Reuse data_dir's tokens when they came from the same source, tokenizer and split; else the
+    token cache's (data.cache), linked into data_dir; else tokenize, into the cache when there is one."""
+    if (corpus := _matching(data_dir, meta, val_ratio)) is not None:
+        return corpus
+    cached = tokens_dir({**meta, "val_ratio": val_ratio, "format": 1}) if meta.get("source") == "text" else None
+    if cached is None:
+        return write_tokens(pieces, tokenizer, data_dir, meta, val_ratio)
+    if _matching(cached, meta, val_ratio) is None:
+        cached.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_tokens(pieces, tokenizer, cached, meta, val_ratio)
+    for name in (TOKENS_FILE, META_FILE):  # the run keeps its tokens if the cache is removed
+        link_or_copy(cached / name, data_dir / name)
+    return open_corpus(data_dir)
 
 
 def check_splits(corpus: Corpus, context_length: int) -> None:
@@ -209,28 +262,35 @@ def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -
 
 
 # --- a run's corpus ------------------------------------------------------------------------------
-def _scan(files: list[Path]) -> tuple[str, set[str], list[int]]:
-    """One pass over the files: SHA-256 of their bytes, their set of characters, each one's length."""
-    h, chars, lengths = hashlib.sha256(), set(), []
-    for f in files:
-        lengths.append(0)
-        for piece in read_pieces([f]):
-            h.update(piece.encode("utf-8"))
-            chars.update(piece)
-            lengths[-1] += len(piece)
-    return h.hexdigest(), chars, lengths
+def _scan(files: list[Path]) -> tuple[str, str, list[int]]:
+    """One pass over the files: SHA-256 of their bytes, their characters (sorted), each one's length;
+    remembered in the cache (data.cache.cached_scan), so an unchanged corpus is not read again."""
+    def scan() -> tuple[str, str, list[int]]:
+        h, chars, lengths = hashlib.sha256(), set(), []
+        with Progress("read", sum(f.stat().st_size for f in files), "B") as progress:
+            for f in files:
+                lengths.append(0)
+                for piece in read_pieces([f], progress):
+                    h.update(piece.encode("utf-8"))
+                    chars.update(piece)
+                    lengths[-1] += len(piece)
+        return h.hexdigest(), "".join(sorted(chars)), lengths
+
+    sha, chars, lengths = cached_scan(files, scan)
+    return (sha, chars, lengths) if isinstance(lengths, list) else scan()  # a record without each file's length
 
 
-def split_pieces(files: list[Path], cuts: list[int], held_out: bool) -> Iterator[str]:
+def split_pieces(files: list[Path], cuts: list[int], held_out: bool, desc: str | None = None) -> Iterator[str]:
     """The training part (each file's characters before its cut) or the held-out part (from it on)
-    of the files' text, in pieces."""
-    for f, cut in zip(files, cuts):
-        pos = 0
-        for piece in read_pieces([f]):
-            part = piece[max(0, cut - pos):] if held_out else piece[:max(0, cut - pos)]
-            pos += len(piece)
-            if part:
-                yield part
+    of the files' text, in pieces; with `desc`, the reading shown on stderr (progress.Progress)."""
+    with Progress(desc or "", sum(f.stat().st_size for f in files), "B", enabled=desc is not None) as progress:
+        for f, cut in zip(files, cuts):
+            pos = 0
+            for piece in read_pieces([f], progress):
+                part = piece[max(0, cut - pos):] if held_out else piece[:max(0, cut - pos)]
+                pos += len(piece)
+                if part:
+                    yield part
 
 
 def held_out_cut(n_chars: int, val_ratio: float) -> int:
@@ -261,7 +321,7 @@ def train_bpe(texts: Callable[[], Iterator[str]], n_chars: int, data_dir: Path, 
             return load_tokenizer(path)
         except (OSError, ValueError):
             pass  # unreadable: train it again
-    tok = BPETokenizer.train_from_texts(blocks(texts()), vocab)
+    tok = BPETokenizer.train_from_texts(small_pieces(texts()), vocab)
     Path(data_dir).mkdir(parents=True, exist_ok=True)
     write_json(path, tok.to_json())
     return tok
@@ -290,11 +350,12 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
         if sum(lengths) == 0 or not "".join(sorted(chars)).strip():
             raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
         cuts = [held_out_cut(n, val_ratio) for n in lengths]
-        pieces = lambda held_out: split_pieces(files, cuts, held_out)  # noqa: E731
+        pieces = lambda held_out: split_pieces(files, cuts, held_out, "tokenize")  # noqa: E731
         if tokenizer == "char":
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
         elif tokenizer == "bpe":
-            tok = train_bpe(lambda: pieces(False), sum(cuts), data_dir, sha)
+            train_part = lambda: split_pieces(files, cuts, False, "train the tokenizer")  # noqa: E731
+            tok = train_bpe(train_part, sum(cuts), data_dir, sha)
         else:
             tok = get_tokenizer(tokenizer)
         source = {"source": "text", "split": "the last part of each file", "n_train_chars": sum(cuts)}

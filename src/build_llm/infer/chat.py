@@ -2,20 +2,22 @@
 pieces every chat front end shares (the CLI, `serve`, the examples).
 
 A ChatSession holds the messages and the sampling settings; each reply is generated from the
-conversation rendered with the chat template (data/instruct.py: render_pieces), cut to the context
-window by dropping the oldest turns (fit_conversation), and streamed piece by piece up to the end
-token (stream_response). `respond` is the whole reply at once.
+conversation rendered in the tokenizer's chat template, or the package's own format
+(data/chat_template.py: chat_format), cut to the context window by dropping the oldest turns
+(fit_conversation, fit_reply), and streamed piece by piece up to an end token or the template's end
+of turn (stream_response). A reply may by default be as long as the context leaves after the
+prompt. `respond` is the whole reply at once.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
 import torch
 import torch.nn as nn
 
-from build_llm.data.instruct import encode_conversation
+from build_llm.data.chat_template import ChatFormat, chat_format, template_source
 from build_llm.errors import UsageError
 from build_llm.infer.generate import check_sampling, decode_stream, stream
 from build_llm.store.checkpoint import load_checkpoint
@@ -24,24 +26,15 @@ from build_llm.store.finetuned import FINETUNE_FILE, load_finetuned, resolve_fin
 HELP = "commands: /reset (forget the conversation), /temperature T, /top-k K|off, /help, /quit (or Ctrl-D)"
 
 
-def require_eos(tokenizer: Any) -> int:
-    """The tokenizer's end token, which ends every response of the chat template."""
-    eos = getattr(tokenizer, "eos_id", None)
-    if eos is None:
-        raise UsageError(f"the tokenizer ({type(tokenizer).__name__}) has no end token (<|endoftext|>), which "
-                         "instruction fine-tuning appends to every response; use a GPT-2 or trained BPE tokenizer")
-    return eos
-
-
-def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int, budget: int
-                     ) -> tuple[list[int], int]:
-    """Prompt ids for the conversation (ending with the response header) in at most `budget` tokens,
-    dropping the oldest user/assistant turns as needed; returns (ids, turns dropped)."""
+def fit_conversation(messages: list[dict[str, str]], fmt: ChatFormat, budget: int) -> tuple[list[int], int]:
+    """Prompt ids for the conversation in the chat format `fmt` (ending where the assistant's reply
+    begins) in at most `budget` tokens, dropping the oldest user/assistant turns as needed; returns
+    (ids, turns dropped)."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
     dropped = 0
     while True:
-        ids, _ = encode_conversation(system + turns, tokenizer, eos_id, add_generation_prompt=True)
+        ids, _ = fmt.encode(system + turns, add_generation_prompt=True)
         if len(ids) <= budget:
             return ids, dropped
         if len(turns) <= 1:
@@ -50,31 +43,57 @@ def fit_conversation(messages: list[dict[str, str]], tokenizer: Any, eos_id: int
         turns, dropped = turns[2:], dropped + 1
 
 
-def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], eos_id: int, max_new_tokens: int,
-                    *, temperature: float = 0.0, top_k: int | None = None,
+def reply_room(context: int) -> int:
+    """The room kept for a reply of unstated length when old turns can be dropped to make it."""
+    return min(256, context // 2)
+
+
+def fit_reply(messages: list[dict[str, str]], fmt: ChatFormat, context: int, max_new_tokens: int | None
+              ) -> tuple[list[int], int, int]:
+    """(prompt ids, turns dropped, reply length) for a conversation in a `context`-token window.
+
+    With `max_new_tokens`, the prompt gets what it leaves. Without, the oldest turns are dropped to
+    keep reply_room(context) for the reply; a newest message longer than that is kept alone while it
+    leaves a token; the reply may take all that the prompt leaves."""
+    if max_new_tokens is not None:
+        ids, dropped = fit_conversation(messages, fmt, context - max_new_tokens)
+        return ids, dropped, max_new_tokens
+    try:
+        ids, dropped = fit_conversation(messages, fmt, context - reply_room(context))
+    except UsageError:
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        ids, _ = fit_conversation(system + messages[-1:], fmt, context - 1)
+        dropped = (len(messages) - len(system) - 1) // 2
+    return ids, dropped, context - len(ids)
+
+
+def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], stop_ids: Sequence[int],
+                    max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
                     generator: torch.Generator | None = None) -> Iterator[str]:
-    """Yield the response text piece by piece as tokens are generated, up to the end token (not
-    included). Text is yielded only up to whole characters (a byte-level BPE can split a character)."""
+    """Yield the response text piece by piece as tokens are generated, up to the first of `stop_ids`
+    (the end token, or the template's end of turn; not included). Text is yielded only up to whole
+    characters (a byte-level BPE can split a character)."""
     device = next(model.parameters()).device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    stops = set(stop_ids)
 
     def new_ids() -> Iterator[int]:
-        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eos_id=eos_id,
-                            generator=generator):
-            if int(token[0, 0]) == eos_id:
+        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
+            if int(token[0, 0]) in stops:
                 return
             yield int(token[0, 0])
 
     yield from decode_stream(tokenizer, new_ids())
 
 
-def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int = 64,
+def respond(model: nn.Module, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int | None = None,
             **sampling: Any) -> str:
-    """The model's whole (greedy by default) reply to a conversation ending with a user message."""
-    eos = require_eos(tokenizer)
-    budget = model.cfg.context_length - max_new_tokens
-    ids, _ = fit_conversation(messages, tokenizer, eos, max(budget, 1))
-    return "".join(stream_response(model, tokenizer, ids, eos, max_new_tokens, **sampling))
+    """The model's whole (greedy by default) reply to a conversation ending with a user message, at most
+    `max_new_tokens` long (default: what the context leaves after the prompt), in the tokenizer's chat
+    template (or the package's own format)."""
+    fmt = chat_format(tokenizer)
+    ids, _, length = fit_reply(messages, fmt, model.cfg.context_length, max_new_tokens)
+    return "".join(stream_response(model, tokenizer, ids, fmt.stop_ids, length, **sampling))
 
 
 class ChatSession:
@@ -82,13 +101,13 @@ class ChatSession:
                  temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> None:
         check_sampling(temperature, top_k, None)
         context = model.cfg.context_length
-        if max_new_tokens is None:
-            max_new_tokens = min(256, context // 2)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens < context:
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or not 1 <= max_new_tokens < context):
             raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer in [1, {context - 1}] "
                              f"(the context window is {context} tokens and the prompt needs room)")
-        self.model, self.tokenizer, self.eos = model, tokenizer, require_eos(tokenizer)
+        self.model, self.tokenizer, self.format = model, tokenizer, chat_format(tokenizer)
         self.system = [{"role": "system", "content": system}] if system else []
+        # max_new_tokens None: each reply may take what the context leaves after its prompt
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
         self.turns: list[dict[str, str]] = []
@@ -100,13 +119,13 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Stream the reply to the user message `text`; afterwards the exchange is in the conversation
         and `dropped` says how many old turns were dropped to fit the context window."""
-        budget = self.model.cfg.context_length - self.max_new_tokens
         messages = self.system + self.turns + [{"role": "user", "content": text}]
-        ids, self.dropped = fit_conversation(messages, self.tokenizer, self.eos, budget)
+        ids, self.dropped, length = fit_reply(messages, self.format, self.model.cfg.context_length,
+                                              self.max_new_tokens)
         self.turns = self.turns[2 * self.dropped:]
         pieces: list[str] = []
         try:
-            for piece in stream_response(self.model, self.tokenizer, ids, self.eos, self.max_new_tokens,
+            for piece in stream_response(self.model, self.tokenizer, ids, self.format.stop_ids, length,
                                          temperature=self.temperature, top_k=self.top_k, generator=self.generator):
                 pieces.append(piece)
                 yield piece
@@ -115,15 +134,18 @@ class ChatSession:
 
 
 def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, note) of an instruction fine-tune, or of a plain checkpoint with a note."""
+    """(model, tokenizer, note) of an instruction fine-tune or a chat model (a checkpoint whose tokenizer
+    has a chat template), or of a plain checkpoint with a note."""
     try:
         resolve_finetuned(checkpoint)
     except ValueError:
         ckpt = load_checkpoint(checkpoint)
         if ckpt.tokenizer is None:
             raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
-        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}); "
-                                            "its replies continue the prompt text")
+        if template_source(ckpt.tokenizer) is not None:
+            return ckpt.model, ckpt.tokenizer, None
+        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}) "
+                                            "and has no chat template; its replies continue the prompt text")
     ft = load_finetuned(checkpoint)
     if ft.meta["task"] != "instruct":
         raise UsageError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")
@@ -179,7 +201,9 @@ def run_chat(checkpoint: str, *, prompt: str | None = None, system: str | None =
             out.flush()
         out.write("\n")
         return
-    print(f"chatting with {checkpoint} ({model.cfg.context_length}-token context); {HELP}", file=err, flush=True)
+    length = f"up to {max_new_tokens} tokens" if max_new_tokens else "as long as the context leaves"
+    print(f"chatting with {checkpoint} ({model.cfg.context_length}-token context; replies {length}); {HELP}",
+          file=err, flush=True)
     inp = stdin or sys.stdin
     if inp is sys.stdin and hasattr(inp, "reconfigure"):
         # A line that is not UTF-8 becomes lone surrogates, which the tokenizer refuses as one note for

@@ -18,7 +18,7 @@ The two models compute the same function; only names and layouts differ:
       tie_word_embeddings is false)
 
 A model with rotary positions, RMSNorm or a gated feed-forward is one of the Llama family instead
-(llama, mistral, qwen2, qwen3, gemma3_text; interop/hf_decoders.py): imported from any of them, and
+(llama, mistral, qwen2, qwen3, qwen3_moe, gemma3_text; interop/hf_decoders.py): imported from any of them, and
 exported as the first whose config holds every option it has. Any other mix of options, or a config
 setting GPTModel does not compute, is refused with the option or key named.
 
@@ -44,10 +44,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from build_llm.config import GPTConfig
+from build_llm.data.special_tokens import TokenizerConfig, write_tokenizer_config
 from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
 from build_llm.gpt import GPTModel
-from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, family_of)
+from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, expert_slice,
+                                          family_of, stack_experts, unstack_experts)
 from build_llm.store.checkpoint import unwrap, write_failed
 from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 
@@ -302,7 +304,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
     with torch.no_grad():
         for name, key in by_hf.items():  # one tensor in memory at a time, beside the model
             ours, transposed = names[name]
-            target = params[ours]
+            target = expert_slice(params, ours)
             expected = tuple(target.shape[::-1] if transposed else target.shape)
             tensor = loaders[key]()
             if tuple(tensor.shape) != expected:
@@ -314,7 +316,7 @@ def _fill(model: GPTModel, loaders: Mapping[str, Callable[[], torch.Tensor]], so
 
 def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
     """A GPTModel (eval mode, float32) with the weights of a Hugging Face GPT-2, Llama, Mistral, Qwen2,
-    Qwen3 or Gemma 3 (text) model.
+    Qwen3, Qwen3-MoE or Gemma 3 (text) model.
 
     `model_or_dir` is a local directory (config.json plus model.safetensors, a sharded
     model.safetensors.index.json, or pytorch_model.bin; float32 or bfloat16) or a `transformers` model
@@ -330,11 +332,11 @@ def from_hf(model_or_dir: Any, *, drop_rate: float | None = None) -> GPTModel:
     config = getattr(model_or_dir, "config", None)
     if not isinstance(model_or_dir, nn.Module) or not hasattr(config, "to_dict"):
         raise TypeError("model_or_dir: expected a directory path or a transformers GPT-2 model (or Llama, Mistral, "
-                        f"Qwen2, Qwen3, Gemma 3), got {type(model_or_dir).__name__}")
+                        f"Qwen2, Qwen3, Qwen3-MoE, Gemma 3), got {type(model_or_dir).__name__}")
     config = config.to_dict()
     cfg = config_from_hf(config, drop_rate=drop_rate)
     state = model_or_dir.state_dict()
-    loaders = {key: (lambda t=t: t.detach()) for key, t in state.items()}
+    loaders = unstack_experts({key: (lambda t=t: t.detach()) for key, t in state.items()})
     return _fill(_fresh_model(cfg), loaders, type(model_or_dir).__name__, config.get("model_type", "gpt2")).eval()
 
 
@@ -410,7 +412,7 @@ def decoder_tensors(model: GPTModel, family: str) -> Iterator[tuple[str, torch.T
                     for name, t in (("W_query", q), ("W_key", k), ("W_value", v)):
                         ours[f"trf_blocks.{i}.att.{name}.{part}"] = t
     for hf_name, our_name in decoder_names(model.cfg, family).items():
-        yield hf_name, ours[our_name]
+        yield hf_name, expert_slice(ours, our_name)
 
 
 def to_hf(model: nn.Module) -> Any:
@@ -436,6 +438,7 @@ def to_hf(model: nn.Module) -> Any:
     if model.cfg.tie_weights:
         state["lm_head.weight"] = state["transformer.wte.weight" if "transformer.wte.weight" in state
                                         else "model.embed_tokens.weight"]
+    state = stack_experts(state, hf.state_dict())  # transformers 5 holds the experts stacked
     hf.load_state_dict(state, strict=False, assign=True)
     hf.tie_weights()
     still_meta = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
@@ -454,7 +457,8 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
     The directory holds config.json and model.safetensors, which
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads; a GPT-2 tokenizer adds vocab.json
     and merges.txt (the canonical files), a trained BPE its tokenizer.json, each with
-    tokenizer_config.json for `AutoTokenizer`. A character tokenizer has no Hugging Face form and is
+    tokenizer_config.json for `AutoTokenizer` (an imported tokenizer's own special tokens and chat
+    template, with generation_config.json for its end ids). A character tokenizer has no Hugging Face form and is
     left out. An export this package wrote at `out_dir` (holding only what it wrote) is replaced
     atomically; any other non-empty directory is refused (see fsio). Returns the names of the files written.
     """
@@ -478,6 +482,9 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
                 shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
                 shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
                 tok_config = {"tokenizer_class": "GPT2Tokenizer", "add_prefix_space": False}
+            elif isinstance(tokenizer, BPETokenizer) and tokenizer.config != TokenizerConfig():
+                tokenizer.save(tmp / "tokenizer.json")  # its own special tokens and chat template, as imported
+                write_tokenizer_config(tmp, tokenizer.config, model_max_length=model.cfg.context_length)
             elif isinstance(tokenizer, BPETokenizer):
                 tokenizer.save(tmp / "tokenizer.json")
                 tok_config = {"tokenizer_class": "PreTrainedTokenizerFast"}

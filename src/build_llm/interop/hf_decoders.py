@@ -7,6 +7,9 @@ a gated feed-forward, grouped-query attention, and per family
     mistral      a sliding window on every layer
     qwen2        q/k/v biases, none on the output projection
     qwen3        RMS-normalised queries and keys, a head size apart from hidden_size / heads
+    qwen3_moe    qwen3 with a mixture of SwiGLU experts in every layer (top-k routing, optionally
+                 renormalised: norm_topk_prob); the experts as Hugging Face's files hold them, one
+                 gate/up/down per expert (transformers 5 stacks them in memory: read and written too)
     gemma3_text  (1 + w) RMSNorms, embeddings times sqrt(hidden_size), GELU-tanh gating, a norm
                  after each sub-layer as well, local (sliding, own rotary base) and global layers,
                  scores times query_pre_attn_scalar^-1/2
@@ -21,16 +24,18 @@ sides; our rotate-half rotary pairing is Hugging Face's, and a (1 + w) norm stor
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
 
 from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 DECODERS = tuple(ARCHITECTURES)
 # transformers' defaults where a published config may leave a key out.
-CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "gemma3_text": 131072}
+CONTEXT = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768, "qwen3_moe": 32768, "gemma3_text": 131072}
 ACTIVATIONS = {"silu": ("swiglu", "tanh"), "gelu_pytorch_tanh": ("geglu", "tanh"), "gelu_new": ("geglu", "tanh"),
                "gelu_fast": ("geglu", "tanh"), "gelu": ("geglu", "exact")}
 # Keys whose other values change the function in a way GPTModel does not compute: key -> the plain value.
@@ -92,7 +97,7 @@ def _layers(hf: Mapping[str, Any], family: str, n_layers: int) -> dict[str, Any]
         return {}
     if family == "mistral":
         return {"sliding_window": hf.get("sliding_window")}
-    if family in ("qwen2", "qwen3"):
+    if family in ("qwen2", "qwen3", "qwen3_moe"):
         window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
         first = hf.get("max_window_layers", n_layers)
         default = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)]
@@ -119,6 +124,22 @@ def _biases(hf: Mapping[str, Any], family: str) -> dict[str, bool]:
     if family != "llama" and (attention or mlp):
         raise _refuse("attention_bias" if attention else "mlp_bias", True, f"a {family} has no biases")
     return {"qkv_bias": attention, "bias": attention}
+
+
+def _experts(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a qwen3_moe config (transformers 4 writes num_experts, 5
+    num_local_experts); GPTModel puts the experts in every layer, so any dense layer is refused."""
+    if family != "qwen3_moe":
+        return {}
+    n = hf.get("num_experts", hf.get("num_local_experts", 128))
+    if not n:
+        return {}
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise _refuse("decoder_sparse_step", hf["decoder_sparse_step"], "GPTModel has experts in every layer (1)")
+    if hf.get("mlp_only_layers"):
+        raise _refuse("mlp_only_layers", hf["mlp_only_layers"], "GPTModel has experts in every layer ([])")
+    return {"n_experts": n, "n_experts_per_token": hf.get("num_experts_per_tok", 8),
+            "moe_ff_dim": hf.get("moe_intermediate_size", 768), "moe_norm_topk": bool(hf.get("norm_topk_prob", False))}
 
 
 def decoder_config(hf: Mapping[str, Any], family: str, drop_rate: float | None = None) -> GPTConfig:
@@ -148,12 +169,12 @@ def decoder_config(hf: Mapping[str, Any], family: str, drop_rate: float | None =
             tie_weights=bool(hf.get("tie_word_embeddings", gemma)), attn_impl="sdpa",
             init_std=float(hf.get("initializer_range", 0.02)), ln_eps=float(hf.get("rms_norm_eps", 1e-6)),
             pos_emb="rope", norm="rmsnorm", mlp=ACTIVATIONS[act][0], gelu=ACTIVATIONS[act][1],
-            ff_dim=hf["intermediate_size"], qk_norm=family in ("qwen3", "gemma3_text"),
+            ff_dim=hf["intermediate_size"], qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
             n_kv_heads=kv_heads if kv_heads != heads else None,
             head_size=head_dim if head_dim * heads != emb else None,
             attn_scale=None if scalar == head_dim else float(scalar) ** -0.5,
             norm_plus_one=gemma, scale_emb=gemma, post_norms=gemma,
-            **_biases(hf, family), **_rope(hf, family), **_layers(hf, family, n_layers),
+            **_biases(hf, family), **_rope(hf, family), **_layers(hf, family, n_layers), **_experts(hf, family),
         )
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"config.json: not a valid {family} config for GPTModel: {e}") from e
@@ -206,8 +227,12 @@ def decoder_hf_config(cfg: GPTConfig, family: str, eos_id: int | None = None) ->
         hf["sliding_window"] = cfg.sliding_window
     elif family == "qwen2":
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    elif family == "qwen3":
+    elif family in ("qwen3", "qwen3_moe"):
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers, attention_bias=False)
+        if family == "qwen3_moe":
+            hf.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_per_token,
+                      moe_intermediate_size=cfg.expert_hidden, norm_topk_prob=cfg.moe_norm_topk,
+                      decoder_sparse_step=1, mlp_only_layers=[])
     else:
         types = ["sliding_attention" if t == "sliding" else "full_attention" for t in cfg.types_of_layers]
         hf.update(sliding_window=cfg.sliding_window or cfg.context_length, layer_types=types,
@@ -238,6 +263,10 @@ def function_of(cfg: GPTConfig) -> dict[str, Any]:
         d["gelu"] = None
     if cfg.attn_scale is not None and cfg.attn_scale == cfg.head_dim ** -0.5:
         d["attn_scale"] = None
+    if cfg.n_experts:
+        d["moe_ff_dim"] = cfg.expert_hidden
+    else:
+        d.update(n_experts_per_token=None, moe_ff_dim=None, moe_norm_topk=None)
     return d
 
 
@@ -265,7 +294,8 @@ def family_of(cfg: GPTConfig) -> str:
 
 
 def decoder_names(cfg: GPTConfig, family: str) -> dict[str, str]:
-    """Hugging Face name -> our name of every weight of a Llama-family model of `cfg`."""
+    """Hugging Face name -> our name of every weight of a Llama-family model of `cfg`; one expert's
+    matrix is named by its index into our stacked tensor (`trf_blocks.0.ff.fc1.5`, see expert_slice)."""
     gemma = family == "gemma3_text"
     names = {"model.embed_tokens.weight": "tok_emb.weight", "model.norm.weight": "final_norm.scale"}
     for i in range(cfg.n_layers):
@@ -282,6 +312,12 @@ def decoder_names(cfg: GPTConfig, family: str) -> dict[str, str]:
         if cfg.qk_norm:
             names[f"{hf}self_attn.q_norm.weight"] = f"{ours}att.q_norm.scale"
             names[f"{hf}self_attn.k_norm.weight"] = f"{ours}att.k_norm.scale"
+        if cfg.n_experts:
+            names[f"{hf}mlp.gate.weight"] = f"{ours}ff.gate.weight"  # the router
+            for e in range(cfg.n_experts):
+                for h, o in (("gate_proj", "fc1"), ("up_proj", "fc2"), ("down_proj", "fc3")):
+                    names[f"{hf}mlp.experts.{e}.{h}.weight"] = f"{ours}ff.{o}.{e}"
+            continue
         for h, o in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
             names[f"{hf}mlp.{h}.weight"] = f"{ours}ff.{o}.weight"
             if cfg.bias:
@@ -289,3 +325,38 @@ def decoder_names(cfg: GPTConfig, family: str) -> dict[str, str]:
     if not cfg.tie_weights:
         names["lm_head.weight"] = "out_head.weight"
     return names
+
+
+def expert_slice(params: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """Our tensor `name` from `params`: a parameter, or one expert's matrix `<stacked>.<e>` (a view)."""
+    if name in params:
+        return params[name]
+    stacked, _, e = name.rpartition(".")
+    return params[stacked][int(e)]
+
+
+def unstack_experts(loaders: Mapping[str, Callable[[], torch.Tensor]]) -> dict[str, Callable[[], torch.Tensor]]:
+    """`loaders` with transformers 5's in-memory experts (`mlp.experts.gate_up_proj` (E, 2H, C) and
+    `mlp.experts.down_proj` (E, C, H)) under the names the files use, one gate/up/down matrix per
+    expert, each sliced when read."""
+    out = dict(loaders)
+    for key in [k for k in loaders if k.endswith("mlp.experts.gate_up_proj")]:
+        prefix = key[:-len("gate_up_proj")]
+        gate_up, down = out.pop(key), out.pop(prefix + "down_proj")
+        for e in range(gate_up().shape[0]):
+            out[f"{prefix}{e}.gate_proj.weight"] = lambda e=e, t=gate_up: t()[e].chunk(2)[0]  # gate rows first
+            out[f"{prefix}{e}.up_proj.weight"] = lambda e=e, t=gate_up: t()[e].chunk(2)[1]
+            out[f"{prefix}{e}.down_proj.weight"] = lambda e=e, t=down: t()[e]
+    return out
+
+
+def stack_experts(state: dict[str, torch.Tensor], wanted: Iterable[str]) -> dict[str, torch.Tensor]:
+    """`state` (the files' names) with the experts stacked as a transformers 5 model holds them, for the
+    `wanted` names that ask for it; unchanged for transformers 4 (a module per expert)."""
+    for key in [k for k in wanted if k.endswith("mlp.experts.gate_up_proj")]:
+        prefix = key[:-len("gate_up_proj")]
+        n = sum(1 for k in state if k.startswith(prefix) and k.endswith(".down_proj.weight"))
+        per = [[state.pop(f"{prefix}{e}.{p}_proj.weight") for p in ("gate", "up", "down")] for e in range(n)]
+        state[key] = torch.stack([torch.cat([g, u]) for g, u, _ in per])  # (E, 2H, C): gate rows first
+        state[prefix + "down_proj"] = torch.stack([d for _, _, d in per])  # (E, C, H)
+    return state

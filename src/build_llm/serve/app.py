@@ -225,7 +225,9 @@ class Api:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.context_length = engine.context_length
         self.vocab_size = engine.model.cfg.vocab_size
-        self.eos_id = getattr(tokenizer, "eos_id", None)
+        eos = getattr(tokenizer, "eos_id", None)
+        self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
+        self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends
 
     # --- what every request is checked for ---------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -260,15 +262,28 @@ class Api:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {name!r}",
                            param="model", code="model_not_found")
 
-    def fit(self, ids: list[int], sampling: Sampling) -> list[int]:
-        """The prompt's ids, cut to its last tokens when `truncate` asks and it does not fit."""
+    def fit(self, ids: list[int], sampling: Sampling) -> tuple[list[int], int]:
+        """The prompt's ids, cut to its last tokens when `truncate` asks and it does not fit, and the
+        completion's length: max_tokens, or without it what the context leaves after the prompt (as
+        OpenAI's chat models do), never more than --max-tokens."""
         context_length = self.context_length
+        if sampling.max_tokens is None:
+            most = self.settings.max_tokens or context_length
+            if len(ids) < context_length:
+                return ids, min(most, context_length - len(ids))
+            if sampling.truncate:  # keep room for a reply: the prompt's last tokens up to half the window
+                room = min(most, context_length // 2)
+                return ids[-(context_length - room):], room
+            raise ApiError(400, f"this model's maximum context length is {context_length} tokens, and the prompt has "
+                                f"{len(ids)}: no room is left for the completion; shorten the prompt, or send "
+                                "\"truncate\": true to keep the prompt's last tokens",
+                           param="prompt", code="context_length_exceeded")
         need = len(ids) + sampling.max_tokens
         if need <= context_length:
-            return ids
+            return ids, sampling.max_tokens
         room = context_length - sampling.max_tokens
         if sampling.truncate and room >= 1:
-            return ids[-room:]
+            return ids[-room:], sampling.max_tokens
         raise ApiError(400, f"this model's maximum context length is {context_length} tokens, but {need} were asked "
                             f"({len(ids)} in the prompt, {sampling.max_tokens} for the completion); shorten the "
                             "prompt or max_tokens, or send \"truncate\": true to keep the prompt's last tokens",
@@ -280,19 +295,20 @@ class Api:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         choices, seqs, used = [], [], []
+        stop_ids = self.chat_stop_ids if chat else self.stop_ids
         for p, (ids, _) in enumerate(prompts):
-            ids = self.fit(ids, sampling)
+            ids, max_tokens = self.fit(ids, sampling)
             used.append(ids)
             for j in range(sampling.n):
                 index = p * sampling.n + j
-                choice = Choice(index, self.tokenizer, sampling.stop, sampling.logprobs is not None, self.eos_id)
+                choice = Choice(index, self.tokenizer, sampling.stop, sampling.logprobs is not None, stop_ids)
 
                 def emit(kind: str, payload: object, index: int = index) -> None:  # called on the engine's thread
                     loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
                 seed = None if sampling.seed is None else (sampling.seed + index) % (1 << 63)
-                choice.seq = Sequence(ids, sampling.max_tokens, emit, temperature=sampling.temperature,
+                choice.seq = Sequence(ids, max_tokens, emit, temperature=sampling.temperature,
                                       top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, logprobs=sampling.logprobs,
-                                      echo=sampling.echo, eos_id=self.eos_id)
+                                      echo=sampling.echo, stop_ids=stop_ids)
                 choices.append(choice)
                 seqs.append(choice.seq)
         try:
@@ -320,7 +336,7 @@ class Api:
         self.check_key(request)
         body = await self.read_body(request)
         self.check_model(body)
-        sampling = parse_sampling(body, self.settings, self.context_length, 16, self.vocab_size)
+        sampling = parse_sampling(body, self.settings, self.context_length, self.vocab_size)
         prompt = body.get("prompt")  # counted before any is encoded: refusing a long list costs nothing
         count = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
         if count * sampling.n > self.engine.max_queue:
@@ -338,11 +354,9 @@ class Api:
         if settings.chat_template is None:
             raise ApiError(400, f"the model {settings.model_name!r} has no chat template (it was not instruction-"
                                 "tuned); use /v1/completions", param="messages", code="no_chat_template")
-        sampling = parse_sampling(body, settings, self.context_length, None)
+        sampling = parse_sampling(body, settings, self.context_length)
         if sampling.logprobs is not None or sampling.echo:
             raise ApiError(400, "logprobs and echo are supported by /v1/completions only", param="logprobs")
-        if sampling.max_tokens is None:
-            sampling.max_tokens = min(256, settings.max_tokens or self.context_length)
         try:
             ids = settings.chat_template(messages)
         except ValueError as e:

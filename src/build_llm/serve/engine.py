@@ -68,7 +68,7 @@ class Sequence:
     seed: int | None = None
     logprobs: int | None = None  # how many alternatives to report per token (None: no logprobs)
     echo: bool = False  # report the prompt's own tokens with their logprobs
-    eos_id: int | None = None
+    stop_ids: frozenset[int] = frozenset()  # ids that end the sequence (reported, then it stops)
     cancelled: bool = False
     failed: bool = False  # an error was reported: the caller hears nothing more
     generated: int = field(default=0, init=False)
@@ -201,7 +201,7 @@ class Engine:
         i = 0
         while i < len(self.rows):
             s = self.rows[i]
-            eos = s.eos_id is not None and s.generated > 0 and s.last == s.eos_id
+            eos = s.generated > 0 and s.last in s.stop_ids
             if not (s.cancelled or eos or s.generated >= s.max_tokens):
                 i += 1
                 continue

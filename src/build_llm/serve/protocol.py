@@ -28,6 +28,7 @@ class Settings:
     max_logprobs: int = 20
     # messages -> the prompt's token ids, ending where the assistant's reply begins (None: no chat)
     chat_template: Callable[[list[dict[str, str]]], list[int]] | None = None
+    chat_stop_ids: tuple[int, ...] = ()  # the ids that end a chat reply (the template's end of turn)
     # the Host names the server answers (None: any); see app.allowed_hosts
     allowed_hosts: frozenset[str] | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -115,7 +116,7 @@ def _boolean(body: dict, key: str, default: bool = False) -> bool:
 
 @dataclass
 class Sampling:
-    max_tokens: int
+    max_tokens: int | None  # None: not given; the app gives what the context leaves (Api.fit)
     temperature: float
     top_p: float | None
     top_k: int | None
@@ -129,10 +130,9 @@ class Sampling:
     include_usage: bool = False
 
 
-def parse_sampling(body: dict, settings: Settings, context_length: int, default_max_tokens: int | None,
-                   vocab_size: int | None = None) -> Sampling:
+def parse_sampling(body: dict, settings: Settings, context_length: int, vocab_size: int | None = None) -> Sampling:
     limit = settings.max_tokens or context_length
-    max_tokens = _integer(body, "max_tokens", default_max_tokens, 0, limit)
+    max_tokens = _integer(body, "max_tokens", None, 0, limit)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:
         max_tokens = _integer(body, "max_completion_tokens", None, 0, limit)
     stop = body.get("stop")
@@ -281,8 +281,10 @@ class Choice:
     still grow into a stop string, is held back until the next token decides it.
     """
 
-    def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool, eos_id: int | None) -> None:
-        self.index, self.tokenizer, self.want_logprobs, self.eos_id = index, tokenizer, want_logprobs, eos_id
+    def __init__(self, index: int, tokenizer: Any, stop: list[str], want_logprobs: bool,
+                 stop_ids: frozenset[int] | None = None) -> None:
+        self.index, self.tokenizer, self.want_logprobs = index, tokenizer, want_logprobs
+        self.stop_ids = stop_ids or frozenset()  # the end token, or a chat template's end of turn
         self.ids: list[int] = []
         self.scan = StopScan(stop)
         self.text = ""  # final text of the completion so far (sent or to send)
@@ -318,7 +320,7 @@ class Choice:
         if self.finish is not None:
             return
         self.completion_tokens += 1
-        if self.eos_id is not None and token.id == self.eos_id:
+        if token.id in self.stop_ids:
             self.finish = "stop"
             self.text = self.tokenizer.decode(self.ids)
             return

@@ -88,7 +88,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, tokenizer: Any = None,
                           tmp / MODEL_FILE, metadata={"format": "pt"})
             write_json(tmp / CONFIG_FILE, unwrap(model).cfg.to_dict())
             if tokenizer is not None:
-                tokenizer.save(tmp / TOKENIZER_FILE)
+                tokenizer.save_to(tmp)  # tokenizer.json, and a Hugging Face tokenizer's side files
             for name, write in (extra_files or {}).items():
                 write(tmp / name)
     except (OSError, SafetensorError) as e:

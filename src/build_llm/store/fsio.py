@@ -218,9 +218,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise UsageError(f"{str(path)!r} is a directory; give a file path")
     _make_parent(path)
     clean_stale(path)
-    fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)  # O_EXCL: never a planted link
-    tmp = Path(name)
-    try:
+    fd, tmp = None, None
+    try:  # from the file's creation on: an interrupt (Ctrl-C, SIGTERM) removes it too
+        fd, name = tempfile.mkstemp(prefix=_tmp_prefix(path), dir=path.parent)  # O_EXCL: never a planted link
+        tmp = Path(name)
         fcntl.flock(fd, fcntl.LOCK_EX)  # marks it live for clean_stale in other processes
         _chmod_for_umask(fd, directory=False)
         yield tmp
@@ -229,11 +230,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -244,6 +247,17 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding, newline=None if "b" in mode else "") as fh:
             yield fh
+
+
+def link_or_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Make `path` the file `source` is (a hard link: no copy, and removing `source` keeps it), or a
+    copy of it across file systems; `path` is replaced in one rename."""
+    with atomic_path(path) as tmp:
+        tmp.unlink()  # the name atomic_path reserved becomes the link
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def open_append(path: str | os.PathLike[str]) -> IO[str]:

@@ -159,7 +159,7 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
                        max_steps: int = 20) -> Probe:
     """Training and evaluation tokens per second of `cfg` at `batch_size` in `dtype` on this machine
     now, with the CPU threads set as now: AdamW steps on real windows of `ids` from seeded weights,
-    after one untimed step; at least two timed steps, until `seconds` pass; then two evaluation
+    after two untimed steps; at least three timed steps, until `seconds` pass; then two evaluation
     batches as the run evaluates. The median step counts, so that one slow step (a page fault,
     another process) does not skew it."""
     torch.manual_seed(0)
@@ -173,8 +173,9 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
         losses.append(train_step(model, optimizer, [(x, y)], device, tcfg, Dist()).item())
 
     step()
+    step()  # untimed too: a new shape's first steps build its kernels and the optimizer's state
     times, end = [], time.perf_counter() + seconds
-    while len(times) < 2 or (len(times) < max_steps and time.perf_counter() < end):
+    while len(times) < 3 or (len(times) < max_steps and time.perf_counter() < end):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)

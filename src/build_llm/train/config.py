@@ -69,8 +69,8 @@ class FinetuneConfig(Config):
     micro_batch_size: int | None = setting(None, "examples per forward pass (gradient accumulation)", at_least=1,
                                            unset="the batch size")
     lr: float | None = setting(None, "learning rate", above=0, unset="by the base, said before the first step: "
-                               "3e-4 (LoRA 3e-3) for a small base trained here, the book's 5e-5 for a large or "
-                               "imported one")
+                               "half its pretraining rate (LoRA 1.5 times it) for a small base trained here, the "
+                               "book's 5e-5 for a large or imported one")
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
     grad_clip: float = setting(0.0, "max gradient norm (0: no clipping)", at_least=0)
     eval_every: int | None = setting(None, "evaluate and checkpoint every N steps", at_least=1, unset="each epoch",

@@ -160,3 +160,12 @@ def test_the_probe_measures_both_dtypes_from_the_same_start(tmp_path):
     assert (a.dtype, b.dtype) == ("float32", "bfloat16") and len(a.losses) >= 3 and len(b.losses) >= 3
     assert a.losses[0] == pytest.approx(math.log(50), abs=0.2) and b.matches(a)
     assert a.tokens_per_s > 0 and a.eval_tokens_per_s > 0
+
+
+def test_a_dtype_far_slower_at_its_first_step_is_not_measured_further():
+    from build_llm.train.budget import probe_tokens_per_s, shape_for
+
+    ids = np.random.default_rng(0).integers(0, 50, size=5000).astype(np.uint16)
+    probe = probe_tokens_per_s(shape_for(1, 32, 16, 50), 4, ids, torch.device("cpu"), "bfloat16", give_up_s=1e-9)
+    assert len(probe.losses) == 1 and probe.eval_tokens_per_s == 0.0
+    assert probe.tokens_per_s == pytest.approx(4 * 16 / probe.first_s)

@@ -261,6 +261,7 @@ def test_data_default_is_a_bpe_model_that_can_chat_and_says_what_next(tmp_path, 
     assert isinstance(ckpt.tokenizer, BPETokenizer) and ckpt.tokenizer.eos_id is not None
     assert ckpt.model.cfg.context_length == 256 and ckpt.model.cfg.vocab_size == ckpt.tokenizer.vocab_size
     assert ckpt.tokenizer.decode(ckpt.tokenizer.encode("ἥλιος? 日本語 ✓")) == "ἥλιος? 日本語 ✓"  # any text
+    assert "plan: validation: the last 10% of each file" in err
     assert f"checkpoint: {run / 'checkpoint'}" in out
     assert f"build-llm generate --checkpoint '{run}' --prompt" in out
     assert f"build-llm finetune instruct --init-from '{run}'" in out and f"build-llm chat --checkpoint '{run}-sft'" in out

@@ -149,6 +149,7 @@ class Probe:
     tokens_per_s: float          # training
     eval_tokens_per_s: float     # forward only, as the evaluations run
     losses: tuple[float, ...]    # of the first steps: the same weights and windows in every dtype
+    first_s: float = 0.0         # the first step's time (building kernels and the optimizer's state)
 
     def matches(self, reference: Probe, tolerance: float = 0.01) -> bool:
         """Whether its first losses are within `tolerance` (relative) of `reference`'s."""
@@ -156,12 +157,13 @@ class Probe:
 
 
 def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32", seconds: float = 1.0,
-                       max_steps: int = 20) -> Probe:
+                       max_steps: int = 20, give_up_s: float | None = None) -> Probe:
     """Training and evaluation tokens per second of `cfg` at `batch_size` in `dtype` on this machine
     now, with the CPU threads set as now: AdamW steps on real windows of `ids` from seeded weights,
     after two untimed steps; at least three timed steps, until `seconds` pass; then two evaluation
     batches as the run evaluates. The median step counts, so that one slow step (a page fault,
-    another process) does not skew it."""
+    another process) does not skew it. A first step slower than `give_up_s` ends the probe there:
+    its rate is that step's (a dtype several times slower need not be measured closely)."""
     torch.manual_seed(0)
     model = GPTModel(cfg).to(device).train()
     tcfg = TrainConfig(batch_size=batch_size, dtype=dtype)
@@ -172,7 +174,11 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
         x, y = random_windows(ids, draw_starts(len(ids), cfg.context_length, batch_size, rng), cfg.context_length)
         losses.append(train_step(model, optimizer, [(x, y)], device, tcfg, Dist()).item())
 
+    start = time.perf_counter()
     step()
+    first_s = time.perf_counter() - start
+    if give_up_s is not None and first_s > give_up_s:
+        return Probe(dtype, batch_size * cfg.context_length / first_s, 0.0, tuple(losses), first_s)
     step()  # untimed too: a new shape's first steps build its kernels and the optimizer's state
     times, end = [], time.perf_counter() + seconds
     while len(times) < 3 or (len(times) < max_steps and time.perf_counter() < end):
@@ -183,14 +189,17 @@ def probe_tokens_per_s(cfg, batch_size: int, ids, device, dtype: str = "float32"
     evaluate_windows(model, ids, draw_starts(len(ids), cfg.context_length, 2 * batch_size, rng), cfg.context_length,
                      batch_size, device, None, dtype)
     eval_rate = 2 * batch_size * cfg.context_length / (time.perf_counter() - start)
-    return Probe(dtype, batch_size * cfg.context_length / statistics.median(times), eval_rate, tuple(losses))
+    return Probe(dtype, batch_size * cfg.context_length / statistics.median(times), eval_rate, tuple(losses),
+                 first_s)
 
 
-def global_probe(cfg, batch_size: int, ids, device, dtype: str, d: Dist, seconds: float = 1.0) -> Probe:
+def global_probe(cfg, batch_size: int, ids, device, dtype: str, d: Dist, seconds: float = 1.0,
+                 give_up_s: float | None = None) -> Probe:
     """The probe of all processes together: under torchrun every process measures its own share of
     the batch (batch_size / world) at once, as training will run them, and the rates add up (the
     gradients' all-reduce is not in it: the run's Deadline measures that)."""
-    probe = probe_tokens_per_s(cfg, max(1, batch_size // d.world), ids, device, dtype, seconds=seconds)
+    probe = probe_tokens_per_s(cfg, max(1, batch_size // d.world), ids, device, dtype, seconds=seconds,
+                               give_up_s=give_up_s)
     if not d.active:
         return probe
     rates = d.sum(torch.tensor([probe.tokens_per_s, probe.eval_tokens_per_s], dtype=torch.float64, device=device))
@@ -288,8 +297,11 @@ def choose_shape(train_s: float, vocab_size: int, context_length: int, ids, char
         if not d.from_main(lambda: have is None or estimate_peak_bytes(cfg, BUDGET_TRAIN.batch_size) <= 0.8 * have):
             break
         set_cpu_threads(count_parameters(cfg), device, threads)
-        probes = [global_probe(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, d, seconds=min(1.0, probe_s / 6))
-                  for dtype in dtypes]
+        seconds = min(1.0, probe_s / 6)
+        probes = [global_probe(cfg, BUDGET_TRAIN.batch_size, ids, device, dtypes[0], d, seconds=seconds)]
+        # another dtype is measured closely only if its first step takes at most 3 times the first's
+        probes += [global_probe(cfg, BUDGET_TRAIN.batch_size, ids, device, dtype, d, seconds=seconds,
+                                give_up_s=3 * probes[0].first_s) for dtype in dtypes[1:]]
         chosen = probes[d.from_main(lambda: probes.index(fastest(probes)))]
         rate = chosen.tokens_per_s
         loss = fit.predict(matmul_parameters(cfg), rate * train_s * char_ratio) / math.log(2)  # bits per char

@@ -333,9 +333,17 @@ def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, t
                      dtypes=dtypes)
     check_fits(training_memory(plan.model_cfg, plan.train_cfg), "training this model with these settings", device)
     if d.is_main:
-        req.log(plan.text())
+        req.log(plan.text() + "\n" + held_out_line(corpus))
     set_cpu_threads(count_parameters(plan.model_cfg), device, threads)
     return plan
+
+
+def held_out_line(corpus: Corpus) -> str:
+    """The plan's line on the validation text: the last part of each file (data/corpus.py), so that
+    a folder's validation represents all its files, not its last ones."""
+    where = "the ABC draw" if corpus.meta.get("source") == "abc" else "each file"
+    return (f"plan: validation: the last {corpus.meta['val_ratio']:.0%} of {where} ({len(corpus.val):,} tokens), "
+            "never trained on")
 
 
 def train_planned(req: Request, plan, corpus: Corpus, tok, d: Dist, device: torch.device) -> TrainingRun:

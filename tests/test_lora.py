@@ -9,12 +9,17 @@ import pytest
 import torch
 
 from build_llm import GPTConfig, GPTModel
-from build_llm.lora import (LinearWithLoRA, LoRALayer, WithTokenRows, adapter_meta, apply_adapter, apply_lora,
-                            freeze_for_lora, is_adapter_tensor, merge_lora, train_token_rows)
+from build_llm.lora import (ExpertsLoRA, LinearWithLoRA, LoRALayer, MoEWithLoRA, WithTokenRows, adapter_meta,
+                            apply_adapter, apply_lora, freeze_for_lora, is_adapter_tensor, merge_lora,
+                            train_token_rows)
 from build_llm.store.finetuned import load_adapter, save_adapter
 
 TINY = GPTConfig.from_preset("book-124m", vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_layers=2,
                              drop_rate=0.0, qkv_bias=True)
+# Llama's shape (grouped key/value heads, SwiGLU) and a Qwen3-MoE-shaped mixture of SwiGLU experts
+LLAMA = GPTConfig(vocab_size=300, context_length=16, emb_dim=32, n_heads=4, n_kv_heads=2, n_layers=2, drop_rate=0.0,
+                  bias=False, pos_emb="rope", norm="rmsnorm", mlp="swiglu", ff_dim=48)
+MOE = LLAMA.replace(n_experts=4, n_experts_per_token=2, moe_ff_dim=24, qk_norm=True)
 
 
 def tiny(cfg: GPTConfig = TINY, seed: int = 0) -> GPTModel:
@@ -86,6 +91,80 @@ def test_freezing_leaves_only_adapters_and_named_weights_trainable():
     # rank 4 on every Linear of 2 blocks: 4 * (in + out) each
     per_block = 4 * 4 * (32 + 32) + 4 * (32 + 128) + 4 * (128 + 32)
     assert sum(p.numel() for n, p in model.named_parameters() if ".lora." in n) == 2 * per_block
+
+
+@pytest.mark.parametrize("cfg, targets, expected", [
+    (LLAMA, ("q_proj", "v_proj"), {"att.W_query", "att.W_value"}),
+    (LLAMA, ("k_proj", "o_proj"), {"att.W_key", "att.out_proj"}),
+    (LLAMA, ("gate_proj",), {"ff.gate"}),
+    (LLAMA, ("up_proj", "down_proj"), {"ff.up", "ff.down"}),
+    (LLAMA, ("ff",), {"ff.gate", "ff.up", "ff.down"}),
+    (TINY, ("up_proj", "down_proj"), {"ff.layers.0", "ff.layers.2"}),  # GPT-2's c_fc and c_proj
+    (MOE, ("gate_proj", "o_proj"), {"ff.fc1", "att.out_proj"}),
+    (MOE, ("ff",), {"ff.fc1", "ff.fc2", "ff.fc3"}),  # the experts, not the router (ff.gate)
+])
+def test_single_projections_are_named_as_peft_names_them(cfg, targets, expected):
+    model = tiny(cfg)
+    names = apply_lora(model, 2, 4, targets)
+    assert {n.split(".", 2)[-1] for n in names} == expected and len(names) == 2 * len(expected)
+
+
+@pytest.mark.parametrize("cfg, targets, message", [
+    (TINY.replace(fused_qkv=True), ("q_proj",), r"'q_proj' names no layer of this model.*'attn'"),
+    (TINY, ("gate_proj",), r"'gate_proj' names no layer of this model.*'up_proj'"),
+])
+def test_a_target_the_model_lacks_is_refused_naming_those_it_has(cfg, targets, message):
+    with pytest.raises(ValueError, match=message):
+        apply_lora(tiny(cfg), 2, 4, targets)
+
+
+def test_an_experts_adapter_adds_each_experts_own_update():
+    torch.manual_seed(0)
+    model = tiny(MOE)
+    apply_lora(model, 3, 6, ("up_proj",))
+    randomize_lora_(model)
+    ff = model.trf_blocks[0].ff
+    assert isinstance(ff, MoEWithLoRA) and set(ff.lora) == {"fc2"} and ff.lora["fc2"].A.shape == (4, 32, 3)
+    x, moe, lora = torch.randn(5, 32), ff.moe, ff.lora["fc2"]
+    for e in range(4):  # by hand: W_up[e] + 2 * (A[e] @ B[e]).T in expert e's SwiGLU, the others as they were
+        up = moe.fc2[e] + 2.0 * (lora.A[e] @ lora.B[e]).t()
+        by_hand = (torch.nn.functional.silu(x @ moe.fc1[e].t()) * (x @ up.t())) @ moe.fc3[e].t()
+        torch.testing.assert_close(ff.expert(e, x), by_hand, atol=1e-6, rtol=0)
+    assert ExpertsLoRA(moe.fc1, 3, 6).delta_weight().abs().max() == 0  # B starts at zero
+
+
+@pytest.mark.parametrize("cfg, targets", [(LLAMA, ("attn", "ff")), (MOE, ("attn", "ff")), (MOE, ("down_proj",))])
+def test_merged_logits_equal_adapted_logits_on_open_model_shapes(cfg, targets):
+    model = tiny(cfg)
+    apply_lora(model, 4, 16, targets)
+    randomize_lora_(model)
+    x = ids()
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - tiny(cfg)(x)).abs().max() > 1e-2
+        merged = merge_lora(model)(x)
+    assert not any(isinstance(m, (LinearWithLoRA, MoEWithLoRA)) for m in model.modules())
+    assert set(model.state_dict()) == set(tiny(cfg).state_dict())
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+
+
+def test_an_experts_adapter_file_round_trip(tmp_path):
+    model = tiny(MOE)
+    apply_lora(model, 2, 4, ("q_proj", "ff"))
+    freeze_for_lora(model)
+    randomize_lora_(model)
+    meta = adapter_meta(model, ("q_proj", "ff"), {"sha256": "x"})
+    assert "trf_blocks.1.ff.fc3" in meta["layers"] and "trf_blocks.1.att.W_query" in meta["layers"]
+    save_adapter(tmp_path, model, meta)
+    tensors, loaded_meta = load_adapter(tmp_path)
+    assert tensors["trf_blocks.0.ff.lora.fc3.B"].shape == (4, 2, 32)
+    other = apply_adapter(tiny(MOE), tensors, loaded_meta)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), model(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ff.lora.fc1.A has shape \(4, 32, 2\); rank=2 on this model makes it "
+                                         r"\(6, 32, 2\)"):
+        apply_adapter(tiny(MOE.replace(n_experts=6)), tensors, loaded_meta)
 
 
 @pytest.mark.parametrize("targets", [("attn", "ff"), ("attn", "ff", "head")])

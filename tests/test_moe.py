@@ -127,10 +127,12 @@ def test_gpt2_initialisation_scales_the_experts_down_projection():
     assert ff.fc3.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # / sqrt(2 * n_layers)
 
 
-def test_lora_refuses_to_adapt_experts_it_cannot_reach():
-    from build_llm.lora import apply_lora
+def test_lora_adapts_the_experts_and_never_the_router():
+    """'ff' on a mixture means its experts' stacked projections (test_lora.py checks their arithmetic)."""
+    from build_llm.lora import MoEWithLoRA, apply_lora
 
     model = GPTModel(MOE)
-    with pytest.raises(UsageError, match="LoRA target 'ff' is invalid for a mixture-of-experts model"):
-        apply_lora(model, rank=2, alpha=4)  # the default targets include 'ff'
-    assert len(apply_lora(model, rank=2, alpha=4, targets=("attn",))) == 2 * 4  # q, k, v, out per block
+    names = apply_lora(model, rank=2, alpha=4)  # the default targets: attn and ff
+    assert len(names) == 2 * (4 + 3)  # q, k, v, out and the experts' fc1, fc2, fc3 per block
+    assert all(isinstance(b.ff, MoEWithLoRA) and type(b.ff.moe.gate) is torch.nn.Linear for b in model.trf_blocks)
+    assert not any("gate" in n for n in names)

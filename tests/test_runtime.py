@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from build_llm import get_device, set_seed
-from build_llm.runtime import (ONE_THREAD_BELOW, available_memory, check_fits, decoding_threads, get_dtype, one_thread,
+from build_llm.runtime import (ONE_THREAD_BELOW, TimedThreads, available_memory, check_fits, decoding_threads, get_dtype,
+                               one_thread,
                                set_cpu_threads)
 
 
@@ -49,13 +50,43 @@ def test_one_thread_rule_for_training_and_decoding(monkeypatch):
         set_cpu_threads(ONE_THREAD_BELOW - 1, "meta", 2)
         assert torch.get_num_threads() == 3
         assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu") is one_thread
-        assert decoding_threads(ONE_THREAD_BELOW, "cpu") is contextlib.nullcontext
+        assert isinstance(decoding_threads(ONE_THREAD_BELOW, "cpu"), TimedThreads)  # 3 threads: the faster, timed
+        assert decoding_threads(ONE_THREAD_BELOW, "meta") is contextlib.nullcontext
+        torch.set_num_threads(1)
+        assert decoding_threads(ONE_THREAD_BELOW, "cpu") is contextlib.nullcontext  # nothing to choose between
+        torch.set_num_threads(3)
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         set_cpu_threads(ONE_THREAD_BELOW - 1, "cpu", 2)
         assert torch.get_num_threads() == 3
         assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu") is contextlib.nullcontext
     finally:
         torch.set_num_threads(threads)
+
+
+def test_timed_threads_runs_each_step_on_the_count_that_has_been_faster(monkeypatch):
+    """The first step (the prompt) on every thread, untimed; then each count once; then the faster one, and the
+    other every `explore`-th step; the caller's count restored after every step."""
+    seconds = {1: 1.0, 4: 3.0}  # a busy machine: one thread is faster
+    clock = {"now": 0.0}
+    monkeypatch.setattr("build_llm.runtime.time.perf_counter", lambda: clock["now"])
+    saved = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        timed, used = TimedThreads(4, explore=5), []
+        for step in range(16):
+            if step == 8:
+                seconds[4] = 0.1  # the machine went quiet: every thread is faster now
+            with timed():
+                n = torch.get_num_threads()
+                used.append(n)
+                clock["now"] += seconds[n] if step else 100.0  # the prompt: slow, and not counted
+            assert torch.get_num_threads() == 4
+        # the prompt; 1 and 4 tried; then the faster (1), but 4 at the 5th and 10th call; that one finds the machine
+        # quiet (from step 8): 4 from then on, but 1 again at the 15th call
+        assert used == [4, 1, 4, 1, 4, 1, 1, 1, 1, 4, 4, 4, 4, 4, 1, 4]
+        assert timed.average[1] == 1.0
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_check_fits_refuses_more_than_is_available():

@@ -14,6 +14,14 @@ a token whose row points nowhere. Instruction fine-tuning with LoRA therefore al
 token's rows of the embedding and the head (`train_token_rows`; one row when they are tied), emb_dim
 numbers each, as PEFT's "trainable tokens" do for a new special token.
 
+Targets. `attn` and `ff` adapt every projection of attention and of the feed-forward; the names
+Hugging Face PEFT uses for Llama-family models pick single projections: `q_proj`, `k_proj`, `v_proj`,
+`o_proj` (the book's W_query, W_key, W_value, out_proj) and `gate_proj`, `up_proj`, `down_proj` (a
+GELU MLP has up and down only). A mixture of experts keeps its experts' matrices stacked, one
+(n_experts, out, in) tensor per projection (moe.py), so it gets stacked adapters: each expert its
+own A and B (ExpertsLoRA), added inside that expert's computation; the router stays frozen (adapting
+it would change which experts a token reaches).
+
 An adapter holds only the adapter tensors (and any other trainable weights, such as a new
 classification head or token rows: `adapter_state`) with its rank, alpha, scaling, targets, token
 rows and the identity of the base weights (`adapter_meta`); store/finetuned.py writes and reads
@@ -27,16 +35,23 @@ from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from build_llm.errors import UsageError
+from build_llm.moe import MoEFeedForward
 
 
-# Which Linear layers each target names, by their position in GPTModel.
+# Which projections each target names, by their position in GPTModel: a Linear layer, or (fc1, fc2,
+# fc3) a mixture's stacked experts' gate, up and down projections.
+_GATE, _UP, _DOWN = ("ff.gate", "ff.fc1"), ("ff.up", "ff.layers.0", "ff.fc2"), ("ff.down", "ff.layers.2", "ff.fc3")
 TARGETS: dict[str, tuple[str, ...]] = {
     "attn": ("att.W_query", "att.W_key", "att.W_value", "att.W_qkv", "att.out_proj"),
-    "ff": ("ff.layers.0", "ff.layers.2", "ff.gate", "ff.up", "ff.down"),  # GELU MLP or SwiGLU
+    "ff": _GATE + _UP + _DOWN,  # GELU MLP, SwiGLU/GeGLU or the experts of a mixture
     "head": ("out_head",),
+    "q_proj": ("att.W_query",), "k_proj": ("att.W_key",), "v_proj": ("att.W_value",), "o_proj": ("att.out_proj",),
+    "gate_proj": _GATE, "up_proj": _UP, "down_proj": _DOWN,
 }
+EXPERT_TENSORS = ("fc1", "fc2", "fc3")
 DEFAULT_TARGETS = ("attn", "ff")
 
 
@@ -73,6 +88,50 @@ class LinearWithLoRA(nn.Module):
         return self.linear(x) + self.lora(x)
 
 
+class ExpertsLoRA(nn.Module):
+    """LoRA for one stacked projection of a mixture's experts, weight (E, out_dim, in_dim): expert e
+    adds scaling * (x @ A[e] @ B[e]), A (E, in_dim, rank) and B (E, rank, out_dim, zeros)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, *, scaling: float | None = None) -> None:
+        super().__init__()
+        n, out_dim, in_dim = weight.shape
+        self.A = nn.Parameter(torch.empty(n, in_dim, rank, device=weight.device, dtype=weight.dtype))
+        for a in self.A.data:  # each expert's A as LoRALayer draws its own
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(n, rank, out_dim, device=weight.device, dtype=weight.dtype))
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank if scaling is None else scaling
+
+    def forward(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.scaling * (x @ self.A[e] @ self.B[e])  # (n, in) -> (n, out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the stacked (E, out_dim, in_dim) layout."""
+        return self.scaling * (self.A @ self.B).transpose(1, 2)
+
+
+class MoEWithLoRA(nn.Module):
+    """A mixture (`moe`, frozen by the caller) whose experts' projections named in `lora` (fc1, fc2,
+    fc3) carry stacked adapters; the routing is the mixture's own."""
+
+    def __init__(self, moe: MoEFeedForward, projections: Sequence[str], rank: int, alpha: float, *,
+                 scaling: float | None = None) -> None:
+        super().__init__()
+        self.moe = moe
+        self.lora = nn.ModuleDict({p: ExpertsLoRA(getattr(moe, p), rank, alpha, scaling=scaling) for p in projections})
+
+    def project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, getattr(self.moe, name)[e])
+        return out + self.lora[name](e, x) if name in self.lora else out
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its tokens x (n, C) -> (n, C), adapters included."""
+        return self.project("fc3", e, F.silu(self.project("fc1", e, x)) * self.project("fc2", e, x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.moe(x, expert=self.expert)
+
+
 def check_rank_alpha(rank: Any, alpha: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise UsageError(f"LoRA rank={rank!r} is invalid; expected an integer >= 1")
@@ -93,9 +152,35 @@ def _is_target(name: str, targets: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
+def projections(model: nn.Module) -> list[str]:
+    """Every projection a target can name: the Linear layers (a mixture's router excepted) and the
+    stacked experts' tensors (`trf_blocks.0.ff.fc1`)."""
+    names, routers = [], set()
+    for name, module in model.named_modules():  # a module comes before its children
+        if isinstance(module, MoEFeedForward):
+            names += [f"{name}.{p}" for p in EXPERT_TENSORS]
+            routers.add(f"{name}.gate")
+        elif isinstance(module, nn.Linear) and name not in routers:
+            names.append(name)
+    return names
+
+
+def targeted(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The projections of `model` that `targets` name, each target checked to name at least one."""
+    every = projections(model)
+    chosen = [n for n in every if _is_target(n, targets)]
+    for t in targets:
+        if not any(_is_target(n, [t]) for n in chosen):
+            present = sorted(t for t in TARGETS if any(_is_target(n, [t]) for n in every))
+            raise UsageError(f"LoRA target {t!r} names no layer of this model (q_proj, k_proj and v_proj need "
+                             f"separate projections, gate_proj a gated feed-forward); choose from {present}")
+    return chosen
+
+
 def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str] = DEFAULT_TARGETS, *,
                scaling: float | None = None) -> list[str]:
-    """Wrap the targeted Linear layers of a GPTModel in LinearWithLoRA, in place; returns their names.
+    """Wrap the targeted Linear layers of a GPTModel in LinearWithLoRA and its targeted mixtures in
+    MoEWithLoRA, in place; returns the projections' names (`trf_blocks.0.ff.fc1` for experts).
 
     Nothing is frozen here: see `freeze_for_lora`. A head tied to the token embedding cannot take an
     adapter (merging it would change the embedding too).
@@ -106,16 +191,19 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets: Iterable[str]
             and model.out_head.weight is model.tok_emb.weight:
         raise UsageError("LoRA target 'head' is invalid for a model whose head is tied to the token embedding; "
                          f"choose from {sorted(set(TARGETS) - {'head'})}")
-    if "ff" in targets and getattr(getattr(model, "cfg", None), "n_experts", 0):
-        # a mixture's experts are stacked tensors, not Linear layers: 'ff' would adapt only the router
-        raise UsageError("LoRA target 'ff' is invalid for a mixture-of-experts model (n_experts > 0): its experts "
-                         f"are not Linear layers; choose from {sorted(set(TARGETS) - {'ff'})}")
-    names = [name for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and _is_target(name, targets)]
+    names = targeted(model, targets)
+    experts: dict[str, list[str]] = {}
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, LinearWithLoRA(getattr(owner, child), rank, alpha, scaling=scaling))
+        if isinstance(owner, MoEFeedForward):
+            experts.setdefault(parent, []).append(child)
+        else:
+            setattr(owner, child, LinearWithLoRA(getattr(owner, child), rank, alpha, scaling=scaling))
+    for name, tensors in experts.items():  # a mixture wrapped once, with the projections it adapts
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child,
+                MoEWithLoRA(model.get_submodule(name), tensors, rank, alpha, scaling=scaling))
     return names
 
 
@@ -132,16 +220,24 @@ def is_adapter_tensor(name: str) -> bool:
     return ".lora." in f".{name}" or ".token_rows." in f".{name}"
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+def lora_layers(model: nn.Module) -> list[tuple[str, LinearWithLoRA | MoEWithLoRA]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (LinearWithLoRA, MoEWithLoRA))]
 
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every LinearWithLoRA by a plain Linear whose weight is W + scaling * (A @ B).T, and
+    """Replace every LinearWithLoRA by a plain Linear whose weight is W + scaling * (A @ B).T (and every
+    MoEWithLoRA by its mixture, each expert's matrices updated so), and
     write token rows into the tables they stand for, in place; the model then computes the adapted
     function with no adapter left. Returns the model."""
     for name, module in lora_layers(model):
+        parent, _, child = name.rpartition(".")
+        if isinstance(module, MoEWithLoRA):  # the experts' stacked weights take their stacked updates
+            for tensor, lora in module.lora.items():
+                weight = getattr(module.moe, tensor)
+                weight.add_(lora.delta_weight().to(weight.dtype))
+            setattr(model.get_submodule(parent) if parent else model, child, module.moe)
+            continue
         linear = module.linear
         merged = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                            device=linear.weight.device, dtype=linear.weight.dtype)
@@ -149,7 +245,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if linear.bias is not None:
             merged.bias.copy_(linear.bias)
         merged.weight.requires_grad = linear.weight.requires_grad
-        parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, merged)
     for name in ("tok_emb", "out_head"):  # after LoRA: a head's token rows replace its adapted rows
         module = getattr(model, name)
@@ -218,23 +313,30 @@ def adapter_meta(model: nn.Module, targets: Sequence[str], base: dict[str, Any])
     layers = lora_layers(model)
     if not layers:
         raise UsageError("model has no LoRA layers; call apply_lora first")
-    lora = layers[0][1].lora
+    lora = next(m for m in model.modules() if isinstance(m, (LoRALayer, ExpertsLoRA)))
+    names = [n for name, m in layers
+             for n in ([name] if isinstance(m, LinearWithLoRA) else [f"{name}.{t}" for t in m.lora])]
     return {"rank": lora.rank, "alpha": lora.alpha, "scaling": lora.scaling, "targets": list(targets),
-            "layers": [n for n, _ in layers], "token_rows": token_row_ids(model), "base": base}
+            "layers": names, "token_rows": token_row_ids(model), "base": base}
 
 
 def _check_lora_shapes(model: nn.Module, tensors: dict[str, torch.Tensor], rank: int, targets: Sequence[str]) -> None:
-    """Each targeted layer's A (in, rank) and B (rank, out) are in `tensors` with those shapes: checked
-    before any is allocated, as a rank beyond the model's width would ask for terabytes."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and _is_target(name, targets):
-            for part, shape in (("A", (module.in_features, rank)), ("B", (rank, module.out_features))):
-                t = tensors.get(f"{name}.lora.{part}")
-                if t is None:
-                    raise UsageError(f"adapter does not fit this model: missing tensors ['{name}.lora.{part}']")
-                if tuple(t.shape) != shape:
-                    raise UsageError(f"adapter does not fit this model: {name}.lora.{part} has shape "
-                                     f"{tuple(t.shape)}; rank={rank} on this model makes it {shape}")
+    """Each targeted projection's A (in, rank) and B (rank, out) (an expert's stacked: (E, in, rank),
+    (E, rank, out)) are in `tensors` with those shapes: checked before any is allocated, as a rank
+    beyond the model's width would ask for terabytes."""
+    for name in targeted(model, targets):
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)  # the model itself for out_head
+        weight = getattr(owner, child) if isinstance(owner, MoEFeedForward) else getattr(owner, child).weight
+        *experts, out_dim, in_dim = weight.shape
+        prefix = f"{parent}.lora.{child}" if experts else f"{name}.lora"
+        for part, shape in (("A", (*experts, in_dim, rank)), ("B", (*experts, rank, out_dim))):
+            t = tensors.get(f"{prefix}.{part}")
+            if t is None:
+                raise UsageError(f"adapter does not fit this model: missing tensors ['{prefix}.{part}']")
+            if tuple(t.shape) != shape:
+                raise UsageError(f"adapter does not fit this model: {prefix}.{part} has shape "
+                                 f"{tuple(t.shape)}; rank={rank} on this model makes it {shape}")
 
 
 def apply_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:

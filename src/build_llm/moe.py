@@ -15,7 +15,7 @@ One (n_experts, ...) tensor per projection keeps a 128-expert layer three parame
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -61,7 +61,10 @@ class MoEFeedForward(nn.Module):
         """Expert e's SwiGLU on its tokens x (n, C) -> (n, C)."""
         return F.linear(F.silu(F.linear(x, self.fc1[e])) * F.linear(x, self.fc2[e]), self.fc3[e])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, expert: Callable[[int, torch.Tensor], torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """`expert(e, x)` computes expert e (default: self.expert; LoRA's MoEWithLoRA adds its adapters)."""
+        expert = expert or self.expert
         b, num_tokens, emb = x.shape
         x = x.reshape(b * num_tokens, emb)  # (N, C): routing is per token
         experts, weights = self.route(x)  # (N, k) each
@@ -74,5 +77,5 @@ class MoEFeedForward(nn.Module):
         for e, chosen in zip(range(self.n_experts), order.split(counts)):
             if len(chosen):  # an expert no token chose costs nothing
                 tokens = chosen // k  # (n,)
-                out.index_add_(0, tokens, self.expert(e, x[tokens]) * pair_weights[chosen, None])  # (n, C) added
+                out.index_add_(0, tokens, expert(e, x[tokens]) * pair_weights[chosen, None])  # (n, C) added
         return out.view(b, num_tokens, emb)  # (B, T, C)

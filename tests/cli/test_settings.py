@@ -69,7 +69,11 @@ def test_every_field_has_one_flag_or_is_internal_and_help_shows_its_default(name
 
 def test_internal_fields_are_the_model_fields_set_elsewhere():
     assert internal(GPTConfig) == {"vocab_size", "gelu", "fused_qkv", "padding_idx", "attn_out_dropout",
-                                   "attn_impl", "init_std", "ln_eps", "rope_base"}
+                                   "attn_impl", "init_std", "ln_eps", "rope_base",
+                                   # today's open models' details: set by a preset or an import
+                                   "head_size", "rope_scaling", "rope_factor", "rope_low_freq_factor",
+                                   "rope_high_freq_factor", "rope_original_context", "layer_types", "rope_local_base",
+                                   "attn_scale", "norm_plus_one", "scale_emb", "post_norms"}
     assert internal(TrainConfig) == set() and internal(FinetuneConfig) == {"task"}  # task: the subcommand
 
 

@@ -89,6 +89,10 @@ def test_side_files_as_transformers_reads_them(tmp_path):
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     assert tok.config.eos_token == "<|im_end|>" and tok.eos_id == 2 and tok.stop_ids == (2, 6)
     assert chat_format(tok).render([{"role": "user", "content": "x"}]) == "A<|im_end|>"
+    (tmp_path / "saved").mkdir()
+    tok.save_to(tmp_path / "saved")  # named templates go back as tokenizer_config.json's list, as transformers reads
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == tok.config.chat_template
+    assert json.loads((tmp_path / "saved" / "generation_config.json").read_text())["eos_token_id"] == [2, 6]
     (tmp_path / "chat_template.jinja").write_text("C")
     assert read_tokenizer_config(tmp_path).chat_template == "C"
 
@@ -154,3 +158,36 @@ def test_tojson_loop_controls_and_context_as_transformers(family):
     expected = hf.apply_chat_template(CONVERSATIONS[2], chat_template=FEATURES, tokenize=False)
     assert "<b>&</b> Grüße" in expected
     assert JinjaChat(ours, FEATURES).render(CONVERSATIONS[2]) == expected
+
+
+# What the larger real templates lean on: reversed slices, string methods, `is string`, `items`, namespaces
+# updated in loops, loop.last, whitespace control.
+CONSTRUCTS = """{%- set ns = namespace(last_user=-1, words=[]) %}
+{%- for m in messages[::-1] %}{% if m.role == 'user' and ns.last_user < 0 %}{% set ns.last_user = messages|length - 1 - loop.index0 %}{% endif %}{% endfor %}
+{%- for m in messages %}
+{%- if m.content is string and m.content.startswith('What') %}{{ m.content.split('?')[0].lstrip().upper() }}{% endif %}
+{%- for k, v in m | items %}{{ k }}={{ v | length }};{% endfor %}
+{{- '!' if loop.last else ',' }}{{ loop.index0 == ns.last_user }}
+{%- endfor %}"""
+
+
+def test_the_constructs_real_templates_use_render_as_in_transformers(family):
+    hf, ours = family
+    expected = hf.apply_chat_template(CONVERSATIONS[2], chat_template=CONSTRUCTS, tokenize=False)
+    assert "WHAT IS THE CAPITAL OF FRANCE" in expected
+    assert JinjaChat(ours, CONSTRUCTS).render(CONVERSATIONS[2]) == expected
+
+
+def test_a_chat_prompt_does_not_need_the_replies_verbatim(family):
+    """A template may rewrite earlier replies (Qwen3 drops their <think> part): a prompt to generate from
+    is still transformers'; only training, which must find each reply, refuses it in one line."""
+    hf, ours = family
+    rewriting = CHATML_TEMPLATE.replace("{{ message.content }}<|im_end|>{% endgeneration %}",
+                                        "{{ message.content.split('</think>')[-1] }}<|im_end|>{% endgeneration %}")
+    messages = [TURNS[0], {"role": "assistant", "content": "<think>hmm</think>Fine."}, TURNS[2]]
+    chat = JinjaChat(ours, rewriting)
+    assert chat.prompt(messages) == hf.apply_chat_template(messages, chat_template=rewriting,
+                                                           add_generation_prompt=True, tokenize=True,
+                                                           return_dict=False)
+    with pytest.raises(UsageError, match="does not render assistant message 2's text as it is given"):
+        chat.encode(messages)

@@ -1,6 +1,7 @@
 """int8, int4 and bf16 decoding weights: the quantisation arithmetic, the layer and whole models."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -149,6 +150,17 @@ def test_generate_cli_decodes_with_the_chosen_weights(dtype, tmp_path, capsys):
     assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"
 
 
+# --- today's open models' options ------------------------------------------------------------------------
+NEW_FAMILY = {
+    "gqa-window": dict(n_kv_heads=2, sliding_window=5, head_size=24),  # GPT-2's norms and MLP, Mistral's attention
+    "qwen3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, qk_norm=True,
+                       n_kv_heads=1, head_size=32),
+    "gemma3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True,
+                        norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.2, n_kv_heads=2,
+                        sliding_window=4, layer_types=("sliding", "full"), rope_local_base=100.0),
+}
+
+
 # --- the compiled one-token step (kernels.decode_step) ----------------------------------------------
 needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason="the C kernels need Linux x86-64 and a C compiler")
@@ -161,10 +173,29 @@ def modules_only(model: GPTModel) -> GPTModel:
     return plain
 
 
+# Today's open models' shapes the compiled step computes (tiny): Llama 3 (grouped heads, llama3-scaled rotary
+# positions, SwiGLU; a fused and a split qkv), Qwen3 (QK-norm, a head size apart from emb_dim / n_heads), Gemma 3
+# (GeGLU, (1 + w) norms, norms after the sub-layers, scaled embeddings, a 4-token window on its local layer with its
+# own rotary base), Mistral (a sliding window on every layer).
+LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, n_kv_heads=2, rope_base=500.0,
+             rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+             rope_original_context=16)
+STEP_SHAPES = {
+    "gpt2": {},
+    "gpt2-split": {"fused_qkv": False, "qkv_bias": False, "bias": False, "gelu": "exact"},
+    "llama3": LLAMA,
+    "llama3-split": dict(LLAMA, fused_qkv=False, n_kv_heads=1),
+    "qwen3": dict(NEW_FAMILY["qwen3-like"], fused_qkv=False, ln_eps=1e-6),
+    "gemma3": dict(NEW_FAMILY["gemma3-like"], fused_qkv=False, gelu="tanh"),
+    "mistral": dict(LLAMA, rope_scaling="none", sliding_window=5),
+}
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
-@pytest.mark.parametrize("kw", [{}, {"fused_qkv": False, "qkv_bias": False, "bias": False, "gelu": "exact"}])
-def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
+@pytest.mark.parametrize("shape", sorted(STEP_SHAPES))
+def test_compiled_step_computes_what_the_modules_compute(dtype, shape):
+    kw = STEP_SHAPES[shape]
     model = prepare_for_decoding(tiny(**kw), dtype)
     assert isinstance(model.decode_step, CompiledStep)
     plain = modules_only(model)
@@ -186,12 +217,16 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, kw):
 
 
 @needs_kernels
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range(dtype):
-    model = prepare_for_decoding(tiny(), dtype)
+@pytest.mark.parametrize("dtype, shape", [("int8", "gpt2"), ("int4", "gpt2"), ("bfloat16", "llama3"),
+                                          ("int8", "qwen3"), ("int8", "gemma3")])
+def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range(dtype, shape):
+    model = prepare_for_decoding(tiny(**STEP_SHAPES[shape]), dtype)
+    assert isinstance(model.decode_step, CompiledStep)
     plain = modules_only(model)
     prompts = [torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9)]
     k, v = (torch.zeros(2, 2, 4, 32, 16) for _ in range(2))  # (layers, rows, heads, max_len, head_dim)
+    if shape != "gpt2":  # the model's own cache shape: (layers, rows, kv_heads, max_len, head_dim)
+        k, v = (torch.zeros_like(t) for t in (model.new_cache(2).k, model.new_cache(2).v))
     for row, p in enumerate(prompts):  # each row's prompt into its own slot
         model(p, cache=KVCache.over(k[:, row:row + 1], v[:, row:row + 1], 0))
     pos = torch.tensor([3, 9])
@@ -203,18 +238,19 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
         before = k.clone()
         with pytest.raises(IndexError, match="outside the vocabulary"):
             model(torch.tensor([[300], [1]]), cache=KVCache.over(k, v, pos.clone()))
-        short = torch.zeros(2, 1, 4, 3, 16)  # room for 3 positions
+        short = torch.zeros(2, 1, k.shape[2], 3, k.shape[4])  # room for 3 positions
         with pytest.raises(IndexError, match="outside the KV cache"):
             model(torch.tensor([[1]]), cache=KVCache.over(short, short.clone(), 3))
         with pytest.raises(ValueError, match="contiguous in their last 3 dimensions"):
             model(torch.tensor([[1]]), cache=KVCache.over(k[:, :1, :, :3], v[:, :1, :, :3], 2))
-        with pytest.raises(ValueError, match=r"shape \(2, 1, 4, 32, 16\) does not fit 2 rows"):
+        with pytest.raises(ValueError, match=re.escape(f"shape {tuple(k[:, :1].shape)} does not fit 2 rows")):
             model(torch.tensor([[1], [2]]), cache=KVCache.over(k[:, :1], v[:, :1], pos.clone()))
         assert torch.equal(k, before)  # nothing written
 
 
 def test_compiled_step_only_for_models_it_computes_exactly():
-    for kw in ({"norm": "rmsnorm"}, {"mlp": "swiglu"}, {"pos_emb": "rope"}):
+    # ReLU squared, a mixture of experts (decoding each token through its top-k experts in PyTorch): not the step's
+    for kw in ({"mlp": "relu2"}, dict(LLAMA, n_experts=4, n_experts_per_token=2)):
         model = prepare_for_decoding(tiny(**kw), "int8")
         assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
 
@@ -226,15 +262,11 @@ def test_compiled_step_only_for_models_it_computes_exactly():
     assert GPTModel.decode_step is None  # a plain model decodes through its modules
 
 
-# --- today's open models' options: PyTorch's path with the low-precision weights, never the C step -------
-NEW_FAMILY = {
-    "gqa-window": dict(n_kv_heads=2, sliding_window=5, head_size=24),  # GPT-2's norms and MLP, Mistral's attention
-    "qwen3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, qk_norm=True,
-                       n_kv_heads=1, head_size=32),
-    "gemma3-like": dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_bias=False, qk_norm=True,
-                        norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.2, n_kv_heads=2,
-                        sliding_window=4, layer_types=("sliding", "full"), rope_local_base=100.0),
-}
+def test_int4_layer_refuses_scales_for_another_group_size():
+    q, scale = quantize_int4(torch.randn(8, 100), 32)  # 4 groups a row
+    assert DecodeLinear(q, scale, None, group=32).group == 32
+    with pytest.raises(ValueError, match="a scale per group of `group` columns"):
+        DecodeLinear(q, scale, None, group=64)  # would read 2 scales a row: garbage
 
 
 def dequantized_reference(low: GPTModel, model: GPTModel) -> GPTModel:
@@ -250,10 +282,10 @@ def dequantized_reference(low: GPTModel, model: GPTModel) -> GPTModel:
 
 @pytest.mark.parametrize("name", sorted(NEW_FAMILY))
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
-def test_new_family_models_decode_low_precision_weights_through_pytorch(name, dtype, tmp_path, capsys):
+def test_new_family_models_decode_low_precision_weights(name, dtype, tmp_path, capsys):
     model = tiny(fused_qkv=False, **NEW_FAMILY[name])
     low = prepare_for_decoding(copy.deepcopy(model), dtype)
-    assert low.decode_step is None and not CompiledStep.supports(low)  # the C step computes GPT-2's shape only
+    assert isinstance(low.decode_step, CompiledStep)  # cached one-token steps in C, the prompt through PyTorch
     idx = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
     ref = dequantized_reference(low, model)(idx)
     out = low(idx).float()

@@ -98,3 +98,13 @@ def test_a_transformers_model_object_in_and_out(saved):
     back = to_hf(model)
     assert isinstance(back, transformers.Qwen3MoeForCausalLM)
     torch.testing.assert_close(back(x).logits, hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_sharded_bfloat16_files(tmp_path):
+    hf_moe(seed=4).to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")  # experts across shards
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model = from_hf(tmp_path)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(model(x), reference(x).logits, atol=1e-4, rtol=1e-4)

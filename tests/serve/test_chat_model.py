@@ -145,6 +145,10 @@ def test_a_template_that_raises_is_one_line_and_exit_2(run_dir, tmp_path, capsys
     code = main(["chat", "--checkpoint", str(broken), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "This model only chats in French" in err
+    (broken / "chat_template.jinja").write_text("{% for message in messages %}")  # not Jinja: refused at start
+    code = main(["serve", "--checkpoint", str(broken), "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "the chat template is not valid Jinja" in err
 
 
 # --- a real server ------------------------------------------------------------------------------------
@@ -223,3 +227,4 @@ def test_import_hf_of_a_llama_without_tokenizer_json_stores_no_tokenizer(tmp_pat
     assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
     assert "has no tokenizer.json; the checkpoint has no tokenizer" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run").tokenizer is None
+

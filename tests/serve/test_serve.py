@@ -61,8 +61,13 @@ GEMMA_LIKE = dict(pos_emb="rope", norm="rmsnorm", mlp="geglu", bias=False, qkv_b
                   norm_plus_one=True, scale_emb=True, post_norms=True, attn_scale=0.3, fused_qkv=False)
 
 
+# Llama's options with 3:1 grouped key/value heads (SmolLM2's ratio)
+LLAMA_LIKE = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, fused_qkv=False,
+                  n_heads=6, n_kv_heads=2, emb_dim=48)
+
+
 # int8: rows decoded by the compiled step (quant.py); a Gemma-like model: by the modules, rows at their own positions
-@pytest.mark.parametrize("dtype, kw", [("float32", {}), ("int8", {}), ("float32", GEMMA_LIKE)])
+@pytest.mark.parametrize("dtype, kw", [("float32", {}), ("int8", {}), ("float32", GEMMA_LIKE), ("int8", LLAMA_LIKE)])
 def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw):
     model = prepare_for_decoding(tiny_model(vocab_size=300, **kw), dtype)
     engine = Engine(model, max_batch=3, max_queue=16).start()
@@ -83,6 +88,15 @@ def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw
         assert engine.steps < sum(10 + i for i in range(6)) - 10
     finally:
         engine.stop()
+
+
+def test_engine_cache_holds_only_the_key_value_heads():
+    grouped = Engine(tiny_model(**LLAMA_LIKE), max_batch=4)
+    multi = Engine(tiny_model(**{**LLAMA_LIKE, "n_kv_heads": None}), max_batch=4)  # same size, one K/V per head
+    nbytes = lambda e: e.cache.k.nbytes + e.cache.v.nbytes  # noqa: E731
+    # 2 layers x 4 slots x 64 positions x 8 channels a head x 4 bytes, keys and values: 2 heads, 6 heads
+    assert nbytes(grouped) == 2 * 2 * 4 * 2 * 64 * 8 * 4 and nbytes(multi) == 2 * 2 * 4 * 6 * 64 * 8 * 4
+    assert nbytes(grouped) * 3 == nbytes(multi)
 
 
 def test_engine_sampling_draws_from_the_tempered_filtered_distribution():

@@ -1,5 +1,5 @@
 """What the decoding dtypes cost in quality: the held-out perplexity of a trained checkpoint with
-float32, bfloat16 and int8 decoding weights (`build-llm bench --checkpoint`)."""
+float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from build_llm.data.corpus import read_text
 from build_llm.data.markov import ABC_EVAL_SEED, ABC_EVAL_WORDS, abc_text
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.infer.quant import prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.store.checkpoint import load_checkpoint
 
 
@@ -47,15 +47,15 @@ def heldout_loss(model: nn.Module, ids: list[int], max_windows: int) -> tuple[fl
 
 def bench_perplexity(checkpoint: str | os.PathLike[str], text: str | os.PathLike[str] | None, max_windows: int,
                      log: Callable[[str], None]) -> dict[str, Any]:
-    """Held-out perplexity of a trained checkpoint with float32, bfloat16 and int8 decoding weights."""
+    """Held-out perplexity of a trained checkpoint with float32, bfloat16, int8 and int4 decoding weights."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.tokenizer is None:
         raise UsageError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode the held-out text")
     ids, source = heldout_ids(ckpt.tokenizer, text)
-    log(f"perplexity of {ckpt.path} on {source}: float32, bfloat16, int8 weights")
+    log(f"perplexity of {ckpt.path} on {source}: float32, bfloat16, int8, int4 weights")
     out: dict[str, Any] = {"checkpoint": str(ckpt.path), "text": source, "perplexity": {}}
     state = ckpt.model.state_dict()
-    for dtype in ("float32", "bfloat16", "int8"):
+    for dtype in DECODE_DTYPES:
         model = GPTModel(ckpt.model.cfg)
         model.load_state_dict(state)
         loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows)

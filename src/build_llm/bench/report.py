@@ -19,9 +19,12 @@ from typing import Any, Callable
 import torch
 
 from build_llm.bench.ceilings import measure_ceilings
-from build_llm.bench.decode import add_bandwidth_bounds, bench_decoding, bench_tiny_decoding
+from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, bench_decoding, bench_llama_decoding,
+                                     bench_tiny_decoding, decoding_models)
 from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
+from build_llm.bench.prefill import bench_prefill
+from build_llm.bench.steady import bench_steadiness
 from build_llm.bench.suite import Suite, full_suite, quick_suite
 from build_llm.bench.train import bench_train_cli, bench_training
 from build_llm.store.fsio import PNG_SOFTWARE, atomic_path, replace_dir
@@ -50,17 +53,24 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     """Run the benchmark (`quick`: tiny shapes, seconds) and return its results as a JSON-ready dict.
 
     With `text`, also time the user-facing `build-llm train` on it (character tokenizer). With
-    `checkpoint` (a trained model), also compare its held-out perplexity with float32, bfloat16 and
-    int8 decoding weights (held out: the last 10% of `text`, or an ABC draw without text).
+    `checkpoint` (a trained model), also compare its held-out perplexity with float32, bfloat16, int8
+    and int4 decoding weights (held out: the last 10% of `text`, or an ABC draw without text).
     """
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     suite = quick_suite() if quick else full_suite()
     started = time.perf_counter()
     log("ceilings: memory bandwidth and matmul throughput")
     ceilings = measure_ceilings(suite)
-    decoding = bench_decoding(suite, log)
+    models = decoding_models(suite.decode_cfg)
+    decoding = bench_decoding(suite, models, log)
+    prefill = bench_prefill(suite, models, log)
+    del models
     tiny = bench_tiny_decoding(suite, log)
+    gc.collect()
+    llama = bench_llama_decoding(suite, log)
     add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
+    add_cache_levels(decoding, ceilings["caches"])
+    steadiness = bench_steadiness(suite, log)
     perplexity = None
     if checkpoint is not None:
         perplexity = bench_perplexity(checkpoint, text, 8 if quick else 64, log)
@@ -73,7 +83,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
             train_cli = bench_train_cli(text, suite, Path(tmp), log)
     results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
-               "decoding": decoding, "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
+               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "llama_decoding": llama,
+               "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
                "perplexity": perplexity, "memory": memory}
     results["ratios"] = ratios(results)
     results["goals"] = goals(results, suite)
@@ -88,9 +99,17 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         "decoding vs hf": dec["ours"] / dec["hf generate"],
         "decoding bf16 weights vs hf": dec["ours bf16 weights"] / dec["hf generate"],
         "decoding int8 weights vs hf": dec["ours int8 weights"] / dec["hf generate"],
+        **({"decoding int4 vs int8 weights": dec["ours int4 weights"] / dec["ours int8 weights"]}
+           if "ours int4 weights" in dec else {}),
         **{f"cached vs seed-style at {k}": v["speedup"] for k, v in r["decoding"]["seed_style"].items()},
+        **(llama_ratios(r["llama_decoding"]) if r.get("llama_decoding") else {}),
         **{f"r-abc {k} vs seed": v / tiny["seed generate_text_simple"] for k, v in tiny.items() if k.startswith("ours")},
     }
+    if r.get("prefill"):
+        pre = r["prefill"]["tokens_per_s"]
+        out.update({f"prefill {k} vs hf forward": v / pre["hf forward"] for k, v in pre.items() if k.startswith("ours")})
+        if "ours bf16 weights" in pre:
+            out["prefill bf16 vs fp32 weights"] = pre["ours bf16 weights"] / pre["ours"]
     for t in r["training"]:
         tps = t["tokens_per_s"]
         out[f"training {t['shape']} vs hf"] = tps["ours"] / tps["hf"]
@@ -101,6 +120,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         out["build-llm train fp32 vs hf"] = cli_tps["float32"] / hf_tps
         out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
     return out
+
+
+def llama_ratios(llama: dict[str, Any]) -> dict[str, float]:
+    tps = llama["tokens_per_s"]
+    return {f"{llama['name']} {k} vs hf": tps[k] / tps["hf generate"] for k in ("ours bf16 weights", "ours int8 weights")}
 
 
 def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
@@ -116,37 +140,92 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
          r["decoding"]["seed_style"][str(suite.long_tokens)]["speedup"], 10.0),
         (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio[f"training {first} bf16 vs hf fp32"], 1.75),
     ]
+    name, gpt2 = r.get("llama_decoding", {}).get("name"), r["decoding"]["model"]
+    for kind in ("bf16", "int8") if name else ():  # the Llama shape at least as many times faster than HF as GPT-2's
+        speed.append((f"{name} decoding ({kind} weights) vs hf >= {gpt2['n_layers']}-layer gpt2's ratio",
+                      ratio[f"{name} ours {kind} weights vs hf"], ratio[f"decoding {kind} weights vs hf"]))
     if r["train_cli"] is not None:
         speed.append((f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
                       ratio["build-llm train bf16 vs hf fp32"], 1.75))
+    if "decoding int4 vs int8 weights" in ratio:
+        speed.append(("decoding int4 weights >= 1.5x int8 weights", ratio["decoding int4 vs int8 weights"], 1.5))
+    if "prefill ours vs hf forward" in ratio:
+        speed.append(("prefill fp32 >= 1.3x hf forward over the same prompt", ratio["prefill ours vs hf forward"], 1.3))
+    for dtype, key in (("int8", "ours int8 weights"), ("bfloat16", "ours bf16 weights")):
+        if r["decoding"].get("weights_fit_in", {}).get(dtype) == "DRAM":  # a bound that holds: weights from memory
+            speed.append((f"decoding {dtype} >= 75% of the DRAM bound", r["decoding"]["fraction_of_bound"][key], 0.75))
     out = [{"goal": goal, "value": value, "target": target, "met": bool(value >= target)} for goal, value, target in speed]
+    within = []  # |value| <= target
+    if r.get("steadiness"):
+        default = next(iter(r["steadiness"]["settings"].values()))
+        within.append((f"{r['steadiness']['processes']} fresh processes decoding int8 vary by at most +-5% (1 thread)",
+                       default["spread"], 0.05))
     if r["perplexity"] is not None:
-        for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03)):
-            change = r["perplexity"]["relative_change"][dtype]
-            out.append({"goal": f"held-out perplexity with {dtype} weights within {limit:.0%} of float32",
-                        "value": change, "target": limit, "met": bool(abs(change) <= limit)})
-    return out
+        for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03), ("int4", 0.05)):
+            if dtype in r["perplexity"]["relative_change"]:
+                within.append((f"held-out perplexity with {dtype} weights within {limit:.0%} of float32",
+                               r["perplexity"]["relative_change"][dtype], limit))
+    return out + [{"goal": goal, "value": value, "target": limit, "met": bool(abs(value) <= limit)}
+                  for goal, value, limit in within]
 
 
 # --- reporting -----------------------------------------------------------------------------------
-def format_report(r: dict[str, Any]) -> str:
-    """The results as the plain-text table `build-llm bench` prints."""
-    m, c, d = r["machine"], r["ceilings"], r["decoding"]
-    lines = [f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
-             f"{m['cpu_capability']}; torch {m['torch']}, transformers {m['transformers']}",
-             f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s; matmul {c['matmul_gflops']['float32']:.0f} "
-             f"GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16",
-             "", f"decoding ({d['model']['n_layers']} layers, {d['model']['emb_dim']} wide, batch 1, greedy, "
-             f"{d['prompt_tokens']}-token prompt, {d['new_tokens']} new tokens; median of {r['rounds']} rounds)",
-             f"  {'':24s} {'tokens/s':>9s} {'bound':>9s} {'of bound':>9s}"]
+def format_decoding(r: dict[str, Any]) -> list[str]:
+    d = r["decoding"]
+    lines = ["", f"decoding ({d['model']['n_layers']} layers, {d['model']['emb_dim']} wide, batch 1, greedy, "
+                 f"{d['prompt_tokens']}-token prompt, {d['new_tokens']} new tokens; median of {r['rounds']} rounds)",
+             f"  {'':24s} {'tokens/s':>9s} {'bound':>9s} {'of bound':>9s} {'MB/token':>9s}  weights fit in"]
+    dtype_of = {"ours": "float32", "hf generate": "float32", "ours bf16 weights": "bfloat16",
+                "ours int8 weights": "int8", "ours int4 weights": "int4"}
     for k, v in d["tokens_per_s"].items():
         bound = d["bound_tokens_per_s"].get(k, d["bound_tokens_per_s"]["ours"])
-        lines.append(f"  {k:24s} {v:9.1f} {bound:9.1f} {d['fraction_of_bound'][k]:9.0%}")
+        dtype = dtype_of.get(k, "float32")
+        lines.append(f"  {k:24s} {v:9.1f} {bound:9.1f} {d['fraction_of_bound'][k]:9.0%} "
+                     f"{d['weight_bytes_per_token'][dtype] / 1e6:9.1f}  {d.get('weights_fit_in', {}).get(dtype, '?')}")
     lines.append(f"  same tokens as Hugging Face: {d['same_tokens_as_hf']}; bf16 weights agree with fp32 on the first "
-                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens, int8 on the first {d['int8_tokens_agree']}")
+                 f"{d['bf16_tokens_agree']} of {d['new_tokens']} tokens, int8 on the first {d['int8_tokens_agree']}"
+                 + (f", int4 on the first {d['int4_tokens_agree']}" if "int4_tokens_agree" in d else ""))
     for k, v in d["seed_style"].items():
         lines.append(f"  seed-style generate_text_simple at {k} tokens: {v['simple_tokens_per_s']:.2f} tokens/s; "
                      f"cached {v['cached_tokens_per_s']:.1f} tokens/s = {v['speedup']:.1f}x")
+    return lines
+
+
+def format_prefill(r: dict[str, Any]) -> list[str]:
+    p = r.get("prefill")
+    if not p:
+        return []
+    lines = ["", f"prefill ({p['prompt_tokens']}-token prompt into an empty KV cache; ours: the output head for the "
+                 f"last position only, as generation needs; median of {r['rounds']} rounds; last logits agree with "
+                 f"Hugging Face: {p['last_logits_agree_with_hf']})", f"  {'':24s} {'tokens/s':>9s}"]
+    return lines + [f"  {k:24s} {v:9.1f}" for k, v in p["tokens_per_s"].items()]
+
+
+def format_steadiness(r: dict[str, Any]) -> list[str]:
+    st = r.get("steadiness")
+    if not st:
+        return []
+    lines = ["", f"steadiness (int8 decoding of {st['new_tokens']} tokens in {st['processes']} fresh processes per "
+                 "setting, alternating; each process the median of 3 decodes)",
+             f"  {'':44s} {'median':>8s} {'+-':>6s} {'faults/token':>12s} {'huge MB':>8s}  tokens/s of each process"]
+    for name, v in st["settings"].items():
+        faults = "-" if v["minor_faults_per_token"] is None else f"{v['minor_faults_per_token']:.1f}"
+        huge = "-" if v["huge_pages_mb"] is None else f"{v['huge_pages_mb']:.0f}"
+        each = " ".join(f"{t:.1f}" for t in v["tokens_per_s"]) + "".join(f"; error: {e}" for e in v["errors"][:1])
+        lines.append(f"  {name:44s} {v['median']:8.1f} {v['spread']:6.1%} {faults:>12s} {huge:>8s}  {each}")
+    return lines
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The results as the plain-text table `build-llm bench` prints."""
+    m, c = r["machine"], r["ceilings"]
+    caches = ", ".join(f"{k} {v / 2**20:g} MiB" for k, v in c.get("caches", {}).items()) or "not reported"
+    lines = [f"machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
+             f"{m['cpu_capability']}; torch {m['torch']}, transformers {m['transformers']}; caches (one core's): {caches}",
+             f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s"
+             + (f" (a {c['bandwidth_buffer_mb']} MB buffer)" if "bandwidth_buffer_mb" in c else "")
+             + f"; matmul {c['matmul_gflops']['float32']:.0f} GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16"]
+    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + llama_lines(r)
     tiny = r["tiny_decoding"]
     lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
                   f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
@@ -176,13 +255,28 @@ def format_report(r: dict[str, Any]) -> str:
     lines += ["", "peak memory (RSS above an interpreter with torch imported, fresh process each)"]
     for k, v in r["memory"].items():
         lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))
-    lines.append(f"  KV cache of the decoding model (its whole context, fp32): {d['kv_cache_bytes'] / 2**20:.0f} MB")
+    lines.append(f"  KV cache of the decoding model (its whole context, fp32): {r['decoding']['kv_cache_bytes'] / 2**20:.0f} MB")
     lines += ["", "ratios"] + [f"  {k:44s} {v:7.2f}x" for k, v in r["ratios"].items()]
     lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: "
-                              + (f"{g['value']:+.2%}" if "perplexity" in g["goal"] else f"{g['value']:.2f}")
+                              + (f"{g['value']:+.2%}" if "perplexity" in g["goal"] or "+-" in g["goal"]
+                                 else f"{g['value']:.2f}")
                               for g in r["goals"]]
     lines.append(f"\n(benchmark took {r['elapsed_s']:.0f} s)")
     return "\n".join(lines)
+
+
+def llama_lines(r: dict[str, Any]) -> list[str]:
+    llama, rounds = r.get("llama_decoding"), r["rounds"]
+    if not llama:
+        return []
+    cfg, agree = llama["model"], llama["tokens_agree_with_hf"]
+    lines = ["", f"decoding {llama['name']} ({cfg['n_layers']} layers, {cfg['emb_dim']} wide, {cfg['n_heads']} query heads "
+                 f"to {cfg['n_kv_heads']} key/value heads, random weights, batch 1, greedy, {llama['prompt_tokens']}-token "
+                 f"prompt, {llama['new_tokens']} new tokens; median of {rounds} rounds)", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in llama["tokens_per_s"].items()]
+    lines.append(f"  tokens equal to Hugging Face fp32's: the first {agree['bfloat16']} with bf16 weights, "
+                 f"{agree['int8']} with int8 (of {llama['new_tokens']})")
+    return lines
 
 
 def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
@@ -193,6 +287,10 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
 
     d = r["decoding"]
     panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
+    if r.get("prefill"):
+        panels.append((f"prefill ({r['prefill']['prompt_tokens']} tokens)", r["prefill"]["tokens_per_s"]))
+    if r.get("llama_decoding"):
+        panels.append((f"decoding {r['llama_decoding']['name']}", r["llama_decoding"]["tokens_per_s"]))
     panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
     for ax, (title, values) in zip(axes[0], panels):

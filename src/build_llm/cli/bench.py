@@ -41,10 +41,12 @@ def run_bench_cli(args: argparse.Namespace) -> None:
 def add_bench(p: argparse.ArgumentParser) -> None:
     """speed against Hugging Face transformers, side by side
 
-    Measure decoding and training speed of this package against Hugging Face GPT2LMHeadModel of the
-    same shape and the seed's generate_text_simple, in one process, in alternating rounds; report
-    medians, ratios, the machine's bandwidth and matmul ceilings, and peak memory. The full run takes a
-    few minutes."""
+    Measure decoding (float32, bfloat16, int8, int4 weights), prefill of a 512-token prompt and
+    training speed of this package against Hugging Face GPT2LMHeadModel of the same shape and the seed's
+    generate_text_simple, in one process, in alternating rounds; report medians, ratios, the machine's
+    bandwidth (through a buffer several times its largest cache) and matmul ceilings, the cache level the
+    weights fit in, how int8 decoding varies between fresh processes, and peak memory. The full run
+    takes several minutes; run it on a quiet machine."""
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds (a smoke test, not a measurement)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     p.add_argument("--out", help="directory for bench.json, bench.txt and bench.png")
@@ -52,5 +54,5 @@ def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --png even if build-llm did not write it")
     p.add_argument("--text", help="also time `build-llm train` on this text file (character tokenizer), "
                                   "e.g. Shakespeare; its shape is nanoGPT's shakespeare-char")
-    p.add_argument("--checkpoint", help="a trained model: compare its held-out perplexity with float32, bfloat16 "
-                                        "and int8 decoding weights (on the last 10%% of --text, or an ABC draw)")
+    p.add_argument("--checkpoint", help="a trained model: compare its held-out perplexity with float32, bfloat16, "
+                                        "int8 and int4 decoding weights (on the last 10%% of --text, or an ABC draw)")

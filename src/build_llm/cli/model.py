@@ -14,7 +14,7 @@ from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed,
                                   model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
-from build_llm.data.tokenizer import (ENDOFTEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
+from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
                                       get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
@@ -57,19 +57,23 @@ def add_info(p: argparse.ArgumentParser) -> None:
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.8, 200
 
 
-def start_ids(tokenizer: Any, prompt: str | None) -> tuple[list[int], bool]:
-    """The ids generation starts from, and whether to print them: the prompt's, or with no prompt
-    the end-of-text token (what a new document follows), else a newline (nanoGPT's start), else id 0."""
+def start_ids(tokenizer: Any, prompt: str | None) -> tuple[list[int], list[int]]:
+    """The ids generation starts from, and those of them to print: the prompt's (printed without the
+    start token a tokenizer puts first), or with no prompt (nothing printed) that start token (bos,
+    as transformers' generate starts), else the end-of-text token (what a new document follows), else a
+    newline (nanoGPT's start), else id 0."""
     if prompt:
-        return text_to_token_ids(prompt, tokenizer)[0].tolist(), True
+        ids = text_to_token_ids(prompt, tokenizer)[0].tolist()
+        return ids, ids[len(ids) - len(tokenizer.encode(prompt)):]
+    start = tokenizer.encode_prompt("") if hasattr(tokenizer, "encode_prompt") else []
     eos = getattr(tokenizer, "eos_id", None)
-    if eos is not None:
-        return [eos], False
+    if start or eos is not None:
+        return start or [eos], []
     try:
         newline = tokenizer.encode("\n")
     except ValueError:  # a character tokenizer without it
         newline = []
-    return (newline if len(newline) == 1 else [0]), False
+    return (newline if len(newline) == 1 else [0]), []
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -90,7 +94,7 @@ def run_generate(args: argparse.Namespace) -> None:
                         top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
                         use_cache=not args.no_cache)
         # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
-        for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=ids if shown else ()):
+        for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=shown):
             sys.stdout.write(piece)
             sys.stdout.flush()
         print(flush=True)  # the text ends with a newline, so the shell prompt starts on a line of its own
@@ -203,9 +207,11 @@ def add_export_hf(p: argparse.ArgumentParser) -> None:
 
 
 def run_tokenizer_train(args: argparse.Namespace) -> None:
-    if args.vocab_size < 257:
-        raise UsageError(f"--vocab-size {args.vocab_size} is too small; a byte-level BPE needs at least 257 "
-                         f"(256 bytes + {ENDOFTEXT})")
+    # Both bounds before the text is read, so the refusal is the only line.
+    if not 257 <= args.vocab_size <= MAX_BPE_VOCAB:
+        size = "too small" if args.vocab_size < 257 else "too large"
+        raise UsageError(f"--vocab-size {args.vocab_size} is {size}; a byte-level BPE needs between 257 "
+                         f"(256 bytes + {ENDOFTEXT}) and {MAX_BPE_VOCAB:,} ids")
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory; give a file path such as {args.out}/tokenizer.json")

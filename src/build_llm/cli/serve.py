@@ -68,8 +68,8 @@ def run_serve(args: argparse.Namespace) -> None:
     if args.checkpoint:  # an instruction fine-tune or a chat model also answers /v1/chat/completions
         model, tokenizer, note = load_chat_model(args.checkpoint)
         if note is None:
-            fmt = chat_format(tokenizer)  # its chat template, or the package's own format
-            chat_template = lambda messages: fmt.encode(messages, add_generation_prompt=True)[0]  # noqa: E731
+            fmt = chat_format(tokenizer)  # its chat template, or the package's own format: messages -> prompt ids
+            chat_template = fmt.prompt
             stop_ids = fmt.stop_ids
     else:
         model, tokenizer = load_source(args)

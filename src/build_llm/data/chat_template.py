@@ -123,6 +123,11 @@ class JinjaChat:
             raise UsageError(f"the chat template failed on this conversation: {' '.join(str(e).split())[:300]}"
                              f" ({type(e).__name__})") from None
 
+    def prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of the conversation ending where the assistant's reply begins (apply_chat_template's
+        with add_generation_prompt): what a chat generates from."""
+        return self.tokenizer.encode(self.render(messages, add_generation_prompt=True))
+
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                ) -> tuple[list[int], list[bool]]:
         """Token ids of the rendered conversation and, per token, whether it is the assistant's reply
@@ -196,6 +201,9 @@ class AlpacaChat:
     def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = False
                ) -> tuple[list[int], list[bool]]:
         return encode_conversation(messages, self.tokenizer, self.eos_id, add_generation_prompt)
+
+    def prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.encode(messages, add_generation_prompt=True)[0]
 
 
 ChatFormat = JinjaChat | AlpacaChat

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 from abc import ABC, abstractmethod
@@ -89,6 +90,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`."""
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a plain-text prompt to continue: `encode`'s, after any start token the
+        tokenizer puts before a text (see BPETokenizer)."""
+        return self.encode(text)
 
     @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -434,6 +440,16 @@ class BPETokenizer(Tokenizer):
         _check_text(text)
         with _rust_panics_as_usage_errors():
             return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """`encode`'s ids after the tokens tokenizer.json's post-processor puts before a text, as
+        transformers' `tokenizer(text)` gives them: Llama 3 and Gemma are trained to see their bos first
+        and continue a text without it poorly. (`encode` leaves them out: a chat template writes them.)
+        Tokens a post-processor appends (an eos) are left out: a prompt is continued, not ended."""
+        with _rust_panics_as_usage_errors():
+            probe = self._tok.encode(".", add_special_tokens=True)  # what comes before a text is the same for any
+        start = [i for i, _ in itertools.takewhile(lambda p: p[1] is None, zip(probe.ids, probe.sequence_ids))]
+        return start + self.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, special tokens included (so encode/decode round-trips)."""

@@ -34,7 +34,7 @@ def fit_conversation(messages: list[dict[str, str]], fmt: ChatFormat, budget: in
     turns = messages[len(system):]
     dropped = 0
     while True:
-        ids, _ = fmt.encode(system + turns, add_generation_prompt=True)
+        ids = fmt.prompt(system + turns)
         if len(ids) <= budget:
             return ids, dropped
         if len(turns) <= 1:

@@ -128,7 +128,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
                 else:
                     cache = None  # the window slides: positions shift, cached keys are stale
                     logits = last_logits(model, idx[:, -ctx:])
-            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
+                idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)
                 finished |= idx_next[:, 0] == eos_id
@@ -232,9 +232,12 @@ def decode_stream(tokenizer: Any, ids: Iterable[int], prefix: Sequence[int] = ()
 
 
 def text_to_token_ids(text: str, tokenizer: Any) -> torch.Tensor:
-    """Encode text to a (1, T) LongTensor (tiktoken encodings may contain <|endoftext|>)."""
+    """Encode a prompt to a (1, T) LongTensor (tiktoken encodings may contain <|endoftext|>; a
+    tokenizer that puts a start token before a text puts it first: Tokenizer.encode_prompt)."""
     if hasattr(tokenizer, "encode_ordinary"):  # a raw tiktoken Encoding, as in the book
         ids = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    elif hasattr(tokenizer, "encode_prompt"):
+        ids = tokenizer.encode_prompt(text)
     else:
         ids = tokenizer.encode(text)
     return torch.tensor(ids, dtype=torch.long).unsqueeze(0)

@@ -333,22 +333,29 @@ void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const 
     free(xq);
     free(xs);
 }
-/* ---- One decoding step of a GPT-2-style model: every block, the final norm and the head in one call ----
+/* ---- One decoding step: every block, the final norm and the head in one call ----
    M rows (sequences), each adding one token at its own position; keys and values go into the caller's KV
-   cache (float32, (layers, rows, heads, max_len, head_dim) with the given layer and row strides). The
+   cache (float32, (layers, rows, kv_heads, max_len, head_dim) with the given layer and row strides). The
    Linear layers are packed bfloat16, int8 or int4 weights (`kind`); everything else is float32, computed as
-   PyTorch's modules compute it (pre-norm LayerNorm, GELU, softmax attention scaled by 1/sqrt(head_dim)). */
+   PyTorch's modules compute it: GPT-2's shape (LayerNorm, a position table, GELU) or Llama's (RMSNorm, rotary
+   positions, a gated feed-forward, grouped key/value heads), with Qwen3's and Gemma 3's options (RMS-normalised
+   queries and keys, sliding windows, norms after each sub-layer, scaled embeddings). */
 enum { BF16, INT8, INT4 };
+enum { GELU_TANH, GELU_ERF, SILU };
 typedef struct { const void *w; const void *scale; const float *bias; int64_t n, k, kind, group; } Lin;
 typedef struct {
     const float *ln1_w, *ln1_b, *ln2_w, *ln2_b;  /* ln*_b NULL: no shift */
-    Lin qkv[3]; int64_t n_qkv;                   /* one (3C, C) product (q, k, v), or three (C, C) ones */
-    Lin att_out, fc, ff_out;
+    const float *post1_w, *post1_b, *post2_w, *post2_b;  /* post*_w NULL: no norm after the sub-layer */
+    const float *q_norm, *k_norm;                /* NULL: queries and keys not normalised */
+    const float *inv_freq;                       /* (head_dim / 2) rotary frequencies; NULL: a position table */
+    int64_t window;                              /* a query sees the last `window` positions; 0: all */
+    Lin qkv[3]; int64_t n_qkv;                   /* one (q, k, v) product, or three */
+    Lin att_out, fc, up, ff_out;                 /* up.w non-NULL: gated, act(fc x) * up x */
 } Block;
 typedef struct {
-    int64_t n_layers, emb_dim, n_heads, head_dim, hidden, vocab, gelu_tanh;
-    float eps;
-    const float *tok_emb, *pos_emb, *lnf_w, *lnf_b;
+    int64_t n_layers, emb_dim, n_heads, n_kv_heads, head_dim, hidden, vocab, act, rms;
+    float eps, att_scale, emb_scale;
+    const float *tok_emb, *pos_emb, *lnf_w, *lnf_b;  /* pos_emb NULL: rotary positions in the blocks */
     Lin head;
     const Block *blocks;
 } Model;
@@ -359,11 +366,14 @@ static void linear(const Lin *l, const float *x, float *y, int64_t M, int thread
     else matvec_bf16(x, l->w, NULL, l->bias, y, M, l->n, l->k, threads);
 }
 
-static void layer_norm(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t C, float eps) {
+/* M rows of C: LayerNorm (mean removed, then shift b if any) or RMSNorm (`rms`: divided by the root mean square) */
+static void norm(const float *x, const float *w, const float *b, float *y, int64_t M, int64_t C, float eps, int rms) {
     for (int64_t m = 0; m < M; m++, x += C, y += C) {
         double mean = 0.0, var = 0.0;
-        for (int64_t c = 0; c < C; c++) mean += x[c];
-        mean /= C;
+        if (!rms) {
+            for (int64_t c = 0; c < C; c++) mean += x[c];
+            mean /= C;
+        }
         for (int64_t c = 0; c < C; c++) var += (x[c] - mean) * (x[c] - mean);
         const float inv = (float)(1.0 / sqrt(var / C + eps));
         for (int64_t c = 0; c < C; c++) y[c] = (float)(x[c] - mean) * inv * w[c] + (b ? b[c] : 0.0f);
@@ -385,72 +395,118 @@ static inline void axpy(float a, const float *x, float *y, int64_t n) {  /* y +=
     for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+/* One head's D channels at position p: RMS-normalised with weight w (if any), then turned by rotary positions
+   (if any): pair (x_i, x_{i + D/2}) by the angle p * inv_freq[i], Llama's rotate-half pairing. */
+static void head_positions(float *x, const float *w, const float *inv_freq, int64_t p, int64_t D, float eps) {
+    if (w) norm(x, w, NULL, x, 1, D, eps, 1);
+    if (!inv_freq) return;
+    for (int64_t i = 0; i < D / 2; i++) {
+        const float angle = (float)p * inv_freq[i], c = cosf(angle), s = sinf(angle);
+        const float a = x[i], b = x[i + D / 2];
+        x[i] = a * c - b * s;
+        x[i + D / 2] = b * c + a * s;
+    }
+}
+
+static inline float activation(int64_t act, float v) {
+    if (act == SILU) return v / (1.0f + expf(-v));
+    if (act == GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
+}
+
+/* x += the sub-layer's output `part`, normalised first where the block has a norm after it (Gemma 3) */
+static void residual(const Model *md, float *x, float *part, const float *w, const float *b, int64_t M) {
+    if (w) norm(part, w, b, part, M, md->emb_dim, md->eps, md->rms);
+    for (int64_t i = 0; i < M * md->emb_dim; i++) x[i] += part[i];
+}
+
+/* Block B's attention for M rows: q, k, v (M, QW) -> ctx (M, H * D), keys and values written at each row's position. */
+static void attention(const Model *md, const Block *B, float *qkv, float *ctx, float *scores, const int64_t *pos,
+                      int64_t M, int64_t longest, float *kc0, float *vc0, int64_t row_stride, int64_t max_len,
+                      int threads) {
+    const int64_t H = md->n_heads, KV = md->n_kv_heads, D = md->head_dim, QW = (H + 2 * KV) * D, G = H / KV;
+    for (int64_t mh = 0; mh < M * (H + KV); mh++) {  /* queries and keys: normalised, turned */
+        const int64_t m = mh / (H + KV), hd = mh % (H + KV);
+        head_positions(qkv + m * QW + hd * D, hd < H ? B->q_norm : B->k_norm, B->inv_freq, pos[m], D, md->eps);
+    }
+    for (int64_t mh = 0; mh < M * KV; mh++) {  /* the new key and value into the cache */
+        const int64_t m = mh / KV, hd = mh % KV;
+        memcpy(kc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + hd) * D, sizeof(float) * D);
+        memcpy(vc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + KV + hd) * D, sizeof(float) * D);
+    }
+    /* each (row, query head): attend to the positions its window sees, with its group's key/value head */
+    #pragma omp parallel for schedule(static) num_threads(M * H * longest * D >= (1 << 16) ? threads : 1)
+    for (int64_t mh = 0; mh < M * H; mh++) {
+        const int64_t m = mh / H, hd = mh % H, p = pos[m];
+        const int64_t first = B->window > 0 && p - B->window + 1 > 0 ? p - B->window + 1 : 0;
+        const float *kc = kc0 + m * row_stride + hd / G * max_len * D, *vc = vc0 + m * row_stride + hd / G * max_len * D;
+        const float *q = qkv + m * QW + hd * D;
+        float *s = scores + mh * longest, top = -INFINITY, sum = 0.0f;
+        for (int64_t j = first; j <= p; j++) {
+            s[j] = dot(q, kc + j * D, D) * md->att_scale;
+            top = s[j] > top ? s[j] : top;
+        }
+        for (int64_t j = first; j <= p; j++) sum += (s[j] = expf(s[j] - top));
+        float *out = ctx + m * H * D + hd * D;
+        memset(out, 0, sizeof(float) * D);
+        for (int64_t j = first; j <= p; j++) axpy(s[j] / sum, vc + j * D, out, D);
+    }
+}
+
+/* Block B's feed-forward for M rows: h (M, C) -> part (M, C), through ff (M, hidden) and gate (M, hidden) */
+static void feed_forward(const Model *md, const Block *B, const float *h, float *ff, float *gate, float *part,
+                         int64_t M, int threads) {
+    const int64_t F = md->hidden;
+    linear(&B->fc, h, ff, M, threads);
+    if (B->up.w) linear(&B->up, h, gate, M, threads);
+    #pragma omp parallel for schedule(static) num_threads(M * F >= (1 << 14) ? threads : 1)
+    for (int64_t i = 0; i < M * F; i++) ff[i] = activation(md->act, ff[i]) * (B->up.w ? gate[i] : 1.0f);
+    linear(&B->ff_out, ff, part, M, threads);
+}
+
 /* Returns 0, or 1 when a token id is outside the vocabulary, 2 when a position is outside the cache or the
-   position table (nothing is written then). */
+   context (nothing is written then). */
 CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, float *k_cache, float *v_cache,
                 int64_t layer_stride, int64_t row_stride, int64_t max_len, int64_t n_positions, float *logits,
                 int threads) {
-    const int64_t C = md->emb_dim, H = md->n_heads, D = md->head_dim, F = md->hidden;
+    const int64_t C = md->emb_dim, A = md->n_heads * md->head_dim, QW = A + 2 * md->n_kv_heads * md->head_dim;
+    const int64_t F = md->hidden, big = C > A ? C : A;
     for (int64_t m = 0; m < M; m++) {
         if (ids[m] < 0 || ids[m] >= md->vocab) return 1;
         if (pos[m] < 0 || pos[m] >= max_len || pos[m] >= n_positions) return 2;
     }
-    const float att_scale = 1.0f / sqrtf((float)D);
     int64_t longest = 0;
     for (int64_t m = 0; m < M; m++) longest = pos[m] + 1 > longest ? pos[m] + 1 : longest;
-    float *x = malloc(sizeof(float) * M * C), *h = malloc(sizeof(float) * M * C), *ctx = malloc(sizeof(float) * M * C);
-    float *qkv = malloc(sizeof(float) * M * 3 * C), *part = malloc(sizeof(float) * M * C);
-    float *ff = malloc(sizeof(float) * M * F), *scores = malloc(sizeof(float) * M * H * longest);
-    for (int64_t m = 0; m < M; m++)  /* token + position embeddings */
-        for (int64_t c = 0; c < C; c++) x[m * C + c] = md->tok_emb[ids[m] * C + c] + md->pos_emb[pos[m] * C + c];
+    float *x = malloc(sizeof(float) * M * C), *h = malloc(sizeof(float) * M * C), *ctx = malloc(sizeof(float) * M * A);
+    float *qkv = malloc(sizeof(float) * M * QW), *part = malloc(sizeof(float) * M * big);
+    float *ff = malloc(sizeof(float) * M * F), *gate = malloc(sizeof(float) * M * F);
+    float *scores = malloc(sizeof(float) * M * md->n_heads * longest);
+    for (int64_t m = 0; m < M; m++)  /* token embeddings (scaled: Gemma), plus the position's (GPT-2) */
+        for (int64_t c = 0; c < C; c++)
+            x[m * C + c] = md->tok_emb[ids[m] * C + c] * md->emb_scale + (md->pos_emb ? md->pos_emb[pos[m] * C + c] : 0.0f);
 
     for (int64_t l = 0; l < md->n_layers; l++) {
         const Block *B = md->blocks + l;
-        layer_norm(x, B->ln1_w, B->ln1_b, h, M, C, md->eps);
+        norm(x, B->ln1_w, B->ln1_b, h, M, C, md->eps, md->rms);
         if (B->n_qkv == 1) {
-            linear(&B->qkv[0], h, qkv, M, threads);  /* (M, 3C): queries, keys, values */
+            linear(&B->qkv[0], h, qkv, M, threads);  /* (M, QW): queries, keys, values */
         } else {
-            for (int64_t j = 0; j < 3; j++) {
+            for (int64_t j = 0, at = 0; j < 3; at += B->qkv[j].n, j++) {
                 linear(&B->qkv[j], h, part, M, threads);
-                for (int64_t m = 0; m < M; m++)
-                    for (int64_t c = 0; c < C; c++) qkv[m * 3 * C + j * C + c] = part[m * C + c];
+                for (int64_t m = 0; m < M; m++) memcpy(qkv + m * QW + at, part + m * B->qkv[j].n, sizeof(float) * B->qkv[j].n);
             }
         }
-        /* each (row, head): write the new key and value at the row's position, attend to positions 0 .. pos */
-        #pragma omp parallel for schedule(static) num_threads(M * H * longest * D >= (1 << 16) ? threads : 1)
-        for (int64_t mh = 0; mh < M * H; mh++) {
-            const int64_t m = mh / H, hd = mh % H, p = pos[m];
-            float *kc = k_cache + l * layer_stride + m * row_stride + hd * max_len * D;
-            float *vc = v_cache + l * layer_stride + m * row_stride + hd * max_len * D;
-            const float *q = qkv + m * 3 * C + hd * D;
-            memcpy(kc + p * D, q + C, sizeof(float) * D);
-            memcpy(vc + p * D, q + 2 * C, sizeof(float) * D);
-            float *s = scores + mh * longest, top = -INFINITY, sum = 0.0f;
-            for (int64_t j = 0; j <= p; j++) {
-                s[j] = dot(q, kc + j * D, D) * att_scale;
-                top = s[j] > top ? s[j] : top;
-            }
-            for (int64_t j = 0; j <= p; j++) sum += (s[j] = expf(s[j] - top));
-            float *out = ctx + m * C + hd * D;
-            memset(out, 0, sizeof(float) * D);
-            for (int64_t j = 0; j <= p; j++) axpy(s[j] / sum, vc + j * D, out, D);
-        }
+        attention(md, B, qkv, ctx, scores, pos, M, longest, k_cache + l * layer_stride, v_cache + l * layer_stride,
+                  row_stride, max_len, threads);
         linear(&B->att_out, ctx, part, M, threads);
-        for (int64_t i = 0; i < M * C; i++) x[i] += part[i];
+        residual(md, x, part, B->post1_w, B->post1_b, M);
 
-        layer_norm(x, B->ln2_w, B->ln2_b, h, M, C, md->eps);
-        linear(&B->fc, h, ff, M, threads);
-        #pragma omp parallel for schedule(static) num_threads(M * F >= (1 << 14) ? threads : 1)
-        for (int64_t i = 0; i < M * F; i++) {
-            const float v = ff[i];
-            ff[i] = md->gelu_tanh ? 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)))
-                                  : 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
-        }
-        linear(&B->ff_out, ff, part, M, threads);
-        for (int64_t i = 0; i < M * C; i++) x[i] += part[i];
+        norm(x, B->ln2_w, B->ln2_b, h, M, C, md->eps, md->rms);
+        feed_forward(md, B, h, ff, gate, part, M, threads);
+        residual(md, x, part, B->post2_w, B->post2_b, M);
     }
-    layer_norm(x, md->lnf_w, md->lnf_b, h, M, C, md->eps);
+    norm(x, md->lnf_w, md->lnf_b, h, M, C, md->eps, md->rms);
     linear(&md->head, h, logits, M, threads);
-    free(x); free(h); free(ctx); free(qkv); free(part); free(ff); free(scores);
+    free(x); free(h); free(ctx); free(qkv); free(part); free(ff); free(gate); free(scores);
     return 0;
 }

@@ -64,17 +64,21 @@ class Lin(ctypes.Structure):  # the C structs of `decode_step`, field for field
 
 
 class Block(ctypes.Structure):
-    _fields_ = [("ln1_w", ctypes.c_void_p), ("ln1_b", ctypes.c_void_p), ("ln2_w", ctypes.c_void_p),
-                ("ln2_b", ctypes.c_void_p), ("qkv", Lin * 3), ("n_qkv", ctypes.c_int64), ("att_out", Lin),
-                ("fc", Lin), ("ff_out", Lin)]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "post1_w", "post1_b", "post2_w",
+                                                     "post2_b", "q_norm", "k_norm", "inv_freq")] + [
+        ("window", ctypes.c_int64), ("qkv", Lin * 3), ("n_qkv", ctypes.c_int64), ("att_out", Lin), ("fc", Lin),
+        ("up", Lin), ("ff_out", Lin)]
 
 
 class Model(ctypes.Structure):
-    _fields_ = [("n_layers", ctypes.c_int64), ("emb_dim", ctypes.c_int64), ("n_heads", ctypes.c_int64),
-                ("head_dim", ctypes.c_int64), ("hidden", ctypes.c_int64), ("vocab", ctypes.c_int64),
-                ("gelu_tanh", ctypes.c_int64), ("eps", ctypes.c_float), ("tok_emb", ctypes.c_void_p),
-                ("pos_emb", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p), ("lnf_b", ctypes.c_void_p),
-                ("head", Lin), ("blocks", ctypes.POINTER(Block))]
+    _fields_ = [(name, ctypes.c_int64) for name in ("n_layers", "emb_dim", "n_heads", "n_kv_heads", "head_dim",
+                                                    "hidden", "vocab", "act", "rms")] + [
+        ("eps", ctypes.c_float), ("att_scale", ctypes.c_float), ("emb_scale", ctypes.c_float),
+        ("tok_emb", ctypes.c_void_p), ("pos_emb", ctypes.c_void_p), ("lnf_w", ctypes.c_void_p),
+        ("lnf_b", ctypes.c_void_p), ("head", Lin), ("blocks", ctypes.POINTER(Block))]
+
+
+ACTIVATIONS = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # Model.act
 
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
@@ -347,7 +351,7 @@ def matvec(x: torch.Tensor, packed: torch.Tensor, n: int, scale: torch.Tensor | 
 def decode_step(model: Model, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 n_positions: int) -> torch.Tensor:
     """One token for each of M rows through the whole model described by `model` (see quant.CompiledStep):
-    token ids and positions int64 (M,), caches float32 (layers, >= M rows, heads, max_len, head_dim) whose
+    token ids and positions int64 (M,), caches float32 (layers, >= M rows, kv_heads, max_len, head_dim) whose
     last three dimensions are contiguous; returns the logits (M, vocab) float32."""
     rows = ids.shape[0]
     max_len, head_dim = k_cache.shape[3], k_cache.shape[4]
@@ -356,10 +360,10 @@ def decode_step(model: Model, ids: torch.Tensor, pos: torch.Tensor, k_cache: tor
                 or c.stride() != k_cache.stride() or c.stride()[2:] != (max_len * head_dim, head_dim, 1)):
             raise ValueError("decode_step: the keys and values must be float32 CPU tensors of the same shape and "
                              "layout, contiguous in their last 3 dimensions")
-    if (k_cache.shape[0] != model.n_layers or k_cache.shape[1] < rows or k_cache.shape[2] != model.n_heads
+    if (k_cache.shape[0] != model.n_layers or k_cache.shape[1] < rows or k_cache.shape[2] != model.n_kv_heads
             or head_dim != model.head_dim):
         raise ValueError(f"decode_step: a KV cache of shape {tuple(k_cache.shape)} does not fit {rows} rows of this "
-                         f"model ({model.n_layers} layers, {model.n_heads} heads of {model.head_dim})")
+                         f"model ({model.n_layers} layers, {model.n_kv_heads} key/value heads of {model.head_dim})")
     if ids.dtype != torch.int64 or pos.dtype != torch.int64 or ids.shape != (rows,) or pos.shape != (rows,) \
             or not (ids.is_contiguous() and pos.is_contiguous()):
         raise ValueError("decode_step: ids and pos must be contiguous int64 vectors of one entry per row")

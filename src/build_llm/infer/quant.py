@@ -20,7 +20,7 @@ the token table stays float32 for the lookup, and everything outside the Linear 
 attention, the KV cache, the residual stream) stays float32.
 
 The products run in `kernels.matvec` (a prompt in pieces of 16 rows), which widens the weights to
-float32 in registers inside the multiply loop, and a GPT-2-style model's one-token steps in
+float32 in registers inside the multiply loop, and a dense model's one-token steps in
 `CompiledStep`. Where the kernels are unavailable, PyTorch's run: `aten._weight_int8pack_mm` with
 bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
 `torch._int_mm` needs quantised activations, dequantising first writes and re-reads a float32 copy),
@@ -42,14 +42,20 @@ from build_llm.gpt import use_decoding_layout
 from build_llm.infer import kernels
 
 DECODE_DTYPES = ("float32", "bfloat16", "int8", "int4")
-# Weights per int4 scale. Measured on the development machine (2-core AMD EPYC, AVX2; gpt2-small's products,
-# one thread): 32 -> 21 ms, 64 -> 20 ms, 128 -> 15 ms a token, against int8's 24-38 ms; 64 keeps twice 128's
-# scales for outliers at a small cost (`build-llm bench --checkpoint` reports the perplexity it gives).
+# Weights per int4 scale. Measured on the development machine (2-core AMD EPYC, AVX2, busy): gpt2-small's
+# products on one thread took 21, 20 and 15 ms a token with groups of 32, 64 and 128 (int8's: 24-38 ms); a small
+# trained character model's held-out perplexity rose by 0.02%, 0.06% and 0.18% over float32's. 64: most of
+# 128's speed, a third of its loss (`build-llm bench --checkpoint` reports it for any checkpoint).
 INT4_GROUP = 64
-# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers).
+# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers). Not MoE's: a mixture of
+# experts decodes through PyTorch's modules (each token through its top-k experts only).
 KERNEL_FIELDS = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
                  "bias", "gelu", "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
-                 "pos_emb", "rope_base", "norm", "mlp", "ff_dim", "qk_norm"}
+                 "pos_emb", "rope_base", "norm", "mlp", "ff_dim", "qk_norm", "n_kv_heads", "head_size", "rope_scaling",
+                 "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context",
+                 "sliding_window", "layer_types", "rope_local_base", "attn_scale", "norm_plus_one", "scale_emb",
+                 "post_norms"}
+KERNEL_MLPS = ("gelu", "swiglu", "geglu")  # not relu2
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,11 +98,12 @@ class DecodeLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
                  group: int = 0) -> None:
         super().__init__()
-        int4 = group > 0 and weight.dtype == torch.int8 and scale is not None and scale.ndim == 2
+        int4 = (group > 0 and weight.dtype == torch.int8 and scale is not None
+                and scale.shape == (weight.shape[0], -(-weight.shape[1] // group)))
         if not int4 and (weight.dtype not in (torch.bfloat16, torch.int8) or group
                          or (scale is None) != (weight.dtype == torch.bfloat16)):
             raise ValueError("DecodeLinear: expected a bfloat16 weight, an int8 weight with a scale per row, or int4 "
-                             "values with a scale per group")
+                             "values with a scale per group of `group` columns")
         self.out_features, self.in_features = weight.shape
         self.group = group
         self.packed = weight.device.type == "cpu" and kernels.available()
@@ -112,7 +119,7 @@ class DecodeLinear(nn.Module):
         if dtype == "int8":
             return cls(*quantize_int8(linear.weight), linear.bias)
         if dtype == "int4":
-            return cls(*quantize_int4(linear.weight), linear.bias, group=INT4_GROUP)
+            return cls(*quantize_int4(linear.weight, INT4_GROUP), linear.bias, group=INT4_GROUP)
         return cls(linear.weight.detach().to(torch.bfloat16), None, linear.bias)
 
     def dequantized(self) -> torch.Tensor:
@@ -158,10 +165,11 @@ def replace_linears(model: nn.Module, dtype: str) -> int:
 
 
 class CompiledStep:
-    """A one-token decoding step of a GPT-2-style model in one C call (`kernels.decode_step`): every block, the
-    final norm and the head, with the DecodeLinear weights in the kernels' layout. The PyTorch modules compute
-    the same numbers (up to float rounding) in about 25 operations a block, each costing microseconds of
-    dispatch that add up to about as much time as the products themselves at batch 1.
+    """A one-token decoding step in one C call (`kernels.decode_step`): every block, the final norm and the head,
+    with the DecodeLinear weights in the kernels' layout, for GPT-2's shape and Llama's (RMSNorm, rotary positions
+    with their scaling, SwiGLU or GeGLU, grouped key/value heads; Qwen3's and Gemma 3's options too). The PyTorch
+    modules compute the same numbers (up to float rounding) in about 25 operations a block, each costing
+    microseconds of dispatch that add up to about as much time as the products themselves at batch 1.
 
     `prepare_for_decoding` sets one as the model's `decode_step` where `supports(model)`; `GPTModel.forward`
     hands it every cached one-token step. It describes the model's tensors by address, built at the first call
@@ -176,10 +184,11 @@ class CompiledStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Whether the C step computes this model: GPT-2's architecture, every field outside KERNEL_FIELDS at
-        its default (so an option added to GPTConfig later runs in PyTorch until the kernel learns it)."""
+        """Whether the C step computes this model: a dense model (no experts) with every field outside
+        KERNEL_FIELDS at its default (so an option added to GPTConfig later runs in PyTorch until the kernel
+        learns it), every product a packed DecodeLinear."""
         cfg = getattr(model, "cfg", None)
-        if cfg is None or (cfg.norm, cfg.mlp, cfg.pos_emb, cfg.qk_norm) != ("layernorm", "gelu", "learned", False):
+        if cfg is None or cfg.mlp not in KERNEL_MLPS:
             return False
         defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
         if any(v != defaults[k] for k, v in cfg.to_dict().items() if k not in KERNEL_FIELDS):
@@ -188,14 +197,37 @@ class CompiledStep:
             and model.tok_emb.weight.dtype == torch.float32
 
     @staticmethod
+    def block_linears(block: nn.Module) -> tuple[list, nn.Module, list]:
+        """A block's products: q, k, v (or the fused qkv); the attention's output; the feed-forward's first (the gate
+        when gated), its up projection when gated, and last."""
+        att, ff = block.att, block.ff
+        qkv = [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+        return qkv, att.out_proj, [ff.gate, ff.up, ff.down] if ff.gated else [ff.layers[0], ff.layers[2]]
+
+    @staticmethod
     def linears(model: nn.Module) -> list[nn.Module]:
-        """Every product the step runs: per block q, k, v (or the fused qkv), out_proj, the MLP's two; the head."""
+        """Every product the step runs: each block's (see `block_linears`), and the head."""
         out = [model.out_head]
         for block in model.trf_blocks:
-            att, ff = block.att, block.ff.layers
-            out += [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
-            out += [att.out_proj, ff[0], ff[2]]
+            qkv, att_out, ff = CompiledStep.block_linears(block)
+            out += [*qkv, att_out, *ff]
         return out
+
+    @staticmethod
+    def fill_block(b: kernels.Block, block: nn.Module, ptr, lin, norm) -> None:
+        """Describe one TransformerBlock in `b` (`ptr`, `lin`, `norm`: a tensor's, a layer's, a norm's description)."""
+        att = block.att
+        qkv, att_out, ff = CompiledStep.block_linears(block)
+        (b.ln1_w, b.ln1_b), (b.ln2_w, b.ln2_b) = norm(block.norm1), norm(block.norm2)
+        (b.post1_w, b.post1_b), (b.post2_w, b.post2_b) = norm(block.post_norm1), norm(block.post_norm2)
+        b.q_norm, b.k_norm = (norm(att.q_norm)[0], norm(att.k_norm)[0]) if att.qk_norm else (None, None)
+        b.inv_freq = None if att.rope is None else ptr(att.rope.inv_freq(att.head_dim))  # (head_dim / 2,)
+        b.window = att.window or 0
+        for j, m in enumerate(qkv):
+            b.qkv[j] = lin(m)
+        b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att_out), lin(ff[0]), lin(ff[-1])
+        if len(ff) == 3:
+            b.up = lin(ff[1])
 
     def describe(self, model: nn.Module) -> tuple:
         cfg, keep = model.cfg, []
@@ -211,19 +243,22 @@ class CompiledStep:
             return kernels.Lin(ptr(m.weight), ptr(m.scale), ptr(m.bias), m.out_features, m.in_features,
                                kernels.KINDS[m.weight.dtype], m.group)
 
-        head, *rest = self.linears(model)
-        per_block = len(rest) // cfg.n_layers  # 4 with a fused qkv, 6 with the book's three
+        def norm(n: nn.Module) -> tuple[int | None, int | None]:  # (weight, shift); Gemma's (1 + scale) made once
+            if isinstance(n, nn.Identity):
+                return None, None
+            return ptr(n.scale + 1 if getattr(n, "plus_one", False) else n.scale), ptr(n.shift)
+
         blocks = (kernels.Block * cfg.n_layers)()
-        for i, (b, block) in enumerate(zip(blocks, model.trf_blocks)):
-            *qkv, att_out, fc, ff_out = rest[i * per_block:(i + 1) * per_block]
-            b.ln1_w, b.ln1_b = ptr(block.norm1.scale), ptr(block.norm1.shift)
-            b.ln2_w, b.ln2_b = ptr(block.norm2.scale), ptr(block.norm2.shift)
-            for j, m in enumerate(qkv):
-                b.qkv[j] = lin(m)
-            b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att_out), lin(fc), lin(ff_out)
-        desc = kernels.Model(cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.head_dim, cfg.ff_hidden, cfg.vocab_size,
-                             cfg.gelu == "tanh", cfg.ln_eps, ptr(model.tok_emb.weight), ptr(model.pos_emb.weight),
-                             ptr(model.final_norm.scale), ptr(model.final_norm.shift), lin(head), blocks)
+        for b, block in zip(blocks, model.trf_blocks):
+            self.fill_block(b, block, ptr, lin, norm)
+        act = "silu" if cfg.mlp == "swiglu" else "gelu_tanh" if cfg.gelu == "tanh" else "gelu_erf"
+        att_scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim ** -0.5
+        emb_scale = float(torch.tensor(cfg.emb_dim ** 0.5)) if cfg.scale_emb else 1.0  # float32, as GPTModel rounds it
+        desc = kernels.Model(cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ff_hidden,
+                             cfg.vocab_size, kernels.ACTIVATIONS[act], cfg.norm == "rmsnorm", cfg.ln_eps, att_scale,
+                             emb_scale, ptr(model.tok_emb.weight),
+                             None if model.pos_emb is None else ptr(model.pos_emb.weight), *norm(model.final_norm),
+                             lin(model.out_head), blocks)
         return model.out_head.weight.data_ptr(), desc, keep + [blocks]
 
     def __call__(self, model: nn.Module, in_idx: torch.Tensor, cache) -> torch.Tensor:

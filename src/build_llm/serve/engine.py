@@ -24,6 +24,7 @@ the whole batch that fails errors every row in it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -34,7 +35,8 @@ import torch.nn as nn
 from build_llm.attention import KVCache
 from build_llm.errors import UsageError
 from build_llm.infer.generate import filter_logits
-from build_llm.runtime import one_thread
+from build_llm.runtime import decoding_threads, one_thread
+from build_llm.sizing import count_weights
 
 
 TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a temperature below it samples greedily
@@ -116,6 +118,7 @@ class Engine:
         self.wake = threading.Condition()
         self.stopping = False
         self.steps = 0
+        self.step_threads = contextlib.nullcontext  # the engine thread's (runtime.decoding_threads), set in run
         self.thread = threading.Thread(target=self.run, name="build-llm-engine", daemon=True)
 
     # --- the caller's side (any thread) ---------------------------------------------------------
@@ -151,6 +154,8 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------------
     def run(self) -> None:
+        # In this thread: its thread count is its own, and the server's other threads share its cores.
+        self.step_threads = decoding_threads(count_weights(self.model), self.cache.k.device)
         with torch.inference_mode():
             while True:
                 with self.wake:
@@ -269,7 +274,8 @@ class Engine:
             return
         idx = torch.tensor([[s.last] for s in self.rows], dtype=torch.long)  # (n, 1)
         pos = torch.tensor(self.lengths, dtype=torch.long)  # (n,) each row's next position
-        logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
+        with self.step_threads():
+            logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
         with one_thread():  # the server's other threads and its clients share the cores
             for i, s in enumerate(self.rows):
                 self.lengths[i] += 1

@@ -49,9 +49,13 @@ def bits_per_unit(loss: float, tokens: int, text: str) -> dict[str, float]:
     """Bits per character and per UTF-8 byte of `text`, whose `tokens` tokens cost `loss` nats each
     on average: total nats / ln 2 / characters (or bytes). Unlike the loss per token, these do not
     depend on the tokenizer, so character and BPE models compare."""
+    return bits_per_counts(loss, tokens, len(text), len(text.encode("utf-8")))
+
+
+def bits_per_counts(loss: float, tokens: int, chars: int, n_bytes: int) -> dict[str, float]:
+    """bits_per_unit from the text's counts of characters and bytes (data.tokenizer.text_size)."""
     total_bits = loss * tokens / math.log(2)
-    return {"bits_per_char": total_bits / max(1, len(text)),
-            "bits_per_byte": total_bits / max(1, len(text.encode("utf-8")))}
+    return {"bits_per_char": total_bits / max(1, chars), "bits_per_byte": total_bits / max(1, n_bytes)}
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_size: int = 64,

@@ -3,7 +3,7 @@ PY := .venv/bin/python
 # PyTorch's CPU build, pinned so set-up never pulls a multi-GB CUDA build; the package itself asks only torch>=2.4.
 TORCH := torch==2.13.0
 
-.PHONY: install demo test test-slow bench speedrun clean
+.PHONY: install demo test test-slow test-gpu bench speedrun clean
 
 install: .venv/.installed
 
@@ -23,6 +23,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -rs -m slow || test $$? -eq 5  # 5: no slow tests collected
+
+# The GPU proof on one CUDA device (needs a CUDA build of torch); without CUDA each test says why it skips.
+test-gpu: install
+	$(PY) -m pytest -q -rs -s -m gpu tests/gpu
 
 # The text for timing `build-llm train` (skipped when the file is absent).
 BENCH_TEXT ?= ../shared/data/shakespeare.txt

@@ -1,6 +1,10 @@
 """build_llm.progress: off a terminal, a line once a phase has taken 5 s, then one every 30 s with
 the rate and the time left, and one at its end; a short phase says nothing."""
 
+import time
+
+import torch
+
 import build_llm.progress as progress_mod
 from build_llm.progress import Progress
 
@@ -8,7 +12,7 @@ from build_llm.progress import Progress
 def test_lines_off_a_terminal(monkeypatch, capsys):
     clock = [100.0]
     monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
-    with Progress("tokenize", 1_000_000_000, "B") as p:
+    with Progress("tokenize", 1_000_000_000, "B", ticker=False) as p:
         clock[0] += 4
         p.update(40e6)
         assert capsys.readouterr().err == ""  # not yet 5 s
@@ -29,10 +33,46 @@ def test_lines_off_a_terminal(monkeypatch, capsys):
 def test_disabled_and_short_phases_say_nothing(monkeypatch, capsys):
     clock = [0.0]
     monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
-    with Progress("read", 10, "B", enabled=False) as p:
+    with Progress("read", 10, "B", enabled=False, ticker=False) as p:
         clock[0] += 100
         p.update(10)
-    with Progress("read", 10, "B") as p:
+    with Progress("read", 10, "B", ticker=False) as p:
         clock[0] += 4
         p.update(10)
     assert capsys.readouterr().err == ""
+
+
+def test_the_ticker_says_how_far_while_no_update_comes(monkeypatch, capsys):
+    """A consumer that reads ahead and then works (the tokenizers trainer): lines come on time."""
+    monkeypatch.setattr(progress_mod, "FIRST_LINE_S", 0.05)
+    with Progress("train tokenizer", 100, "B", every_s=0.05) as p:
+        p.update(25)
+        seen, deadline = "", time.monotonic() + 10
+        while seen.count("25 B of 100 B (25%)") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # no update meanwhile
+            seen += capsys.readouterr().err
+        assert seen.count("25 B of 100 B (25%)") >= 2, seen
+
+
+def test_a_long_evaluation_says_how_far(monkeypatch, capsys):
+    """evaluate_windows(progress=True): lines on stderr (here from the first update on), the loss unchanged."""
+    import numpy as np
+
+    from build_llm import GPTConfig, GPTModel
+    from build_llm.infer.evaluate import evaluate_windows
+
+    import functools
+
+    import build_llm.infer.evaluate as evaluate_mod
+
+    monkeypatch.setattr(progress_mod, "FIRST_LINE_S", 0.0)
+    monkeypatch.setattr(evaluate_mod, "Progress", functools.partial(Progress, ticker=False))  # lines on updates
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=7, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    ids = np.random.default_rng(0).integers(0, 7, 2000)
+    starts = np.arange(0, 1900, 8)
+    quiet = evaluate_windows(model, ids, starts, 8, 16, torch.device("cpu"))
+    capsys.readouterr()
+    shown = evaluate_windows(model, ids, starts, 8, 16, torch.device("cpu"), progress=True)
+    assert shown == quiet
+    assert "evaluate: " in capsys.readouterr().err

@@ -7,8 +7,7 @@ import torch
 
 from build_llm import get_device, set_seed
 from build_llm.runtime import (ONE_THREAD_BELOW, TimedThreads, available_memory, check_fits, decoding_threads, get_dtype,
-                               one_thread,
-                               set_cpu_threads)
+                               one_thread, set_cpu_threads, training_dtype)
 
 
 def test_set_seed_makes_python_numpy_and_torch_repeat():
@@ -97,3 +96,24 @@ def test_check_fits_refuses_more_than_is_available():
     check_fits(1, "one byte")
     with pytest.raises(ValueError, match="a huge model needs about .* GiB of memory but"):
         check_fits(free * 4, "a huge model")
+
+
+def test_a_gpu_is_checked_against_its_own_free_memory(monkeypatch):
+    """CUDA paths with the device's answers mocked: mem_get_info's free bytes, not the host's."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * 2**30, 16 * 2**30))
+    assert available_memory("cuda:0") == 3 * 2**30
+    check_fits(2 * 2**30, "a model", "cuda:0")
+    with pytest.raises(ValueError, match="a model needs about 4.0 GiB of memory but cuda:0 has 3.0 GiB available"):
+        check_fits(4 * 2**30, "a model", "cuda:0")
+
+
+def test_training_dtype_falls_back_to_float16_where_a_gpu_has_no_bfloat16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    dtype, why = training_dtype("bfloat16", "cuda:0")
+    assert dtype == "float16" and "compute capability 7.5" in why and "gradient scaler" in why
+    assert training_dtype("bfloat16", "cpu") == ("bfloat16", "")  # the CPU autocasts to bfloat16
+    assert training_dtype("float32", "cuda:0") == ("float32", "")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert training_dtype("bf16", "cuda:0") == ("bfloat16", "")
+    assert training_dtype("float16", "cpu")[0] == "float16"

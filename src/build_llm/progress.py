@@ -6,6 +6,7 @@ rate and the time left, and one when it ends. A short phase says nothing."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from tqdm import tqdm
@@ -27,10 +28,12 @@ def _seconds(s: float) -> str:
 
 class Progress:
     """`update(n)` as work is done (n units of `total`); a context manager that closes the bar.
-    `enabled=False` (another torchrun process, a short phase) shows nothing."""
+    `enabled=False` (another torchrun process, a short phase) shows nothing. Off a terminal a
+    thread prints the lines on time (`ticker`), also while no update comes (a consumer that reads
+    ahead, then works on what it read); without it, updates print them."""
 
     def __init__(self, desc: str, total: float | None, unit: str = "B", enabled: bool = True,
-                 every_s: float = LINE_EVERY_S) -> None:
+                 every_s: float = LINE_EVERY_S, ticker: bool = True) -> None:
         self.desc, self.total, self.unit, self.every_s = desc, total, unit, every_s
         self.done = 0.0
         self.t0 = self.last = time.perf_counter()
@@ -38,6 +41,9 @@ class Progress:
                         disable=None if enabled else True)  # None: off when stderr is not a terminal
         self.lines = enabled and self.bar.disable
         self.said = False  # whether a line was printed: then the end is said too
+        self.stopped, self.ticking = threading.Event(), self.lines and ticker
+        if self.ticking:  # lines on time, also while the consumer holds on to what it read
+            threading.Thread(target=self._tick, daemon=True).start()
 
     def __enter__(self) -> "Progress":
         return self
@@ -49,8 +55,15 @@ class Progress:
         self.done += n
         if not self.bar.disable:
             self.bar.update(n)
-        elif self.lines and time.perf_counter() - self.last >= (self.every_s if self.said else FIRST_LINE_S):
+        elif self.lines and not self.ticking and time.perf_counter() - self.last >= (self.every_s if self.said else FIRST_LINE_S):
             self._line(self.status())
+
+    def _tick(self) -> None:
+        wait = FIRST_LINE_S
+        while not self.stopped.wait(max(0.05, wait - (time.perf_counter() - self.last))):
+            if time.perf_counter() - self.last >= wait:
+                self._line(self.status())
+                wait = self.every_s
 
     def status(self) -> str:
         """E.g. "tokenize: 412.0 MB of 1.0 GB (40%), 25.3 MB/s, about 24 s left"."""
@@ -69,6 +82,7 @@ class Progress:
         self.last, self.said = time.perf_counter(), True
 
     def close(self) -> None:
+        self.stopped.set()
         self.bar.close()
         if self.lines and self.said:
             self._line(f"{self.desc}: done, {_size(self.done, self.unit)} in {_seconds(time.perf_counter() - self.t0)}")

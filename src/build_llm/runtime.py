@@ -52,8 +52,14 @@ def get_device(name: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def available_memory() -> int | None:
-    """Bytes of memory a new allocation can use now (Linux MemAvailable), or None if unknown."""
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes a new allocation on `device` can use now: on CUDA the device's free memory
+    (torch.cuda.mem_get_info), elsewhere the host's (Linux MemAvailable); None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None  # mps shares the host's memory under rules of its own: no check
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
@@ -65,13 +71,33 @@ def available_memory() -> int | None:
 
 
 def check_fits(nbytes: int, what: str, device: torch.device | str = "cpu") -> None:
-    """Refuse (UsageError) before allocating `nbytes` on the CPU when the machine has less available."""
-    if torch.device(device).type != "cpu":
-        return
-    free = available_memory()
+    """Refuse (UsageError) before allocating `nbytes` on `device` when it has less available."""
+    free = available_memory(device)
     if free is not None and nbytes > free:
-        raise UsageError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory but {free / 2**30:,.1f} GiB is "
-                         "available; choose a smaller model")
+        where = f"{torch.device(device)} has" if torch.device(device).type == "cuda" else "the machine has"
+        raise UsageError(f"{what} needs about {nbytes / 2**30:,.1f} GiB of memory but {where} {free / 2**30:,.1f} "
+                         "GiB available; choose a smaller model")
+
+
+def training_dtype(requested: str, device: torch.device | str) -> tuple[str, str]:
+    """(the dtype training runs in, why): bfloat16 where the device has it; on a CUDA GPU without
+    bfloat16 (before Ampere), float16 with a gradient scaler instead; float16 as asked."""
+    device = torch.device(device)
+    if requested in ("bfloat16", "bf16") and device.type == "cuda" and not _cuda_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        return "float16", (f"--dtype bfloat16: this GPU (compute capability {major}.{minor}) has no bfloat16; "
+                           "training in float16 with a gradient scaler instead")
+    if requested in ("float16", "fp16"):
+        return "float16", "--dtype float16: autocast in float16, losses scaled against underflow (GradScaler)"
+    return get_dtype_name(requested), ""
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def get_dtype_name(name: str) -> str:
+    return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[get_dtype(name)]
 
 
 def get_dtype(name: str) -> torch.dtype:

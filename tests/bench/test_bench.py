@@ -56,6 +56,9 @@ def exact_results() -> dict:
         "huge pages (THP_MEM_ALLOC_ENABLE=1), 1 thread": {"tokens_per_s": [99.0, 101.0], "median": 100.0,
                                                           "spread": 0.01, "errors": ["RuntimeError: x"],
                                                           "minor_faults_per_token": None, "huge_pages_mb": None}}}
+    llama = {"name": "tiny smollm2", "model": suite.llama_cfg.to_dict(), "prompt_tokens": 6, "new_tokens": 12,
+             "tokens_per_s": {"ours bf16 weights": 200.0, "ours int8 weights": 250.0, "hf generate": 50.0},
+             "tokens_agree_with_hf": {"bfloat16": 12, "int8": 9}, "compiled_step": True}
     tiny = {"model": GPTConfig.from_preset("r-abc").to_dict(), "new_tokens": 40, "same_tokens": True,
             "tokens_per_s": {"ours": 2000.0, "ours 4 threads": 500.0, "seed generate_text_simple": 250.0}}
     shape = suite.train_shapes[0]
@@ -75,7 +78,8 @@ def exact_results() -> dict:
                "torch": "2.x", "transformers": "4.x", "python": "3.x", "system": "Linux"}
     r = {"machine": machine, "quick": True, "rounds": suite.rounds, "ceilings": {"bandwidth_gbs": 2.0,
          "matmul_gflops": {"float32": 100.0, "bfloat16": 50.0}, "caches": {"L1": 2**15, "L2": 2**19, "L3": 3 * 2**20},
-         "bandwidth_buffer_mb": 12}, "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "tiny_decoding": tiny,
+         "bandwidth_buffer_mb": 12}, "decoding": decoding, "prefill": prefill, "steadiness": steadiness,
+         "llama_decoding": llama, "tiny_decoding": tiny,
          "training": training, "train_cli": train_cli, "perplexity": perplexity, "memory": memory}
     r["ratios"] = ratios(r)
     r["goals"], r["elapsed_s"] = goals(r, suite), 12.0
@@ -95,6 +99,7 @@ def test_ratios_goals_and_report_of_exact_results(tmp_path):
         "decoding vs hf": 300 / 150, "decoding bf16 weights vs hf": 450 / 150, "decoding int8 weights vs hf": 600 / 150,
         "decoding int4 vs int8 weights": 750 / 600,
         "cached vs seed-style at 12": 3.0, "cached vs seed-style at 40": 12.5,
+        "tiny smollm2 ours bf16 weights vs hf": 200 / 50, "tiny smollm2 ours int8 weights vs hf": 250 / 50,
         "prefill ours vs hf forward": 1.3, "prefill ours bf16 weights vs hf forward": 0.65,
         "prefill ours int8 weights vs hf forward": 1.1, "prefill ours int4 weights vs hf forward": 1.2,
         "prefill ours all positions vs hf forward": 1.0, "prefill bf16 vs fp32 weights": 0.5,
@@ -103,7 +108,10 @@ def test_ratios_goals_and_report_of_exact_results(tmp_path):
         "training tiny-char bf16 vs hf bf16": 2000 / 1600,
         "build-llm train fp32 vs hf": 900 / 800, "build-llm train bf16 vs hf fp32": 1500 / 800}
     met = {g["goal"]: (g["value"], g["met"]) for g in r["goals"]}
-    assert len(met) == 13
+    assert len(met) == 15
+    # the Llama shape's ratio against GPT-2's, side by side: bf16 4.0x >= 3.0x, int8 5.0x >= 4.0x
+    assert met["tiny smollm2 decoding (bf16 weights) vs hf >= 2-layer gpt2's ratio"] == (4.0, True)
+    assert [g["target"] for g in r["goals"] if g["goal"].startswith("tiny smollm2")] == [3.0, 4.0]
     assert met["decoding >= 1.5x hf generate (fp32)"] == (2.0, True)
     assert met["decoding int4 weights >= 1.5x int8 weights"] == (750 / 600, False)
     assert met["prefill fp32 >= 1.3x hf forward over the same prompt"] == (1.3, True)
@@ -128,7 +136,8 @@ def test_ratios_goals_and_report_of_exact_results(tmp_path):
     assert "decoding ours 120 MB" in " ".join(table.split()) and "(its whole context, fp32): 3 MB" in table
     for name, value in r["ratios"].items():
         assert f"  {name:44s} {value:7.2f}x" in table
-    assert table.count("[met]") == 9 and table.count("[NOT met]") == 4
+    assert f"  {'ours int8 weights':24s} {250.0:9.1f}" in table.split("decoding tiny smollm2")[1] and "the first 12 with bf16 weights, 9 with int8 (of 12)" in table
+    assert table.count("[met]") == 11 and table.count("[NOT met]") == 4
     assert "caches (one core's): L1 0.03125 MiB, L2 0.5 MiB, L3 3 MiB" in table and "(a 12 MB buffer)" in table
     assert f"  {'ours int4 weights':24s} {750.0:9.1f} {4000.0:9.1f} {750 / 4000:9.0%} {0.5:9.1f}  L2" in table
     assert f"  {'hf forward':24s} {1000.0:9.1f}" in table and "48-token prompt" in table
@@ -164,6 +173,11 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
     for setting in r["steadiness"]["settings"].values():  # one fresh process each in --quick
         assert setting["errors"] == [] and len(setting["tokens_per_s"]) == 1 and setting["tokens_per_s"][0] > 0
     assert {"decoding bf16 weights vs hf", "decoding int8 weights vs hf"} <= set(r["ratios"])
+    llama = r["llama_decoding"]  # the Llama-shaped row: bf16 and int8 through the compiled step, vs LlamaForCausalLM
+    assert llama["compiled_step"] is True and llama["model"]["n_kv_heads"] == 2 and llama["model"]["mlp"] == "swiglu"
+    assert set(llama["tokens_per_s"]) == {"ours bf16 weights", "ours int8 weights", "hf generate"}
+    assert all(len(v) == r["rounds"] for v in llama["rounds"].values())
+    assert {"tiny smollm2 ours bf16 weights vs hf", "tiny smollm2 ours int8 weights vs hf"} <= set(r["ratios"])
     tiny = r["tiny_decoding"]  # the r-abc row: ours (one thread), ours on every thread, the seed's loop
     assert tiny["same_tokens"] is True and tiny["new_tokens"] == 40 and tiny["model"]["emb_dim"] == 128
     assert len(tiny["tokens_per_s"]) == 3 and "seed generate_text_simple" in tiny["tokens_per_s"]

@@ -130,6 +130,23 @@ def test_a_failing_or_escaping_template_is_one_usage_error(tokenizer, template, 
     assert "\n" not in str(e.value)
 
 
+HUGE = "{% for i in range(100000) %}{% for j in range(100000) %}{{ 'xyz' }}{% endfor %}{% endfor %}"
+
+
+def test_a_template_that_renders_without_end_is_stopped(tokenizer, monkeypatch):
+    """Loops nested in a downloaded template could build text without bound (each range is the sandbox's
+    100,000 at most, their product is not): rendering stops at a size and a time that no chat reaches."""
+    import build_llm.data.chat_template as chat_template
+
+    monkeypatch.setattr(chat_template, "MAX_RENDER_CHARS", 30_000)
+    with pytest.raises(UsageError, match="longer than 30000 characters"):
+        chat_with(tokenizer, HUGE).render([{"role": "user", "content": "hi"}])
+    monkeypatch.setattr(chat_template, "MAX_RENDER_CHARS", 10 ** 12)
+    monkeypatch.setattr(chat_template, "MAX_RENDER_SECONDS", 0.2)
+    with pytest.raises(UsageError, match="longer than 0.2 s"):
+        chat_with(tokenizer, HUGE).render([{"role": "user", "content": "hi"}])
+
+
 def test_a_template_that_is_not_jinja_is_refused_at_load(tokenizer):
     with pytest.raises(UsageError, match="not valid Jinja"):
         chat_with(tokenizer, "{% for m in messages %}")

@@ -53,3 +53,40 @@ def test_tokenizers_without_a_start_token_are_unchanged():
     ids, shown = start_ids(gpt2, "Hello world")
     assert ids == list(shown) == gpt2.encode("Hello world")
     assert start_ids(gpt2, None) == ([gpt2.eos_id], [])
+
+
+def test_serve_completions_encode_the_prompt_with_bos(bos_tokenizer):
+    """/v1/completions as vLLM serves a Llama 3: the prompt as tokenizer(text) encodes it."""
+    import threading
+    import time
+
+    import openai
+    import torch
+    import uvicorn
+
+    from build_llm import GPTConfig, GPTModel
+    from build_llm.infer.generate import generate
+    from build_llm.serve import Settings, create_app
+    from build_llm.serve.engine import Engine
+
+    hf, ours = bos_tokenizer
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=ours.vocab_size, context_length=64, emb_dim=32, n_heads=2, n_layers=1,
+                               drop_rate=0.0)).eval()
+    server = uvicorn.Server(uvicorn.Config(create_app(Engine(model, max_batch=1, max_queue=2), ours, Settings("b")),
+                                           host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.completions.create(model="b", prompt="Hello there", max_tokens=4, temperature=0)
+        ids = hf("Hello there")["input_ids"]
+        assert r.usage.prompt_tokens == len(ids)
+        assert r.choices[0].text == ours.decode(generate(model, torch.tensor([ids]), 4)[0, len(ids):].tolist())
+    finally:
+        server.should_exit = True
+        thread.join(30)

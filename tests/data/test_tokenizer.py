@@ -420,3 +420,18 @@ def test_tokenizer_stats():
     assert gpt2_stats["bytes_per_token"] == pytest.approx(15 / 6)
     with pytest.raises(ValueError, match="text is empty"):
         tokenizer_stats("", GPT2Tokenizer())
+
+
+def test_text_size_counts_characters_and_bytes_without_decoding():
+    """text_size from the ids alone equals the decoded text's length in characters and in UTF-8 bytes,
+    for ids that cut characters in parts (byte-level BPE) and for a slice starting at any whole token."""
+    from build_llm.data.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, text_size
+
+    text = "héllo wörld 日本語 🙂 <|endoftext|> naïve\n\t  x ÿ\u00ad\u0100" * 30
+    for tok in (GPT2Tokenizer(), CharTokenizer.from_text(text), BPETokenizer.train_from_texts([text], 300)):
+        ids = tok.encode(text)
+        assert text_size(ids, tok) == (len(text), len(text.encode("utf-8"))), tok
+        tail = ids[len(ids) // 2:]
+        decoded = tok.decode(tail)
+        if "\ufffd" not in decoded:  # a slice that starts at a character
+            assert text_size(tail, tok, chunk=7) == (len(decoded), len(decoded.encode("utf-8")))

@@ -207,6 +207,19 @@ def test_configs_we_cannot_compute_are_refused_naming_the_key(changes, key):
         config_from_hf(config)
 
 
+@pytest.mark.parametrize("scaling, key", [
+    ({"rope_type": "llama3", "factor": 8.0}, "original_max_position_embeddings"),
+    ({"type": "linear"}, "factor"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_type"),
+])
+def test_a_rope_refusal_is_one_line_naming_the_key(scaling, key):
+    """Said once, as the key's own refusal (not wrapped in another, not a bare KeyError's name)."""
+    config = {"model_type": "llama", **{k: v for k, v in BASE.items() if v is not None}, "rope_scaling": scaling}
+    with pytest.raises(ValueError) as e:
+        config_from_hf(config)
+    assert str(e.value).startswith(f"config.json: rope_scaling.{key}") and str(e.value).count("config.json") == 1
+
+
 def test_export_refuses_what_no_family_holds(tmp_path):
     ours = from_hf(reference_model("qwen3"))
     mixed = GPTModel(ours.cfg.replace(qkv_bias=True))  # QK-norm with q/k/v biases: neither Qwen2 nor Qwen3

@@ -191,6 +191,19 @@ def test_the_openai_client_gets_transformers_greedy_reply(server, hf_dir):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == expected
 
 
+def test_content_as_a_list_of_text_parts_is_the_text(server, hf_dir):
+    """The OpenAI format's content parts ([{"type": "text", "text": ...}], which clients and UIs send): the
+    parts' texts joined by newlines, as vLLM gives a template that expects a string."""
+    parted = [{**m, "content": [{"type": "text", "text": t} for t in m["content"].split(", ")]} for m in MESSAGES]
+    joined = [{**m, "content": "\n".join(m["content"].split(", "))} for m in MESSAGES]
+    _, expected = hf_reply(hf_dir, joined)
+    r = server.chat.completions.create(model="chat-tiny", messages=parted, max_tokens=NEW, temperature=0)
+    assert r.choices[0].message.content == expected
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        server.chat.completions.create(model="chat-tiny", messages=image, max_tokens=2)
+
+
 def test_a_template_that_raises_is_a_400_and_the_server_goes_on(server):
     misplaced = [MESSAGES[1], MESSAGES[0], MESSAGES[3]]  # the template wants the system message first
     with pytest.raises(openai.BadRequestError, match="System message must be first"):

@@ -48,7 +48,7 @@ def rows(run: Path) -> list[dict]:
     (dict(lr=0), "lr"), (dict(lr=float("nan")), "lr"), (dict(weight_decay=-1), "weight_decay"),
     (dict(betas=(0.9, 1.0)), "betas"), (dict(betas=(0.9,)), "betas"), (dict(batch_size=0), "batch_size"),
     (dict(steps=0), "steps"), (dict(grad_accum=0), "grad_accum"), (dict(val_ratio=1.0), "val_ratio"),
-    (dict(dtype="float16"), "dtype"), (dict(lr_decay="linear"), "lr_decay"), (dict(warmup_steps=-1), "warmup_steps"),
+    (dict(dtype="float64"), "dtype"), (dict(lr_decay="linear"), "lr_decay"), (dict(warmup_steps=-1), "warmup_steps"),
     (dict(grad_clip=-0.5), "grad_clip"), (dict(seed=True), "seed"),
 ])
 def test_train_config_rejects(change, key):
@@ -218,3 +218,32 @@ def test_batch_size_must_divide_among_processes(tmp_path):
     corpus, tok = abc_corpus(tmp_path)
     with pytest.raises(ValueError, match="not divisible by the 2 processes"):
         train(tmp_path, tiny(5), TrainConfig(batch_size=5, val_ratio=0.2), corpus, tok, d=train_mod.Dist(0, 2, 0))
+
+
+def test_a_gradient_scaler_changes_no_update(tmp_path):
+    """train_step with a GradScaler: the scaled gradients are unscaled before clipping, so the step
+    equals the one without it (scales are powers of two: exact in float32)."""
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=8, grad_clip=0.01, grad_accum=2, seed=1, val_ratio=0.2)  # clipping binds
+    batches = list(train_mod.micro_batches(corpus.train, 0, cfg, 8, train_mod.Dist()))
+    models = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**10)):
+        torch.manual_seed(0)
+        model = GPTModel(tiny(5, drop_rate=0.0))
+        optimizer = loop_mod.make_optimizer(model, cfg, torch.device("cpu"))
+        loss = loop_mod.train_step(model, optimizer, batches, torch.device("cpu"), cfg, train_mod.Dist(), scaler=scaler)
+        models.append((model, float(loss)))
+    (a, loss_a), (b, loss_b) = models
+    assert loss_a == loss_b
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-7)
+
+
+def test_float16_training_uses_a_gradient_scaler(tmp_path):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=8, steps=4, eval_every=4, eval_batches=1, dtype="float16", seed=1, val_ratio=0.2)
+    assert loop_mod.grad_scaler("float16", torch.device("cpu")) is not None
+    assert loop_mod.grad_scaler("bfloat16", torch.device("cpu")) is None
+    result = train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert math.isfinite(result.val_loss)
+    assert next(load_checkpoint(tmp_path).model.parameters()).dtype == torch.float32  # weights stay fp32

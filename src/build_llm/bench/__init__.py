@@ -12,7 +12,9 @@ gives the median of the rounds and ratios of medians, never a single timing.
   each dtype's decoding weights are reported with the level they fit in ("DRAM": none).
 - decode: gpt2-small (random weights) decoding with this package's cached `generate` (fp32, bf16, int8
   and int4 decoding weights) vs Hugging Face's `generate` on the same weights vs the seed's
-  `generate_text_simple`; and the tiny r-abc model on one thread vs every thread.
+  `generate_text_simple`; smollm2-360m (random weights, the Llama shape) with bf16 and int8 decoding
+  weights vs `LlamaForCausalLM.generate` fp32, its ratios beside gpt2-small's; and the tiny r-abc
+  model on one thread vs every thread.
 - prefill: a 512-token prompt through each decoding dtype (the head for the last position only) vs
   Hugging Face's forward over the same prompt.
 - steady: int8 decoding in several fresh processes under each of a few process-wide settings (thread

@@ -1,8 +1,9 @@
 """Decoding speed, batch 1, greedy, from a short prompt: this package's cached `generate` (fp32, and
 the opt-in bf16, int8 and int4 decoding weights of quant.py) vs Hugging Face `GPT2LMHeadModel.generate`
 holding the same weights (so the tokens can be compared too) vs the seed's `generate_text_simple`,
-which recomputes the whole context for every token; and the tiny r-abc model, whose steps are too
-small to share among threads.
+which recomputes the whole context for every token; a Llama-shaped model (smollm2-360m: RMSNorm,
+rotary positions, SwiGLU, 3:1 grouped key/value heads) in bf16 and int8 vs `LlamaForCausalLM.generate`
+fp32 on the same weights; and the tiny r-abc model, whose steps are too small to share among threads.
 
 `generate_text_simple` at 1,000 new tokens costs minutes on a CPU (step t runs a t-token forward),
 so its time is integrated over the context length from steps measured at a few lengths: each
@@ -162,6 +163,38 @@ def add_bandwidth_bounds(decoding: dict[str, Any], bandwidth_gbs: float) -> None
         decoding.setdefault("fraction_of_bound", {})[key] = decoding["tokens_per_s"][key] / bound
     decoding["fraction_of_bound"]["hf generate"] = (decoding["tokens_per_s"]["hf generate"]
                                                     / decoding["bound_tokens_per_s"]["ours"])
+
+
+# --- a Llama-shaped model: ours bf16 and int8 vs Hugging Face's LlamaForCausalLM fp32 ------------------
+def bench_llama_decoding(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
+    """`suite.llama_cfg` (random weights, seed 0) decoding `suite.decode_tokens` greedy tokens at batch 1: ours with
+    bf16 and int8 decoding weights (the compiled one-token step) vs Hugging Face `generate` fp32 of the same model
+    (LlamaForCausalLM, made by interop's export), in alternating rounds."""
+    cfg, n = suite.llama_cfg, suite.decode_tokens
+    torch.manual_seed(0)
+    model = GPTModel(cfg).eval()
+    hf = hf_twin(model)
+    low = {}
+    for dtype in ("bfloat16", "int8"):
+        low[dtype] = GPTModel(cfg).eval()
+        low[dtype].load_state_dict(model.state_dict())
+        prepare_for_decoding(low[dtype], dtype)  # as `build-llm generate --dtype` does
+    del model  # the float32 weights live on in the Hugging Face copy only
+    idx = prompt_ids(cfg)
+    theirs = hf_generate(hf, idx, n)
+    agree = {dtype: int((generate(m, idx, n) == theirs)[0, idx.shape[1]:].cumprod(0).sum()) for dtype, m in low.items()}
+    log(f"decoding {suite.llama_name}: {n} tokens; with bf16 weights the first {agree['bfloat16']} equal Hugging "
+        f"Face's fp32, with int8 the first {agree['int8']}")
+    candidates = {
+        "ours bf16 weights": lambda: generate(low["bfloat16"], idx, n).shape[1] - idx.shape[1],
+        "ours int8 weights": lambda: generate(low["int8"], idx, n).shape[1] - idx.shape[1],
+        "hf generate": lambda: hf_generate(hf, idx, n).shape[1] - idx.shape[1],
+    }
+    log(f"decoding {suite.llama_name}: {len(candidates)} candidates x {suite.rounds} rounds")
+    rates = alternate(candidates, suite.rounds)
+    return {"name": suite.llama_name, "model": cfg.to_dict(), "prompt_tokens": idx.shape[1], "new_tokens": n,
+            "tokens_per_s": medians(rates), "rounds": rates, "tokens_agree_with_hf": agree,
+            "compiled_step": all(m.decode_step is not None for m in low.values())}
 
 
 def add_cache_levels(decoding: dict[str, Any], caches: dict[str, int]) -> None:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 import torch
 
 from build_llm.bench.ceilings import measure_ceilings
-from build_llm.bench.decode import add_bandwidth_bounds, add_cache_levels, bench_decoding, bench_tiny_decoding, decoding_models
+from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, bench_decoding, bench_llama_decoding,
+                                     bench_tiny_decoding, decoding_models)
 from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
 from build_llm.bench.prefill import bench_prefill
@@ -65,6 +66,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     prefill = bench_prefill(suite, models, log)
     del models
     tiny = bench_tiny_decoding(suite, log)
+    gc.collect()
+    llama = bench_llama_decoding(suite, log)
     add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
     add_cache_levels(decoding, ceilings["caches"])
     steadiness = bench_steadiness(suite, log)
@@ -80,8 +83,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
             train_cli = bench_train_cli(text, suite, Path(tmp), log)
     results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
-               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "tiny_decoding": tiny,
-               "training": training, "train_cli": train_cli,
+               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "llama_decoding": llama,
+               "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
                "perplexity": perplexity, "memory": memory}
     results["ratios"] = ratios(results)
     results["goals"] = goals(results, suite)
@@ -99,6 +102,7 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         **({"decoding int4 vs int8 weights": dec["ours int4 weights"] / dec["ours int8 weights"]}
            if "ours int4 weights" in dec else {}),
         **{f"cached vs seed-style at {k}": v["speedup"] for k, v in r["decoding"]["seed_style"].items()},
+        **(llama_ratios(r["llama_decoding"]) if r.get("llama_decoding") else {}),
         **{f"r-abc {k} vs seed": v / tiny["seed generate_text_simple"] for k, v in tiny.items() if k.startswith("ours")},
     }
     if r.get("prefill"):
@@ -118,6 +122,11 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def llama_ratios(llama: dict[str, Any]) -> dict[str, float]:
+    tps = llama["tokens_per_s"]
+    return {f"{llama['name']} {k} vs hf": tps[k] / tps["hf generate"] for k in ("ours bf16 weights", "ours int8 weights")}
+
+
 def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
     """The speed goals (a ratio at or above its target) and, with a checkpoint, the perplexity
     goals (a relative change within its limit), each with whether it is met."""
@@ -131,6 +140,10 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
          r["decoding"]["seed_style"][str(suite.long_tokens)]["speedup"], 10.0),
         (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio[f"training {first} bf16 vs hf fp32"], 1.75),
     ]
+    name, gpt2 = r.get("llama_decoding", {}).get("name"), r["decoding"]["model"]
+    for kind in ("bf16", "int8") if name else ():  # the Llama shape at least as many times faster than HF as GPT-2's
+        speed.append((f"{name} decoding ({kind} weights) vs hf >= {gpt2['n_layers']}-layer gpt2's ratio",
+                      ratio[f"{name} ours {kind} weights vs hf"], ratio[f"decoding {kind} weights vs hf"]))
     if r["train_cli"] is not None:
         speed.append((f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
                       ratio["build-llm train bf16 vs hf fp32"], 1.75))
@@ -212,7 +225,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s"
              + (f" (a {c['bandwidth_buffer_mb']} MB buffer)" if "bandwidth_buffer_mb" in c else "")
              + f"; matmul {c['matmul_gflops']['float32']:.0f} GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16"]
-    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r)
+    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + llama_lines(r)
     tiny = r["tiny_decoding"]
     lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
                   f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
@@ -252,6 +265,20 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def llama_lines(r: dict[str, Any]) -> list[str]:
+    llama, rounds = r.get("llama_decoding"), r["rounds"]
+    if not llama:
+        return []
+    cfg, agree = llama["model"], llama["tokens_agree_with_hf"]
+    lines = ["", f"decoding {llama['name']} ({cfg['n_layers']} layers, {cfg['emb_dim']} wide, {cfg['n_heads']} query heads "
+                 f"to {cfg['n_kv_heads']} key/value heads, random weights, batch 1, greedy, {llama['prompt_tokens']}-token "
+                 f"prompt, {llama['new_tokens']} new tokens; median of {rounds} rounds)", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in llama["tokens_per_s"].items()]
+    lines.append(f"  tokens equal to Hugging Face fp32's: the first {agree['bfloat16']} with bf16 weights, "
+                 f"{agree['int8']} with int8 (of {llama['new_tokens']})")
+    return lines
+
+
 def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """A PNG bar chart: tokens/s of each candidate, decoding and each training shape side by side."""
     import matplotlib  # optional: only the chart needs it
@@ -262,6 +289,8 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
     if r.get("prefill"):
         panels.append((f"prefill ({r['prefill']['prompt_tokens']} tokens)", r["prefill"]["tokens_per_s"]))
+    if r.get("llama_decoding"):
+        panels.append((f"decoding {r['llama_decoding']['name']}", r["llama_decoding"]["tokens_per_s"]))
     panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
     for ax, (title, values) in zip(axes[0], panels):

@@ -35,6 +35,8 @@ class Suite:
     cli_rounds: int = 2
     cli_shape: tuple[str, ...] = ()  # extra `build-llm train` flags that shrink the model for --quick
     tiny_tokens: int = 1000  # characters the r-abc model decodes (its context is 16: the window slides)
+    llama_name: str = "smollm2-360m"  # the Llama-shaped decoding row: its name and shape (random weights)
+    llama_cfg: GPTConfig = GPTConfig.from_preset("smollm2-360m")
     cache_multiple: int = 4  # the bandwidth buffer is at least this many times the largest cache (0: bandwidth_mb)
     prefill_tokens: int = 512  # the prompt whose prefill is timed
     fresh_processes: int = 5  # fresh processes decoding int8, for each setting whose steadiness is measured
@@ -65,6 +67,8 @@ def quick_suite() -> Suite:
         rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False, cli_steps=3, cli_rounds=1, tiny_tokens=40,
         cache_multiple=0, prefill_tokens=48, fresh_processes=1, all_settings=False,
         cli_shape=("--context-length", "32", "--emb-dim", "64", "--n-layers", "2", "--n-heads", "4"),
+        llama_name="tiny smollm2", llama_cfg=GPTConfig.from_preset("smollm2-360m", **{**tiny, "n_heads": 6, "emb_dim": 48,
+                                                                                        "n_kv_heads": 2, "ff_dim": 128}),
     )
 
 

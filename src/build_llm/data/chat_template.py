@@ -10,16 +10,18 @@ gets the package's own format, `AlpacaChat` (data/instruct.py: the book's Alpaca
 
 A template from a downloaded model is untrusted input: it runs in Jinja's immutable sandbox (no
 attribute of Python's internals, no mutation of what it is given, no file or network access; it sees
-only plain strings, lists and dicts), and a repetition or power that would build a huge value is
-refused. Whatever goes wrong in a template is one UsageError naming it.
+only plain strings, lists and dicts), a repetition or power that would build a huge value is
+refused, and so is a rendering that grows past any prompt's size or runs for seconds. Whatever goes
+wrong in a template is one UsageError naming it.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jinja2
 import jinja2.ext
@@ -30,6 +32,9 @@ from build_llm.data.instruct import encode_conversation
 from build_llm.errors import UsageError
 
 MAX_REPEAT = 1 << 20  # characters or items a template may build with `*`; templates need a few dozen
+# A rendered prompt must fit a model's context (131,072 tokens is some 0.5M characters): far beyond these is
+# a template looping without end (nested loops of the sandbox's 100,000-item ranges), stopped as it renders.
+MAX_RENDER_CHARS, MAX_RENDER_SECONDS = 1 << 24, 10.0
 # What a failing template can raise while rendering (its own raise_exception is a TemplateError).
 TEMPLATE_ERRORS = (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
                    RecursionError)
@@ -102,6 +107,21 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _bounded(pieces: Iterator[str]) -> str:
+    """The text of a template's output pieces, refused once it passes MAX_RENDER_CHARS or takes longer
+    than MAX_RENDER_SECONDS (checked at each piece: each loop iteration that writes yields one)."""
+    out, size, deadline = [], 0, time.monotonic() + MAX_RENDER_SECONDS
+    for piece in pieces:
+        out.append(piece)
+        size += len(piece)
+        if size > MAX_RENDER_CHARS:
+            raise jinja2.exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_CHARS} "
+                                                  "characters")
+        if time.monotonic() > deadline:
+            raise jinja2.exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_SECONDS} s")
+    return "".join(out)
+
+
 class JinjaChat:
     """A Hugging Face chat template over a BPETokenizer (see the module's docstring)."""
 
@@ -118,7 +138,7 @@ class JinjaChat:
         context = {**self.tokenizer.config.special_tokens_map(), "messages": messages, "tools": None,
                    "documents": None, "add_generation_prompt": bool(add_generation_prompt)}
         try:
-            return self.template.render(**context)
+            return _bounded(self.template.generate(**context))
         except TEMPLATE_ERRORS as e:
             raise UsageError(f"the chat template failed on this conversation: {' '.join(str(e).split())[:300]}"
                              f" ({type(e).__name__})") from None

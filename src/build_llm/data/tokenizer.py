@@ -25,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tiktoken
 import tiktoken.registry
 import tokenizers
@@ -500,6 +501,39 @@ class BPETokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte-level BPE's printable stand-in for each byte (GPT-2's scheme): bytes that print as
+    themselves stay, the others take the characters from 256 on, in byte order."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+def token_bytes(tok: Tokenizer) -> list[bytes]:
+    """Each id's UTF-8 bytes in the text it decodes to (a BPE id may hold part of a character)."""
+    if isinstance(tok, GPT2Tokenizer):
+        return [tok.encoding.decode_single_token_bytes(i) for i in range(tok.vocab_size)]
+    if isinstance(tok, BPETokenizer) and isinstance(tok.hf_tokenizer.decoder, decoders.ByteLevel):
+        special = {i: t.content for i, t in tok.hf_tokenizer.get_added_tokens_decoder().items()}
+        of = _byte_level_bytes()
+        return [special[i].encode("utf-8") if i in special else bytes(of[c] for c in tok.hf_tokenizer.id_to_token(i))
+                for i in range(tok.vocab_size)]
+    return [tok.decode([i]).encode("utf-8") for i in range(tok.vocab_size)]  # ids of whole characters
+
+
+def text_size(ids, tok: Tokenizer, chunk: int = 1 << 22) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of the text `ids` decode to, counted without decoding it: each id's
+    bytes and character starts (bytes other than 10xxxxxx), summed over the ids' counts, `chunk`
+    ids at a time (a memmap of any size stays on disk). Exact for ids that begin at a character."""
+    counts = np.zeros(tok.vocab_size, dtype=np.int64)
+    for start in range(0, len(ids), chunk):
+        counts += np.bincount(np.asarray(ids[start:start + chunk]), minlength=tok.vocab_size)[:tok.vocab_size]
+    pieces = token_bytes(tok)
+    n_bytes = np.array([len(b) for b in pieces], dtype=np.int64)
+    n_chars = np.array([sum((c & 0xC0) != 0x80 for c in b) for b in pieces], dtype=np.int64)
+    return int(counts @ n_chars), int(counts @ n_bytes)
 
 
 # The byte-level BPE trainer's peak memory grows with the distinct words (pre-tokens) of its text, not

@@ -58,17 +58,22 @@ def _rope_fields(p: Mapping[str, Any], key: str) -> dict[str, Any]:
     kind = p.get("rope_type", p.get("type", "default"))
     if p.get("partial_rotary_factor", 1.0) != 1.0:
         raise _refuse(f"{key}.partial_rotary_factor", p["partial_rotary_factor"], "GPTModel rotates every channel (1.0)")
+    if kind not in ("default", "linear", "llama3"):
+        raise _refuse(f"{key}.rope_type", kind, "valid rope types are default, linear and llama3")
+    required = {"default": (), "linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings")}
+    for name in required[kind]:
+        if not isinstance(p.get(name), (int, float)) or isinstance(p.get(name), bool):
+            raise UsageError(f"config.json: {key}.{name} is {p.get(name)!r}; {kind} rotary scaling needs it as a "
+                             "number (transformers' own config check requires it too)")
     fields: dict[str, Any] = {"rope_base": float(p["rope_theta"])}
     if kind == "default":
         return fields
     if kind == "linear":
         return {**fields, "rope_scaling": "linear", "rope_factor": float(p["factor"])}
-    if kind == "llama3":
-        return {**fields, "rope_scaling": "llama3", "rope_factor": float(p["factor"]),
-                "rope_low_freq_factor": float(p.get("low_freq_factor", 1.0)),
-                "rope_high_freq_factor": float(p.get("high_freq_factor", 4.0)),
-                "rope_original_context": int(p["original_max_position_embeddings"])}
-    raise _refuse(f"{key}.rope_type", kind, "valid rope types are default, linear and llama3")
+    return {**fields, "rope_scaling": "llama3", "rope_factor": float(p["factor"]),
+            "rope_low_freq_factor": float(p.get("low_freq_factor", 1.0)),
+            "rope_high_freq_factor": float(p.get("high_freq_factor", 4.0)),
+            "rope_original_context": int(p["original_max_position_embeddings"])}
 
 
 def _rope(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
@@ -162,6 +167,7 @@ def decoder_config(hf: Mapping[str, Any], family: str, drop_rate: float | None =
     kv_heads = hf.get("num_key_value_heads") or heads
     scalar = hf.get("query_pre_attn_scalar", 256) if gemma else head_dim
     try:
+        options = {**_biases(hf, family), **_rope(hf, family), **_layers(hf, family, n_layers), **_experts(hf, family)}
         return GPTConfig(
             vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", CONTEXT[family]),
             emb_dim=emb, n_heads=heads, n_layers=n_layers,
@@ -174,8 +180,10 @@ def decoder_config(hf: Mapping[str, Any], family: str, drop_rate: float | None =
             head_size=head_dim if head_dim * heads != emb else None,
             attn_scale=None if scalar == head_dim else float(scalar) ** -0.5,
             norm_plus_one=gemma, scale_emb=gemma, post_norms=gemma,
-            **_biases(hf, family), **_rope(hf, family), **_layers(hf, family, n_layers), **_experts(hf, family),
+            **options,
         )
+    except UsageError:  # a refusal that names its key already
+        raise
     except (TypeError, ValueError, KeyError) as e:
         raise UsageError(f"config.json: not a valid {family} config for GPTModel: {e}") from e
 

@@ -342,7 +342,7 @@ class Api:
         if count * sampling.n > self.engine.max_queue:
             raise ApiError(400, f"{count} prompts x n={sampling.n} is more than the {self.engine.max_queue} "
                                 "sequences this server queues; send fewer", param="n")
-        prompts = parse_prompts(body, self.tokenizer.encode, self.vocab_size)
+        prompts = parse_prompts(body, self.tokenizer.encode_prompt, self.vocab_size)
         return await self.reply(request, prompts, sampling, False)
 
     async def chat_completions(self, request: Request) -> Response:

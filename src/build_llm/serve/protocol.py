@@ -215,17 +215,34 @@ def parse_prompts(body: dict, encode: Callable[[str], list[int]], vocab_size: in
     return out
 
 
+def _content_text(content: Any) -> str | None:
+    """A message's text: the string, or the OpenAI format's list of parts ([{"type": "text", "text": ...}]),
+    joined by newlines as vLLM hands them to a template that expects a string; None if it is neither."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content or not all(isinstance(p, dict) for p in content):
+        return None
+    other = next((p.get("type") for p in content if p.get("type") != "text"), None)
+    if other is not None:
+        raise ApiError(400, f"messages: a content part of type {str(other)[:40]!r} is not supported; this model "
+                            "reads text parts only ({\"type\": \"text\", \"text\": ...})", param="messages")
+    texts = [p.get("text") for p in content]
+    return "\n".join(texts) if all(isinstance(t, str) for t in texts) else None
+
+
 def parse_messages(body: dict) -> list[dict[str, str]]:
-    """The chat's messages, each reduced to its role and content; the last must be the user's."""
+    """The chat's messages, each reduced to its role and text content; the last must be the user's."""
     messages = body.get("messages")
+    texts = [_content_text(m.get("content")) if isinstance(m, dict) else None
+             for m in (messages if isinstance(messages, list) else [])]
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-            and isinstance(m.get("content"), str) for m in messages) or messages[-1]["role"] != "user":
+            t is not None and m.get("role") in ("system", "user", "assistant") for m, t in zip(messages, texts)
+    ) or messages[-1]["role"] != "user":
         raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": system|user|assistant, "
-                            "\"content\": text} ending with the user's message", param="messages")
-    for m in messages:
-        check_text(m["content"], "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+                            "\"content\": text or text parts} ending with the user's message", param="messages")
+    for t in texts:
+        check_text(t, "messages")
+    return [{"role": m["role"], "content": t} for m, t in zip(messages, texts)]
 
 
 # --- one choice: tokens in, text and logprobs out ---------------------------------------------------

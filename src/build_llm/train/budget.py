@@ -106,10 +106,10 @@ def load_fit() -> LossFit:
     return LossFit(**d)
 
 
-def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = None) -> int:
+def check_memory(cfg, batch_size: int, grad_accum: int, preset: str | None = None, device="cpu") -> int:
     """The plan's peak estimate; refuses (UsageError, before anything is allocated) a plan that
-    would not fit in the memory available now, suggesting what would."""
-    peak, have = estimate_peak_bytes(cfg, batch_size), available_memory()
+    would not fit in the memory available now on `device` (a GPU's own), suggesting what would."""
+    peak, have = estimate_peak_bytes(cfg, batch_size), available_memory(device)
     if have is None or peak <= have:
         return peak
     tips = []
@@ -216,7 +216,7 @@ def choose_shape(train_s: float, vocab_size: int, ids, device, dtype: str, fit: 
     process probes at once (global_tokens_per_s) and the main process makes each decision."""
     d = d or Dist()
     threads = torch.get_num_threads()
-    have = available_memory()
+    have = available_memory(device)
     best, considered, t0 = None, [], time.perf_counter()
     for n_layers, emb_dim in CANDIDATES:
         cfg = shape_for(n_layers, emb_dim, BUDGET_CONTEXT, vocab_size)
@@ -309,9 +309,9 @@ def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok
         model_cfg = GPTConfig.from_dict({**model_cfg.to_dict(), **extra,
                                          "drop_rate": model_options.get("drop_rate", 0.0)})
         assert model_cfg.context_length == BUDGET_CONTEXT
-        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset, device))
     else:
-        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset))
+        peak = d.from_main(lambda: check_memory(model_cfg, cfg.batch_size, cfg.grad_accum, preset, device))
         predicted, considered = None, []
         rate = global_tokens_per_s(model_cfg, cfg.batch_size, corpus.train, device, cfg.dtype, d)
     plan = Plan(model_cfg, cfg.batch_size, cfg.grad_accum, cfg.steps, rate, peak, budget_s, considered=considered,

@@ -14,7 +14,7 @@ from build_llm.store.finetuned import CLASSIFY_TRAINABLE
 
 LR_DECAYS = ("cosine", "constant")
 TASKS = ("classify", "instruct")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 RUNTIME, LORA = "runtime", "LoRA (appendix E)"  # --help sections
 
 
@@ -37,7 +37,8 @@ class TrainConfig(Config):
     seed: int = setting(123, "random seed", at_least=0)
     device: str = setting("auto", DEVICE_HELP + " (under torchrun: each process's local GPU)", expected=DEVICES,
                           resumable=True, group=RUNTIME)
-    dtype: str = setting("float32", "bfloat16: autocast around forward and loss", choices=DTYPES, resumable=True,
+    dtype: str = setting("float32", "bfloat16: autocast around forward and loss (float16 with a gradient scaler on "
+                         "a GPU without bfloat16); float16: that, as asked", choices=DTYPES, resumable=True,
                          group=RUNTIME)
     compile: bool = setting(False, "torch.compile the model", resumable=True, group=RUNTIME)
     fsdp: bool = setting(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)",

@@ -67,15 +67,20 @@ class Dist:
         return result
 
 
-def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA."""
+def init_distributed(device_name: str, log: Callable[[str], None] | None = None) -> tuple[Dist, torch.device]:
+    """Join torchrun's process group when launched by it (WORLD_SIZE > 1): gloo on CPU, nccl on CUDA.
+    Each process takes the GPU of its local rank: --device cuda:N names no one GPU for them all, so
+    it means "cuda", and the main process says so through `log`."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), get_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={device_name!r} is not available here: no CUDA device; use cpu")
+    if device_name.startswith("cuda:") and rank == 0 and log is not None:
+        log(f"--device {device_name} under torchrun: each process uses the GPU of its local rank "
+            f"(cuda:0 to cuda:{int(os.environ.get('LOCAL_WORLD_SIZE', world)) - 1}); give --device cuda")
+    use_cuda = (device_name == "auto" or device_name.startswith("cuda")) and torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -89,20 +94,35 @@ def close_distributed(d: Dist) -> None:
         dist.destroy_process_group()
 
 
+def fsdp_options(dtype: str) -> dict[str, Any]:
+    """fully_shard's keyword arguments for training in `dtype`: under bfloat16 autocast, parameters
+    gathered in bfloat16 (half the all-gather) and gradients reduced in float32 (their sum keeps its
+    precision); the float32 master weights and optimizer stay sharded."""
+    if dtype != "bfloat16":
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy  # heavy: seconds to import, and only --fsdp needs it
+
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}
+
+
 def wrap_model(core: nn.Module, d: Dist, device: torch.device, *, fsdp: bool = False,
-               compile: bool = False) -> nn.Module:
+               compile: bool = False, dtype: str = "float32") -> nn.Module:
     """The module the loop calls: `core` itself, DDP around it, or (with `fsdp`) `core` sharded in
-    place, block by block (FSDP2's fully_shard); then torch.compile if asked. The optimizer and
-    checkpoints keep using `core`."""
+    place, block by block (FSDP2's fully_shard, mixed precision per fsdp_options); then
+    torch.compile if asked. The optimizer and checkpoints keep using `core`."""
     model: nn.Module = core
     if fsdp:
         if not d.active:
             raise UsageError("--fsdp needs several processes: launch with torchrun --nproc_per_node N")
+        if dtype == "float16":
+            raise UsageError("--fsdp with float16 (a GPU without bfloat16): the gradient scaler is not supported "
+                             "on sharded parameters here; use --dtype float32, or DDP (drop --fsdp)")
         from torch.distributed.fsdp import fully_shard  # heavy: seconds to import, and only --fsdp needs it
 
+        options = fsdp_options(dtype)
         for block in core.trf_blocks:
-            fully_shard(block)
-        fully_shard(core)
+            fully_shard(block, **options)
+        fully_shard(core, **options)
     elif d.active:
         model = DDP(core, device_ids=[device.index] if device.type == "cuda" else None)
     if compile:

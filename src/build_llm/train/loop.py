@@ -54,6 +54,7 @@ class TrainState:
     total_steps: int = 0         # the step the run ends at (a time budget may move it)
     tokens_seen: int = 0         # training tokens over all processes
     elapsed: float = 0.0         # seconds of training, carried across resumes
+    scaler: Any = None           # float16 training: the GradScaler that keeps small gradients from underflowing
 
 
 # An objective's step: (state, stop) -> (loss, tokens trained), or None when stopped between micro-batches.
@@ -132,8 +133,14 @@ def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: 
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten().long())
 
 
+def grad_scaler(dtype: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """float16 training's loss scaler (float16 gradients underflow below 6e-8); None otherwise."""
+    return torch.amp.GradScaler(torch.device(device).type) if dtype == "float16" else None
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, device: torch.device,
-               cfg: TrainConfig, d: Dist, stop: Callable[[], bool] | None = None) -> torch.Tensor | None:
+               cfg: TrainConfig, d: Dist, stop: Callable[[], bool] | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
     """One optimizer step over `grad_accum` micro-batches (x, y) of next-token loss; returns the
     mean loss over all processes.
 
@@ -157,13 +164,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         with sync:
             with autocast(device, cfg.dtype):
                 loss = next_token_loss(model, x, y, device)
-            (loss / n).backward()
+            (loss / n if scaler is None else scaler.scale(loss / n)).backward()
         total += loss.detach()
     if i + 1 != n:
         raise RuntimeError(f"train_step: got {i + 1} micro-batches, expected {n} (cfg.grad_accum)")
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients; a step with inf/NaN among them is skipped
     if cfg.grad_clip > 0:
         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
     return d.sum(total / n) / d.world
 
 

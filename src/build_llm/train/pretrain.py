@@ -27,13 +27,13 @@ from build_llm.config import GPTConfig
 from build_llm.data.corpus import (Corpus, check_splits, draw_starts, prepare_corpus, random_windows, sliding_starts,
                                    step_rng)
 from build_llm.data.markov import ABC, optimal_loss, optimal_loss_on_text
-from build_llm.data.tokenizer import GPT2_VOCAB_SIZE
+from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, text_size
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.infer.evaluate import bits_per_unit, evaluate_windows
+from build_llm.infer.evaluate import bits_per_counts, evaluate_windows
 from build_llm.infer.generate import generate, text_to_token_ids
 from build_llm.interop.hf import from_hf
-from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed
+from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed, training_dtype
 from build_llm.sizing import count_parameters, training_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE, load_checkpoint,
                                         load_trainer_state, save_checkpoint, set_rng_state, trainer_files)
@@ -41,7 +41,8 @@ from build_llm.store.fsio import check_writable_dir
 from build_llm.train.budget import BUDGET_CONTEXT, Deadline, budget_seconds, make_plan, process_started
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 from build_llm.train.distributed import Dist, close_distributed, full_state_options, init_distributed, wrap_model
-from build_llm.train.loop import RunLog, TrainingStopped, TrainState, lr_at, make_optimizer, run_loop, train_step
+from build_llm.train.loop import (RunLog, TrainingStopped, TrainState, grad_scaler, lr_at, make_optimizer, run_loop,
+                                  train_step)
 from build_llm.train.rundir import RUN_KIND, Resumed, check_run_dir, contradiction, owned, resumed_settings
 
 # Keys of step_rng streams: training batches, the fixed validation windows, dropout.
@@ -101,14 +102,15 @@ class LanguageModelling:
         # evaluates every window; otherwise the ranks share the windows and sum.
         self.eval_dist = None if cfg.fsdp else d
         # The evaluation windows are a sample of the validation split: its tokens per character (and
-        # per byte) turn their mean loss into bits per character (and per byte) of the split's text.
-        self.val_text = tokenizer.decode(np.asarray(corpus.val).tolist())
+        # per byte) turn their mean loss into bits per character (and per byte) of the split's text,
+        # counted from the ids (the split is never decoded: it may be gigabytes).
+        self.val_chars, self.val_bytes = text_size(corpus.val, tokenizer)
 
     def step(self, state: TrainState, stop: Callable[[], bool]) -> tuple[float, int] | None:
         cfg, d = self.cfg, self.d
         torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))  # dropout
         batches = micro_batches(self.corpus.train, state.step, cfg, self.T, d)
-        loss = train_step(state.model, state.optimizer, batches, self.device, cfg, d, stop=stop)
+        loss = train_step(state.model, state.optimizer, batches, self.device, cfg, d, stop=stop, scaler=state.scaler)
         return None if loss is None else (loss.item(), self.tokens_per_step)
 
     def lr(self, state: TrainState) -> float:
@@ -118,7 +120,8 @@ class LanguageModelling:
         val = self.corpus.val
         loss = evaluate_windows(state.core, val, self.val_starts, self.T, self.cfg.batch_size, self.device,
                                 self.eval_dist, self.cfg.dtype)[0]
-        return {"val_loss": loss, **{f"val_{k}": v for k, v in bits_per_unit(loss, len(val), self.val_text).items()}}
+        bits = bits_per_counts(loss, len(val), self.val_chars, self.val_bytes)
+        return {"val_loss": loss, **{f"val_{k}": v for k, v in bits.items()}}
 
     def sample(self, state: TrainState) -> str | None:
         # With the evaluation, at most every 50 steps (generation is slow next to a tiny step)
@@ -153,8 +156,9 @@ def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = Non
     core = core.to(device)
     if saved is not None:
         load_weights(core, saved.path, device)
-    model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile)
-    state = TrainState(core, model, make_optimizer(core, cfg, device), total_steps=cfg.steps)
+    model = wrap_model(core, d, device, fsdp=cfg.fsdp, compile=cfg.compile, dtype=cfg.dtype)
+    state = TrainState(core, model, make_optimizer(core, cfg, device), total_steps=cfg.steps,
+                       scaler=grad_scaler(cfg.dtype, device))
     if saved is not None:
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict  # heavy: seconds to import
 
@@ -274,8 +278,12 @@ def run_training(out: str | Path, *, data: str | None = None, tokenizer: str | N
     """
     req = request(out, data, tokenizer, preset, model_options, train_options, resume, init_from, time_budget,
                   log or (lambda s: None))
-    d, device = init_distributed(req.cfg.device)
+    d, device = init_distributed(req.cfg.device, req.log)
     configure_backends(device)  # TF32 matmuls on CUDA; nothing on CPU
+    dtype, why = training_dtype(req.cfg.dtype, device)
+    if why and d.is_main:
+        req.log(why)
+    req.cfg = req.cfg.replace(dtype=dtype)
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         if req.cfg.fsdp and not d.active:
@@ -404,7 +412,8 @@ def report(result: TrainResult, corpus: Corpus, tok, model_cfg: GPTConfig, cfg: 
     model, T = result.model, model_cfg.context_length
     if is_abc:
         starts = sliding_starts(len(corpus.val), T)  # every non-overlapping window of the split
-        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, None if cfg.fsdp else d, cfg.dtype)
+        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, None if cfg.fsdp else d, cfg.dtype,
+                                       progress=True)
         if not d.is_main:
             if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, report nothing
                 sample_text(model, tok, prompt, 700, device)

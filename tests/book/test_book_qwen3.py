@@ -183,6 +183,8 @@ def test_load_refuses_a_wrong_shape_or_a_missing_tensor():
     del state["model.layers.0.self_attn.q_proj.weight"]
     with pytest.raises(UsageError, match="'model.layers.0.self_attn.q_proj.weight' is missing"):
         load_weights_into_qwen(model, BASE, state)
+    with pytest.raises(UsageError, match="param_config: n_layers=3 but the model has 2"):
+        load_weights_into_qwen(model, {**BASE, "n_layers": 3}, hf_state_dict(hf))
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,15 @@ def test_finetune_classify_then_classify(imported, tmp_path, capsys):
         "--steps", 3, "--batch-size", 4, "--lora-rank", 2, "--lora-alpha", 4)
     row = json.loads(run(capsys, "classify", "--checkpoint", tmp_path / "cls", "--text", "the red is red"))
     assert row["label"] in ("animal", "colour", "fruit")
+    run(capsys, "merge-lora", "--checkpoint", tmp_path / "cls", "--out", tmp_path / "merged")
+    merged = json.loads(run(capsys, "classify", "--checkpoint", tmp_path / "merged", "--text", "the red is red"))
+    assert merged["label"] == row["label"]
+    assert merged["probabilities"] == pytest.approx(row["probabilities"], abs=1e-5)
+    for checkpoint in ("cls", "merged"):  # a head over 3 labels is no causal language model: one line, exit 2
+        assert main(["export-hf", "--checkpoint", str(tmp_path / checkpoint), "--out", str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is a classification fine-tune: its head scores 3 labels" in err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_finetune_instruct_lora_merge_and_export(imported, tmp_path, capsys):
@@ -130,3 +139,5 @@ def test_finetune_instruct_lora_merge_and_export(imported, tmp_path, capsys):
         torch.testing.assert_close(merged(idx), adapted(idx), atol=1e-5, rtol=0)
     run(capsys, "export-hf", "--checkpoint", tmp_path / "merged", "--out", tmp_path / "hf")
     hf_logits_equal_ours(tmp_path / "merged", tmp_path / "hf")
+    run(capsys, "export-hf", "--checkpoint", tmp_path / "ft", "--out", tmp_path / "hf-direct")  # merged on the way
+    hf_logits_equal_ours(tmp_path / "merged", tmp_path / "hf-direct")

@@ -163,10 +163,13 @@ class BookModel(GPTModel):
 
 # --- weights with Hugging Face's names --------------------------------------------------------------
 @torch.no_grad()
-def load_hf_weights(model: GPTModel, params: Mapping[str, torch.Tensor]) -> None:
-    """Copy a Hugging Face state dict (Llama, Qwen3 or Qwen3-MoE names, as interop reads them) into
-    `model`, each tensor checked for shape; without `lm_head.weight` the head gets the embedding (the
-    tied checkpoints)."""
+def load_hf_weights(model: GPTModel, param_config: Mapping[str, Any], params: Mapping[str, torch.Tensor]) -> None:
+    """The book's load_weights_into_llama / _qwen: copy a Hugging Face state dict (Llama, Qwen3 or
+    Qwen3-MoE names, as interop reads them) into `model`, each tensor checked for shape, after the
+    book's config dict is checked to have the model's layers; without `lm_head.weight` the head gets
+    the embedding (the tied checkpoints)."""
+    if param_config.get("n_layers", model.cfg.n_layers) != model.cfg.n_layers:
+        raise UsageError(f"param_config: n_layers={param_config['n_layers']} but the model has {model.cfg.n_layers}")
     ours = dict(model.named_parameters())
     family = "qwen3_moe" if model.cfg.n_experts else "qwen3" if model.cfg.qk_norm else "llama"
     for hf, name in decoder_names(model.cfg, family).items():

@@ -78,9 +78,7 @@ def load_weights_into_llama(model: Llama3Model, param_config: Mapping[str, Any],
                             params: Mapping[str, torch.Tensor]) -> None:
     """Copy a Hugging Face Llama state dict into `model`, shapes checked; without lm_head.weight (Llama
     3.2's tied checkpoints) the head gets a copy of the embedding."""
-    if param_config.get("n_layers", model.cfg.n_layers) != model.cfg.n_layers:
-        raise UsageError(f"param_config: n_layers={param_config['n_layers']} but the model has {model.cfg.n_layers}")
-    load_hf_weights(model, params)
+    load_hf_weights(model, param_config, params)
 
 
 class Llama3Tokenizer:

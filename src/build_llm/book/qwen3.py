@@ -129,9 +129,7 @@ def load_weights_into_qwen(model: Qwen3Model, param_config: Mapping[str, Any],
                            params: Mapping[str, torch.Tensor]) -> None:
     """Copy a Hugging Face Qwen3 (or Qwen3-MoE) state dict into `model`, shapes checked; without
     lm_head.weight (the tied checkpoints) the head gets a copy of the embedding."""
-    if param_config.get("n_layers", model.cfg.n_layers) != model.cfg.n_layers:
-        raise UsageError(f"param_config: n_layers={param_config['n_layers']} but the model has {model.cfg.n_layers}")
-    load_hf_weights(model, params)
+    load_hf_weights(model, param_config, params)
 
 
 class Qwen3Tokenizer:

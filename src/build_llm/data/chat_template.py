@@ -11,7 +11,8 @@ gets the package's own format, `AlpacaChat` (data/instruct.py: the book's Alpaca
 A template from a downloaded model is untrusted input: it runs in Jinja's immutable sandbox (no
 attribute of Python's internals, no mutation of what it is given, no file or network access; it sees
 only plain strings, lists and dicts), a repetition or power that would build a huge value is
-refused, and so is a rendering that grows past any prompt's size or runs for seconds. Whatever goes wrong in a template is one UsageError naming it.
+refused, and so is a rendering that grows past any prompt's size or runs for seconds. Whatever goes
+wrong in a template is one UsageError naming it.
 """
 
 from __future__ import annotations

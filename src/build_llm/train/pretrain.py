@@ -412,7 +412,8 @@ def report(result: TrainResult, corpus: Corpus, tok, model_cfg: GPTConfig, cfg: 
     model, T = result.model, model_cfg.context_length
     if is_abc:
         starts = sliding_starts(len(corpus.val), T)  # every non-overlapping window of the split
-        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, None if cfg.fsdp else d, cfg.dtype)
+        val_loss, n = evaluate_windows(model, corpus.val, starts, T, 256, device, None if cfg.fsdp else d, cfg.dtype,
+                                       progress=True)
         if not d.is_main:
             if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, report nothing
                 sample_text(model, tok, prompt, 700, device)

@@ -3,6 +3,8 @@ the rate and the time left, and one at its end; a short phase says nothing."""
 
 import time
 
+import torch
+
 import build_llm.progress as progress_mod
 from build_llm.progress import Progress
 
@@ -50,3 +52,27 @@ def test_the_ticker_says_how_far_while_no_update_comes(monkeypatch, capsys):
             time.sleep(0.05)  # no update meanwhile
             seen += capsys.readouterr().err
         assert seen.count("25 B of 100 B (25%)") >= 2, seen
+
+
+def test_a_long_evaluation_says_how_far(monkeypatch, capsys):
+    """evaluate_windows(progress=True): lines on stderr (here from the first update on), the loss unchanged."""
+    import numpy as np
+
+    from build_llm import GPTConfig, GPTModel
+    from build_llm.infer.evaluate import evaluate_windows
+
+    import functools
+
+    import build_llm.infer.evaluate as evaluate_mod
+
+    monkeypatch.setattr(progress_mod, "FIRST_LINE_S", 0.0)
+    monkeypatch.setattr(evaluate_mod, "Progress", functools.partial(Progress, ticker=False))  # lines on updates
+    torch.manual_seed(0)
+    model = GPTModel(GPTConfig(vocab_size=7, context_length=8, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0))
+    ids = np.random.default_rng(0).integers(0, 7, 2000)
+    starts = np.arange(0, 1900, 8)
+    quiet = evaluate_windows(model, ids, starts, 8, 16, torch.device("cpu"))
+    capsys.readouterr()
+    shown = evaluate_windows(model, ids, starts, 8, 16, torch.device("cpu"), progress=True)
+    assert shown == quiet
+    assert "evaluate: " in capsys.readouterr().err

@@ -200,9 +200,11 @@ def test_bfloat16_sharded_checkpoints_import(tmp_path):
     (dict(attention_bias=True, mlp_bias=False), "attention_bias=True"),
     (dict(final_logit_softcapping=30.0), "final_logit_softcapping=30.0"),
     (dict(model_type="phi3"), "model_type='phi3'"),
+    (dict(vocab_size=None), "'vocab_size' is missing; a llama config needs hidden_size"),
+    (dict(model_type="gpt2", n_embd=32, n_head=4, n_layer=2, n_positions=64, vocab_size=None), "'vocab_size' is missing; a GPT-2"),
 ])
 def test_configs_we_cannot_compute_are_refused_naming_the_key(changes, key):
-    config = {"model_type": "llama", **{k: v for k, v in BASE.items() if v is not None}, **changes}
+    config = {k: v for k, v in {"model_type": "llama", **BASE, **changes}.items() if v is not None}
     with pytest.raises(ValueError, match=key.replace("(", r"\(").replace(".", r"\.")):
         config_from_hf(config)
 

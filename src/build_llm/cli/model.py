@@ -24,6 +24,7 @@ from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
+from build_llm.store.finetuned import load_language_model
 from build_llm.store.fsio import (atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file,
                                  read_json)
 
@@ -183,12 +184,12 @@ def add_import_hf(p: argparse.ArgumentParser) -> None:
 
 
 def run_export_hf(args: argparse.Namespace) -> None:
-    ckpt = load_checkpoint(args.checkpoint)
-    tokenizer = None if args.no_tokenizer else ckpt.tokenizer
+    model, tokenizer = load_language_model(args.checkpoint)  # a LoRA run is merged on the way out
+    tokenizer = None if args.no_tokenizer else tokenizer
     if tokenizer is not None and not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
         print(f"build-llm: note: the {type(tokenizer).__name__} has no Hugging Face form; exporting the model only",
               file=sys.stderr)
-    written = save_hf(ckpt.model, args.out, tokenizer)
+    written = save_hf(model, args.out, tokenizer)
     print(f"{args.out}: {', '.join(written)}")
 
 
@@ -200,7 +201,9 @@ def add_export_hf(p: argparse.ArgumentParser) -> None:
     (config.json, model.safetensors) with the same logits, plus its tokenizer (GPT-2 or a trained BPE)
     for AutoTokenizer. A GPT-2-shaped model is written as GPT-2; one with rotary positions, RMSNorm or
     a gated feed-forward as the first of llama, mistral, qwen2, qwen3 and gemma3_text that holds all
-    its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama)."""
+    its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama;
+    qwen3_moe for a mixture of experts). A LoRA run (`finetune ... --lora-rank`) is written with its
+    adapter merged, as `merge-lora` would; a classifier (its head scores labels) is refused."""
     add_checkpoint(p)
     add_out(p, "directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from build_llm.data.corpus import random_windows, read_text, sliding_starts
 from build_llm.data.markov import ABC, ABC_EVAL_SEED, ABC_EVAL_WORDS, abc_text, optimal_loss_on_text
 from build_llm.errors import UsageError
+from build_llm.progress import Progress
 from build_llm.runtime import autocast, get_device, set_cpu_threads
 from build_llm.sizing import count_parameters
 from build_llm.store.checkpoint import TRAINER_FILE, load_checkpoint
@@ -25,16 +26,19 @@ from build_llm.store.fsio import read_json
 
 
 def evaluate_windows(model: nn.Module, ids: np.ndarray, starts: np.ndarray, context_length: int,
-                     batch_size: int, device: torch.device, d: Any = None, dtype: str = "float32") -> tuple[float, int]:
+                     batch_size: int, device: torch.device, d: Any = None, dtype: str = "float32",
+                     progress: bool = False) -> tuple[float, int]:
     """(mean loss per token, tokens) over the windows at `starts`. `d` (train.distributed.Dist: rank,
-    world, sum) shares them among processes, each taking every world-th window; None: this process alone."""
+    world, sum) shares them among processes, each taking every world-th window; None: this process alone.
+    `progress`: show it (a long evaluation, outside training's own bar)."""
     rank, world = (d.rank, d.world) if d is not None else (0, 1)
     mine = starts[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), Progress("evaluate", len(mine), "windows", enabled=progress and rank == 0) as shown:
         for i in range(0, len(mine), batch_size):
+            shown.update(len(mine[i:i + batch_size]))
             x, y = random_windows(ids, mine[i:i + batch_size], context_length)
             with autocast(device, dtype):
                 logits = model(x.to(device))  # (B, T, V)
@@ -77,7 +81,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     try:
         set_cpu_threads(count_parameters(ckpt.model.cfg), dev)
-        loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev)
+        loss, n = evaluate_windows(ckpt.model, ids, starts, T, batch_size, dev, progress=True)
     finally:
         torch.set_num_threads(threads)
     if not math.isfinite(loss):

@@ -48,8 +48,8 @@ from build_llm.data.special_tokens import TokenizerConfig, write_tokenizer_confi
 from build_llm.data.tokenizer import BPETokenizer, GPT2Tokenizer, gpt2_data_dir
 from build_llm.errors import UsageError, UsageTypeError
 from build_llm.gpt import GPTModel
-from build_llm.interop.hf_decoders import (DECODERS, decoder_config, decoder_hf_config, decoder_names, expert_slice,
-                                          family_of, stack_experts, unstack_experts)
+from build_llm.interop.hf_decoders import (DECODERS, check_keys, decoder_config, decoder_hf_config, decoder_names,
+                                          expert_slice, family_of, stack_experts, unstack_experts)
 from build_llm.store.checkpoint import unwrap, write_failed
 from build_llm.store.fsio import check_writable_dir, read_json, replace_dir
 
@@ -96,14 +96,7 @@ def config_from_hf(hf: Mapping[str, Any], *, drop_rate: float | None = None) -> 
     if model_type != "gpt2":
         raise UsageError(f"config.json: model_type={model_type!r} is not supported; valid model types are gpt2, "
                          f"{', '.join(DECODERS)}")
-    for key in ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"):
-        if key not in hf:
-            raise UsageError(f"config.json: {key!r} is missing; a GPT-2 config needs n_embd, n_head, n_layer, "
-                             "n_positions and vocab_size")
-    for key, plain in UNSUPPORTED.items():
-        if hf.get(key, plain) != plain:
-            raise UsageError(f"config.json: {key}={hf[key]!r} is not supported (GPTModel implements only "
-                             f"{key}={plain!r})")
+    check_keys(hf, ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size"), UNSUPPORTED, "GPT-2")
     n_inner = hf.get("n_inner")
     if n_inner is not None and n_inner != 4 * hf["n_embd"]:
         raise UsageError(f"config.json: n_inner={n_inner!r} is not supported; GPTModel's feed-forward width is "

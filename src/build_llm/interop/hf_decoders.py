@@ -47,6 +47,17 @@ def _refuse(key: str, value: Any, valid: str) -> UsageError:
     return UsageError(f"config.json: {key}={value!r} is not supported; {valid}")
 
 
+def check_keys(hf: Mapping[str, Any], required: tuple[str, ...], plain: Mapping[str, Any], what: str) -> None:
+    """Refuse in one line naming the key (GPT-2's reader and the Llama family's): a `config.json` without
+    one of `required`, or with a key of `plain` set otherwise than the value GPTModel computes."""
+    for key in required:
+        if key not in hf:
+            raise UsageError(f"config.json: {key!r} is missing; a {what} config needs {', '.join(required)}")
+    for key, value in plain.items():
+        if hf.get(key, value) != value:
+            raise _refuse(key, hf[key], f"GPTModel implements only {key}={value!r}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
@@ -150,13 +161,8 @@ def _experts(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
 def decoder_config(hf: Mapping[str, Any], family: str, drop_rate: float | None = None) -> GPTConfig:
     """The GPTConfig of a Llama-family `config.json` dict; anything GPTModel cannot compute raises
     UsageError naming its key."""
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-        if key not in hf:
-            raise UsageError(f"config.json: {key!r} is missing; a {family} config needs hidden_size, "
-                             "num_attention_heads, num_hidden_layers, intermediate_size and vocab_size")
-    for key, plain in PLAIN.items():
-        if hf.get(key) is not None and hf[key] != plain:
-            raise _refuse(key, hf[key], f"GPTModel implements only {key}={plain!r}")
+    check_keys(hf, ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"),
+               PLAIN, family)
     gemma = family == "gemma3_text"
     act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
     act = hf.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")

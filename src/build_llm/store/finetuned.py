@@ -239,6 +239,23 @@ def merge_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
     return save_checkpoint(Path(out), ft.model, ft.tokenizer, finetuned_files(meta))
 
 
+def load_language_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a checkpoint whose head predicts the next token: a plain checkpoint, an
+    instruction fine-tune, or a LoRA run (its adapter merged into the base, in memory). A classifier's
+    head scores labels, not the vocabulary: refused."""
+    try:
+        path = resolve_finetuned(path)
+    except UsageError:  # no finetune.json: a plain checkpoint
+        ckpt = load_checkpoint(path, device)
+        return ckpt.model, ckpt.tokenizer
+    ft = load_finetuned(path, device)
+    if ft.meta["task"] == "classify":
+        raise UsageError(f"--checkpoint {str(path)!r} is a classification fine-tune: its head scores "
+                         f"{len(ft.meta['labels'])} labels, not the next token; it has no causal language model "
+                         "to write (use `build-llm classify`)")
+    return lora_mod.merge_lora(ft.model), ft.tokenizer
+
+
 # --- adapter files (a LoRA run's checkpoint holds these instead of model.safetensors) ---------------
 def file_sha256(path: str | Path) -> str:
     h = hashlib.sha256()

@@ -47,8 +47,8 @@ def ours(budget_s: int) -> list[str]:
 
 def train(args: list[str], out: Path, seed: int, data: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", str(data), "--seed", str(seed),
-           "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "build_llm.cli", "train", "--data", str(data), "--tokenizer", "char",
+           "--seed", str(seed), "--out", str(out), *args]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 

@@ -7,6 +7,9 @@ logits. Two families run in `make test`; the others are marked slow."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,3 +144,23 @@ def test_finetune_instruct_lora_merge_and_export(imported, tmp_path, capsys):
     hf_logits_equal_ours(tmp_path / "merged", tmp_path / "hf")
     run(capsys, "export-hf", "--checkpoint", tmp_path / "ft", "--out", tmp_path / "hf-direct")  # merged on the way
     hf_logits_equal_ours(tmp_path / "merged", tmp_path / "hf-direct")
+
+
+@pytest.mark.slow
+def test_torchrun_continues_pretraining_as_one_process_does(imported, tmp_path, capsys):
+    """2 gloo processes (DDP; a mixture's experts that no token of a rank chose still get gradients)
+    give the 1-process losses step for step."""
+    _, data, base = imported
+    common = ["--data", data / "text.txt", "--init-from", base, "--steps", 3, "--batch-size", 4, "--eval-every", 1,
+              "--eval-batches", 1, "--lr-decay", "constant", "--warmup-steps", 0]
+    run(capsys, "train", "--out", tmp_path / "one", *common)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "build_llm.cli", "train", "--out", str(tmp_path / "two"), *map(str, common)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [[json.loads(line) for line in (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines()]
+            for run_dir in ("one", "two")]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)

@@ -7,8 +7,9 @@ import pytest
 import tiktoken
 import torch
 
-from build_llm.data.corpus import draw_starts, prepare_corpus, random_windows, read_text, step_rng, token_dtype
-from build_llm.data.tokenizer import CharTokenizer
+from build_llm.data.corpus import (bpe_vocab_size, draw_starts, prepare_corpus, random_windows, read_text, step_rng,
+                                   token_dtype)
+from build_llm.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
 TEXT = ("In the beginning the text was short, and the model was small.\n"
         "Every effort moves you, said the book, and so the windows slid along.\n") * 3
@@ -68,7 +69,10 @@ def test_prepare_corpus_gpt2_and_abc(tmp_path):
     path.write_text(TEXT, encoding="utf-8")
     corpus, tok = prepare_corpus(path, "gpt2", tmp_path / "g", 0.1)
     assert corpus.ids.dtype == np.uint16  # 50257 ids fit
-    assert np.asarray(corpus.ids).tolist() == tiktoken.get_encoding("gpt2").encode(TEXT)
+    cut = round(0.9 * len(TEXT))  # the held-out text is the file's last tenth, in characters
+    gpt2 = tiktoken.get_encoding("gpt2")
+    assert np.asarray(corpus.ids).tolist() == gpt2.encode(TEXT[:cut]) + gpt2.encode(TEXT[cut:])
+    assert corpus.n_train == len(gpt2.encode(TEXT[:cut]))
     abc, tok = prepare_corpus(None, "char", tmp_path / "abc", 0.2, abc_words=1000, abc_seed=1)
     assert tok.vocab == ["<PAD>", "\n", "A", "B", "C"]
     assert abc.meta["source"] == "abc" and abc.n_train == round(0.8 * abc.meta["n_tokens"])
@@ -102,3 +106,43 @@ def test_random_windows_and_step_rng():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert a.min() == 0 and a.max() == 100 - 16 - 1  # every valid start, and only those
+
+
+def test_a_folder_holds_out_the_last_part_of_each_file(tmp_path):
+    """Validation represents every file of a folder: not its last files, the last part of each."""
+    folder = tmp_path / "d"
+    folder.mkdir()
+    texts = {"a.txt": "αβγδ εζηθ " * 40, "b.txt": "один два три " * 30, "c.txt": "ünï çødé " * 50}
+    for name, text in texts.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    corpus, tok = prepare_corpus(folder, "char", tmp_path / "data", 0.2)
+    cuts = {name: round(0.8 * len(t)) for name, t in texts.items()}
+    train = "".join(t[:cuts[n]] for n, t in sorted(texts.items()))
+    held_out = "".join(t[cuts[n]:] for n, t in sorted(texts.items()))
+    assert tok.decode(np.asarray(corpus.train).tolist()) == train
+    assert tok.decode(np.asarray(corpus.val).tolist()) == held_out
+    assert corpus.meta["split"] == "the last part of each file"
+
+
+def test_the_default_bpe_is_trained_on_the_training_part(tmp_path):
+    """"bpe": a byte-level BPE with an end token, trained on the training part only, kept and reused."""
+    train_words, held_out_words = "Ωμέγα λόγος ψυχή ", "Zebra quokka "
+    text = train_words * 400 + held_out_words * 100  # the held-out fifth is only the last words
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    corpus, tok = prepare_corpus(path, "bpe", tmp_path / "data", 0.2)
+    assert isinstance(tok, BPETokenizer) and tok.eos_id is not None
+    assert tok.vocab_size <= bpe_vocab_size(round(0.8 * len(text)))
+    assert tok.decode(np.asarray(corpus.ids).tolist()) == text  # every byte encodable, exactly
+    vocab = tok.hf_tokenizer.get_vocab()
+    assert any("Î©" in piece and len(piece) > 2 for piece in vocab)  # merges from the training part ("Ω" in bytes)
+    assert not any("Zebra" in piece or "quokka" in piece for piece in vocab)  # none from the held-out part
+    again, tok2 = prepare_corpus(path, "bpe", tmp_path / "data", 0.2)  # the same tokenizer, from the file
+    assert tok2.to_json() == tok.to_json() and np.array_equal(again.ids, corpus.ids)
+    (saved,) = (tmp_path / "data").glob("bpe-*.json")
+    assert load_tokenizer(saved).encode(text) == tok.encode(text)
+
+
+def test_bpe_vocab_size_grows_with_the_text():
+    sizes = [bpe_vocab_size(n) for n in (10**3, 10**6, 10**8, 10**12)]
+    assert sizes == sorted(sizes) and sizes[0] == 512 and sizes[1] == 1024 and sizes[-1] == 32768

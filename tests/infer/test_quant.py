@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from build_llm import GPTConfig, GPTModel
 from build_llm.attention import KVCache
@@ -14,7 +15,8 @@ from build_llm.cli import main
 from build_llm.data.tokenizer import CharTokenizer
 from build_llm.infer import kernels
 from build_llm.infer.generate import generate
-from build_llm.infer.quant import CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int4, quantize_int8
+from build_llm.infer.quant import (PREFILL_ROWS, CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int4,
+                                   quantize_int8)
 from build_llm.sizing import weight_bytes
 from build_llm.store.checkpoint import save_checkpoint
 
@@ -299,3 +301,15 @@ def test_new_family_models_decode_low_precision_weights(name, dtype, tmp_path, c
                  "--dtype", dtype, "--greedy"]) == 0
     expected = generate(prepare_for_decoding(copy.deepcopy(small), dtype), torch.tensor([tok.encode("abc")]), 12)
     assert capsys.readouterr().out == tok.decode(expected[0].tolist()) + "\n"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
+def test_a_prompt_multiplies_the_dequantised_weight_and_a_few_rows_run_the_kernels(dtype):
+    torch.manual_seed(0)
+    layer = DecodeLinear.from_linear(nn.Linear(96, 40), dtype)
+    x = torch.randn(2, PREFILL_ROWS // 2 + 1, 96)  # PREFILL_ROWS + 2 rows: float32 BLAS on the dequantised weight
+    torch.testing.assert_close(layer(x), F.linear(x, layer.dequantized(), layer.bias), rtol=1e-6, atol=1e-6)
+    few = x[:, :3]  # 6 rows: the kernels (int8, int4: x rounded to 15 bits), the same up to that rounding
+    exact = few.double() @ layer.dequantized().double().T + layer.bias.double()
+    assert (layer(few).double() - exact).abs().max() < 1e-4

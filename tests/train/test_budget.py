@@ -10,6 +10,7 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
+import torch
 import pytest
 
 from build_llm.train.budget import Deadline, LossFit, fit_loss, load_fit, parse_duration
@@ -62,6 +63,24 @@ def test_deadline_moves_the_last_step_to_the_time_left():
         time.perf_counter = clock
 
 
+def test_deadline_keeps_a_plan_that_holds():
+    """On pace (within a tenth of the time): the total on the progress line stays the plan's."""
+    t = [0.0]
+    deadline = Deadline(end=110.0, reserve_s=10.0)
+    state = SimpleNamespace(step=0, total_steps=100)
+    clock = time.perf_counter
+    try:
+        time.perf_counter = lambda: t[0]
+        assert deadline(state) == 100
+        for step, now in ((10, 10.0), (50, 52.0), (80, 78.0)):  # 1 step/s, +-4%: each end within 10 s of 100 s
+            state.step, t[0] = step, now
+            assert deadline(state) == 100
+        state.step, t[0] = 85, 95.0  # fell behind: 15 steps left would end at 112 s
+        assert deadline(state) == 85 + int(85 / 95 * 5)
+    finally:
+        time.perf_counter = clock
+
+
 def test_a_plan_that_does_not_fit_stops_before_allocating(tmp_path, capsys):
     """The README's old example: gpt2-small at batch 64 x context 1024 with dropout needs ~100 GB."""
     data = tmp_path / "t.txt"
@@ -92,6 +111,18 @@ def test_time_budget_run_prints_a_plan_and_ends_its_schedule(tmp_path, capsys):
     assert rows[-1]["step"] == state["step"] == state["train_config"]["steps"]  # the schedule ended at the last step
     assert rows[-1]["lr"] == pytest.approx(2e-3 * 0.1, rel=0.05) or state["step"] < 20
     assert math.isfinite(rows[-1]["val_loss"]) and "val_bits_per_char" in rows[-1]
+    assert "context 256" in captured.err and "bits per character" in captured.err  # a BPE model's budget
+    # fp32 and bf16 autocast measured for each shape; the faster whose loss matches is the run's dtype
+    import re
+
+    probes = re.findall(r"probe: (\d+) layers x (\d+): ([\d,]+) tokens/s in (\w+) \((\w+) ([\d,]+) tokens/s"
+                        r"(, its loss differs)?\)", captured.err)
+    assert probes and {(p[3], p[4]) for p in probes} <= {("float32", "bfloat16"), ("bfloat16", "float32")}
+    for *_, rate, dtype, other, other_rate, differs in probes:
+        assert int(rate.replace(",", "")) >= int(other_rate.replace(",", "")) or differs
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    chosen = next(p for p in probes if (int(p[0]), int(p[1])) == (config["n_layers"], config["emb_dim"]))
+    assert state["train_config"]["dtype"] == chosen[3] and f"in {chosen[3]}" in captured.err.split("plan:")[2]
 
 
 def test_time_budget_contradictions(tmp_path, capsys):
@@ -105,3 +136,36 @@ def test_time_budget_contradictions(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+def test_the_fastest_dtype_whose_loss_matches_is_chosen():
+    from build_llm.train.budget import Probe, dtype_words, fastest
+
+    fp32 = Probe("float32", 1000.0, 3000.0, (4.00, 3.90, 3.80))
+    close = Probe("bfloat16", 1500.0, 4000.0, (4.01, 3.91, 3.79))  # within 1%
+    off = Probe("bfloat16", 1500.0, 4000.0, (4.00, 3.90, 3.50))  # the third loss 8% lower
+    slow = Probe("bfloat16", 600.0, 900.0, (4.00, 3.90, 3.80))
+    assert fastest([fp32, close]) is close and fastest([fp32, off]) is fp32 and fastest([fp32, slow]) is fp32
+    assert dtype_words([fp32, slow], fp32) == "float32 (bfloat16 600 tokens/s)"
+    assert dtype_words([fp32, off], fp32) == "float32 (bfloat16 1,500 tokens/s, its loss differs)"
+
+
+def test_the_probe_measures_both_dtypes_from_the_same_start(tmp_path):
+    """The same weights and windows in each dtype: the first loss agrees to bf16's precision."""
+    from build_llm.train.budget import probe_tokens_per_s, shape_for
+
+    ids = np.random.default_rng(0).integers(0, 50, size=5000).astype(np.uint16)
+    cfg = shape_for(1, 32, 16, 50)
+    a, b = (probe_tokens_per_s(cfg, 4, ids, torch.device("cpu"), dtype, seconds=0.1) for dtype in ("float32", "bfloat16"))
+    assert (a.dtype, b.dtype) == ("float32", "bfloat16") and len(a.losses) >= 3 and len(b.losses) >= 3
+    assert a.losses[0] == pytest.approx(math.log(50), abs=0.2) and b.matches(a)
+    assert a.tokens_per_s > 0 and a.eval_tokens_per_s > 0
+
+
+def test_a_dtype_far_slower_at_its_first_step_is_not_measured_further():
+    from build_llm.train.budget import probe_tokens_per_s, shape_for
+
+    ids = np.random.default_rng(0).integers(0, 50, size=5000).astype(np.uint16)
+    probe = probe_tokens_per_s(shape_for(1, 32, 16, 50), 4, ids, torch.device("cpu"), "bfloat16", give_up_s=1e-9)
+    assert len(probe.losses) == 1 and probe.eval_tokens_per_s == 0.0
+    assert probe.tokens_per_s == pytest.approx(4 * 16 / probe.first_s)

@@ -126,7 +126,9 @@ def test_instruct_needs_an_end_token(tmp_path, capsys):
     write_instruct_json(data, 8)
     code, _, err = run(["finetune", "instruct", "--init-from", tmp_path / "char", "--data", data, "--out",
                         tmp_path / "run"], capsys)
-    assert code == 2 and "no end token" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "character tokenizer" in err and "no end token" in err and "without --tokenizer char" in err
+    assert not (tmp_path / "run" / "checkpoint").exists()
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +233,79 @@ def test_interactive_chat_through_a_pseudo_terminal(instruct_run):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def _trained_here(base, tmp_path):
+    """A copy of the tiny base with a training record, as `build-llm train` leaves one."""
+    import shutil
+
+    from build_llm.store.checkpoint import TRAINER_FILE
+
+    path = tmp_path / "trained"
+    shutil.copytree(base, path)
+    (path / TRAINER_FILE).write_text(json.dumps({"format": 1, "step": 10, "train_config": {"lr": 4e-3}}))
+    return path
+
+
+@pytest.mark.parametrize("trained_here, lr, trainable, words", [
+    (False, 5e-5, "last-block", "book's recipe"), (True, 2e-3, "all", "small base trained here at lr 0.004")])
+def test_defaults_are_chosen_by_the_base_and_said(base, tmp_path, capsys, trained_here, lr, trainable, words):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data)
+    init = _trained_here(base, tmp_path) if trained_here else base
+    code, out, err = run(["finetune", "classify", "--init-from", init, "--data", data, "--out", tmp_path / "run",
+                          "--steps", 1], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["finetune_config"]
+    assert (saved["lr"], saved["trainable"]) == (lr, trainable)
+    recipe = next(line for line in err.splitlines() if line.startswith("fine-tuning recipe:"))
+    assert f"lr {lr:g}" in recipe and words in recipe, recipe
+    summary = json.loads(out)
+    assert (summary["trainable_parameters"] == summary["parameters"]) == (trainable == "all")
+
+
+def test_given_settings_win_over_the_base_s(base, tmp_path, capsys):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data)
+    code, _, err = run(["finetune", "classify", "--init-from", _trained_here(base, tmp_path), "--data", data,
+                        "--out", tmp_path / "run", "--steps", 1, "--lr", "1e-3", "--trainable", "last-block"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["finetune_config"]
+    assert (saved["lr"], saved["trainable"]) == (1e-3, "last-block") and "given by --lr and --trainable" in err
+
+
+def _records(path, outputs):
+    path.write_text(json.dumps([{"instruction": "what is the word", "input": "fox", "output": o} for o in outputs]))
+
+
+def test_no_example_fits_stops_with_exit_2(base, tmp_path, capsys):
+    """The tiny base's context is 96 tokens: every response here is far longer."""
+    data = tmp_path / "long.json"
+    _records(data, [" ".join(["red green blue apple"] * (40 + i)) for i in range(10)])
+    code, out, err = run(["finetune", "instruct", "--init-from", base, "--data", data, "--out", tmp_path / "run"],
+                         capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "no training example fits in 96 tokens" in err and "--context-length" in err
+    from build_llm.data.instruct import encode_conversation, read_instruction_data
+    from build_llm.train.finetune import split_indices
+
+    tok, conversations = load_checkpoint(base).tokenizer, read_instruction_data(data)[0]
+    train_idx, _ = split_indices(len(conversations), 0.1, 123)  # the default split and seed
+    lengths = sorted(len(encode_conversation(conversations[i], tok, tok.eos_id)[0]) - 1 for i in train_idx)
+    assert f"they are {lengths[0]} to {lengths[-1]} tokens long" in err  # the shortest and the longest
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_examples_that_do_not_fit_are_counted_before_the_first_step(base, tmp_path, capsys):
+    data = tmp_path / "mixed.json"
+    _records(data, ["animal"] * 16 + [" ".join(["red green blue apple"] * 40)] * 4)
+    code, _, err = run(["finetune", "instruct", "--init-from", base, "--data", data, "--val-fraction", "0.2",
+                        "--out", tmp_path / "run", "--steps", 1, "--lr", "1e-3"], capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    note = next(i for i, line in enumerate(lines) if "are left out" in line)
+    first_step = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert note < first_step
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())["data"]
+    assert state["n_dropped"] + state["n_val_dropped"] == 4 and state["n_train"] + state["n_val"] == 16
+    assert f"{state['n_dropped']} training and {state['n_val_dropped']} validation" in lines[note]

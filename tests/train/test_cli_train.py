@@ -235,6 +235,60 @@ def test_train_with_architecture_options_then_export_to_llama(tmp_path, capsys):
     assert hf.config.intermediate_size == 40
 
 
+def greek_text(tmp_path: Path, lines: int = 900) -> Path:
+    """A corpus with a non-ASCII alphabet (Greek words and Portuguese accents), made here."""
+    import random
+
+    rng = random.Random(0)
+    words = "λόγος ψυχή θάλασσα ἥλιος νύξ ação coração não órgão água".split()
+    path = tmp_path / "greek.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(lines)) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def test_data_default_is_a_bpe_model_that_can_chat_and_says_what_next(tmp_path, capsys):
+    """No tokenizer or shape flag: a byte-level BPE with an end token, saved in the run, and a context
+    of 256; the run ends saying where its checkpoint is and the commands that use it."""
+    from build_llm.data.tokenizer import BPETokenizer
+    from build_llm.store.checkpoint import load_checkpoint
+
+    data, run = greek_text(tmp_path), tmp_path / "my run"
+    code, out, err = cli(capsys, "train", "--data", data, "--out", run, "--steps", "2", "--batch-size", "2",
+                         "--eval-every", "2", "--eval-batches", "1")
+    assert code == 0, err
+    ckpt = load_checkpoint(run)
+    assert isinstance(ckpt.tokenizer, BPETokenizer) and ckpt.tokenizer.eos_id is not None
+    assert ckpt.model.cfg.context_length == 256 and ckpt.model.cfg.vocab_size == ckpt.tokenizer.vocab_size
+    assert ckpt.tokenizer.decode(ckpt.tokenizer.encode("ἥλιος? 日本語 ✓")) == "ἥλιος? 日本語 ✓"  # any text
+    assert "plan: validation: the last 10% of each file" in err
+    assert f"checkpoint: {run / 'checkpoint'}" in out
+    assert f"build-llm generate --checkpoint '{run}' --prompt" in out
+    assert f"build-llm finetune instruct --init-from '{run}'" in out and f"build-llm chat --checkpoint '{run}-sft'" in out
+
+
+def test_tokenizer_char_keeps_the_character_model(tmp_path, capsys):
+    data, run = greek_text(tmp_path), tmp_path / "run"
+    code, out, err = cli(capsys, "train", "--data", data, "--tokenizer", "char", "--out", run, "--steps", "2",
+                         "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1")
+    assert code == 0, err
+    from build_llm.data.tokenizer import CharTokenizer
+    from build_llm.store.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run)
+    assert isinstance(ckpt.tokenizer, CharTokenizer) and ckpt.model.cfg.context_length == 64
+    assert set(ckpt.tokenizer.vocab[1:]) == set(data.read_text(encoding="utf-8"))
+    assert "finetune classify" in out and "finetune instruct" not in out  # no end token: it cannot instruct
+
+
+def test_train_help_names_the_shapes_it_chooses(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "6-layer 384-wide char model" not in help_text
+    assert "bpe (the default for --data" in help_text and "context 256 (64 for --tokenizer char)" in help_text
+
+
 def test_time_budget_under_torchrun_plans_once_for_both_processes(tmp_path):
     """2 gloo processes with --time-budget and no shape: the main process's plan (shape and steps,
     throughput of both processes together) is both processes', so DDP wraps one model; the run keeps

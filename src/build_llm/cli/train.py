@@ -61,9 +61,12 @@ def add_train(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="a UTF-8 text file or a folder of them")
     src.add_argument("--abc", action="store_true", help="the ABC Markov text of the R notebook (the default)")
-    p.add_argument("--tokenizer", help="char (default), gpt2 or a tokenizer JSON path")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: r-abc for ABC, a 6-layer "
-                   "384-wide char model with context 256 for --data)")
+    p.add_argument("--tokenizer", help="bpe (the default for --data: a byte-level BPE trained on the training text, "
+                   "sized to it, with an end token), char (the default for ABC: one token per character), gpt2 or a "
+                   "tokenizer JSON path")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="model shape (default: r-abc for ABC; for --data the "
+                   "time budget's choice, context 256 (64 for --tokenizer char), said in the plan; with --steps, "
+                   "4 layers x 128 wide on a CPU, 6 x 384 with context 256 on a GPU)")
     add_settings(p, GPTConfig, "model (override the preset)", default_text="the preset's")
     groups = add_settings(p, TrainConfig, "optimisation", variants=TRAIN_VARIANTS)
     groups["optimisation"].add_argument(

@@ -9,7 +9,12 @@ Two ways to cut batches from a stream of token ids:
 
 `prepare_corpus` tokenizes a UTF-8 file or folder of files into `tokens.bin`, a NumPy memmap
 (uint16 when the vocabulary fits, else uint32), so a corpus of gigabytes is never held in memory
-while training. The first `round(train_ratio * n)` ids are the training split, the rest validation.
+while training. The held-out text is the last `val_ratio` of every file (in characters), so that
+validation represents each file of a folder, not its last files only: the ids of every file's
+training part come first, then those of every file's held-out part.
+
+The default tokenizer of a text corpus ("bpe") is a byte-level BPE trained on the training part,
+its size set by the corpus's length (`bpe_vocab_size`): it encodes any text and has an end token.
 """
 
 from __future__ import annotations
@@ -20,13 +25,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from build_llm.data.markov import abc_text
-from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
+from build_llm.data.tokenizer import BPETokenizer, CharTokenizer, get_tokenizer, load_tokenizer
 from build_llm.errors import UsageError
 from build_llm.progress import Progress
 from build_llm.data.cache import cached_scan, tokens_dir
@@ -164,17 +169,21 @@ class Corpus:
         return self.ids[self.n_train:]
 
 
-def write_tokens(pieces: Iterator[str], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
+def write_tokens(pieces: Callable[[bool], Iterator[str]], tokenizer: Any, out_dir: Path, meta: dict[str, Any],
                  val_ratio: float) -> Corpus:
-    """Tokenize `pieces` into out_dir/tokens.bin and write meta.json; both appear atomically."""
+    """Tokenize the training pieces (`pieces(False)`), then the held-out ones (`pieces(True)`), into
+    out_dir/tokens.bin and write meta.json; both appear atomically. The tokenizer is given at most
+    64K characters at once (small_pieces): a BPE's working memory grows with the text it is given
+    (Shakespeare's 4 MB pieces: 700 MB more at the peak)."""
     dtype = token_dtype(tokenizer.vocab_size)
-    n = 0
+    n, n_train = 0, 0
     with atomic_write(out_dir / TOKENS_FILE, "wb") as fh:
-        for piece in pieces:
-            ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
-            ids.tofile(fh)
-            n += ids.size
-    n_train = round((1 - val_ratio) * n)
+        for held_out in (False, True):
+            n_train = n if held_out else 0
+            for piece in small_pieces(pieces(held_out)):
+                ids = np.asarray(tokenizer.encode(piece), dtype=dtype)
+                ids.tofile(fh)
+                n += ids.size
     meta = {**meta, "n_tokens": n, "n_train": n_train, "dtype": dtype.name, "val_ratio": val_ratio}
     write_json(out_dir / META_FILE, meta)
     return open_corpus(out_dir)
@@ -210,10 +219,10 @@ def load_or_write_tokens(data_dir: Path, meta: dict[str, Any], pieces, tokenizer
         return corpus
     cached = tokens_dir({**meta, "val_ratio": val_ratio, "format": 1}) if meta.get("source") == "text" else None
     if cached is None:
-        return write_tokens(pieces(), tokenizer, data_dir, meta, val_ratio)
+        return write_tokens(pieces, tokenizer, data_dir, meta, val_ratio)
     if _matching(cached, meta, val_ratio) is None:
         cached.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_tokens(pieces(), tokenizer, cached, meta, val_ratio)
+        write_tokens(pieces, tokenizer, cached, meta, val_ratio)
     for name in (TOKENS_FILE, META_FILE):  # the run keeps its tokens if the cache is removed
         link_or_copy(cached / name, data_dir / name)
     return open_corpus(data_dir)
@@ -253,18 +262,69 @@ def sliding_starts(n_ids: int, context_length: int, stride: int | None = None) -
 
 
 # --- a run's corpus ------------------------------------------------------------------------------
-def _scan(files: list[Path]) -> tuple[str, str, int]:
-    """One pass over the files: SHA-256 of their bytes, their characters (sorted), their length;
+def _scan(files: list[Path]) -> tuple[str, str, list[int]]:
+    """One pass over the files: SHA-256 of their bytes, their characters (sorted), each one's length;
     remembered in the cache (data.cache.cached_scan), so an unchanged corpus is not read again."""
-    def scan() -> tuple[str, str, int]:
-        h, chars, n = hashlib.sha256(), set(), 0
-        for piece in read_showing_progress(files, "read"):
-            h.update(piece.encode("utf-8"))
-            chars.update(piece)
-            n += len(piece)
-        return h.hexdigest(), "".join(sorted(chars)), n
+    def scan() -> tuple[str, str, list[int]]:
+        h, chars, lengths = hashlib.sha256(), set(), []
+        with Progress("read", sum(f.stat().st_size for f in files), "B") as progress:
+            for f in files:
+                lengths.append(0)
+                for piece in read_pieces([f], progress):
+                    h.update(piece.encode("utf-8"))
+                    chars.update(piece)
+                    lengths[-1] += len(piece)
+        return h.hexdigest(), "".join(sorted(chars)), lengths
 
-    return tuple(cached_scan(files, scan))
+    sha, chars, lengths = cached_scan(files, scan)
+    return (sha, chars, lengths) if isinstance(lengths, list) else scan()  # a record without each file's length
+
+
+def split_pieces(files: list[Path], cuts: list[int], held_out: bool, desc: str | None = None) -> Iterator[str]:
+    """The training part (each file's characters before its cut) or the held-out part (from it on)
+    of the files' text, in pieces; with `desc`, the reading shown on stderr (progress.Progress)."""
+    with Progress(desc or "", sum(f.stat().st_size for f in files), "B", enabled=desc is not None) as progress:
+        for f, cut in zip(files, cuts):
+            pos = 0
+            for piece in read_pieces([f], progress):
+                part = piece[max(0, cut - pos):] if held_out else piece[:max(0, cut - pos)]
+                pos += len(piece)
+                if part:
+                    yield part
+
+
+def held_out_cut(n_chars: int, val_ratio: float) -> int:
+    """Where a text of `n_chars` characters is cut: its last `val_ratio` is held out."""
+    return round((1 - val_ratio) * n_chars)
+
+
+# A trained BPE gets about sqrt(characters of training text) ids, a power of two within these bounds
+# (Shakespeare's 4.4M training characters: 2,048): more text affords a larger vocabulary. Not yet
+# calibrated: the comparison of sizes under the default 5-minute budget was drowned by a busy machine.
+BPE_VOCAB_RANGE = (512, 32768)
+
+
+def bpe_vocab_size(n_chars: int) -> int:
+    """The default BPE's size for a training text of `n_chars` characters."""
+    lo, hi = BPE_VOCAB_RANGE
+    return int(min(hi, max(lo, 2 ** round(np.log2(max(n_chars, 1)) / 2))))
+
+
+def train_bpe(texts: Callable[[], Iterator[str]], n_chars: int, data_dir: Path, data_sha256: str) -> BPETokenizer:
+    """The default tokenizer: a byte-level BPE (every byte encodable, an end token) trained on the
+    training text; kept in data_dir under a name from the text and size, and reused, so every
+    process and a resumed run encode with the same one."""
+    vocab = bpe_vocab_size(n_chars)
+    path = Path(data_dir) / f"bpe-{vocab}-{data_sha256[:16]}.json"
+    if path.is_file():
+        try:
+            return load_tokenizer(path)
+        except (OSError, ValueError):
+            pass  # unreadable: train it again
+    tok = BPETokenizer.train_from_texts(small_pieces(texts()), vocab)
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    write_json(path, tok.to_json())
+    return tok
 
 
 def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
@@ -272,27 +332,33 @@ def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.Path
                    same_as: dict[str, Any] | None = None) -> tuple[Corpus, Any]:
     """(corpus, tokenizer) for a run: `data` a text file or folder, or None for the ABC source.
 
-    `tokenizer` is "char" (the corpus's characters, as the R notebook), "gpt2" or a tokenizer JSON
-    path. Token ids go to data_dir/tokens.bin; a later call with the same source, tokenizer and split
-    reuses them. With `same_as` (a resumed run's data identity), data or a tokenizer that differ
-    from it are refused before anything is written.
+    `tokenizer` is "bpe" (a byte-level BPE trained on the training part, sized to it), "char" (the
+    corpus's characters, as the R notebook), "gpt2" or a tokenizer JSON path. Token ids go to
+    data_dir/tokens.bin; a later call with the same source, tokenizer and split reuses them. With
+    `same_as` (a resumed run's data identity), data or a tokenizer that differ from it are refused
+    before anything is written.
     """
     if data is None:
         text = abc_text(abc_words, abc_seed)
         tok = CharTokenizer.from_text(text) if tokenizer == "char" else get_tokenizer(tokenizer)
-        sha, pieces = hashlib.sha256(text.encode("utf-8")).hexdigest(), lambda: iter([text])
-        source = {"source": "abc", "abc_words": abc_words, "abc_seed": abc_seed}
+        sha, cut = hashlib.sha256(text.encode("utf-8")).hexdigest(), held_out_cut(len(text), val_ratio)
+        pieces = lambda held_out: iter([text[cut:] if held_out else text[:cut]])  # noqa: E731
+        source = {"source": "abc", "abc_words": abc_words, "abc_seed": abc_seed, "n_train_chars": cut}
     else:
         files = text_files(data)
-        sha, chars, n_chars = _scan(files)
-        if n_chars == 0 or not "".join(sorted(chars)).strip():
+        sha, chars, lengths = _scan(files)
+        if sum(lengths) == 0 or not "".join(sorted(chars)).strip():
             raise UsageError(f"data {str(data)!r} is empty; give a non-empty UTF-8 text")
+        cuts = [held_out_cut(n, val_ratio) for n in lengths]
+        pieces = lambda held_out: split_pieces(files, cuts, held_out, "tokenize")  # noqa: E731
         if tokenizer == "char":
             tok = CharTokenizer(["<PAD>", *sorted(chars)])
+        elif tokenizer == "bpe":
+            train_part = lambda: split_pieces(files, cuts, False, "train the tokenizer")  # noqa: E731
+            tok = train_bpe(train_part, sum(cuts), data_dir, sha)
         else:
             tok = get_tokenizer(tokenizer)
-        pieces = lambda: read_showing_progress(files, "tokenize")  # noqa: E731
-        source = {"source": "text"}
+        source = {"source": "text", "split": "the last part of each file", "n_train_chars": sum(cuts)}
     tok_json = json.dumps(tok.to_json(), sort_keys=True)
     meta = {**source, "data_sha256": sha, "tokenizer_sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
             "vocab_size": tok.vocab_size}

@@ -69,7 +69,9 @@ class FinetuneConfig(Config):
     batch_size: int = setting(8, "examples per optimizer step", at_least=1)
     micro_batch_size: int | None = setting(None, "examples per forward pass (gradient accumulation)", at_least=1,
                                            unset="the batch size")
-    lr: float = setting(5e-5, "learning rate (the default is the book's)", above=0)
+    lr: float | None = setting(None, "learning rate", above=0, unset="by the base, said before the first step: "
+                               "half its pretraining rate (LoRA 1.5 times it) for a small base trained here, the "
+                               "book's 5e-5 for a large or imported one")
     weight_decay: float = setting(0.1, "AdamW weight decay", at_least=0)
     grad_clip: float = setting(0.0, "max gradient norm (0: no clipping)", at_least=0)
     eval_every: int | None = setting(None, "evaluate and checkpoint every N steps", at_least=1, unset="each epoch",
@@ -84,9 +86,11 @@ class FinetuneConfig(Config):
                                        group=LORA)
     lora_targets: tuple[str, ...] = setting(lora_mod.DEFAULT_TARGETS, "layers that get adapters",
                                             choices=tuple(lora_mod.TARGETS), group=LORA)
-    trainable: str = setting("last-block", "what a classification fine-tune without LoRA trains besides the new "
-                                           "head: last-block (the book's: the last block and final norm) or all "
-                                           "(every weight)", choices=CLASSIFY_TRAINABLE)
+    trainable: str | None = setting(None, "what a classification fine-tune without LoRA trains besides the new "
+                                          "head: last-block (the book's: the last block and final norm) or all "
+                                          "(every weight)", choices=CLASSIFY_TRAINABLE,
+                                    unset="by the base: all for a small base trained here, last-block for a large "
+                                          "or imported one")
     device: str = setting("auto", DEVICE_HELP, expected=DEVICES, resumable=True)
 
     def check(self) -> None:
@@ -95,7 +99,7 @@ class FinetuneConfig(Config):
                                 f"{self.batch_size}; choose a divisor", "micro_batch_size", "batch_size")
         if (self.lora_rank is None) != (self.lora_alpha is None):
             raise invalid(self, "lora_rank and lora_alpha go together; give both or neither", "lora_rank", "lora_alpha")
-        if self.trainable != "last-block" and (self.task != "classify" or self.lora_rank is not None):
+        if self.trainable == "all" and (self.task != "classify" or self.lora_rank is not None):
             raise invalid(self, f"trainable={self.trainable!r} applies to a classification fine-tune without LoRA "
                                 "(an instruction fine-tune trains every weight, a LoRA run only its adapters)",
                           "trainable")

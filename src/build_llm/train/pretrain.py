@@ -13,6 +13,7 @@ and raise UsageError (a ValueError) or TrainingStopped; the CLI prints and choos
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +39,7 @@ from build_llm.sizing import count_parameters, training_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE, load_checkpoint,
                                         load_trainer_state, save_checkpoint, set_rng_state, trainer_files)
 from build_llm.store.fsio import check_writable_dir
-from build_llm.train.budget import BUDGET_CONTEXT, Deadline, budget_seconds, make_plan, process_started
+from build_llm.train.budget import Deadline, budget_context, budget_seconds, make_plan, process_started
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 from build_llm.train.distributed import Dist, close_distributed, full_state_options, init_distributed, wrap_model
 from build_llm.train.loop import (RunLog, TrainingStopped, TrainState, grad_scaler, lr_at, make_optimizer, run_loop,
@@ -47,11 +48,11 @@ from build_llm.train.rundir import RUN_KIND, Resumed, check_run_dir, contradicti
 
 # Keys of step_rng streams: training batches, the fixed validation windows, dropout.
 TRAIN_STREAM, VAL_STREAM, DROPOUT_STREAM = 0, 1, 2
-# With --data and no --preset: a character model with learned positions, so that it exports to
-# Hugging Face GPT-2 (rotary positions pay on this CPU, docs/speed.md, but are opt-in: --pos-emb rope),
-# and fused attention (no seed pins its training-mode numbers). With --steps and
-# no shape flag: nanoGPT's shakespeare-char shape on a GPU; on a CPU its CPU recipe (4 layers, 4
-# heads, 128 wide, context 64, no dropout), whose steps take tens of milliseconds.
+# With --data, --steps and no --preset: learned positions, so that the model exports to Hugging Face
+# GPT-2 (rotary positions pay on this CPU, docs/speed.md, but are opt-in: --pos-emb rope), and fused
+# attention (no seed pins its training-mode numbers). On a GPU nanoGPT's shakespeare-char shape; on a
+# CPU its CPU recipe (4 layers, 4 heads, 128 wide, no dropout), whose steps take tens of
+# milliseconds, with context 64 for a character model and 256 for a subword one.
 DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6, drop_rate=0.2, qkv_bias=False,
                           pos_emb="learned", attn_impl="sdpa")
 CPU_DEFAULT_MODEL = dict(context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0, qkv_bias=False,
@@ -255,6 +256,7 @@ class Request:
     init: InitFrom | None        # --init-from of a new run
     saved: Resumed | None        # the checkpoint of a resumed run
     budget_s: float | None       # the time budget, if any
+    dtype_given: bool            # --dtype given: the probe measures it alone
     started: float               # time.perf_counter() at the process's start
     log: Callable[[str], None]
 
@@ -317,8 +319,9 @@ def request(out: str | Path, data: str | None, tokenizer: str | None, preset: st
         cfg, tokenizer = saved.cfg, tokenizer or saved.tokenizer
     else:
         cfg = (ABC_TRAIN if data is None else TrainConfig() if budget_s is None else BUDGET_TRAIN).replace(**train_options)
-        tokenizer = init.tokenizer if init is not None else (tokenizer or "char")
-    return Request(out, data, preset, model_options, cfg, tokenizer, init, saved, budget_s, started, log)
+        tokenizer = init.tokenizer if init is not None else (tokenizer or ("char" if data is None else "bpe"))
+    return Request(out, data, preset, model_options, cfg, tokenizer, init, saved, budget_s, "dtype" in train_options,
+                   started, log)
 
 
 def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, threads: int):
@@ -329,15 +332,26 @@ def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, t
         model_cfg = None  # the budget's rule chooses it
     else:
         model_cfg = model_config(req.data, req.preset, req.model_options, tok, req.init, req.saved, corpus, device)
-    check_splits(corpus, model_cfg.context_length if model_cfg is not None else BUDGET_CONTEXT)  # before the plan
+    check_splits(corpus, model_cfg.context_length if model_cfg is not None else budget_context(tok))  # before the plan
     # The plan's estimate refuses first (with what to change); check_fits is the lower bound behind it.
+    # Unless --dtype is given, the budget's probe also measures bf16 autocast, and takes it where it is faster.
+    dtypes = ("bfloat16",) if not req.dtype_given and req.cfg.dtype == "float32" else ()
     plan = make_plan(model_cfg, req.cfg, corpus, tok, device, d, req.started, req.budget_s, req.model_options,
-                     req.preset, req.log, start_step=req.saved.state["step"] if req.saved is not None else 0)
+                     req.preset, req.log, start_step=req.saved.state["step"] if req.saved is not None else 0,
+                     dtypes=dtypes)
     check_fits(training_memory(plan.model_cfg, plan.train_cfg), "training this model with these settings", device)
     if d.is_main:
-        req.log(plan.text())
+        req.log(plan.text() + "\n" + held_out_line(corpus))
     set_cpu_threads(count_parameters(plan.model_cfg), device, threads)
     return plan
+
+
+def held_out_line(corpus: Corpus) -> str:
+    """The plan's line on the validation text: the last part of each file (data/corpus.py), so that
+    a folder's validation represents all its files, not its last ones."""
+    where = "the ABC draw" if corpus.meta.get("source") == "abc" else "each file"
+    return (f"plan: validation: the last {corpus.meta['val_ratio']:.0%} of {where} ({len(corpus.val):,} tokens), "
+            "never trained on")
 
 
 def train_planned(req: Request, plan, corpus: Corpus, tok, d: Dist, device: torch.device) -> TrainingRun:
@@ -355,7 +369,23 @@ def train_planned(req: Request, plan, corpus: Corpus, tok, d: Dist, device: torc
     except TrainingStopped as e:
         e.main_process = d.is_main
         raise
-    return TrainingRun(result, report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device, is_abc))
+    text = report(result, corpus, tok, model_cfg, cfg, optimum, prompt, d, device, is_abc)
+    return TrainingRun(result, text and text + "\n\n" + next_steps(req.out, tok, prompt, is_abc))
+
+
+def next_steps(out: Path, tok, prompt: str, is_abc: bool) -> str:
+    """Where the checkpoint is and what to run next, with this run's own path."""
+    run, sft, classify = (shlex.quote(f"{out}{suffix}") for suffix in ("", "-sft", "-classify"))
+    lines = [f"checkpoint: {out / CHECKPOINT_DIR}", "next:",
+             f"  build-llm generate --checkpoint {run} --prompt {shlex.quote(prompt.split(chr(10))[0] or prompt)}"]
+    if is_abc:
+        lines.append(f"  build-llm eval --checkpoint {run}")
+    elif getattr(tok, "eos_id", None) is not None:
+        lines += [f"  build-llm finetune instruct --init-from {run} --data RECORDS.json --out {sft}",
+                  f"  build-llm chat --checkpoint {sft}"]
+    else:  # a character model cannot instruction-tune (no end token); it can learn to classify
+        lines.append(f"  build-llm finetune classify --init-from {run} --data LABELLED.csv --out {classify}")
+    return "\n".join(lines)
 
 
 def prepare_corpus_once(data: str | None, tokenizer: str, data_dir: Path, val_ratio: float, d: Dist,
@@ -383,6 +413,8 @@ def model_config(data: str | None, preset: str | None, model_options: dict[str, 
         base = GPTConfig.from_preset("r-abc").to_dict()
     else:
         base = GPTConfig(**(DATA_DEFAULT_MODEL if device.type == "cuda" else CPU_DEFAULT_MODEL)).to_dict()
+        if device.type != "cuda":  # a subword model's context holds instruction records and chats
+            base["context_length"] = budget_context(tok)
     return GPTConfig.from_dict({**base, **model_options, "vocab_size": tok.vocab_size})
 
 

@@ -248,3 +248,20 @@ def test_import_hf_and_export_hf_commands_round_trip(tmp_path, capsys):
     assert main(["import-hf", str(tmp_path / "bad"), "--out", str(tmp_path / "x"), "--tokenizer", "none"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "attn_logit_softcapping=50.0 is not supported" in err
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("mistral", {}),  # no sliding_window key: transformers' 4096
+    ("qwen2", {"use_sliding_window": True, "num_hidden_layers": 30}),  # its sliding_window and max_window_layers
+    ("qwen3", {"use_sliding_window": True, "num_hidden_layers": 30}),
+    ("qwen3_moe", {"use_sliding_window": True, "max_window_layers": 1, "num_experts": 4,
+                   "num_experts_per_tok": 2}),  # every layer
+])
+def test_keys_a_config_leaves_out_take_transformers_defaults(family, changes):
+    """A hand-written config.json may leave keys out: each then means what transformers' class gives it."""
+    config = {k: v for k, v in {**BASE, **changes}.items() if v is not None}
+    reference = transformers.AutoConfig.for_model(family, **config)
+    ours = config_from_hf({"model_type": family, **config})
+    assert ours.sliding_window == reference.sliding_window
+    kinds = getattr(reference, "layer_types", None) or ["sliding_attention"] * reference.num_hidden_layers
+    assert list(ours.types_of_layers) == [k.split("_")[0] for k in kinds]

@@ -298,9 +298,9 @@ def held_out_cut(n_chars: int, val_ratio: float) -> int:
     return round((1 - val_ratio) * n_chars)
 
 
-# A trained BPE gets about sqrt(characters of training text) ids, a power of two within these bounds:
-# on Shakespeare (1M characters) 1,024, which gave the lowest bits per character of the sizes tried
-# under the default 5-minute budget (docs/training.md); more text affords a larger vocabulary.
+# A trained BPE gets about sqrt(characters of training text) ids, a power of two within these bounds
+# (Shakespeare's 4.4M training characters: 2,048): more text affords a larger vocabulary. Not yet
+# calibrated: the comparison of sizes under the default 5-minute budget was drowned by a busy machine.
 BPE_VOCAB_RANGE = (512, 32768)
 
 

@@ -111,11 +111,13 @@ def _layers(hf: Mapping[str, Any], family: str, n_layers: int) -> dict[str, Any]
     """sliding_window and layer_types: None and None when every layer attends to the whole context."""
     if family == "llama":
         return {}
+    # a key left out means transformers' default for it (4096 tokens, the first 28 layers full); its
+    # Qwen3-MoE has no max_window_layers: a window there is on every layer
     if family == "mistral":
-        return {"sliding_window": hf.get("sliding_window")}
+        return {"sliding_window": hf.get("sliding_window", 4096)}
     if family in ("qwen2", "qwen3", "qwen3_moe"):
-        window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-        first = hf.get("max_window_layers", n_layers)
+        window = hf.get("sliding_window", 4096) if hf.get("use_sliding_window") else None
+        first = 0 if family == "qwen3_moe" else hf.get("max_window_layers", 28)
         default = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n_layers)]
     else:
         window = hf.get("sliding_window", 4096)

@@ -1,10 +1,14 @@
-"""The README's commands, copied out of it and run (shortened) in a fresh copy of the repository.
+"""The commands of the README and of every docs/ page, copied out of them and run (shortened) in a fresh
+copy of the repository.
 
 Every line of a fenced block that starts with `build-llm` is run through `build_llm.cli.main` in
-that copy (the README's convention: an activated environment, one command per line). SHORTEN makes
+that copy (the convention: an activated environment, one command per line), README first, then the
+pages in PAGES' order (a page's commands may read the runs of an earlier page's). SHORTEN makes
 them quick: a `train` gets --steps 2 and a tiny model, generation a few tokens. The inputs the
-README names are small generated texts. A line marked `# needs: download` is skipped; `python
-examples/...` lines are run by the slow test (tests/test_examples.py runs the same scripts)."""
+pages name are small generated texts. A line marked `# needs: ...` is skipped; the lines of a
+walkthrough section (`<!-- walkthrough` ... `<!-- /walkthrough -->`) are run as written, on their own
+inputs, by tests/test_walkthrough.py; `python examples/...` lines are run by the slow test
+(tests/test_examples.py runs the same scripts)."""
 
 from __future__ import annotations
 
@@ -34,16 +38,40 @@ SHORTEN = [
 ]
 
 
+# docs/ pages in the order their commands run (training writes the runs the others read); any other page
+# after them, sorted.
+PAGES = ["training", "generation-and-serving", "fine-tuning", "inspecting", "book", "interop", "scale",
+         "performance", "guia-rapido"]
+
+
+def documents() -> list[Path]:
+    """README.md, then every docs/ page: PAGES first, the others sorted."""
+    pages = [ROOT / "docs" / f"{name}.md" for name in PAGES]
+    return [ROOT / "README.md", *pages, *sorted(set((ROOT / "docs").glob("*.md")) - set(pages))]
+
+
 def readme_commands(prefix: str) -> list[str]:
-    """Lines of the README's fenced blocks that start with `prefix` (comments stripped)."""
-    lines, inside = [], False
-    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
-        if line.startswith("```"):
-            inside = not inside
-            continue
-        if inside and line.startswith(prefix):
-            lines.append(line)
+    """Lines of the fenced blocks of README.md and the docs/ pages that start with `prefix`, outside a
+    walkthrough section."""
+    lines = []
+    for path in documents():
+        inside = walkthrough = False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("<!-- walkthrough") or line.startswith("<!-- /walkthrough"):
+                walkthrough = not line.startswith("<!-- /")
+            elif line.startswith("```"):
+                inside = not inside
+            elif inside and not walkthrough and line.startswith(prefix):
+                lines.append(line)
     return lines
+
+
+def test_every_page_exists_and_links_resolve():
+    """The README's table of contents and the pages' relative links point at files that exist."""
+    for path in documents():
+        assert path.is_file(), path
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text(encoding="utf-8")):
+            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to missing {target}"
 
 
 def as_argv(line: str) -> list[str] | None:
@@ -110,7 +138,7 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch, capsys):
 def test_the_readme_example_scripts_run(tmp_path):
     copy = fresh_copy(tmp_path)
     for line in [line for line in readme_commands("python examples/") if "# needs:" not in line] + [
-            w for line in (ROOT / "README.md").read_text().splitlines()
+            w for path in documents() for line in path.read_text(encoding="utf-8").splitlines()
             for w in re.findall(r"`(python examples/[\w/]+\.py)`", line)]:
         script = shlex.split(line, comments=True)[1]
         proc = subprocess.run([sys.executable, script], cwd=copy, capture_output=True, text=True, timeout=1800,

@@ -241,3 +241,16 @@ def test_import_hf_of_a_llama_without_tokenizer_json_stores_no_tokenizer(tmp_pat
     assert "has no tokenizer.json; the checkpoint has no tokenizer" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "run").tokenizer is None
 
+
+
+@pytest.mark.parametrize("extra, word", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+])
+def test_tools_are_refused_not_ignored(extra, word):
+    """A request that offers the model tools would get an answer rendered without them: a 400 naming them
+    instead (an empty list offers none and is served)."""
+    from build_llm.serve.protocol import ApiError, parse_messages
+    with pytest.raises(ApiError, match=f"{word} are not supported"):
+        parse_messages({"messages": MESSAGES, **extra})
+    assert parse_messages({"messages": MESSAGES, word: []}) == MESSAGES

@@ -232,6 +232,10 @@ def _content_text(content: Any) -> str | None:
 
 def parse_messages(body: dict) -> list[dict[str, str]]:
     """The chat's messages, each reduced to its role and text content; the last must be the user's."""
+    for key in ("tools", "functions"):  # the template is rendered without them: refused, not ignored
+        if body.get(key):
+            raise ApiError(400, f"{key} are not supported: this server renders the chat template without tools; "
+                                f"leave {key} out", param=key)
     messages = body.get("messages")
     texts = [_content_text(m.get("content")) if isinstance(m, dict) else None
              for m in (messages if isinstance(messages, list) else [])]

@@ -187,3 +187,15 @@ def test_tokenizer_train_refuses_invalid_utf8_late_in_a_file(tmp_path, small_pie
     err = capsys.readouterr().err
     assert code == 2 and "is not valid UTF-8" in err.splitlines()[-1] and "Traceback" not in err, err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_default_bpe_is_trained_once_for_every_run_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILD_LLM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "t.txt"
+    path.write_text(one_line_text(20_000, seed=3, newlines=True), encoding="utf-8")
+    first, tok = corpus_mod.prepare_corpus(path, "bpe", tmp_path / "a" / "data", 0.1)
+    monkeypatch.setattr(BPETokenizer, "train_from_texts", lambda *a, **k: pytest.fail("trained again"))
+    second, tok2 = corpus_mod.prepare_corpus(path, "bpe", tmp_path / "b" / "data", 0.1)
+    assert tok2.to_json() == tok.to_json() and np.array_equal(first.ids, second.ids)
+    assert sorted(p.name for p in (tmp_path / "b" / "data").iterdir()) == sorted(
+        p.name for p in (tmp_path / "a" / "data").iterdir())

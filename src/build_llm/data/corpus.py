@@ -315,15 +315,22 @@ def train_bpe(texts: Callable[[], Iterator[str]], n_chars: int, data_dir: Path, 
     training text; kept in data_dir under a name from the text and size, and reused, so every
     process and a resumed run encode with the same one."""
     vocab = bpe_vocab_size(n_chars)
-    path = Path(data_dir) / f"bpe-{vocab}-{data_sha256[:16]}.json"
-    if path.is_file():
-        try:
-            return load_tokenizer(path)
-        except (OSError, ValueError):
-            pass  # unreadable: train it again
+    name, data_dir = f"bpe-{vocab}-{data_sha256[:16]}.json", Path(data_dir)
+    cached = tokens_dir({"bpe_vocab": vocab, "data_sha256": data_sha256})  # kept for the runs of other --out
+    for path in [data_dir / name, *([cached / name] if cached is not None else [])]:
+        if path.is_file():
+            try:
+                tok = load_tokenizer(path)
+            except (OSError, ValueError):
+                continue  # unreadable: train it again
+            if path.parent != data_dir:
+                link_or_copy(path, data_dir / name)
+            return tok
     tok = BPETokenizer.train_from_texts(small_pieces(texts()), vocab)
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-    write_json(path, tok.to_json())
+    (cached or data_dir).mkdir(mode=0o700 if cached is not None else 0o777, parents=True, exist_ok=True)
+    write_json((cached or data_dir) / name, tok.to_json())
+    if cached is not None:
+        link_or_copy(cached / name, data_dir / name)
     return tok
 
 

@@ -117,3 +117,16 @@ def test_training_dtype_falls_back_to_float16_where_a_gpu_has_no_bfloat16(monkey
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert training_dtype("bf16", "cuda:0") == ("bfloat16", "")
     assert training_dtype("float16", "cpu")[0] == "float16"
+
+
+def test_cpu_has_bf16_reads_what_the_cpu_reports(tmp_path):
+    from build_llm.runtime import cpu_has_bf16
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not cpu_has_bf16(info)
+    info.write_text("flags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_has_bf16(info)
+    info.write_text("Features\t: fp asimd bf16 i8mm\n")  # Arm
+    assert cpu_has_bf16(info)
+    assert cpu_has_bf16(tmp_path / "absent")  # unknown: measure

@@ -7,6 +7,7 @@ import contextlib
 import os
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,6 +91,17 @@ def training_dtype(requested: str, device: torch.device | str) -> tuple[str, str
     if requested in ("float16", "fp16"):
         return "float16", "--dtype float16: autocast in float16, losses scaled against underflow (GradScaler)"
     return get_dtype_name(requested), ""
+
+
+def cpu_has_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether the CPU reports bfloat16 arithmetic (x86 AVX512_BF16 or AMX-BF16, Arm BF16). Without it
+    PyTorch emulates bfloat16 autocast, several times slower than float32, so measuring it would only
+    spend a time budget. Unknown (no cpuinfo): True, so the probe measures."""
+    try:
+        words = set(Path(cpuinfo).read_text(encoding="ascii", errors="replace").split())
+    except OSError:
+        return True
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _cuda_bf16(device: torch.device) -> bool:

@@ -96,7 +96,9 @@ def test_a_plan_that_does_not_fit_stops_before_allocating(tmp_path, capsys):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1024 * 1024  # < 1 GB more (kB units)
 
 
-def test_time_budget_run_prints_a_plan_and_ends_its_schedule(tmp_path, capsys):
+@pytest.mark.parametrize("bf16", [True, False], ids=["cpu with bf16", "cpu without bf16"])
+def test_time_budget_run_prints_a_plan_and_ends_its_schedule(tmp_path, capsys, monkeypatch, bf16):
+    monkeypatch.setattr("build_llm.train.pretrain.cpu_has_bf16", lambda: bf16)  # what the CPU reports
     data = tmp_path / "t.txt"
     rng = np.random.default_rng(0)
     data.write_text(" ".join(rng.choice(["to", "be", "or", "not", "that", "is"], size=6000)), encoding="utf-8")
@@ -115,6 +117,12 @@ def test_time_budget_run_prints_a_plan_and_ends_its_schedule(tmp_path, capsys):
     # fp32 and bf16 autocast measured for each shape; the faster whose loss matches is the run's dtype
     import re
 
+    if not bf16:  # bf16 autocast is emulated there: never measured, never chosen
+        assert "dtype: float32 only: this CPU reports no bfloat16 instructions" in captured.err
+        assert "bfloat16" not in captured.err.split("emulated and slower")[1]
+        assert re.search(r"probe: \d+ layers x \d+: [\d,]+ tokens/s in float32 ->", captured.err)
+        assert state["train_config"]["dtype"] == "float32"
+        return
     probes = re.findall(r"probe: (\d+) layers x (\d+): ([\d,]+) tokens/s in (\w+) \((\w+) ([\d,]+) tokens/s"
                         r"(, its loss differs)?\)", captured.err)
     assert probes and {(p[3], p[4]) for p in probes} <= {("float32", "bfloat16"), ("bfloat16", "float32")}

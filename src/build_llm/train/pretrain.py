@@ -34,7 +34,7 @@ from build_llm.gpt import GPTModel
 from build_llm.infer.evaluate import bits_per_counts, evaluate_windows
 from build_llm.infer.generate import generate, text_to_token_ids
 from build_llm.interop.hf import from_hf
-from build_llm.runtime import check_fits, configure_backends, set_cpu_threads, set_seed, training_dtype
+from build_llm.runtime import check_fits, configure_backends, cpu_has_bf16, set_cpu_threads, set_seed, training_dtype
 from build_llm.sizing import count_parameters, training_memory
 from build_llm.store.checkpoint import (CHECKPOINT_DIR, MODEL_FILE, TOKENIZER_FILE, load_checkpoint,
                                         load_trainer_state, save_checkpoint, set_rng_state, trainer_files)
@@ -334,8 +334,14 @@ def plan_run(req: Request, corpus: Corpus, tok, d: Dist, device: torch.device, t
         model_cfg = model_config(req.data, req.preset, req.model_options, tok, req.init, req.saved, corpus, device)
     check_splits(corpus, model_cfg.context_length if model_cfg is not None else budget_context(tok))  # before the plan
     # The plan's estimate refuses first (with what to change); check_fits is the lower bound behind it.
-    # Unless --dtype is given, the budget's probe also measures bf16 autocast, and takes it where it is faster.
+    # Unless --dtype is given, the budget's probe also measures bf16 autocast, and takes it where it is faster
+    # (not on a CPU without bf16 instructions, where autocast is emulated: its probe would eat the budget).
     dtypes = ("bfloat16",) if not req.dtype_given and req.cfg.dtype == "float32" else ()
+    if dtypes and device.type == "cpu" and not cpu_has_bf16():
+        dtypes = ()
+        if d.is_main and req.budget_s is not None and model_cfg is None:
+            req.log("dtype: float32 only: this CPU reports no bfloat16 instructions (avx512_bf16, amx_bf16), "
+                    "so bfloat16 autocast would be emulated and slower")
     plan = make_plan(model_cfg, req.cfg, corpus, tok, device, d, req.started, req.budget_s, req.model_options,
                      req.preset, req.log, start_step=req.saved.state["step"] if req.saved is not None else 0,
                      dtypes=dtypes)

@@ -91,7 +91,9 @@ def test_preparing_a_32_mb_line_peaks_like_a_small_file(tmp_path):
 
 
 INTERRUPT_CHILD = textwrap.dedent("""
-    import sys
+    import signal, sys
+    # Ctrl-C's handler, also when this test runs in a background job (whose children start with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from build_llm.cli import main
     sys.exit(main(["train", "--data", sys.argv[1], "--tokenizer", "gpt2", "--out", sys.argv[2], "--steps", "1"]))
 """)

@@ -103,6 +103,18 @@ def test_bad_input_is_one_line_and_exit_2(base, tmp_path, capsys, extra, message
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and out == ""
 
 
+@pytest.mark.parametrize("task", ["classify", "instruct"])
+@pytest.mark.parametrize("flag", ["--data", "--val-data"])
+def test_a_device_as_data_is_refused_before_it_is_read(base, tmp_path, capsys, task, flag):
+    data = tmp_path / "train.csv"
+    write_classification_csv(data, 2)
+    paths = {"--data": data, "--val-data": data, flag: "/dev/zero"}  # /dev/zero never ends
+    code, out, err = run(["finetune", task, "--init-from", base, "--data", paths["--data"], "--val-data",
+                          paths["--val-data"], "--out", tmp_path / "run"], capsys)
+    assert code == 2 and f"{flag} '/dev/zero' is not a regular file" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_foreign_out_directory_is_refused_and_left_alone(base, tmp_path, capsys):
     data = tmp_path / "train.json"
     write_instruct_json(data, 8)

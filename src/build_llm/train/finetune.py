@@ -424,6 +424,10 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
     when resuming > defaults), fine-tune; returns the last evaluation row. Raises UsageError for bad
     settings and TrainingStopped when interrupted or diverged."""
     options = {k: v for k, v in (options or {}).items() if v is not None}
+    for flag, path in (("--data", data), ("--val-data", val_data)):  # a device would be read without end
+        if path is not None and Path(path).exists() and not Path(path).is_file():
+            raise UsageError(f"{flag} {str(path)!r} is not a regular file (a device, a pipe or a folder?); give a "
+                             f"{'CSV' if task == 'classify' else 'JSON or JSONL'} file")
     out = check_run_dir(out, resume)
     if resume:
         ckpt = resolve_finetuned(out)

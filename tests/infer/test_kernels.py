@@ -25,8 +25,8 @@ def library(request, tmp_path_factory):
         yield kernels._lib
         return
     out = tmp_path_factory.mktemp("portable") / "portable.so"
-    subprocess.run([shutil.which("cc") or "gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DKERNELS_PORTABLE",
-                    str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
+    subprocess.run([shutil.which("cc") or "gcc", *kernels.CFLAGS, "-DKERNELS_PORTABLE", str(kernels.SOURCE), "-o",
+                    str(out), "-lm"], check=True)
     built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(out)))
     assert not kernels.wide()
     yield kernels._lib

@@ -155,7 +155,8 @@ class Engine:
     # --- the engine thread ----------------------------------------------------------------------
     def run(self) -> None:
         # In this thread: its thread count is its own, and the server's other threads share its cores.
-        self.step_threads = decoding_threads(count_weights(self.model), self.cache.k.device)
+        self.step_threads = decoding_threads(count_weights(self.model), self.cache.k.device,
+                                             compiled=getattr(self.model, "decode_step", None) is not None)
         with torch.inference_mode():
             while True:
                 with self.wake:

@@ -19,6 +19,7 @@
    are in the L1 cache; blocks are shared among `threads` OpenMP threads when the matrix is large
    enough to pay for waking them. */
 #define PARALLEL_MIN (1 << 18)
+#define INT4_GROUP 64  /* quant.INT4_GROUP: int4's default group of columns sharing a scale */
 #define INT8_CHUNK 4096  /* int8 sums exactly in int32 over at most this many columns (see int8_rows) */
 /* Both kernels ask for the weights PREFETCH ahead of the ones they multiply (into L1): one core alone cannot
    keep enough reads in flight to use the memory's bandwidth. Measured over gpt2-small's 49 products on the
@@ -429,6 +430,10 @@ static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, co
 
 static void int4_block_avx2(int64_t rows, const uint8_t *w, const uint16_t *scale, const int16_t *xr,
                             const int32_t *corr, int64_t Kp, int64_t G, float dot[4]) {
+    if (rows == 4 && G == INT4_GROUP) {  /* the default group, a constant: one stretch a group, no loop around it */
+        int4_rows_avx2(4, w, scale, xr, corr, Kp, INT4_GROUP, dot);
+        return;
+    }
     if (rows == 4) {
         int4_rows_avx2(4, w, scale, xr, corr, Kp, G, dot);
         return;

@@ -476,7 +476,8 @@ void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const 
    Linear layers are packed bfloat16, int8 or int4 weights (`kind`); everything else is float32, computed as
    PyTorch's modules compute it: GPT-2's shape (LayerNorm, a position table, GELU) or Llama's (RMSNorm, rotary
    positions, a gated feed-forward, grouped key/value heads), with Qwen3's and Gemma 3's options (RMS-normalised
-   queries and keys, sliding windows, norms after each sub-layer, scaled embeddings). */
+   queries and keys, sliding windows, norms after each sub-layer, scaled embeddings) and Qwen3-MoE's mixture of
+   experts (each row through the experts its router chooses). */
 enum { BF16, INT8, INT4 };
 enum { GELU_TANH, GELU_ERF, SILU };
 typedef struct { const void *w; const void *scale; const float *bias; int64_t n, k, kind, group; } Lin;
@@ -488,6 +489,8 @@ typedef struct {
     int64_t window;                              /* a query sees the last `window` positions; 0: all */
     Lin qkv[3]; int64_t n_qkv;                   /* one (q, k, v) product, or three */
     Lin att_out, fc, up, ff_out;                 /* up.w non-NULL: gated, act(fc x) * up x */
+    int64_t n_experts, top_k, norm_topk;         /* n_experts 0: dense; else fc, up, ff_out stack the experts' */
+    const float *router;                         /* (n_experts, emb_dim) float32: the router's weight */
 } Block;
 typedef struct {
     int64_t n_layers, emb_dim, n_heads, n_kv_heads, head_dim, hidden, vocab, act, rms;
@@ -601,6 +604,76 @@ static void feed_forward(const Model *md, const Block *B, const float *h, float 
     linear(&B->ff_out, ff, part, M, threads);
 }
 
+/* Expert e's matrix of a projection that stacks every expert's (see quant.DecodeMoE): `l` describes one expert's
+   (n, k) matrix at expert 0; each expert takes n rows padded to a multiple of 4 (a packed tile's first row). */
+static Lin expert_lin(const Lin *l, int64_t e) {
+    const int64_t first = (l->n + 3) / 4 * 4 * e;
+    Lin s = *l;
+    if (l->kind == INT4) {
+        const int64_t Kp = (l->k + l->group - 1) / l->group * l->group;
+        s.w = (const uint8_t *)l->w + first * (Kp / 2);
+        s.scale = (const uint16_t *)l->scale + first * (Kp / l->group);
+    } else {
+        const int64_t K32 = (l->k + 31) / 32 * 32;
+        s.w = (const uint8_t *)l->w + first * K32 * (l->kind == BF16 ? 2 : 1);
+        if (l->kind == INT8) s.scale = (const float *)l->scale + first;
+    }
+    return s;
+}
+
+/* One row's routing, as moe.py's `route`: the router's float32 logits, their softmax, the top_k experts (the largest
+   probabilities, the lowest index first among equal ones) into chosen, their probabilities (rescaled to sum to 1
+   when norm_topk) into weight. probs: n_experts floats of scratch. */
+static void route(const Block *B, const float *x, int64_t C, float *probs, int64_t *chosen, float *weight) {
+    float top = -INFINITY, sum = 0.0f, total = 0.0f;
+    for (int64_t e = 0; e < B->n_experts; e++) {
+        probs[e] = dot(B->router + e * C, x, C);
+        top = probs[e] > top ? probs[e] : top;
+    }
+    for (int64_t e = 0; e < B->n_experts; e++) sum += (probs[e] = expf(probs[e] - top));
+    for (int64_t e = 0; e < B->n_experts; e++) probs[e] /= sum;
+    for (int64_t j = 0; j < B->top_k; j++) {
+        int64_t best = 0;
+        for (int64_t e = 1; e < B->n_experts; e++) best = probs[e] > probs[best] ? e : best;  /* strict: the lowest */
+        chosen[j] = best;
+        total += (weight[j] = probs[best]);
+        probs[best] = -1.0f;  /* below every probability: not chosen twice */
+    }
+    for (int64_t j = 0; B->norm_topk && j < B->top_k; j++) weight[j] /= total;
+}
+
+/* Block B's mixture of experts for M rows: h (M, C) -> part (M, C). Each row is routed on its own (rows of a batch may
+   choose different experts); then each expert any row chose runs once, on the rows that chose it (gathered), and each
+   row adds its experts' outputs times their weights in increasing expert order, as moe.py's index_add_ does. */
+static void mixture(const Model *md, const Block *B, const float *h, float *part, int64_t M, int threads) {
+    const int64_t C = md->emb_dim, E = B->n_experts, K = B->top_k, F = B->fc.n;
+    int64_t *chosen = malloc(sizeof(int64_t) * M * K), *rows = malloc(sizeof(int64_t) * M);
+    float *weight = malloc(sizeof(float) * M * K), *row_weight = malloc(sizeof(float) * M);
+    float *probs = malloc(sizeof(float) * E);
+    float *xin = malloc(sizeof(float) * M * C), *out = malloc(sizeof(float) * M * C);
+    float *ff = malloc(sizeof(float) * M * F), *gate = malloc(sizeof(float) * M * F);
+    for (int64_t m = 0; m < M; m++) route(B, h + m * C, C, probs, chosen + m * K, weight + m * K);
+    memset(part, 0, sizeof(float) * M * C);
+    for (int64_t e = 0; e < E; e++) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < M * K; i++)
+            if (chosen[i] == e) {
+                rows[n] = i / K;
+                row_weight[n] = weight[i];
+                memcpy(xin + n * C, h + rows[n] * C, sizeof(float) * C);
+                n++;
+            }
+        if (n == 0) continue;  /* an expert no row chose costs nothing */
+        const Lin fc = expert_lin(&B->fc, e), up = expert_lin(&B->up, e), down = expert_lin(&B->ff_out, e);
+        linear(&fc, xin, ff, n, threads);
+        linear(&up, xin, gate, n, threads);
+        for (int64_t i = 0; i < n * F; i++) ff[i] = activation(md->act, ff[i]) * gate[i];
+        linear(&down, ff, out, n, threads);
+        for (int64_t i = 0; i < n; i++) axpy(row_weight[i], out + i * C, part + rows[i] * C, C);
+    }
+    free(chosen); free(rows); free(weight); free(row_weight); free(probs); free(xin); free(out); free(ff); free(gate);
+}
+
 /* Returns 0, or 1 when a token id is outside the vocabulary, 2 when a position is outside the cache or the
    context (nothing is written then). */
 CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, float *k_cache, float *v_cache,
@@ -639,7 +712,8 @@ CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, 
         residual(md, x, part, B->post1_w, B->post1_b, M);
 
         norm(x, B->ln2_w, B->ln2_b, h, M, C, md->eps, md->rms);
-        feed_forward(md, B, h, ff, gate, part, M, threads);
+        if (B->n_experts) mixture(md, B, h, part, M, threads);
+        else feed_forward(md, B, h, ff, gate, part, M, threads);
         residual(md, x, part, B->post2_w, B->post2_b, M);
     }
     norm(x, md->lnf_w, md->lnf_b, h, M, C, md->eps, md->rms);

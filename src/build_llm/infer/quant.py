@@ -207,9 +207,11 @@ class DecodeMoE(nn.Module):
     @staticmethod
     def stack(w: torch.Tensor, dtype: str) -> DecodeLinear:
         n_experts, out, inp = w.shape
-        padded = w.new_zeros(n_experts, expert_rows(out), inp)  # (E, out4, in): an all-zero row stays zero
-        padded[:, :out] = w.detach()
-        return DecodeLinear.from_weight(padded.view(-1, inp), None, dtype)  # (E * out4, in)
+        padded = w.detach()
+        if out != expert_rows(out):  # a copy only where rows are missing (Qwen3-MoE's widths are multiples of 4)
+            padded = w.new_zeros(n_experts, expert_rows(out), inp)  # (E, out4, in): an all-zero row stays zero
+            padded[:, :out] = w.detach()
+        return DecodeLinear.from_weight(padded.reshape(-1, inp), None, dtype)  # (E * out4, in)
 
     def project(self, lin: DecodeLinear, n: int, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's (n, in) matrix of the stacked `lin` times x (m, in): (m, n)."""

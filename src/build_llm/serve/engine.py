@@ -34,12 +34,9 @@ import torch.nn as nn
 
 from build_llm.attention import KVCache
 from build_llm.errors import UsageError
-from build_llm.infer.generate import filter_logits
+from build_llm.infer.generate import MIN_TEMPERATURE, filter_logits
 from build_llm.runtime import decoding_threads, one_thread
 from build_llm.sizing import count_weights
-
-
-TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32: a temperature below it samples greedily
 
 
 class QueueFull(Exception):
@@ -294,7 +291,7 @@ class Engine:
         distribution by the inverse of the cumulative distribution at one uniform number from the row's
         generator (the same distribution as torch.multinomial, at a tenth of its cost over GPT-2's 50,257
         tokens: it was a quarter of a 16-row step's time)."""
-        if s.temperature < TINY:  # 0, or a temperature that is 0 in float32 (it would divide by zero)
+        if s.temperature <= MIN_TEMPERATURE:  # 0 (or, from a caller that skipped the check, 0 in float32)
             return int(torch.argmax(logits))
         logits = logits.float()
         scaled = (logits - logits.max()) / s.temperature  # shifted first: a tiny temperature cannot overflow

@@ -3,6 +3,7 @@ and by raw HTTP (malformed requests, disconnects, limits, SIGTERM)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import shutil
@@ -27,7 +28,8 @@ from build_llm.infer.generate import generate
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import to_hf
 from build_llm.serve import Settings, create_app
-from build_llm.serve.engine import Engine, QueueFull, Sequence
+from build_llm.serve.app import Outbox
+from build_llm.serve.engine import Engine, QueueFull, Sequence, argmax_rows
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
 from tiny import Server, free_port, tiny_cfg, words_tokenizer, write_instruct_json
 
@@ -88,6 +90,67 @@ def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw
         assert engine.steps < sum(10 + i for i in range(6)) - 10
     finally:
         engine.stop()
+
+
+def decode_together(model, prompts, lengths, max_batch):
+    """Every prompt submitted at once to a fresh engine; (the tokens of each, the engine once stopped)."""
+    engine = Engine(model, max_batch=max_batch, max_queue=16)
+    outs = [Collect() for _ in prompts]
+    engine.submit([Sequence(p, n, o) for p, n, o in zip(prompts, lengths, outs)])  # queued before the thread starts
+    engine.start()
+    try:
+        for o in outs:
+            assert o.done.wait(60) and o.reason == "length"
+    finally:
+        engine.stop()
+    return [o.tokens for o in outs], engine
+
+
+def test_rows_finishing_together_leave_without_moving_any_cache_row():
+    """A finished row's slot takes the last active row (its keys and values copied); rows that finish at the end of
+    the batch simply go, so a batch of requests of one length ends with no copy, and a row finishing early costs
+    one copy, after which the moved row still gets what it gets alone."""
+    model = prepare_for_decoding(tiny_model(vocab_size=300), "int8")
+    prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5], [3, 5, 8, 9, 7]]
+    alone = lambda p, n: generate(model, torch.tensor([p]), n)[0, len(p):].tolist()  # noqa: E731
+    tokens, engine = decode_together(model, prompts, [6] * 4, max_batch=4)
+    assert engine.copies == 0 and tokens == [alone(p, 6) for p in prompts]
+    lengths = [2, 9, 9, 12]  # row 0 leaves first: row 3 moves into its slot (1 copy); then 1 and 2, then 0 (was 3)
+    tokens, engine = decode_together(model, prompts, lengths, max_batch=4)
+    assert engine.copies == 1 and tokens == [alone(p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index
+    logits[2, 7] = float("nan")  # a NaN: its index, as torch.argmax
+    logits[3] = 0.0  # all equal: 0
+    logits[4, -1] = float("inf")
+    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
+    assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
+    assert argmax_rows(logits)[1:4] == [10, 7, 0]
+
+
+def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_queue_in_order():
+    loop = asyncio.new_event_loop()
+    try:
+        outbox = Outbox(loop)
+        a, b = asyncio.Queue(), asyncio.Queue()
+        poster = threading.Thread(target=lambda: [outbox.post(a if i % 2 else b, (i,)) for i in range(16)])
+        poster.start()
+        poster.join()  # 16 reports, posted while the loop was not running
+        assert outbox.wakeups == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        got = lambda q: [q.get_nowait() for _ in range(q.qsize())]  # noqa: E731
+        assert got(a) == [(i,) for i in range(1, 16, 2)] and got(b) == [(i,) for i in range(0, 16, 2)]
+        outbox.post(a, ("next",))  # after a delivery, the next report wakes the loop again
+        assert outbox.wakeups == 2
+        loop.run_until_complete(asyncio.sleep(0))
+        assert a.get_nowait() == ("next",)
+    finally:
+        loop.close()
+    with pytest.raises(RuntimeError):  # a closed loop: the engine hears it (and fails that sequence alone)
+        outbox.post(a, ("late",))
 
 
 def test_engine_cache_holds_only_the_key_value_heads():

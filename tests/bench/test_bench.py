@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from build_llm import GPTConfig
-from build_llm.bench import ceilings, steady
+from build_llm.bench import ceilings, serve, steady
 from build_llm.bench.ceilings import bandwidth_megabytes, cache_levels, fits_in
 from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, decoding_models, integrate_steps,
                                     simple_step_lengths)
@@ -151,6 +151,46 @@ def test_ratios_goals_and_report_of_exact_results(tmp_path):
     assert plot_report(r, tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_server_row_ratios_goals_and_report():
+    r = exact_results()
+    r["serving"] = {"streams": 4, "new_tokens": 12, "prompt_tokens": 6, "max_batch": 4, "errors": 1,
+                    "error_samples": ["RuntimeError: HTTP 503"],
+                    "tokens_per_s": {"model alone (generate)": 100.0, "server, 1 stream": 90.0, "server, 4 streams": 243.0}}
+    r["ratios"] = ratios(r)
+    r["goals"] = goals(r, quick_suite())
+    assert r["ratios"]["server 1 stream vs model alone"] == 0.9 and r["ratios"]["server 4 streams vs 1 stream"] == 2.7
+    met = {g["goal"]: (g["value"], g["met"]) for g in r["goals"]}
+    assert met["server: one int8 stream >= 85% of the model alone"] == (0.9, True)
+    assert met["server: 4 int8 streams >= 3x one stream"] == (2.7, False)
+    assert met["server: 0 errors (failed requests, texts other than generate's, a server exit other than 0)"] == (1, False)
+    r["serving"]["errors"] = 0
+    assert next(g for g in goals(r, quick_suite()) if "0 errors" in g["goal"])["met"] is True
+    table = format_report(r)
+    assert "--max-batch 4" in table and f"  {'server, 4 streams':24s} {243.0:9.1f}" in table
+    assert "error: RuntimeError: HTTP 503" in table and f"  {'server 4 streams vs 1 stream':44s} {2.7:7.2f}x" in table
+
+
+@pytest.mark.slow  # a server process and its rounds (10-30 s)
+def test_server_row_against_the_real_server_gives_generate_text_with_no_error():
+    """The quick suite's server row for real: a server process, 1 and 4 streams, each reply generate's text."""
+    r = serve.bench_serving(quick_suite(), log=lambda m: None)
+    assert r["errors"] == 0, r["error_samples"]
+    assert set(r["tokens_per_s"]) == {"model alone (generate)", "server, 1 stream", "server, 4 streams"}
+    assert all(len(v) == quick_suite().rounds and min(v) > 0 for v in r["rounds"].values())
+
+
+def test_server_row_counts_a_text_other_than_generate_as_an_error(monkeypatch):
+    clients = serve.Clients(port=1, prompt=[1], tokens=3, expected="abc")
+    monkeypatch.setattr(serve, "stream_completion", lambda port, prompt, n: ("abd", 3))
+    assert clients.streams(2) == 6 and len(clients.errors) == 2 and "other than generate's" in clients.errors[0]
+    monkeypatch.setattr(serve, "stream_completion", lambda port, prompt, n: (_ for _ in ()).throw(OSError("refused")))
+    assert clients.streams(1) == 0 and clients.errors[-1] == "OSError: refused"
+    tok = serve.tokenizer_for(quick_suite().decode_cfg)
+    assert tok.vocab_size == quick_suite().decode_cfg.vocab_size
+    gpt2 = serve.tokenizer_for(full_suite().decode_cfg)  # stops at its end token, as the server does
+    assert serve.expected_text(gpt2, [464, 50256, 464]) == gpt2.decode([464])
+
+
 def test_without_bf16_instructions_the_bf16_goals_are_not_applicable():
     r = exact_results()  # as a CPU without bfloat16 instructions leaves them: float32 candidates only
     for t in r["training"]:
@@ -214,11 +254,12 @@ def test_quick_bench_json_table_and_chart(tmp_path, capsys):
         if g["met"] is None:  # a bf16 goal on a CPU without bfloat16 instructions
             assert not cpu_has_bf16() and g["value"] is None and "bf" in g["goal"]
             continue
-        at_most = "+-" in g["goal"]  # a spread within its target, not a ratio above it
+        at_most = "+-" in g["goal"] or "errors" in g["goal"]  # a spread or a count within its target, not a ratio
         assert isinstance(g["met"], bool) and g["met"] == (abs(g["value"]) <= g["target"] if at_most
                                                            else g["value"] >= g["target"])
     for v in r["memory"].values():
         assert "error" not in v and v["peak_rss_mb"] > v["above_torch_mb"] > 0  # not the parent's peak
+    assert r["serving"]["errors"] == 0 and {"server 1 stream vs model alone", "server 4 streams vs 1 stream"} <= set(r["ratios"])
     out = tmp_path / "out"
     assert json.loads((out / "bench.json").read_text()) == r
     assert "ratios" in (out / "bench.txt").read_text()

@@ -120,6 +120,16 @@ def test_rows_finishing_together_leave_without_moving_any_cache_row():
     assert engine.copies == 1 and tokens == [alone(p, n) for p, n in zip(prompts, lengths)]
 
 
+def test_each_batch_size_chooses_its_own_thread_count():
+    """A step's thread count is chosen by timing steps (runtime.decoding_threads): a batch of 3 rows is never timed
+    against a step of 1 row, which takes a fraction of its time on any count."""
+    model = prepare_for_decoding(tiny_model(vocab_size=300), "int8")
+    _, engine = decode_together(model, [[1, 2, 3]], [4], max_batch=3)
+    assert set(engine.step_threads) == {1}
+    _, engine = decode_together(model, [[1, 2, 3], [4, 5], [6]], [4, 4, 4], max_batch=3)
+    assert set(engine.step_threads) == {3}
+
+
 def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
     logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index

@@ -24,6 +24,7 @@ from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, benc
 from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
 from build_llm.bench.prefill import bench_prefill
+from build_llm.bench.serve import bench_serving
 from build_llm.bench.steady import bench_steadiness
 from build_llm.bench.suite import Suite, full_suite, quick_suite
 from build_llm.bench.train import bench_train_cli, bench_training
@@ -73,6 +74,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
     add_cache_levels(decoding, ceilings["caches"])
     steadiness = bench_steadiness(suite, log)
+    serving = bench_serving(suite, log)
+    gc.collect()
     perplexity = None
     if checkpoint is not None:
         perplexity = bench_perplexity(checkpoint, text, 8 if quick else 64, log)
@@ -85,7 +88,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
             train_cli = bench_train_cli(text, suite, Path(tmp), log)
     results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
-               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "llama_decoding": llama,
+               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "serving": serving, "llama_decoding": llama,
                "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
                "perplexity": perplexity, "memory": memory}
     results["ratios"] = ratios(results)
@@ -112,6 +115,8 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         out.update({f"prefill {k} vs hf forward": v / pre["hf forward"] for k, v in pre.items() if k.startswith("ours")})
         if "ours bf16 weights" in pre:
             out["prefill bf16 vs fp32 weights"] = pre["ours bf16 weights"] / pre["ours"]
+    if r.get("serving"):
+        out.update(serving_ratios(r["serving"]))
     for t in r["training"]:
         tps = t["tokens_per_s"]
         out[f"training {t['shape']} vs hf"] = tps["ours"] / tps["hf"]
@@ -124,6 +129,12 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         if "bfloat16" in cli_tps:
             out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
     return out
+
+
+def serving_ratios(serving: dict[str, Any]) -> dict[str, float]:
+    tps, many = serving["tokens_per_s"], f"server, {serving['streams']} streams"
+    return {"server 1 stream vs model alone": tps["server, 1 stream"] / tps["model alone (generate)"],
+            f"server {serving['streams']} streams vs 1 stream": tps[many] / tps["server, 1 stream"]}
 
 
 def llama_ratios(llama: dict[str, Any]) -> dict[str, float]:
@@ -159,6 +170,10 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
         speed.append(("decoding int4 weights >= 1.5x int8 weights", ratio["decoding int4 vs int8 weights"], 1.5))
     if "prefill ours vs hf forward" in ratio:
         speed.append(("prefill fp32 >= 1.3x hf forward over the same prompt", ratio["prefill ours vs hf forward"], 1.3))
+    if r.get("serving"):
+        streams = r["serving"]["streams"]
+        speed += [("server: one int8 stream >= 85% of the model alone", ratio["server 1 stream vs model alone"], 0.85),
+                  (f"server: {streams} int8 streams >= 3x one stream", ratio[f"server {streams} streams vs 1 stream"], 3.0)]
     # Goals for a CPU with bfloat16 instructions (native bf16 dot products, bf16 matrix units): n/a without them.
     bf16 = r["machine"].get("bf16_instructions", True)
     speed.append(("decoding >= 2.5x hf generate fp32 (bf16 weights, a CPU with bf16 instructions)",
@@ -177,6 +192,9 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
         default = next(iter(r["steadiness"]["settings"].values()))
         within.append((f"{r['steadiness']['processes']} fresh processes decoding int8 vary by at most +-5% (1 thread)",
                        default["spread"], 0.05))
+    if r.get("serving"):
+        within.append(("server: 0 errors (failed requests, texts other than generate's, a server exit other than 0)",
+                        r["serving"]["errors"], 0))
     if r["perplexity"] is not None:
         for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03), ("int4", 0.05)):
             if dtype in r["perplexity"]["relative_change"]:
@@ -233,6 +251,17 @@ def format_steadiness(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_serving(r: dict[str, Any]) -> list[str]:
+    sv = r.get("serving")
+    if not sv:
+        return []
+    lines = ["", f"server (build-llm serve --dtype int8 --max-batch {sv['max_batch']} in its own process; streaming greedy "
+                 f"completions of {sv['new_tokens']} tokens over HTTP, against generate alone; median of "
+                 f"{r['rounds']} rounds; errors: {sv['errors']})", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in sv["tokens_per_s"].items()]
+    return lines + [f"  error: {e}" for e in sv["error_samples"]]
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The results as the plain-text table `build-llm bench` prints."""
     m, c = r["machine"], r["ceilings"]
@@ -242,7 +271,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s"
              + (f" (a {c['bandwidth_buffer_mb']} MB buffer)" if "bandwidth_buffer_mb" in c else "")
              + f"; matmul {c['matmul_gflops']['float32']:.0f} GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16"]
-    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + llama_lines(r)
+    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + format_serving(r) + llama_lines(r)
     tiny = r["tiny_decoding"]
     lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
                   f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
@@ -307,6 +336,8 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
     if r.get("prefill"):
         panels.append((f"prefill ({r['prefill']['prompt_tokens']} tokens)", r["prefill"]["tokens_per_s"]))
+    if r.get("serving"):
+        panels.append(("server (int8)", r["serving"]["tokens_per_s"]))
     if r.get("llama_decoding"):
         panels.append((f"decoding {r['llama_decoding']['name']}", r["llama_decoding"]["tokens_per_s"]))
     panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]

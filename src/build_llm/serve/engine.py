@@ -24,7 +24,6 @@ the whole batch that fails errors every row in it.
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -123,7 +122,10 @@ class Engine:
         self.stopping = False
         self.steps = 0
         self.copies = 0  # rows moved between cache slots (see retire)
-        self.step_threads = contextlib.nullcontext  # the engine thread's (runtime.decoding_threads), set in run
+        # Each batch size's own decoding_threads (set in run): a timed choice of thread count compares steps of
+        # one size, as a 16-row step takes several times a 1-row step's time on any count.
+        self.step_threads: dict[int, Callable] = {}
+        self.weights = count_weights(model)
         self.thread = threading.Thread(target=self.run, name="build-llm-engine", daemon=True)
 
     # --- the caller's side (any thread) ---------------------------------------------------------
@@ -159,8 +161,7 @@ class Engine:
 
     # --- the engine thread ----------------------------------------------------------------------
     def run(self) -> None:
-        # In this thread: its thread count is its own, and the server's other threads share its cores.
-        self.step_threads = decoding_threads(count_weights(self.model), self.cache.k.device)
+        # In this thread (thread counts are per thread), each step on its batch size's count (see step_threads).
         with torch.inference_mode():
             while True:
                 with self.wake:
@@ -286,7 +287,9 @@ class Engine:
             return
         idx = torch.tensor([[s.last] for s in self.rows], dtype=torch.long)  # (n, 1)
         pos = torch.tensor(self.lengths, dtype=torch.long)  # (n,) each row's next position
-        with self.step_threads():
+        if n not in self.step_threads:
+            self.step_threads[n] = decoding_threads(self.weights, self.cache.k.device)
+        with self.step_threads[n]():
             logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
         with one_thread():  # the server's other threads and its clients share the cores
             greedy = argmax_rows(logits)

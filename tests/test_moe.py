@@ -87,6 +87,18 @@ def test_runs_only_the_chosen_experts_once_each():
     assert sorted(n for _, n in calls) == [1] * MOE.n_experts_per_token
 
 
+def test_equal_probabilities_choose_the_lowest_experts_first():
+    # torch.topk leaves ties in its selection algorithm's order (on the CPU, 4 equal probabilities' top-2 is experts
+    # 2 and 3); the route is defined (and the compiled decoding step follows it): the lowest indices, in order.
+    ff = MoEFeedForward(MOE.replace(moe_norm_topk=True))
+    with torch.no_grad():
+        ff.gate.weight.zero_()
+        ff.gate.weight[3, 0] = ff.gate.weight[5, 0] = 1.0  # experts 3 and 5 tie above the four others' tie
+    experts, weights = ff.route(torch.tensor([[0.0] * MOE.emb_dim, [1.0] + [0.0] * (MOE.emb_dim - 1)]))
+    assert experts.tolist() == [[0, 1], [3, 5]]
+    assert weights.tolist() == [[0.5, 0.5], [0.5, 0.5]]
+
+
 def test_gradients_reach_router_and_chosen_experts():
     torch.manual_seed(3)
     ff = MoEFeedForward(MOE)

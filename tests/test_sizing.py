@@ -110,6 +110,11 @@ def test_decoding_weights_count_in_the_dtype_they_are_held_in():
     assert weight_bytes(q) == 4 * n - 4 * (weights - table) + weights + 4 * rows
     assert decode_bytes_per_token(q) == weight_bytes(q) - 4 * (table + positions)
     assert decode_bytes_per_token(model) == 4 * (n - positions)  # tied: the table is read whole as the head
+    # int4: two weights a byte (uint8) and a bfloat16 scale per group of 64 (every width here is a multiple of 64)
+    q4 = prepare_for_decoding(copy.deepcopy(model), "int4")
+    assert count_weights(q4) == n + table + weights // 64
+    assert weight_bytes(q4) == 4 * n - 4 * (weights - table) + weights // 2 + 2 * (weights // 64)
+    assert decode_bytes_per_token(q4) == weight_bytes(q4) - 4 * (table + positions)
 
 
 def test_memory_of_a_model_and_its_cache():

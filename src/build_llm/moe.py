@@ -50,9 +50,14 @@ class MoEFeedForward(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For tokens x (N, C): the chosen experts (N, k) and their weights (N, k), in x's dtype.
-        The softmax is taken in float32 whatever x's dtype, as Qwen3-MoE takes it."""
+        The softmax is taken in float32 whatever x's dtype, as Qwen3-MoE takes it. Among equal
+        probabilities the lower expert index is chosen first: a stable sort, where `topk` leaves ties in
+        whatever order its selection algorithm ends with (on the CPU, 4 equal probabilities' top-2 is
+        experts 2 and 3), an order the compiled decoding step (infer/kernels.c) could not reproduce."""
         probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
-        weights, experts = probs.topk(self.n_experts_per_token, dim=-1)  # (N, k)
+        weights, experts = probs.sort(dim=-1, descending=True, stable=True)  # (N, E)
+        k = self.n_experts_per_token
+        weights, experts = weights[:, :k], experts[:, :k]  # (N, k)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return experts, weights.to(x.dtype)

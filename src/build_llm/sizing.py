@@ -80,17 +80,18 @@ def train_flops_per_token(cfg: GPTConfig) -> int:
 # --- bytes ---------------------------------------------------------------------------------------
 def weights(model: nn.Module) -> list[torch.Tensor]:
     """The tensors that hold a model's weights, each once (a tied matrix is one tensor): its
-    parameters and the buffers in which a decoding layer keeps bfloat16 or int8 weights, their
-    scales and biases (not LoRA's row ids, int64)."""
-    held = [b for b in model.buffers() if b.is_floating_point() or b.dtype == torch.int8]
+    parameters and the buffers in which a decoding layer keeps bfloat16, int8 or int4 weights (int4:
+    two a byte, uint8), their scales and biases (not LoRA's row ids, int64)."""
+    held = [b for b in model.buffers() if b.is_floating_point() or b.dtype in (torch.int8, torch.uint8)]
     return list(model.parameters()) + held
 
 
 def count_weights(model: nn.Module) -> int:
     """Number of weights (see `weights`): a trained model's parameter count; once decoding layers
-    hold bfloat16 or int8 weights, those (with int8's scales, and the head's own copy where int8
-    unties it) in place of the Linear parameters, so that a quantized model is sized as it runs."""
-    return sum(t.numel() for t in weights(model))
+    hold bfloat16, int8 or int4 weights, those (with their scales, and the head's own copy where
+    quantisation unties it) in place of the Linear parameters, so that a quantized model is sized as
+    it runs. A byte of int4 holds two."""
+    return sum(t.numel() * (2 if t.dtype == torch.uint8 else 1) for t in weights(model))
 
 
 def weight_bytes(model: nn.Module) -> int:

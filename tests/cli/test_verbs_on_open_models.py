@@ -10,11 +10,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
+import build_llm.cli.serve as serve_cli
 from build_llm.cli import main
+from build_llm.infer.generate import generate
+from build_llm.infer.quant import CompiledStep
+from build_llm.serve import Sequence
+from build_llm.serve.engine import Engine
 from build_llm.store.checkpoint import load_checkpoint
 from build_llm.store.finetuned import load_finetuned
 from tiny import CHATML_TEMPLATE, write_chat_tokenizer, write_classification_csv, write_instruct_json
@@ -85,6 +91,40 @@ def test_info_generate_and_chat(imported, capsys):
               "--temperature", 0)
     assert out.startswith("Hello there") and len(out) > len("Hello there")
     assert run(capsys, "chat", "--checkpoint", base, "--prompt", "How are you?", "--max-new-tokens", 5).endswith("\n")
+
+
+def test_generate_and_serve_int8_decode_through_the_compiled_step(imported, monkeypatch, capsys):
+    _, _, base = imported
+    steps = []
+    step = CompiledStep.__call__
+    monkeypatch.setattr(CompiledStep, "__call__", lambda self, *a: steps.append(a[1].shape[0]) or step(self, *a))
+    args = ("generate", "--checkpoint", base, "--prompt", "Hello there", "--max-new-tokens", 8, "--greedy",
+            "--dtype", "int8")
+    compiled = run(capsys, *args)
+    assert len(steps) >= 1  # the one-token steps after the prompt ran in C (fewer if the model ends its text)
+    monkeypatch.setattr(CompiledStep, "supports", staticmethod(lambda model: False))
+    assert run(capsys, *args) == compiled  # the PyTorch modules on the same weights: the same greedy text
+    monkeypatch.undo()
+
+    served = []
+    monkeypatch.setattr(serve_cli, "run_server", lambda *a, **kw: served.append(a))  # never listen in a test
+    run(capsys, "serve", "--checkpoint", base, "--dtype", "int8")
+    model, _, settings = served[0]
+    assert isinstance(model.decode_step, CompiledStep) and settings.dtype == "int8"
+    engine = Engine(model, max_batch=2, max_queue=4).start()
+    try:  # two requests decoded in one batch, each row through its own experts: what each gets alone
+        prompts, outs = [[1, 5, 9], [7, 2, 4, 4, 3, 8]], [[], []]
+        done = [threading.Event() for _ in prompts]
+
+        def collect(i):
+            return lambda kind, payload: outs[i].append(payload.id) if kind == "token" else done[i].set()
+        engine.submit([Sequence(p, 6, collect(i)) for i, p in enumerate(prompts)])
+        assert all(d.wait(60) for d in done)
+    finally:
+        engine.stop()
+    model.decode_step = None  # the reference: the same weights through the PyTorch modules
+    for p, out in zip(prompts, outs):
+        assert out == generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
 
 
 def test_eval_inspect_surprisal_and_doctor(imported, tmp_path, capsys):

@@ -15,19 +15,25 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason="the C kernels need Linux x86-64 and a C compiler")
 
 
-@pytest.fixture(scope="module", params=["as built", "portable"])
-def library(request, tmp_path_factory):
-    """The kernels as this machine builds them, then the portable C alone (-DKERNELS_PORTABLE: what a CPU without
-    AVX2 or AVX-512 runs), each installed as the library `kernels` calls."""
+@pytest.fixture(scope="module")
+def portable_so(tmp_path_factory):
+    """The portable C alone (-DKERNELS_PORTABLE: what a CPU without AVX2 or AVX-512 runs), built once."""
     if not kernels.available():
         pytest.skip("the C kernels need Linux x86-64 and a C compiler")
-    if request.param == "as built":
-        yield kernels._lib
-        return
     out = tmp_path_factory.mktemp("portable") / "portable.so"
     subprocess.run([shutil.which("cc") or "gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DKERNELS_PORTABLE",
                     str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
-    built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(out)))
+    return out
+
+
+@pytest.fixture(scope="module", params=["as built", "portable"])
+def library(request, portable_so):
+    """The kernels as this machine builds them, then the portable C alone, each installed as the library
+    `kernels` calls."""
+    if request.param == "as built":
+        yield kernels._lib
+        return
+    built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(portable_so)))
     assert not kernels.wide()
     yield kernels._lib
     kernels._lib = built
@@ -78,6 +84,39 @@ def test_matvec_is_the_float64_product_of_the_stored_weights(library, rows, n, k
     tol = 1e-5 * (x.abs().double() @ w.abs().double().T).max().item()  # float32 accumulation over k terms
     torch.testing.assert_close(kernels.matvec(x, kernels.pack(wb), n, None, bias).double(), exact_bf16, atol=tol, rtol=0)
     torch.testing.assert_close(kernels.matvec(x, kernels.pack(q), n, scale).double(), exact_int8, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("n, k", [(9, 33), (64, 768), (10, 5000)])  # 5000 columns: two of INT8_CHUNK's exact sums
+def test_int8_rows_of_a_batch_get_the_bits_they_get_alone(library, n, k):
+    """The server decodes its sequences together: each row of a batch (the AVX-512 kernel takes 4 at a time, then 1)
+    must give what it gives alone, to the bit, so that greedy tokens do not depend on the batch."""
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(kernels.MAX_ROWS, k, generator=g), torch.randn(n, k, generator=g)
+    q, scale = quantize_int8(w)
+    packed = kernels.pack(q)
+    for rows in (kernels.MAX_ROWS, 7):
+        together = kernels.matvec(x[:rows], packed, n, scale)
+        alone = torch.cat([kernels.matvec(x[i:i + 1], packed, n, scale) for i in range(rows)])
+        assert torch.equal(together, alone)
+
+
+def test_int8_products_equal_the_portable_kernels_to_the_bit(portable_so):
+    """Where this CPU runs AVX2 but not AVX-512, the int8 products take the AVX2 intrinsics: their sums are exact
+    integers, as the portable loop's are, so the numbers are the same bits."""
+    if kernels.wide():
+        pytest.skip("this CPU runs the AVX-512 kernels, whose float sums are ordered otherwise")
+    g = torch.Generator().manual_seed(1)
+    for rows, n, k in [(1, 50, 3072), (5, 9, 33), (16, 64, 768), (3, 10, 5000)]:
+        x, w, bias = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        q, scale = quantize_int8(w)
+        packed = kernels.pack(q)
+        fast = kernels.matvec(x, packed, n, scale, bias)
+        built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(portable_so)))
+        try:
+            portable = kernels.matvec(x, packed, n, scale, bias)
+        finally:
+            kernels._lib = built
+        assert torch.equal(fast, portable)
 
 
 @needs_kernels

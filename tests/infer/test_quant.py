@@ -15,8 +15,9 @@ from build_llm.cli import main
 from build_llm.data.tokenizer import CharTokenizer
 from build_llm.infer import kernels
 from build_llm.infer.generate import generate
-from build_llm.infer.quant import (PREFILL_ROWS, CompiledStep, DecodeLinear, prepare_for_decoding, quantize_int4,
-                                   quantize_int8)
+from build_llm.infer.quant import (PREFILL_ROWS, CompiledStep, DecodeLinear, DecodeMoE, prepare_for_decoding,
+                                   quantize_int4, quantize_int8)
+from build_llm.lora import apply_lora
 from build_llm.sizing import weight_bytes
 from build_llm.store.checkpoint import save_checkpoint
 
@@ -178,7 +179,8 @@ def modules_only(model: GPTModel) -> GPTModel:
 # Today's open models' shapes the compiled step computes (tiny): Llama 3 (grouped heads, llama3-scaled rotary
 # positions, SwiGLU; a fused and a split qkv), Qwen3 (QK-norm, a head size apart from emb_dim / n_heads), Gemma 3
 # (GeGLU, (1 + w) norms, norms after the sub-layers, scaled embeddings, a 4-token window on its local layer with its
-# own rotary base), Mistral (a sliding window on every layer).
+# own rotary base), Mistral (a sliding window on every layer), Qwen3-MoE (4 experts, 2 a token, their weights
+# renormalised or not; 42 rows an expert: padded to 44 in the stacked projections).
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, n_kv_heads=2, rope_base=500.0,
              rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
              rope_original_context=16)
@@ -191,6 +193,8 @@ STEP_SHAPES = {
     "gemma3": dict(NEW_FAMILY["gemma3-like"], fused_qkv=False, gelu="tanh"),
     "mistral": dict(LLAMA, rope_scaling="none", sliding_window=5),
 }
+QWEN3_MOE = dict(STEP_SHAPES["qwen3"], n_experts=4, n_experts_per_token=2, moe_ff_dim=42, moe_norm_topk=True)
+STEP_SHAPES.update({"qwen3-moe": QWEN3_MOE, "qwen3-moe-unnormed": dict(QWEN3_MOE, moe_norm_topk=False, moe_ff_dim=32)})
 
 
 @needs_kernels
@@ -220,7 +224,8 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, shape):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype, shape", [("int8", "gpt2"), ("int4", "gpt2"), ("bfloat16", "llama3"),
-                                          ("int8", "qwen3"), ("int8", "gemma3")])
+                                          ("int8", "qwen3"), ("int8", "gemma3"), ("int8", "qwen3-moe"),
+                                          ("int4", "qwen3-moe-unnormed")])
 def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range(dtype, shape):
     model = prepare_for_decoding(tiny(**STEP_SHAPES[shape]), dtype)
     assert isinstance(model.decode_step, CompiledStep)
@@ -251,10 +256,13 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
 
 
 def test_compiled_step_only_for_models_it_computes_exactly():
-    # ReLU squared, a mixture of experts (decoding each token through its top-k experts in PyTorch): not the step's
-    for kw in ({"mlp": "relu2"}, dict(LLAMA, n_experts=4, n_experts_per_token=2)):
-        model = prepare_for_decoding(tiny(**kw), "int8")
-        assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    model = prepare_for_decoding(tiny(mlp="relu2"), "int8")  # ReLU squared: not the step's
+    assert model.decode_step is None and generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
+    moe = tiny(**QWEN3_MOE)
+    apply_lora(moe, rank=2, alpha=4, targets=["ff"])  # the experts' adapters read float32 experts: PyTorch decodes
+    model = prepare_for_decoding(moe, "int8")
+    assert model.decode_step is None and not isinstance(model.trf_blocks[0].ff.moe, DecodeMoE)
+    assert generate(model, torch.tensor([[1, 2]]), 4).shape == (1, 6)
 
     adapted = tiny()
     replace_linear_with_lora(adapted, rank=2, alpha=4)  # every Linear wrapped with an adapter: not the step's
@@ -313,3 +321,77 @@ def test_a_prompt_multiplies_the_dequantised_weight_and_a_few_rows_run_the_kerne
     few = x[:, :3]  # 6 rows: the kernels (int8, int4: x rounded to 15 bits), the same up to that rounding
     exact = few.double() @ layer.dequantized().double().T + layer.bias.double()
     assert (layer(few).double() - exact).abs().max() < 1e-4
+
+
+# --- a mixture of experts: each row through the experts its router chooses -----------------------------------
+def chosen_experts(model: GPTModel, ids: torch.Tensor, cache) -> list[torch.Tensor]:
+    """Each block's experts (B, k) for one step of ids (B, 1) through the modules (which advance `cache`)."""
+    chosen = []
+    hooks = [b.ff.register_forward_hook(lambda m, args, out: chosen.append(m.route(args[0].flatten(0, 1))[0]))
+             for b in model.trf_blocks]
+    model(ids, cache=cache)
+    for h in hooks:
+        h.remove()
+    return chosen
+
+
+@needs_kernels
+def test_compiled_mixture_routes_each_row_to_its_own_experts():
+    model = prepare_for_decoding(tiny(**QWEN3_MOE), "int8")
+    plain = modules_only(model)
+    gen = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 300, (6, 4), generator=gen)
+    caches = [model.new_cache(6), plain.new_cache(6)]
+    with torch.inference_mode():
+        for m, cache in zip((model, plain), caches):
+            m(prompt, cache=cache)
+        choices = set()
+        for step in range(6):
+            ids = torch.randint(0, 300, (6, 1), generator=gen)
+            fast = model(ids, cache=caches[0])
+            for chosen in chosen_experts(plain, ids, caches[1]):
+                choices |= {tuple(sorted(row.tolist())) for row in chosen}
+            ref = plain(ids, cache=KVCache.over(caches[1].k, caches[1].v, caches[1].pos - 1))  # the step again
+            torch.testing.assert_close(fast, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+    assert len(choices) >= 4  # rows of one batch (and steps) took different pairs of experts
+
+
+@needs_kernels
+def test_compiled_mixture_breaks_ties_as_the_modules_do():
+    model = tiny(**QWEN3_MOE)
+    with torch.no_grad():
+        for b in model.trf_blocks:
+            b.ff.gate.weight.zero_()  # every expert equally likely: the lowest k indices win on both sides
+            b.ff.fc1[:2].mul_(-1)  # experts 0 and 1 unlike 2 and 3
+    low = prepare_for_decoding(model, "int8")
+    plain = modules_only(low)
+    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(4))
+    caches = [low.new_cache(2), plain.new_cache(2)]
+    with torch.inference_mode():
+        for m, cache in zip((low, plain), caches):
+            m(prompt, cache=cache)
+        ids = torch.tensor([[3], [9]])
+        fast = low(ids, cache=caches[0])
+        chosen = chosen_experts(plain, ids, caches[1])
+        ref = plain(ids, cache=KVCache.over(caches[1].k, caches[1].v, caches[1].pos - 1))
+    assert all(torch.equal(c, torch.tensor([[0, 1], [0, 1]])) for c in chosen)
+    torch.testing.assert_close(fast, ref, atol=2e-4 * ref.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [("bfloat16", 2**-8), ("int8", 2**-7), ("int4", 2**-3)])
+def test_decode_moe_is_the_mixture_on_its_stacked_low_precision_experts(dtype, tol):
+    model = tiny(**QWEN3_MOE)
+    moe = model.trf_blocks[0].ff
+    low = prepare_for_decoding(copy.deepcopy(model), dtype)
+    ours = low.trf_blocks[0].ff
+    assert isinstance(ours, DecodeMoE) and isinstance(ours.gate, nn.Linear)  # the router stays float32
+    assert torch.equal(ours.gate.weight, moe.gate.weight)
+    twin = ours.dequantized()  # a float32 MoEFeedForward on the weights ours holds
+    for name in ("fc1", "fc2", "fc3"):  # each expert's matrix where it belongs, quantised
+        w, deq = getattr(moe, name), getattr(twin, name)
+        assert deq.shape == w.shape and (deq - w).abs().max() <= tol * w.abs().max()
+    x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(6))  # about 75 tokens an expert
+    with torch.inference_mode():
+        ref = twin(x)
+        for rows in (x[:, :1], x):  # a few rows in the kernels; a prompt's widened to float32 (PREFILL_ROWS)
+            torch.testing.assert_close(ours(rows), ref[:, :rows.shape[1]], atol=1e-4 * ref.abs().max().item(), rtol=0)

@@ -3,9 +3,9 @@ and by raw HTTP (malformed requests, disconnects, limits, SIGTERM)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -28,8 +28,10 @@ from build_llm.infer.generate import generate
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import to_hf
 from build_llm.serve import Settings, create_app
-from build_llm.serve.engine import Engine, QueueFull, Sequence
+from build_llm.serve.app import Outbox
+from build_llm.serve.engine import Engine, QueueFull, Sequence, argmax_rows
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
+from tiny import Server, free_port, tiny_cfg, words_tokenizer, write_instruct_json
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -90,6 +92,77 @@ def test_batched_greedy_decoding_gives_each_request_what_it_gets_alone(dtype, kw
         engine.stop()
 
 
+def decode_together(model, prompts, lengths, max_batch):
+    """Every prompt submitted at once to a fresh engine; (the tokens of each, the engine once stopped)."""
+    engine = Engine(model, max_batch=max_batch, max_queue=16)
+    outs = [Collect() for _ in prompts]
+    engine.submit([Sequence(p, n, o) for p, n, o in zip(prompts, lengths, outs)])  # queued before the thread starts
+    engine.start()
+    try:
+        for o in outs:
+            assert o.done.wait(60) and o.reason == "length"
+    finally:
+        engine.stop()
+    return [o.tokens for o in outs], engine
+
+
+def test_rows_finishing_together_leave_without_moving_any_cache_row():
+    """A finished row's slot takes the last active row (its keys and values copied); rows that finish at the end of
+    the batch simply go, so a batch of requests of one length ends with no copy, and a row finishing early costs
+    one copy, after which the moved row still gets what it gets alone."""
+    model = prepare_for_decoding(tiny_model(vocab_size=300), "int8")
+    prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5], [3, 5, 8, 9, 7]]
+    alone = lambda p, n: generate(model, torch.tensor([p]), n)[0, len(p):].tolist()  # noqa: E731
+    tokens, engine = decode_together(model, prompts, [6] * 4, max_batch=4)
+    assert engine.copies == 0 and tokens == [alone(p, 6) for p in prompts]
+    lengths = [2, 9, 9, 12]  # row 0 leaves first: row 3 moves into its slot (1 copy); then 1 and 2, then 0 (was 3)
+    tokens, engine = decode_together(model, prompts, lengths, max_batch=4)
+    assert engine.copies == 1 and tokens == [alone(p, n) for p, n in zip(prompts, lengths)]
+
+
+def test_each_batch_size_chooses_its_own_thread_count():
+    """A step's thread count is chosen by timing steps (runtime.decoding_threads): a batch of 3 rows is never timed
+    against a step of 1 row, which takes a fraction of its time on any count."""
+    model = prepare_for_decoding(tiny_model(vocab_size=300), "int8")
+    _, engine = decode_together(model, [[1, 2, 3]], [4], max_batch=3)
+    assert set(engine.step_threads) == {1}
+    _, engine = decode_together(model, [[1, 2, 3], [4, 5], [6]], [4, 4, 4], max_batch=3)
+    assert set(engine.step_threads) == {3}
+
+
+def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index
+    logits[2, 7] = float("nan")  # a NaN: its index, as torch.argmax
+    logits[3] = 0.0  # all equal: 0
+    logits[4, -1] = float("inf")
+    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
+    assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
+    assert argmax_rows(logits)[1:4] == [10, 7, 0]
+
+
+def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_queue_in_order():
+    loop = asyncio.new_event_loop()
+    try:
+        outbox = Outbox(loop)
+        a, b = asyncio.Queue(), asyncio.Queue()
+        poster = threading.Thread(target=lambda: [outbox.post(a if i % 2 else b, (i,)) for i in range(16)])
+        poster.start()
+        poster.join()  # 16 reports, posted while the loop was not running
+        assert outbox.wakeups == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        got = lambda q: [q.get_nowait() for _ in range(q.qsize())]  # noqa: E731
+        assert got(a) == [(i,) for i in range(1, 16, 2)] and got(b) == [(i,) for i in range(0, 16, 2)]
+        outbox.post(a, ("next",))  # after a delivery, the next report wakes the loop again
+        assert outbox.wakeups == 2
+        loop.run_until_complete(asyncio.sleep(0))
+        assert a.get_nowait() == ("next",)
+    finally:
+        loop.close()
+    with pytest.raises(RuntimeError):  # a closed loop: the engine hears it (and fails that sequence alone)
+        outbox.post(a, ("late",))
+
+
 def test_engine_cache_holds_only_the_key_value_heads():
     grouped = Engine(tiny_model(**LLAMA_LIKE), max_batch=4)
     multi = Engine(tiny_model(**{**LLAMA_LIKE, "n_kv_heads": None}), max_batch=4)  # same size, one K/V per head
@@ -145,42 +218,6 @@ def test_engine_queue_limit_cancel_and_context_check():
 
 
 # --- the server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, ckpt: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(ckpt), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not come up in 300 s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "tiny"
@@ -190,7 +227,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    s = Server(tiny_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
+    s = Server("--checkpoint", tiny_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
     yield s
     assert s.stop() == 0
 
@@ -440,7 +477,7 @@ def slow_ckpt(tmp_path) -> Path:
 
 
 def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
-    s = Server(slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
+    s = Server("--checkpoint", slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
     try:
         long = {"model": "slow", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
         req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(long).encode(),
@@ -488,21 +525,29 @@ def chromium():
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+def open_playground(browser, url: str, prompt: str):
+    """The keyed server's playground, its key entered and `prompt` typed; a 60 s wait on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(prompt)
+    return wait
+
+
 def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny_ckpt, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = chromium()
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
-        browser.find_element(By.ID, "key").send_keys(KEY)
-        prompt = browser.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("Hello world")
+        wait = open_playground(browser, server.url, "Hello world")
         assert browser.find_element(By.ID, "max_tokens-v").text == "auto"  # the default: what the context leaves
         assert not browser.find_element(By.ID, "modes").is_displayed()  # no chat template: no chat mode
         for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 10)):
@@ -535,20 +580,13 @@ def test_playground_first_generate_on_a_small_context_fills_what_it_leaves(serve
     28 positions left (the old default of 64 tokens was a 400 here)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     text = "The cat sat on the mat and " * 5
     ids = load_checkpoint(tiny_ckpt).tokenizer.encode(text)
     assert len(ids) == 36
     browser = chromium()
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
-        browser.find_element(By.ID, "key").send_keys(KEY)
-        prompt = browser.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys(text)
+        wait = open_playground(browser, server.url, text)
         browser.find_element(By.ID, "temperature").send_keys(Keys.HOME)  # greedy, to compare with the library
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda b: "(length)" in b.find_element(By.ID, "status").text)
@@ -563,8 +601,6 @@ def test_playground_first_generate_on_a_small_context_fills_what_it_leaves(serve
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory) -> Path:
     """A brief instruction fine-tune (96-token context): its server answers /v1/chat/completions."""
-    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
-
     from build_llm.train.config import FinetuneConfig
     from build_llm.train.finetune import finetune
 
@@ -587,7 +623,7 @@ def test_playground_chat_mode_shows_the_conversation(chat_ckpt, tmp_path):
     from build_llm.store.finetuned import load_finetuned
 
     ft = load_finetuned(chat_ckpt)
-    s = Server(chat_ckpt)
+    s = Server("--checkpoint", chat_ckpt)
     browser = chromium()
     try:
         browser.get(s.url + "/")
@@ -641,8 +677,6 @@ def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
 def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     """`build-llm finetune instruct`'s checkpoint, served: /v1/chat/completions renders the messages in
     the fine-tuning template, and the model gives the answer it learned."""
-    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
-
     from build_llm.train.finetune import finetune
     from build_llm.train.config import FinetuneConfig
 
@@ -652,7 +686,7 @@ def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     write_instruct_json(tmp_path / "train.json")
     finetune(tmp_path / "sft", tmp_path / "base", FinetuneConfig(task="instruct", epochs=8, batch_size=8, lr=3e-3),
              data=tmp_path / "train.json", log=lambda s: None)
-    s = Server(tmp_path / "sft")
+    s = Server("--checkpoint", tmp_path / "sft")
     try:
         chat = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert chat.models.list().data[0].model_extra["chat"] is True

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,247 @@ def test_float16_training_uses_a_gradient_scaler(tmp_path):
     result = train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
     assert math.isfinite(result.val_loss)
     assert next(load_checkpoint(tmp_path).model.parameters()).dtype == torch.float32  # weights stay fp32
+
+
+# --- reading the losses every SYNC_EVERY steps --------------------------------------------------
+TIMING_KEYS = ("elapsed_s", "tokens_per_s")
+
+
+def same_rows(a: Path, b: Path, ignore: tuple[str, ...] = TIMING_KEYS) -> None:
+    """The runs' metrics.jsonl rows are equal, apart from `ignore` (the clock's fields)."""
+    ra, rb = rows(a), rows(b)
+    assert len(ra) == len(rb) > 0
+    for x, y in zip(ra, rb):
+        assert {k: v for k, v in x.items() if k not in ignore} == {k: v for k, v in y.items() if k not in ignore}
+
+
+def test_losses_read_every_4_steps_log_what_every_step_reads(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=10, eval_every=5, eval_batches=1, warmup_steps=2, seed=3, val_ratio=0.2)
+    train(tmp_path / "every", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
+    real, reads = loop_mod._read, []
+    monkeypatch.setattr(loop_mod, "_read", lambda state, pending, log: (reads.append(state.step), real(state, pending, log)))
+    train(tmp_path / "fourth", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert reads == [4, 5, 8, 10]  # every 4 steps, at each evaluation and at the last step
+    same_rows(tmp_path / "every", tmp_path / "fourth")
+
+
+def test_a_nan_found_at_a_later_read_names_its_own_step(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=8, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
+    real, calls = loop_mod.next_token_loss, []
+
+    def loss(*args):
+        calls.append(1)
+        value = real(*args)
+        return value * float("nan") if len(calls) == 3 else value
+
+    monkeypatch.setattr(loop_mod, "next_token_loss", loss)
+    with pytest.raises(TrainingStopped, match="loss is nan at step 3:") as e:
+        train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert e.value.exit_code == 1
+    assert len(calls) == 4  # found at the read after step 4 (the evaluation's), before it evaluated or saved
+    assert load_trainer_state(tmp_path).state["step"] == 2  # the last good checkpoint
+    assert [r["step"] for r in rows(tmp_path)] == [2]
+
+
+def test_ctrl_c_with_reads_every_4_steps_saves_and_resumes_exactly(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=10, eval_every=5, eval_batches=1, seed=4, val_ratio=0.2)
+    full = train(tmp_path / "a", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
+    interrupt_after(monkeypatch, 6)  # one process: its own flag stops it at the end of step 6, not at step 8
+    with pytest.raises(TrainingStopped, match="interrupted at step 6/10") as e:
+        train(tmp_path / "b", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert e.value.exit_code == 130 and load_trainer_state(tmp_path / "b").state["step"] == 6
+    monkeypatch.setattr(train_mod, "train_step", loop_mod.train_step)
+    resumed = train(tmp_path / "b", tiny(5), cfg, corpus, tok, resume=True, log=lambda s: None)
+    # (a resumed row's train_loss is the mean of the steps since the resume: step 6's is not in row 10's)
+    same_rows(tmp_path / "a", tmp_path / "b", ignore=TIMING_KEYS + ("train_loss",))
+    for (k, va), vb in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+
+
+class CountingDist(train_mod.Dist):
+    """Process 0 of 2 with no process group: a collective returns this process's own values and is
+    recorded (the stop flag and last step of _agree are the float64 pairs)."""
+
+    def __init__(self):
+        super().__init__(0, 2, 0)
+        self.sums: list[torch.Tensor] = []
+
+    def sum(self, t):
+        self.sums.append(t.clone())
+        return t
+
+    def barrier(self):
+        pass
+
+    def agreements(self) -> int:
+        return sum(t.dtype == torch.float64 and t.numel() == 2 for t in self.sums)
+
+
+def fake_run(tmp_path, d, steps: int, interrupt_at: int | None = None):
+    """run_loop with a linear model whose step's loss is a tensor, under `d`; returns the steps saved."""
+    core = torch.nn.Linear(2, 1)
+    state = loop_mod.TrainState(core, core, torch.optim.SGD(core.parameters(), lr=0.1), total_steps=steps)
+    saved = []
+
+    def step(state, stop):
+        if state.step + 1 == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return torch.tensor(1.0 / (state.step + 1)), 1
+
+    with loop_mod.RunLog(tmp_path, steps, state, d=d, log=lambda s: None) as log:
+        loop_mod.run_loop(state, step, lr=lambda s: 0.1, evaluate=lambda s: {"val_loss": 1.0},
+                          save=lambda s: saved.append(s.step), log=log, eval_every=steps, d=d)
+    return saved, log
+
+
+def test_under_torchrun_the_stop_flag_collective_runs_once_per_read(tmp_path, monkeypatch):
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
+    d = CountingDist()
+    saved, log = fake_run(tmp_path / "a", d, steps=16)
+    assert d.agreements() == 16 // 4 and saved == [16]
+    assert log.history[-1]["train_loss"] == pytest.approx(np.mean([np.float32(1 / s) for s in range(1, 17)]))
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 1)
+    d = CountingDist()
+    fake_run(tmp_path / "b", d, steps=16)
+    assert d.agreements() == 16
+
+
+def test_under_torchrun_ctrl_c_stops_at_the_next_read(tmp_path, monkeypatch):
+    monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
+    with pytest.raises(TrainingStopped, match="interrupted at step 8/16"):
+        fake_run(tmp_path, CountingDist(), steps=16, interrupt_at=5)
+
+
+# --- the prefetching loader ----------------------------------------------------------------------
+class Synchronous:
+    """A loader without a thread: each step's micro-batches drawn when the step asks."""
+
+    def __init__(self, make, device):
+        self.make = make
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def get(self, step, last):
+        return list(self.make(step))
+
+
+def prefetch_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("prefetch")]
+
+
+def test_prefetched_batches_train_bit_identically_also_across_a_resume(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, grad_accum=2, steps=8, eval_every=2, eval_batches=1, seed=6, val_ratio=0.2)
+    model_cfg = tiny(5, drop_rate=0.2)
+    real, drawn_by = train_mod.micro_batches, {}
+
+    def draw(ids, step, *args):
+        drawn_by[step] = threading.current_thread().name
+        return real(ids, step, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "Prefetcher", Synchronous)
+        plain = train(tmp_path / "plain", model_cfg, cfg, corpus, tok, log=lambda s: None)
+    monkeypatch.setattr(train_mod, "micro_batches", draw)
+    interrupt_after(monkeypatch, 5)  # during step 5 (of 2 micro-batches): abandoned, step 6's batches being drawn
+    with pytest.raises(TrainingStopped, match="interrupted during step 5/8"):
+        train(tmp_path / "ahead", model_cfg, cfg, corpus, tok, log=lambda s: None)
+    assert prefetch_threads() == []
+    monkeypatch.setattr(train_mod, "train_step", loop_mod.train_step)
+    ahead = train(tmp_path / "ahead", model_cfg, cfg, corpus, tok, resume=True, log=lambda s: None)
+    # the first step of each run (0, and 4 for the resumed one) had nothing to overlap with; every other
+    # step's batches were drawn on the thread, while the step before computed
+    assert {s for s, name in drawn_by.items() if not name.startswith("prefetch")} == {0, 4}, drawn_by
+    assert prefetch_threads() == []
+    same_rows(tmp_path / "plain", tmp_path / "ahead", ignore=TIMING_KEYS + ("train_loss",))
+    for (k, va), vb in zip(plain.model.state_dict().items(), ahead.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+
+
+def test_no_prefetch_thread_outlives_a_diverged_or_failed_run(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=6, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
+    real, calls = loop_mod.next_token_loss, []
+    monkeypatch.setattr(loop_mod, "next_token_loss",
+                        lambda *a: (calls.append(1), real(*a) * (float("nan") if len(calls) == 3 else 1.0))[1])
+    with pytest.raises(TrainingStopped, match="diverged"):
+        train(tmp_path / "nan", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert prefetch_threads() == []
+    monkeypatch.undo()
+
+    real = train_mod.micro_batches
+
+    def broken(ids, step, *args):  # drawing a batch fails (a damaged token file), on the thread
+        if step == 2:
+            raise OSError("read error")
+        return real(ids, step, *args)
+
+    monkeypatch.setattr(train_mod, "micro_batches", broken)
+    with pytest.raises(OSError, match="read error"):
+        train(tmp_path / "broken", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    assert prefetch_threads() == []
+
+
+def test_prefetcher_pins_on_the_thread_for_cuda(monkeypatch):
+    """On CUDA the batches are pinned where they are drawn, off the training thread (mocked: no GPU)."""
+    pinned_by = []
+
+    def pin(t):
+        pinned_by.append(threading.current_thread().name)
+        return t
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    batch = (torch.arange(4), torch.arange(4) + 1)
+    with loop_mod.Prefetcher(lambda step: [batch] * 2, torch.device("cuda", 0)) as loader:
+        assert [loader.get(step, 3) for step in range(3)] == [[batch] * 2] * 3
+    main = threading.current_thread().name
+    assert pinned_by[:4] == [main] * 4  # step 0: nothing ran before it to overlap with
+    assert len(pinned_by) == 12 and all(name.startswith("prefetch") for name in pinned_by[4:])
+    assert prefetch_threads() == []
+
+
+# --- float16: the gradient scaler's state in the checkpoint ---------------------------------------
+def test_float16_resumed_equals_uninterrupted_scale_and_losses(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, grad_accum=2, steps=8, eval_every=2, eval_batches=1, dtype="float16", seed=2,
+                      val_ratio=0.2)
+    # growing every 2 finite steps, halving at an overflow (float16 overflows at 65504): the scale moves both ways
+    monkeypatch.setattr(train_mod, "grad_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", growth_interval=2))
+    full = train(tmp_path / "a", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(TrainingStopped, match="interrupted during step 5/8"):
+        train(tmp_path / "b", tiny(5), cfg, corpus, tok, log=lambda s: None)
+    at_4 = load_trainer_state(tmp_path / "b").state["grad_scaler"]
+    assert at_4 != torch.amp.GradScaler("cpu", growth_interval=2).state_dict()  # a fresh scaler would differ
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["grad_scaler"] == at_4
+    monkeypatch.setattr(train_mod, "train_step", loop_mod.train_step)
+    resumed = train(tmp_path / "b", tiny(5), cfg, corpus, tok, resume=True, log=lambda s: None)
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in b] == [2, 4, 6, 8]
+    for ra, rb in zip(a, b):  # the same losses, step for step (the rows after the resume average the same steps)
+        assert (ra["train_loss"], ra["val_loss"], ra["lr"]) == (rb["train_loss"], rb["val_loss"], rb["lr"])
+    assert load_trainer_state(tmp_path / "a").state["grad_scaler"] == load_trainer_state(tmp_path / "b").state["grad_scaler"]
+    for (k, va), vb in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=0, atol=0, msg=k)
+
+
+def test_a_malformed_grad_scaler_state_is_refused(tmp_path):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=2, eval_every=2, eval_batches=1, dtype="float16", seed=2, val_ratio=0.2)
+    train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
+    path = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(path.read_text())
+    for bad in ({"scale": "big"}, {**state["grad_scaler"], "scale": float("inf")}, [1]):
+        path.write_text(json.dumps({**state, "grad_scaler": bad}))
+        with pytest.raises(ValueError, match="grad_scaler"):
+            load_trainer_state(tmp_path)

@@ -19,6 +19,8 @@ gives the median of the rounds and ratios of medians, never a single timing.
   Hugging Face's forward over the same prompt.
 - steady: int8 decoding in several fresh processes under each of a few process-wide settings (thread
   placement, OpenMP wait policy, huge pages): how much a process's speed varies, and with what.
+- serve: the int8 server (`build-llm serve` in its own process, real HTTP) with one streaming client
+  and 16 at once, against the same model's `generate` alone; every reply must be generate's text.
 - train: one optimizer step of GPTModel vs GPT2LMHeadModel, fp32 and bf16 autocast; and the
   user-facing `build-llm train` run in a fresh process.
 - memory: peak memory of decoding and training, each in a fresh child process.

@@ -24,10 +24,12 @@ from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, benc
 from build_llm.bench.memory import bench_memory
 from build_llm.bench.perplexity import bench_perplexity
 from build_llm.bench.prefill import bench_prefill
+from build_llm.bench.serve import bench_serving
 from build_llm.bench.steady import bench_steadiness
 from build_llm.bench.suite import Suite, full_suite, quick_suite
 from build_llm.bench.train import bench_train_cli, bench_training
-from build_llm.store.fsio import PNG_SOFTWARE, atomic_path, replace_dir
+from build_llm.runtime import cpu_has_bf16
+from build_llm.store.fsio import PNG_SOFTWARE, replace_dir, save_figure
 
 
 def machine() -> dict[str, Any]:
@@ -43,7 +45,8 @@ def machine() -> dict[str, Any]:
     except ImportError:
         hf_version = None
     return {"cpu": model, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "bf16_instructions": cpu_has_bf16(),
+            "torch": torch.__version__,
             "transformers": hf_version, "python": platform.python_version(), "system": platform.system()}
 
 
@@ -71,6 +74,8 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
     add_bandwidth_bounds(decoding, ceilings["bandwidth_gbs"])
     add_cache_levels(decoding, ceilings["caches"])
     steadiness = bench_steadiness(suite, log)
+    serving = bench_serving(suite, log)
+    gc.collect()
     perplexity = None
     if checkpoint is not None:
         perplexity = bench_perplexity(checkpoint, text, 8 if quick else 64, log)
@@ -83,7 +88,7 @@ def run_bench(quick: bool = False, text: str | os.PathLike[str] | None = None,
         with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp:
             train_cli = bench_train_cli(text, suite, Path(tmp), log)
     results = {"machine": machine(), "quick": quick, "rounds": suite.rounds, "ceilings": ceilings,
-               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "llama_decoding": llama,
+               "decoding": decoding, "prefill": prefill, "steadiness": steadiness, "serving": serving, "llama_decoding": llama,
                "tiny_decoding": tiny, "training": training, "train_cli": train_cli,
                "perplexity": perplexity, "memory": memory}
     results["ratios"] = ratios(results)
@@ -110,21 +115,35 @@ def ratios(r: dict[str, Any]) -> dict[str, float]:
         out.update({f"prefill {k} vs hf forward": v / pre["hf forward"] for k, v in pre.items() if k.startswith("ours")})
         if "ours bf16 weights" in pre:
             out["prefill bf16 vs fp32 weights"] = pre["ours bf16 weights"] / pre["ours"]
+    if r.get("serving"):
+        out.update(serving_ratios(r["serving"]))
     for t in r["training"]:
         tps = t["tokens_per_s"]
         out[f"training {t['shape']} vs hf"] = tps["ours"] / tps["hf"]
-        out[f"training {t['shape']} bf16 vs hf fp32"] = tps["ours bf16 autocast"] / tps["hf"]
-        out[f"training {t['shape']} bf16 vs hf bf16"] = tps["ours bf16 autocast"] / tps["hf bf16 autocast"]
+        if "ours bf16 autocast" in tps:
+            out[f"training {t['shape']} bf16 vs hf fp32"] = tps["ours bf16 autocast"] / tps["hf"]
+            out[f"training {t['shape']} bf16 vs hf bf16"] = tps["ours bf16 autocast"] / tps["hf bf16 autocast"]
     if r["train_cli"] is not None:
         cli_tps, hf_tps = r["train_cli"]["tokens_per_s"], r["training"][0]["tokens_per_s"]["hf"]
         out["build-llm train fp32 vs hf"] = cli_tps["float32"] / hf_tps
-        out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
+        if "bfloat16" in cli_tps:
+            out["build-llm train bf16 vs hf fp32"] = cli_tps["bfloat16"] / hf_tps
     return out
+
+
+def serving_ratios(serving: dict[str, Any]) -> dict[str, float]:
+    tps, many = serving["tokens_per_s"], f"server, {serving['streams']} streams"
+    return {"server 1 stream vs model alone": tps["server, 1 stream"] / tps["model alone (generate)"],
+            f"server {serving['streams']} streams vs 1 stream": tps[many] / tps["server, 1 stream"]}
 
 
 def llama_ratios(llama: dict[str, Any]) -> dict[str, float]:
     tps = llama["tokens_per_s"]
     return {f"{llama['name']} {k} vs hf": tps[k] / tps["hf generate"] for k in ("ours bf16 weights", "ours int8 weights")}
+
+
+NO_BF16 = ("not applicable: this CPU reports no bfloat16 instructions (build-llm widens bf16 weights to float32 "
+           "and trains in float32 here)")
 
 
 def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
@@ -138,7 +157,7 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
         ("decoding >= 75% of the bandwidth bound (fp32)", r["decoding"]["fraction_of_bound"]["ours"], 0.75),
         (f"cached >= 10x seed-style at {suite.long_tokens} tokens",
          r["decoding"]["seed_style"][str(suite.long_tokens)]["speedup"], 10.0),
-        (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio[f"training {first} bf16 vs hf fp32"], 1.75),
+        (f"training {first} >= 1.75x hf (ours bf16 autocast vs hf fp32)", ratio.get(f"training {first} bf16 vs hf fp32"), 1.75),
     ]
     name, gpt2 = r.get("llama_decoding", {}).get("name"), r["decoding"]["model"]
     for kind in ("bf16", "int8") if name else ():  # the Llama shape at least as many times faster than HF as GPT-2's
@@ -146,20 +165,36 @@ def goals(r: dict[str, Any], suite: Suite) -> list[dict[str, Any]]:
                       ratio[f"{name} ours {kind} weights vs hf"], ratio[f"decoding {kind} weights vs hf"]))
     if r["train_cli"] is not None:
         speed.append((f"build-llm train --dtype bfloat16 >= 1.75x hf fp32 ({first})",
-                      ratio["build-llm train bf16 vs hf fp32"], 1.75))
+                      ratio.get("build-llm train bf16 vs hf fp32"), 1.75))
     if "decoding int4 vs int8 weights" in ratio:
         speed.append(("decoding int4 weights >= 1.5x int8 weights", ratio["decoding int4 vs int8 weights"], 1.5))
     if "prefill ours vs hf forward" in ratio:
         speed.append(("prefill fp32 >= 1.3x hf forward over the same prompt", ratio["prefill ours vs hf forward"], 1.3))
+    if r.get("serving"):
+        streams = r["serving"]["streams"]
+        speed += [("server: one int8 stream >= 85% of the model alone", ratio["server 1 stream vs model alone"], 0.85),
+                  (f"server: {streams} int8 streams >= 3x one stream", ratio[f"server {streams} streams vs 1 stream"], 3.0)]
+    # Goals for a CPU with bfloat16 instructions (native bf16 dot products, bf16 matrix units): n/a without them.
+    bf16 = r["machine"].get("bf16_instructions", True)
+    speed.append(("decoding >= 2.5x hf generate fp32 (bf16 weights, a CPU with bf16 instructions)",
+                  ratio["decoding bf16 weights vs hf"] if bf16 else None, 2.5))
+    if "prefill bf16 vs fp32 weights" in ratio:
+        speed.append(("prefill bf16 >= 1.5x our fp32 prefill (a CPU with bf16 matrix instructions)",
+                      ratio["prefill bf16 vs fp32 weights"] if bf16 else None, 1.5))
     for dtype, key in (("int8", "ours int8 weights"), ("bfloat16", "ours bf16 weights")):
         if r["decoding"].get("weights_fit_in", {}).get(dtype) == "DRAM":  # a bound that holds: weights from memory
             speed.append((f"decoding {dtype} >= 75% of the DRAM bound", r["decoding"]["fraction_of_bound"][key], 0.75))
-    out = [{"goal": goal, "value": value, "target": target, "met": bool(value >= target)} for goal, value, target in speed]
+    # A goal that needs bfloat16 instructions, on a CPU without them (bf16 training is not even timed): n/a, with why.
+    out = [{"goal": goal, "value": value, "target": target, "met": bool(value >= target)} if value is not None else
+           {"goal": goal, "value": None, "target": target, "met": None, "why": NO_BF16} for goal, value, target in speed]
     within = []  # |value| <= target
     if r.get("steadiness"):
         default = next(iter(r["steadiness"]["settings"].values()))
         within.append((f"{r['steadiness']['processes']} fresh processes decoding int8 vary by at most +-5% (1 thread)",
                        default["spread"], 0.05))
+    if r.get("serving"):
+        within.append(("server: 0 errors (failed requests, texts other than generate's, a server exit other than 0)",
+                        r["serving"]["errors"], 0))
     if r["perplexity"] is not None:
         for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03), ("int4", 0.05)):
             if dtype in r["perplexity"]["relative_change"]:
@@ -216,6 +251,17 @@ def format_steadiness(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def format_serving(r: dict[str, Any]) -> list[str]:
+    sv = r.get("serving")
+    if not sv:
+        return []
+    lines = ["", f"server (build-llm serve --dtype int8 --max-batch {sv['max_batch']} in its own process; streaming greedy "
+                 f"completions of {sv['new_tokens']} tokens over HTTP, against generate alone; median of "
+                 f"{r['rounds']} rounds; errors: {sv['errors']})", f"  {'':24s} {'tokens/s':>9s}"]
+    lines += [f"  {k:24s} {v:9.1f}" for k, v in sv["tokens_per_s"].items()]
+    return lines + [f"  error: {e}" for e in sv["error_samples"]]
+
+
 def format_report(r: dict[str, Any]) -> str:
     """The results as the plain-text table `build-llm bench` prints."""
     m, c = r["machine"], r["ceilings"]
@@ -225,7 +271,7 @@ def format_report(r: dict[str, Any]) -> str:
              f"ceilings: memory bandwidth {c['bandwidth_gbs']:.1f} GB/s"
              + (f" (a {c['bandwidth_buffer_mb']} MB buffer)" if "bandwidth_buffer_mb" in c else "")
              + f"; matmul {c['matmul_gflops']['float32']:.0f} GFLOP/s fp32, {c['matmul_gflops']['bfloat16']:.0f} GFLOP/s bf16"]
-    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + llama_lines(r)
+    lines += format_decoding(r) + format_prefill(r) + format_steadiness(r) + format_serving(r) + llama_lines(r)
     tiny = r["tiny_decoding"]
     lines += ["", f"decoding r-abc ({tiny['model']['n_layers']} layers, {tiny['model']['emb_dim']} wide, context "
                   f"{tiny['model']['context_length']}; {tiny['new_tokens']} characters from \"A\", greedy; same "
@@ -257,7 +303,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  {k:24s} " + (f"{v['above_torch_mb']:8.0f} MB" if "error" not in v else v["error"]))
     lines.append(f"  KV cache of the decoding model (its whole context, fp32): {r['decoding']['kv_cache_bytes'] / 2**20:.0f} MB")
     lines += ["", "ratios"] + [f"  {k:44s} {v:7.2f}x" for k, v in r["ratios"].items()]
-    lines += ["", "goals"] + [f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: "
+    lines += ["", "goals"] + [f"  [n/a] {g['goal']}: {g['why']}" if g["met"] is None else
+                              f"  [{'met' if g['met'] else 'NOT met'}] {g['goal']}: "
                               + (f"{g['value']:+.2%}" if "perplexity" in g["goal"] or "+-" in g["goal"]
                                  else f"{g['value']:.2f}")
                               for g in r["goals"]]
@@ -289,6 +336,8 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     panels = [(f"decoding ({d['new_tokens']} tokens)", {**d["tokens_per_s"], "seed-style": d["seed_style"][str(d["new_tokens"])]["simple_tokens_per_s"]})]
     if r.get("prefill"):
         panels.append((f"prefill ({r['prefill']['prompt_tokens']} tokens)", r["prefill"]["tokens_per_s"]))
+    if r.get("serving"):
+        panels.append(("server (int8)", r["serving"]["tokens_per_s"]))
     if r.get("llama_decoding"):
         panels.append((f"decoding {r['llama_decoding']['name']}", r["llama_decoding"]["tokens_per_s"]))
     panels += [(f"training {t['shape']}", t["tokens_per_s"]) for t in r["training"]]
@@ -304,14 +353,11 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.margins(x=0.2)
     fig.suptitle(f"build-llm bench on {r['machine']['cpu']} ({r['machine']['torch_threads']} threads)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        fmt = path.suffix[1:] or "png"
-        with atomic_path(path) as tmp:  # the Software tag says the PNG is ours (fsio.written_by_us)
-            fig.savefig(tmp, dpi=110, format=fmt, metadata={"Software": PNG_SOFTWARE} if fmt == "png" else None)
+    png = Path(path).suffix in ("", ".png")
+    try:  # the Software tag says the PNG is ours (fsio.written_by_us)
+        return save_figure(fig, path, dpi=110, metadata={"Software": PNG_SOFTWARE} if png else None)
     finally:
         plt.close(fig)
-    return path
 
 
 def write_report(r: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:

@@ -41,6 +41,7 @@ class Suite:
     prefill_tokens: int = 512  # the prompt whose prefill is timed
     fresh_processes: int = 5  # fresh processes decoding int8, for each setting whose steadiness is measured
     all_settings: bool = True  # every process-wide setting of steady.SETTINGS (else only the default)
+    serve_streams: int = 16  # the server row's concurrent streams (and the server's --max-batch)
 
 
 def shakespeare_char(**overrides: Any) -> GPTConfig:
@@ -65,7 +66,7 @@ def quick_suite() -> Suite:
         decode_cfg=GPTConfig.from_preset("gpt2-small", **tiny), decode_tokens=12, long_tokens=40, simple_samples=3,
         train_shapes=(TrainShape("tiny-char", shakespeare_char(**{**tiny, "context_length": 32}), 2),),
         rounds=2, bandwidth_mb=16, matmul_n=256, memory_peers=False, cli_steps=3, cli_rounds=1, tiny_tokens=40,
-        cache_multiple=0, prefill_tokens=48, fresh_processes=1, all_settings=False,
+        cache_multiple=0, prefill_tokens=48, fresh_processes=1, all_settings=False, serve_streams=4,
         cli_shape=("--context-length", "32", "--emb-dim", "64", "--n-layers", "2", "--n-heads", "4"),
         llama_name="tiny smollm2", llama_cfg=GPTConfig.from_preset("smollm2-360m", **{**tiny, "n_heads": 6, "emb_dim": 48,
                                                                                         "n_kv_heads": 2, "ff_dim": 128}),

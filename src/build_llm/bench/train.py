@@ -1,5 +1,6 @@
 """Training speed: tokens/s of one optimizer step (forward, loss, backward, AdamW) of GPTModel vs
-GPT2LMHeadModel of the same shape, fp32 and under bf16 autocast, as model FLOPs utilisation
+GPT2LMHeadModel of the same shape, fp32 and under bf16 autocast (only where the CPU reports bfloat16
+instructions: elsewhere PyTorch emulates it), as model FLOPs utilisation
 against the measured matmul rate of its dtype; and the user-facing `build-llm train`, run as the
 user runs it (a fresh process), read from its metrics.jsonl."""
 
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from build_llm.bench.decode import hf_twin
 from build_llm.bench.suite import Suite, TrainShape, alternate, medians
 from build_llm.gpt import GPTModel
-from build_llm.runtime import autocast
+from build_llm.runtime import autocast, cpu_has_bf16
 from build_llm.sizing import train_flops_per_token
 
 
@@ -60,6 +61,8 @@ def bench_training(shape: TrainShape, suite: Suite, ceilings: dict[str, Any], lo
         "hf": make_trainer(hf32, shape, torch.float32, True),
         "hf bf16 autocast": make_trainer(hf16, shape, torch.bfloat16, True),
     }
+    if not cpu_has_bf16():  # bf16 autocast is emulated there, several times slower: build-llm trains float32
+        candidates = {k: v for k, v in candidates.items() if "bf16" not in k}
     log(f"training {shape.name}: {len(candidates)} candidates x {suite.rounds} rounds")
     rates = alternate(candidates, suite.rounds)
     tps = medians(rates)
@@ -79,12 +82,13 @@ SHAKESPEARE_CHAR_FLAGS = ("--n-layers", "6", "--n-heads", "6", "--emb-dim", "384
 
 def bench_train_cli(text: str | os.PathLike[str], suite: Suite, workdir: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """tokens/s that `build-llm train --data TEXT --tokenizer char --batch-size 8` reports in its
-    metrics.jsonl at the shakespeare-char shape, fp32 and `--dtype bfloat16`,
-    in alternating rounds of fresh runs."""
-    rates: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-    final_loss: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-    final_bits: dict[str, list[float]] = {"float32": [], "bfloat16": []}  # tokenizer-independent, beside the loss
-    log(f"build-llm train on {Path(text).name}: {suite.cli_steps} steps x 2 dtypes x {suite.cli_rounds} rounds")
+    metrics.jsonl at the shakespeare-char shape, fp32 and `--dtype bfloat16` (where the CPU has bfloat16
+    instructions), in alternating rounds of fresh runs."""
+    dtypes = ("float32", "bfloat16") if cpu_has_bf16() else ("float32",)  # as bench_training
+    rates: dict[str, list[float]] = {d: [] for d in dtypes}
+    final_loss: dict[str, list[float]] = {d: [] for d in dtypes}
+    final_bits: dict[str, list[float]] = {d: [] for d in dtypes}  # tokenizer-independent, beside the loss
+    log(f"build-llm train on {Path(text).name}: {suite.cli_steps} steps x {len(dtypes)} dtypes x {suite.cli_rounds} rounds")
     for r in range(suite.cli_rounds):
         for dtype in rates:
             out = Path(workdir).resolve() / f"train-{dtype}-{r}"

@@ -67,7 +67,8 @@ class Block(ctypes.Structure):
     _fields_ = [(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", "post1_w", "post1_b", "post2_w",
                                                      "post2_b", "q_norm", "k_norm", "inv_freq")] + [
         ("window", ctypes.c_int64), ("qkv", Lin * 3), ("n_qkv", ctypes.c_int64), ("att_out", Lin), ("fc", Lin),
-        ("up", Lin), ("ff_out", Lin)]
+        ("up", Lin), ("ff_out", Lin), ("n_experts", ctypes.c_int64), ("top_k", ctypes.c_int64),
+        ("norm_topk", ctypes.c_int64), ("router", ctypes.c_void_p)]
 
 
 class Model(ctypes.Structure):

@@ -17,12 +17,13 @@ whole row's range, so each group of INT4_GROUP consecutive weights of a row gets
 (the largest weight lands exactly on -8, the end with one more level); 4 bits a weight plus a bfloat16
 scale a group. A tied output head gets its own copy;
 the token table stays float32 for the lookup, and everything outside the Linear layers (LayerNorm,
-attention, the KV cache, the residual stream) stays float32.
+attention, the KV cache, the residual stream) stays float32. A mixture of experts becomes a `DecodeMoE`:
+each projection's experts stacked in one such layer, its router left float32.
 
 The products run in `kernels.matvec` (a prompt in pieces of 16 rows), which widens the weights to
-float32 in registers inside the multiply loop, and a dense model's one-token steps in
-`CompiledStep`. Where the kernels are unavailable, PyTorch's run: `aten._weight_int8pack_mm` with
-bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
+float32 in registers inside the multiply loop, and the one-token steps (a mixture's included: each row
+through its chosen experts only) in `CompiledStep`. Where the kernels are unavailable, PyTorch's run:
+`aten._weight_int8pack_mm` with bfloat16 activations for int8 (the fastest weight-only int8 path PyTorch had on the development CPU;
 `torch._int_mm` needs quantised activations, dequantising first writes and re-reads a float32 copy),
 its bfloat16 product, and for int4 a float32 product with the weights dequantised at every call (correct,
 slow: PyTorch has no int4 product on the CPU that takes float activations).
@@ -40,6 +41,8 @@ from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.gpt import use_decoding_layout
 from build_llm.infer import kernels
+from build_llm.moe import MoEFeedForward
+from build_llm.transformer import TransformerBlock
 
 DECODE_DTYPES = ("float32", "bfloat16", "int8", "int4")
 # Weights per int4 scale. Measured on the development machine (2-core AMD EPYC, AVX2, busy): gpt2-small's
@@ -52,14 +55,13 @@ INT4_GROUP = 64
 # development machine (AVX2, one thread, a 3072 x 768 layer): at 512 rows bf16 380 -> 94 ms, int8 394 -> 111,
 # int4 197 -> 165; at 64 rows bf16 42 -> 14, int8 43 -> 27, int4 about even; at 16 rows the kernels win.
 PREFILL_ROWS = 64
-# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers). Not MoE's: a mixture of
-# experts decodes through PyTorch's modules (each token through its top-k experts only).
+# The GPTConfig fields the C decoding step reads (or that do not change eval-mode numbers).
 KERNEL_FIELDS = {"vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias", "tie_weights",
                  "bias", "gelu", "fused_qkv", "padding_idx", "attn_out_dropout", "attn_impl", "init_std", "ln_eps",
                  "pos_emb", "rope_base", "norm", "mlp", "ff_dim", "qk_norm", "n_kv_heads", "head_size", "rope_scaling",
                  "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context",
                  "sliding_window", "layer_types", "rope_local_base", "attn_scale", "norm_plus_one", "scale_emb",
-                 "post_norms"}
+                 "post_norms", "n_experts", "n_experts_per_token", "moe_ff_dim", "moe_norm_topk"}
 KERNEL_MLPS = ("gelu", "swiglu", "geglu")  # not relu2
 
 
@@ -121,20 +123,40 @@ class DecodeLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, dtype: str) -> "DecodeLinear":
-        if dtype == "int8":
-            return cls(*quantize_int8(linear.weight), linear.bias)
-        if dtype == "int4":
-            return cls(*quantize_int4(linear.weight, INT4_GROUP), linear.bias, group=INT4_GROUP)
-        return cls(linear.weight.detach().to(torch.bfloat16), None, linear.bias)
+        return cls.from_weight(linear.weight, linear.bias, dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        """The float32 (out, in) weight this layer stands for."""
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: str) -> "DecodeLinear":
+        """The (out, in) float `weight` in `dtype` (bfloat16, int8 or int4)."""
+        if dtype == "int8":
+            return cls(*quantize_int8(weight), bias)
+        if dtype == "int4":
+            return cls(*quantize_int4(weight, INT4_GROUP), bias, group=INT4_GROUP)
+        return cls(weight.detach().to(torch.bfloat16), None, bias)
+
+    def dequantized(self, start: int = 0, n: int | None = None) -> torch.Tensor:
+        """The float32 (out, in) weight this layer stands for; rows [start, start + n) of it when given (`start` a
+        multiple of 4: the first row of a packed tile)."""
+        n = self.out_features - start if n is None else n
+        scale = None if self.scale is None else self.scale[start:start + n]
         if self.group:
-            q = kernels.unpack_int4(self.weight, self.in_features, self.group).float()
-            return q * self.scale.float().repeat_interleave(self.group, dim=1)[:, :self.in_features]
-        w = kernels.unpack(self.weight, self.out_features, self.in_features) if self.packed else self.weight
+            q = kernels.unpack_int4(self.weight[start:start + n], self.in_features, self.group).float()
+            return q * scale.float().repeat_interleave(self.group, dim=1)[:, :self.in_features]
+        if self.packed:
+            w = kernels.unpack(self.weight[start // 4:-(-(start + n) // 4)], n, self.in_features)
+        else:
+            w = self.weight[start:start + n]
         w = w.float()
-        return w if self.scale is None else w * self.scale[:, None]
+        return w if scale is None else w * scale[:, None]
+
+    def rows_product(self, x: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """x (m, in) times rows [start, start + n) of the weight (`start` a multiple of 4), no bias: (m, n). How
+        DecodeMoE multiplies one expert's rows of a projection that stacks every expert's."""
+        if self.packed and x.shape[0] < PREFILL_ROWS:
+            w = self.weight[start:start + n] if self.group else self.weight[start // 4:-(-(start + n) // 4)]
+            return kernels.matvec(x, w, n, None if self.scale is None else self.scale[start:start + n], None,
+                                  self.group)
+        return F.linear(x.float(), self.dequantized(start, n))  # a prompt (see PREFILL_ROWS), or no kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed and x.numel() >= PREFILL_ROWS * self.in_features:  # a prompt: see PREFILL_ROWS
@@ -159,13 +181,72 @@ class DecodeLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
+def expert_rows(n: int) -> int:
+    """The rows each expert's (n, in) matrix takes in a DecodeMoE's stacked projection: n padded to a multiple of 4,
+    so that every expert starts on the first row of a packed tile."""
+    return -(-n // 4) * 4
+
+
+class DecodeMoE(nn.Module):
+    """A block's MoEFeedForward for decoding: each projection's experts stacked in one DecodeLinear (expert e's rows
+    from e * expert_rows(out) on, zero rows padding it to a multiple of 4), packed as every other product is. The
+    router stays a float32 Linear: its top-k is the model's choice of experts, which a coarser router could change,
+    and its n_experts rows cost little beside the k experts' 3 matrices. Routing and grouping are MoEFeedForward's
+    own methods, run on this module's router and experts."""
+
+    route = MoEFeedForward.route
+    forward = MoEFeedForward.forward
+
+    def __init__(self, moe: MoEFeedForward, dtype: str) -> None:
+        super().__init__()
+        self.n_experts, self.n_experts_per_token, self.norm_topk = moe.n_experts, moe.n_experts_per_token, moe.norm_topk
+        self.gate = moe.gate
+        self.hidden, self.emb_dim = moe.fc1.shape[1], moe.fc1.shape[2]
+        self.fc1, self.fc2, self.fc3 = (self.stack(w, dtype) for w in (moe.fc1, moe.fc2, moe.fc3))
+
+    @staticmethod
+    def stack(w: torch.Tensor, dtype: str) -> DecodeLinear:
+        n_experts, out, inp = w.shape
+        padded = w.detach()
+        if out != expert_rows(out):  # a copy only where rows are missing (Qwen3-MoE's widths are multiples of 4)
+            padded = w.new_zeros(n_experts, expert_rows(out), inp)  # (E, out4, in): an all-zero row stays zero
+            padded[:, :out] = w.detach()
+        return DecodeLinear.from_weight(padded.reshape(-1, inp), None, dtype)  # (E * out4, in)
+
+    def project(self, lin: DecodeLinear, n: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's (n, in) matrix of the stacked `lin` times x (m, in): (m, n)."""
+        return lin.rows_product(x, e * expert_rows(n), n)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its tokens x (n, C) -> (n, C)."""
+        h = F.silu(self.project(self.fc1, self.hidden, e, x)) * self.project(self.fc2, self.hidden, e, x)  # (n, H)
+        return self.project(self.fc3, self.emb_dim, e, h)
+
+    def dequantized(self) -> MoEFeedForward:
+        """A float32 MoEFeedForward holding the weights this module stands for."""
+        cfg = {"emb_dim": self.emb_dim, "n_experts": self.n_experts, "n_experts_per_token": self.n_experts_per_token,
+               "moe_ff_dim": self.hidden, "moe_norm_topk": self.norm_topk, "mlp": "swiglu", "vocab_size": 1,
+               "n_heads": 1}
+        moe = MoEFeedForward(cfg)
+        moe.gate.load_state_dict(self.gate.state_dict())
+        for name, out in (("fc1", self.hidden), ("fc2", self.hidden), ("fc3", self.emb_dim)):
+            w = getattr(self, name).dequantized().view(self.n_experts, expert_rows(out), -1)[:, :out]  # (E, out, in)
+            getattr(moe, name).data.copy_(w)
+        return moe
+
+
 @torch.no_grad()
 def replace_linears(model: nn.Module, dtype: str) -> int:
-    """Replace every nn.Linear under `model` by a DecodeLinear of `dtype`, in place; returns how many."""
+    """Replace every nn.Linear under `model` by a DecodeLinear of `dtype`, and every block's mixture of experts by a
+    DecodeMoE (its router left float32), in place; returns how many. A mixture that LoRA's adapters wrap keeps its
+    float32 experts (the adapters read them)."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, MoEFeedForward) and isinstance(parent, TransformerBlock):
+                setattr(parent, name, DecodeMoE(child, dtype))
+                count += 1
+            elif isinstance(child, nn.Linear) and not isinstance(parent, MoEFeedForward):  # a router stays float32
                 setattr(parent, name, DecodeLinear.from_linear(child, dtype))
                 count += 1
     return count
@@ -174,8 +255,8 @@ def replace_linears(model: nn.Module, dtype: str) -> int:
 class CompiledStep:
     """A one-token decoding step in one C call (`kernels.decode_step`): every block, the final norm and the head,
     with the DecodeLinear weights in the kernels' layout, for GPT-2's shape and Llama's (RMSNorm, rotary positions
-    with their scaling, SwiGLU or GeGLU, grouped key/value heads; Qwen3's and Gemma 3's options too). The PyTorch
-    modules compute the same numbers (up to float rounding) in about 25 operations a block, each costing
+    with their scaling, SwiGLU or GeGLU, grouped key/value heads; Qwen3's, Qwen3-MoE's and Gemma 3's options too).
+    The PyTorch modules compute the same numbers (up to float rounding) in about 25 operations a block, each costing
     microseconds of dispatch that add up to about as much time as the products themselves at batch 1.
 
     `prepare_for_decoding` sets one as the model's `decode_step` where `supports(model)`; `GPTModel.forward`
@@ -191,24 +272,28 @@ class CompiledStep:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        """Whether the C step computes this model: a dense model (no experts) with every field outside
-        KERNEL_FIELDS at its default (so an option added to GPTConfig later runs in PyTorch until the kernel
-        learns it), every product a packed DecodeLinear."""
+        """Whether the C step computes this model: every field outside KERNEL_FIELDS at its default (so an option
+        added to GPTConfig later runs in PyTorch until the kernel learns it), a mixture of experts (if any) a
+        DecodeMoE in every block, every product a packed DecodeLinear."""
         cfg = getattr(model, "cfg", None)
         if cfg is None or cfg.mlp not in KERNEL_MLPS:
             return False
         defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
         if any(v != defaults[k] for k, v in cfg.to_dict().items() if k not in KERNEL_FIELDS):
             return False
+        if any(isinstance(b.ff, DecodeMoE) != bool(cfg.n_experts) for b in model.trf_blocks):
+            return False  # say, a mixture that LoRA's adapters wrap
         return all(isinstance(m, DecodeLinear) and m.packed for m in CompiledStep.linears(model)) \
             and model.tok_emb.weight.dtype == torch.float32
 
     @staticmethod
     def block_linears(block: nn.Module) -> tuple[list, nn.Module, list]:
         """A block's products: q, k, v (or the fused qkv); the attention's output; the feed-forward's first (the gate
-        when gated), its up projection when gated, and last."""
+        when gated), its up projection when gated, and last (a mixture's: its experts' stacked gate, up, down)."""
         att, ff = block.att, block.ff
         qkv = [att.W_qkv] if att.fused_qkv else [att.W_query, att.W_key, att.W_value]
+        if isinstance(ff, DecodeMoE):
+            return qkv, att.out_proj, [ff.fc1, ff.fc2, ff.fc3]
         return qkv, att.out_proj, [ff.gate, ff.up, ff.down] if ff.gated else [ff.layers[0], ff.layers[2]]
 
     @staticmethod
@@ -235,6 +320,11 @@ class CompiledStep:
         b.n_qkv, b.att_out, b.fc, b.ff_out = len(qkv), lin(att_out), lin(ff[0]), lin(ff[-1])
         if len(ff) == 3:
             b.up = lin(ff[1])
+        if isinstance(block.ff, DecodeMoE):  # each stacked projection described as one expert's (n: its rows)
+            moe = block.ff
+            b.n_experts, b.top_k, b.norm_topk, b.router = (moe.n_experts, moe.n_experts_per_token, moe.norm_topk,
+                                                           ptr(moe.gate.weight))
+            b.fc.n, b.up.n, b.ff_out.n = moe.hidden, moe.hidden, moe.emb_dim
 
     def describe(self, model: nn.Module) -> tuple:
         cfg, keep = model.cfg, []

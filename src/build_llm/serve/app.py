@@ -15,7 +15,8 @@ requests then carry that name, and are refused).
 
 `Api` holds the engine, the tokenizer and the settings; its methods are the routes, and
 `create_app` mounts them. A request's sequences go to the engine; their tokens come back on an
-asyncio queue, and a `Completion` turns them into one JSON body or a stream of server-sent events.
+asyncio queue (through the `Outbox`: one wake-up of the loop per decoding step, not per token), and a
+`Completion` turns them into one JSON body or a stream of server-sent events.
 Parsing and checking requests, and turning tokens into OpenAI choices, is protocol.py's.
 """
 
@@ -26,6 +27,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -119,6 +121,39 @@ async def disconnected(request: Request) -> None:
         await asyncio.sleep(0.1)  # a server whose receive does not wait: poll
 
 
+class Outbox:
+    """The engine thread's reports on their way to the event loop's queues, one wake-up of the loop for all that
+    arrive together: a decoding step reports a token for every row, and waking the loop once per report (a write
+    to its self-pipe, a pass of its selector, each) cost the engine's thread and the loop's as much as the
+    reports themselves. Each queue receives its reports in the order they were posted."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list[tuple[asyncio.Queue, tuple]] = []
+        self.wakeups = 0  # times the loop was woken (for tests: one per batch of reports)
+
+    def post(self, queue: asyncio.Queue, item: tuple) -> None:
+        """From any thread: `item` for `queue`, delivered on the loop (RuntimeError once the loop is closed)."""
+        with self.lock:
+            self.items.append((queue, item))
+            if len(self.items) > 1:  # a wake-up is already on its way, and will deliver this too
+                return
+            self.wakeups += 1
+        try:
+            self.loop.call_soon_threadsafe(self.deliver)
+        except RuntimeError:  # the loop is closed: nobody will read these, and the next post must fail too
+            with self.lock:
+                self.items.clear()
+            raise
+
+    def deliver(self) -> None:
+        with self.lock:
+            items, self.items = self.items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 def sse(payload: dict[str, Any]) -> str:
     """One server-sent event carrying `payload` as JSON."""
     return f"data: {json.dumps(payload)}\n\n"
@@ -169,7 +204,8 @@ class Completion:
         try:
             while any(c.finish is None for c in self.choices):
                 self.apply(await self.queue.get())
-                await asyncio.sleep(0)  # a full queue's get does not yield: let other requests and /health in
+                if not self.queue.empty():  # a get from a queue holding reports does not yield: let other
+                    await asyncio.sleep(0)  # requests and /health in (an empty one's next get yields anyway)
         finally:
             self.cancel()
         if self.chat:
@@ -200,7 +236,8 @@ class Completion:
             while any(c.finish is None for c in self.choices):
                 try:
                     c = self.apply(await self.queue.get())
-                    await asyncio.sleep(0)  # as in body: other requests in between tokens
+                    if not self.queue.empty():  # as in body: other requests in between tokens
+                        await asyncio.sleep(0)
                 except ApiError as e:
                     yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
                     return
@@ -228,6 +265,13 @@ class Api:
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
         self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends
+        self.outbox: Outbox | None = None
+
+    def outbox_of(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        """The Outbox of the event loop serving the requests (a new one if the app is served by another loop)."""
+        if self.outbox is None or self.outbox.loop is not loop:
+            self.outbox = Outbox(loop)
+        return self.outbox
 
     # --- what every request is checked for ---------------------------------------------------------
     def check_key(self, request: Request) -> None:
@@ -292,7 +336,7 @@ class Api:
     # --- generating ----------------------------------------------------------------------------------
     def submit(self, prompts: list[tuple[list[int], str | None]], sampling: Sampling, chat: bool) -> Completion:
         """`sampling.n` sequences for each prompt, handed to the engine, which reports on the queue."""
-        loop = asyncio.get_running_loop()
+        outbox = self.outbox_of(asyncio.get_running_loop())
         queue: asyncio.Queue = asyncio.Queue()
         choices, seqs, used = [], [], []
         stop_ids = self.chat_stop_ids if chat else self.stop_ids
@@ -304,7 +348,7 @@ class Api:
                 choice = Choice(index, self.tokenizer, sampling.stop, sampling.logprobs is not None, stop_ids)
 
                 def emit(kind: str, payload: object, index: int = index) -> None:  # called on the engine's thread
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, kind, payload))
+                    outbox.post(queue, (index, kind, payload))
                 seed = None if sampling.seed is None else (sampling.seed + index) % (1 << 63)
                 choice.seq = Sequence(ids, max_tokens, emit, temperature=sampling.temperature,
                                       top_k=sampling.top_k, top_p=sampling.top_p, seed=seed, logprobs=sampling.logprobs,

@@ -232,8 +232,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPTModel
 # --- the trainer's state -------------------------------------------------------------------------
 # Beside the model: optimizer.safetensors (the optimizer's tensors, keyed "<parameter name>/<key>"),
 # rng.safetensors (torch generator states as uint8 tensors) and trainer_state.json (step, train
-# config, data identity, NumPy and Python RNG states, optimizer param groups). No pickle anywhere.
+# config, data identity, NumPy and Python RNG states, optimizer param groups, and with float16 the
+# gradient scaler's state). No pickle anywhere.
 OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE = "optimizer.safetensors", "rng.safetensors", "trainer_state.json"
+SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -350,6 +352,9 @@ def _check_trainer_state(state: Any, rng: dict[str, torch.Tensor]) -> None:
     need(all(isinstance(v, dict) for v in state["optimizer"]["scalars"].values()), "optimizer.scalars")
     groups = state["optimizer"]["param_groups"]
     need(isinstance(groups, list) and all(isinstance(g, dict) for g in groups), "optimizer.param_groups")
+    scaler = state.get("grad_scaler", {})  # float16 training's GradScaler.state_dict(): these numbers
+    need(isinstance(scaler, dict) and (not scaler or set(scaler) == SCALER_KEYS)
+         and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in scaler.values()), "grad_scaler")
     torch.Generator().set_state(rng["torch_cpu"])
     kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
     np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -3,11 +3,13 @@ through `run_loop`.
 
 An objective comes to the loop as functions of the `TrainState`: `step(state, stop)` takes one
 optimizer step (it draws the step's batch and dropout from (seed, step), so that a resumed run takes
-exactly the steps an uninterrupted one takes) and returns (loss, tokens trained), or None when
-`stop()` turned true between its micro-batches; `lr(state)` is the step's learning rate;
+exactly the steps an uninterrupted one takes) and returns (loss, tokens trained), the loss a float or
+a tensor still on the device (read when the loop syncs), or None when `stop()` turned true between
+its micro-batches; `lr(state)` is the step's learning rate;
 `evaluate(state)` gives a row's metrics; `save(state)` writes the checkpoint. The loop alone owns
 what every objective shares:
-- the stop flag: SIGINT or SIGTERM saves at the next step boundary and raises TrainingStopped (exit 130);
+- when losses are read on the host (every SYNC_EVERY steps: 1 on CPU, 16 on CUDA);
+- the stop flag: SIGINT or SIGTERM saves at the next read and raises TrainingStopped (exit 130);
 - the divergence rule: a non-finite loss, evaluation metric or weight raises TrainingStopped (exit 1),
   keeping the last good checkpoint;
 - when to evaluate, save and plot: every `eval_every` steps and at the last one.
@@ -26,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -39,7 +42,7 @@ from tqdm import tqdm
 from build_llm.errors import UsageError
 from build_llm.runtime import autocast, to_device
 from build_llm.store.checkpoint import CHECKPOINT_DIR
-from build_llm.store.fsio import atomic_path, clean_stale, open_append, write_text
+from build_llm.store.fsio import clean_stale, open_append, save_figure, write_text
 from build_llm.train.config import TrainConfig
 from build_llm.train.distributed import Dist
 
@@ -57,8 +60,9 @@ class TrainState:
     scaler: Any = None           # float16 training: the GradScaler that keeps small gradients from underflowing
 
 
-# An objective's step: (state, stop) -> (loss, tokens trained), or None when stopped between micro-batches.
-Step = Callable[[TrainState, Callable[[], bool]], "tuple[float, int] | None"]
+# An objective's step: (state, stop) -> (loss, tokens trained), or None when stopped between micro-batches;
+# the loss a float or a 0-d tensor (read with the other pending ones when the loop syncs).
+Step = Callable[[TrainState, Callable[[], bool]], "tuple[float | torch.Tensor, int] | None"]
 
 
 class TrainingStopped(Exception):
@@ -180,6 +184,39 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
     return d.sum(total / n) / d.world
 
 
+class Prefetcher:
+    """A step's micro-batches prepared on a background thread while the step before computes:
+    `make(step)` gives them, drawn from (seed, step), so what is prepared ahead is what the step would
+    draw itself (a run is bit-identical with or without it). On CUDA they are pinned there too, so
+    that their copy to the device (next_token_loss: non_blocking) neither waits for the host nor
+    makes it wait. A context manager: leaving waits for the thread (one step's batches at most) and
+    ends it, whatever ended the loop."""
+
+    def __init__(self, make: Callable[[int], Iterable], device: torch.device) -> None:
+        self.make, self.pin = make, torch.device(device).type == "cuda"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")  # its thread starts at the first submit
+        self.ahead: tuple[int, Future] | None = None  # (step, its batches being prepared)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _prepare(self, step: int) -> list:
+        batches = list(self.make(step))
+        return [tuple(t.pin_memory() for t in batch) for batch in batches] if self.pin else batches
+
+    def get(self, step: int, last: int) -> list:
+        """Step `step`'s micro-batches; the next one's start preparing unless `step` is the last
+        (0-based steps; `last` is the run's number of steps)."""
+        ahead, self.ahead = self.ahead, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == step else self._prepare(step)
+        if step + 1 < last:
+            self.ahead = (step + 1, self.pool.submit(self._prepare, step + 1))
+        return batches
+
+
 # --- the run's record: metrics.jsonl, progress, plots -------------------------------------------
 def read_metrics(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl up to `up_to_step` (a resumed run drops the later ones)."""
@@ -209,10 +246,7 @@ def plot_losses(tokens_seen: Sequence[float], train_losses: Sequence[float], val
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:  # a reader never sees half a picture
-        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix[1:] or "png")
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 class RunLog:
@@ -331,21 +365,35 @@ class RunLog:
 
 
 # --- the loop ------------------------------------------------------------------------------------
+# Steps between reads of the losses (and between checks of the stop flag and the time budget under
+# torchrun). Reading a loss on the host waits for the device to finish the step, and the device then
+# idles while the host queues the next one: on a GPU that stall is paid once per 16 steps (a small
+# model's step is a few milliseconds, about what the stall costs), and the stop flag answers within
+# 16 steps. On the CPU a read is free (the step has finished when its Python returns): every step.
+SYNC_EVERY = {"cuda": 16}
+
+
 def run_loop(state: TrainState, step: Step, *, lr: Callable[[TrainState], float],
              evaluate: Callable[[TrainState], dict[str, float]], save: Callable[[TrainState], Any], log: RunLog,
              eval_every: int, d: Dist | None = None, device: torch.device | None = None,
              sample: Callable[[TrainState], str | None] | None = None,
              adjust: Callable[[TrainState], int] | None = None) -> TrainState:
-    """Optimizer steps from state.step up to state.total_steps (or where `adjust(state)`, asked after
-    every step, moves it: a time budget). Every `eval_every` steps and at the last one: `evaluate`
-    for the row's metrics, `sample` for an optional sample, `save`, and the plot.
+    """Optimizer steps from state.step up to state.total_steps (or where `adjust(state)` moves it: a
+    time budget). Every `eval_every` steps and at the last one: `evaluate` for the row's metrics,
+    `sample` for an optional sample, `save`, and the plot.
 
-    Ctrl-C (SIGINT, SIGTERM) saves and raises TrainingStopped (exit code 130) at the next step
-    boundary, or between a step's micro-batches; a non-finite loss, metric or weight raises
-    TrainingStopped (exit code 1), keeping the last good checkpoint.
+    A step's loss may stay on the device: the losses are read (one transfer for all pending) every
+    SYNC_EVERY steps, before an evaluation, at the last step and when stopping; only then are the
+    stop flag and `adjust` consulted (one collective under torchrun), so that every process reads at
+    the same steps. Ctrl-C (SIGINT, SIGTERM) saves and raises TrainingStopped (exit code 130) at the
+    next read, or between a step's micro-batches; a non-finite loss (named by its step), metric or
+    weight raises TrainingStopped (exit code 1), keeping the last good checkpoint (one is only
+    written after a read).
     """
     d, device = d or Dist(), device or torch.device("cpu")
+    sync_every = SYNC_EVERY.get(device.type, 1)
     saved_at = state.step if (log.out_dir / CHECKPOINT_DIR).exists() else None  # the step the checkpoint holds
+    pending: list[tuple[Any, float, float, int]] = []  # (loss, lr, start time, tokens) of the steps not read yet
     state.model.train()
     with StopFlag() as flag:
         def stop() -> bool:
@@ -356,14 +404,18 @@ def run_loop(state: TrainState, step: Step, *, lr: Callable[[TrainState], float]
             t0 = time.perf_counter()
             taken = step(state, stop)
             if taken is None:  # interrupted between micro-batches: the step is not taken
+                _read(state, pending, log)
                 raise _interrupted(state, log, save, saved_at, f"during step {state.step + 1}/{state.total_steps}; "
                                    f"checkpoint of step {state.step}")
             loss, tokens = taken
-            if not math.isfinite(loss):
-                raise _diverged(f"loss is {loss} at step {state.step + 1}", log.out_dir)
+            pending.append((loss, rate, t0, tokens))
             state.step, state.tokens_seen = state.step + 1, state.tokens_seen + tokens
+            # The same decision on every process (one process may also stop at once: its flag is local).
+            if not (state.step % sync_every == 0 or state.step % eval_every == 0 or state.step == state.total_steps
+                    or (not d.active and stop())):
+                continue
             stopping = _agree(state, stop, adjust, d, device)
-            log.step(loss, rate, time.perf_counter() - t0, tokens, state.total_steps)
+            _read(state, pending, log)
             if stopping:
                 raise _interrupted(state, log, save, saved_at,
                                    f"at step {state.step}/{state.total_steps}; checkpoint")
@@ -371,6 +423,23 @@ def run_loop(state: TrainState, step: Step, *, lr: Callable[[TrainState], float]
                 _evaluate_and_save(state, rate, evaluate, save, sample, log, d, device)
                 saved_at = state.step
     return state
+
+
+def _read(state: TrainState, pending: list, log: RunLog) -> None:
+    """Read the pending steps' losses (one host transfer for those on the device), raise on the
+    first that is not finite, naming its step, and log them; `pending` is emptied."""
+    on_device = [loss for loss, *_ in pending if isinstance(loss, torch.Tensor)]
+    values = iter(torch.stack(on_device).tolist() if on_device else [])
+    losses = [next(values) if isinstance(loss, torch.Tensor) else float(loss) for loss, *_ in pending]
+    first = state.step - len(pending) + 1  # the step number of pending[0]
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            raise _diverged(f"loss is {loss} at step {first + i}", log.out_dir)
+    # The steps' time is counted from the first one's start to the read (which waits for the last).
+    seconds = (time.perf_counter() - pending[0][2]) / len(pending) if pending else 0.0
+    for loss, (_, rate, _, tokens) in zip(losses, pending):
+        log.step(loss, rate, seconds, tokens, state.total_steps)
+    pending.clear()
 
 
 def _agree(state: TrainState, stop: Callable[[], bool], adjust, d: Dist, device: torch.device) -> bool:

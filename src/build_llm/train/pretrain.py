@@ -42,8 +42,8 @@ from build_llm.store.fsio import check_writable_dir
 from build_llm.train.budget import Deadline, budget_context, budget_seconds, make_plan, process_started
 from build_llm.train.config import ABC_TRAIN, BUDGET_TRAIN, TrainConfig
 from build_llm.train.distributed import Dist, close_distributed, full_state_options, init_distributed, wrap_model
-from build_llm.train.loop import (RunLog, TrainingStopped, TrainState, grad_scaler, lr_at, make_optimizer, run_loop,
-                                  train_step)
+from build_llm.train.loop import (Prefetcher, RunLog, TrainingStopped, TrainState, grad_scaler, lr_at, make_optimizer,
+                                  run_loop, train_step)
 from build_llm.train.rundir import RUN_KIND, Resumed, check_run_dir, contradiction, owned, resumed_settings
 
 # Keys of step_rng streams: training batches, the fixed validation windows, dropout.
@@ -106,13 +106,15 @@ class LanguageModelling:
         # per byte) turn their mean loss into bits per character (and per byte) of the split's text,
         # counted from the ids (the split is never decoded: it may be gigabytes).
         self.val_chars, self.val_bytes = text_size(corpus.val, tokenizer)
+        # The next step's micro-batches are gathered while this one computes (entered by `train`).
+        self.loader = Prefetcher(lambda step: micro_batches(corpus.train, step, cfg, context_length, d), device)
 
     def step(self, state: TrainState, stop: Callable[[], bool]) -> tuple[float, int] | None:
         cfg, d = self.cfg, self.d
         torch.manual_seed(int(step_rng(cfg.seed, DROPOUT_STREAM, state.step, d.rank).integers(2**62)))  # dropout
-        batches = micro_batches(self.corpus.train, state.step, cfg, self.T, d)
+        batches = self.loader.get(state.step, state.total_steps)
         loss = train_step(state.model, state.optimizer, batches, self.device, cfg, d, stop=stop, scaler=state.scaler)
-        return None if loss is None else (loss.item(), self.tokens_per_step)
+        return None if loss is None else (loss, self.tokens_per_step)  # the loop reads it when it syncs
 
     def lr(self, state: TrainState) -> float:
         return lr_at(state.step, self.cfg, state.total_steps)
@@ -167,6 +169,8 @@ def setup(core: nn.Module, cfg: TrainConfig, *, out_dir: str | Path | None = Non
         set_rng_state(saved.rng, saved.state["rng"])
         state.step, state.elapsed = saved.state["step"], saved.state["elapsed_s"]
         state.tokens_seen = saved.state["tokens_seen"]
+        if state.scaler is not None and "grad_scaler" in saved.state:
+            state.scaler.load_state_dict(saved.state["grad_scaler"])
     return state
 
 
@@ -201,6 +205,8 @@ def save_training_checkpoint(out_dir: str | Path, state: TrainState, cfg: TrainC
         trainer = {"format": 1, "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed,
                    "train_config": cfg.replace(steps=max(state.total_steps, state.step)).to_dict(), "data": data_meta,
                    "world_size": d.world}
+        if state.scaler is not None:  # float16: the loss scale it has found, and its count towards growing it
+            trainer["grad_scaler"] = state.scaler.state_dict()
         save_checkpoint(path, state.core, tokenizer, trainer_files(opt_state, trainer), state=weights)
     d.barrier()
     return path
@@ -229,7 +235,8 @@ def train(out_dir: str | Path, model_cfg: GPTConfig, cfg: TrainConfig, corpus: C
         core.load_state_dict(init_weights)
     state = setup(core, cfg, out_dir=out_dir, resume=resume, d=d, device=device)
     lm = LanguageModelling(out_dir, corpus, tokenizer, cfg, model_cfg.context_length, d, device, sample_prompt)
-    with RunLog(out_dir, state.total_steps, state, d=d, resume=resume, optimal_loss=optimal_loss, log=log) as run_log:
+    with lm.loader, RunLog(out_dir, state.total_steps, state, d=d, resume=resume, optimal_loss=optimal_loss,
+                           log=log) as run_log:
         run_loop(state, lm.step, lr=lm.lr, evaluate=lm.evaluate, save=lm.save, log=run_log,
                  eval_every=cfg.eval_every, d=d, device=device, sample=lm.sample, adjust=adjust)
     state.core.eval()

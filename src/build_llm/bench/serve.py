@@ -66,7 +66,8 @@ def end_with_parent() -> None:
     """The bench holds the server's stdin open: the read returns when the bench ends, however (killed too, when
     no `finally` of its runs), and the server then stops as SIGTERM stops it, never outliving the bench. Again
     each second: a SIGTERM that arrives while run_server starts (its handler in place, uvicorn's not yet) is lost."""
-    sys.stdin.buffer.read()
+    while os.read(0, 4096):  # the descriptor, not sys.stdin: no lock of its reader held when the process exits
+        pass
     while True:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(1)

@@ -17,17 +17,12 @@ import math
 import random
 import re
 import shlex
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from build_llm.cli import main
+from tiny import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- walkthrough", "<!-- /walkthrough -->"
@@ -89,12 +84,6 @@ def walkthrough_steps(path: Path = ROOT / "README.md") -> list[tuple[str, str]]:
     return steps
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_command(line: str, short: bool, capsys) -> str:
     argv = shlex.split(line, comments=True)[1:]
     if short:
@@ -124,36 +113,6 @@ def check_command(argv0: str, out: str) -> None:
         assert Path("runs/mine-hf/config.json").is_file()
 
 
-class Server:
-    """`build-llm serve` as the README writes it, on a free port, in its own process."""
-
-    def __init__(self, line: str) -> None:
-        self.port = free_port()
-        argv = shlex.split(line, comments=True)[1:] + ["--port", str(self.port)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "build_llm.cli", *argv], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300  # a loaded machine can take minutes to import torch
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"the server exited: {self.proc.stderr.read()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise AssertionError("the server did not come up in 300 s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 def run_python(code: str, server: Server | None) -> str:
     if "OpenAI(" in code:
         assert server is not None, "the openai block comes before `build-llm serve`"
@@ -176,7 +135,7 @@ def run_walkthrough(tmp_path: Path, monkeypatch, capsys, short: bool) -> None:
             if kind == "python":
                 run_python(step, server)
             elif step.startswith("build-llm serve "):
-                server = Server(step)
+                server = Server(*shlex.split(step, comments=True)[2:])  # as the README writes it
             else:
                 check_command(shlex.split(step, comments=True)[1], run_command(step, short, capsys))
             ran.append(shlex.split(step, comments=True)[1] if kind == "command" else "python")

@@ -1,10 +1,18 @@
 """Tiny models and the small data sets they learn in a few steps, shared by the tests (plain names, imported
-by name: `from tiny import TINY`; the fixtures built from them are in conftest.py)."""
+by name: `from tiny import TINY`; the fixtures built from them are in conftest.py), and a real `build-llm
+serve` in its own process."""
 
 from __future__ import annotations
 
 import csv
 import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 from build_llm import BPETokenizer, GPTConfig
 from build_llm.data.instruct import ALPACA_PREAMBLE
@@ -123,3 +131,43 @@ def write_chat_tokenizer(directory, template: str, **special_tokens: str):
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template, **special_tokens)
     hf.save_pretrained(directory)
     return hf
+
+
+# --- a real server ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`build-llm serve FLAGS...` on a free port of 127.0.0.1, in its own process: ready once /health answers;
+    `stop()` sends SIGTERM (as a user's Ctrl-C or a service manager does) and gives the exit code."""
+
+    def __init__(self, *flags: str | Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "build_llm.cli", "serve", *map(str, flags), "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server did not come up in 300 s")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode

@@ -135,8 +135,9 @@ def test_import_hf_bad_input_is_one_line_and_writes_nothing(hf_dir, tmp_path, ca
 
 def test_import_hf_refuses_to_overwrite_what_is_not_a_checkpoint(hf_dir, tmp_path, capsys):
     before = sorted(p.name for p in hf_dir.iterdir())
-    code, _, err = run(capsys, "import-hf", hf_dir, "--out", hf_dir)
-    assert code == 2 and "is the Hugging Face directory itself" in err
+    for out in (hf_dir, hf_dir.parent):  # the directory, or a folder holding it (fsio.check_not_input's rule)
+        code, _, err = run(capsys, "import-hf", hf_dir, "--out", out)
+        assert code == 2 and f"is also the input DIR {str(hf_dir)!r}" in err, err
     assert sorted(p.name for p in hf_dir.iterdir()) == before
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("keep")

@@ -7,12 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -24,7 +19,7 @@ from build_llm.serve.engine import Engine, Sequence
 from build_llm.store.checkpoint import load_checkpoint
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.finetune import prepare_instruction
-from tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE, write_chat_tokenizer
+from tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE, Server, free_port, write_chat_tokenizer
 
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
@@ -152,33 +147,13 @@ def test_a_template_that_raises_is_one_line_and_exit_2(run_dir, tmp_path, capsys
 
 
 # --- a real server ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(run_dir):
-    port = free_port()
-    cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(run_dir), "--port", str(port),
-           "--name", "chat-tiny", "--max-batch", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    s = Server("--checkpoint", run_dir, "--name", "chat-tiny", "--max-batch", "2")
     try:
-        deadline = time.time() + 300  # a loaded machine can take minutes to import torch
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
     finally:
-        proc.terminate()
-        assert proc.wait(60) == 0
+        assert s.stop() == 0
 
 
 def test_the_openai_client_gets_transformers_greedy_reply(server, hf_dir):

@@ -5,6 +5,7 @@ counting cost no more than the text they read, and a client that goes away frees
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import socket
@@ -18,11 +19,14 @@ import pytest
 import torch
 
 from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
-from build_llm.infer.generate import generate
+from build_llm.errors import UsageError
+from build_llm.infer.generate import MIN_TEMPERATURE, check_temperature, generate
+from build_llm.serve import Settings
 from build_llm.serve.engine import Engine, Sequence, Token
-from build_llm.serve.protocol import Choice
+from build_llm.serve.protocol import ApiError, Choice, parse_sampling
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
-from test_serve import Collect, Server, post, tiny_model
+from test_serve import Collect, post, tiny_model
+from tiny import Server
 
 BAD_VALUES = {"temperature": 1e-46, "logprobs": 20}  # 0 in float32; more alternatives than 5 tokens
 
@@ -128,13 +132,31 @@ def test_long_stop_strings_cost_time_in_proportion_to_the_text():
     assert c.finish is None and c.text == full[:len(full) - held(full, stops)]
 
 
+def test_the_server_and_the_library_share_one_temperature_rule():
+    """A temperature is refused by the server iff the library refuses it, in the same words; the smallest
+    float32 above 0 is accepted (the server used to refuse anything below float32's smallest normal, 1.2e-38)
+    and samples the argmax without a NaN."""
+    settings = Settings("tiny")
+    smallest = math.nextafter(MIN_TEMPERATURE, 1.0)  # 2**-149
+    assert parse_sampling({"temperature": smallest}, settings, 64).temperature == smallest
+    s = Sequence([1], 1, lambda *a: None, temperature=smallest)
+    assert Engine.sample(torch.tensor([1.0, 5.0, 3.0, 2.0]), s) == 1
+    for t in (MIN_TEMPERATURE, 1e-46):
+        with pytest.raises(UsageError) as library:
+            check_temperature(t)
+        with pytest.raises(ApiError) as server:
+            parse_sampling({"temperature": t}, settings, 64)
+        assert server.value.message == str(library.value) and server.value.param == "temperature"
+        assert "is too small" in server.value.message
+
+
 # --- the server, under a mixed batch ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def abc_server(tmp_path_factory):
     """The ABC demo's shape: a character model with 5 tokens (<PAD>, newline, A, B, C)."""
     path = tmp_path_factory.mktemp("reliability") / "abc"
     save_checkpoint(path, tiny_model(vocab_size=5), CharTokenizer.from_text("ABC\n"))
-    s = Server(path, "--max-batch", "8", "--max-queue", "64")
+    s = Server("--checkpoint", path, "--max-batch", "8", "--max-queue", "64")
     yield s, path
     s.stop()
 
@@ -143,7 +165,7 @@ def abc_server(tmp_path_factory):
 def bpe_server(tmp_path_factory):
     path = tmp_path_factory.mktemp("reliability") / "bpe"
     save_checkpoint(path, tiny_model(context_length=1024), get_tokenizer("gpt2"))
-    s = Server(path, "--max-batch", "8", "--max-queue", "64")
+    s = Server("--checkpoint", path, "--max-batch", "8", "--max-queue", "64")
     yield s, path
     s.stop()
 

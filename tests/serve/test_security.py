@@ -24,6 +24,7 @@ from build_llm.serve import Settings, allowed_hosts, create_app
 from build_llm.serve.engine import Engine
 from build_llm.sizing import kv_cache_bytes
 from build_llm.store.checkpoint import save_checkpoint
+from tiny import Server, free_port
 
 GOOD = {"model": "tiny", "prompt": "hi", "max_tokens": 2, "temperature": 0}
 JSON = {"Content-Type": "application/json"}
@@ -34,12 +35,6 @@ def tiny_model(vocab_size: int, **kw) -> GPTModel:
     torch.manual_seed(0)
     cfg = dict(vocab_size=vocab_size, context_length=32, emb_dim=16, n_heads=2, n_layers=1, drop_rate=0.0)
     return GPTModel(GPTConfig(**{**cfg, **kw})).eval()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def call(port: int, method: str, path: str, body=None, headers: dict | None = None, host: str | None = None):
@@ -119,25 +114,9 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     return path
 
 
-def serve(ckpt: Path, *args: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(ckpt), "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300  # a loaded machine can take minutes to import torch
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if call(port, "GET", "/health")[0] == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the server did not come up in 300 s")
-
-
 def test_a_loopback_server_refuses_foreign_hosts_cross_site_bodies_and_preflights(tiny_ckpt):
-    proc, port = serve(tiny_ckpt, "--allow-host", "my.box", "--name", "tiny")
+    server = Server("--checkpoint", tiny_ckpt, "--allow-host", "my.box", "--name", "tiny")
+    port = server.port
     try:
         here = f"127.0.0.1:{port}"
         # the playground and /health, from a browser at http://127.0.0.1:PORT/ (or localhost, [::1], my.box)
@@ -170,8 +149,7 @@ def test_a_loopback_server_refuses_foreign_hosts_cross_site_bodies_and_preflight
             assert not any(h.startswith("access-control-allow") for h in headers)
         assert call(port, "POST", "/v1/completions", GOOD, JSON, host=here)[0] == 200  # still serving
     finally:
-        proc.terminate()
-        assert proc.wait(60) == 0
+        assert server.stop() == 0
 
 
 # --- item 12: a 400, not a 500 ----------------------------------------------------------------------------

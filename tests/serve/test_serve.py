@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import shutil
 import signal
 import socket
@@ -32,6 +31,7 @@ from build_llm.serve import Settings, create_app
 from build_llm.serve.app import Outbox
 from build_llm.serve.engine import Engine, QueueFull, Sequence, argmax_rows
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
+from tiny import Server, free_port, tiny_cfg, words_tokenizer, write_instruct_json
 
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
 
@@ -218,42 +218,6 @@ def test_engine_queue_limit_cancel_and_context_check():
 
 
 # --- the server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, ckpt: Path, *args: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(ckpt), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the server did not come up in 300 s")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("serve") / "tiny"
@@ -263,7 +227,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):
-    s = Server(tiny_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
+    s = Server("--checkpoint", tiny_ckpt, "--api-key", KEY, "--max-batch", "4", "--max-queue", "16")
     yield s
     assert s.stop() == 0
 
@@ -513,7 +477,7 @@ def slow_ckpt(tmp_path) -> Path:
 
 
 def test_queue_full_is_503_and_sigterm_finishes_the_stream_in_flight(slow_ckpt):
-    s = Server(slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
+    s = Server("--checkpoint", slow_ckpt, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "600")
     try:
         long = {"model": "slow", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
         req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(long).encode(),
@@ -561,21 +525,29 @@ def chromium():
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+def open_playground(browser, url: str, prompt: str):
+    """The keyed server's playground, its key entered and `prompt` typed; a 60 s wait on the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
+    browser.find_element(By.ID, "key").send_keys(KEY)
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(prompt)
+    return wait
+
+
 def test_playground_streams_coloured_tokens_with_hover_alternatives(server, tiny_ckpt, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser = chromium()
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
-        browser.find_element(By.ID, "key").send_keys(KEY)
-        prompt = browser.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys("Hello world")
+        wait = open_playground(browser, server.url, "Hello world")
         assert browser.find_element(By.ID, "max_tokens-v").text == "auto"  # the default: what the context leaves
         assert not browser.find_element(By.ID, "modes").is_displayed()  # no chat template: no chat mode
         for slider, keys in (("temperature", [Keys.HOME]), ("max_tokens", [Keys.HOME] + [Keys.ARROW_RIGHT] * 10)):
@@ -608,20 +580,13 @@ def test_playground_first_generate_on_a_small_context_fills_what_it_leaves(serve
     28 positions left (the old default of 64 tokens was a 400 here)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     text = "The cat sat on the mat and " * 5
     ids = load_checkpoint(tiny_ckpt).tokenizer.encode(text)
     assert len(ids) == 36
     browser = chromium()
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda b: "API key" in b.find_element(By.ID, "model").text)  # this server wants a key
-        browser.find_element(By.ID, "key").send_keys(KEY)
-        prompt = browser.find_element(By.ID, "prompt")
-        prompt.clear()
-        prompt.send_keys(text)
+        wait = open_playground(browser, server.url, text)
         browser.find_element(By.ID, "temperature").send_keys(Keys.HOME)  # greedy, to compare with the library
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda b: "(length)" in b.find_element(By.ID, "status").text)
@@ -636,8 +601,6 @@ def test_playground_first_generate_on_a_small_context_fills_what_it_leaves(serve
 @pytest.fixture(scope="module")
 def chat_ckpt(tmp_path_factory) -> Path:
     """A brief instruction fine-tune (96-token context): its server answers /v1/chat/completions."""
-    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
-
     from build_llm.train.config import FinetuneConfig
     from build_llm.train.finetune import finetune
 
@@ -660,7 +623,7 @@ def test_playground_chat_mode_shows_the_conversation(chat_ckpt, tmp_path):
     from build_llm.store.finetuned import load_finetuned
 
     ft = load_finetuned(chat_ckpt)
-    s = Server(chat_ckpt)
+    s = Server("--checkpoint", chat_ckpt)
     browser = chromium()
     try:
         browser.get(s.url + "/")
@@ -714,8 +677,6 @@ def test_load_script_runs_clean_against_a_tiny_model(tiny_ckpt, tmp_path):
 def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     """`build-llm finetune instruct`'s checkpoint, served: /v1/chat/completions renders the messages in
     the fine-tuning template, and the model gives the answer it learned."""
-    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
-
     from build_llm.train.finetune import finetune
     from build_llm.train.config import FinetuneConfig
 
@@ -725,7 +686,7 @@ def test_an_instruction_fine_tune_answers_chat_in_its_template(tmp_path):
     write_instruct_json(tmp_path / "train.json")
     finetune(tmp_path / "sft", tmp_path / "base", FinetuneConfig(task="instruct", epochs=8, batch_size=8, lr=3e-3),
              data=tmp_path / "train.json", log=lambda s: None)
-    s = Server(tmp_path / "sft")
+    s = Server("--checkpoint", tmp_path / "sft")
     try:
         chat = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert chat.models.list().data[0].model_extra["chat"] is True

@@ -284,22 +284,29 @@ def test_issue20_item4_merge_lora_refuses_to_write_over_its_inputs(target, lora_
     assert run(capsys, "merge-lora", "--checkpoint", lora, "--out", tmp_path / "merged")[0] == 0  # elsewhere: fine
 
 
+def assert_keeps_input_and_foreign(capsys, folder: Path, argv: tuple, data: Path, foreign: Path) -> None:
+    """`argv --out` its own input `data` (with --force too) and `--out` a file it did not write: each is
+    refused in one line, and nothing under `folder` changes."""
+    before = tree(folder)
+    for force in ([], ["--force"]):
+        code, err = run(capsys, *argv, "--out", data, *force)
+        assert code == 2 and "is also the input --data" in err and len(err.strip().splitlines()) == 1, err
+    code, err = run(capsys, *argv, "--out", foreign)
+    assert code == 2 and "did not write it" in err and "--force" in err and len(err.strip().splitlines()) == 1, err
+    assert tree(folder) == before
+
+
 def test_issue20_item5_tokenizer_train_never_writes_over_its_input_or_a_foreign_file(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("hello world, a small text to train a tokenizer on.\n" * 50)
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes")
-    before = tree(tmp_path)
-    for force in ([], ["--force"]):
-        code, err = run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", corpus, *force)
-        assert code == 2 and "is also the input --data" in err and len(err.strip().splitlines()) == 1
-    code, err = run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", notes)
-    assert code == 2 and "did not write it" in err and "--force" in err and len(err.strip().splitlines()) == 1
-    assert tree(tmp_path) == before
+    common = ("tokenizer", "train", "--data", corpus, "--vocab-size", 300)
+    assert_keeps_input_and_foreign(capsys, tmp_path, common, corpus, notes)
     tok = tmp_path / "tok.json"
     for _ in range(2):  # a new file, then a tokenizer JSON (ours to replace)
-        assert run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", tok)[0] == 0
-    assert run(capsys, "tokenizer", "train", "--data", corpus, "--vocab-size", 300, "--out", notes, "--force")[0] == 0
+        assert run(capsys, *common, "--out", tok)[0] == 0
+    assert run(capsys, *common, "--out", notes, "--force")[0] == 0
     assert json.loads(notes.read_text())["model"]["type"] == "BPE"
 
 
@@ -308,14 +315,8 @@ def test_issue20_item5_surprisal_never_writes_over_its_input_or_a_foreign_file(t
     notes.write_text("ABCABCAB\nBCABCA\nCABCAB\n" * 3)
     page = tmp_path / "page.html"
     page.write_text("<html>my own page</html>")
-    before = tree(tmp_path)
     common = ("surprisal", "--preset", "r-abc", "--max-tokens", "20")
-    for force in ([], ["--force"]):
-        code, err = run(capsys, *common, "--data", notes, "--out", notes, *force)
-        assert code == 2 and "is also the input --data" in err and len(err.strip().splitlines()) == 1
-    code, err = run(capsys, *common, "--out", page)
-    assert code == 2 and "did not write it" in err and len(err.strip().splitlines()) == 1
-    assert tree(tmp_path) == before
+    assert_keeps_input_and_foreign(capsys, tmp_path, (*common, "--data", notes), notes, page)
     new = tmp_path / "new.html"
     for _ in range(2):  # a new file, then a page of ours
         assert run(capsys, *common, "--out", new)[0] == 0

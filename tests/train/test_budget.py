@@ -48,38 +48,34 @@ def test_the_shipped_fit_is_the_sweeps():
     assert 0 < fit.E < 2
 
 
-def test_deadline_moves_the_last_step_to_the_time_left():
-    t = [100.0]
+def at(monkeypatch, state, step: int, now: float) -> None:
+    """The training state at `step` when the clock reads `now` seconds."""
+    state.step = step
+    monkeypatch.setattr(time, "perf_counter", lambda: now)
+
+
+def test_deadline_moves_the_last_step_to_the_time_left(monkeypatch):
     deadline = Deadline(end=160.0, reserve_s=10.0)
     state = SimpleNamespace(step=1, total_steps=1000, round_times=[], sample_s=0.0)
-    clock = time.perf_counter
-    try:
-        time.perf_counter = lambda: t[0]
-        assert deadline(state) == 1000  # starts measuring
-        state.step, t[0] = 11, 110.0  # 10 steps in 10 s: 1 step/s, 40 s left before the reserve
-        assert deadline(state) == 11 + 40
-        state.step, t[0] = 31, 120.0  # faster: 30 steps in 20 s
-        assert deadline(state) == 31 + int(1.5 * 30)
-    finally:
-        time.perf_counter = clock
+    at(monkeypatch, state, 1, 100.0)
+    assert deadline(state) == 1000  # starts measuring
+    at(monkeypatch, state, 11, 110.0)  # 10 steps in 10 s: 1 step/s, 40 s left before the reserve
+    assert deadline(state) == 11 + 40
+    at(monkeypatch, state, 31, 120.0)  # faster: 30 steps in 20 s
+    assert deadline(state) == 31 + int(1.5 * 30)
 
 
-def test_deadline_keeps_a_plan_that_holds():
+def test_deadline_keeps_a_plan_that_holds(monkeypatch):
     """On pace (within a tenth of the time): the total on the progress line stays the plan's."""
-    t = [0.0]
     deadline = Deadline(end=110.0, reserve_s=10.0)
     state = SimpleNamespace(step=0, total_steps=100, round_times=[], sample_s=0.0)
-    clock = time.perf_counter
-    try:
-        time.perf_counter = lambda: t[0]
+    at(monkeypatch, state, 0, 0.0)
+    assert deadline(state) == 100
+    for step, now in ((10, 10.0), (50, 52.0), (80, 78.0)):  # 1 step/s, +-4%: each end within 10 s of 100 s
+        at(monkeypatch, state, step, now)
         assert deadline(state) == 100
-        for step, now in ((10, 10.0), (50, 52.0), (80, 78.0)):  # 1 step/s, +-4%: each end within 10 s of 100 s
-            state.step, t[0] = step, now
-            assert deadline(state) == 100
-        state.step, t[0] = 85, 95.0  # fell behind: 15 steps left would end at 112 s
-        assert deadline(state) == 85 + int(85 / 95 * 5)
-    finally:
-        time.perf_counter = clock
+    at(monkeypatch, state, 85, 95.0)  # fell behind: 15 steps left would end at 112 s
+    assert deadline(state) == 85 + int(85 / 95 * 5)
 
 
 def test_a_plan_that_does_not_fit_stops_before_allocating(tmp_path, capsys):

@@ -9,10 +9,6 @@ same logits and the same greedy reply to apply_chat_template's ids -> the `opena
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 import torch
@@ -22,7 +18,7 @@ from build_llm.store.checkpoint import load_checkpoint
 from build_llm.store.finetuned import load_finetuned
 from build_llm.train.config import FinetuneConfig
 from build_llm.train.finetune import evaluate, prepare_instruction
-from tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE, write_chat_tokenizer
+from tiny import CHATML_TEMPLATE, LLAMA3_TEMPLATE, Server, write_chat_tokenizer
 
 transformers = pytest.importorskip("transformers")
 openai = pytest.importorskip("openai", reason="the openai client is a test dependency (pip install -e '.[test]')")
@@ -37,14 +33,6 @@ FAMILIES = {  # (transformers config, template, special tokens, LoRA targets: PE
     "qwen3": (dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True), CHATML_TEMPLATE,
               dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>"), "attn,ff"),
 }
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -135,22 +123,9 @@ def test_chat_answers_in_the_template_from_the_adapter_and_the_merge(runs, capsy
 
 def test_the_openai_client_against_serve_gets_chats_greedy_reply(runs, capsys):
     merged = runs[4]
-    port = free_port()
-    cmd = [sys.executable, "-m", "build_llm.cli", "serve", "--checkpoint", str(merged), "--port", str(port),
-           "--name", "tiny"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    server = Server("--checkpoint", merged, "--name", "tiny")
     try:
-        deadline = time.time() + 300  # a loaded machine can take minutes to import torch
-        while True:
-            assert proc.poll() is None, proc.stderr.read()
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2):
-                    break
-            except OSError:
-                assert time.time() < deadline, "the server did not come up"
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
         for question, answer in QA:
             capsys.readouterr()
             assert main(["chat", "--checkpoint", str(merged), "--prompt", question, "--max-new-tokens", "20"]) == 0
@@ -159,5 +134,4 @@ def test_the_openai_client_against_serve_gets_chats_greedy_reply(runs, capsys):
                                                max_tokens=20, temperature=0)
             assert r.choices[0].message.content == said == answer and r.choices[0].finish_reason == "stop"
     finally:
-        proc.terminate()
-        assert proc.wait(60) == 0
+        assert server.stop() == 0

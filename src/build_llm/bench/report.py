@@ -29,7 +29,7 @@ from build_llm.bench.steady import bench_steadiness
 from build_llm.bench.suite import Suite, full_suite, quick_suite
 from build_llm.bench.train import bench_train_cli, bench_training
 from build_llm.runtime import cpu_has_bf16
-from build_llm.store.fsio import PNG_SOFTWARE, atomic_path, replace_dir
+from build_llm.store.fsio import PNG_SOFTWARE, replace_dir, save_figure
 
 
 def machine() -> dict[str, Any]:
@@ -353,14 +353,11 @@ def plot_report(r: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         ax.margins(x=0.2)
     fig.suptitle(f"build-llm bench on {r['machine']['cpu']} ({r['machine']['torch_threads']} threads)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    try:
-        fmt = path.suffix[1:] or "png"
-        with atomic_path(path) as tmp:  # the Software tag says the PNG is ours (fsio.written_by_us)
-            fig.savefig(tmp, dpi=110, format=fmt, metadata={"Software": PNG_SOFTWARE} if fmt == "png" else None)
+    png = Path(path).suffix in ("", ".png")
+    try:  # the Software tag says the PNG is ours (fsio.written_by_us)
+        return save_figure(fig, path, dpi=110, metadata={"Software": PNG_SOFTWARE} if png else None)
     finally:
         plt.close(fig)
-    return path
 
 
 def write_report(r: dict[str, Any], out_dir: str | os.PathLike[str]) -> Path:

@@ -145,8 +145,7 @@ def own_tokenizer(directory: Path) -> Any:
 
 def run_import_hf(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    if out.exists() and out.resolve() == Path(args.dir).resolve():
-        raise UsageError(f"--out {args.out!r} is the Hugging Face directory itself; give another directory")
+    check_not_input(out, {"DIR": args.dir, "--tokenizer": args.tokenizer if Path(args.tokenizer).is_file() else None})
     check_writable_dir(out, "checkpoint", whole=True)  # before the (slow) conversion; save_checkpoint checks again
     if (out / TRAINER_FILE).exists():
         raise UsageError(f"--out {args.out!r} is a training run's checkpoint; replacing it would lose the optimizer "

@@ -23,11 +23,6 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from build_llm.data.instruct import encode_conversation
 from build_llm.errors import UsageError
 
@@ -35,41 +30,60 @@ MAX_REPEAT = 1 << 20  # characters or items a template may build with `*`; templ
 # A rendered prompt must fit a model's context (131,072 tokens is some 0.5M characters): far beyond these is
 # a template looping without end (nested loops of the sandbox's 100,000-item ranges), stopped as it renders.
 MAX_RENDER_CHARS, MAX_RENDER_SECONDS = 1 << 24, 10.0
-# What a failing template can raise while rendering (its own raise_exception is a TemplateError).
-TEMPLATE_ERRORS = (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
-                   RecursionError)
+# What a failing template can raise while rendering, besides Jinja's TemplateError (its own raise_exception
+# raises one, and the sandbox's refusals are one).
+RENDER_ERRORS = (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError)
 
 
-class GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it; the
-    text renders unchanged (we find the assistant's text ourselves, see JinjaChat.response_spans)."""
+def _jinja() -> Any:
+    """jinja2, imported with the first template, not with this module: it is the largest import of
+    `build-llm`'s start after torch and numpy, and most commands render no template."""
+    import jinja2.ext  # deferred: slow to import (see the docstring), only a chat template needs it
+    import jinja2.nodes  # deferred: as above
+    import jinja2.sandbox  # deferred: as above
 
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.Scope(body).set_lineno(lineno)
+    return jinja2
 
 
-class TemplateSandbox(ImmutableSandboxedEnvironment):
-    """Jinja's immutable sandbox, with `*` and `**` unable to build values that exhaust memory."""
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    """Jinja's immutable sandbox as transformers configures its environment, with `*` and `**` unable to
+    build values that exhaust memory, and transformers' `{% generation %}` tag."""
+    jinja2 = _jinja()
 
-    intercepted_binops = frozenset(["*", "**"])
+    class GenerationTag(jinja2.ext.Extension):
+        """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's text with it; the
+        text renders unchanged (we find the assistant's text ourselves, see JinjaChat.response_spans)."""
 
-    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        if operator == "**" and isinstance(right, int) and abs(right) > 1024 and isinstance(left, int) and abs(left) > 1:
-            raise jinja2.exceptions.SecurityError(f"the power {left} ** {right} is too large for a chat template")
-        if operator == "*":
-            for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
-                    raise jinja2.exceptions.SecurityError(f"repeating {len(seq)} items {n} times is too large for a "
-                                                          "chat template")
-        return super().call_binop(context, operator, left, right)
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    class TemplateSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024 and isinstance(left, int) \
+                    and abs(left) > 1:
+                raise jinja2.exceptions.SecurityError(f"the power {left} ** {right} is too large for a chat template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_REPEAT:
+                        raise jinja2.exceptions.SecurityError(f"repeating {len(seq)} items {n} times is too large "
+                                                              "for a chat template")
+            return super().call_binop(context, operator, left, right)
+
+    env = TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env
 
 
 def _raise_exception(message: Any) -> None:
-    raise jinja2.exceptions.TemplateError(message)
+    raise _jinja().exceptions.TemplateError(message)
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
@@ -84,14 +98,11 @@ def _strftime_now(fmt: str) -> str:
 
 
 @lru_cache(maxsize=8)
-def compile_template(source: str) -> jinja2.Template:
-    """The template compiled in the sandbox as transformers configures its environment."""
-    env = TemplateSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+def compile_template(source: str) -> Any:
+    """The template (a jinja2.Template) compiled in the sandbox."""
     try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
+        return _environment().from_string(source)
+    except _jinja().TemplateError as e:
         where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
         raise UsageError(f"the chat template is not valid Jinja{where}: {e}") from None
 
@@ -115,10 +126,10 @@ def _bounded(pieces: Iterator[str]) -> str:
         out.append(piece)
         size += len(piece)
         if size > MAX_RENDER_CHARS:
-            raise jinja2.exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_CHARS} "
-                                                  "characters")
+            raise _jinja().exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_CHARS} "
+                                                    "characters")
         if time.monotonic() > deadline:
-            raise jinja2.exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_SECONDS} s")
+            raise _jinja().exceptions.SecurityError(f"the chat template renders longer than {MAX_RENDER_SECONDS} s")
     return "".join(out)
 
 
@@ -139,7 +150,7 @@ class JinjaChat:
                    "documents": None, "add_generation_prompt": bool(add_generation_prompt)}
         try:
             return _bounded(self.template.generate(**context))
-        except TEMPLATE_ERRORS as e:
+        except (_jinja().TemplateError, *RENDER_ERRORS) as e:
             raise UsageError(f"the chat template failed on this conversation: {' '.join(str(e).split())[:300]}"
                              f" ({type(e).__name__})") from None
 

@@ -27,12 +27,17 @@ _F32_TINIEST = torch.finfo(torch.float32).smallest_normal * torch.finfo(torch.fl
 MIN_TEMPERATURE = _F32_TINIEST / 2  # exclusive: the smallest valid temperature is the next float above it
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_temperature(temperature: float) -> None:
+    """The one rule for a temperature, for every front end (the CLI, the library, the server)."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
         raise UsageError(f"temperature={temperature!r} is invalid; expected a finite number >= 0 (0 is greedy)")
     if 0 < temperature <= MIN_TEMPERATURE:
         raise UsageError(f"temperature={temperature!r} is too small: it is 0 in float32, in which the logits are "
-                         f"divided by it; give 0 (greedy) or a temperature above {MIN_TEMPERATURE:.3g}")
+                         f"divided by it; expected 0 (greedy) or a temperature above {MIN_TEMPERATURE:.3g}")
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    check_temperature(temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise UsageError(f"top_k={top_k!r} is invalid; expected None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):

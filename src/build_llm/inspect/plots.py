@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from build_llm.store.fsio import atomic_path
+from build_llm.store.fsio import save_figure
 
 
 def _matplotlib():
@@ -52,13 +52,10 @@ def _plain_text(plot):
 
 
 def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
     try:
-        with atomic_path(path) as tmp:  # a reader never sees half a picture
-            fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix[1:] or "png")
+        return save_figure(fig, path, bbox_inches="tight")
     finally:
         _pyplot().close(fig)
-    return path
 
 
 # --- attention maps --------------------------------------------------------------------------------

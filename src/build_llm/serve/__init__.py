@@ -15,8 +15,6 @@ import socket
 import sys
 from typing import Any, Iterable
 
-import uvicorn
-
 from build_llm.errors import UsageError
 from build_llm.serve.app import allowed_hosts, create_app
 from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
@@ -64,6 +62,8 @@ def run_server(model: Any, tokenizer: Any, settings: Settings, *, host: str = "1
     requests in flight finish (for at most `shutdown_timeout` seconds), stops the engine and returns.
     Bound to a loopback `host`, it answers only requests sent to this machine's names and to
     `allow_hosts`; bound elsewhere, any Host unless `allow_hosts` names some (see `allowed_hosts`)."""
+    import uvicorn  # deferred: it (and click, which it imports) would slow every other verb's start
+
     settings = dataclasses.replace(settings, allowed_hosts=allowed_hosts(host, allow_hosts))
     sockets = bind(host, port)
     # uvicorn re-raises the signal it caught once it has shut down; with this handler in place that

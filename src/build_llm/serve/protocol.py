@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from starlette.responses import JSONResponse
 
-from build_llm.serve.engine import TINY, Sequence, Token
+from build_llm.data.tokenizer import check_unicode
+from build_llm.errors import UsageError
+from build_llm.infer.generate import check_temperature
+from build_llm.serve.engine import Sequence, Token
 
 
 @dataclass
@@ -152,9 +156,8 @@ def parse_sampling(body: dict, settings: Settings, context_length: int, vocab_si
     if logprobs is False:
         logprobs = None
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
-    if 0 < temperature < TINY:  # 0 in float32, where the logits are divided by it
-        raise ApiError(400, f"temperature={temperature!r} is invalid; expected 0 (greedy) or a number in "
-                            f"[{TINY:.3g}, 2]", param="temperature")
+    with as_api_error("temperature"):
+        check_temperature(temperature)  # not 0 in float32 unless it is 0
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, f"stream_options={options!r} is invalid; expected an object such as "
@@ -169,13 +172,13 @@ def parse_sampling(body: dict, settings: Settings, context_length: int, vocab_si
         echo=_boolean(body, "echo"), truncate=_boolean(body, "truncate"))
 
 
-def check_text(text: str, param: str) -> None:
-    """Refuse a string that is not Unicode text: JSON can spell a lone surrogate ("\\ud800"), UTF-8 cannot."""
+@contextmanager
+def as_api_error(param: str) -> Iterator[None]:
+    """A library rule's UsageError (the same rule as the CLI's), as the 400 it is on the wire."""
     try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ApiError(400, f"{param} holds the lone surrogate U+{ord(text[e.start]):04X} at character {e.start}, "
-                            "which is not valid Unicode; send UTF-8 text", param=param) from None
+        yield
+    except UsageError as e:
+        raise ApiError(400, str(e), param=param) from None
 
 
 def _is_ids(x: Any) -> bool:
@@ -200,7 +203,8 @@ def parse_prompts(body: dict, encode: Callable[[str], list[int]], vocab_size: in
     out = []
     for item in items:
         if isinstance(item, str):
-            check_text(item, "prompt")
+            with as_api_error("prompt"):
+                check_unicode(item, "prompt")  # JSON can spell a lone surrogate ("\ud800"), UTF-8 cannot
             try:
                 ids = encode(item)
             except ValueError as e:  # e.g. a character a character-level vocabulary does not have
@@ -244,8 +248,9 @@ def parse_messages(body: dict) -> list[dict[str, str]]:
     ) or messages[-1]["role"] != "user":
         raise ApiError(400, "messages is invalid; expected a non-empty list of {\"role\": system|user|assistant, "
                             "\"content\": text or text parts} ending with the user's message", param="messages")
-    for t in texts:
-        check_text(t, "messages")
+    with as_api_error("messages"):
+        for t in texts:
+            check_unicode(t, "messages")
     return [{"role": m["role"], "content": t} for m, t in zip(messages, texts)]
 
 

@@ -249,6 +249,15 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
             yield fh
 
 
+def save_figure(fig: Any, path: str | os.PathLike[str], dpi: float | None = None, **options: Any) -> Path:
+    """A matplotlib figure written whole or not at all (a reader never sees half a picture), in the
+    format its suffix names (PNG without one); `options` go to savefig."""
+    path = Path(path)
+    with atomic_path(path) as tmp:  # a temporary name: savefig cannot infer the format from it
+        fig.savefig(tmp, dpi=dpi or fig.dpi, format=path.suffix[1:] or "png", **options)
+    return path
+
+
 def link_or_copy(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
     """Make `path` the file `source` is (a hard link: no copy, and removing `source` keeps it), or a
     copy of it across file systems; `path` is replaced in one rename."""

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from build_llm.errors import UsageError
 from build_llm.runtime import autocast, to_device
 from build_llm.store.checkpoint import CHECKPOINT_DIR
-from build_llm.store.fsio import atomic_path, clean_stale, open_append, write_text
+from build_llm.store.fsio import clean_stale, open_append, save_figure, write_text
 from build_llm.train.config import TrainConfig
 from build_llm.train.distributed import Dist
 
@@ -250,10 +250,7 @@ def plot_losses(tokens_seen: Sequence[float], train_losses: Sequence[float], val
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:  # a reader never sees half a picture
-        fig.savefig(tmp, dpi=fig.dpi, bbox_inches="tight", format=path.suffix[1:] or "png")
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 class RunLog:

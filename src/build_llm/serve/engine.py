@@ -129,6 +129,7 @@ class Engine:
         # one size, as a 16-row step takes several times a 1-row step's time on any count.
         self.step_threads: dict[int, Callable] = {}
         self.weights = count_weights(model)
+        self.compiled = getattr(model, "decode_step", None) is not None  # its own pool: every thread, not timed
         self.thread = threading.Thread(target=self.run, name="build-llm-engine", daemon=True)
 
     # --- the caller's side (any thread) ---------------------------------------------------------
@@ -291,7 +292,7 @@ class Engine:
         idx = torch.tensor([[s.last] for s in self.rows], dtype=torch.long)  # (n, 1)
         pos = torch.tensor(self.lengths, dtype=torch.long)  # (n,) each row's next position
         if n not in self.step_threads:
-            self.step_threads[n] = decoding_threads(self.weights, self.cache.k.device)
+            self.step_threads[n] = decoding_threads(self.weights, self.cache.k.device, compiled=self.compiled)
         with self.step_threads[n]():
             logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
         with one_thread():  # the server's other threads and its clients share the cores

@@ -50,6 +50,9 @@ def test_one_thread_rule_for_training_and_decoding(monkeypatch):
         assert torch.get_num_threads() == 3
         assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu") is one_thread
         assert isinstance(decoding_threads(ONE_THREAD_BELOW, "cpu"), TimedThreads)  # 3 threads: the faster, timed
+        # the compiled step's own pool waits for no busy core: every thread; a small model still on one
+        assert decoding_threads(ONE_THREAD_BELOW, "cpu", compiled=True) is contextlib.nullcontext
+        assert decoding_threads(ONE_THREAD_BELOW - 1, "cpu", compiled=True) is one_thread
         assert decoding_threads(ONE_THREAD_BELOW, "meta") is contextlib.nullcontext
         torch.set_num_threads(1)
         assert decoding_threads(ONE_THREAD_BELOW, "cpu") is contextlib.nullcontext  # nothing to choose between

@@ -185,8 +185,9 @@ def set_cpu_threads(weights: int, device: torch.device | str, threads: int | Non
 
 
 class TimedThreads:
-    """A context for each decoding step that runs it on the CPU thread count that has been fastest: all of
-    torch's threads or one, chosen by timing the steps as they run.
+    """A context for each decoding step that runs through PyTorch's modules (float32 weights, or a model the
+    compiled step does not compute) on the CPU thread count that has been fastest: all of torch's threads or one,
+    chosen by timing the steps as they run. (The compiled step needs none of this: see decoding_threads.)
 
     Each product of a step is an OpenMP region whose threads must all arrive before the step goes on. On a
     machine whose cores are busy with other work (other processes, or a server's own threads) a region waits
@@ -238,13 +239,17 @@ class TimedThreads:
                 torch.set_num_threads(saved)
 
 
-def decoding_threads(weights: int, device: torch.device | str):
+def decoding_threads(weights: int, device: torch.device | str, compiled: bool = False):
     """The context for each decoding step of a model of `weights` weights on `device`: `one_thread` when
     it wants one (wants_one_thread), so that code between steps (and a caller holding a paused
-    generator) keeps its own count; on a CPU with more than one thread and OMP_NUM_THREADS not set, a
-    `TimedThreads` (one per decoding loop); otherwise a no-op."""
+    generator) keeps its own count; a no-op (every thread) when its steps are `compiled` (the C step of
+    infer.kernels, whose thread pool never waits for a thread that is not running); on a CPU with more
+    than one thread and OMP_NUM_THREADS not set, a `TimedThreads` (one per decoding loop); otherwise a
+    no-op."""
     if wants_one_thread(weights, device):
         return one_thread
+    if compiled:
+        return contextlib.nullcontext
     if torch.device(device).type == "cpu" and torch.get_num_threads() > 1 and "OMP_NUM_THREADS" not in os.environ:
         return TimedThreads(torch.get_num_threads())
     return contextlib.nullcontext

@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -177,6 +182,52 @@ def test_server_row_against_the_real_server_gives_generate_text_with_no_error():
     assert r["errors"] == 0, r["error_samples"]
     assert set(r["tokens_per_s"]) == {"model alone (generate)", "server, 1 stream", "server, 4 streams"}
     assert all(len(v) == quick_suite().rounds and min(v) > 0 for v in r["rounds"].values())
+
+
+# A bench's stand-in: it starts the server row's server process, prints its pid once it answers, and waits.
+BENCH_STANDIN = """
+import sys, tempfile
+from build_llm.bench import serve
+from build_llm.bench.suite import quick_suite
+spec = {"cfg": quick_suite().decode_cfg.to_dict(), "port": serve.free_port(), "max_batch": 1}
+server = serve.start_server(spec, tempfile.mkdtemp(), sys.stderr)
+serve.wait_ready(server, spec["port"])
+print(server.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # a server process started and ended (10-20 s)
+def test_the_server_process_ends_with_a_bench_that_is_killed(tmp_path):
+    """SIGKILL runs none of the bench's `finally`s: the server notices its stdin close and stops on its own, where
+    it used to serve on, holding the model and the port, until someone killed it."""
+    with open(tmp_path / "stderr", "w+") as err:
+        bench = subprocess.Popen([sys.executable, "-c", BENCH_STANDIN], cwd=tmp_path, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=err, text=True)
+        try:
+            line = bench.stdout.readline()
+        finally:
+            bench.kill()
+            bench.wait()
+            bench.stdin.close(), bench.stdout.close()
+        err.seek(0)
+        assert line.strip().isdigit(), err.read()
+    pid, deadline = int(line), time.monotonic() + 120
+    try:
+        while running(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not running(pid)
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_server_row_counts_a_text_other_than_generate_as_an_error(monkeypatch):

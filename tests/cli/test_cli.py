@@ -12,6 +12,16 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "build_llm.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+def test_a_verb_without_templates_or_a_server_starts_without_jinja2_and_uvicorn():
+    """jinja2 is imported with the first chat template, uvicorn (and click) when `serve` runs: every other verb
+    starts without them (they were the largest imports of a start after torch and numpy)."""
+    code = ("import sys; from build_llm.cli import main; main(['info', '--preset', 'r-abc']); "
+            "print(sorted(m for m in ('jinja2', 'uvicorn', 'click') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_info_prints_the_table_total_and_sizes(capsys):
     assert main(["info", "--preset", "r-abc"]) == 0
     out = capsys.readouterr().out

@@ -9,7 +9,9 @@ from build_llm import (GPTConfig, GPTModel, generate, generate_text_simple, get_
                        stream)
 from build_llm.data.tokenizer import BPETokenizer, CharTokenizer
 from build_llm.gpt import use_decoding_layout
+from build_llm.infer import kernels
 from build_llm.infer.generate import decode_stream, filter_logits, text_to_token_ids, token_ids_to_text
+from build_llm.infer.quant import prepare_for_decoding
 from build_llm.runtime import ONE_THREAD_BELOW
 
 
@@ -226,6 +228,11 @@ def test_small_models_decode_on_one_thread_and_restore_the_count(monkeypatch):
         # a larger model: the prompt on every thread, then steps timed on one thread and on every thread
         # (runtime.TimedThreads; tests/test_runtime.py checks the choice); the caller's count after
         assert seen == [2, 1, 2] and torch.get_num_threads() == 2
+        if kernels.available():  # the compiled step: every step on every thread (the kernels' pool waits for no one)
+            prepare_for_decoding(big, "int8")
+            seen.clear()
+            list(stream(big, torch.tensor([[2]]), 3))
+            assert big.decode_step is not None and seen == [2, 2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
 

@@ -25,7 +25,8 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="planting as another user
 OTHER_UID = 65534  # nobody
 
 EXPORTS = ("void matvec_bf16(void) {}\nvoid matvec_int8(void) {}\nvoid matvec_int4(void) {}\n"
-           "int decode_step(void) { return 0; }\nint kernels_wide(void) { return 0; }\n")
+           "int decode_step(void) { return 0; }\nint kernels_wide(void) { return 0; }\n"
+           "void kernels_pool_stats(void) {}\nvoid kernels_pool_hold(void) {}\nvoid kernels_pool_shutdown(void) {}\n")
 STUB = EXPORTS + "int which(void) { return 1; }\n"
 PLANTED = EXPORTS + """int which(void) { return 2; }
 #include <stdio.h>
@@ -176,8 +177,8 @@ def test_a_library_without_the_expected_symbols_is_a_clear_fallback(cache, capsy
     kernels.SOURCE.write_text("int matvec_bf16(void) { return 0; }\n")
     assert kernels._load() is False
     err = capsys.readouterr().err
-    assert err == ("build-llm: the kernel library lacks matvec_int8, matvec_int4, decode_step, kernels_wide; "
-                   "using PyTorch kernels instead\n")
+    assert err == ("build-llm: the kernel library lacks matvec_int8, matvec_int4, decode_step, kernels_wide, "
+                   "kernels_pool_stats, kernels_pool_hold, kernels_pool_shutdown; using PyTorch kernels instead\n")
 
 
 def test_no_compiler_falls_back_quietly_as_before(cache, capsys, monkeypatch):

@@ -21,8 +21,8 @@ def portable_so(tmp_path_factory):
     if not kernels.available():
         pytest.skip("the C kernels need Linux x86-64 and a C compiler")
     out = tmp_path_factory.mktemp("portable") / "portable.so"
-    subprocess.run([shutil.which("cc") or "gcc", "-O3", "-fopenmp", "-fPIC", "-shared", "-DKERNELS_PORTABLE",
-                    str(kernels.SOURCE), "-o", str(out), "-lm"], check=True)
+    subprocess.run([shutil.which("cc") or "gcc", *kernels.CFLAGS, "-DKERNELS_PORTABLE", str(kernels.SOURCE), "-o",
+                    str(out), "-lm"], check=True)
     return out
 
 

@@ -4,8 +4,9 @@ streaming client, and `serve_streams` streaming clients at once, each a greedy c
 prompt and length.
 
 The server runs in a fresh process (`python -m build_llm.bench.serve '<json: cfg, port, max_batch>'` is that
-child): the model built as every bench row builds it (random weights, seed 0) with int8 decoding weights, served
-by `serve.run_server` on 127.0.0.1, as `build-llm serve --dtype int8` serves it. The clients are threads of this
+child, which ends with the bench however the bench ends): the model built as every bench row builds it (random
+weights, seed 0) with int8 decoding weights, served by `serve.run_server` on 127.0.0.1, as `build-llm serve
+--dtype int8` serves it. The clients are threads of this
 process speaking HTTP and server-sent events with the standard library (as examples/serve_load.py does): a
 client's own cost stays small beside the server's. Every reply's text must be `generate`'s (the batch gives each
 row what it gets alone); a failed request, another text, or a server exiting other than 0 counts as an error.
@@ -54,10 +55,40 @@ def int8_model(cfg: GPTConfig) -> GPTModel:
 
 
 def child(spec: dict[str, Any]) -> None:
-    """In a fresh process: serve the int8 model until SIGTERM."""
+    """In a fresh process: serve the int8 model until SIGTERM, or until the bench that started it ends."""
+    threading.Thread(target=end_with_parent, name="end-with-parent", daemon=True).start()
     cfg = GPTConfig.from_dict(spec["cfg"])
     run_server(int8_model(cfg), tokenizer_for(cfg), Settings(model_name=MODEL, dtype="int8"), host="127.0.0.1",
                port=spec["port"], max_batch=spec["max_batch"], max_queue=4 * spec["max_batch"], log=lambda m: None)
+
+
+def end_with_parent() -> None:
+    """The bench holds the server's stdin open: the read returns when the bench ends, however (killed too, when
+    no `finally` of its runs), and the server then stops as SIGTERM stops it, never outliving the bench. Again
+    each second: a SIGTERM that arrives while run_server starts (its handler in place, uvicorn's not yet) is lost."""
+    while os.read(0, 4096):  # the descriptor, not sys.stdin: no lock of its reader held when the process exits
+        pass
+    while True:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+
+
+def start_server(spec: dict[str, Any], workdir: str | os.PathLike[str], err: Any) -> subprocess.Popen:
+    """The server process of `spec` (stdin a pipe it watches: see end_with_parent), its stderr to `err`."""
+    # `python -m` puts its working directory first on sys.path: the bench's own directory, never the user's.
+    return subprocess.Popen([sys.executable, "-m", "build_llm.bench.serve", json.dumps(spec)], cwd=workdir,
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ))
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, as a user stops `build-llm serve`; killed if it has not ended in 120 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    server.stdin.close()
 
 
 def free_port() -> int:
@@ -99,13 +130,16 @@ def wait_ready(server: subprocess.Popen, port: int, seconds: float = 600) -> Non
     while time.perf_counter() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode} before it answered")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/health")
             if conn.getresponse().status == 200:
                 return
         except OSError:
-            time.sleep(0.2)
+            pass  # not listening yet
+        finally:
+            conn.close()
+        time.sleep(0.2)  # also after an answer other than 200: not a busy loop
     raise RuntimeError(f"the server did not answer in {seconds:.0f} s")
 
 
@@ -154,9 +188,7 @@ def bench_serving(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
     spec = {"cfg": cfg.to_dict(), "port": port, "max_batch": count}
     log(f"server: int8, 1 and {count} streams of {n} tokens against the model alone, {suite.rounds} rounds")
     with tempfile.TemporaryDirectory(prefix="build-llm-bench-") as tmp, open(Path(tmp) / "server.log", "w+") as err:
-        # `python -m` puts its working directory first on sys.path: the bench's own directory, never the user's.
-        server = subprocess.Popen([sys.executable, "-m", "build_llm.bench.serve", json.dumps(spec)], cwd=tmp,
-                                  stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ))
+        server = start_server(spec, tmp, err)
         clients = Clients(port, idx[0].tolist(), n, expected)
         candidates = {"model alone (generate)": lambda: generate(model, idx, n).shape[1] - idx.shape[1],
                       "server, 1 stream": lambda: clients.streams(1),
@@ -168,12 +200,7 @@ def bench_serving(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
             clients.errors.append(str(e))
             rates = {name: [float("nan")] for name in candidates}
         finally:
-            server.send_signal(signal.SIGTERM)
-            try:
-                server.wait(120)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server)
             err.seek(0)
             server_log = err.read().strip().splitlines()[-3:]
     errors = clients.errors + ([f"the server exited with {server.returncode}: {server_log}"] if server.returncode else [])

@@ -1,11 +1,12 @@
 """Steadiness: the same int8 decoding run in several fresh processes, under each of a few process-wide
-settings that could make one process faster than the next (OpenMP's thread placement and wait policy,
-huge pages), so that the cause of a spread shows as the setting without it.
+settings that could make one process faster than the next (how the kernels' pool threads wait between
+products, huge pages), so that the cause of a spread shows as the setting without it.
 
 A process's speed can differ from the next one's although the code and the weights are the same: where
 its threads land on the cores (and whether they move), where its buffers land in memory (page faults,
-transparent huge pages, alignment), and how its OpenMP threads wait between parallel regions (spinning
-keeps a core busy, sleeping costs a wake-up). Each child builds the decoding model (seed 0), decodes
+transparent huge pages, alignment), and how its threads wait between products (spinning keeps a core
+busy, sleeping costs a wake-up; the compiled step shares its products in infer.kernels' own pool, not
+OpenMP, whose settings now reach only the prompt). Each child builds the decoding model (seed 0), decodes
 once to warm up, then times `rounds` decodes and reports their median tokens/s, with its minor page faults
 per token over the timed decodes and the anonymous huge-page memory it ended with. Settings alternate
 process by process (A B C, A B C, ...), so that a machine getting busier slows every setting alike.
@@ -38,9 +39,8 @@ from build_llm.infer.quant import prepare_for_decoding
 # setting -> the environment it adds to the child's (each read once, when the process starts)
 SETTINGS = {
     "default": {},
-    "threads pinned (OMP_PROC_BIND=close)": {"OMP_PROC_BIND": "close", "OMP_PLACES": "cores"},
-    "threads sleep (OMP_WAIT_POLICY=passive)": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "threads spin briefly (GOMP_SPINCOUNT=10000)": {"GOMP_SPINCOUNT": "10000"},
+    "pool threads sleep at once (BUILD_LLM_POOL_SPIN_US=0)": {"BUILD_LLM_POOL_SPIN_US": "0"},
+    "pool threads spin 500 us (BUILD_LLM_POOL_SPIN_US=500)": {"BUILD_LLM_POOL_SPIN_US": "500"},
     "huge pages (THP_MEM_ALLOC_ENABLE=1)": {"THP_MEM_ALLOC_ENABLE": "1"},  # torch: 2 MB-aligned, MADV_HUGEPAGE
 }
 
@@ -93,7 +93,7 @@ def spread(rates: list[float]) -> float:
 
 def bench_steadiness(suite: Suite, log: Callable[[str], None]) -> dict[str, Any]:
     """int8 decoding in `suite.fresh_processes` fresh processes: the default on one thread (the steadiness the
-    issue measured, where OpenMP never waits), then every setting on every thread."""
+    issue measured, where no thread waits for another), then every setting on every thread."""
     threads = torch.get_num_threads()
     spec = {"cfg": suite.decode_cfg.to_dict(), "tokens": suite.decode_tokens, "rounds": 3}
     runs = {"default, 1 thread": (dict(spec, threads=1), {})}

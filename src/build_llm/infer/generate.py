@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from build_llm.errors import UsageError
 from build_llm.gpt import INT_DTYPES, GPTModel
-from build_llm.runtime import decoding_threads
+from build_llm.runtime import decoding_threads, one_thread
 from build_llm.sizing import count_weights
 
 
@@ -122,7 +122,8 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
     idx = idx.long()
     cache = model.new_cache(idx.shape[0], ctx) if use_cache and idx.shape[1] < ctx else None
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    threads = decoding_threads(count_weights(model), idx.device)  # one CPU thread for each step of a small model
+    # one CPU thread for each step of a small model; every thread for the compiled step (its own pool)
+    threads = decoding_threads(count_weights(model), idx.device, compiled=getattr(model, "decode_step", None) is not None)
 
     with torch.inference_mode():
         for _ in range(max_new_tokens):
@@ -133,6 +134,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
                 else:
                     cache = None  # the window slides: positions shift, cached keys are stale
                     logits = last_logits(model, idx[:, -ctx:])
+            with one_thread():  # a few vectors of the vocabulary's size: shared, they would wait for a busy core
                 idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
                 idx_next = idx_next.masked_fill(finished[:, None], eos_id)

@@ -7,18 +7,32 @@
  * the portable C (int4's product and the decoding step included) is compiled twice, for x86-64-v3 (AVX2,
  * FMA) and for any x86-64, and the loader picks the clone the CPU runs. The same numbers either way, up
  * to the order of float32 additions. */
+#define _GNU_SOURCE  /* pthread_setname_np */
 #include <immintrin.h>
+#include <linux/futex.h>
 #include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
 
 /* y[m, n] = sum_k x[m, k] * W[n, k] (* scale[n]) (+ bias[n]) for m < M, n < N. W is packed (see `pack`):
    tiles of 4 rows x 32 columns, row-major within a tile, the tiles of 4 rows one after another along
    k, so that the kernel reads it front to back. Each input row meets a block of 4 rows while those
-   are in the L1 cache; blocks are shared among `threads` OpenMP threads when the matrix is large
-   enough to pay for waking them. */
+   are in the L1 cache; blocks are shared among `threads` threads of the pool below, in chunks of about
+   CHUNK_BYTES of weights, when the matrix is large enough to pay for waking them. */
 #define PARALLEL_MIN (1 << 18)
+#ifndef CHUNK_BYTES  /* -D: for measuring others */
+#define CHUNK_BYTES (32 << 10)
+#endif
+#ifndef POOL_SPIN_US
+#define POOL_SPIN_US 50  /* a worker's spin before it sleeps; $BUILD_LLM_POOL_SPIN_US sets it */
+#endif
 #define INT4_GROUP 64  /* quant.INT4_GROUP: int4's default group of columns sharing a scale */
 #define INT8_CHUNK 4096  /* int8 sums exactly in int32 over at most this many columns (see int8_rows) */
 /* Both kernels ask for the weights PREFETCH ahead of the ones they multiply (into L1): one core alone cannot
@@ -44,6 +58,210 @@ static void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int
         }
     }
 }
+
+/* ---- The work-sharing pool: how a product's rows are shared among threads ----
+   A region's work is `items` (blocks of weight rows, heads, elements) cut into chunks of `per` items. Threads claim
+   chunks from an atomic ticket, the caller among them, and the region is over when every chunk is done (an atomic
+   count), not when every thread has arrived: a thread that is not running (its core busy with another process or
+   with the server's other threads) is simply not waited for, and when it wakes late it finds nothing left and waits
+   again. (An OpenMP `parallel for` ends at a barrier every thread must reach: on busy cores each region waited for a
+   descheduled thread.) Each chunk is computed by one thread with the serial code, so the numbers are the same
+   bits whatever the schedule and the thread count.
+
+   Workers are started lazily, up to the count a caller asks for, and wait by spinning for `spin_us` microseconds
+   (consecutive regions of a step follow each other within microseconds) then sleeping on a futex. The caller works
+   until no chunk is left unclaimed, then spins, then sleeps until the last claimed chunk is done (a sleeping core
+   is one the scheduler can move that chunk's thread to). One region runs at a time; a second caller meanwhile
+   computes its own work alone. A forked child starts with no workers (they are not copied by fork) and makes its
+   own; the workers are joined at exit. */
+typedef void (*Work)(const void *ctx, int64_t lo, int64_t hi);
+#define MAX_WORKERS 63
+#define MAX_CHUNKS 4096  /* the ticket holds chunks << 32 | next; a region with more items takes larger chunks */
+
+static struct {
+    pthread_mutex_t region;                   /* held by the caller of the region in flight */
+    pthread_t tid[MAX_WORKERS];
+    int workers, spin_us;                     /* workers started (numbered 1 ..); spin before sleeping */
+    _Atomic uint64_t ticket;                  /* this region's chunks << 32 | the next chunk to claim */
+    _Atomic uint32_t gen, done;               /* futex words: bumped by each region; chunks finished in it */
+    _Atomic uint32_t hold;                    /* tests: the worker held before it claims (0: none) */
+    _Atomic int sleepers, caller_asleep, stop, active;
+    Work fn; const void *ctx; int64_t items, per;  /* the region's work: read by a thread once it holds a chunk */
+    _Atomic int64_t stats[5];                 /* regions, chunks by the caller, by workers, worker sleeps, caller sleeps */
+} pool = {.region = PTHREAD_MUTEX_INITIALIZER};
+enum { REGIONS, BY_CALLER, BY_WORKERS, WORKER_SLEEPS, CALLER_SLEEPS };
+
+static void futex_wait(_Atomic uint32_t *word, uint32_t expected) {  /* returns at once if *word != expected */
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake(_Atomic uint32_t *word) {
+    syscall(SYS_futex, (uint32_t *)word, FUTEX_WAKE_PRIVATE, INT32_MAX, NULL, NULL, 0);
+}
+
+static int64_t now_us(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000 + t.tv_nsec / 1000;
+}
+
+/* Whether *word still holds `value` after spinning up to spin_us (checking the clock every 64 pauses) */
+static int spin_while(_Atomic uint32_t *word, uint32_t value) {
+    const int64_t until = now_us() + pool.spin_us;
+    for (int i = 1; atomic_load_explicit(word, memory_order_acquire) == value; i++) {
+        if (i % 64 == 0 && now_us() >= until) return 1;
+        _mm_pause();
+    }
+    return 0;
+}
+
+/* Claim and compute chunks of the region in flight until none is left unclaimed; returns how many. The region's
+   fields are read only after a chunk is claimed: the region cannot end (nor the next one overwrite them) before
+   that chunk is counted done. A ticket with the same value as one this thread saw earlier means the same chunk of
+   the region in flight, whichever region that is. */
+static int64_t claim_chunks(void) {
+    int64_t count = 0;
+    uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+    while ((uint32_t)t < (uint32_t)(t >> 32)) {
+        if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
+            continue;
+        const int64_t lo = (int64_t)(uint32_t)t * pool.per, hi = lo + pool.per < pool.items ? lo + pool.per : pool.items;
+        pool.fn(pool.ctx, lo, hi);
+        count++;
+        if (atomic_fetch_add(&pool.done, 1) + 1 == (uint32_t)(t >> 32) && atomic_load(&pool.caller_asleep))
+            futex_wake(&pool.done);  /* the last chunk, and the caller sleeps: wake it */
+        t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
+    }
+    return count;
+}
+
+static void *worker(void *arg) {
+    const int me = (int)(intptr_t)arg;
+    uint32_t seen = atomic_load(&pool.gen);
+    while (!atomic_load(&pool.stop)) {
+        if (atomic_load(&pool.gen) == seen && spin_while(&pool.gen, seen)) {
+            atomic_fetch_add(&pool.sleepers, 1);
+            atomic_fetch_add_explicit(&pool.stats[WORKER_SLEEPS], 1, memory_order_relaxed);
+            futex_wait(&pool.gen, seen);  /* the caller wakes sleepers after it bumps gen */
+            atomic_fetch_sub(&pool.sleepers, 1);
+            continue;
+        }
+        seen = atomic_load(&pool.gen);
+        uint32_t held;
+        while ((held = atomic_load(&pool.hold)) == (uint32_t)me && !atomic_load(&pool.stop)) futex_wait(&pool.hold, held);
+        if (me <= atomic_load(&pool.active))  /* a pool grown by an earlier caller: only as many as asked */
+            atomic_fetch_add_explicit(&pool.stats[BY_WORKERS], claim_chunks(), memory_order_relaxed);
+    }
+    return NULL;
+}
+
+static void pool_after_fork_in_child(void) {  /* the workers were not copied: start afresh */
+    pool.workers = 0;
+    atomic_store(&pool.ticket, 0);
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.caller_asleep, 0);
+    pthread_mutex_unlock(&pool.region);  /* locked by this thread before the fork (pool_before_fork) */
+}
+static void pool_before_fork(void) { pthread_mutex_lock(&pool.region); }  /* no region in flight while forking */
+static void pool_after_fork_in_parent(void) { pthread_mutex_unlock(&pool.region); }
+
+static void pool_setup(void) {
+    const char *spin = getenv("BUILD_LLM_POOL_SPIN_US");
+    pool.spin_us = spin && *spin ? atoi(spin) : POOL_SPIN_US;
+    pthread_atfork(pool_before_fork, pool_after_fork_in_parent, pool_after_fork_in_child);
+}
+
+/* Start workers up to `want` (with the region held); how many there are */
+static int grow(int want) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, pool_setup);
+    sigset_t all, saved;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);  /* signals go to the application's threads, never to a worker */
+    while (pool.workers < want && pool.workers < MAX_WORKERS
+           && pthread_create(&pool.tid[pool.workers], NULL, worker, (void *)(intptr_t)(pool.workers + 1)) == 0) {
+        pthread_setname_np(pool.tid[pool.workers], "build-llm-pool");
+        pool.workers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    return pool.workers;
+}
+
+/* fn(ctx, lo, hi) over items [0, items) in chunks of `per`, on `threads` threads (the caller's one of them) */
+static void share(Work fn, const void *ctx, int64_t items, int64_t per, int threads) {
+    per = per > 0 ? per : 1;
+    if ((items + per - 1) / per > MAX_CHUNKS) per = (items + MAX_CHUNKS - 1) / MAX_CHUNKS;
+    const int64_t chunks = (items + per - 1) / per;
+    if (threads < 2 || chunks < 2 || pthread_mutex_trylock(&pool.region) != 0) {
+        fn(ctx, 0, items);  /* one thread, one chunk, or another region in flight: the same numbers, here */
+        return;
+    }
+    if (grow(threads - 1 < MAX_WORKERS ? threads - 1 : MAX_WORKERS) == 0) {
+        pthread_mutex_unlock(&pool.region);
+        fn(ctx, 0, items);
+        return;
+    }
+    pool.fn = fn, pool.ctx = ctx, pool.items = items, pool.per = per;
+    atomic_store(&pool.active, threads - 1);
+    atomic_store(&pool.done, 0);
+    atomic_store_explicit(&pool.ticket, (uint64_t)chunks << 32, memory_order_release);  /* open: chunks claimable */
+    atomic_fetch_add(&pool.gen, 1);
+    if (atomic_load(&pool.sleepers)) futex_wake(&pool.gen);
+    atomic_fetch_add_explicit(&pool.stats[BY_CALLER], claim_chunks(), memory_order_relaxed);
+    uint32_t d = atomic_load(&pool.done);
+    if (d < chunks && spin_while(&pool.done, d)) {  /* claimed chunks still running: spin, then sleep */
+        atomic_store(&pool.caller_asleep, 1);
+        atomic_fetch_add_explicit(&pool.stats[CALLER_SLEEPS], 1, memory_order_relaxed);
+        while ((d = atomic_load(&pool.done)) < chunks) futex_wait(&pool.done, d);
+        atomic_store(&pool.caller_asleep, 0);
+    }
+    while (atomic_load_explicit(&pool.done, memory_order_acquire) < chunks) _mm_pause();
+    atomic_fetch_add_explicit(&pool.stats[REGIONS], 1, memory_order_relaxed);
+    pthread_mutex_unlock(&pool.region);
+}
+
+/* Join the workers (the next region starts new ones). Also run at exit; waits at most a second for a region in
+   flight in another thread, else leaves the workers to the exiting process. */
+void kernels_pool_shutdown(void) {
+    struct timespec limit;
+    clock_gettime(CLOCK_REALTIME, &limit);
+    limit.tv_sec += 1;
+    if (pthread_mutex_timedlock(&pool.region, &limit) != 0) return;
+    atomic_store(&pool.stop, 1);
+    atomic_fetch_add(&pool.gen, 1);
+    futex_wake(&pool.gen);
+    futex_wake(&pool.hold);
+    for (int i = 0; i < pool.workers; i++) pthread_join(pool.tid[i], NULL);
+    pool.workers = 0;
+    atomic_store(&pool.stop, 0);
+    pthread_mutex_unlock(&pool.region);
+}
+__attribute__((destructor)) static void pool_at_exit(void) { kernels_pool_shutdown(); }
+
+/* For tests and the bench: out[0] = workers running, out[1 ..] = stats (regions, chunks by the caller, by workers,
+   worker sleeps, caller sleeps) */
+void kernels_pool_stats(int64_t *out) {
+    out[0] = pool.workers;
+    for (int i = 0; i < 5; i++) out[i + 1] = atomic_load(&pool.stats[i]);
+}
+
+/* For tests: worker `worker` (1 ..), once woken for a region, waits before it claims a chunk until released (0) */
+void kernels_pool_hold(int worker) {
+    atomic_store(&pool.hold, (uint32_t)worker);
+    futex_wake(&pool.hold);
+}
+
+/* One product's operands, read by every thread that computes some of its blocks of rows */
+typedef struct {
+    const float *x, *xe, *xo, *xs, *bias;  /* xe, xo: bfloat16's even and odd inputs; xs: int8/int4's row scales */
+    const int16_t *xq, *xr;                /* int8/int4's inputs rounded to int16; int4's laid out for AVX2 */
+    const int32_t *corr;                   /* int4's input sums for AVX2 (see int4_inputs) */
+    const void *w, *scale;                 /* scale: float32 per row (int8), bfloat16 per group (int4), or NULL */
+    float *y;
+    int64_t M, N, K, Kp, H, G;
+} Product;
+
+static int64_t chunk_of(int64_t item_bytes) { return item_bytes >= CHUNK_BYTES ? 1 : CHUNK_BYTES / item_bytes; }
 
 /* -DKERNELS_PORTABLE builds the portable C alone, for any x86-64 (the tests check it on CPUs that have more) */
 #ifdef KERNELS_PORTABLE
@@ -102,15 +320,13 @@ static inline __attribute__((always_inline)) void bf16_rows(const int MR, const 
         for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
 }
 
-static void matvec_bf16_wide(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
-                             int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t Kp = (K + 31) / 32 * 32, H = Kp / 2;
-    float *xe = calloc(2 * M * H, sizeof(float)), *xo = xe + M * H;
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) (k % 2 ? xo : xe)[m * H + k / 2] = x[m * K + k];
-    const int64_t blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
+static void bf16_wide_blocks(const void *ctx, int64_t first, int64_t end) {  /* blocks [first, end) of 4 rows */
+    const Product *p = ctx;
+    const float *xe = p->xe, *xo = p->xo, *scale = p->scale, *bias = p->bias;
+    const uint16_t *w = p->w;
+    float *y = p->y;
+    const int64_t M = p->M, N = p->N, Kp = p->Kp, H = p->H;
+    for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const uint16_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M;) {
@@ -122,6 +338,16 @@ static void matvec_bf16_wide(const float *x, const uint16_t *w, const float *sca
             m += mr;
         }
     }
+}
+
+static void matvec_bf16_wide(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
+                             int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32, H = Kp / 2;
+    float *xe = calloc(2 * M * H, sizeof(float)), *xo = xe + M * H;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) (k % 2 ? xo : xe)[m * H + k / 2] = x[m * K + k];
+    const Product p = {.xe = xe, .xo = xo, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp, .H = H};
+    share(bf16_wide_blocks, &p, (N + 3) / 4, chunk_of(8 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xe);
 }
 
@@ -156,6 +382,27 @@ static inline __attribute__((always_inline)) void int8_rows(const int MR, const 
         for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
 }
 
+static void int8_wide_blocks(const void *ctx, int64_t first, int64_t end) {
+    const Product *p = ctx;
+    const float *xs = p->xs, *scale = p->scale, *bias = p->bias;
+    const int16_t *xq = p->xq;
+    const int8_t *w = p->w;
+    float *y = p->y;
+    const int64_t M = p->M, N = p->N, Kp = p->Kp;
+    for (int64_t blk = first; blk < end; blk++) {
+        const int64_t n0 = blk * 4;
+        const int8_t *wb = w + blk * 4 * Kp;
+        for (int64_t m = 0; m < M;) {
+            float dot[4][4];
+            const int mr = M - m >= 4 ? 4 : 1;
+            if (mr == 4) int8_rows(4, wb, xq + m * Kp, Kp, dot);
+            else int8_rows(1, wb, xq + m * Kp, Kp, dot);
+            for (int i = 0; i < mr; i++) { STORE(dot[i], m + i, xs[m + i]) }
+            m += mr;
+        }
+    }
+}
+
 static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                              int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32;
@@ -177,20 +424,8 @@ static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale
             _mm256_mask_storeu_epi16(xq + m * Kp + k, in, _mm512_cvtsepi32_epi16(q));
         }
     }
-    const int64_t blocks = (N + 3) / 4;
-    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t n0 = blk * 4;
-        const int8_t *wb = w + blk * 4 * Kp;
-        for (int64_t m = 0; m < M;) {
-            float dot[4][4];
-            const int mr = M - m >= 4 ? 4 : 1;
-            if (mr == 4) int8_rows(4, wb, xq + m * Kp, Kp, dot);
-            else int8_rows(1, wb, xq + m * Kp, Kp, dot);
-            for (int i = 0; i < mr; i++) { STORE(dot[i], m + i, xs[m + i]) }
-            m += mr;
-        }
-    }
+    const Product p = {.xq = xq, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
+    share(int8_wide_blocks, &p, (N + 3) / 4, chunk_of(4 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xq);
     free(xs);
 }
@@ -267,15 +502,14 @@ static void bf16_block_avx2(const uint16_t *wb, const float *xe, const float *xo
 
 /* Portable C of the same two kernels over the same packed layout: for each block of 4 weight rows, each
    tile's 32 columns are multiplied into 32 accumulators a row (contiguous: the compiler vectorises them). */
-static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const float *scale, const float *bias,
-                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t Kp = (K + 31) / 32 * 32, blocks = (N + 3) / 4;
+static CLONES void bf16_portable_blocks(const void *ctx, int64_t first, int64_t end) {
+    const Product *p = ctx;
+    const float *xp = p->x, *scale = p->scale, *bias = p->bias;  /* see matvec_bf16_portable */
+    const uint16_t *w = p->w;
+    float *y = p->y;
+    const int64_t M = p->M, N = p->N, Kp = p->Kp;
     const int avx2 = HAS("avx2") && HAS("fma");
-    float *xp = calloc(M * Kp, sizeof(float));  /* x zero-padded to Kp columns; for AVX2 its even entries, then its odd */
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xp[m * Kp + (avx2 ? (k & 1) * Kp / 2 + k / 2 : k)] = x[m * K + k];
-    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
+    for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const uint16_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M; m++) {
@@ -296,18 +530,29 @@ static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const
             STORE(dot, m, 1.0f)
         }
     }
+}
+
+static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const float *scale, const float *bias,
+                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    const int avx2 = HAS("avx2") && HAS("fma");
+    float *xp = calloc(M * Kp, sizeof(float));  /* x zero-padded to Kp columns; for AVX2 its even entries, then its odd */
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) xp[m * Kp + (avx2 ? (k & 1) * Kp / 2 + k / 2 : k)] = x[m * K + k];
+    const Product p = {.x = xp, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
+    share(bf16_portable_blocks, &p, (N + 3) / 4, chunk_of(8 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xp);
 }
 
-static CLONES void matvec_int8_portable(const float *x, const int8_t *w, const float *scale, const float *bias,
-                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t Kp = (K + 31) / 32 * 32, blocks = (N + 3) / 4;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
-    float *xs = calloc(M, sizeof(float));
-    quantize_rows(x, xq, xs, M, K, Kp);
+static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t end) {
+    const Product *p = ctx;
+    const float *xs = p->xs, *scale = p->scale, *bias = p->bias;
+    const int16_t *xq = p->xq;
+    const int8_t *w = p->w;
+    float *y = p->y;
+    const int64_t M = p->M, N = p->N, Kp = p->Kp;
     const int avx2 = HAS("avx2");
-    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
+    for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const int8_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M; m++) {
@@ -333,6 +578,16 @@ static CLONES void matvec_int8_portable(const float *x, const int8_t *w, const f
             STORE(dot, m, xs[m])
         }
     }
+}
+
+static CLONES void matvec_int8_portable(const float *x, const int8_t *w, const float *scale, const float *bias,
+                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t Kp = (K + 31) / 32 * 32;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
+    float *xs = calloc(M, sizeof(float));
+    quantize_rows(x, xq, xs, M, K, Kp);
+    const Product p = {.xq = xq, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
+    share(int8_portable_blocks, &p, (N + 3) / 4, chunk_of(4 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xq);
     free(xs);
 }
@@ -443,17 +698,17 @@ static void int4_block_avx2(int64_t rows, const uint8_t *w, const uint16_t *scal
 }
 #pragma GCC pop_options
 
-void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const float *bias, float *y,
-                 int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-    const int64_t Kp = (K + G - 1) / G * G, groups = Kp / G, blocks = (N + 3) / 4;
-    const int avx2 = HAS("avx2") && HAS("fma") && G % 64 == 0;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t)), *xr = avx2 ? malloc(sizeof(int16_t) * M * Kp) : NULL;
-    int32_t *corr = avx2 ? malloc(sizeof(int32_t) * M * groups * 8) : NULL;
-    float *xs = calloc(M, sizeof(float));
-    quantize_rows(x, xq, xs, M, K, Kp);
-    for (int64_t m = 0; avx2 && m < M; m++) int4_inputs(xq + m * Kp, xr + m * Kp, corr + m * groups * 8, Kp, G);
-    #pragma omp parallel for schedule(static) num_threads(N * K >= PARALLEL_MIN ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
+static void int4_blocks(const void *ctx, int64_t first, int64_t end) {  /* blocks [first, end) of 4 rows */
+    const Product *p = ctx;
+    const uint8_t *w = p->w;
+    const uint16_t *scale = p->scale;
+    const int16_t *xq = p->xq, *xr = p->xr;
+    const int32_t *corr = p->corr;
+    const float *xs = p->xs, *bias = p->bias;
+    float *y = p->y;
+    const int64_t M = p->M, N = p->N, Kp = p->Kp, G = p->G, groups = Kp / G;
+    const int avx2 = xr != NULL;  /* see matvec_int4 */
+    for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
         for (int64_t m = 0; m < M; m++) {  /* the block's 4 rows stay in the L1 cache for every input row */
             float dot[4];
@@ -465,6 +720,20 @@ void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const 
             for (int64_t r = 0; r < rows; r++) y[m * N + n0 + r] = dot[r] * xs[m] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
+}
+
+void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const float *bias, float *y,
+                 int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+    const int64_t Kp = (K + G - 1) / G * G, groups = Kp / G;
+    const int avx2 = HAS("avx2") && HAS("fma") && G % 64 == 0;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t)), *xr = avx2 ? malloc(sizeof(int16_t) * M * Kp) : NULL;
+    int32_t *corr = avx2 ? malloc(sizeof(int32_t) * M * groups * 8) : NULL;
+    float *xs = calloc(M, sizeof(float));
+    quantize_rows(x, xq, xs, M, K, Kp);
+    for (int64_t m = 0; avx2 && m < M; m++) int4_inputs(xq + m * Kp, xr + m * Kp, corr + m * groups * 8, Kp, G);
+    const Product p = {.xq = xq, .xr = xr, .corr = corr, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y,
+                       .M = M, .N = N, .Kp = Kp, .G = G};
+    share(int4_blocks, &p, (N + 3) / 4, chunk_of(2 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xq);
     free(xr);
     free(corr);
@@ -560,11 +829,40 @@ static void residual(const Model *md, float *x, float *part, const float *w, con
     for (int64_t i = 0; i < M * md->emb_dim; i++) x[i] += part[i];
 }
 
+/* One block's attention, shared among threads by (row, query head) */
+typedef struct {
+    const Model *md; const Block *B; const float *qkv, *kc0, *vc0; float *ctx, *scores; const int64_t *pos;
+    int64_t longest, row_stride, max_len;
+} Attention;
+
+/* (row, query head) pairs [first, end): each attends to the positions its window sees, with its group's key/value head */
+static CLONES void attention_heads(const void *work, int64_t first, int64_t end) {
+    const Attention *a = work;
+    const Model *md = a->md;
+    const int64_t H = md->n_heads, KV = md->n_kv_heads, D = md->head_dim, QW = (H + 2 * KV) * D, G = H / KV;
+    for (int64_t mh = first; mh < end; mh++) {
+        const int64_t m = mh / H, hd = mh % H, p = a->pos[m], window = a->B->window;
+        const int64_t first_j = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
+        const float *kc = a->kc0 + m * a->row_stride + hd / G * a->max_len * D;
+        const float *vc = a->vc0 + m * a->row_stride + hd / G * a->max_len * D;
+        const float *q = a->qkv + m * QW + hd * D;
+        float *s = a->scores + mh * a->longest, top = -INFINITY, sum = 0.0f;
+        for (int64_t j = first_j; j <= p; j++) {
+            s[j] = dot(q, kc + j * D, D) * md->att_scale;
+            top = s[j] > top ? s[j] : top;
+        }
+        for (int64_t j = first_j; j <= p; j++) sum += (s[j] = expf(s[j] - top));
+        float *out = a->ctx + m * H * D + hd * D;
+        memset(out, 0, sizeof(float) * D);
+        for (int64_t j = first_j; j <= p; j++) axpy(s[j] / sum, vc + j * D, out, D);
+    }
+}
+
 /* Block B's attention for M rows: q, k, v (M, QW) -> ctx (M, H * D), keys and values written at each row's position. */
 static void attention(const Model *md, const Block *B, float *qkv, float *ctx, float *scores, const int64_t *pos,
                       int64_t M, int64_t longest, float *kc0, float *vc0, int64_t row_stride, int64_t max_len,
                       int threads) {
-    const int64_t H = md->n_heads, KV = md->n_kv_heads, D = md->head_dim, QW = (H + 2 * KV) * D, G = H / KV;
+    const int64_t H = md->n_heads, KV = md->n_kv_heads, D = md->head_dim, QW = (H + 2 * KV) * D;
     for (int64_t mh = 0; mh < M * (H + KV); mh++) {  /* queries and keys: normalised, turned */
         const int64_t m = mh / (H + KV), hd = mh % (H + KV);
         head_positions(qkv + m * QW + hd * D, hd < H ? B->q_norm : B->k_norm, B->inv_freq, pos[m], D, md->eps);
@@ -574,23 +872,15 @@ static void attention(const Model *md, const Block *B, float *qkv, float *ctx, f
         memcpy(kc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + hd) * D, sizeof(float) * D);
         memcpy(vc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + KV + hd) * D, sizeof(float) * D);
     }
-    /* each (row, query head): attend to the positions its window sees, with its group's key/value head */
-    #pragma omp parallel for schedule(static) num_threads(M * H * longest * D >= (1 << 16) ? threads : 1)
-    for (int64_t mh = 0; mh < M * H; mh++) {
-        const int64_t m = mh / H, hd = mh % H, p = pos[m];
-        const int64_t first = B->window > 0 && p - B->window + 1 > 0 ? p - B->window + 1 : 0;
-        const float *kc = kc0 + m * row_stride + hd / G * max_len * D, *vc = vc0 + m * row_stride + hd / G * max_len * D;
-        const float *q = qkv + m * QW + hd * D;
-        float *s = scores + mh * longest, top = -INFINITY, sum = 0.0f;
-        for (int64_t j = first; j <= p; j++) {
-            s[j] = dot(q, kc + j * D, D) * md->att_scale;
-            top = s[j] > top ? s[j] : top;
-        }
-        for (int64_t j = first; j <= p; j++) sum += (s[j] = expf(s[j] - top));
-        float *out = ctx + m * H * D + hd * D;
-        memset(out, 0, sizeof(float) * D);
-        for (int64_t j = first; j <= p; j++) axpy(s[j] / sum, vc + j * D, out, D);
-    }
+    const Attention a = {md, B, qkv, kc0, vc0, ctx, scores, pos, longest, row_stride, max_len};
+    share(attention_heads, &a, M * H, 1, M * H * longest * D >= (1 << 16) ? threads : 1);
+}
+
+typedef struct { int64_t act; float *ff; const float *gate; } Activation;
+
+static CLONES void activate(const void *work, int64_t first, int64_t end) {  /* ff = act(ff) (* gate), elements [first, end) */
+    const Activation *a = work;
+    for (int64_t i = first; i < end; i++) a->ff[i] = activation(a->act, a->ff[i]) * (a->gate ? a->gate[i] : 1.0f);
 }
 
 /* Block B's feed-forward for M rows: h (M, C) -> part (M, C), through ff (M, hidden) and gate (M, hidden) */
@@ -599,8 +889,8 @@ static void feed_forward(const Model *md, const Block *B, const float *h, float 
     const int64_t F = md->hidden;
     linear(&B->fc, h, ff, M, threads);
     if (B->up.w) linear(&B->up, h, gate, M, threads);
-    #pragma omp parallel for schedule(static) num_threads(M * F >= (1 << 14) ? threads : 1)
-    for (int64_t i = 0; i < M * F; i++) ff[i] = activation(md->act, ff[i]) * (B->up.w ? gate[i] : 1.0f);
+    const Activation a = {md->act, ff, B->up.w ? gate : NULL};
+    share(activate, &a, M * F, 2048, M * F >= (1 << 14) ? threads : 1);
     linear(&B->ff_out, ff, part, M, threads);
 }
 

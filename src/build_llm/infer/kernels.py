@@ -13,8 +13,13 @@ the (at most 16) input rows, the weights are loaded, widened (bfloat16: shifted 
 int4: multiplied as integers with the input rounded to int16, summed exactly in int32) and accumulated in
 float32; int8 rows are then scaled by their per-row scale, int4 groups by their group's. One library
 serves every x86-64 CPU: AVX-512 intrinsics where the CPU has AVX-512, else portable C compiled for AVX2
-and for plain x86-64, chosen when it runs. The rows are shared among `torch.get_num_threads()` OpenMP
-threads (loaded after PyTorch, the library uses PyTorch's OpenMP runtime and its thread pool).
+and for plain x86-64, chosen when it runs. The rows are shared among `torch.get_num_threads()` threads
+of the library's own pool, not OpenMP's: a product is cut into chunks that the threads claim, the
+caller among them, and it is done when every chunk is, so a thread whose core is busy elsewhere is
+never waited for (an OpenMP region waits at its end for every thread; on busy cores, many times
+slower than one thread). The pool's workers start at the first shared product, spin for
+`$BUILD_LLM_POOL_SPIN_US` microseconds (default 50) between products, then sleep; a forked child
+makes its own. The numbers are the same bits on any count of threads.
 
 The C source (shipped as package data) is compiled once per machine with the system's C compiler
 into the user's cache (`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, else
@@ -83,7 +88,10 @@ ACTIVATIONS = {"gelu_tanh": 0, "gelu_erf": 1, "silu": 2}  # Model.act
 
 
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
-SYMBOLS = ("matvec_bf16", "matvec_int8", "matvec_int4", "decode_step", "kernels_wide")  # what the library must export
+SYMBOLS = ("matvec_bf16", "matvec_int8", "matvec_int4", "decode_step", "kernels_wide",  # what the library must export
+           "kernels_pool_stats", "kernels_pool_hold", "kernels_pool_shutdown")
+CFLAGS = ("-O3", "-pthread", "-fPIC", "-shared")  # the compiler's flags (the library has no OpenMP: its own pool)
+POOL_STATS = ("workers", "regions", "chunks_by_caller", "chunks_by_workers", "worker_sleeps", "caller_sleeps")
 
 
 class Refused(Exception):
@@ -177,8 +185,7 @@ def _compile(source: str, tmp: Path) -> int:
     os.close(open_trusted(tmp, directory=True))  # made by mkdtemp: 0700, this user's (checked all the same)
     src, out = tmp / "matvec.c", tmp / "matvec.so"
     src.write_text(source, encoding="ascii")  # the very text that was hashed
-    subprocess.run([compiler, "-O3", "-fopenmp", "-fPIC", "-shared",
-                    str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
+    subprocess.run([compiler, *CFLAGS, str(src), "-o", str(out), "-lm"], check=True, capture_output=True, timeout=120)
     os.chmod(out, 0o755)  # the compiler made it 0777 & ~umask: with umask 000, writable by everyone
     return open_trusted(out)
 
@@ -241,6 +248,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.matvec_int4.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 4 + [ctypes.c_int]
     lib.kernels_wide.restype = ctypes.c_int
     lib.kernels_wide.argtypes = []
+    lib.kernels_pool_stats.restype = lib.kernels_pool_hold.restype = lib.kernels_pool_shutdown.restype = None
+    lib.kernels_pool_stats.argtypes = [ctypes.POINTER(ctypes.c_int64)]
+    lib.kernels_pool_hold.argtypes = [ctypes.c_int]
+    lib.kernels_pool_shutdown.argtypes = []
     lib.decode_step.restype = ctypes.c_int
     lib.decode_step.argtypes = ([ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                                  ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int])
@@ -259,7 +270,6 @@ def _load() -> ctypes.CDLL | bool:
     try:
         fd = _library(source, _cache_dir(), notes)
         # Loaded through the descriptor that was checked; it stays open so that the name stays this library's.
-        # After torch: the library shares the OpenMP runtime torch has loaded.
         lib = _bind(ctypes.CDLL(f"/proc/self/fd/{fd}"))
     except Refused as e:
         notes.append(str(e))
@@ -282,6 +292,16 @@ def wide() -> bool:
     """Whether the bfloat16 and int8 products run the AVX-512 code (else the portable C); False when the kernels
     are unavailable."""
     return available() and bool(_lib.kernels_wide())
+
+
+def pool_stats() -> dict[str, int]:
+    """The thread pool's counts since the process started (POOL_STATS): its workers now, the products shared
+    (regions), the chunks the calling thread and the workers computed, how often workers and callers slept."""
+    if not available():
+        return dict.fromkeys(POOL_STATS, 0)
+    out = (ctypes.c_int64 * len(POOL_STATS))()
+    _lib.kernels_pool_stats(out)
+    return dict(zip(POOL_STATS, out))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

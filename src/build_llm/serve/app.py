@@ -204,7 +204,8 @@ class Completion:
         try:
             while any(c.finish is None for c in self.choices):
                 self.apply(await self.queue.get())
-                await asyncio.sleep(0)  # a full queue's get does not yield: let other requests and /health in
+                if not self.queue.empty():  # a get from a queue holding reports does not yield: let other
+                    await asyncio.sleep(0)  # requests and /health in (an empty one's next get yields anyway)
         finally:
             self.cancel()
         if self.chat:
@@ -235,7 +236,8 @@ class Completion:
             while any(c.finish is None for c in self.choices):
                 try:
                     c = self.apply(await self.queue.get())
-                    await asyncio.sleep(0)  # as in body: other requests in between tokens
+                    if not self.queue.empty():  # as in body: other requests in between tokens
+                        await asyncio.sleep(0)
                 except ApiError as e:
                     yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
                     return

@@ -120,6 +120,48 @@ def model_memory(cfg: GPTConfig, dtype: torch.dtype = torch.float32) -> int:
     return params + sum(b.numel() * b.element_size() for b in model.buffers())
 
 
+# Float32 copies of a Linear's weight that converting it holds at once besides the weight itself (quant.py's
+# quantize_*: int8's quotient and its rounding; int4's padded copy too; bfloat16's cast and packed copy).
+CONVERSION_COPIES = {"float32": 1.0, "bfloat16": 1.0, "int8": 2.0, "int4": 3.0}
+
+
+def decoded_linear_bytes(out_features: int, in_features: int, dtype: str, bias: bool, group: int) -> int:
+    """Bytes of one Linear's decoding weights (quant.DecodeLinear, in the kernels' layout: rows padded to 4,
+    columns to 32): bfloat16, int8 with a float32 scale a row, or int4 two a byte with a bfloat16 scale a group."""
+    n4, k32 = -(-out_features // 4) * 4, -(-in_features // 32) * 32
+    extra = 4 * out_features * bias
+    if dtype == "bfloat16":
+        return 2 * n4 * k32 + extra
+    if dtype == "int8":
+        return n4 * k32 + 4 * out_features + extra
+    groups = -(-in_features // group)
+    return out_features * groups * group // 2 + 2 * out_features * groups + extra
+
+
+def decoding_memory(cfg: GPTConfig, dtype: str = "float32", group: int = 64) -> int:
+    """Peak bytes of loading `cfg` for decoding in `dtype` part by part (store.checkpoint.load_parts): the
+    decoding weights (every Linear's, the head's own copy included, at `dtype`; the rest float32) plus the
+    largest part in flight (its float32 weights that do not stay, and converting its largest Linear: see
+    CONVERSION_COPIES). `group`: int4's weights per scale."""
+    model = meta_model(cfg)
+    linears = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+    if dtype == "float32":
+        final = model_memory(cfg)
+    else:
+        kept = sum(p.numel() * 4 for p in model.parameters() if id(p) not in linears or p is model.tok_emb.weight)
+        final = kept + sum(decoded_linear_bytes(m.out_features, m.in_features, dtype, m.bias is not None, group)
+                           for m in model.modules() if isinstance(m, nn.Linear))
+    parts = [*model.trf_blocks, model]
+    in_flight = 0
+    for part in parts:
+        own = [m for m in part.modules() if isinstance(m, nn.Linear) and (part is not model or m is model.out_head)]
+        largest = max((m.weight.numel() * 4 for m in own), default=0)
+        passing = 0 if dtype == "float32" else sum(m.weight.numel() * 4 for m in own
+                                                   if m.weight is not model.tok_emb.weight)
+        in_flight = max(in_flight, passing + int(CONVERSION_COPIES[dtype] * largest))
+    return final + in_flight
+
+
 def kv_cache_bytes(cfg: GPTConfig, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
     """Bytes of a KV cache for `batch_size` sequences of the whole context: a key and a value per
     layer, position and key/value channel (fewer than emb_dim under grouped-query attention)."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import pytest
 
+import build_llm.train.loop as loop_mod
 from build_llm.train.budget import Deadline, LossFit, fit_loss, load_fit, parse_duration
 from build_llm.sizing import estimate_peak_bytes
 from build_llm.cli import main
@@ -55,7 +56,7 @@ def at(monkeypatch, state, step: int, now: float) -> None:
 
 def test_deadline_moves_the_last_step_to_the_time_left(monkeypatch):
     deadline = Deadline(end=160.0, reserve_s=10.0)
-    state = SimpleNamespace(step=1, total_steps=1000)
+    state = SimpleNamespace(step=1, total_steps=1000, round_times=[], sample_s=0.0)
     at(monkeypatch, state, 1, 100.0)
     assert deadline(state) == 1000  # starts measuring
     at(monkeypatch, state, 11, 110.0)  # 10 steps in 10 s: 1 step/s, 40 s left before the reserve
@@ -67,7 +68,7 @@ def test_deadline_moves_the_last_step_to_the_time_left(monkeypatch):
 def test_deadline_keeps_a_plan_that_holds(monkeypatch):
     """On pace (within a tenth of the time): the total on the progress line stays the plan's."""
     deadline = Deadline(end=110.0, reserve_s=10.0)
-    state = SimpleNamespace(step=0, total_steps=100)
+    state = SimpleNamespace(step=0, total_steps=100, round_times=[], sample_s=0.0)
     at(monkeypatch, state, 0, 0.0)
     assert deadline(state) == 100
     for step, now in ((10, 10.0), (50, 52.0), (80, 78.0)):  # 1 step/s, +-4%: each end within 10 s of 100 s
@@ -173,3 +174,42 @@ def test_a_dtype_far_slower_at_its_first_step_is_not_measured_further():
     probe = probe_tokens_per_s(shape_for(1, 32, 16, 50), 4, ids, torch.device("cpu"), "bfloat16", give_up_s=1e-9)
     assert len(probe.losses) == 1 and probe.eval_tokens_per_s == 0.0
     assert probe.tokens_per_s == pytest.approx(4 * 16 / probe.first_s)
+
+
+def budget_run(tmp_path, monkeypatch, save_s: float, budget_s: float = 120.0, steps: int = 200):
+    """run_loop on a fake clock under a Deadline of `budget_s` with the plan's guess of the reserve:
+    each step takes 1 s, an evaluation 0.5 s, its sample 0.5 s and its checkpoint `save_s`; then
+    the report (a sample of 200 tokens where the rounds take 60). Returns (end time, steps trained)."""
+    clock = [0.0]
+
+    def tick(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(loop_mod, "plot_losses", lambda *args, **kwargs: None)
+    core = torch.nn.Linear(2, 1)
+    state = loop_mod.TrainState(core, core, torch.optim.SGD(core.parameters(), lr=0.1), total_steps=steps)
+    deadline = Deadline(end=budget_s, reserve_s=2.0 + 0.04 * budget_s, eval_every=10, report_samples=200 / 60)
+    with loop_mod.RunLog(tmp_path, steps, state, log=lambda s: None) as log:
+        loop_mod.run_loop(state, lambda state, stop: (tick(1.0), (torch.tensor(1.0), 1))[1], lr=lambda s: 0.1,
+                          evaluate=lambda s: (tick(0.5), {"val_loss": 1.0})[1], sample=lambda s: (tick(0.5), "x")[1],
+                          save=lambda s: tick(save_s), log=log, eval_every=10, adjust=deadline)
+    tick(200 / 60 * 0.5)  # the report
+    return clock[0], state.step
+
+
+@pytest.mark.parametrize("save_s", [0.2, 10.0, 25.0])
+def test_the_reserve_is_measured_so_slow_checkpoints_still_end_within_the_budget(tmp_path, monkeypatch, save_s):
+    """The plan's guess keeps 6.8 s of a 120 s budget for the last step's round and the report; with
+    checkpoints of 10 or 25 s that would overrun, but the rounds measured on the way move the last
+    step earlier: the run ends within the budget, and uses most of it."""
+    end, steps = budget_run(tmp_path, monkeypatch, save_s)
+    assert 0.85 * 120 <= end <= 120.0, (end, steps)
+
+
+def test_the_reserve_is_the_plans_guess_until_a_round_with_a_sample_is_measured():
+    deadline = Deadline(end=100.0, reserve_s=6.0, report_samples=3.0)
+    assert deadline.reserve(SimpleNamespace(round_times=[], sample_s=0.0)) == 6.0
+    assert deadline.reserve(SimpleNamespace(round_times=[2.0, 9.0], sample_s=0.0)) == 9.0  # a round longer than it
+    # the longest round, one more sample (it may have had none) and the report's three samples' worth
+    assert deadline.reserve(SimpleNamespace(round_times=[2.0, 3.0], sample_s=0.5)) == 3.0 + 4 * 0.5

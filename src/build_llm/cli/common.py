@@ -17,10 +17,11 @@ from build_llm.data.markov import ABC
 from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, PAD, CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
+from build_llm.infer.load import load_decoder
+from build_llm.infer.quant import INT4_GROUP, check_decode_dtype, prepare_for_decoding
 from build_llm.runtime import check_fits, set_seed
 from build_llm.settings import DEVICE_HELP, add_arguments, flags
-from build_llm.sizing import model_memory
-from build_llm.store.checkpoint import load_checkpoint
+from build_llm.sizing import decoding_memory, model_memory
 
 # One default for every verb's --device: the best device there is (cuda, then mps, then cpu).
 DEVICE_DEFAULT = "auto"
@@ -132,15 +133,16 @@ def model_source(p: argparse.ArgumentParser, required: bool = True) -> None:
     group.add_argument("--checkpoint", help=CHECKPOINT_HELP)
 
 
-def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True):
-    """(model, tokenizer) from --checkpoint, or a seeded random model from --preset. A preset gets
-    the tokenizer its vocabulary implies (GPT-2's, or the ABC characters for r-abc); without one,
-    the tokenizer is None unless `need_tokenizer`."""
+def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: bool = True, dtype: str | None = None):
+    """(model, tokenizer) from --checkpoint (a LoRA run's adapter merged in memory), or a seeded random model
+    from --preset. A preset gets the tokenizer its vocabulary implies (GPT-2's, or the ABC characters for
+    r-abc); without one, the tokenizer is None unless `need_tokenizer`. With `dtype` (a decoding dtype) the
+    model is ready for decoding in it; a checkpoint is read part by part, each converted before the next."""
     if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint, device)
-        if ckpt.tokenizer is None and need_tokenizer:
-            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text")
-        return ckpt.model, ckpt.tokenizer
+        model, tokenizer = load_decoder(args.checkpoint, device, dtype)
+        if tokenizer is None and need_tokenizer:
+            raise UsageError(f"checkpoint {str(args.checkpoint)!r} has no tokenizer.json; it cannot encode text")
+        return model, tokenizer
     cfg = GPTConfig.from_preset(args.preset)
     if cfg.vocab_size == GPT2_VOCAB_SIZE:
         tokenizer = get_tokenizer("gpt2")
@@ -152,8 +154,9 @@ def load_source(args: argparse.Namespace, device: str = "cpu", need_tokenizer: b
     else:
         tokenizer = None
     set_seed(getattr(args, "seed", None) or 0)
-    check_fits(model_memory(cfg), f"--preset {args.preset}", device)
+    # Random weights are drawn in float32 for the whole model (the seed's draws, in order), then converted.
+    converted = 0 if dtype in (None, "float32") else decoding_memory(cfg, check_decode_dtype(dtype), INT4_GROUP)
+    check_fits(model_memory(cfg) + converted, f"--preset {args.preset}", device)
     with torch.device(device):
         model = GPTModel(cfg).eval()
-    return model, tokenizer
-
+    return (model if dtype is None else prepare_for_decoding(model, dtype)), tokenizer

@@ -19,7 +19,7 @@ from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, Ch
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
-from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
@@ -83,8 +83,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.prompt == "":
         raise UsageError("--prompt is empty; give at least one character, or leave --prompt out to start a new text")
     device = get_device(args.device)
-    model, tokenizer = load_source(args, device)
-    prepare_for_decoding(model, args.dtype)
+    model, tokenizer = load_source(args, device, dtype=args.dtype)
     ids, shown = start_ids(tokenizer, args.prompt)
     idx = torch.tensor([ids[-model.cfg.context_length:]], device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)  # once: the samples follow one another

@@ -13,7 +13,7 @@ from build_llm.errors import UsageError
 from build_llm.infer.chat import load_chat_model
 from build_llm.infer.chat import run_chat as chat
 from build_llm.infer.classify import classify_texts
-from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
+from build_llm.infer.quant import DECODE_DTYPES
 from build_llm.runtime import available_memory
 from build_llm.serve import Settings, run_server
 from build_llm.sizing import kv_cache_bytes
@@ -66,14 +66,13 @@ def run_serve(args: argparse.Namespace) -> None:
     check_api_key(args.api_key)
     chat_template, stop_ids = None, ()
     if args.checkpoint:  # an instruction fine-tune or a chat model also answers /v1/chat/completions
-        model, tokenizer, note = load_chat_model(args.checkpoint)
+        model, tokenizer, note = load_chat_model(args.checkpoint, args.dtype)
         if note is None:
             fmt = chat_format(tokenizer)  # its chat template, or the package's own format: messages -> prompt ids
             chat_template = fmt.prompt
             stop_ids = fmt.stop_ids
     else:
-        model, tokenizer = load_source(args)
-    prepare_for_decoding(model, args.dtype)
+        model, tokenizer = load_source(args, dtype=args.dtype)
     check_cache_fits(model, args.max_batch)
     name = args.name or args.preset or Path(args.checkpoint).resolve().name
     settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,

@@ -530,10 +530,17 @@ def text_size(ids, tok: Tokenizer, chunk: int = 1 << 22) -> tuple[int, int]:
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
     for start in range(0, len(ids), chunk):
         counts += np.bincount(np.asarray(ids[start:start + chunk]), minlength=tok.vocab_size)[:tok.vocab_size]
+    n_chars, n_bytes = token_sizes(tok)
+    return int(counts @ n_chars), int(counts @ n_bytes)
+
+
+def token_sizes(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(characters, UTF-8 bytes) each id adds to a text, int64 (vocab_size,): its bytes, and its character
+    starts (bytes other than 10xxxxxx)."""
     pieces = token_bytes(tok)
     n_bytes = np.array([len(b) for b in pieces], dtype=np.int64)
     n_chars = np.array([sum((c & 0xC0) != 0x80 for c in b) for b in pieces], dtype=np.int64)
-    return int(counts @ n_chars), int(counts @ n_bytes)
+    return n_chars, n_bytes
 
 
 # The byte-level BPE trainer's peak memory grows with the distinct words (pre-tokens) of its text, not

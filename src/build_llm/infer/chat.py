@@ -20,8 +20,8 @@ import torch.nn as nn
 from build_llm.data.chat_template import ChatFormat, chat_format, template_source
 from build_llm.errors import UsageError
 from build_llm.infer.generate import check_sampling, decode_stream, stream
-from build_llm.store.checkpoint import load_checkpoint
-from build_llm.store.finetuned import FINETUNE_FILE, load_finetuned, resolve_finetuned
+from build_llm.infer.load import load_decoder
+from build_llm.store.finetuned import FINETUNE_FILE, read_finetune_meta, resolve_finetuned
 
 HELP = "commands: /reset (forget the conversation), /temperature T, /top-k K|off, /help, /quit (or Ctrl-D)"
 
@@ -133,23 +133,24 @@ class ChatSession:
             self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(pieces)}]
 
 
-def load_chat_model(checkpoint: str) -> tuple[Any, Any, str | None]:
-    """(model, tokenizer, note) of an instruction fine-tune or a chat model (a checkpoint whose tokenizer
-    has a chat template), or of a plain checkpoint with a note."""
+def load_chat_model(checkpoint: str, dtype: str | None = None) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, note) of an instruction fine-tune (a LoRA run's adapter merged in memory) or a chat
+    model (a checkpoint whose tokenizer has a chat template), or of a plain checkpoint with a note. With
+    `dtype`, ready for decoding in it (see load.load_decoder)."""
     try:
-        resolve_finetuned(checkpoint)
+        path = resolve_finetuned(checkpoint)
     except ValueError:
-        ckpt = load_checkpoint(checkpoint)
-        if ckpt.tokenizer is None:
-            raise UsageError(f"checkpoint {str(ckpt.path)!r} has no tokenizer.json; it cannot encode text") from None
-        if template_source(ckpt.tokenizer) is not None:
-            return ckpt.model, ckpt.tokenizer, None
-        return ckpt.model, ckpt.tokenizer, (f"note: {ckpt.path} is not instruction-tuned (no {FINETUNE_FILE}) "
-                                            "and has no chat template; its replies continue the prompt text")
-    ft = load_finetuned(checkpoint)
-    if ft.meta["task"] != "instruct":
+        model, tokenizer = load_decoder(checkpoint, dtype=dtype)
+        if tokenizer is None:
+            raise UsageError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode text") from None
+        if template_source(tokenizer) is not None:
+            return model, tokenizer, None
+        return model, tokenizer, (f"note: {checkpoint} is not instruction-tuned (no {FINETUNE_FILE}) "
+                                  "and has no chat template; its replies continue the prompt text")
+    if read_finetune_meta(path)["task"] != "instruct":
         raise UsageError(f"--checkpoint {checkpoint!r} is a classifier; use `build-llm classify`")
-    return ft.model, ft.tokenizer, None
+    model, tokenizer = load_decoder(path, dtype=dtype)
+    return model, tokenizer, None
 
 
 def _command(session: ChatSession, line: str, err: TextIO) -> bool:

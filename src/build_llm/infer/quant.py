@@ -387,14 +387,29 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
     """
     check_decode_dtype(dtype)
     model.eval()
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    convert_for_decoding(model, dtype)
+    return finish_decoding(model, dtype)
+
+
+@torch.no_grad()
+def convert_for_decoding(part: nn.Module, dtype: str) -> nn.Module:
+    """A model, or one part of it (a block; the model with its blocks already converted), in the decoding
+    `dtype`, in place: what prepare_for_decoding does to each part, so that a checkpoint converted part by
+    part as it is read (store.checkpoint.load_parts) ends with the same weights, bit for bit."""
+    on_cpu = next(part.parameters()).device.type == "cpu"
     if dtype in ("int8", "int4") and not on_cpu:
         raise UsageError(f"dtype={dtype!r} runs on the CPU; use bfloat16 or float32 on other devices")
     if dtype == "bfloat16" and not on_cpu:
-        model.to(torch.bfloat16)
+        part.to(torch.bfloat16)
     elif dtype != "float32":
-        replace_linears(model, dtype)
-        if CompiledStep.supports(model):
-            model.decode_step = CompiledStep()
+        replace_linears(part, dtype)
+    return part
+
+
+def finish_decoding(model: nn.Module, dtype: str) -> nn.Module:
+    """The whole-model steps of prepare_for_decoding, after every part is converted: the compiled step where
+    it runs, and the decoding memory layout."""
+    if dtype != "float32" and CompiledStep.supports(model):  # every product a packed DecodeLinear
+        model.decode_step = CompiledStep()
     use_decoding_layout(model)
     return model

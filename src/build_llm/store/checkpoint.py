@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from build_llm.config import GPTConfig
 from build_llm.data.tokenizer import load_tokenizer
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel, use_decoding_layout
-from build_llm.runtime import check_fits
+from build_llm.runtime import check_fits, release_freed_memory
 from build_llm.sizing import model_memory
 from build_llm.store.fsio import read_json, replace_dir, write_json
 
@@ -134,8 +134,15 @@ class Checkpoint:
     path: Path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Model (eval mode), tokenizer (or None) and the resolved directory of a checkpoint."""
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
+                    convert: Callable[[nn.Module], Any] | None = None,
+                    memory: Callable[[GPTConfig], int] = model_memory) -> Checkpoint:
+    """Model (eval mode), tokenizer (or None) and the resolved directory of a checkpoint.
+
+    The weights are read one part at a time (a block, then the embeddings, final norm and head), each
+    straight into its place: the process holds the model and one part in flight, never a second copy.
+    `convert(part)`, if given, turns each part into its final form (e.g. decoding weights) before the
+    next is read; `memory(cfg)` is then the peak that refuses a model too large for the machine."""
     path = resolve_checkpoint(path)
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
@@ -145,24 +152,42 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Che
         cfg = GPTConfig.from_dict(config)
     except (TypeError, ValueError) as e:
         raise UsageError(f"checkpoint {str(path)!r}: {CONFIG_FILE} is not a valid model config: {e}") from e
-    check_fits(model_memory(cfg), f"the model of checkpoint {str(path)!r}", device)
-    try:
-        state = load_file(path / MODEL_FILE, device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UsageError(f"checkpoint {str(path)!r}: {MODEL_FILE} is unreadable or truncated ({e})") from e
-
+    check_fits(memory(cfg), f"the model of checkpoint {str(path)!r}", device)
+    check_weights_file(path, cfg)  # names and shapes, from the header: before any allocation
     with torch.device("meta"):
         model = GPTModel(cfg)
-    state = _complete(state, model, path)  # shapes checked before any allocation
-    model = model.to_empty(device=device)
-    model.load_state_dict(state, strict=True, assign=False)
-    if cfg.tie_weights:
-        model.out_head.weight = model.tok_emb.weight
+    load_parts(model, path / MODEL_FILE, device, convert)
     tokenizer = load_tokenizer(path / TOKENIZER_FILE) if (path / TOKENIZER_FILE).exists() else None
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise UsageError(f"checkpoint {str(path)!r}: {TOKENIZER_FILE} has {tokenizer.vocab_size} ids but the model's "
                          f"vocabulary has {cfg.vocab_size}; the files do not belong together")
     return Checkpoint(model.eval(), tokenizer, path)
+
+
+@torch.no_grad()
+def load_parts(model: GPTModel, file: Path, device: str | torch.device,
+               convert: Callable[[nn.Module], Any] | None = None) -> None:
+    """Fill a meta-device `model` from the safetensors `file` (checked by check_weights_file), one part at a
+    time: each block, then the rest (a tied head shares the token table again). The file is opened anew
+    for each part because a mapped file's pages count as the process's memory while it stays open."""
+    parts = [(f"trf_blocks.{i}.", block) for i, block in enumerate(model.trf_blocks)] + [("", model)]
+    for prefix, part in parts:
+        dtypes = {n: p.dtype for n, p in part.named_parameters() if p.is_meta}  # the parts not yet read
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                state = {n: f.get_tensor(prefix + n) for n in dtypes if prefix + n in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"checkpoint {str(file.parent)!r}: {MODEL_FILE} is unreadable or truncated ({e})") from e
+        # Converted as copying into the parameters would. A CPU tensor of safe_open is a view of the mapped file,
+        # which stays mapped, its pages resident, while any view lives: each is copied out.
+        state = {n: t.to(dtypes[n], copy=t.device.type == "cpu") for n, t in state.items()}
+        part.load_state_dict(state, strict=bool(prefix), assign=True)
+        if not prefix and model.cfg.tie_weights:
+            model.out_head.weight = model.tok_emb.weight
+        del state  # the part's own tensors now: one part's are in flight at a time
+        if convert is not None:
+            convert(part)
+        release_freed_memory()
 
 
 def _complete(state: dict[str, torch.Tensor], model: GPTModel, path: Path) -> dict[str, torch.Tensor]:

@@ -323,29 +323,61 @@ def choose_shape(train_s: float, vocab_size: int, context_length: int, ids, char
 
 class Deadline:
     """`adjust` for the loop: keeps the plan's last step while the pace measured since the loop began
-    (evaluations and checkpoints included) ends the run within `tolerance` of the time it has
-    (`end`, a time.perf_counter() value, less `reserve_s`); otherwise moves the last step to where
-    that pace ends it on time. The pace counts once 3 steps and 2 s (and a twentieth of the time)
-    are measured. With a plan that holds, the total on the progress line never changes."""
+    ends the run on the time it has (`end`, a time.perf_counter() value, less the reserve), early by
+    at most `tolerance` of it or late by at most `tolerance` of the time left; otherwise moves the
+    last step to where that pace ends it on time. The pace counts once 3 steps and 2 s (and a
+    twentieth of the time) are measured. With a plan that holds, the total on the progress line
+    never changes.
 
-    def __init__(self, end: float, reserve_s: float, tolerance: float = 0.1) -> None:
+    The steps' pace and the evaluation rounds (every `eval_every` steps) are measured apart, so that
+    a last step just after a round is not chosen as if the round's time were spread over its steps.
+    The reserve is what follows the last step: its round and the report. Until this run has taken a
+    sample it is `reserve_s` (the plan's guess) or the longest round if longer; then the longest
+    round, one more sample (that round may have had none) and `report_samples` samples' time."""
+
+    def __init__(self, end: float, reserve_s: float, tolerance: float = 0.1, eval_every: int = 0,
+                 report_samples: float = 0.0) -> None:
         self.end, self.reserve_s, self.tolerance = end, reserve_s, tolerance
+        self.eval_every, self.report_samples = eval_every, report_samples
         self.t0: float | None = None
         self.step0 = 0
+
+    def reserve(self, state) -> float:
+        """Seconds to keep after the last step, from the rounds and samples of this run so far."""
+        if not state.sample_s:
+            return max([self.reserve_s, *state.round_times])
+        return max(state.round_times) + (1 + self.report_samples) * state.sample_s
+
+    def _rounds(self, step: int, last: int) -> int:
+        """The evaluation rounds from `step` (the loop asks before its round) to before `last`'s (in
+        the reserve)."""
+        return max(0, (last - 1) // self.eval_every - (step - 1) // self.eval_every) if self.eval_every else 0
 
     def __call__(self, state) -> int:
         now = time.perf_counter()
         if self.t0 is None:
             self.t0, self.step0 = now, state.step
             return state.total_steps
-        done, spent, span = state.step - self.step0, now - self.t0, self.end - self.reserve_s - self.t0
-        if done < 3 or spent < max(2.0, span / 20):
+        stop_at = self.end - self.reserve(state)  # when the last step should end
+        done, span, rounds = state.step - self.step0, stop_at - self.t0, state.round_times
+        if done < 3 or now - self.t0 < max(2.0, span / 20):
             return state.total_steps
-        pace = done / spent
-        projected_end = now + (state.total_steps - state.step) / pace
-        if abs(projected_end - (self.end - self.reserve_s)) <= self.tolerance * span:
+        pace = done / max(now - self.t0 - sum(rounds), 1e-9)  # steps per second, rounds apart
+        round_s = sum(rounds) / len(rounds) if rounds else 0.0
+
+        def time_to(last: int) -> float:  # from now to the end of step `last`
+            return (last - state.step) / pace + self._rounds(state.step, last) * round_s
+
+        late = now + time_to(state.total_steps) - stop_at  # projected; < 0: early
+        # Early within a tenth of the span, or late within a tenth of the time left (so that the end
+        # converges on time rather than on a tenth past it): the plan holds.
+        if -self.tolerance * span <= late <= self.tolerance * (stop_at - now):
             return state.total_steps
-        return state.step + max(0, int(pace * (self.end - self.reserve_s - now)))
+        low, high = state.step, state.step + max(0, int(pace * (stop_at - now)))  # the last step that fits
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if time_to(mid) <= stop_at - now else (low, mid - 1)
+        return low
 
 
 def process_started() -> float:
@@ -416,7 +448,8 @@ def make_plan(model_cfg: GPTConfig | None, cfg: TrainConfig, corpus: Corpus, tok
 def _fit_steps(plan: Plan, cfg: TrainConfig, started: float, predict: bool, char_ratio: float) -> TrainConfig:
     """The steps that fit in the budget's time left at the measured rates, evaluations included (the
     warm-up and evaluation interval shortened to suit), set in `plan`; the train config with them."""
-    # What follows the last step: the final evaluation, checkpoint and report (a 200-token sample).
+    # What follows the last step: the final evaluation, checkpoint and report (a 200-token sample). A
+    # first guess: the run's Deadline measures it as it goes.
     plan.reserve_s = 2.0 + 0.04 * plan.budget_s
     plan.train_s = plan.budget_s - (time.perf_counter() - started) - plan.reserve_s
     tokens_per_step = cfg.batch_size * cfg.grad_accum * plan.model_cfg.context_length

@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -58,6 +58,10 @@ class TrainState:
     tokens_seen: int = 0         # training tokens over all processes
     elapsed: float = 0.0         # seconds of training, carried across resumes
     scaler: Any = None           # float16 training: the GradScaler that keeps small gradients from underflowing
+    # Measured for what the last step's round will take (budget.Deadline): the seconds of each
+    # evaluation round of this run (evaluation, sample, checkpoint, plot), its longest sample's.
+    round_times: list[float] = field(default_factory=list)
+    sample_s: float = 0.0
 
 
 # An objective's step: (state, stop) -> (loss, tokens trained), or None when stopped between micro-batches;
@@ -458,6 +462,9 @@ def _agree(state: TrainState, stop: Callable[[], bool], adjust, d: Dist, device:
 
 def _evaluate_and_save(state: TrainState, lr: float, evaluate, save, sample, log: RunLog, d: Dist,
                        device: torch.device) -> None:
+    """The round of an evaluation step: evaluate, check, sample, log, save, plot; its time and its
+    sample's kept in `state` (see TrainState)."""
+    start = time.perf_counter()
     metrics = evaluate(state)
     # The step's loss was computed before its update, which may have blown the weights up: never
     # save a checkpoint whose weights or metrics are not finite.
@@ -466,9 +473,14 @@ def _evaluate_and_save(state: TrainState, lr: float, evaluate, save, sample, log
         raise _diverged(f"after step {state.step} the " + (f"{bad[0]} is {metrics[bad[0]]}" if bad else
                         "weights hold NaN or infinity"), log.out_dir)
     state.elapsed = log.elapsed()
-    log.evaluation(state, lr, metrics, sample(state) if sample else None)
+    sample_start = time.perf_counter()
+    text = sample(state) if sample else None
+    if text is not None:
+        state.sample_s = max(state.sample_s, time.perf_counter() - sample_start)
+    log.evaluation(state, lr, metrics, text)
     save(state)
     log.plot(force=state.step == state.total_steps)
+    state.round_times.append(time.perf_counter() - start)
 
 
 def _interrupted(state: TrainState, log: RunLog, save, saved_at: int | None, when: str) -> TrainingStopped:

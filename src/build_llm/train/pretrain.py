@@ -58,6 +58,8 @@ DATA_DEFAULT_MODEL = dict(context_length=256, emb_dim=384, n_heads=6, n_layers=6
 CPU_DEFAULT_MODEL = dict(context_length=64, emb_dim=128, n_heads=4, n_layers=4, drop_rate=0.0, qkv_bias=False,
                          pos_emb="learned", attn_impl="sdpa")
 SHAPE_KEYS = ("context_length", "emb_dim", "n_layers", "n_heads")
+# Tokens sampled at an evaluation and in the report (ABC's report: two samples of ABC_REPORT_TOKENS).
+SAMPLE_TOKENS, REPORT_TOKENS, ABC_REPORT_TOKENS = 60, 200, 700
 
 
 # --- the objective: next-token prediction on a corpus --------------------------------------------
@@ -131,7 +133,7 @@ class LanguageModelling:
         due = state.step % max(self.cfg.eval_every, 50) == 0 or state.step == state.total_steps
         if not self.sample_prompt or not due or not (self.d.is_main or self.cfg.fsdp):  # FSDP: every rank forwards
             return None
-        text = sample_text(state.core, self.tokenizer, self.sample_prompt, 60, self.device)
+        text = sample_text(state.core, self.tokenizer, self.sample_prompt, SAMPLE_TOKENS, self.device)
         return text if self.d.is_main else None
 
     def save(self, state: TrainState) -> Path:
@@ -373,12 +375,16 @@ def train_planned(req: Request, plan, corpus: Corpus, tok, d: Dist, device: torc
     optimum = optimal_loss(ABC, model_cfg.context_length) if is_abc else None
     prompt = "A" if is_abc else tok.decode(np.asarray(corpus.val[:8]).tolist())
     init = req.init if req.saved is None else None
+    # The budget keeps time after the last step for its round and the report (in samples of an evaluation's size).
+    report_samples = (2 * ABC_REPORT_TOKENS if is_abc else REPORT_TOKENS) / SAMPLE_TOKENS
+    deadline = (Deadline(req.started + req.budget_s, plan.reserve_s, eval_every=cfg.eval_every,
+                         report_samples=report_samples) if req.budget_s is not None else None)
     try:
         result = train(req.out, model_cfg, cfg, corpus, tok, resume=req.saved is not None, optimal_loss=optimum,
                        sample_prompt=prompt, d=d, device=device,
                        init_weights=init.model.state_dict() if init is not None else None,
                        log=req.log if d.is_main else None,
-                       adjust=Deadline(req.started + req.budget_s, plan.reserve_s) if req.budget_s is not None else None)
+                       adjust=deadline)
     except TrainingStopped as e:
         e.main_process = d.is_main
         raise
@@ -461,18 +467,19 @@ def report(result: TrainResult, corpus: Corpus, tok, model_cfg: GPTConfig, cfg: 
                                        progress=True)
         if not d.is_main:
             if cfg.fsdp:  # a sharded forward needs every rank: run the same samples, report nothing
-                sample_text(model, tok, prompt, 700, device)
-                sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)
+                sample_text(model, tok, prompt, ABC_REPORT_TOKENS, device)
+                sample_text(model, tok, prompt, ABC_REPORT_TOKENS, device, top_k=2, seed=cfg.seed)
             return ""
         on_windows = float(optimal_loss_on_text(ABC, tok.decode(np.asarray(corpus.val).tolist()), T).mean())
         return (f"validation loss {val_loss:.6f} on {n:,} tokens ({len(starts):,} windows of {T})\n"
                 f"exact optimum   {optimum:.6f} (on these windows {on_windows:.6f}); "
                 f"excess {val_loss - optimum:+.6f} nats\n"
-                f"\nGreedy from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device)}\n"
-                f"\nTop-k 2 from {prompt!r}:\n{sample_text(model, tok, prompt, 700, device, top_k=2, seed=cfg.seed)}")
+                f"\nGreedy from {prompt!r}:\n{sample_text(model, tok, prompt, ABC_REPORT_TOKENS, device)}\n"
+                f"\nTop-k 2 from {prompt!r}:\n"
+                f"{sample_text(model, tok, prompt, ABC_REPORT_TOKENS, device, top_k=2, seed=cfg.seed)}")
     if not (d.is_main or cfg.fsdp):
         return ""
-    sample = sample_text(model, tok, prompt, 200, device, top_k=40, seed=cfg.seed)
+    sample = sample_text(model, tok, prompt, REPORT_TOKENS, device, top_k=40, seed=cfg.seed)
     if not d.is_main:
         return ""
     bits = result.history[-1].get("val_bits_per_char") if result.history else None

@@ -86,8 +86,7 @@ def test_every_product_gives_the_same_bits_on_1_2_and_3_threads(rows):
                 shared = kernels.matvec(x, packed, n, scale, bias, group)
             after = kernels.pool_stats()
             assert torch.equal(shared, alone), (name, threads)
-            assert after["regions"] > before["regions"] or after["chunks_by_caller"] == before["chunks_by_caller"]
-            assert after["workers"] >= threads - 1  # the pool computed it (or, busy, the caller alone)
+            assert after["regions"] > before["regions"] and after["workers"] >= threads - 1  # the pool computed it
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
@@ -111,7 +110,7 @@ def test_a_region_does_not_wait_for_a_worker_that_is_not_running():
     model = step_model("int8")
     start = prefilled(model)
     alone, _ = decode(model, 1, steps=2, start=start)
-    decode(model, 2, steps=1, start=start)  # the workers started
+    kernels._lib.kernels_pool_shutdown()  # worker 1 alone from here (a worker 2 would compute chunks)
     before, result = kernels.pool_stats(), {}
     kernels._lib.kernels_pool_hold(1)
     try:

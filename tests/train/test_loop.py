@@ -188,17 +188,23 @@ def test_resume_after_the_last_checkpoint_drops_later_rows(tmp_path, monkeypatch
     assert [r["step"] for r in rows(tmp_path)] == [2, 4, 6, 8]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    corpus, tok = abc_corpus(tmp_path)
-    cfg = TrainConfig(batch_size=4, steps=10, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
+def nan_loss_at(monkeypatch, call: int) -> list[int]:
+    """The loop's loss made NaN at its `call`-th computation; the list grows by one per computation."""
     real, calls = loop_mod.next_token_loss, []
 
     def loss(*args):
         calls.append(1)
         value = real(*args)
-        return value * float("nan") if len(calls) == 5 else value
+        return value * float("nan") if len(calls) == call else value
 
     monkeypatch.setattr(loop_mod, "next_token_loss", loss)
+    return calls
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    corpus, tok = abc_corpus(tmp_path)
+    cfg = TrainConfig(batch_size=4, steps=10, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
+    nan_loss_at(monkeypatch, 5)
     with pytest.raises(TrainingStopped, match="loss is nan at step 5") as e:
         train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
     assert e.value.exit_code == 1
@@ -278,14 +284,7 @@ def test_a_nan_found_at_a_later_read_names_its_own_step(tmp_path, monkeypatch):
     corpus, tok = abc_corpus(tmp_path)
     cfg = TrainConfig(batch_size=4, steps=8, eval_every=2, eval_batches=1, seed=3, val_ratio=0.2)
     monkeypatch.setitem(loop_mod.SYNC_EVERY, "cpu", 4)
-    real, calls = loop_mod.next_token_loss, []
-
-    def loss(*args):
-        calls.append(1)
-        value = real(*args)
-        return value * float("nan") if len(calls) == 3 else value
-
-    monkeypatch.setattr(loop_mod, "next_token_loss", loss)
+    calls = nan_loss_at(monkeypatch, 3)
     with pytest.raises(TrainingStopped, match="loss is nan at step 3:") as e:
         train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
     assert e.value.exit_code == 1

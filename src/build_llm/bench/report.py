@@ -226,14 +226,18 @@ def format_decoding(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _rates(header: str, tokens_per_s: dict[str, float]) -> list[str]:
+    """A section of the table: a blank line, its header, and tokens/s by name."""
+    return ["", header, f"  {'':24s} {'tokens/s':>9s}"] + [f"  {k:24s} {v:9.1f}" for k, v in tokens_per_s.items()]
+
+
 def format_prefill(r: dict[str, Any]) -> list[str]:
     p = r.get("prefill")
     if not p:
         return []
-    lines = ["", f"prefill ({p['prompt_tokens']}-token prompt into an empty KV cache; ours: the output head for the "
-                 f"last position only, as generation needs; median of {r['rounds']} rounds; last logits agree with "
-                 f"Hugging Face: {p['last_logits_agree_with_hf']})", f"  {'':24s} {'tokens/s':>9s}"]
-    return lines + [f"  {k:24s} {v:9.1f}" for k, v in p["tokens_per_s"].items()]
+    return _rates(f"prefill ({p['prompt_tokens']}-token prompt into an empty KV cache; ours: the output head for the "
+                  f"last position only, as generation needs; median of {r['rounds']} rounds; last logits agree with "
+                  f"Hugging Face: {p['last_logits_agree_with_hf']})", p["tokens_per_s"])
 
 
 def format_steadiness(r: dict[str, Any]) -> list[str]:
@@ -255,11 +259,10 @@ def format_serving(r: dict[str, Any]) -> list[str]:
     sv = r.get("serving")
     if not sv:
         return []
-    lines = ["", f"server (build-llm serve --dtype int8 --max-batch {sv['max_batch']} in its own process; streaming greedy "
-                 f"completions of {sv['new_tokens']} tokens over HTTP, against generate alone; median of "
-                 f"{r['rounds']} rounds; errors: {sv['errors']})", f"  {'':24s} {'tokens/s':>9s}"]
-    lines += [f"  {k:24s} {v:9.1f}" for k, v in sv["tokens_per_s"].items()]
-    return lines + [f"  error: {e}" for e in sv["error_samples"]]
+    header = (f"server (build-llm serve --dtype int8 --max-batch {sv['max_batch']} in its own process; streaming greedy "
+              f"completions of {sv['new_tokens']} tokens over HTTP, against generate alone; median of {r['rounds']} "
+              f"rounds; errors: {sv['errors']})")
+    return _rates(header, sv["tokens_per_s"]) + [f"  error: {e}" for e in sv["error_samples"]]
 
 
 def format_report(r: dict[str, Any]) -> str:

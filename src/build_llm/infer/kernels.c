@@ -118,11 +118,13 @@ static int spin_while(_Atomic uint32_t *word, uint32_t value) {
 /* Claim and compute chunks of the region in flight until none is left unclaimed; returns how many. The region's
    fields are read only after a chunk is claimed: the region cannot end (nor the next one overwrite them) before
    that chunk is counted done. A ticket with the same value as one this thread saw earlier means the same chunk of
-   the region in flight, whichever region that is. */
-static int64_t claim_chunks(void) {
+   the region in flight, whichever region that is. `me`: the worker (1 ..), which stops when held; 0: the caller. */
+static int held(int me) { return me > 0 && atomic_load_explicit(&pool.hold, memory_order_relaxed) == (uint32_t)me; }
+
+static int64_t claim_chunks(int me) {
     int64_t count = 0;
     uint64_t t = atomic_load_explicit(&pool.ticket, memory_order_acquire);
-    while ((uint32_t)t < (uint32_t)(t >> 32)) {
+    while ((uint32_t)t < (uint32_t)(t >> 32) && !held(me)) {
         if (!atomic_compare_exchange_weak_explicit(&pool.ticket, &t, t + 1, memory_order_acq_rel, memory_order_acquire))
             continue;
         const int64_t lo = (int64_t)(uint32_t)t * pool.per, hi = lo + pool.per < pool.items ? lo + pool.per : pool.items;
@@ -147,10 +149,9 @@ static void *worker(void *arg) {
             continue;
         }
         seen = atomic_load(&pool.gen);
-        uint32_t held;
-        while ((held = atomic_load(&pool.hold)) == (uint32_t)me && !atomic_load(&pool.stop)) futex_wait(&pool.hold, held);
+        while (held(me) && !atomic_load(&pool.stop)) futex_wait(&pool.hold, (uint32_t)me);
         if (me <= atomic_load(&pool.active))  /* a pool grown by an earlier caller: only as many as asked */
-            atomic_fetch_add_explicit(&pool.stats[BY_WORKERS], claim_chunks(), memory_order_relaxed);
+            atomic_fetch_add_explicit(&pool.stats[BY_WORKERS], claim_chunks(me), memory_order_relaxed);
     }
     return NULL;
 }
@@ -207,7 +208,7 @@ static void share(Work fn, const void *ctx, int64_t items, int64_t per, int thre
     atomic_store_explicit(&pool.ticket, (uint64_t)chunks << 32, memory_order_release);  /* open: chunks claimable */
     atomic_fetch_add(&pool.gen, 1);
     if (atomic_load(&pool.sleepers)) futex_wake(&pool.gen);
-    atomic_fetch_add_explicit(&pool.stats[BY_CALLER], claim_chunks(), memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool.stats[BY_CALLER], claim_chunks(0), memory_order_relaxed);
     uint32_t d = atomic_load(&pool.done);
     if (d < chunks && spin_while(&pool.done, d)) {  /* claimed chunks still running: spin, then sleep */
         atomic_store(&pool.caller_asleep, 1);

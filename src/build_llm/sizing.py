@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from build_llm.config import GPTConfig
 from build_llm.gpt import GPTModel
+from build_llm.moe import MoEFeedForward
 from build_llm.runtime import get_dtype
 
 
@@ -138,26 +139,39 @@ def decoded_linear_bytes(out_features: int, in_features: int, dtype: str, bias: 
     return out_features * groups * group // 2 + 2 * out_features * groups + extra
 
 
+def decoded_weights(module: nn.Module) -> list[tuple[torch.Tensor, int, int, bool]]:
+    """(weight, rows, columns, bias) of each product decoding converts under `module` (quant.replace_linears):
+    every Linear but a mixture's router, and each mixture's experts, stacked (E x out rows, out padded to 4)."""
+    out = []
+    for parent in module.modules():
+        for child in parent.children():
+            if isinstance(child, MoEFeedForward):
+                out += [(w, w.shape[0] * -(-w.shape[1] // 4) * 4, w.shape[2], False) for w in (child.fc1, child.fc2, child.fc3)]
+            elif isinstance(child, nn.Linear) and not isinstance(parent, MoEFeedForward):
+                out.append((child.weight, child.out_features, child.in_features, child.bias is not None))
+    return out
+
+
 def decoding_memory(cfg: GPTConfig, dtype: str = "float32", group: int = 64) -> int:
     """Peak bytes of loading `cfg` for decoding in `dtype` part by part (store.checkpoint.load_parts): the
-    decoding weights (every Linear's, the head's own copy included, at `dtype`; the rest float32) plus the
-    largest part in flight (its float32 weights that do not stay, and converting its largest Linear: see
+    decoding weights (every product's at `dtype`, the head's own copy included; the rest float32) plus the
+    largest part in flight (its float32 weights that do not stay, and converting its largest product: see
     CONVERSION_COPIES). `group`: int4's weights per scale."""
     model = meta_model(cfg)
-    linears = {id(m.weight): m for m in model.modules() if isinstance(m, nn.Linear)}
+    products = decoded_weights(model)
     if dtype == "float32":
         final = model_memory(cfg)
     else:
-        kept = sum(p.numel() * 4 for p in model.parameters() if id(p) not in linears or p is model.tok_emb.weight)
-        final = kept + sum(decoded_linear_bytes(m.out_features, m.in_features, dtype, m.bias is not None, group)
-                           for m in model.modules() if isinstance(m, nn.Linear))
-    parts = [*model.trf_blocks, model]
+        converted = {id(w) for w, *_ in products} - {id(model.tok_emb.weight)}  # a tied table stays float32
+        final = sum(p.numel() * 4 for p in model.parameters() if id(p) not in converted)
+        final += sum(decoded_linear_bytes(rows, cols, dtype, bias, group) for _, rows, cols, bias in products)
+    in_blocks = {id(w) for block in model.trf_blocks for w, *_ in decoded_weights(block)}
+    parts = [decoded_weights(block) for block in model.trf_blocks]
+    parts.append([p for p in products if id(p[0]) not in in_blocks])  # the head
     in_flight = 0
-    for part in parts:
-        own = [m for m in part.modules() if isinstance(m, nn.Linear) and (part is not model or m is model.out_head)]
-        largest = max((m.weight.numel() * 4 for m in own), default=0)
-        passing = 0 if dtype == "float32" else sum(m.weight.numel() * 4 for m in own
-                                                   if m.weight is not model.tok_emb.weight)
+    for own in parts:
+        largest = max((w.numel() * 4 for w, *_ in own), default=0)
+        passing = 0 if dtype == "float32" else sum(w.numel() * 4 for w, *_ in own if w is not model.tok_emb.weight)
         in_flight = max(in_flight, passing + int(CONVERSION_COPIES[dtype] * largest))
     return final + in_flight
 

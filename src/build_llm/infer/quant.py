@@ -246,7 +246,8 @@ def replace_linears(model: nn.Module, dtype: str) -> int:
             if isinstance(child, MoEFeedForward) and isinstance(parent, TransformerBlock):
                 setattr(parent, name, DecodeMoE(child, dtype))
                 count += 1
-            elif isinstance(child, nn.Linear) and not isinstance(parent, MoEFeedForward):  # a router stays float32
+            # A router stays float32, also when a converted mixture is met again (a model converted block by block)
+            elif isinstance(child, nn.Linear) and not isinstance(parent, (MoEFeedForward, DecodeMoE)):
                 setattr(parent, name, DecodeLinear.from_linear(child, dtype))
                 count += 1
     return count

@@ -487,7 +487,11 @@ def test_a_malformed_grad_scaler_state_is_refused(tmp_path):
     train(tmp_path, tiny(5), cfg, corpus, tok, log=lambda s: None)
     path = tmp_path / "checkpoint" / "trainer_state.json"
     state = json.loads(path.read_text())
-    for bad in ({"scale": "big"}, {**state["grad_scaler"], "scale": float("inf")}, [1]):
+    good = state["grad_scaler"]
+    # {}: GradScaler.load_state_dict's RuntimeError (a traceback); a scale of 0, a backoff of 0 or a growth of 1:
+    # a float16 run that never steps again (every scaled gradient 0 or infinite), reported as diverged
+    for bad in ({"scale": "big"}, {**good, "scale": float("inf")}, [1], {}, {**good, "scale": 0.0},
+                {**good, "backoff_factor": 0.0}, {**good, "growth_factor": 1.0}, {**good, "growth_interval": 0}):
         path.write_text(json.dumps({**state, "grad_scaler": bad}))
         with pytest.raises(ValueError, match="grad_scaler"):
             load_trainer_state(tmp_path)

@@ -352,9 +352,11 @@ def _check_trainer_state(state: Any, rng: dict[str, torch.Tensor]) -> None:
     need(all(isinstance(v, dict) for v in state["optimizer"]["scalars"].values()), "optimizer.scalars")
     groups = state["optimizer"]["param_groups"]
     need(isinstance(groups, list) and all(isinstance(g, dict) for g in groups), "optimizer.param_groups")
-    scaler = state.get("grad_scaler", {})  # float16 training's GradScaler.state_dict(): these numbers
-    need(isinstance(scaler, dict) and (not scaler or set(scaler) == SCALER_KEYS)
-         and all(type(v) in (int, float) and math.isfinite(v) and v >= 0 for v in scaler.values()), "grad_scaler")
+    scaler = state.get("grad_scaler")  # float16 training's GradScaler.state_dict(), as GradScaler accepts it
+    need(scaler is None or (isinstance(scaler, dict) and set(scaler) == SCALER_KEYS
+                            and all(type(v) in (int, float) and math.isfinite(v) for v in scaler.values())
+                            and scaler["scale"] > 0 and scaler["growth_factor"] > 1 and 0 < scaler["backoff_factor"] < 1
+                            and scaler["growth_interval"] >= 1 and scaler["_growth_tracker"] >= 0), "grad_scaler")
     torch.Generator().set_state(rng["torch_cpu"])
     kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
     np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))

@@ -79,7 +79,8 @@ class TrainingStopped(Exception):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checks it at each step boundary, saves and exits.
+    """SIGINT/SIGTERM set a flag; the loop checks it after each step (under torchrun, when it reads the
+    losses: every SYNC_EVERY steps), saves and exits.
     A second Ctrl-C interrupts at once."""
 
     def __init__(self) -> None:
@@ -159,8 +160,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
     """
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    # A generator (micro_batches) is read one micro-batch at a time: cfg.grad_accum of them, never all
-    # in memory at once; a sequence may hold any number.
+    # An iterable without a length is read one micro-batch at a time: cfg.grad_accum of them; a sequence
+    # may hold any number (pretraining's: the step's micro-batches, drawn ahead by the Prefetcher).
     n = len(batches) if hasattr(batches, "__len__") else cfg.grad_accum
     i = -1
     for i, (x, y) in enumerate(batches):

@@ -371,6 +371,17 @@ def test_bandwidth_buffer_is_several_times_the_largest_cache(monkeypatch):
     assert bandwidth_megabytes(suite, {"L3": 480 * 2**20}) == 1024  # at most a quarter of the memory available
 
 
+@pytest.mark.parametrize("bf16", [True, False])
+def test_bf16_matmul_is_measured_small_where_the_cpu_emulates_it(monkeypatch, bf16):
+    """Without bfloat16 instructions a 2048-wide bf16 product took minutes a round: 256 wide still gives its rate."""
+    sizes = {}
+    monkeypatch.setattr(ceilings, "cpu_has_bf16", lambda: bf16)
+    monkeypatch.setattr(ceilings, "measure_bandwidth", lambda mb: 1.0)
+    monkeypatch.setattr(ceilings, "measure_matmul", lambda dtype, n: sizes.setdefault(dtype, n) and 1.0)
+    ceilings.measure_ceilings(full_suite())
+    assert sizes == {torch.float32: full_suite().matmul_n, torch.bfloat16: full_suite().matmul_n if bf16 else 256}
+
+
 def test_prefill_runs_each_dtype_and_agrees_with_hugging_face():
     suite = quick_suite()
     models = decoding_models(suite.decode_cfg)

@@ -1,4 +1,4 @@
-"""build_llm.progress: off a terminal, a line once a phase has taken 5 s, then one every 30 s with
+"""build_llm.progress: off a terminal, a line once a phase has taken 3 s, then one every 30 s with
 the rate and the time left, and one at its end; a short phase says nothing."""
 
 import time
@@ -13,21 +13,21 @@ def test_lines_off_a_terminal(monkeypatch, capsys):
     clock = [100.0]
     monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
     with Progress("tokenize", 1_000_000_000, "B", ticker=False) as p:
-        clock[0] += 4
-        p.update(40e6)
-        assert capsys.readouterr().err == ""  # not yet 5 s
+        clock[0] += 2
+        p.update(20e6)
+        assert capsys.readouterr().err == ""  # not yet 3 s
         clock[0] += 1
-        p.update(10e6)  # 50 MB in 5 s: 10 MB/s, 950 MB left
-        assert capsys.readouterr().err == "tokenize: 50.0 MB of 1.0 GB (5%), 10.0 MB/s, about 95 s left\n"
+        p.update(10e6)  # 30 MB in 3 s: 10 MB/s, 970 MB left
+        assert capsys.readouterr().err == "tokenize: 30.0 MB of 1.0 GB (3%), 10.0 MB/s, about 97 s left\n"
         clock[0] += 29
         p.update(290e6)
         assert capsys.readouterr().err == ""  # not yet 30 s since the last line
         clock[0] += 1
         p.update(10e6)
-        assert capsys.readouterr().err == "tokenize: 350.0 MB of 1.0 GB (35%), 10.0 MB/s, about 65 s left\n"
+        assert capsys.readouterr().err == "tokenize: 330.0 MB of 1.0 GB (33%), 10.0 MB/s, about 67 s left\n"
         clock[0] += 20
-        p.update(650e6)
-    assert capsys.readouterr().err == "tokenize: done, 1.0 GB in 55 s\n"
+        p.update(670e6)
+    assert capsys.readouterr().err == "tokenize: done, 1.0 GB in 53 s\n"
 
 
 def test_disabled_and_short_phases_say_nothing(monkeypatch, capsys):
@@ -37,7 +37,7 @@ def test_disabled_and_short_phases_say_nothing(monkeypatch, capsys):
         clock[0] += 100
         p.update(10)
     with Progress("read", 10, "B", ticker=False) as p:
-        clock[0] += 4
+        clock[0] += 2.9  # done before the first line is due
         p.update(10)
     assert capsys.readouterr().err == ""
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -148,11 +149,13 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "build_llm.cli", "serve", *map(str, flags), "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Its output goes to a file: a pipe nobody reads while it runs would block a server that prints 64 KB.
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"the server exited: {self.output()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -161,6 +164,11 @@ class Server:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError("the server did not come up in 300 s")
+
+    def output(self) -> str:
+        """What the server printed so far (standard output and error)."""
+        self.log.seek(0)
+        return self.log.read()
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -11,7 +11,8 @@ import time
 
 from tqdm import tqdm
 
-FIRST_LINE_S, LINE_EVERY_S = 5.0, 30.0
+# The first line 3 s into a phase: with Python and torch's ~2 s start, within 5 s of the command's start.
+FIRST_LINE_S, LINE_EVERY_S = 3.0, 30.0
 
 
 def _size(n: float, unit: str) -> str:

@@ -37,7 +37,8 @@ __attribute__((constructor)) static void planted(void) {
     if (f) { fputs("the planted library ran\\n", f); fclose(f); }
 }
 """
-NAME = "matvec-" + hashlib.sha256(STUB.encode()).hexdigest()[:16]  # the name the stub's library is cached under
+BUILT = STUB + kernels.build_note()  # the text compiled: the source and how it is compiled
+NAME = "matvec-" + hashlib.sha256(BUILT.encode()).hexdigest()[:16]  # the name the stub's library is cached under
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def cache(tmp_path, monkeypatch):
     return d
 
 
-def record(library: bytes, source: str = STUB) -> str:
+def record(library: bytes, source: str = BUILT) -> str:
     return json.dumps({"source_sha256": hashlib.sha256(source.encode()).hexdigest(),
                        "library_sha256": hashlib.sha256(library).hexdigest()})
 
@@ -87,6 +88,15 @@ def load_and_check(cache: Path, capsys, note: str | None):
     else:
         assert err.count("\n") == 1 and err.startswith("build-llm: ") and note in err, err
     return lib
+
+
+def test_other_compiler_flags_build_another_library(cache, capsys, monkeypatch):
+    load_and_check(cache, capsys, None)
+    monkeypatch.setattr(kernels, "CFLAGS", (*kernels.CFLAGS, "-DOTHER_FLAGS"))
+    other = "matvec-" + hashlib.sha256((STUB + kernels.build_note()).encode()).hexdigest()[:16]
+    assert other != NAME
+    load_and_check(cache, capsys, None)  # built again under its own name: not the first flags' library loaded
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{n}{s}" for n in (NAME, other) for s in (".json", ".so"))
 
 
 def test_a_fresh_cache_is_built_then_loaded_as_is(cache, capsys, monkeypatch):

@@ -36,7 +36,13 @@ class Threads:
 
 def pool_threads() -> int:
     """The pool's threads running in this process, by their name."""
-    return sum((task / "comm").read_text().strip() == "build-llm-pool" for task in Path("/proc/self/task").iterdir())
+    n = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            n += (task / "comm").read_text().strip() == "build-llm-pool"
+        except OSError:  # a thread that ended while the directory was read
+            pass
+    return n
 
 
 def step_model(dtype: str, **kw) -> GPTModel:

@@ -177,9 +177,19 @@ def open_cached(dir_fd: int, name: str, source: str) -> int:
     return fd
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_note() -> str:
+    """A last line for the source saying how it is compiled: the cache's name and record hash the source with
+    it, so that other flags or another compiler build another library rather than load one built otherwise."""
+    return f"/* built by build-llm with: {_compiler()} {' '.join(CFLAGS)} */\n"
+
+
 def _compile(source: str, tmp: Path) -> int:
     """Compile `source` in the new private directory `tmp`; the built library, open and checked."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         raise OSError("no C compiler (cc) found")
     os.close(open_trusted(tmp, directory=True))  # made by mkdtemp: 0700, this user's (checked all the same)
@@ -262,7 +272,7 @@ def _load() -> ctypes.CDLL | bool:
     if os.environ.get("BUILD_LLM_KERNELS", "1") == "0" or not _cpu_supported():
         return False
     try:
-        source = SOURCE.read_text(encoding="ascii")
+        source = SOURCE.read_text(encoding="ascii") + build_note()
     except OSError:  # not installed with the package
         return False
     notes: list[str] = []

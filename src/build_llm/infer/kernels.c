@@ -284,6 +284,15 @@ static int wide(void) {  /* whether this CPU runs the AVX-512 kernels */
 
 int kernels_wide(void) { return wide(); }
 
+static int avx2(void) {  /* whether this CPU runs the AVX2 kernels (elsewhere the portable C) */
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = HAS("avx2") && HAS("fma");
+    }
+    return known;
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
 #define FETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
@@ -444,8 +453,8 @@ static inline float bf16_to_float(uint16_t b) {
    them by 16 int16 inputs into 8 int32 sums, exact (over an INT8_CHUNK of columns a lane adds 512 products of at
    most 32768 * 127 < 2^31 / 512); the lanes are then added in int64, so the result equals the portable C's bit for
    bit. bfloat16: as in the AVX-512 kernel, a 32-bit lane holds a pair; the even weight becomes a float by a shift
-   to the top half, the odd one by clearing the bottom half, and they meet x's even and odd entries (`xe`, `xo`,
-   split once per call). */
+   to the top half, the odd one by clearing the bottom half, and they meet x's even and odd entries (split once per
+   call: a row of `xm` holds its Kp / 2 even entries, then its odd ones). */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 static void int8_block_avx2(const int8_t *wb, const int16_t *xm, int64_t Kp, float dot[4]) {
@@ -474,7 +483,8 @@ static void int8_block_avx2(const int8_t *wb, const int16_t *xm, int64_t Kp, flo
     }
 }
 
-static void bf16_block_avx2(const uint16_t *wb, const float *xe, const float *xo, int64_t Kp, float dot[4]) {
+static void bf16_block_avx2(const uint16_t *wb, const float *xm, int64_t Kp, float dot[4]) {
+    const float *xe = xm, *xo = xm + Kp / 2;
     const __m256i top = _mm256_set1_epi32((int)0xFFFF0000u);
     __m256 even[4], odd[4];
     for (int r = 0; r < 4; r++) even[r] = odd[r] = _mm256_setzero_ps();
@@ -503,31 +513,30 @@ static void bf16_block_avx2(const uint16_t *wb, const float *xe, const float *xo
 
 /* Portable C of the same two kernels over the same packed layout: for each block of 4 weight rows, each
    tile's 32 columns are multiplied into 32 accumulators a row (contiguous: the compiler vectorises them). */
+static void bf16_block_portable(const uint16_t *wb, const float *xm, int64_t Kp, float dot[4]) {
+    float acc[4][32] = {{0}};
+    for (int64_t k = 0; k < Kp; k += 32)
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 32; c++) acc[r][c] += xm[k + c] * bf16_to_float(wb[k * 4 + 32 * r + c]);
+    for (int r = 0; r < 4; r++) {
+        dot[r] = 0.0f;
+        for (int c = 0; c < 32; c++) dot[r] += acc[r][c];
+    }
+}
+
 static CLONES void bf16_portable_blocks(const void *ctx, int64_t first, int64_t end) {
     const Product *p = ctx;
     const float *xp = p->x, *scale = p->scale, *bias = p->bias;  /* see matvec_bf16_portable */
     const uint16_t *w = p->w;
     float *y = p->y;
     const int64_t M = p->M, N = p->N, Kp = p->Kp;
-    const int avx2 = HAS("avx2") && HAS("fma");
+    void (*block)(const uint16_t *, const float *, int64_t, float *) = avx2() ? bf16_block_avx2 : bf16_block_portable;
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const uint16_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M; m++) {
-            float acc[4][32] = {{0}}, dot[4];
-            const float *xm = xp + m * Kp;
-            if (avx2) {
-                bf16_block_avx2(wb, xm, xm + Kp / 2, Kp, dot);
-                STORE(dot, m, 1.0f)
-                continue;
-            }
-            for (int64_t k = 0; k < Kp; k += 32)
-                for (int r = 0; r < 4; r++)
-                    for (int c = 0; c < 32; c++) acc[r][c] += xm[k + c] * bf16_to_float(wb[k * 4 + 32 * r + c]);
-            for (int r = 0; r < 4; r++) {
-                dot[r] = 0.0f;
-                for (int c = 0; c < 32; c++) dot[r] += acc[r][c];
-            }
+            float dot[4];
+            block(wb, xp + m * Kp, Kp, dot);
             STORE(dot, m, 1.0f)
         }
     }
@@ -536,13 +545,28 @@ static CLONES void bf16_portable_blocks(const void *ctx, int64_t first, int64_t 
 static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const float *scale, const float *bias,
                                         float *y, int64_t M, int64_t N, int64_t K, int threads) {
     const int64_t Kp = (K + 31) / 32 * 32;
-    const int avx2 = HAS("avx2") && HAS("fma");
+    const int split = avx2();
     float *xp = calloc(M * Kp, sizeof(float));  /* x zero-padded to Kp columns; for AVX2 its even entries, then its odd */
     for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k++) xp[m * Kp + (avx2 ? (k & 1) * Kp / 2 + k / 2 : k)] = x[m * K + k];
+        for (int64_t k = 0; k < K; k++) xp[m * Kp + (split ? (k & 1) * Kp / 2 + k / 2 : k)] = x[m * K + k];
     const Product p = {.x = xp, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
     share(bf16_portable_blocks, &p, (N + 3) / 4, chunk_of(8 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
     free(xp);
+}
+
+static void int8_block_portable(const int8_t *wb, const int16_t *xm, int64_t Kp, float dot[4]) {
+    for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {  /* exact int32 sums, as in the AVX-512 kernel */
+        const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
+        int32_t sum[4][32] = {{0}};
+        for (int64_t k = k0; k < k1; k += 32)
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 32; c++) sum[r][c] += (int32_t)xm[k + c] * wb[k * 4 + 32 * r + c];
+        for (int r = 0; r < 4; r++) {
+            int64_t total = 0;
+            for (int c = 0; c < 32; c++) total += sum[r][c];
+            dot[r] += (float)total;
+        }
+    }
 }
 
 static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t end) {
@@ -552,30 +576,13 @@ static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t 
     const int8_t *w = p->w;
     float *y = p->y;
     const int64_t M = p->M, N = p->N, Kp = p->Kp;
-    const int avx2 = HAS("avx2");
+    void (*block)(const int8_t *, const int16_t *, int64_t, float *) = avx2() ? int8_block_avx2 : int8_block_portable;
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const int8_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M; m++) {
             float dot[4] = {0};
-            const int16_t *xm = xq + m * Kp;
-            if (avx2) {
-                int8_block_avx2(wb, xm, Kp, dot);
-                STORE(dot, m, xs[m])
-                continue;
-            }
-            for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {  /* exact int32 sums, as in the AVX-512 kernel */
-                const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
-                int32_t sum[4][32] = {{0}};
-                for (int64_t k = k0; k < k1; k += 32)
-                    for (int r = 0; r < 4; r++)
-                        for (int c = 0; c < 32; c++) sum[r][c] += (int32_t)xm[k + c] * wb[k * 4 + 32 * r + c];
-                for (int r = 0; r < 4; r++) {
-                    int64_t total = 0;
-                    for (int c = 0; c < 32; c++) total += sum[r][c];
-                    dot[r] += (float)total;
-                }
-            }
+            block(wb, xq + m * Kp, Kp, dot);
             STORE(dot, m, xs[m])
         }
     }
@@ -708,12 +715,12 @@ static void int4_blocks(const void *ctx, int64_t first, int64_t end) {  /* block
     const float *xs = p->xs, *bias = p->bias;
     float *y = p->y;
     const int64_t M = p->M, N = p->N, Kp = p->Kp, G = p->G, groups = Kp / G;
-    const int avx2 = xr != NULL;  /* see matvec_int4 */
+    const int fast = xr != NULL;  /* see matvec_int4 */
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
         for (int64_t m = 0; m < M; m++) {  /* the block's 4 rows stay in the L1 cache for every input row */
             float dot[4];
-            if (avx2)
+            if (fast)
                 int4_block_avx2(rows, w + n0 * (Kp / 2), scale + n0 * groups, xr + m * Kp, corr + m * groups * 8, Kp, G, dot);
             else
                 for (int64_t r = 0; r < rows; r++)
@@ -726,12 +733,12 @@ static void int4_blocks(const void *ctx, int64_t first, int64_t end) {  /* block
 void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
     const int64_t Kp = (K + G - 1) / G * G, groups = Kp / G;
-    const int avx2 = HAS("avx2") && HAS("fma") && G % 64 == 0;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t)), *xr = avx2 ? malloc(sizeof(int16_t) * M * Kp) : NULL;
-    int32_t *corr = avx2 ? malloc(sizeof(int32_t) * M * groups * 8) : NULL;
+    const int fast = avx2() && G % 64 == 0;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t)), *xr = fast ? malloc(sizeof(int16_t) * M * Kp) : NULL;
+    int32_t *corr = fast ? malloc(sizeof(int32_t) * M * groups * 8) : NULL;
     float *xs = calloc(M, sizeof(float));
     quantize_rows(x, xq, xs, M, K, Kp);
-    for (int64_t m = 0; avx2 && m < M; m++) int4_inputs(xq + m * Kp, xr + m * Kp, corr + m * groups * 8, Kp, G);
+    for (int64_t m = 0; fast && m < M; m++) int4_inputs(xq + m * Kp, xr + m * Kp, corr + m * groups * 8, Kp, G);
     const Product p = {.xq = xq, .xr = xr, .corr = corr, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y,
                        .M = M, .N = N, .Kp = Kp, .G = G};
     share(int4_blocks, &p, (N + 3) / 4, chunk_of(2 * Kp), N * K >= PARALLEL_MIN ? threads : 1);

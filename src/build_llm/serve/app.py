@@ -132,22 +132,30 @@ class Outbox:
         self.lock = threading.Lock()
         self.items: list[tuple[asyncio.Queue, tuple]] = []
         self.wakeups = 0  # times the loop was woken (for tests: one per batch of reports)
+        self.ran = loop.is_running()  # the loop has run (the app makes its Outbox on it): not running now = stopped
 
     def post(self, queue: asyncio.Queue, item: tuple) -> None:
-        """From any thread: `item` for `queue`, delivered on the loop (RuntimeError once the loop is closed)."""
+        """From any thread: `item` for `queue`, delivered on the loop (reports posted before the loop first runs
+        wait for it). RuntimeError once the loop has stopped or closed: the server is shutting down and nobody
+        will read the queues, so the reports waiting are dropped and the engine drops the sequence that posted
+        (as it does any sequence whose report fails) rather than decode on for no one."""
         with self.lock:
+            if self.loop.is_closed() or (self.ran and not self.loop.is_running()):
+                self.items.clear()
+                raise RuntimeError("the server's event loop has stopped: no one reads this sequence's reports")
             self.items.append((queue, item))
             if len(self.items) > 1:  # a wake-up is already on its way, and will deliver this too
                 return
             self.wakeups += 1
         try:
             self.loop.call_soon_threadsafe(self.deliver)
-        except RuntimeError:  # the loop is closed: nobody will read these, and the next post must fail too
+        except RuntimeError:  # closed meanwhile: nobody will read these, and the next post must fail too
             with self.lock:
                 self.items.clear()
             raise
 
     def deliver(self) -> None:
+        self.ran = True
         with self.lock:
             items, self.items = self.items, []
         for queue, item in items:

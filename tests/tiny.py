@@ -15,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import torch
+
 from build_llm import BPETokenizer, GPTConfig
 from build_llm.data.instruct import ALPACA_PREAMBLE
 
@@ -179,3 +181,29 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+def int8_groups(x, group: int = 64):
+    """x (rows, k) as int4's kernels take it (the spec, computed here on its own): each group of `group` columns
+    rounded to int8 with scale max |x| / 127 in float32 (ties to even; an all-zero group stays zero), given back
+    in float64."""
+    rows, k = x.shape
+    kp = -(-k // group) * group
+    padded = torch.zeros(rows, kp)
+    padded[:, :k] = x
+    grouped = padded.view(rows, kp // group, group)  # (rows, groups, group)
+    top = grouped.abs().amax(2, keepdim=True)
+    scale = torch.where(top > 0, top / 127, torch.ones_like(top))
+    q = torch.round(grouped * (1 / scale))  # float32 x * (1 / scale), as the kernel computes it; round: ties to even
+    assert q.abs().max() <= 127
+    return (q.double() * scale.double()).view(rows, kp)[:, :k]
+
+
+def int8_groups_bound(x, w, group: int = 64):
+    """The most that rounding x (rows, k) to int8 per group of `group` columns can move x @ w.T: half a step
+    (max |x| of the group / 254) on each input, times |w|, summed: (rows, out) float64."""
+    rows, k = x.shape
+    steps = torch.zeros(rows, -(-k // group) * group, dtype=torch.float64)
+    steps[:, :k] = x.double().abs()
+    half = steps.view(rows, -1, group).amax(2, keepdim=True).expand(-1, -1, group).reshape(rows, -1)[:, :k] / 254
+    return half @ w.double().abs().T

@@ -10,6 +10,7 @@ import torch
 
 from build_llm.infer import kernels
 from build_llm.infer.quant import DecodeLinear, quantize_int4, quantize_int8
+from tiny import int8_groups, int8_groups_bound
 
 needs_kernels = pytest.mark.skipif(not kernels.available(),
                                    reason="the C kernels need Linux x86-64 and a C compiler")
@@ -40,7 +41,7 @@ def library(request, portable_so):
 
 
 def x16_rounded(x: torch.Tensor) -> torch.Tensor:
-    """x as the int8 and int4 kernels take it: rounded to int16 per row (max |x| -> 32767), in float64."""
+    """x as the int8 kernels take it: rounded to int16 per row (max |x| -> 32767), in float64."""
     x_scale = x.abs().amax(1, keepdim=True) / 32767  # float32 arithmetic, as in the kernel
     x16 = torch.round(x * (1 / x_scale))
     assert x16.abs().max() <= 32767
@@ -48,16 +49,38 @@ def x16_rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 3, kernels.MAX_ROWS + 5])  # beyond MAX_ROWS: taken in two calls
-@pytest.mark.parametrize("n, k, group", [(1, 1, 32), (7, 20, 64), (9, 100, 32), (64, 768, 64), (50, 3072, 128)])
+# groups of 64 (AVX2: 8 groups at a time, then 4, then 1-3: 12, 13 and 15 groups a row) and others (portable)
+@pytest.mark.parametrize("n, k, group", [(1, 1, 32), (7, 20, 64), (9, 100, 32), (64, 768, 64), (6, 832, 64),
+                                         (5, 960, 64), (50, 3072, 128)])
 def test_int4_matvec_is_the_float64_product_of_the_dequantised_weights(library, rows, n, k, group):
     g = torch.Generator().manual_seed(n * 1000 + k)
     x, w, bias = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     q, scale = quantize_int4(w, group)
     dequantised = q.double() * scale.double().repeat_interleave(group, dim=1)[:, :k]
-    exact = x16_rounded(x) @ dequantised.T + bias.double()
+    exact = int8_groups(x, group) @ dequantised.T + bias.double()
     tol = 1e-5 * (x.abs().double() @ dequantised.abs().T).max().item()  # float32 sums of the groups' exact sums
     got = kernels.matvec(x, kernels.pack_int4(q, group), n, scale, bias, group)
     torch.testing.assert_close(got.double(), exact, atol=tol, rtol=0)
+
+
+def test_int4_rounds_inputs_to_int8_per_group_ties_to_even(library):
+    """Group 0's largest input is 127, so its step is exactly 1 and its half-integers are ties: 2.5 -> 2, 3.5 -> 4
+    (rounding half away from zero gives another product); group 1 is all zero; group 2 holds 1000 and 0.1
+    (rounded to 0: a group's small inputs are lost beside its large one, other groups' are not)."""
+    x = torch.zeros(1, 192)
+    x[0, 0], x[0, 1:64] = 127.0, torch.arange(1, 64) % 9 - 4.5  # -3.5 .. 3.5 in steps of 1, and -4.5
+    x[0, 128], x[0, 129] = 1000.0, 0.1
+    q = (torch.arange(3 * 192) % 16 - 8).view(3, 192).to(torch.int8)
+    scale = torch.ones(3, 3, dtype=torch.bfloat16)
+    packed = kernels.pack_int4(q, 64)
+    got = kernels.matvec(x, packed, 3, scale, None, 64).double()
+    even = x.clone()
+    even[0, 1:64] = torch.round(x[0, 1:64])  # ties to even
+    even[0, 129] = 0.0
+    away = even.clone()
+    away[0, 1:64] = torch.sign(x[0, 1:64]) * torch.floor(x[0, 1:64].abs() + 0.5)
+    assert torch.equal(got, even.double() @ q.double().T)
+    assert not torch.equal(got, away.double() @ q.double().T)
 
 
 def test_int4_packs_two_values_a_byte_and_unpacks_them():
@@ -164,8 +187,10 @@ def test_decode_linear_gives_the_same_with_and_without_the_kernels(dtype, monkey
     slow = plain(x)
     exact = x.double() @ plain.dequantized().double().T + plain.bias.double()
     assert fast.shape == slow.shape == (2, 3, 40)
-    # float32 activations (int8, int4: rounded to 15 bits), against bfloat16 activations (~3 significant digits)
-    assert (fast.double() - exact).abs().max() < 1e-4
+    # float32 activations (int8: rounded to 15 bits; int4: to int8 per group of 64, at most the rounding's bound),
+    # against bfloat16 activations (~3 significant digits)
+    rounding = int8_groups_bound(x.view(-1, 96), plain.dequantized()).view(2, 3, 40) if dtype == "int4" else 0
+    assert ((fast.double() - exact).abs() - rounding).max() < 1e-4
     assert (slow.double() - exact).abs().max() < (1e-5 if dtype == "int4" else 0.05)
 
 

@@ -57,7 +57,7 @@
 #endif
 
 /* x rounded to int16 per row as the AVX-512 int8 kernel rounds it (to nearest, ties to even; saturated): row m's
-   scale into xs[m], its Kp (zero-padded) values into xq. Used by the portable int8 kernel and by int4. */
+   scale into xs[m], its Kp (zero-padded) values into xq. Used by the portable int8 kernel. */
 static CLONES void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
@@ -267,9 +267,10 @@ void kernels_pool_hold(int worker) {
 
 /* One product's operands, read by every thread that computes some of its blocks of rows */
 typedef struct {
-    const float *x, *xe, *xo, *xs, *bias;  /* xe, xo: bfloat16's even and odd inputs; xs: int8/int4's row scales */
-    const int16_t *xq, *xr;                /* int8/int4's inputs rounded to int16; int4's laid out for AVX2 */
-    const int32_t *corr;                   /* int4's input sums for AVX2 (see int4_inputs) */
+    const float *x, *xe, *xo, *xs, *bias;  /* xe, xo: bfloat16's even and odd inputs; xs: int8's/int4's input scales */
+    const int16_t *xq;                     /* int8's inputs rounded to int16 */
+    const int8_t *x8;                      /* int4's inputs rounded to int8 per group */
+    const int32_t *xsum;                   /* int4's per-group input sums times 8 (see quantize_groups) */
     const void *w, *scale;                 /* scale: float32 per row (int8), bfloat16 per group (int4), or NULL */
     float *y;
     int64_t M, N, K, Kp, H, G;
@@ -648,96 +649,200 @@ void matvec_int8(const float *x, const int8_t *w, const float *scale, const floa
 /* int4: W[n, k] = scale[n, k / G] * q[n, k] with q in [-8, 7] and one bfloat16 scale per group of G columns
    (G a multiple of 32). Row n is Kp / 2 bytes (Kp: K padded to a multiple of G): within each group, byte j
    holds q[j] + 8 in its low 4 bits and q[j + G/2] + 8 in its high 4 bits, so that both halves meet
-   contiguous inputs. x is rounded to int16 as for int8; each group's products are summed exactly in int32
-   (G * 32768 * 8 < 2^31 for G <= 4096), then scaled by the group's scale into a float32 sum. */
-static float int4_row_portable(const uint8_t *wr, const uint16_t *sr, const int16_t *xm, int64_t Kp, int64_t G) {
-    float acc = 0.0f;
-    const int64_t half = G / 2;
-    for (int64_t g = 0; g < Kp / G; g++) {
-        const uint8_t *b = wr + g * half;
-        const int16_t *lo = xm + g * G, *hi = lo + half;
-        int32_t s = 0;
-        for (int64_t j = 0; j < half; j++)
-            s += (int32_t)lo[j] * ((b[j] & 15) - 8) + (int32_t)hi[j] * ((b[j] >> 4) - 8);
-        acc += (float)s * bf16_to_float(sr[g]);
-    }
-    return acc;
-}
+   contiguous inputs. x is rounded to int8 per group of the same G columns (`quantize_groups`), so that each
+   group's products are integers summed exactly in int32 (|sum| <= G * 8 * 127), then multiplied by the weight's
+   scale times the input's, added into a float32 sum. */
+#define XGROUPS(groups) (((groups) + 7) / 8 * 8)  /* the input's scales and sums per row: padded for 8-group loads */
 
-/* The same with AVX2 where G is a multiple of 64, four weight rows at a time (their inputs loaded once). 32 bytes of
-   a group, from its byte j, read as 16 lanes of 16 bits give 64 values by masks and shifts: lane i's bits 0-3, 4-7,
-   8-11 and 12-15 are columns j + 2i, j + 2i + G/2, j + 2i + 1 and j + 2i + 1 + G/2; x is laid out in that order
-   once per call (`int4_inputs`), so that each set of 16 meets its 16 inputs in one `vpmaddwd`. The weights are
-   stored as q + 8: the 8s' share of a group's lane sums (`corr`, the inputs' lane sums times 8) is taken off once a
-   group. Sums are exact in int32 as above; the group's scale then multiplies them into 8 float32 lanes. */
-static void int4_inputs(const int16_t *xm, int16_t *xr, int32_t *corr, int64_t Kp, int64_t G) {
-    for (int64_t g = 0; g < Kp / G; g++) {
-        for (int l = 0; l < 8; l++) corr[g * 8 + l] = 0;
-        for (int64_t j = 0; j < G / 2; j += 32) {
-            const int16_t *xg = xm + g * G + j;
-            int16_t *out = xr + g * G + 2 * j;  /* 64 inputs: the columns of bits 0-3, 4-7, 8-11, 12-15 */
-            for (int i = 0; i < 16; i++) {
-                out[i] = xg[2 * i];
-                out[16 + i] = xg[2 * i + G / 2];
-                out[32 + i] = xg[2 * i + 1];
-                out[48 + i] = xg[2 * i + 1 + G / 2];
-            }
-            for (int i = 0; i < 64; i++) corr[g * 8 + (i % 16) / 2] += 8 * out[i];
-        }
+/* Row m of x (K values, zero-padded to Kp) rounded to int8 per group of G columns: the group's scale
+   xs[g] = max |x| / 127 (1 for an all-zero group: its values are then 0), x8 = x / xs rounded to nearest (ties to
+   even), and xsum[g] = 8 * the group's sum of x8 (the stored weights' +8 share, taken off each group's sum).
+   Rows of xs and xsum are XGROUPS(Kp / G) long, the padding 0. */
+static void quantize_group(const float *xg, int8_t *qg, int64_t n, float *xs, int32_t *xsum) {  /* n columns */
+    float top = 0.0f;
+    for (int64_t j = 0; j < n; j++) top = fabsf(xg[j]) > top ? fabsf(xg[j]) : top;
+    const float scale = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / scale;
+    int32_t sum = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float q = nearbyintf(xg[j] * inv);
+        qg[j] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
+        sum += qg[j];
     }
+    *xs = scale;
+    *xsum = 8 * sum;
 }
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, const uint8_t *w, const uint16_t *scale,
-                                                                 const int16_t *xr, const int32_t *corr, int64_t Kp,
-                                                                 int64_t G, float dot[4]) {
-    const __m256i nibble = _mm256_set1_epi16(15);
-    const int64_t bytes = Kp / 2, groups = Kp / G;
-    __m256 acc[4];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        __m256i s[4];
-        for (int r = 0; r < R; r++) s[r] = _mm256_setzero_si256();
-        for (int64_t j = 0; j < G / 2; j += 32) {
-            const int16_t *xc = xr + g * G + 2 * j;
-            const __m256i a = _mm256_loadu_si256((const __m256i *)xc), b = _mm256_loadu_si256((const __m256i *)(xc + 16));
-            const __m256i c = _mm256_loadu_si256((const __m256i *)(xc + 32)), d = _mm256_loadu_si256((const __m256i *)(xc + 48));
-            for (int r = 0; r < R; r++) {
-                const uint8_t *at = w + r * bytes + g * (G / 2) + j;
-                FETCH(at + PREFETCH);
-                const __m256i v = _mm256_loadu_si256((const __m256i *)at);
-                const __m256i pa = _mm256_madd_epi16(_mm256_and_si256(v, nibble), a);
-                const __m256i pb = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), b);
-                const __m256i pc = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), nibble), c);
-                const __m256i pd = _mm256_madd_epi16(_mm256_srli_epi16(v, 12), d);
-                s[r] = _mm256_add_epi32(s[r], _mm256_add_epi32(_mm256_add_epi32(pa, pb), _mm256_add_epi32(pc, pd)));
-            }
+/* The same for 64 columns with AVX2, to the bit: the same float32 maximum, division, product and rounding */
+static void quantize_group_avx2(const float *xg, int8_t *qg, float *xs, int32_t *xsum) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 v[8], top = _mm256_setzero_ps();
+    for (int i = 0; i < 8; i++) {
+        v[i] = _mm256_loadu_ps(xg + 8 * i);
+        top = _mm256_max_ps(_mm256_and_ps(v[i], magnitude), top);
+    }
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    const float most = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
+    const float scale = most > 0.0f ? most / 127.0f : 1.0f, inv = 1.0f / scale;
+    const __m256 by = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    __m256i q[8], sum = _mm256_setzero_si256();
+    for (int i = 0; i < 8; i++) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(v[i], by), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q[i] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(r, hi), lo));
+        sum = _mm256_add_epi32(sum, q[i]);
+    }
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs work within 128-bit halves */
+    for (int i = 0; i < 8; i += 4) {
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[i], q[i + 1]), _mm256_packs_epi32(q[i + 2], q[i + 3]));
+        _mm256_storeu_si256((__m256i *)(qg + 8 * i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    *xs = scale;
+    *xsum = 8 * (_mm_cvtsi128_si32(s) + _mm_extract_epi32(s, 1));
+}
+#pragma GCC pop_options
+
+static void quantize_groups(const float *x, int8_t *x8, float *xs, int32_t *xsum, int64_t M, int64_t K, int64_t Kp,
+                            int64_t G) {
+    const int64_t groups = Kp / G, stride = XGROUPS(groups);
+    memset(x8, 0, M * Kp);  /* the last group's columns past K, and the padding groups' scales and sums */
+    memset(xs, 0, sizeof(float) * M * stride);
+    memset(xsum, 0, sizeof(int32_t) * M * stride);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = g * G, n = K - at < G ? K - at : G;
+            if (n == 64 && avx2()) quantize_group_avx2(x + m * K + at, x8 + m * Kp + at, xs + m * stride + g, xsum + m * stride + g);
+            else quantize_group(x + m * K + at, x8 + m * Kp + at, n, xs + m * stride + g, xsum + m * stride + g);
         }
-        const __m256i cg = _mm256_loadu_si256((const __m256i *)(corr + g * 8));
-        for (int r = 0; r < R; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(s[r], cg)),
-                                     _mm256_set1_ps(bf16_to_float(scale[r * groups + g])), acc[r]);
-    }
-    for (int r = 0; r < R; r++) {
-        const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-        dot[r] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
-    }
 }
 
-static void int4_block_avx2(int64_t rows, const uint8_t *w, const uint16_t *scale, const int16_t *xr,
-                            const int32_t *corr, int64_t Kp, int64_t G, float dot[4]) {
-    if (rows == 4 && G == INT4_GROUP) {  /* the default group, a constant: one stretch a group, no loop around it */
-        int4_rows_avx2(4, w, scale, xr, corr, Kp, INT4_GROUP, dot);
-        return;
+static float int4_row_portable(const uint8_t *wr, const uint16_t *sr, const int8_t *xm, const float *xs,
+                               int64_t Kp, int64_t G) {
+    float acc = 0.0f;
+    const int64_t half = G / 2;
+    for (int64_t g = 0; g < Kp / G; g++) {
+        const uint8_t *b = wr + g * half;
+        const int8_t *lo = xm + g * G, *hi = lo + half;
+        int32_t s = 0;
+        for (int64_t j = 0; j < half; j++) s += lo[j] * ((b[j] & 15) - 8) + hi[j] * ((b[j] >> 4) - 8);
+        acc += (float)s * (bf16_to_float(sr[g]) * xs[g]);
     }
+    return acc;
+}
+
+/* The same with AVX2 for G = 64, four weight rows at a time. A group's 32 bytes meet its 64 inputs directly: the
+   low nibbles (q + 8, 0..15, unsigned) times inputs 0-31 and the high nibbles times inputs 32-63 in `vpmaddubsw`
+   (pairs of products summed into int16: at most 2 * 15 * 127 = 3810 each, the halves' sum 7620). Eight groups'
+   vectors are then summed horizontally in int16 (two rounds of pairs: at most 4 * 7620 = 30480, exact) and in
+   int32 into one vector of 8 group sums, the 8s' share taken off (`xsum`), and multiplied by 8 weight scales times
+   8 input scales at once. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+static inline __attribute__((always_inline)) __m256i int4_group_avx2(const uint8_t *at, const int8_t *x8) {
+    const __m256i nibble = _mm256_set1_epi8(15);
+    const __m256i v = _mm256_loadu_si256((const __m256i *)at);
+    const __m256i lo = _mm256_maddubs_epi16(_mm256_and_si256(v, nibble), _mm256_loadu_si256((const __m256i *)x8));
+    const __m256i hi = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble),
+                                            _mm256_loadu_si256((const __m256i *)(x8 + 32)));
+    return _mm256_add_epi16(lo, hi);  /* 16 int16 lanes of the group's 64 products, in pairs */
+}
+
+/* 4 groups' int16 lane vectors -> their 4 sums in int32 lanes, group i in lane i. Two rounds of pairs in int16 (at
+   most 4 * 7620 = 30480: exact), a third into int32: each 128-bit half then holds the 4 groups' half-sums. */
+static inline __attribute__((always_inline)) __m256i int4_halves4_avx2(const __m256i s[4]) {
+    return _mm256_madd_epi16(_mm256_hadd_epi16(_mm256_hadd_epi16(s[0], s[1]), _mm256_hadd_epi16(s[2], s[3])),
+                             _mm256_set1_epi16(1));
+}
+
+static inline __attribute__((always_inline)) __m256 bf16x8_avx2(const uint16_t *b) {  /* 8 bfloat16 -> float32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)b)), 16));
+}
+
+/* Row r's groups [g0, g0 + 8): their exact sums (8s' share taken off) times their scales, added into acc */
+static inline __attribute__((always_inline)) __m256 int4_groups8_avx2(const uint8_t *at, const int8_t *x8,
+                                                                       const uint16_t *w_scale, __m256 x_scale,
+                                                                       __m256i share, __m256 acc) {
+    __m256i s[8];
+    for (int i = 0; i < 8; i++) {
+        if (i % 2 == 0) FETCH(at + 32 * i + PREFETCH);  /* a 64-byte line every 2 groups */
+        s[i] = int4_group_avx2(at + 32 * i, x8 + i * INT4_GROUP);
+    }
+    const __m256i a = int4_halves4_avx2(s), b = int4_halves4_avx2(s + 4);
+    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+    const __m256 scales = _mm256_mul_ps(bf16x8_avx2(w_scale), x_scale);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums, share)), scales, acc);
+}
+
+/* Row r's groups [g0, g0 + 4): the same, 4 groups in 4 float32 lanes */
+static inline __attribute__((always_inline)) __m128 int4_groups4_avx2(const uint8_t *at, const int8_t *x8,
+                                                                       const uint16_t *w_scale, const float *xs,
+                                                                       const int32_t *xsum, __m128 acc) {
+    __m256i s[4];
+    for (int i = 0; i < 4; i++) s[i] = int4_group_avx2(at + 32 * i, x8 + i * INT4_GROUP);
+    const __m256i h = int4_halves4_avx2(s);
+    const __m128i sums = _mm_sub_epi32(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)),
+                                       _mm_loadu_si128((const __m128i *)xsum));
+    const __m128 w4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)w_scale)), 16));
+    return _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(w4, _mm_loadu_ps(xs)), acc);
+}
+
+/* Row r's last 1-3 groups, one at a time */
+static inline float int4_rest_avx2(const uint8_t *at, const int8_t *x8, const uint16_t *w_scale, const float *xs,
+                                   const int32_t *xsum, int64_t n) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < n; g++) {
+        const __m256i s = _mm256_madd_epi16(int4_group_avx2(at + 32 * g, x8 + g * INT4_GROUP), _mm256_set1_epi16(1));
+        const __m128i four = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        const __m128i two = _mm_add_epi32(four, _mm_unpackhi_epi64(four, four));
+        const int32_t sum = _mm_cvtsi128_si32(two) + _mm_extract_epi32(two, 1) - xsum[g];
+        acc += (float)sum * (bf16_to_float(w_scale[g]) * xs[g]);
+    }
+    return acc;
+}
+
+static inline __attribute__((always_inline)) void int4_rows_avx2(const int R, const uint8_t *w, const uint16_t *scale,
+                                                                 const int8_t *x8, const float *xs, const int32_t *xsum,
+                                                                 int64_t Kp, float dot[4]) {
+    const int64_t bytes = Kp / 2, groups = Kp / INT4_GROUP, by8 = groups / 8 * 8, by4 = groups / 4 * 4;
+    __m256 acc[4];
+    __m128 four[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g0 = 0; g0 < by8; g0 += 8) {
+        const __m256 x_scale = _mm256_loadu_ps(xs + g0);
+        const __m256i share = _mm256_loadu_si256((const __m256i *)(xsum + g0));
+        for (int r = 0; r < R; r++)
+            acc[r] = int4_groups8_avx2(w + r * bytes + g0 * 32, x8 + g0 * INT4_GROUP, scale + r * groups + g0, x_scale,
+                                       share, acc[r]);
+    }
+    for (int r = 0; r < R; r++) {
+        four[r] = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        if (by4 > by8)
+            four[r] = int4_groups4_avx2(w + r * bytes + by8 * 32, x8 + by8 * INT4_GROUP, scale + r * groups + by8,
+                                        xs + by8, xsum + by8, four[r]);
+    }
+    if (R == 4) {  /* the 4 rows' 4 lanes summed together: row r's sum in lane r */
+        const __m128 sums = _mm_hadd_ps(_mm_hadd_ps(four[0], four[1]), _mm_hadd_ps(four[2], four[3]));
+        _mm_storeu_ps(dot, sums);
+    } else {
+        const __m128 two = _mm_add_ps(four[0], _mm_movehl_ps(four[0], four[0]));
+        dot[0] = _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+    }
+    for (int r = 0; by4 < groups && r < R; r++)
+        dot[r] += int4_rest_avx2(w + r * bytes + by4 * 32, x8 + by4 * INT4_GROUP, scale + r * groups + by4, xs + by4,
+                                 xsum + by4, groups - by4);
+}
+
+static void int4_block_avx2(int64_t rows, const uint8_t *w, const uint16_t *scale, const int8_t *x8, const float *xs,
+                            const int32_t *xsum, int64_t Kp, float dot[4]) {
     if (rows == 4) {
-        int4_rows_avx2(4, w, scale, xr, corr, Kp, G, dot);
+        int4_rows_avx2(4, w, scale, x8, xs, xsum, Kp, dot);
         return;
     }
     for (int64_t r = 0; r < rows; r++)  /* the last block's 1-3 rows */
-        int4_rows_avx2(1, w + r * (Kp / 2), scale + r * (Kp / G), xr, corr, Kp, G, dot + r);
+        int4_rows_avx2(1, w + r * (Kp / 2), scale + r * (Kp / INT4_GROUP), x8, xs, xsum, Kp, dot + r);
 }
 #pragma GCC pop_options
 
@@ -745,42 +850,41 @@ static void int4_blocks(const void *ctx, int64_t first, int64_t end) {  /* block
     const Product *p = ctx;
     const uint8_t *w = p->w;
     const uint16_t *scale = p->scale;
-    const int16_t *xq = p->xq, *xr = p->xr;
-    const int32_t *corr = p->corr;
+    const int8_t *x8 = p->x8;
+    const int32_t *xsum = p->xsum;
     const float *xs = p->xs, *bias = p->bias;
     float *y = p->y;
-    const int64_t M = p->M, N = p->N, Kp = p->Kp, G = p->G, groups = Kp / G;
-    const int fast = xr != NULL;  /* see matvec_int4 */
+    const int64_t M = p->M, N = p->N, Kp = p->Kp, G = p->G, groups = Kp / G, stride = XGROUPS(groups);
+    const int fast = avx2() && G == INT4_GROUP;
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4, rows = N - n0 < 4 ? N - n0 : 4;
         for (int64_t m = 0; m < M; m++) {  /* the block's 4 rows stay in the L1 cache for every input row */
             float dot[4];
             if (fast)
-                int4_block_avx2(rows, w + n0 * (Kp / 2), scale + n0 * groups, xr + m * Kp, corr + m * groups * 8, Kp, G, dot);
+                int4_block_avx2(rows, w + n0 * (Kp / 2), scale + n0 * groups, x8 + m * Kp, xs + m * stride,
+                                xsum + m * stride, Kp, dot);
             else
                 for (int64_t r = 0; r < rows; r++)
-                    dot[r] = int4_row_portable(w + (n0 + r) * (Kp / 2), scale + (n0 + r) * groups, xq + m * Kp, Kp, G);
-            for (int64_t r = 0; r < rows; r++) y[m * N + n0 + r] = dot[r] * xs[m] + (bias ? bias[n0 + r] : 0.0f);
+                    dot[r] = int4_row_portable(w + (n0 + r) * (Kp / 2), scale + (n0 + r) * groups, x8 + m * Kp,
+                                               xs + m * stride, Kp, G);
+            for (int64_t r = 0; r < rows; r++) y[m * N + n0 + r] = dot[r] + (bias ? bias[n0 + r] : 0.0f);
         }
     }
 }
 
 void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
-    const int64_t Kp = (K + G - 1) / G * G, groups = Kp / G;
-    const int fast = avx2() && G % 64 == 0;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t)), *xr = fast ? malloc(sizeof(int16_t) * M * Kp) : NULL;
-    int32_t *corr = fast ? malloc(sizeof(int32_t) * M * groups * 8) : NULL;
-    float *xs = calloc(M, sizeof(float));
-    quantize_rows(x, xq, xs, M, K, Kp);
-    for (int64_t m = 0; fast && m < M; m++) int4_inputs(xq + m * Kp, xr + m * Kp, corr + m * groups * 8, Kp, G);
-    const Product p = {.xq = xq, .xr = xr, .corr = corr, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y,
+    const int64_t Kp = (K + G - 1) / G * G, stride = XGROUPS(Kp / G);
+    int8_t *x8 = malloc(M * Kp);
+    float *xs = malloc(sizeof(float) * M * stride);
+    int32_t *xsum = malloc(sizeof(int32_t) * M * stride);
+    quantize_groups(x, x8, xs, xsum, M, K, Kp, G);
+    const Product p = {.x8 = x8, .xs = xs, .xsum = xsum, .bias = bias, .w = w, .scale = scale, .y = y,
                        .M = M, .N = N, .Kp = Kp, .G = G};
     share(int4_blocks, &p, (N + 3) / 4, chunk_of(2 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
-    free(xq);
-    free(xr);
-    free(corr);
+    free(x8);
     free(xs);
+    free(xsum);
 }
 /* ---- One decoding step: every block, the final norm and the head in one call ----
    M rows (sequences), each adding one token at its own position; keys and values go into the caller's KV

@@ -9,9 +9,11 @@ float32 and its weight-only int8 product at about half of the memory bound; PyTo
 that takes float activations.
 
 The kernels are a few lines of C in kernels.c beside this file: for each block of weight rows, for each of
-the (at most 16) input rows, the weights are loaded, widened (bfloat16: shifted into float32; int8 and
-int4: multiplied as integers with the input rounded to int16, summed exactly in int32) and accumulated in
-float32; int8 rows are then scaled by their per-row scale, int4 groups by their group's. One library
+the (at most 16) input rows, the weights are loaded, widened (bfloat16: shifted into float32; int8:
+multiplied as integers with the input row rounded to int16, summed exactly in int32; int4: the same with the
+input rounded to int8 per group of the weights' columns, max |x| / 127 a group's step, ties to even) and
+accumulated in float32; int8 rows are then scaled by their per-row scale, int4 groups by their weight scale
+times the input's. One library
 serves every x86-64 CPU: AVX-512 intrinsics where the CPU has AVX-512, else portable C compiled for AVX2
 and for plain x86-64, chosen when it runs. The rows are shared among `torch.get_num_threads()` threads
 of the library's own pool, not OpenMP's: a product is cut into chunks that the threads claim, the
@@ -25,7 +27,8 @@ The C source (shipped as package data) is compiled once per machine with the sys
 into the user's cache (`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, else
 `~/.cache/build-llm`), under a name holding a hash of the source, and called through ctypes. Where
 that is not possible (no compiler, not Linux x86-64, not CPU tensors), `available()` is
-False and callers use PyTorch's own kernels: same results up to float rounding, only slower.
+False and callers use PyTorch's own kernels: same results up to float rounding (int4: up to the kernels'
+rounding of the inputs to int8), only slower.
 `BUILD_LLM_KERNELS=0` turns them off.
 
 Loading a library runs its code, so a cached one is loaded only when no one but this user can have

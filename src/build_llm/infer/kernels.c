@@ -3,10 +3,11 @@
  * user's cache, under a name that carries a hash of this text, so that an edit here is rebuilt.
  *
  * One library for every x86-64 CPU, choosing at run time: bfloat16 and int8 products run the AVX-512
- * intrinsics below where the CPU has AVX-512 (F, BW, VL), else portable C over the same packed layout;
- * the portable C (int4's product and the decoding step included) is compiled twice, for x86-64-v3 (AVX2,
- * FMA) and for any x86-64, and the loader picks the clone the CPU runs. The same numbers either way, up
- * to the order of float32 additions. */
+ * intrinsics below where the CPU has AVX-512 (F, BW, VL), else AVX2 intrinsics where it has AVX2 and FMA
+ * (int4's product: AVX2 wherever the CPU has it), else portable C over the same packed layout; the portable
+ * loops (the decoding step's included) are compiled twice, for x86-64-v3 (AVX2, FMA) and for any x86-64,
+ * and the loader picks the clone the CPU runs. The same numbers either way, up to the order of float32
+ * additions. */
 #define _GNU_SOURCE  /* pthread_setname_np */
 #include <immintrin.h>
 #include <linux/futex.h>

@@ -142,6 +142,36 @@ def test_int8_products_equal_the_portable_kernels_to_the_bit(portable_so):
         assert torch.equal(fast, portable)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 5, 17])  # the AVX2 kernel takes rows in pairs, then the odd one alone
+@pytest.mark.parametrize("n, k", [(9, 4096), (6, 4128), (5, 8224)])  # one whole INT8_CHUNK; one and a tile; two and a tile
+def test_int8_rows_in_groups_at_the_exact_sums_limit_equal_the_portable_kernels_and_each_row_alone(portable_so, rows,
+                                                                                                    n, k):
+    """Rows multiplied together, at the chunk's length where an int32 lane's sum comes closest to overflowing: every
+    row gets the bits the portable loop gives it, and the bits it gets alone; the largest sums equal the exact integer."""
+    g = torch.Generator().manual_seed(rows * k)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+    x[0], w[0] = 1.0, 1.0  # row 0 rounds to 32767 throughout, weight row 0 to 127: 4096 * 32767 * 127 a chunk
+    x[-1], w[-1] = -1.0, -1.0
+    q, scale = quantize_int8(w)
+    packed = kernels.pack(q)
+    fast = kernels.matvec(x, packed, n, scale)
+    alone = torch.cat([kernels.matvec(x[i:i + 1], packed, n, scale) for i in range(rows)])
+    built, kernels._lib = kernels._lib, kernels._bind(ctypes.CDLL(str(portable_so)))
+    try:
+        portable = kernels.matvec(x, packed, n, scale)
+    finally:
+        kernels._lib = built
+    assert torch.equal(fast, alone) and torch.equal(fast, portable)
+    # Row 0 by weight row 0 (and the last by the last): each chunk's exact sum 32767 * 127 * its columns, converted
+    # to float32 and added in float32, then times x's scale (1 / 32767) and the weight row's, in float32
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    for row, col in ((0, 0), (-1, -1)):
+        dot = f32(0.0)
+        for k0 in range(0, k, 4096):
+            dot = dot + f32(32767 * 127 * (min(k, k0 + 4096) - k0))
+        assert fast[row, col] == dot * (f32(1.0) / 32767) * scale[col]
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int4"])
 def test_decode_linear_gives_the_same_with_and_without_the_kernels(dtype, monkeypatch):

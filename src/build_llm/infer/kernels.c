@@ -36,6 +36,10 @@
 #endif
 #define INT4_GROUP 64  /* quant.INT4_GROUP: int4's default group of columns sharing a scale */
 #define INT8_CHUNK 4096  /* int8 sums exactly in int32 over at most this many columns (see int8_rows) */
+#ifndef INT8_MR  /* -D: for measuring others */
+#define INT8_MR 2  /* input rows per widened weight tile in the AVX2 int8 kernel (see int8_rows_avx2) */
+#endif
+#define INT8_ROWS 16  /* input rows a portable int8 block function takes at a time */
 /* Both kernels ask for the weights PREFETCH ahead of the ones they multiply (into L1): one core alone cannot
    keep enough reads in flight to use the memory's bandwidth. Measured over gpt2-small's 49 products on the
    development machine (2 cores): bfloat16 23-25 ms -> 18 ms, int8 15 ms -> 10 ms a token. */
@@ -44,9 +48,18 @@
     for (int64_t r = 0; r < 4 && n0 + r < N; r++)                                                      \
         y[(m) * N + n0 + r] = v[r] * (x_scale) * (scale ? scale[n0 + r] : 1.0f) + (bias ? bias[n0 + r] : 0.0f);
 
+/* -DKERNELS_PORTABLE builds the portable C alone, for any x86-64 (the tests check it on CPUs that have more) */
+#ifdef KERNELS_PORTABLE
+#define CLONES
+#define HAS(feature) 0
+#else
+#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define HAS(feature) __builtin_cpu_supports(feature)
+#endif
+
 /* x rounded to int16 per row as the AVX-512 int8 kernel rounds it (to nearest, ties to even; saturated): row m's
    scale into xs[m], its Kp (zero-padded) values into xq. Used by the portable int8 kernel. */
-static void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
+static CLONES void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float top = 0.0f;
@@ -266,15 +279,6 @@ typedef struct {
 
 static int64_t chunk_of(int64_t item_bytes) { return item_bytes >= CHUNK_BYTES ? 1 : CHUNK_BYTES / item_bytes; }
 
-/* -DKERNELS_PORTABLE builds the portable C alone, for any x86-64 (the tests check it on CPUs that have more) */
-#ifdef KERNELS_PORTABLE
-#define CLONES
-#define HAS(feature) 0
-#else
-#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#define HAS(feature) __builtin_cpu_supports(feature)
-#endif
-
 static int wide(void) {  /* whether this CPU runs the AVX-512 kernels */
     static int known = -1;
     if (known < 0) {
@@ -449,9 +453,9 @@ static inline float bf16_to_float(uint16_t b) {
     return v.f;
 }
 
-/* AVX2 (with FMA) for one block of 4 weight rows against one input row, where the compiler's vectorisation of the
-   portable loops below is slow (measured on an AVX2 CPU, 3072 x 768, one thread: int8 9.7 and bfloat16 10.2 billion
-   weights a second through those loops). int8: 16 weights widen to 16 int16 lanes and one `vpmaddwd` multiplies
+/* AVX2 (with FMA) for one block of 4 weight rows against the input rows (bfloat16: one at a time; int8: in pairs,
+   see int8_rows_avx2), where the compiler's vectorisation of the portable loops below is slow (measured on an AVX2
+   CPU, 3072 x 768, one thread: int8 9.7 and bfloat16 10.2 billion weights a second through those loops). int8: 16 weights widen to 16 int16 lanes and one `vpmaddwd` multiplies
    them by 16 int16 inputs into 8 int32 sums, exact (over an INT8_CHUNK of columns a lane adds 512 products of at
    most 32768 * 127 < 2^31 / 512); the lanes are then added in int64, so the result equals the portable C's bit for
    bit. bfloat16: as in the AVX-512 kernel, a 32-bit lane holds a pair; the even weight becomes a float by a shift
@@ -459,30 +463,56 @@ static inline float bf16_to_float(uint16_t b) {
    call: a row of `xm` holds its Kp / 2 even entries, then its odd ones). */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-static void int8_block_avx2(const int8_t *wb, const int16_t *xm, int64_t Kp, float dot[4]) {
+/* dot[r] += the sum of s[r]'s 8 int32 lanes, for 4 rows r: added exactly in int64 (4 lanes at a time), then converted */
+static inline __attribute__((always_inline)) void int8_totals_avx2(const __m256i s[4], float dot[4]) {
+    __m256i q[4];  /* q[r]: s[r]'s lanes in 4 int64 lanes, each the sum of two */
+    for (int r = 0; r < 4; r++)
+        q[r] = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(s[r])),
+                                _mm256_cvtepi32_epi64(_mm256_extracti128_si256(s[r], 1)));
+    const __m256i ab = _mm256_add_epi64(_mm256_unpacklo_epi64(q[0], q[1]), _mm256_unpackhi_epi64(q[0], q[1]));
+    const __m256i cd = _mm256_add_epi64(_mm256_unpacklo_epi64(q[2], q[3]), _mm256_unpackhi_epi64(q[2], q[3]));
+    int64_t total[4];  /* ab: row 0's, 1's, 0's, 1's halves; cd: rows 2, 3 */
+    _mm256_storeu_si256((__m256i *)total, _mm256_add_epi64(_mm256_permute2x128_si256(ab, cd, 0x20),
+                                                            _mm256_permute2x128_si256(ab, cd, 0x31)));
+    for (int r = 0; r < 4; r++) dot[r] += (float)total[r];
+}
+
+/* MR input rows (1-3, a constant once inlined) against one block of 4 weight rows: each tile row is loaded and
+   widened once for all MR rows (`vpmovsxbw`: 16 weights to 16 lanes of 16 bits), then meets each row's inputs
+   (read from the L1 cache) in one `vpmaddwd` per 16 columns. Measured on the development machine (one thread,
+   gpt2-small's 49 int8 products at 16 rows, CPU time): MR = 2 and int8_totals_avx2 45 ms a step, against 50 ms
+   for one row at a time with the lanes added one by one; MR = 3 or 4 no faster (the sums no longer fit AVX2's 16
+   registers), nor widening by shifts. Every (input row, weight row) sum takes the same lanes, in the same order,
+   as with MR = 1: the same exact integers, the same float conversions. */
+static inline __attribute__((always_inline)) void int8_rows_avx2(const int MR, const int8_t *wb, const int16_t *xq,
+                                                                 int64_t Kp, float dot[][4]) {
     for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {
         const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
-        __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+        __m256i s[4][4];
+        for (int i = 0; i < MR; i++)
+            for (int r = 0; r < 4; r++) s[i][r] = _mm256_setzero_si256();
         for (int64_t k = k0; k < k1; k += 32) {
             const int8_t *t = wb + k * 4;  /* this tile: 4 rows of 32 weights */
             FETCH(t + PREFETCH); FETCH(t + PREFETCH + 64);
-            const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xm + k));
-            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xm + k + 16));
-#define ROW(s, r) s = _mm256_add_epi32(s, _mm256_add_epi32(                                                   \
-            _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 * (r)))), x0),      \
-            _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 * (r) + 16))), x1)))
-            ROW(s0, 0); ROW(s1, 1); ROW(s2, 2); ROW(s3, 3);
-#undef ROW
+            for (int r = 0; r < 4; r++) {
+                const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 * r)));
+                const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(t + 32 * r + 16)));
+                for (int i = 0; i < MR; i++) {
+                    const int16_t *xm = xq + i * Kp + k;
+                    s[i][r] = _mm256_add_epi32(s[i][r], _mm256_add_epi32(
+                        _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xm)),
+                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xm + 16)))));
+                }
+            }
         }
-        const __m256i sums[4] = {s0, s1, s2, s3};
-        for (int r = 0; r < 4; r++) {
-            int32_t lanes[8];
-            _mm256_storeu_si256((__m256i *)lanes, sums[r]);
-            int64_t total = 0;
-            for (int c = 0; c < 8; c++) total += lanes[c];
-            dot[r] += (float)total;
-        }
+        for (int i = 0; i < MR; i++) int8_totals_avx2(s[i], dot[i]);
     }
+}
+
+static void int8_block_avx2(const int8_t *wb, const int16_t *xq, int64_t M, int64_t Kp, float dot[][4]) {
+    int64_t m = 0;
+    for (; M - m >= INT8_MR; m += INT8_MR) int8_rows_avx2(INT8_MR, wb, xq + m * Kp, Kp, dot + m);
+    for (; m < M; m++) int8_rows_avx2(1, wb, xq + m * Kp, Kp, dot + m);
 }
 
 static void bf16_block_avx2(const uint16_t *wb, const float *xm, int64_t Kp, float dot[4]) {
@@ -556,17 +586,20 @@ static CLONES void matvec_bf16_portable(const float *x, const uint16_t *w, const
     free(xp);
 }
 
-static void int8_block_portable(const int8_t *wb, const int16_t *xm, int64_t Kp, float dot[4]) {
-    for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {  /* exact int32 sums, as in the AVX-512 kernel */
-        const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
-        int32_t sum[4][32] = {{0}};
-        for (int64_t k = k0; k < k1; k += 32)
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < 32; c++) sum[r][c] += (int32_t)xm[k + c] * wb[k * 4 + 32 * r + c];
-        for (int r = 0; r < 4; r++) {
-            int64_t total = 0;
-            for (int c = 0; c < 32; c++) total += sum[r][c];
-            dot[r] += (float)total;
+static void int8_block_portable(const int8_t *wb, const int16_t *xq, int64_t M, int64_t Kp, float dot[][4]) {
+    for (int64_t m = 0; m < M; m++) {
+        const int16_t *xm = xq + m * Kp;
+        for (int64_t k0 = 0; k0 < Kp; k0 += INT8_CHUNK) {  /* exact int32 sums, as in the AVX-512 kernel */
+            const int64_t k1 = k0 + INT8_CHUNK < Kp ? k0 + INT8_CHUNK : Kp;
+            int32_t sum[4][32] = {{0}};
+            for (int64_t k = k0; k < k1; k += 32)
+                for (int r = 0; r < 4; r++)
+                    for (int c = 0; c < 32; c++) sum[r][c] += (int32_t)xm[k + c] * wb[k * 4 + 32 * r + c];
+            for (int r = 0; r < 4; r++) {
+                int64_t total = 0;
+                for (int c = 0; c < 32; c++) total += sum[r][c];
+                dot[m][r] += (float)total;
+            }
         }
     }
 }
@@ -578,14 +611,16 @@ static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t 
     const int8_t *w = p->w;
     float *y = p->y;
     const int64_t M = p->M, N = p->N, Kp = p->Kp;
-    void (*block)(const int8_t *, const int16_t *, int64_t, float *) = avx2() ? int8_block_avx2 : int8_block_portable;
+    void (*block)(const int8_t *, const int16_t *, int64_t, int64_t, float[][4]) =
+        avx2() ? int8_block_avx2 : int8_block_portable;
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const int8_t *wb = w + blk * 4 * Kp;
-        for (int64_t m = 0; m < M; m++) {
-            float dot[4] = {0};
-            block(wb, xq + m * Kp, Kp, dot);
-            STORE(dot, m, xs[m])
+        for (int64_t m = 0; m < M; m += INT8_ROWS) {  /* the block's 4 rows stay in the L1 cache for every input row */
+            const int64_t rows = M - m < INT8_ROWS ? M - m : INT8_ROWS;
+            float dot[INT8_ROWS][4] = {{0}};
+            block(wb, xq + m * Kp, rows, Kp, dot);
+            for (int64_t i = 0; i < rows; i++) { STORE(dot[i], m + i, xs[m + i]) }
         }
     }
 }
@@ -942,7 +977,9 @@ static void head_positions(float *x, const float *w, const float *inv_freq, int6
 
 static inline float activation(int64_t act, float v) {
     if (act == SILU) return v / (1.0f + expf(-v));
-    if (act == GELU_TANH) return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    if (act == GELU_TANH)  /* 0.5 v (1 + tanh u) = v / (1 + exp(-2u)): one expf, where tanhf took a third of the time
+                              of a 16-row gpt2-small step's int8 products (and 1 + tanh u lost digits for u << 0) */
+        return v / (1.0f + expf(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
     return 0.5f * v * (1.0f + erff(v * 0.7071067811865476f));
 }
 

@@ -1,5 +1,9 @@
 """What the decoding dtypes cost in quality: the held-out perplexity of a trained checkpoint with
-float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint`)."""
+float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint`).
+
+The windows go through the model as a prompt does: at quant.PREFILL_ROWS rows or more, PyTorch's float32
+product on the dequantised weights, so this measures the weights' rounding. Decoding's one-token steps with
+int4 weights also round each product's input to int8 per group of 64 (see quant), which this does not."""
 
 from __future__ import annotations
 

@@ -185,17 +185,21 @@ class Server:
 
 def int8_groups(x, group: int = 64):
     """x (rows, k) as int4's kernels take it (the spec, computed here on its own): each group of `group` columns
-    rounded to int8 with scale max |x| / 127 in float32 (ties to even; an all-zero group stays zero), given back
-    in float64."""
+    rounded to int8 with scale max |x| / 127 in float32 (ties to even; an all-zero group, or one so small that
+    1 / scale overflows float32, stays zero; a group holding a NaN or an infinity is all NaN), given back in
+    float64."""
     rows, k = x.shape
     kp = -(-k // group) * group
     padded = torch.zeros(rows, kp)
     padded[:, :k] = x
     grouped = padded.view(rows, kp // group, group)  # (rows, groups, group)
-    top = grouped.abs().amax(2, keepdim=True)
-    scale = torch.where(top > 0, top / 127, torch.ones_like(top))
-    q = torch.round(grouped * (1 / scale))  # float32 x * (1 / scale), as the kernel computes it; round: ties to even
+    top = grouped.abs().amax(2, keepdim=True)  # NaN where the group holds a NaN
+    bad, step = ~torch.isfinite(top), top / 127
+    inv = 1 / step  # float32, as the kernel computes it
+    zero = ~torch.isfinite(inv) & ~bad
+    q = torch.where(bad | zero, 0.0, torch.round(grouped * inv))  # round: ties to even
     assert q.abs().max() <= 127
+    scale = torch.where(bad, torch.nan, torch.where(zero, 1.0, step))
     return (q.double() * scale.double()).view(rows, kp)[:, :k]
 
 

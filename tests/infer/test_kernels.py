@@ -83,6 +83,52 @@ def test_int4_rounds_inputs_to_int8_per_group_ties_to_even(library):
     assert not torch.equal(got, away.double() @ q.double().T)
 
 
+def dequantised_int4(w: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w quantised to int4: (packed, scale, the float64 weights they stand for)."""
+    q, scale = quantize_int4(w, group)
+    return kernels.pack_int4(q, group), scale, q.double() * scale.double().repeat_interleave(group, 1)[:, :w.shape[1]]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("col", [5, 190])  # in a whole group of 64 (AVX2's rounding), in the last, partial one
+def test_a_nan_or_infinite_input_makes_its_row_nan_not_finite(library, bad, col):
+    """A damaged model's NaN or infinity must reach the logits, where `generate` reports it. Rounded to an integer
+    (undefined in C: AVX2 gave 127, the portable C 0) it gave finite outputs; now each of its row's outputs is NaN,
+    and the other rows are what they are without it."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(3, 200, generator=g), torch.randn(6, 200, generator=g)
+    x[1, col] = bad
+    packed, scale, dequantised = dequantised_int4(w)
+    exact = int8_groups(x) @ dequantised.T  # the spec, computed on its own
+    assert exact[1].isnan().all() and exact[[0, 2]].isfinite().all()
+    tol = 1e-5 * (x[[0, 2]].abs().double() @ dequantised.abs().T).max().item()
+    torch.testing.assert_close(kernels.matvec(x, packed, 6, scale, None, 64).double(), exact, atol=tol, rtol=0,
+                               equal_nan=True)
+    q, scale = quantize_int8(w)
+    int8 = kernels.matvec(x, kernels.pack(q), 6, scale)
+    assert int8[1].isnan().all() and torch.equal(int8[[0, 2]], kernels.matvec(x[[0, 2]], kernels.pack(q), 6, scale))
+
+
+def test_inputs_too_small_for_their_step_are_zero(library):
+    """Where 1 / step overflows float32 (a group's largest |x| below 127 * 2^-128, int4; a row's below
+    32767 * 2^-128, int8), the inputs are taken as 0: they multiplied into infinities (rounded to the largest
+    integer whatever their size) and NaNs (zeros: 127 in AVX2, 0 in the portable C)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(2, 192, generator=g), torch.randn(6, 192, generator=g)
+    x[0, 64:128] = torch.randn(64, generator=g) * 1e-38
+    x[0, 70] = 0.0
+    x[1] *= 1e-36  # int4's groups: steps of about 2e-38, normal; int8's row: too small
+    packed, scale, dequantised = dequantised_int4(w)
+    rounded = int8_groups(x)
+    assert (rounded[0, 64:128] == 0).all() and (rounded[1] != 0).any()
+    tol = 1e-5 * (x.abs().double() @ dequantised.abs().T).max().item()
+    torch.testing.assert_close(kernels.matvec(x, packed, 6, scale, None, 64).double(), rounded @ dequantised.T,
+                               atol=tol, rtol=0)
+    q, scale = quantize_int8(w)
+    int8 = kernels.matvec(x, kernels.pack(q), 6, scale)
+    assert (int8[1] == 0).all() and int8[0].abs().min() > 0.0
+
+
 def test_int4_packs_two_values_a_byte_and_unpacks_them():
     q = (torch.arange(3 * 40) % 16 - 8).view(3, 40).to(torch.int8)
     packed = kernels.pack_int4(q, 32)

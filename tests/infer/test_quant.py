@@ -13,6 +13,7 @@ from build_llm.attention import KVCache
 from build_llm.book.appendix_e import replace_linear_with_lora
 from build_llm.cli import main
 from build_llm.data.tokenizer import CharTokenizer
+from build_llm.errors import UsageError
 from build_llm.infer import kernels
 from build_llm.infer.generate import generate
 from build_llm.infer.quant import (PREFILL_ROWS, CompiledStep, DecodeLinear, DecodeMoE, prepare_for_decoding,
@@ -99,6 +100,19 @@ def test_low_bit_generation_equals_pytorch_on_the_dequantised_weights(dtype):
         tol = INT4_INPUTS if dtype == "int4" else 1e-4
         torch.testing.assert_close(low(prompt), ref, atol=tol * ref.abs().max().item(), rtol=0)
     assert torch.equal(generate(low, prompt, 20), generate(twin, prompt, 20))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="without the kernels PyTorch's float products carry the NaN")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_nan_activation_reaches_the_logits_and_generate_reports_it(dtype):
+    """A damaged float weight (one of a LayerNorm's) puts a NaN into a product's input: the kernels' rounding of
+    that input to integers must keep it (it gave finite numbers), so decoding stops with the NaN error rather than
+    go on with finite logits."""
+    low = prepare_for_decoding(tiny(), dtype)
+    with torch.no_grad():
+        low.trf_blocks[1].norm2.scale[3] = float("nan")  # the feed-forward's input: the residual stream stays finite
+    with pytest.raises(UsageError, match="NaN"):
+        generate(low, torch.tensor([[1, 2, 3]]), 3)  # 3 rows: the prompt and each step through the kernels
 
 
 def test_int8_linear_is_the_dequantised_linear():

@@ -9,6 +9,7 @@
  * and the loader picks the clone the CPU runs. The same numbers either way, up to the order of float32
  * additions. */
 #define _GNU_SOURCE  /* pthread_setname_np */
+#include <float.h>
 #include <immintrin.h>
 #include <linux/futex.h>
 #include <math.h>
@@ -57,17 +58,37 @@
 #define HAS(feature) __builtin_cpu_supports(feature)
 #endif
 
+/* The step that rounds inputs whose largest magnitude is `top` to integers of at most `levels` (32767: int8's rows;
+   127: int4's groups), and into *inv the factor the inputs are multiplied by before rounding (1 / step, or 0).
+   top NaN or infinite (a damaged model's activations): step NaN, so that every output those inputs reach is NaN, as
+   float arithmetic would give and `generate` reports, never a finite number (their values are then all rounded to
+   0: *inv is 0, and C's conversion of a NaN to an integer is undefined). top 0, or so small that 1 / step overflows
+   float32 (top < levels * 2^-128): step 1 and every value 0. */
+static inline float input_step(float top, float levels, float *inv) {
+    if (!(top <= FLT_MAX)) {
+        *inv = 0.0f;
+        return NAN;
+    }
+    const float step = top / levels;
+    *inv = 1.0f / step;
+    if (*inv <= FLT_MAX) return step;
+    *inv = 0.0f;
+    return 1.0f;
+}
+
+/* top, or |v| if larger or NaN: a NaN, once in, stays (every comparison with it is false) */
+static inline float top_or_nan(float top, float v) { return fabsf(v) > top || v != v ? fabsf(v) : top; }
+
 /* x rounded to int16 per row as the AVX-512 int8 kernel rounds it (to nearest, ties to even; saturated): row m's
-   scale into xs[m], its Kp (zero-padded) values into xq. Used by the portable int8 kernel. */
+   scale into xs[m] (see input_step), its Kp (zero-padded) values into xq. Used by the portable int8 kernel. */
 static CLONES void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
-        float top = 0.0f;
-        for (int64_t k = 0; k < K; k++) top = fabsf(xm[k]) > top ? fabsf(xm[k]) : top;
-        xs[m] = top > 0.0f ? top / 32767.0f : 1.0f;
-        const float inv = 1.0f / xs[m];
+        float top = 0.0f, inv;
+        for (int64_t k = 0; k < K; k++) top = top_or_nan(top, xm[k]);
+        xs[m] = input_step(top, 32767.0f, &inv);
         for (int64_t k = 0; k < Kp; k++) {
-            const float q = k < K ? nearbyintf(xm[k] * inv) : 0.0f;
+            const float q = k < K && inv > 0.0f ? nearbyintf(xm[k] * inv) : 0.0f;
             xq[m * Kp + k] = (int16_t)(q > 32767.0f ? 32767.0f : q < -32768.0f ? -32768.0f : q);
         }
     }
@@ -427,13 +448,16 @@ static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale
     for (int64_t m = 0; m < M; m++) {  /* 16 at a time; the rounding is to nearest, ties to even */
         const float *xm = x + m * K;
         __m512 amax = _mm512_setzero_ps();
+        __mmask16 bad = 0;  /* lanes that held a NaN or an infinity (max_ps may drop a NaN) */
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
-            amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, xm + k)));
+            const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(in, xm + k));
+            amax = _mm512_max_ps(amax, a);
+            bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
         }
-        const float top = _mm512_reduce_max_ps(amax);
-        xs[m] = top > 0.0f ? top / 32767.0f : 1.0f;
-        const __m512 inv = _mm512_set1_ps(1.0f / xs[m]);
+        float by;  /* as in quantize_rows (0 for a NaN row: its values are then 0, or -32768 where NaN, unread) */
+        xs[m] = input_step(bad ? NAN : _mm512_reduce_max_ps(amax), 32767.0f, &by);
+        const __m512 inv = _mm512_set1_ps(by);
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 in = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1);
             __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, xm + k), inv));
@@ -656,16 +680,16 @@ void matvec_int8(const float *x, const int8_t *w, const float *scale, const floa
 #define XGROUPS(groups) (((groups) + 7) / 8 * 8)  /* the input's scales and sums per row: padded for 8-group loads */
 
 /* Row m of x (K values, zero-padded to Kp) rounded to int8 per group of G columns: the group's scale
-   xs[g] = max |x| / 127 (1 for an all-zero group: its values are then 0), x8 = x / xs rounded to nearest (ties to
-   even), and xsum[g] = 8 * the group's sum of x8 (the stored weights' +8 share, taken off each group's sum).
+   xs[g] = max |x| / 127 (1 for an all-zero group: its values are then 0; NaN for a group holding a NaN or an
+   infinity: see input_step), x8 = x * (1 / xs) rounded to nearest (ties to even), and xsum[g] = 8 * the group's sum of x8 (the stored weights' +8 share, taken off each group's sum).
    Rows of xs and xsum are XGROUPS(Kp / G) long, the padding 0. */
 static void quantize_group(const float *xg, int8_t *qg, int64_t n, float *xs, int32_t *xsum) {  /* n columns */
-    float top = 0.0f;
-    for (int64_t j = 0; j < n; j++) top = fabsf(xg[j]) > top ? fabsf(xg[j]) : top;
-    const float scale = top > 0.0f ? top / 127.0f : 1.0f, inv = 1.0f / scale;
+    float top = 0.0f, inv;
+    for (int64_t j = 0; j < n; j++) top = top_or_nan(top, xg[j]);
+    const float scale = input_step(top, 127.0f, &inv);
     int32_t sum = 0;
     for (int64_t j = 0; j < n; j++) {
-        const float q = nearbyintf(xg[j] * inv);
+        const float q = inv > 0.0f ? nearbyintf(xg[j] * inv) : 0.0f;
         qg[j] = (int8_t)(q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q);
         sum += qg[j];
     }
@@ -677,16 +701,25 @@ static void quantize_group(const float *xg, int8_t *qg, int64_t n, float *xs, in
 #pragma GCC target("avx2,fma")
 /* The same for 64 columns with AVX2, to the bit: the same float32 maximum, division, product and rounding */
 static void quantize_group_avx2(const float *xg, int8_t *qg, float *xs, int32_t *xsum) {
-    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    __m256 v[8], top = _mm256_setzero_ps();
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), finite = _mm256_set1_ps(FLT_MAX);
+    __m256 v[8], top = _mm256_setzero_ps(), bad = top;  /* bad: lanes that held a NaN or an infinity */
     for (int i = 0; i < 8; i++) {
         v[i] = _mm256_loadu_ps(xg + 8 * i);
-        top = _mm256_max_ps(_mm256_and_ps(v[i], magnitude), top);
+        const __m256 a = _mm256_and_ps(v[i], magnitude);
+        top = _mm256_max_ps(a, top);  /* (a NaN in `a` is dropped here: `bad` keeps it) */
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, finite, _CMP_NLE_UQ));
     }
     __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
     t = _mm_max_ps(t, _mm_movehl_ps(t, t));
     const float most = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t)));
-    const float scale = most > 0.0f ? most / 127.0f : 1.0f, inv = 1.0f / scale;
+    float inv;
+    const float scale = input_step(_mm256_movemask_ps(bad) ? NAN : most, 127.0f, &inv);
+    if (inv == 0.0f) {  /* as quantize_group: every value 0 */
+        memset(qg, 0, 64);
+        *xs = scale;
+        *xsum = 0;
+        return;
+    }
     const __m256 by = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
     __m256i q[8], sum = _mm256_setzero_si256();
     for (int i = 0; i < 8; i++) {

@@ -29,7 +29,8 @@ its bfloat16 product, and for int4 a float32 product with the weights dequantise
 slow: PyTorch has no int4 product on the CPU that takes float activations).
 
 int4's kernels also round the activations: each product's input to int8 per group of INT4_GROUP columns (the
-group's step max |x| / 127, to nearest, ties to even; an all-zero group stays zero), so that a group's
+group's step max |x| / 127, to nearest, ties to even; an all-zero group stays zero, and one holding a NaN or an
+infinity makes every output it reaches NaN, as float arithmetic would, so `generate` reports it), so that a group's
 products are integers (4-bit times 8-bit, summed exactly in int32) times one weight scale and one input scale.
 That moves an input by at most half a step: PyTorch's float32 product on the same int4 weights (without the
 kernels, and for a prompt of PREFILL_ROWS rows or more) differs from the kernels' by that much, not only by

@@ -10,7 +10,10 @@ import time
 
 import pytest
 
+import copy
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm import GPTConfig
@@ -25,9 +28,12 @@ from build_llm.bench.suite import full_suite, quick_suite
 from build_llm.cli import main
 from build_llm.data.tokenizer import CharTokenizer
 from build_llm.gpt import GPTModel
+from build_llm.infer import kernels
+from build_llm.infer.quant import prepare_for_decoding
 from build_llm.interop.hf import to_hf
 from build_llm.runtime import cpu_has_bf16
 from build_llm.store.checkpoint import save_checkpoint
+from tiny import int8_groups
 
 
 def test_step_integration_is_exact_for_a_linear_cost():
@@ -325,14 +331,20 @@ def test_bad_input_is_one_line_and_exit_2(argv, named, capsys):
     assert "\n" not in err and named in err
 
 
-def test_heldout_perplexity_of_the_decoding_dtypes_against_hugging_face(tmp_path):
+def beer_checkpoint(tmp_path, emb_dim: int) -> tuple[GPTModel, CharTokenizer, str]:
+    """A random character model saved at tmp_path / "ckpt", its tokenizer, and its text at tmp_path / "text.txt"."""
     text = "".join(f"{i} bottles of beer on the wall, {i} bottles of beer.\n" for i in range(99, 0, -1))
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     tok = CharTokenizer.from_text(text)
     torch.manual_seed(0)
-    model = GPTModel(GPTConfig.from_preset("gpt2-small", vocab_size=tok.vocab_size, context_length=32, emb_dim=32,
+    model = GPTModel(GPTConfig.from_preset("gpt2-small", vocab_size=tok.vocab_size, context_length=32, emb_dim=emb_dim,
                                            n_heads=4, n_layers=2)).eval()
     save_checkpoint(tmp_path / "ckpt", model, tok)
+    return model, tok, text
+
+
+def test_heldout_perplexity_of_the_decoding_dtypes_against_hugging_face(tmp_path):
+    model, tok, text = beer_checkpoint(tmp_path, emb_dim=32)
     r = bench_perplexity(tmp_path / "ckpt", tmp_path / "text.txt", max_windows=4, log=lambda m: None)
     ids, source = heldout_ids(tok, tmp_path / "text.txt")
     assert ids == tok.encode(text)[-(len(tok.encode(text)) // 10):] and "last 10%" in source
@@ -345,6 +357,27 @@ def test_heldout_perplexity_of_the_decoding_dtypes_against_hugging_face(tmp_path
     for dtype, limit in (("bfloat16", 0.01), ("int8", 0.03), ("int4", 0.2)):  # int4: an untrained model's logits
         assert abs(r["relative_change"][dtype]) < limit
         assert r["relative_change"][dtype] == pytest.approx(r["perplexity"][dtype] / expected - 1, abs=1e-4)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C compiler: int4 decodes through PyTorch, unrounded inputs")
+def test_int4_perplexity_is_scored_as_decoding_rounds_the_inputs(tmp_path):
+    model, tok, _ = beer_checkpoint(tmp_path, emb_dim=128)
+    r = bench_perplexity(tmp_path / "ckpt", tmp_path / "text.txt", max_windows=4, log=lambda m: None)
+    # the reference: PyTorch's modules on the dequantised int4 weights, each Linear's input rounded to int8 per group
+    # of 64 by the test's own rounding (tiny.int8_groups), every window as one prompt
+    low = prepare_for_decoding(copy.deepcopy(model), "int4")
+    twin = copy.deepcopy(model)
+    twin.out_head.weight = nn.Parameter(low.out_head.dequantized())
+    for ours, theirs in zip(twin.modules(), low.modules()):
+        if isinstance(ours, nn.Linear):
+            ours.weight.data = theirs.dequantized()
+            ours.register_forward_pre_hook(lambda m, a: (int8_groups(a[0].flatten(0, -2)).float().view_as(a[0]),))
+    data = torch.tensor(heldout_ids(tok, tmp_path / "text.txt")[0][:4 * 32 + 1])
+    with torch.no_grad():
+        logits = twin(data[:-1].view(4, 32))
+    expected = math.exp(F.cross_entropy(logits.flatten(0, 1), data[1:]).item())
+    # (unrounded inputs give 1e-4 more: the windows scored as prompts would fail this)
+    assert r["perplexity"]["int4"] == pytest.approx(expected, rel=2e-5)
 
 
 def test_cache_levels_from_sysfs_and_the_level_weights_fit_in(tmp_path):

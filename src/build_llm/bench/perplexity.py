@@ -1,5 +1,11 @@
 """What the decoding dtypes cost in quality: the held-out perplexity of a trained checkpoint with
-float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint`)."""
+float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint`).
+
+float32, bfloat16 and int8 score each window as a prompt: at quant.PREFILL_ROWS rows or more, PyTorch's float32
+product on the dequantised weights, the same numbers as decoding up to float rounding (int8's kernels round the
+inputs to 15 bits). int4's one-token steps also round each product's input to int8 per group of 64 (see quant),
+so int4 scores each window as `generate` decodes it: one token at a time through the KV cache and the compiled
+step, the windows of a batch as its rows."""
 
 from __future__ import annotations
 
@@ -30,8 +36,9 @@ def heldout_ids(tokenizer: Any, text: str | os.PathLike[str] | None) -> tuple[li
 
 
 @torch.no_grad()
-def heldout_loss(model: nn.Module, ids: list[int], max_windows: int) -> tuple[float, int]:
-    """Mean next-token cross-entropy over up to `max_windows` non-overlapping context windows."""
+def heldout_loss(model: nn.Module, ids: list[int], max_windows: int, one_token_steps: bool = False) -> tuple[float, int]:
+    """Mean next-token cross-entropy over up to `max_windows` non-overlapping context windows: each window as one
+    prompt, or with `one_token_steps` one token at a time through a KV cache (as decoding computes them)."""
     T = model.cfg.context_length
     n = min(max_windows, (len(ids) - 1) // T)
     if n < 1:
@@ -40,7 +47,11 @@ def heldout_loss(model: nn.Module, ids: list[int], max_windows: int) -> tuple[fl
     x, y = data[:-1].view(n, T), data[1:].view(n, T)
     total = 0.0
     for i in range(0, n, 8):
-        logits = model(x[i:i + 8]).float()
+        if one_token_steps:
+            cache = model.new_cache(len(x[i:i + 8]), T)
+            logits = torch.cat([model(x[i:i + 8, t:t + 1], cache=cache) for t in range(T)], dim=1).float()  # (b, T, V)
+        else:
+            logits = model(x[i:i + 8]).float()
         total += F.cross_entropy(logits.flatten(0, 1), y[i:i + 8].flatten(), reduction="sum").item()
     return total / (n * T), n * T
 
@@ -58,7 +69,7 @@ def bench_perplexity(checkpoint: str | os.PathLike[str], text: str | os.PathLike
     for dtype in DECODE_DTYPES:
         model = GPTModel(ckpt.model.cfg)
         model.load_state_dict(state)
-        loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows)
+        loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows, one_token_steps=dtype == "int4")
         out["perplexity"][dtype] = math.exp(loss)
         out["tokens"] = tokens
     fp32 = out["perplexity"]["float32"]

@@ -697,7 +697,8 @@ static void quantize_group_avx2(const float *xg, int8_t *qg, float *xs, int32_t 
     }
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  /* packs work within 128-bit halves */
     for (int i = 0; i < 8; i += 4) {
-        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[i], q[i + 1]), _mm256_packs_epi32(q[i + 2], q[i + 3]));
+        const __m256i lo = _mm256_packs_epi32(q[i], q[i + 1]), hi = _mm256_packs_epi32(q[i + 2], q[i + 3]);
+        const __m256i b = _mm256_packs_epi16(lo, hi);
         _mm256_storeu_si256((__m256i *)(qg + 8 * i), _mm256_permutevar8x32_epi32(b, order));
     }
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
@@ -716,8 +717,10 @@ static void quantize_groups(const float *x, int8_t *x8, float *xs, int32_t *xsum
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = g * G, n = K - at < G ? K - at : G;
-            if (n == 64 && avx2()) quantize_group_avx2(x + m * K + at, x8 + m * Kp + at, xs + m * stride + g, xsum + m * stride + g);
-            else quantize_group(x + m * K + at, x8 + m * Kp + at, n, xs + m * stride + g, xsum + m * stride + g);
+            float *scale = xs + m * stride + g;
+            int32_t *sum = xsum + m * stride + g;
+            if (n == 64 && avx2()) quantize_group_avx2(x + m * K + at, x8 + m * Kp + at, scale, sum);
+            else quantize_group(x + m * K + at, x8 + m * Kp + at, n, scale, sum);
         }
 }
 
@@ -740,7 +743,7 @@ static float int4_row_portable(const uint8_t *wr, const uint16_t *sr, const int8
    (pairs of products summed into int16: at most 2 * 15 * 127 = 3810 each, the halves' sum 7620). Eight groups'
    vectors are then summed horizontally in int16 (two rounds of pairs: at most 4 * 7620 = 30480, exact) and in
    int32 into one vector of 8 group sums, the 8s' share taken off (`xsum`), and multiplied by 8 weight scales times
-   8 input scales at once. */
+   8 input scales at once; a row's last 4 groups (if any) 4 at a time, and its last 1-3 one at a time. */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 static inline __attribute__((always_inline)) __m256i int4_group_avx2(const uint8_t *at, const int8_t *x8) {
@@ -767,13 +770,19 @@ static inline __attribute__((always_inline)) __m256 bf16x8_avx2(const uint16_t *
 static inline __attribute__((always_inline)) __m256 int4_groups8_avx2(const uint8_t *at, const int8_t *x8,
                                                                        const uint16_t *w_scale, __m256 x_scale,
                                                                        __m256i share, __m256 acc) {
-    __m256i s[8];
-    for (int i = 0; i < 8; i++) {
-        if (i % 2 == 0) FETCH(at + 32 * i + PREFETCH);  /* a 64-byte line every 2 groups */
-        s[i] = int4_group_avx2(at + 32 * i, x8 + i * INT4_GROUP);
+    __m256i half[2];
+    for (int h = 0; h < 2; h++) {  /* groups 4h .. 4h + 3 as in int4_halves4_avx2, each pair summed once computed */
+        const uint8_t *a = at + 128 * h;
+        const int8_t *xa = x8 + 4 * h * INT4_GROUP;
+        FETCH(a + PREFETCH); FETCH(a + 64 + PREFETCH);  /* these 4 groups' 2 lines, PREFETCH bytes ahead */
+        const __m256i p = _mm256_hadd_epi16(int4_group_avx2(a, xa), int4_group_avx2(a + 32, xa + INT4_GROUP));
+        const __m256i q = _mm256_hadd_epi16(int4_group_avx2(a + 64, xa + 2 * INT4_GROUP),
+                                            int4_group_avx2(a + 96, xa + 3 * INT4_GROUP));
+        half[h] = _mm256_madd_epi16(_mm256_hadd_epi16(p, q), _mm256_set1_epi16(1));
     }
-    const __m256i a = int4_halves4_avx2(s), b = int4_halves4_avx2(s + 4);
-    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+    /* half[0]: groups 0-3's low halves' sums, then their high halves'; half[1]: groups 4-7's */
+    const __m256i sums = _mm256_add_epi32(_mm256_permute2x128_si256(half[0], half[1], 0x20),
+                                          _mm256_permute2x128_si256(half[0], half[1], 0x31));
     const __m256 scales = _mm256_mul_ps(bf16x8_avx2(w_scale), x_scale);
     return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(sums, share)), scales, acc);
 }
@@ -787,7 +796,8 @@ static inline __attribute__((always_inline)) __m128 int4_groups4_avx2(const uint
     const __m256i h = int4_halves4_avx2(s);
     const __m128i sums = _mm_sub_epi32(_mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)),
                                        _mm_loadu_si128((const __m128i *)xsum));
-    const __m128 w4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)w_scale)), 16));
+    const __m128i w16 = _mm_loadl_epi64((const __m128i *)w_scale);  /* 4 bfloat16 */
+    const __m128 w4 = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(w16), 16));
     return _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_mul_ps(w4, _mm_loadu_ps(xs)), acc);
 }
 

@@ -642,7 +642,8 @@ static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t 
         const int8_t *wb = w + blk * 4 * Kp;
         for (int64_t m = 0; m < M; m += INT8_ROWS) {  /* the block's 4 rows stay in the L1 cache for every input row */
             const int64_t rows = M - m < INT8_ROWS ? M - m : INT8_ROWS;
-            float dot[INT8_ROWS][4] = {{0}};
+            float dot[INT8_ROWS][4];
+            for (int64_t i = 0; i < rows; i++) dot[i][0] = dot[i][1] = dot[i][2] = dot[i][3] = 0.0f;  /* not all 16 */
             block(wb, xq + m * Kp, rows, Kp, dot);
             for (int64_t i = 0; i < rows; i++) { STORE(dot[i], m + i, xs[m + i]) }
         }

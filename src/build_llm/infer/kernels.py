@@ -8,19 +8,20 @@ AMX): measured on the development machine (AVX-512F/BW only), its bfloat16 produ
 float32 and its weight-only int8 product at about half of the memory bound; PyTorch has no int4 product
 that takes float activations.
 
-The kernels are a few lines of C in kernels.c beside this file: for each block of weight rows, for each of
-the (at most 16) input rows, the weights are loaded, widened (bfloat16: shifted into float32; int8:
-multiplied as integers with the input row rounded to int16, summed exactly in int32; int4: the same with the
-input rounded to int8 per group of the weights' columns, max |x| / 127 a group's step, ties to even) and
-accumulated in float32; int8 rows are then scaled by their per-row scale, int4 groups by their weight scale
-times the input's. One library serves every x86-64 CPU: AVX-512 intrinsics where the CPU has AVX-512, else
-AVX2 intrinsics where it has AVX2 and FMA (int4: wherever it has them), else portable C, chosen when it
-runs. The rows are shared among `torch.get_num_threads()` threads of the library's own pool, not OpenMP's: a
-product is cut into chunks that the threads claim, the caller among them, and it is done when every chunk
-is, so a thread whose core is busy elsewhere is never waited for (an OpenMP region waits at its end for
-every thread; on busy cores, many times slower than one thread). The pool's workers start at the first
-shared product, spin for `$BUILD_LLM_POOL_SPIN_US` microseconds (default 50) between products, then sleep; a
-forked child makes its own. The numbers are the same bits on any count of threads.
+The kernels are a few lines of C in kernels.c beside this file: for each block of weight rows, for the (at
+most 16) input rows (a tile widened once for 4 of them in the AVX-512 code, for 2 in AVX2's int8 product; at
+batch 16 a product is bound by the multiplications, not the reads), the weights are loaded, widened (bfloat16:
+shifted into float32; int8: multiplied as integers with the input row rounded to int16, summed exactly in
+int32; int4: the same with the input rounded to int8 per group of the weights' columns, max |x| / 127 a
+group's step, ties to even) and accumulated in float32; int8 rows are then scaled by their per-row scale, int4
+groups by their weight scale times the input's. One library serves every x86-64 CPU: AVX-512 intrinsics where
+the CPU has AVX-512, else AVX2 intrinsics where it has AVX2 and FMA (int4: wherever it has them), else
+portable C, chosen when it runs. The rows are shared among `torch.get_num_threads()` threads of the library's
+own pool, not OpenMP's: a product is cut into chunks that the threads claim, the caller among them, and it is
+done when every chunk is, so a thread whose core is busy elsewhere is never waited for (an OpenMP region waits
+at its end for every thread; on busy cores, many times slower than one thread). The pool's workers start at
+the first shared product, spin for `$BUILD_LLM_POOL_SPIN_US` microseconds (default 50) between products, then
+sleep; a forked child makes its own. The numbers are the same bits on any count of threads.
 
 The C source (shipped as package data) is compiled once per machine with the system's C compiler
 into the user's cache (`$BUILD_LLM_CACHE`, else `$XDG_CACHE_HOME/build-llm`, else

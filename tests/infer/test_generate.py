@@ -283,3 +283,12 @@ def test_greedy_rows_take_torch_argmax_first_largest_and_nan():
     assert argmax_rows(logits) == torch.argmax(logits, dim=-1).tolist() == argmax_rows(logits)
     assert [argmax_rows(row[None])[0] for row in logits] == [int(torch.argmax(row)) for row in logits]
     assert argmax_rows(logits)[1:4] == [10, 7, 0]
+    close = torch.tensor([[1.0, 1.0 + 1e-12, 0.5]], dtype=torch.float64)  # equal once rounded to float32
+    assert argmax_rows(close) == torch.argmax(close, dim=-1).tolist() == [1]
+    assert argmax_rows(close.bfloat16()) == [0]  # (bfloat16's tie: the first)
+
+
+def test_greedy_on_an_empty_batch_gives_token_ids():
+    from build_llm.infer.generate import sample_next
+    chosen = sample_next(torch.zeros(0, 5), 0.0)  # NumPy's argmax of no rows: an empty list, not a float tensor
+    assert chosen.shape == (0, 1) and chosen.dtype == torch.long

@@ -67,7 +67,10 @@ def argmax_rows(logits: torch.Tensor) -> list[int]:
     and one copy of the n ids to the host for all rows."""
     if logits.device.type != "cpu":
         return logits.argmax(dim=-1).tolist()
-    return logits.detach().float().numpy().argmax(axis=-1).tolist()
+    x = logits.detach()
+    if x.dtype not in (torch.float16, torch.float32, torch.float64):  # bfloat16, which NumPy lacks: exact in float32
+        x = x.float()  # (float64 made float32 could tie two logits that differ, and pick another token)
+    return x.numpy().argmax(axis=-1).tolist()
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -76,7 +79,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     nan = UsageError("the model's logits are NaN: its weights hold NaN or infinity (a damaged checkpoint or a "
                      "diverged run); load another checkpoint")
     if temperature == 0:  # argmax picks a NaN where there is one: checking the chosen logits checks them all
-        chosen = (torch.tensor(argmax_rows(logits))[:, None] if logits.device.type == "cpu"  # (B, 1)
+        chosen = (torch.tensor(argmax_rows(logits), dtype=torch.long)[:, None] if logits.device.type == "cpu"  # (B, 1)
                   else logits.argmax(dim=-1, keepdim=True))  # (no copy to the host on another device)
         if torch.isnan(logits.gather(-1, chosen)).any():
             raise nan

@@ -1,5 +1,6 @@
 """The benchmark's structure and arithmetic; timings are never pinned (the machine is shared)."""
 
+import copy
 import json
 import math
 import os
@@ -7,11 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
-
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,7 +21,7 @@ from build_llm.bench.ceilings import bandwidth_megabytes, cache_levels, fits_in
 from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, decoding_models, integrate_steps,
                                     simple_step_lengths)
 from build_llm.bench.prefill import bench_prefill
-from build_llm.bench.perplexity import bench_perplexity, heldout_ids
+from build_llm.bench.perplexity import bench_perplexity, heldout_ids, heldout_loss
 from build_llm.bench.report import format_report, goals, plot_report, ratios, to_json
 from build_llm.bench.suite import full_suite, quick_suite
 from build_llm.cli import main
@@ -378,6 +377,27 @@ def test_int4_perplexity_is_scored_as_decoding_rounds_the_inputs(tmp_path):
     expected = math.exp(F.cross_entropy(logits.flatten(0, 1), data[1:]).item())
     # (unrounded inputs give 1e-4 more: the windows scored as prompts would fail this)
     assert r["perplexity"]["int4"] == pytest.approx(expected, rel=2e-5)
+
+
+def test_one_token_scoring_holds_one_steps_logits_at_a_time(tmp_path):
+    """Scoring a window a token at a time keeps no step's logits once scored (a (windows, T, V) tensor of them
+    all, concatenated, took twice the memory of scoring the window as a prompt); the loss is the prompt's."""
+    model, tok, text = beer_checkpoint(tmp_path, emb_dim=32)
+    ids = tok.encode(text)
+    alive, most = [], []
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        most.append(sum(ref() is not None for ref in alive))  # earlier steps' logits still held
+        out = forward(*args, **kwargs)
+        alive.append(weakref.ref(out))
+        return out
+
+    model.forward = counted
+    loss, tokens = heldout_loss(model, ids, 3, one_token_steps=True)
+    assert len(most) == 32 and max(most) <= 1
+    model.forward = forward
+    assert (loss, tokens) == (pytest.approx(heldout_loss(model, ids, 3)[0], rel=1e-6), 3 * 32)
 
 
 def test_cache_levels_from_sysfs_and_the_level_weights_fit_in(tmp_path):

@@ -47,12 +47,14 @@ def heldout_loss(model: nn.Module, ids: list[int], max_windows: int, one_token_s
     x, y = data[:-1].view(n, T), data[1:].view(n, T)
     total = 0.0
     for i in range(0, n, 8):
-        if one_token_steps:
-            cache = model.new_cache(len(x[i:i + 8]), T)
-            logits = torch.cat([model(x[i:i + 8, t:t + 1], cache=cache) for t in range(T)], dim=1).float()  # (b, T, V)
+        xb, yb = x[i:i + 8], y[i:i + 8]
+        if one_token_steps:  # each step's logits scored and let go (all T of them at once: twice a prompt's memory)
+            cache = model.new_cache(len(xb), T)
+            for t in range(T):
+                logits = model(xb[:, t:t + 1], cache=cache)[:, 0].float()  # (b, 1, V) -> (b, V)
+                total += F.cross_entropy(logits, yb[:, t], reduction="sum").item()
         else:
-            logits = model(x[i:i + 8]).float()
-        total += F.cross_entropy(logits.flatten(0, 1), y[i:i + 8].flatten(), reduction="sum").item()
+            total += F.cross_entropy(model(xb).float().flatten(0, 1), yb.flatten(), reduction="sum").item()
     return total / (n * T), n * T
 
 

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from build_llm.infer import kernels
 from build_llm.infer.quant import DecodeLinear, quantize_int4, quantize_int8
@@ -167,6 +168,40 @@ def test_int8_rows_of_a_batch_get_the_bits_they_get_alone(library, n, k):
         together = kernels.matvec(x[:rows], packed, n, scale)
         alone = torch.cat([kernels.matvec(x[i:i + 1], packed, n, scale) for i in range(rows)])
         assert torch.equal(together, alone)
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory):
+    """kernels.c's `activation` (static, inside the decoding step), exported by a library that includes the source."""
+    if not kernels.available():
+        pytest.skip("the C kernels need Linux x86-64 and a C compiler")
+    tmp = tmp_path_factory.mktemp("activation")
+    (tmp / "act.c").write_text(f'#include "{kernels.SOURCE}"\n'
+                               "void act(int64_t a, const float *x, float *y, int64_t n) {\n"
+                               "    for (int64_t i = 0; i < n; i++) y[i] = activation(a, x[i]);\n}\n")
+    subprocess.run([shutil.which("cc") or "gcc", *kernels.CFLAGS, str(tmp / "act.c"), "-o", str(tmp / "act.so"), "-lm"],
+                   check=True)
+    lib = ctypes.CDLL(str(tmp / "act.so"))
+    lib.act.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def test_tanh_gelu_as_one_exp_is_pytorchs_for_every_float(activations):
+    """The step's GELU (tanh) as v / (1 + exp(-2u)) against PyTorch's 0.5 v (1 + tanh u) over float32's whole range,
+    one bit pattern in 4099 (every exponent, both signs): NaN and infinities where PyTorch's are (v = -inf: -inf / inf,
+    as -inf * 0); elsewhere within 4 units of float32 rounding of |v| (measured: 3.2), where exp overflows (u << 0:
+    v / inf = a zero) and where v^3 does (|v| > 7e12) too. The formulas round differently: 1 + tanh u loses digits
+    for u < 0 (v = -9: PyTorch 0, this -1.3e-28)."""
+    bits = torch.arange(0, 2**32, 4099, dtype=torch.int64)
+    x = torch.cat([(bits - (bits >= 2**31).long() * 2**32).int().view(torch.float32),
+                   torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38, -9.0, 9.0])])
+    y = torch.empty_like(x)
+    activations.act(0, x.data_ptr(), y.data_ptr(), len(x))  # GELU_TANH
+    ref = F.gelu(x, approximate="tanh")
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf()), "NaN or infinity differ"
+    both = torch.isfinite(ref)
+    err = (y[both].double() - ref[both].double()).abs()
+    assert (err <= 4 * 2**-24 * x[both].double().abs() + 2**-149).all()  # (+ a subnormal's step: v / 2 for tiny v)
 
 
 def test_int8_products_equal_the_portable_kernels_to_the_bit(portable_so):

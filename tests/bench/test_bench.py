@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm import GPTConfig
-from build_llm.bench import ceilings, serve, steady
+from build_llm.bench import ceilings, perplexity, serve, steady
 from build_llm.bench.ceilings import bandwidth_megabytes, cache_levels, fits_in
 from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, decoding_models, integrate_steps,
                                     simple_step_lengths)
@@ -377,6 +377,17 @@ def test_int4_perplexity_is_scored_as_decoding_rounds_the_inputs(tmp_path):
     expected = math.exp(F.cross_entropy(logits.flatten(0, 1), data[1:]).item())
     # (unrounded inputs give 1e-4 more: the windows scored as prompts would fail this)
     assert r["perplexity"]["int4"] == pytest.approx(expected, rel=2e-5)
+
+
+def test_int4_without_the_kernels_scores_windows_as_prompts(tmp_path, monkeypatch):
+    """Without the kernels int4's products are PyTorch's on the dequantised weights, inputs unrounded: a window as
+    a prompt gives decoding's numbers, where one token at a time dequantised every weight once a token."""
+    beer_checkpoint(tmp_path, emb_dim=32)
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    steps, real = [], perplexity.heldout_loss
+    monkeypatch.setattr(perplexity, "heldout_loss", lambda *a: steps.append(a[3]) or real(*a))
+    r = bench_perplexity(tmp_path / "ckpt", tmp_path / "text.txt", max_windows=2, log=lambda m: None)
+    assert steps == [False] * 4 and set(r["perplexity"]) == {"float32", "bfloat16", "int8", "int4"}
 
 
 def test_one_token_scoring_holds_one_steps_logits_at_a_time(tmp_path):

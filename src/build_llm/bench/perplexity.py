@@ -3,9 +3,11 @@ float32, bfloat16, int8 and int4 decoding weights (`build-llm bench --checkpoint
 
 float32, bfloat16 and int8 score each window as a prompt: at quant.PREFILL_ROWS rows or more, PyTorch's float32
 product on the dequantised weights, the same numbers as decoding up to float rounding (int8's kernels round the
-inputs to 15 bits). int4's one-token steps also round each product's input to int8 per group of 64 (see quant),
-so int4 scores each window as `generate` decodes it: one token at a time through the KV cache and the compiled
-step, the windows of a batch as its rows."""
+inputs to 15 bits). int4's kernels also round each product's input to int8 per group of 64 (see quant), so where
+they run int4 scores each window as `generate` decodes it: one token at a time through the KV cache and the
+compiled step, the windows of a batch as its rows. (Without them, int4's products are PyTorch's on the
+dequantised weights, the inputs unrounded, and a window is scored as a prompt: one token at a time would
+dequantise every weight once a token.)"""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from build_llm.data.corpus import read_text
 from build_llm.data.markov import ABC_EVAL_SEED, ABC_EVAL_WORDS, abc_text
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
+from build_llm.infer import kernels
 from build_llm.infer.quant import DECODE_DTYPES, prepare_for_decoding
 from build_llm.store.checkpoint import load_checkpoint
 
@@ -71,7 +74,8 @@ def bench_perplexity(checkpoint: str | os.PathLike[str], text: str | os.PathLike
     for dtype in DECODE_DTYPES:
         model = GPTModel(ckpt.model.cfg)
         model.load_state_dict(state)
-        loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows, one_token_steps=dtype == "int4")
+        one_token_steps = dtype == "int4" and kernels.available()  # see the top: the kernels' input rounding
+        loss, tokens = heldout_loss(prepare_for_decoding(model, dtype), ids, max_windows, one_token_steps)
         out["perplexity"][dtype] = math.exp(loss)
         out["tokens"] = tokens
     fp32 = out["perplexity"]["float32"]

@@ -76,19 +76,35 @@ static inline float input_step(float top, float levels, float *inv) {
     return 1.0f;
 }
 
-/* top, or |v| if larger or NaN: a NaN, once in, stays (every comparison with it is false) */
-static inline float top_or_nan(float top, float v) { return fabsf(v) > top || v != v ? fabsf(v) : top; }
+/* max |x[k]| for k < n, or NaN if some x[k] is a NaN or an infinity. On the bits: a float's magnitude bits order as
+   its magnitude, with infinity and NaN above every finite value; an integer maximum, unlike a float one, the
+   compiler vectorises. */
+static inline float largest_magnitude(const float *x, int64_t n) {
+    uint32_t most = 0;
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t b;
+        memcpy(&b, x + k, sizeof b);
+        b &= 0x7FFFFFFFu;
+        most = b > most ? b : most;
+    }
+    float top;
+    memcpy(&top, &most, sizeof top);
+    return most >= 0x7F800000u ? NAN : top;
+}
 
 /* x rounded to int16 per row as the AVX-512 int8 kernel rounds it (to nearest, ties to even; saturated): row m's
    scale into xs[m] (see input_step), its Kp (zero-padded) values into xq. Used by the portable int8 kernel. */
 static CLONES void quantize_rows(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
-        float top = 0.0f, inv;
-        for (int64_t k = 0; k < K; k++) top = top_or_nan(top, xm[k]);
-        xs[m] = input_step(top, 32767.0f, &inv);
+        float inv;
+        xs[m] = input_step(largest_magnitude(xm, K), 32767.0f, &inv);
+        if (inv == 0.0f) {  /* (a test outside the loop: inside, it kept the rounding from being vectorised) */
+            memset(xq + m * Kp, 0, sizeof(int16_t) * Kp);
+            continue;
+        }
         for (int64_t k = 0; k < Kp; k++) {
-            const float q = k < K && inv > 0.0f ? nearbyintf(xm[k] * inv) : 0.0f;
+            const float q = k < K ? nearbyintf(xm[k] * inv) : 0.0f;
             xq[m * Kp + k] = (int16_t)(q > 32767.0f ? 32767.0f : q < -32768.0f ? -32768.0f : q);
         }
     }
@@ -455,7 +471,8 @@ static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale
             amax = _mm512_max_ps(amax, a);
             bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(FLT_MAX), _CMP_NLE_UQ);
         }
-        float by;  /* as in quantize_rows (0 for a NaN row: its values are then 0, or -32768 where NaN, unread) */
+        float by;  /* as in quantize_rows; 0 for a row holding a NaN or an infinity, whose values then round to 0 (or
+                      -32768 where x * 0 is NaN): its step NaN makes every output NaN whatever they are */
         xs[m] = input_step(bad ? NAN : _mm512_reduce_max_ps(amax), 32767.0f, &by);
         const __m512 inv = _mm512_set1_ps(by);
         for (int64_t k = 0; k < K; k += 16) {
@@ -685,9 +702,8 @@ void matvec_int8(const float *x, const int8_t *w, const float *scale, const floa
    infinity: see input_step), x8 = x * (1 / xs) rounded to nearest (ties to even), and xsum[g] = 8 * the group's sum of x8 (the stored weights' +8 share, taken off each group's sum).
    Rows of xs and xsum are XGROUPS(Kp / G) long, the padding 0. */
 static void quantize_group(const float *xg, int8_t *qg, int64_t n, float *xs, int32_t *xsum) {  /* n columns */
-    float top = 0.0f, inv;
-    for (int64_t j = 0; j < n; j++) top = top_or_nan(top, xg[j]);
-    const float scale = input_step(top, 127.0f, &inv);
+    float inv;
+    const float scale = input_step(largest_magnitude(xg, n), 127.0f, &inv);
     int32_t sum = 0;
     for (int64_t j = 0; j < n; j++) {
         const float q = inv > 0.0f ? nearbyintf(xg[j] * inv) : 0.0f;

@@ -416,6 +416,8 @@ def test_decode_moe_is_the_mixture_on_its_stacked_low_precision_experts(dtype, t
         w, deq = getattr(moe, name), getattr(twin, name)
         assert deq.shape == w.shape and (deq - w).abs().max() <= tol * w.abs().max()
     x = torch.randn(3, 50, 64, generator=torch.Generator().manual_seed(6))  # about 75 tokens an expert
+    chosen, _ = moe.route(x.flatten(0, 1))
+    assert chosen.flatten().bincount(minlength=moe.n_experts).min() >= PREFILL_ROWS  # each expert's rows: float32 BLAS
     with torch.inference_mode():
         ref = twin(x)
         for rows in (x[:, :1], x):  # a few rows in the kernels; a prompt's widened to float32 (PREFILL_ROWS)

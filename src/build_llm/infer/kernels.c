@@ -435,33 +435,15 @@ static inline __attribute__((always_inline)) void int8_rows(const int MR, const 
         for (int r = 0; r < 4; r++) dot[i][r] = hsum(acc[i][r]);
 }
 
-static void int8_wide_blocks(const void *ctx, int64_t first, int64_t end) {
-    const Product *p = ctx;
-    const float *xs = p->xs, *scale = p->scale, *bias = p->bias;
-    const int16_t *xq = p->xq;
-    const int8_t *w = p->w;
-    float *y = p->y;
-    const int64_t M = p->M, N = p->N, Kp = p->Kp;
-    for (int64_t blk = first; blk < end; blk++) {
-        const int64_t n0 = blk * 4;
-        const int8_t *wb = w + blk * 4 * Kp;
-        for (int64_t m = 0; m < M;) {
-            float dot[4][4];
-            const int mr = M - m >= 4 ? 4 : 1;
-            if (mr == 4) int8_rows(4, wb, xq + m * Kp, Kp, dot);
-            else int8_rows(1, wb, xq + m * Kp, Kp, dot);
-            for (int i = 0; i < mr; i++) { STORE(dot[i], m + i, xs[m + i]) }
-            m += mr;
-        }
-    }
+static void int8_block_wide(const int8_t *wb, const int16_t *xq, int64_t M, int64_t Kp, float dot[][4]) {
+    int64_t m = 0;
+    for (; M - m >= 4; m += 4) int8_rows(4, wb, xq + m * Kp, Kp, dot + m);
+    for (; m < M; m++) int8_rows(1, wb, xq + m * Kp, Kp, dot + m);
 }
 
-static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
-                             int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t Kp = (K + 31) / 32 * 32;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
-    float *xs = calloc(M, sizeof(float));
-    for (int64_t m = 0; m < M; m++) {  /* 16 at a time; the rounding is to nearest, ties to even */
+/* quantize_rows in AVX-512, 16 at a time; the rounding is to nearest, ties to even */
+static void quantize_rows_wide(const float *x, int16_t *xq, float *xs, int64_t M, int64_t K, int64_t Kp) {
+    for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         __m512 amax = _mm512_setzero_ps();
         __mmask16 bad = 0;  /* lanes that held a NaN or an infinity (max_ps may drop a NaN) */
@@ -481,10 +463,6 @@ static void matvec_int8_wide(const float *x, const int8_t *w, const float *scale
             _mm256_mask_storeu_epi16(xq + m * Kp + k, in, _mm512_cvtsepi32_epi16(q));
         }
     }
-    const Product p = {.xq = xq, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
-    share(int8_wide_blocks, &p, (N + 3) / 4, chunk_of(4 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
-    free(xq);
-    free(xs);
 }
 
 #pragma GCC pop_options
@@ -645,7 +623,7 @@ static void int8_block_portable(const int8_t *wb, const int16_t *xq, int64_t M, 
     }
 }
 
-static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t end) {
+static CLONES void int8_blocks(const void *ctx, int64_t first, int64_t end) {
     const Product *p = ctx;
     const float *xs = p->xs, *scale = p->scale, *bias = p->bias;
     const int16_t *xq = p->xq;
@@ -653,7 +631,7 @@ static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t 
     float *y = p->y;
     const int64_t M = p->M, N = p->N, Kp = p->Kp;
     void (*block)(const int8_t *, const int16_t *, int64_t, int64_t, float[][4]) =
-        avx2() ? int8_block_avx2 : int8_block_portable;
+        wide() ? int8_block_wide : avx2() ? int8_block_avx2 : int8_block_portable;
     for (int64_t blk = first; blk < end; blk++) {
         const int64_t n0 = blk * 4;
         const int8_t *wb = w + blk * 4 * Kp;
@@ -667,17 +645,6 @@ static CLONES void int8_portable_blocks(const void *ctx, int64_t first, int64_t 
     }
 }
 
-static CLONES void matvec_int8_portable(const float *x, const int8_t *w, const float *scale, const float *bias,
-                                        float *y, int64_t M, int64_t N, int64_t K, int threads) {
-    const int64_t Kp = (K + 31) / 32 * 32;
-    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
-    float *xs = calloc(M, sizeof(float));
-    quantize_rows(x, xq, xs, M, K, Kp);
-    const Product p = {.xq = xq, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
-    share(int8_portable_blocks, &p, (N + 3) / 4, chunk_of(4 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
-    free(xq);
-    free(xs);
-}
 
 void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
@@ -686,7 +653,14 @@ void matvec_bf16(const float *x, const uint16_t *w, const float *scale, const fl
 
 void matvec_int8(const float *x, const int8_t *w, const float *scale, const float *bias, float *y,
                  int64_t M, int64_t N, int64_t K, int threads) {
-    (wide() ? matvec_int8_wide : matvec_int8_portable)(x, w, scale, bias, y, M, N, K, threads);
+    const int64_t Kp = (K + 31) / 32 * 32;
+    int16_t *xq = calloc(M * Kp, sizeof(int16_t));
+    float *xs = calloc(M, sizeof(float));
+    (wide() ? quantize_rows_wide : quantize_rows)(x, xq, xs, M, K, Kp);
+    const Product p = {.xq = xq, .xs = xs, .bias = bias, .w = w, .scale = scale, .y = y, .M = M, .N = N, .Kp = Kp};
+    share(int8_blocks, &p, (N + 3) / 4, chunk_of(4 * Kp), N * K >= PARALLEL_MIN ? threads : 1);
+    free(xq);
+    free(xs);
 }
 
 /* int4: W[n, k] = scale[n, k / G] * q[n, k] with q in [-8, 7] and one bfloat16 scale per group of G columns

@@ -32,9 +32,7 @@ def load_decoder(checkpoint: str | Path, device: str | torch.device = "cpu",
     """(model in eval mode, tokenizer or None) of a checkpoint whose head predicts the next token (a
     classifier is refused). With `dtype` (quant.DECODE_DTYPES) the model is ready for decoding in it."""
     if dtype is not None:
-        check_decode_dtype(dtype)
-        if dtype in ("int8", "int4") and torch.device(device).type != "cpu":
-            raise UsageError(f"dtype={dtype!r} runs on the CPU; use bfloat16 or float32 on other devices")
+        check_decode_dtype(dtype, device)  # before reading anything
     try:
         path = resolve_finetuned(checkpoint)
     except UsageError:  # no finetune.json: a plain checkpoint

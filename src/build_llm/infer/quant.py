@@ -378,9 +378,12 @@ class CompiledStep:
         return logits[:, None, :]  # (B, 1, V)
 
 
-def check_decode_dtype(dtype: str) -> str:
+def check_decode_dtype(dtype: str, device: torch.device | str = "cpu") -> str:
+    """`dtype` if it is a decoding dtype that runs on `device` (int8 and int4 run on the CPU only)."""
     if dtype not in DECODE_DTYPES:
         raise UsageError(f"dtype={dtype!r} is invalid; expected one of {', '.join(DECODE_DTYPES)}")
+    if dtype in ("int8", "int4") and torch.device(device).type != "cpu":
+        raise UsageError(f"dtype={dtype!r} runs on the CPU; use bfloat16 or float32 on other devices")
     return dtype
 
 
@@ -405,10 +408,9 @@ def convert_for_decoding(part: nn.Module, dtype: str) -> nn.Module:
     """A model, or one part of it (a block; the model with its blocks already converted), in the decoding
     `dtype`, in place: what prepare_for_decoding does to each part, so that a checkpoint converted part by
     part as it is read (store.checkpoint.load_parts) ends with the same weights, bit for bit."""
-    on_cpu = next(part.parameters()).device.type == "cpu"
-    if dtype in ("int8", "int4") and not on_cpu:
-        raise UsageError(f"dtype={dtype!r} runs on the CPU; use bfloat16 or float32 on other devices")
-    if dtype == "bfloat16" and not on_cpu:
+    device = next(part.parameters()).device
+    check_decode_dtype(dtype, device)
+    if dtype == "bfloat16" and device.type != "cpu":
         part.to(torch.bfloat16)
     elif dtype != "float32":
         replace_linears(part, dtype)

@@ -443,3 +443,25 @@ def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, ca
     monkeypatch.setattr(serve_cli, "run_server", lambda *a, **kw: started.append(a))  # never listen in a test
     one_line_error(capsys, "serve", "--checkpoint", ckpt, "--api-key", key, contains="--api-key")
     assert not started
+
+
+# --- a newcomer's path: a fine-tune given where a whole language model is needed --------------------
+@pytest.mark.parametrize("kind, says", [("lora", "is a LoRA run: it holds an adapter, not a whole model"),
+                                        ("cls", "is a classification fine-tune")])
+@pytest.mark.parametrize("verb", ["train", "finetune", "info"])
+def test_a_fine_tune_that_is_no_whole_model_is_named_as_such(bpe_runs, kind, says, verb, tmp_path, capsys):
+    # They read "no checkpoint in ..." (LoRA) and "weights do not match config.json" (a classifier).
+    run = bpe_runs[kind]
+    argv = {"train": ["train", "--data", bpe_runs["dir"] / "train.csv", "--init-from", run, "--steps", 1],
+            "finetune": ["finetune", "instruct", "--data", bpe_runs["dir"] / "train.json", "--init-from", run],
+            "info": ["info", "--checkpoint", run]}[verb]
+    out = [] if verb == "info" else ["--out", tmp_path / "new"]
+    line = one_line_error(capsys, *argv, *out, contains=says)
+    assert ("merge-lora" if kind == "lora" else "build-llm classify") in line
+    assert not (tmp_path / "new" / "checkpoint").exists()
+
+
+def test_eval_of_a_classifier_says_it_is_no_language_model_not_that_it_writes_one(bpe_runs, capsys):
+    line = one_line_error(capsys, "eval", "--checkpoint", bpe_runs["cls"], "--data", bpe_runs["dir"] / "train.csv",
+                          contains="is a classification fine-tune")
+    assert "to write" not in line and "build-llm classify" in line

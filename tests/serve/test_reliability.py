@@ -22,9 +22,10 @@ from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
 from build_llm.infer.generate import MIN_TEMPERATURE, check_temperature, generate
 from build_llm.serve import Settings
-from build_llm.serve.engine import Engine, Sequence, Token
+from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
 from build_llm.serve.protocol import ApiError, Choice, parse_sampling
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
+from test_security import LiveApp
 from test_serve import Collect, post, tiny_model
 from tiny import Server
 
@@ -277,3 +278,98 @@ def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(60) == 0 and time.time() - start < 10
     assert "Traceback" not in s.output()
+
+
+# --- a full queue, and the clients that leave it ----------------------------------------------------------------
+def test_a_cancelled_waiting_sequence_gives_up_its_place_in_the_queue():
+    engine = Engine(tiny_model(vocab_size=300), max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    left, stays = Collect(), Collect()
+    gone = Sequence([1], 3, left)
+    engine.submit([gone, Sequence([1], 3, stays)])
+    gone.cancel()  # its client went away while it waited
+    assert engine.load["waiting"] == 1
+    engine.submit([Sequence([2], 3, Collect())])  # the place is free again
+    assert left.reason == "cancelled" and stays.reason is None  # told, as the engine tells what it pops
+    with pytest.raises(QueueFull):
+        engine.submit([Sequence([1], 1, Collect())])
+
+
+class Paused(Engine):
+    """An engine whose thread decodes nothing until `go` is set: what it is given stays in its queue."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.go = threading.Event()
+
+    def step(self) -> None:
+        self.go.wait()
+        super().step()
+
+
+def open_stream(port: int, body: dict) -> socket.socket:
+    """A streaming completion sent on a raw connection (closing it is a client going away)."""
+    data = json.dumps(body).encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_clients_that_leave_it_free_their_places():
+    model = tiny_model()
+    engine = Paused(model, max_batch=1, max_queue=2)
+    app = LiveApp(model, get_tokenizer("gpt2"), Settings("tiny"), engine)
+    stream = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stream": True}
+
+    def waiting(count: int) -> None:
+        deadline = time.time() + 60
+        while app.call("GET", "/health")[2]["waiting"] != count:
+            assert time.time() < deadline, app.call("GET", "/health")[2]
+            time.sleep(0.02)
+    try:
+        leaving = [open_stream(app.port, stream) for _ in range(2)]
+        waiting(2)
+        status, headers, reply = app.call("POST", "/v1/completions", {**stream, "stream": False})
+        assert status == 503 and reply["error"]["code"] == "server_overloaded", reply
+        assert int(headers["retry-after"]) >= 1  # the openai client waits that long before it retries
+        for conn in leaving:  # gone before their turn: they must not keep others out
+            conn.close()
+        waiting(0)
+        staying = open_stream(app.port, stream)
+        waiting(1)
+        engine.go.set()
+        reply = staying.makefile("rb").read().decode()
+        staying.close()
+        assert reply.startswith("HTTP/1.1 200") and '"finish_reason": "length"' in reply and "data: [DONE]" in reply
+    finally:
+        engine.go.set()
+        app.close()
+
+
+# --- OpenAI parameters the server does not implement: refused, not ignored ------------------------------------
+@pytest.mark.parametrize("key, value", [("logit_bias", {"50256": -100}), ("presence_penalty", 1.5),
+                                        ("frequency_penalty", -0.5), ("best_of", 3), ("suffix", " the end"),
+                                        ("response_format", {"type": "json_object"})])
+def test_a_parameter_the_server_does_not_implement_is_refused_unless_it_asks_for_nothing(key, value):
+    settings = Settings("tiny")
+    with pytest.raises(ApiError) as refused:
+        parse_sampling({key: value}, settings, 64)
+    assert refused.value.status == 400 and refused.value.param == key and "not supported" in refused.value.message
+    neutral = {"logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0, "best_of": 1, "suffix": "",
+               "response_format": {"type": "text"}}[key]  # what clients send when their user set nothing
+    assert parse_sampling({key: neutral}, settings, 64) == parse_sampling({}, settings, 64)
+
+
+def test_chat_refuses_logprobs_and_echo_by_name():
+    tok = get_tokenizer("gpt2")
+    app = LiveApp(tiny_model(), tok, Settings("tiny", chat_template=lambda messages: tok.encode(messages[-1]["content"])))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        for key, value in (("logprobs", True), ("logprobs", 0), ("top_logprobs", 2), ("echo", True)):
+            status, _, reply = app.call("POST", "/v1/chat/completions", {**chat, key: value})
+            assert status == 400 and reply["error"]["param"] == key, reply
+            assert "/v1/completions only" in reply["error"]["message"], reply
+        for key in ("logprobs", "echo"):
+            assert app.call("POST", "/v1/chat/completions", {**chat, key: False})[0] == 200
+    finally:
+        app.close()

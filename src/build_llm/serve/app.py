@@ -48,6 +48,7 @@ from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, erro
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+RETRY_AFTER = 1  # seconds a client turned away by a full queue is asked to wait: rows free as replies end
 
 
 # --- who may talk to the server -----------------------------------------------------------------------
@@ -365,8 +366,9 @@ class Api:
                 seqs.append(choice.seq)
         try:
             self.engine.submit(seqs)
-        except QueueFull as e:
-            raise ApiError(503, f"the server is busy: {e}; retry later", code="server_overloaded") from None
+        except QueueFull as e:  # Retry-After: clients (the openai library among them) wait that long, then retry
+            raise ApiError(503, f"the server is busy: {e}; retry later", code="server_overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER)}) from None
         return Completion(choices, used, queue, sampling, chat, self.settings.model_name)
 
     async def reply(self, request: Request, prompts: list[tuple[list[int], str | None]], sampling: Sampling,
@@ -406,9 +408,12 @@ class Api:
         if settings.chat_template is None:
             raise ApiError(400, f"the model {settings.model_name!r} has no chat template (it was not instruction-"
                                 "tuned); use /v1/completions", param="messages", code="no_chat_template")
+        asked = next((k for k in ("logprobs", "top_logprobs", "echo") if body.get(k) is not None
+                      and body.get(k) is not False), None)
+        if asked is not None:  # before parse_sampling: chat's logprobs is true or false, not completions' count
+            raise ApiError(400, f"{asked} is supported by /v1/completions only; leave it out of a chat request",
+                           param=asked)
         sampling = parse_sampling(body, settings, self.context_length)
-        if sampling.logprobs is not None or sampling.echo:
-            raise ApiError(400, "logprobs and echo are supported by /v1/completions only", param="logprobs")
         try:
             ids = settings.chat_template(messages)
         except ValueError as e:

@@ -24,6 +24,7 @@ the whole batch that fails errors every row in it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -136,10 +137,20 @@ class Engine:
         with self.wake:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting sequences)")
-            self.waiting.extend(seqs)
-            self.wake.notify()
+            # Sequences cancelled while they waited (their clients went away) hold no place: while every row
+            # decodes on, nothing pops them, and counting them would turn away the clients still here.
+            gone = [s for s in self.waiting if s.cancelled]
+            if gone:
+                self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+            full = len(self.waiting) + len(seqs) > self.max_queue
+            if not full:
+                self.waiting.extend(seqs)
+                self.wake.notify()
+        for s in gone:  # as the engine's thread tells a cancelled sequence it pops
+            with contextlib.suppress(Exception):  # a caller that cannot be told is not this caller's failure
+                s.emit("done", "cancelled")
+        if full:
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting sequences)")
 
     def stop(self, timeout: float | None = 10.0) -> None:
         with self.wake:
@@ -150,7 +161,9 @@ class Engine:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        with self.wake:  # the engine's thread pops from the queue meanwhile
+            waiting = sum(not s.cancelled for s in self.waiting)  # the clients still waiting (see submit)
+        return {"active": len(self.rows), "waiting": waiting, "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps}
 
     # --- the engine thread ----------------------------------------------------------------------

@@ -266,6 +266,25 @@ def test_a_dropped_client_of_a_whole_reply_frees_its_rows(bpe_server):
     assert now["active"] == 0 and now["steps"] - before < 600, now
 
 
+def test_a_dropped_client_of_a_stream_frees_its_rows(bpe_server):
+    """As above, for a stream: its 8 rows leave the batch long before their 900 tokens are decoded for nobody."""
+    s, _ = bpe_server
+    body = json.dumps({"model": "bpe", "prompt": "a", "max_tokens": 900, "n": 8, "temperature": 0,
+                       "stream": True}).encode()
+    before = health(s.url)["steps"]
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        with conn.makefile("rb") as reader:  # (closed first: while it is open, the socket stays open)
+            while not reader.readline().startswith(b"data: {"):  # decoding: the first token is here
+                pass
+    deadline = time.time() + 60
+    while health(s.url)["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    now = health(s.url)
+    assert now["active"] == 0 and now["steps"] - before < 600, now
+
+
 def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):
     """The bad values with echo used to leave their requests unanswered; SIGTERM then waited the whole
     shutdown timeout and printed about 40 lines of traceback. (Last in this file: it stops the server.)"""

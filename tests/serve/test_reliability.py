@@ -392,3 +392,34 @@ def test_chat_refuses_logprobs_and_echo_by_name():
             assert app.call("POST", "/v1/chat/completions", {**chat, key: False})[0] == 200
     finally:
         app.close()
+
+
+# --- a padded embedding: ids past the tokenizer's are no text ----------------------------------------------------
+def test_a_model_with_more_ids_than_its_tokenizer_never_produces_or_takes_the_extra_ones():
+    """Qwen's embeddings have rows past its tokenizer's ids (padding). Made here to be the most likely tokens, they
+    used to be drawn, and decoding them failed the request with a 500 (a stream broke off)."""
+    tok = get_tokenizer("gpt2")  # 50,257 ids
+    model = tiny_model(vocab_size=50304)
+    with torch.no_grad():
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)  # every position's last hidden state: all ones
+        model.out_head.weight[tok.vocab_size:] = 1.0  # so the padding's logits are the largest
+    real = model.out_head.weight[:tok.vocab_size].sum(1)  # the logits of the tokenizer's ids, at every position
+    expected = tok.decode([int(real.argmax())] * 3)
+    app = LiveApp(model, tok, Settings("tiny"))
+    good = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0}
+    try:
+        for body in (good, {**good, "echo": True, "logprobs": 5}, {**good, "temperature": 1.0, "top_k": 50, "seed": 1}):
+            status, _, reply = app.call("POST", "/v1/completions", body)
+            assert status == 200, reply
+            choice = reply["choices"][0]
+            if body.get("temperature") == 0:
+                assert choice["text"] == ("hi" if body.get("echo") else "") + expected
+            if body.get("logprobs"):  # the alternatives are the tokenizer's ids too
+                assert len(choice["logprobs"]["top_logprobs"]) == 1 + 3 and choice["logprobs"]["top_logprobs"][1]
+        status, _, reply = app.call("POST", "/v1/completions", {**good, "prompt": [50300]})
+        assert status == 400 and "[0, 50257)" in reply["error"]["message"], reply
+        status, _, stream = app.call("POST", "/v1/completions", {**good, "stream": True})
+        assert status == 200 and stream.rstrip().endswith("data: [DONE]"), stream
+    finally:
+        app.close()

@@ -270,7 +270,9 @@ class Api:
     def __init__(self, engine: Engine, tokenizer: Any, settings: Settings) -> None:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.context_length = engine.context_length
-        self.vocab_size = engine.model.cfg.vocab_size
+        # The ids a prompt may hold and the engine may produce: those the tokenizer can turn into text (a padded
+        # embedding's last rows are no tokens: decoding them would fail the request).
+        self.vocab_size = engine.vocab_size = min(engine.model.cfg.vocab_size, tokenizer.vocab_size)
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
         self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends

@@ -11,9 +11,11 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -283,6 +285,46 @@ def test_a_dropped_client_of_a_stream_frees_its_rows(bpe_server):
         time.sleep(0.05)
     now = health(s.url)
     assert now["active"] == 0 and now["steps"] - before < 600, now
+
+
+def test_requests_the_shutdown_timeout_cuts_short_get_a_503_or_a_last_error_event_and_no_traceback(tmp_path):
+    """Past --shutdown-timeout after SIGTERM, uvicorn cancels what is left: the stream used to be cut (its client read
+    a broken chunked body), a waiting request got a plain-text 500, and each printed a traceback."""
+    path = tmp_path / "slow"
+    save_checkpoint(path, tiny_model(context_length=2048, emb_dim=256, n_layers=4), get_tokenizer("gpt2"))
+    s = Server("--checkpoint", path, "--max-batch", "1", "--shutdown-timeout", "1")
+    long = {"model": "slow", "prompt": "go", "max_tokens": 2000, "temperature": 0}  # seconds of decoding, at least
+    try:
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps({**long, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=300)
+        assert stream.readline().startswith(b"data: ")  # decoding: the one row is busy
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post_raw, s.url, long)
+            deadline = time.time() + 120
+            while health(s.url)["waiting"] != 1:
+                assert time.time() < deadline
+                time.sleep(0.05)
+            s.proc.send_signal(signal.SIGTERM)
+            events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "server_shutting_down", events[-1]
+            status, headers, reply = waiting.result(120)
+        assert status == 503 and reply["error"]["code"] == "server_shutting_down" and headers["Retry-After"] == "1"
+        assert s.proc.wait(120) == 0
+        assert "Traceback" not in s.output(), s.output()
+    finally:
+        s.stop()
+
+
+def post_raw(url: str, body: dict) -> tuple[int, Any, dict]:
+    """(status, headers (case-insensitive), JSON) of a POST to /v1/completions, whatever its status."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
 
 
 def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):

@@ -116,6 +116,36 @@ class Guard:
         await self.app(scope, receive, send)
 
 
+class Unfinished:
+    """ASGI middleware answering the requests the server stops before it has finished them. Once --shutdown-timeout
+    has passed after SIGTERM, uvicorn cancels them: each would end in a plain-text 500 or a cut stream, and print a
+    traceback. Each gets OpenAI's error instead, a 503 (retry later), or, in a stream, a last event saying so."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:  # nothing but the server's shutdown cancels a request
+            error = ApiError(503, "the server is shutting down and stopped before this request was finished; retry "
+                                  "later", code="server_shutting_down", headers={"Retry-After": str(RETRY_AFTER)})
+            with contextlib.suppress(Exception):  # a client gone meanwhile: nobody to tell
+                if not started:
+                    await error.response()(scope, receive, send)
+                else:  # a stream: its last event
+                    await send({"type": "http.response.body", "body": sse(error.body()).encode(), "more_body": False})
+
+
 async def disconnected(request: Request) -> None:
     """Return once the client has gone away (its body was read: the next message is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -248,7 +278,7 @@ class Completion:
                     if not self.queue.empty():  # as in body: other requests in between tokens
                         await asyncio.sleep(0)
                 except ApiError as e:
-                    yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
+                    yield sse(e.body())
                     return
                 text = c.take()
                 if self.sampling.echo and c.prefix and reported[c.index] == 0 and not c.echoed:
@@ -479,6 +509,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
               Route("/v1/models/{model:path}", api.model_info),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat_completions, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(Guard, settings=settings)],
+    return Starlette(routes=routes, lifespan=api.lifespan,
+                     middleware=[Middleware(Unfinished), Middleware(Guard, settings=settings)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
                                          ClientDisconnect: on_disconnect, Exception: on_bug})

@@ -46,14 +46,17 @@ class ApiError(Exception):
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
         self.headers = headers  # e.g. a 503's Retry-After
 
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object: the JSON of the response, or of a stream's last event."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind, self.headers)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status,
-                        headers=headers)
+                   kind: str = "invalid_request_error") -> JSONResponse:
+    return ApiError(status, message, param, code, kind).response()
 
 
 # --- request validation ----------------------------------------------------------------------------

@@ -355,6 +355,23 @@ def test_a_cancelled_waiting_sequence_gives_up_its_place_in_the_queue():
         engine.submit([Sequence([1], 1, Collect())])
 
 
+def test_more_choices_than_the_queue_holds_is_a_400_not_a_503_to_retry_forever():
+    tok = get_tokenizer("gpt2")
+    model = tiny_model()
+    app = LiveApp(model, tok, Settings("tiny", chat_template=lambda messages: tok.encode(messages[-1]["content"])),
+                  Engine(model, max_batch=1, max_queue=2))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3}
+    try:
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {**chat, "prompt": "hi"}),
+                           ("/v1/completions", {**chat, "prompt": ["a", "b"], "n": 2})):
+            status, headers, reply = app.call("POST", path, body)
+            assert status == 400 and reply["error"]["param"] == "n" and "retry-after" not in headers, reply
+            assert "2 sequences" in reply["error"]["message"]
+        assert app.call("POST", "/v1/chat/completions", {**chat, "n": 2})[0] == 200
+    finally:
+        app.close()
+
+
 class Paused(Engine):
     """An engine whose thread decodes nothing until `go` is set: what it is given stays in its queue."""
 

@@ -347,6 +347,12 @@ class Api:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {name!r}",
                            param="model", code="model_not_found")
 
+    def check_count(self, prompts: int, n: int) -> None:
+        """More sequences than the queue holds can never be served: a 400, where a 503 would have clients retry."""
+        if prompts * n > self.engine.max_queue:
+            raise ApiError(400, f"{prompts} prompt{'s' if prompts > 1 else ''} x n={n} is more than the "
+                                f"{self.engine.max_queue} sequences this server queues; send fewer", param="n")
+
     def fit(self, ids: list[int], sampling: Sampling) -> tuple[list[int], int]:
         """The prompt's ids, cut to its last tokens when `truncate` asks and it does not fit, and the
         completion's length: max_tokens, or without it what the context leaves after the prompt (as
@@ -424,10 +430,8 @@ class Api:
         self.check_model(body)
         sampling = parse_sampling(body, self.settings, self.context_length, self.vocab_size)
         prompt = body.get("prompt")  # counted before any is encoded: refusing a long list costs nothing
-        count = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-        if count * sampling.n > self.engine.max_queue:
-            raise ApiError(400, f"{count} prompts x n={sampling.n} is more than the {self.engine.max_queue} "
-                                "sequences this server queues; send fewer", param="n")
+        self.check_count(len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1,
+                         sampling.n)
         prompts = parse_prompts(body, self.tokenizer.encode_prompt, self.vocab_size)
         return await self.reply(request, prompts, sampling, False)
 
@@ -446,6 +450,7 @@ class Api:
             raise ApiError(400, f"{asked} is supported by /v1/completions only; leave it out of a chat request",
                            param=asked)
         sampling = parse_sampling(body, settings, self.context_length)
+        self.check_count(1, sampling.n)
         try:
             ids = settings.chat_template(messages)
         except ValueError as e:

@@ -316,6 +316,26 @@ def test_requests_the_shutdown_timeout_cuts_short_get_a_503_or_a_last_error_even
         s.stop()
 
 
+def test_ctrl_c_lets_the_stream_in_flight_finish_then_exits_130_in_one_line(tmp_path):
+    """SIGINT (Ctrl-C) shuts down as SIGTERM does, and ends as an interrupted command does (exit 130)."""
+    path = tmp_path / "tiny"
+    save_checkpoint(path, tiny_model(context_length=256), get_tokenizer("gpt2"))
+    s = Server("--checkpoint", path, "--max-batch", "1")
+    try:
+        body = {"model": "tiny", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=300)
+        assert stream.readline().startswith(b"data: ")
+        s.proc.send_signal(signal.SIGINT)
+        events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(120) == 130
+        assert "Traceback" not in s.output() and s.output().strip().endswith("build-llm: interrupted"), s.output()
+    finally:
+        s.stop()
+
+
 def post_raw(url: str, body: dict) -> tuple[int, Any, dict]:
     """(status, headers (case-insensitive), JSON) of a POST to /v1/completions, whatever its status."""
     req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),

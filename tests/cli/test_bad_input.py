@@ -435,6 +435,23 @@ def test_a_temperature_that_is_zero_in_float32_is_refused_as_too_small(ckpt, cap
     capsys.readouterr()
 
 
+def test_serve_takes_its_api_key_from_the_environment_which_ps_does_not_show(ckpt, monkeypatch, capsys):
+    import build_llm.cli.serve as serve_cli
+
+    started = []
+    monkeypatch.setattr(serve_cli, "run_server", lambda model, tokenizer, settings, **kw: started.append(settings))
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "sk-from-env")
+    assert main(["serve", "--checkpoint", str(ckpt)]) == 0 and started[-1].api_key == "sk-from-env"
+    assert main(["serve", "--checkpoint", str(ckpt), "--api-key", "sk-flag"]) == 0 and started[-1].api_key == "sk-flag"
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "")  # set but empty: refused, not a server open to all
+    one_line_error(capsys, "serve", "--checkpoint", ckpt, contains="$BUILD_LLM_API_KEY is empty")
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "sk 1\r")
+    one_line_error(capsys, "serve", "--checkpoint", ckpt, contains="$BUILD_LLM_API_KEY holds")
+    monkeypatch.delenv("BUILD_LLM_API_KEY")
+    assert main(["serve", "--checkpoint", str(ckpt)]) == 0 and started[-1].api_key is None
+    assert len(started) == 3
+
+
 @pytest.mark.parametrize("key", ["sk-1\n", "sk 1\r", "\tsk1", "sk1 ", os.fsdecode(b"sk\xff1"), "clé"])
 def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, capsys):
     import build_llm.cli.serve as serve_cli

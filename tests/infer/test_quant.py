@@ -202,7 +202,8 @@ def modules_only(model: GPTModel) -> GPTModel:
 # positions, SwiGLU; a fused and a split qkv), Qwen3 (QK-norm, a head size apart from emb_dim / n_heads), Gemma 3
 # (GeGLU, (1 + w) norms, norms after the sub-layers, scaled embeddings, a 4-token window on its local layer with its
 # own rotary base), Mistral (a sliding window on every layer), Qwen3-MoE (4 experts, 2 a token, their weights
-# renormalised or not; 42 rows an expert: padded to 44 in the stacked projections).
+# renormalised or not; 42 rows an expert: padded to 44 in the stacked projections). Heads of 16 and 32 channels
+# take the AVX2 attention where the CPU has it (8 positions at a time: positions 6 .. 25 cross its groups).
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=False, n_kv_heads=2, rope_base=500.0,
              rope_scaling="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
              rope_original_context=16)
@@ -214,6 +215,8 @@ STEP_SHAPES = {
     "qwen3": dict(NEW_FAMILY["qwen3-like"], fused_qkv=False, ln_eps=1e-6),
     "gemma3": dict(NEW_FAMILY["gemma3-like"], fused_qkv=False, gelu="tanh"),
     "mistral": dict(LLAMA, rope_scaling="none", sliding_window=5),
+    "heads-of-12": dict(n_kv_heads=2, head_size=12),  # a head size that is no multiple of 8: the portable attention
+    "heads-of-72": dict(n_kv_heads=1, head_size=72),  # the AVX2 attention's 64 channels at a time, then 8
 }
 QWEN3_MOE = dict(STEP_SHAPES["qwen3"], n_experts=4, n_experts_per_token=2, moe_ff_dim=42, moe_norm_topk=True)
 STEP_SHAPES.update({"qwen3-moe": QWEN3_MOE, "qwen3-moe-unnormed": dict(QWEN3_MOE, moe_norm_topk=False, moe_ff_dim=32)})

@@ -1019,6 +1019,65 @@ typedef struct {
     int64_t longest, row_stride, max_len;
 } Attention;
 
+/* AVX2 for a head's scores and weighted values where D is a multiple of 8: the portable loops add each position's 16
+   partial sums one after another, and keep the weighted sum in memory. Here 8 positions' dot products are computed
+   together (8 independent sums of D / 8 FMAs) and their lanes added in one transposing tree; the weighted sum stays in
+   registers. Measured on an AVX2 CPU (2 threads, gpt2-small's 12 layers): one row at position 900, 3.7 -> 2.4 ms a
+   token; 16 rows at 150 run at the memory's bandwidth either way (~8 ms). Prefetching ahead did not help. */
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+/* [the sum of a[0]'s 8 lanes, ..., of a[7]'s], each as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) */
+static inline __attribute__((always_inline)) __m256 lane_sums8_avx2(const __m256 a[8]) {
+    const __m256 b0 = _mm256_hadd_ps(a[0], a[1]), b1 = _mm256_hadd_ps(a[2], a[3]);  /* pairs of lanes */
+    const __m256 b2 = _mm256_hadd_ps(a[4], a[5]), b3 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 c0 = _mm256_hadd_ps(b0, b1), c1 = _mm256_hadd_ps(b2, b3);  /* a[0..3]'s halves, a[4..7]'s halves */
+    return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+}
+
+/* s[j] = (q . k_j) * scale for j in [first, last], k_j = kc + j * D; each position's sum in the same order whether
+   it is one of 8 or computed alone (the same scores for a row however many rows the step has) */
+static void scores_avx2(const float *q, const float *kc, int64_t first, int64_t last, int64_t D, float scale,
+                        float *s) {
+    int64_t j = first;
+    for (; j + 8 <= last + 1; j += 8) {
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(q + d);
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(kc + (j + i) * D + d), qd, acc[i]);
+        }
+        _mm256_storeu_ps(s + j, _mm256_mul_ps(lane_sums8_avx2(acc), _mm256_set1_ps(scale)));
+    }
+    for (; j <= last; j++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kc + j * D + d), _mm256_loadu_ps(q + d), acc);
+        float l[8];
+        _mm256_storeu_ps(l, acc);
+        s[j] = (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))) * scale;
+    }
+}
+
+/* out[c0 .. c0 + 8 NV) = sum over j in [first, last] of p[j] * v_j, v_j = vc + j * D, added in order of j */
+static inline __attribute__((always_inline)) void values_avx2(const int NV, const float *p, const float *vc,
+                                                              int64_t first, int64_t last, int64_t D, int64_t c0,
+                                                              float *out) {
+    __m256 o[8];
+    for (int i = 0; i < NV; i++) o[i] = _mm256_setzero_ps();
+    for (int64_t j = first; j <= last; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int i = 0; i < NV; i++) o[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vc + j * D + c0 + 8 * i), o[i]);
+    }
+    for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + c0 + 8 * i, o[i]);
+}
+
+static void weighted_values_avx2(const float *p, const float *vc, int64_t first, int64_t last, int64_t D,
+                                 float *out) {
+    int64_t c = 0;
+    for (; c + 64 <= D; c += 64) values_avx2(8, p, vc, first, last, D, c, out);  /* 8 registers of sums */
+    for (; c < D; c += 8) values_avx2(1, p, vc, first, last, D, c, out);
+}
+#pragma GCC pop_options
+
 /* (row, query head) pairs [first, end): each attends to the positions its window sees, with its group's key/value head */
 static CLONES void attention_heads(const void *work, int64_t first, int64_t end) {
     const Attention *a = work;
@@ -1031,14 +1090,19 @@ static CLONES void attention_heads(const void *work, int64_t first, int64_t end)
         const float *vc = a->vc0 + m * a->row_stride + hd / G * a->max_len * D;
         const float *q = a->qkv + m * QW + hd * D;
         float *s = a->scores + mh * a->longest, top = -INFINITY, sum = 0.0f;
-        for (int64_t j = first_j; j <= p; j++) {
-            s[j] = dot(q, kc + j * D, D) * md->att_scale;
-            top = s[j] > top ? s[j] : top;
-        }
+        const int fast = D % 8 == 0 && avx2();
+        if (fast) scores_avx2(q, kc, first_j, p, D, md->att_scale, s);
+        else
+            for (int64_t j = first_j; j <= p; j++) s[j] = dot(q, kc + j * D, D) * md->att_scale;
+        for (int64_t j = first_j; j <= p; j++) top = s[j] > top ? s[j] : top;
         for (int64_t j = first_j; j <= p; j++) sum += (s[j] = expf(s[j] - top));
+        for (int64_t j = first_j; j <= p; j++) s[j] /= sum;
         float *out = a->ctx + m * H * D + hd * D;
-        memset(out, 0, sizeof(float) * D);
-        for (int64_t j = first_j; j <= p; j++) axpy(s[j] / sum, vc + j * D, out, D);
+        if (fast) weighted_values_avx2(s, vc, first_j, p, D, out);
+        else {
+            memset(out, 0, sizeof(float) * D);
+            for (int64_t j = first_j; j <= p; j++) axpy(s[j], vc + j * D, out, D);
+        }
     }
 }
 

@@ -94,7 +94,8 @@ def bad(tmp_path: Path, name: str, content: bytes | None) -> Path:
     (lambda t: ["--data", bad(t, "bin.txt", b"\x00\x01\x02abc")], "binary"),
     (lambda t: ["--data", bad(t, "latin.txt", "olá".encode("latin-1"))], "not valid UTF-8"),
     (lambda t: ["--data", bad(t, "short.txt", b"hello world")], "corpus too short"),
-    (lambda t: ["--data", bad(t, "ok.txt", b"x" * 500), "--tokenizer", t / "none.json"], "neither a tokenizer name"),
+    (lambda t: ["--data", bad(t, "ok.txt", b"x" * 500), "--tokenizer", t / "none.json"],
+     "is neither bpe, char, gpt2 nor an existing tokenizer JSON"),
     (lambda t: ["--data", bad(t, "ok.txt", b"x" * 500), "--tokenizer", bad(t, "tok.json", b"{oops")], "does not parse"),
     (lambda t: ["--n-heads", "3"], "not divisible by --n-heads=3"),
     (lambda t: ["--drop-rate", "1.5"], "--drop-rate=1.5"),
@@ -108,6 +109,19 @@ def bad(tmp_path: Path, name: str, content: bytes | None) -> Path:
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     code, out, err = cli(capsys, "train", "--out", tmp_path / "run", *TINY, *argv(tmp_path))
     assert code == 2 and message in err and err.count("\n") == 1 and out == "", err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "ok.txt", "--tokenizer", "gtp2"], "--tokenizer 'gtp2' is neither bpe, char, gpt2 nor an existing"),
+    (["--tokenizer", "bpe"], "--tokenizer bpe is trained on --data; the ABC experiment takes char, gpt2"),
+])
+def test_a_tokenizer_that_is_no_choice_is_named_as_the_flag_before_the_run_is_made(tmp_path, capsys, argv, message):
+    # It said "name_or_path='gtp2' is neither a tokenizer name ('gpt2', 'char')": the code's name, without bpe.
+    bad(tmp_path, "ok.txt", b"x" * 500)
+    code, out, err = cli(capsys, "train", "--out", tmp_path / "run", *TINY,
+                         *[str(tmp_path / a) if a == "ok.txt" else a for a in argv])
+    assert code == 2 and message in err and err.count("\n") == 1 and out == "", err
+    assert not (tmp_path / "run").exists()
 
 
 def test_out_is_a_file_or_an_existing_run(tmp_path, capsys, abc_run):

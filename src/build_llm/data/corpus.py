@@ -334,6 +334,15 @@ def train_bpe(texts: Callable[[], Iterator[str]], n_chars: int, data_dir: Path, 
     return tok
 
 
+def check_tokenizer_choice(tokenizer: str | os.PathLike[str], data: str | os.PathLike[str] | None) -> None:
+    """Refuse a --tokenizer that prepare_corpus cannot use, in the flag's words and before anything is written."""
+    if str(tokenizer) == "bpe" and data is None:
+        raise UsageError("--tokenizer bpe is trained on --data; the ABC experiment takes char, gpt2 or a tokenizer JSON")
+    if str(tokenizer) not in ("bpe", "char", "gpt2") and not Path(tokenizer).exists():
+        raise UsageError(f"--tokenizer {str(tokenizer)!r} is neither bpe, char, gpt2 nor an existing tokenizer JSON "
+                         "file or checkpoint directory; give one of those")
+
+
 def prepare_corpus(data: str | os.PathLike[str] | None, tokenizer: str | os.PathLike[str], data_dir: Path,
                    val_ratio: float, abc_words: int = 150_000, abc_seed: int = 1,
                    same_as: dict[str, Any] | None = None) -> tuple[Corpus, Any]:

@@ -25,8 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from build_llm.config import GPTConfig
-from build_llm.data.corpus import (Corpus, check_splits, draw_starts, prepare_corpus, random_windows, sliding_starts,
-                                   step_rng)
+from build_llm.data.corpus import (Corpus, check_splits, check_tokenizer_choice, draw_starts, prepare_corpus,
+                                   random_windows, sliding_starts, step_rng)
 from build_llm.data.markov import ABC, optimal_loss, optimal_loss_on_text
 from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, text_size
 from build_llm.errors import UsageError
@@ -329,6 +329,7 @@ def request(out: str | Path, data: str | None, tokenizer: str | None, preset: st
     else:
         cfg = (ABC_TRAIN if data is None else TrainConfig() if budget_s is None else BUDGET_TRAIN).replace(**train_options)
         tokenizer = init.tokenizer if init is not None else (tokenizer or ("char" if data is None else "bpe"))
+    check_tokenizer_choice(tokenizer, data)
     return Request(out, data, preset, model_options, cfg, tokenizer, init, saved, budget_s, "dtype" in train_options,
                    started, log)
 

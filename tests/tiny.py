@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -153,7 +154,8 @@ class Server:
         cmd = [sys.executable, "-m", "build_llm.cli", "serve", *map(str, flags), "--port", str(self.port)]
         # Its output goes to a file: a pipe nobody reads while it runs would block a server that prints 64 KB.
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        env = {k: v for k, v in os.environ.items() if k != "BUILD_LLM_API_KEY"}  # a key only where FLAGS give one
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env)
         deadline = time.time() + 300  # generous: a loaded machine can take minutes to import torch
         while time.time() < deadline:
             if self.proc.poll() is not None:

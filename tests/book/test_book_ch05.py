@@ -276,3 +276,16 @@ def test_plot_losses_draws_the_books_figure(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ch05.plot_losses(epochs, tokens, [1.0] * 5, [1.0] * 5)  # no path: nothing written (the book wrote loss-plot.pdf)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss-plot.pdf"]
+
+
+def test_plot_losses_replaces_a_symbolic_link_at_its_path_and_leaves_the_target_alone(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    victim = tmp_path / "thesis.pdf"
+    victim.write_bytes(b"%PDF- a user's file")
+    (tmp_path / "loss-plot.pdf").symlink_to(victim)
+    ch05.plot_losses([0, 1], [0, 512], [2.0, 1.0], [2.1, 1.5], path=tmp_path / "loss-plot.pdf")
+    assert victim.read_bytes() == b"%PDF- a user's file"
+    written = tmp_path / "loss-plot.pdf"
+    assert not written.is_symlink() and written.read_bytes().startswith(b"%PDF")

@@ -435,6 +435,23 @@ def test_a_temperature_that_is_zero_in_float32_is_refused_as_too_small(ckpt, cap
     capsys.readouterr()
 
 
+def test_serve_takes_its_api_key_from_the_environment_which_ps_does_not_show(ckpt, monkeypatch, capsys):
+    import build_llm.cli.serve as serve_cli
+
+    started = []
+    monkeypatch.setattr(serve_cli, "run_server", lambda model, tokenizer, settings, **kw: started.append(settings))
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "sk-from-env")
+    assert main(["serve", "--checkpoint", str(ckpt)]) == 0 and started[-1].api_key == "sk-from-env"
+    assert main(["serve", "--checkpoint", str(ckpt), "--api-key", "sk-flag"]) == 0 and started[-1].api_key == "sk-flag"
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "")  # set but empty: refused, not a server open to all
+    one_line_error(capsys, "serve", "--checkpoint", ckpt, contains="$BUILD_LLM_API_KEY is empty")
+    monkeypatch.setenv("BUILD_LLM_API_KEY", "sk 1\r")
+    one_line_error(capsys, "serve", "--checkpoint", ckpt, contains="$BUILD_LLM_API_KEY holds")
+    monkeypatch.delenv("BUILD_LLM_API_KEY")
+    assert main(["serve", "--checkpoint", str(ckpt)]) == 0 and started[-1].api_key is None
+    assert len(started) == 3
+
+
 @pytest.mark.parametrize("key", ["sk-1\n", "sk 1\r", "\tsk1", "sk1 ", os.fsdecode(b"sk\xff1"), "clé"])
 def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, capsys):
     import build_llm.cli.serve as serve_cli
@@ -443,3 +460,25 @@ def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, ca
     monkeypatch.setattr(serve_cli, "run_server", lambda *a, **kw: started.append(a))  # never listen in a test
     one_line_error(capsys, "serve", "--checkpoint", ckpt, "--api-key", key, contains="--api-key")
     assert not started
+
+
+# --- a newcomer's path: a fine-tune given where a whole language model is needed --------------------
+@pytest.mark.parametrize("kind, says", [("lora", "is a LoRA run: it holds an adapter, not a whole model"),
+                                        ("cls", "is a classification fine-tune")])
+@pytest.mark.parametrize("verb", ["train", "finetune", "info"])
+def test_a_fine_tune_that_is_no_whole_model_is_named_as_such(bpe_runs, kind, says, verb, tmp_path, capsys):
+    # They read "no checkpoint in ..." (LoRA) and "weights do not match config.json" (a classifier).
+    run = bpe_runs[kind]
+    argv = {"train": ["train", "--data", bpe_runs["dir"] / "train.csv", "--init-from", run, "--steps", 1],
+            "finetune": ["finetune", "instruct", "--data", bpe_runs["dir"] / "train.json", "--init-from", run],
+            "info": ["info", "--checkpoint", run]}[verb]
+    out = [] if verb == "info" else ["--out", tmp_path / "new"]
+    line = one_line_error(capsys, *argv, *out, contains=says)
+    assert ("merge-lora" if kind == "lora" else "build-llm classify") in line
+    assert not (tmp_path / "new" / "checkpoint").exists()
+
+
+def test_eval_of_a_classifier_says_it_is_no_language_model_not_that_it_writes_one(bpe_runs, capsys):
+    line = one_line_error(capsys, "eval", "--checkpoint", bpe_runs["cls"], "--data", bpe_runs["dir"] / "train.csv",
+                          contains="is a classification fine-tune")
+    assert "to write" not in line and "build-llm classify" in line

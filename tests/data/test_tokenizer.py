@@ -435,3 +435,14 @@ def test_text_size_counts_characters_and_bytes_without_decoding():
         decoded = tok.decode(tail)
         if "\ufffd" not in decoded:  # a slice that starts at a character
             assert text_size(tail, tok, chunk=7) == (len(decoded), len(decoded.encode("utf-8")))
+
+
+def test_save_replaces_a_symbolic_link_at_the_name_and_leaves_its_target_alone(tmp_path):
+    victim = tmp_path / "notes.txt"
+    victim.write_text("a user's file")
+    link = tmp_path / "tokenizer.json"
+    link.symlink_to(victim)  # planted, or left by the user: writing through it would destroy notes.txt
+    tok = CharTokenizer.from_text("hello")
+    tok.save(link)
+    assert victim.read_text() == "a user's file"
+    assert not link.is_symlink() and load_tokenizer(link).encode("hello") == tok.encode("hello")

@@ -11,9 +11,11 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,9 +24,10 @@ from build_llm.data.tokenizer import CharTokenizer, get_tokenizer
 from build_llm.errors import UsageError
 from build_llm.infer.generate import MIN_TEMPERATURE, check_temperature, generate
 from build_llm.serve import Settings
-from build_llm.serve.engine import Engine, Sequence, Token
+from build_llm.serve.engine import Engine, QueueFull, Sequence, Token
 from build_llm.serve.protocol import ApiError, Choice, parse_sampling
 from build_llm.store.checkpoint import load_checkpoint, save_checkpoint
+from test_security import LiveApp
 from test_serve import Collect, post, tiny_model
 from tiny import Server
 
@@ -265,6 +268,85 @@ def test_a_dropped_client_of_a_whole_reply_frees_its_rows(bpe_server):
     assert now["active"] == 0 and now["steps"] - before < 600, now
 
 
+def test_a_dropped_client_of_a_stream_frees_its_rows(bpe_server):
+    """As above, for a stream: its 8 rows leave the batch long before their 900 tokens are decoded for nobody."""
+    s, _ = bpe_server
+    body = json.dumps({"model": "bpe", "prompt": "a", "max_tokens": 900, "n": 8, "temperature": 0,
+                       "stream": True}).encode()
+    before = health(s.url)["steps"]
+    with socket.create_connection(("127.0.0.1", s.port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        with conn.makefile("rb") as reader:  # (closed first: while it is open, the socket stays open)
+            while not reader.readline().startswith(b"data: {"):  # decoding: the first token is here
+                pass
+    deadline = time.time() + 60
+    while health(s.url)["active"] and time.time() < deadline:
+        time.sleep(0.05)
+    now = health(s.url)
+    assert now["active"] == 0 and now["steps"] - before < 600, now
+
+
+def test_requests_the_shutdown_timeout_cuts_short_get_a_503_or_a_last_error_event_and_no_traceback(tmp_path):
+    """Past --shutdown-timeout after SIGTERM, uvicorn cancels what is left: the stream used to be cut (its client read
+    a broken chunked body), a waiting request got a plain-text 500, and each printed a traceback."""
+    path = tmp_path / "slow"
+    save_checkpoint(path, tiny_model(context_length=2048, emb_dim=256, n_layers=4), get_tokenizer("gpt2"))
+    s = Server("--checkpoint", path, "--max-batch", "1", "--shutdown-timeout", "1")
+    long = {"model": "slow", "prompt": "go", "max_tokens": 2000, "temperature": 0}  # seconds of decoding, at least
+    try:
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps({**long, "stream": True}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=300)
+        assert stream.readline().startswith(b"data: ")  # decoding: the one row is busy
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post_raw, s.url, long)
+            deadline = time.time() + 120
+            while health(s.url)["waiting"] != 1:
+                assert time.time() < deadline
+                time.sleep(0.05)
+            s.proc.send_signal(signal.SIGTERM)
+            events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: {")]
+            assert events[-1]["error"]["code"] == "server_shutting_down", events[-1]
+            status, headers, reply = waiting.result(120)
+        assert status == 503 and reply["error"]["code"] == "server_shutting_down" and headers["Retry-After"] == "1"
+        assert s.proc.wait(120) == 0
+        assert "Traceback" not in s.output(), s.output()
+    finally:
+        s.stop()
+
+
+def test_ctrl_c_lets_the_stream_in_flight_finish_then_exits_130_in_one_line(tmp_path):
+    """SIGINT (Ctrl-C) shuts down as SIGTERM does, and ends as an interrupted command does (exit 130)."""
+    path = tmp_path / "tiny"
+    save_checkpoint(path, tiny_model(context_length=256), get_tokenizer("gpt2"))
+    s = Server("--checkpoint", path, "--max-batch", "1")
+    try:
+        body = {"model": "tiny", "prompt": "go", "max_tokens": 200, "temperature": 0, "stream": True}
+        req = urllib.request.Request(s.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        stream = urllib.request.urlopen(req, timeout=300)
+        assert stream.readline().startswith(b"data: ")
+        s.proc.send_signal(signal.SIGINT)
+        events = [json.loads(line[6:]) for line in stream.read().decode().splitlines() if line.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert s.proc.wait(120) == 130
+        assert "Traceback" not in s.output() and s.output().strip().endswith("build-llm: interrupted"), s.output()
+    finally:
+        s.stop()
+
+
+def post_raw(url: str, body: dict) -> tuple[int, Any, dict]:
+    """(status, headers (case-insensitive), JSON) of a POST to /v1/completions, whatever its status."""
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
 def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):
     """The bad values with echo used to leave their requests unanswered; SIGTERM then waited the whole
     shutdown timeout and printed about 40 lines of traceback. (Last in this file: it stops the server.)"""
@@ -277,3 +359,146 @@ def test_sigterm_after_bad_echo_requests_ends_at_once_and_quietly(abc_server):
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(60) == 0 and time.time() - start < 10
     assert "Traceback" not in s.output()
+
+
+# --- a full queue, and the clients that leave it ----------------------------------------------------------------
+def test_a_cancelled_waiting_sequence_gives_up_its_place_in_the_queue():
+    engine = Engine(tiny_model(vocab_size=300), max_batch=1, max_queue=2)  # not started: nothing leaves the queue
+    left, stays = Collect(), Collect()
+    gone = Sequence([1], 3, left)
+    engine.submit([gone, Sequence([1], 3, stays)])
+    gone.cancel()  # its client went away while it waited
+    assert engine.load["waiting"] == 1
+    engine.submit([Sequence([2], 3, Collect())])  # the place is free again
+    assert left.reason == "cancelled" and stays.reason is None  # told, as the engine tells what it pops
+    with pytest.raises(QueueFull):
+        engine.submit([Sequence([1], 1, Collect())])
+
+
+def test_more_choices_than_the_queue_holds_is_a_400_not_a_503_to_retry_forever():
+    tok = get_tokenizer("gpt2")
+    model = tiny_model()
+    app = LiveApp(model, tok, Settings("tiny", chat_template=lambda messages: tok.encode(messages[-1]["content"])),
+                  Engine(model, max_batch=1, max_queue=2))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "n": 3}
+    try:
+        for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {**chat, "prompt": "hi"}),
+                           ("/v1/completions", {**chat, "prompt": ["a", "b"], "n": 2})):
+            status, headers, reply = app.call("POST", path, body)
+            assert status == 400 and reply["error"]["param"] == "n" and "retry-after" not in headers, reply
+            assert "2 sequences" in reply["error"]["message"]
+        assert app.call("POST", "/v1/chat/completions", {**chat, "n": 2})[0] == 200
+    finally:
+        app.close()
+
+
+class Paused(Engine):
+    """An engine whose thread decodes nothing until `go` is set: what it is given stays in its queue."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.go = threading.Event()
+
+    def step(self) -> None:
+        self.go.wait()
+        super().step()
+
+
+def open_stream(port: int, body: dict) -> socket.socket:
+    """A streaming completion sent on a raw connection (closing it is a client going away)."""
+    data = json.dumps(body).encode()
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return conn
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_clients_that_leave_it_free_their_places():
+    model = tiny_model()
+    engine = Paused(model, max_batch=1, max_queue=2)
+    app = LiveApp(model, get_tokenizer("gpt2"), Settings("tiny"), engine)
+    stream = {"model": "tiny", "prompt": [1, 2], "max_tokens": 3, "temperature": 0, "stream": True}
+
+    def waiting(count: int) -> None:
+        deadline = time.time() + 60
+        while app.call("GET", "/health")[2]["waiting"] != count:
+            assert time.time() < deadline, app.call("GET", "/health")[2]
+            time.sleep(0.02)
+    try:
+        leaving = [open_stream(app.port, stream) for _ in range(2)]
+        waiting(2)
+        status, headers, reply = app.call("POST", "/v1/completions", {**stream, "stream": False})
+        assert status == 503 and reply["error"]["code"] == "server_overloaded", reply
+        assert int(headers["retry-after"]) >= 1  # the openai client waits that long before it retries
+        for conn in leaving:  # gone before their turn: they must not keep others out
+            conn.close()
+        waiting(0)
+        staying = open_stream(app.port, stream)
+        waiting(1)
+        engine.go.set()
+        reply = staying.makefile("rb").read().decode()
+        staying.close()
+        assert reply.startswith("HTTP/1.1 200") and '"finish_reason": "length"' in reply and "data: [DONE]" in reply
+    finally:
+        engine.go.set()
+        app.close()
+
+
+# --- OpenAI parameters the server does not implement: refused, not ignored ------------------------------------
+@pytest.mark.parametrize("key, value", [("logit_bias", {"50256": -100}), ("presence_penalty", 1.5),
+                                        ("frequency_penalty", -0.5), ("best_of", 3), ("suffix", " the end"),
+                                        ("response_format", {"type": "json_object"})])
+def test_a_parameter_the_server_does_not_implement_is_refused_unless_it_asks_for_nothing(key, value):
+    settings = Settings("tiny")
+    with pytest.raises(ApiError) as refused:
+        parse_sampling({key: value}, settings, 64)
+    assert refused.value.status == 400 and refused.value.param == key and "not supported" in refused.value.message
+    neutral = {"logit_bias": {}, "presence_penalty": 0.0, "frequency_penalty": 0, "best_of": 1, "suffix": "",
+               "response_format": {"type": "text"}}[key]  # what clients send when their user set nothing
+    assert parse_sampling({key: neutral}, settings, 64) == parse_sampling({}, settings, 64)
+
+
+def test_chat_refuses_logprobs_and_echo_by_name():
+    tok = get_tokenizer("gpt2")
+    app = LiveApp(tiny_model(), tok, Settings("tiny", chat_template=lambda messages: tok.encode(messages[-1]["content"])))
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        for key, value in (("logprobs", True), ("logprobs", 0), ("top_logprobs", 2), ("echo", True)):
+            status, _, reply = app.call("POST", "/v1/chat/completions", {**chat, key: value})
+            assert status == 400 and reply["error"]["param"] == key, reply
+            assert "/v1/completions only" in reply["error"]["message"], reply
+        for key in ("logprobs", "echo"):
+            assert app.call("POST", "/v1/chat/completions", {**chat, key: False})[0] == 200
+    finally:
+        app.close()
+
+
+# --- a padded embedding: ids past the tokenizer's are no text ----------------------------------------------------
+def test_a_model_with_more_ids_than_its_tokenizer_never_produces_or_takes_the_extra_ones():
+    """Qwen's embeddings have rows past its tokenizer's ids (padding). Made here to be the most likely tokens, they
+    used to be drawn, and decoding them failed the request with a 500 (a stream broke off)."""
+    tok = get_tokenizer("gpt2")  # 50,257 ids
+    model = tiny_model(vocab_size=50304)
+    with torch.no_grad():
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)  # every position's last hidden state: all ones
+        model.out_head.weight[tok.vocab_size:] = 1.0  # so the padding's logits are the largest
+    real = model.out_head.weight[:tok.vocab_size].sum(1)  # the logits of the tokenizer's ids, at every position
+    expected = tok.decode([int(real.argmax())] * 3)
+    app = LiveApp(model, tok, Settings("tiny"))
+    good = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0}
+    try:
+        for body in (good, {**good, "echo": True, "logprobs": 5}, {**good, "temperature": 1.0, "top_k": 50, "seed": 1}):
+            status, _, reply = app.call("POST", "/v1/completions", body)
+            assert status == 200, reply
+            choice = reply["choices"][0]
+            if body.get("temperature") == 0:
+                assert choice["text"] == ("hi" if body.get("echo") else "") + expected
+            if body.get("logprobs"):  # the alternatives are the tokenizer's ids too
+                assert len(choice["logprobs"]["top_logprobs"]) == 1 + 3 and choice["logprobs"]["top_logprobs"][1]
+        status, _, reply = app.call("POST", "/v1/completions", {**good, "prompt": [50300]})
+        assert status == 400 and "[0, 50257)" in reply["error"]["message"], reply
+        status, _, stream = app.call("POST", "/v1/completions", {**good, "stream": True})
+        assert status == 200 and stream.rstrip().endswith("data: [DONE]"), stream
+    finally:
+        app.close()

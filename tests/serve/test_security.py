@@ -58,9 +58,9 @@ def call(port: int, method: str, path: str, body=None, headers: dict | None = No
 class LiveApp:
     """create_app's app served by uvicorn in a thread on 127.0.0.1 (a real server, in-process)."""
 
-    def __init__(self, model: GPTModel, tokenizer, settings: Settings) -> None:
+    def __init__(self, model: GPTModel, tokenizer, settings: Settings, engine: Engine | None = None) -> None:
         self.port = free_port()
-        app = create_app(Engine(model, max_batch=2, max_queue=8), tokenizer, settings)
+        app = create_app(engine or Engine(model, max_batch=2, max_queue=8), tokenizer, settings)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

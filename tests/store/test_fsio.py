@@ -241,3 +241,19 @@ def test_files_a_user_added_to_our_directory_block_its_replacement(tmp_path):
     assert (target / "README.md").read_text() == "my notes"
     with pytest.raises(UsageError):
         fsio.remove_dir(target)
+
+
+def test_a_directory_replaced_whole_may_not_be_the_current_one_or_hold_it(tmp_path, monkeypatch):
+    """`--out .` used to build the new directory inside the one it replaces, then refuse it as 'non-empty' (it was
+    empty: the temporary directory was in it)."""
+    here = tmp_path / "here"
+    (here / "deeper").mkdir(parents=True)
+    for cwd, out in ((here, "."), (here, str(here)), (here / "deeper", ".."), (here / "deeper", "../")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(UsageError, match="is the current directory or holds it"):
+            with fsio.replace_dir(out, "inspect"):
+                pass
+    monkeypatch.chdir(tmp_path)
+    with fsio.replace_dir(here / "deeper", "inspect") as tmp:  # beside the current directory: fine
+        (tmp / "a.txt").write_text("a")
+    assert sorted(p.name for p in here.iterdir()) == ["deeper"] and (here / "deeper" / "a.txt").is_file()

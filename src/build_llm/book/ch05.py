@@ -31,6 +31,7 @@ from build_llm.config import GPTConfig
 from build_llm.errors import UsageError
 from build_llm.infer.generate import generate_text_simple, stream, text_to_token_ids, token_ids_to_text
 from build_llm.store.checkpoint import unwrap
+from build_llm.store.fsio import save_figure
 from build_llm.train.loop import next_token_loss
 
 __all__ = ["generate", "text_to_token_ids", "token_ids_to_text", "calc_loss_batch", "calc_loss_loader",
@@ -155,7 +156,7 @@ def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[float], trai
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
     if path is not None:
-        fig.savefig(path)
+        save_figure(fig, path)  # whole or not at all, never through a symbolic link at the name
     return fig
 
 

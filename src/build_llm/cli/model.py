@@ -25,8 +25,7 @@ from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
 from build_llm.store.finetuned import load_language_model
-from build_llm.store.fsio import (atomic_path, check_not_input, check_overwrite, check_writable_dir, check_writable_file,
-                                 read_json)
+from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_dir, check_writable_file, read_json
 
 
 def run_info(args: argparse.Namespace) -> None:
@@ -238,8 +237,7 @@ def run_tokenizer_train(args: argparse.Namespace) -> None:
         raise
     except Exception as e:  # the tokenizers library raises its own exception type
         raise UsageError(f"training failed on --data: {e}") from e
-    with atomic_path(out) as tmp:
-        tok.save(tmp)
+    tok.save(out)  # atomically, never through a link at the name
     print(f"{out}: byte-level BPE, {tok.vocab_size} ids (eos {ENDOFTEXT} = {tok.eos_id})")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from build_llm.cli.common import add_checkpoint, add_seed, int_at_least, load_source, model_source, positive_int, verb
@@ -19,6 +20,7 @@ from build_llm.serve import Settings, run_server
 from build_llm.sizing import kv_cache_bytes
 from build_llm.store.finetuned import load_finetuned
 
+API_KEY_ENV = "BUILD_LLM_API_KEY"
 MAX_BATCH = 1024  # rows decoded together; past this a step is far too slow to serve anyone
 
 
@@ -47,23 +49,27 @@ def check_cache_fits(model, max_batch: int) -> None:
                          f"choose --max-batch {max(1, max_batch * free // need // 2)} or less")
 
 
-def check_api_key(key: str | None) -> None:
-    """Refuse a key no client can send: an HTTP header carries printable ASCII, and its ends are trimmed."""
-    if key is None:
-        return
-    if not key.strip():
-        raise UsageError("--api-key is empty; give a key or leave the option out")
-    bad = next((c for c in key if not " " <= c <= "~"), None)
-    if bad is not None or key != key.strip():
+def api_key(flag: str | None) -> str | None:
+    """The key clients must send: --api-key, else $BUILD_LLM_API_KEY (which, unlike a command line, other users
+    of the machine cannot read in the process list), else none. A key no client can send is refused: an HTTP
+    header carries printable ASCII, and its ends are trimmed."""
+    given, where = (flag, "--api-key") if flag is not None else (os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}")
+    if given is None:
+        return None
+    if not given.strip():
+        raise UsageError(f"{where} is empty; give a key or leave it unset")
+    bad = next((c for c in given if not " " <= c <= "~"), None)
+    if bad is not None or given != given.strip():
         what = f"the character {bad!r}" if bad is not None else "a space at an end"
-        raise UsageError(f"--api-key holds {what}, which an 'Authorization' header cannot carry; give a key of "
+        raise UsageError(f"{where} holds {what}, which an 'Authorization' header cannot carry; give a key of "
                          "printable ASCII (letters, digits, punctuation) with no spaces at its ends")
+    return given
 
 
 def run_serve(args: argparse.Namespace) -> None:
     if args.port > 65535:
         raise UsageError(f"--port {args.port} is invalid; expected 1 .. 65535")
-    check_api_key(args.api_key)
+    key = api_key(args.api_key)
     chat_template, stop_ids = None, ()
     if args.checkpoint:  # an instruction fine-tune or a chat model also answers /v1/chat/completions
         model, tokenizer, note = load_chat_model(args.checkpoint, args.dtype)
@@ -75,7 +81,7 @@ def run_serve(args: argparse.Namespace) -> None:
         model, tokenizer = load_source(args, dtype=args.dtype)
     check_cache_fits(model, args.max_batch)
     name = args.name or args.preset or Path(args.checkpoint).resolve().name
-    settings = Settings(model_name=name, dtype=args.dtype, api_key=args.api_key, max_tokens=args.max_tokens,
+    settings = Settings(model_name=name, dtype=args.dtype, api_key=key, max_tokens=args.max_tokens,
                         chat_template=chat_template, chat_stop_ids=stop_ids)
     run_server(model, tokenizer, settings, host=args.host, port=args.port, max_batch=args.max_batch,
                max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout, allow_hosts=args.allow_host or ())
@@ -104,7 +110,10 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="the largest max_tokens a request may ask (default: the model's context length). A "
                         "request without max_tokens gets what the context leaves after its prompt, at most this")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ requests")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ requests. A command line is visible to every "
+                        f"user of the machine (ps): ${API_KEY_ENV} gives the key without showing it, and is used "
+                        f"when this is not given")
     p.add_argument("--name", default=None, help="the model id clients send (default: the preset or directory name)")
     p.add_argument("--shutdown-timeout", type=positive_int, default=30,
                    help="seconds that requests in flight may take to finish after SIGTERM (default 30)")

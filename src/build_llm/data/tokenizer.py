@@ -33,7 +33,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from build_llm.data.special_tokens import TokenizerConfig, read_tokenizer_config, write_tokenizer_config
 from build_llm.errors import UsageError, UsageTypeError
-from build_llm.store.fsio import read_json
+from build_llm.store.fsio import read_json, write_text
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -116,8 +116,9 @@ class Tokenizer(ABC):
         """A JSON-ready dict from which `tokenizer_from_json` rebuilds this tokenizer."""
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the tokenizer as JSON to `path` (read it back with `load_tokenizer`)."""
-        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False), encoding="utf-8")
+        """Write the tokenizer as JSON to `path` (read it back with `load_tokenizer`), whole or not at all, and
+        never through a symbolic link at the name (fsio.write_text)."""
+        write_text(path, json.dumps(self.to_json(), ensure_ascii=False))
 
     def save_to(self, directory: str | os.PathLike[str]) -> list[str]:
         """Write the tokenizer into a checkpoint or model directory: tokenizer.json, and the side files of

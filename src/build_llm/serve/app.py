@@ -48,6 +48,7 @@ from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, erro
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+RETRY_AFTER = 1  # seconds a client turned away by a full queue is asked to wait: rows free as replies end
 
 
 # --- who may talk to the server -----------------------------------------------------------------------
@@ -113,6 +114,36 @@ class Guard:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class Unfinished:
+    """ASGI middleware answering the requests the server stops before it has finished them. Once --shutdown-timeout
+    has passed after SIGTERM, uvicorn cancels them: each would end in a plain-text 500 or a cut stream, and print a
+    traceback. Each gets OpenAI's error instead, a 503 (retry later), or, in a stream, a last event saying so."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:  # nothing but the server's shutdown cancels a request
+            error = ApiError(503, "the server is shutting down and stopped before this request was finished; retry "
+                                  "later", code="server_shutting_down", headers={"Retry-After": str(RETRY_AFTER)})
+            with contextlib.suppress(Exception):  # a client gone meanwhile: nobody to tell
+                if not started:
+                    await error.response()(scope, receive, send)
+                else:  # a stream: its last event
+                    await send({"type": "http.response.body", "body": sse(error.body()).encode(), "more_body": False})
 
 
 async def disconnected(request: Request) -> None:
@@ -247,7 +278,7 @@ class Completion:
                     if not self.queue.empty():  # as in body: other requests in between tokens
                         await asyncio.sleep(0)
                 except ApiError as e:
-                    yield sse({"error": {"message": e.message, "type": e.kind, "param": None, "code": e.code}})
+                    yield sse(e.body())
                     return
                 text = c.take()
                 if self.sampling.echo and c.prefix and reported[c.index] == 0 and not c.echoed:
@@ -269,7 +300,9 @@ class Api:
     def __init__(self, engine: Engine, tokenizer: Any, settings: Settings) -> None:
         self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
         self.context_length = engine.context_length
-        self.vocab_size = engine.model.cfg.vocab_size
+        # The ids a prompt may hold and the engine may produce: those the tokenizer can turn into text (a padded
+        # embedding's last rows are no tokens: decoding them would fail the request).
+        self.vocab_size = engine.vocab_size = min(engine.model.cfg.vocab_size, tokenizer.vocab_size)
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
         self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends
@@ -313,6 +346,12 @@ class Api:
         if model != name:
             raise ApiError(404, f"the model {model!r} does not exist; this server has {name!r}",
                            param="model", code="model_not_found")
+
+    def check_count(self, prompts: int, n: int) -> None:
+        """More sequences than the queue holds can never be served: a 400, where a 503 would have clients retry."""
+        if prompts * n > self.engine.max_queue:
+            raise ApiError(400, f"{prompts} prompt{'s' if prompts > 1 else ''} x n={n} is more than the "
+                                f"{self.engine.max_queue} sequences this server queues; send fewer", param="n")
 
     def fit(self, ids: list[int], sampling: Sampling) -> tuple[list[int], int]:
         """The prompt's ids, cut to its last tokens when `truncate` asks and it does not fit, and the
@@ -365,8 +404,9 @@ class Api:
                 seqs.append(choice.seq)
         try:
             self.engine.submit(seqs)
-        except QueueFull as e:
-            raise ApiError(503, f"the server is busy: {e}; retry later", code="server_overloaded") from None
+        except QueueFull as e:  # Retry-After: clients (the openai library among them) wait that long, then retry
+            raise ApiError(503, f"the server is busy: {e}; retry later", code="server_overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER)}) from None
         return Completion(choices, used, queue, sampling, chat, self.settings.model_name)
 
     async def reply(self, request: Request, prompts: list[tuple[list[int], str | None]], sampling: Sampling,
@@ -390,10 +430,8 @@ class Api:
         self.check_model(body)
         sampling = parse_sampling(body, self.settings, self.context_length, self.vocab_size)
         prompt = body.get("prompt")  # counted before any is encoded: refusing a long list costs nothing
-        count = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-        if count * sampling.n > self.engine.max_queue:
-            raise ApiError(400, f"{count} prompts x n={sampling.n} is more than the {self.engine.max_queue} "
-                                "sequences this server queues; send fewer", param="n")
+        self.check_count(len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1,
+                         sampling.n)
         prompts = parse_prompts(body, self.tokenizer.encode_prompt, self.vocab_size)
         return await self.reply(request, prompts, sampling, False)
 
@@ -406,9 +444,13 @@ class Api:
         if settings.chat_template is None:
             raise ApiError(400, f"the model {settings.model_name!r} has no chat template (it was not instruction-"
                                 "tuned); use /v1/completions", param="messages", code="no_chat_template")
+        asked = next((k for k in ("logprobs", "top_logprobs", "echo") if body.get(k) is not None
+                      and body.get(k) is not False), None)
+        if asked is not None:  # before parse_sampling: chat's logprobs is true or false, not completions' count
+            raise ApiError(400, f"{asked} is supported by /v1/completions only; leave it out of a chat request",
+                           param=asked)
         sampling = parse_sampling(body, settings, self.context_length)
-        if sampling.logprobs is not None or sampling.echo:
-            raise ApiError(400, "logprobs and echo are supported by /v1/completions only", param="logprobs")
+        self.check_count(1, sampling.n)
         try:
             ids = settings.chat_template(messages)
         except ValueError as e:
@@ -472,6 +514,7 @@ def create_app(engine: Engine, tokenizer: Any, settings: Settings) -> Starlette:
               Route("/v1/models/{model:path}", api.model_info),
               Route("/v1/completions", api.completions, methods=["POST"]),
               Route("/v1/chat/completions", api.chat_completions, methods=["POST"])]
-    return Starlette(routes=routes, lifespan=api.lifespan, middleware=[Middleware(Guard, settings=settings)],
+    return Starlette(routes=routes, lifespan=api.lifespan,
+                     middleware=[Middleware(Unfinished), Middleware(Guard, settings=settings)],
                      exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
                                          ClientDisconnect: on_disconnect, Exception: on_bug})

@@ -24,6 +24,7 @@ the whole batch that fails errors every row in it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -107,6 +108,9 @@ class Engine:
             raise UsageError(f"max_batch={max_batch}, max_queue={max_queue}: both must be >= 1")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
         self.context_length = model.cfg.context_length
+        # The ids it may produce and report: a caller whose tokenizer has fewer ids than the model's embedding has
+        # rows (a padded embedding, as Qwen's) lowers it, and the padding's logits are then never drawn from.
+        self.vocab_size = model.cfg.vocab_size
         self.cache = model.new_cache(max_batch)  # (L, slots, nh, ctx, hs), allocated once
         self.rows: list[Sequence] = []  # active sequences; rows[i] lives in cache slot i
         self.lengths: list[int] = []  # tokens of rows[i] already in the cache
@@ -136,10 +140,20 @@ class Engine:
         with self.wake:
             if self.stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self.waiting) + len(seqs) > self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting sequences)")
-            self.waiting.extend(seqs)
-            self.wake.notify()
+            # Sequences cancelled while they waited (their clients went away) hold no place: while every row
+            # decodes on, nothing pops them, and counting them would turn away the clients still here.
+            gone = [s for s in self.waiting if s.cancelled]
+            if gone:
+                self.waiting = collections.deque(s for s in self.waiting if not s.cancelled)
+            full = len(self.waiting) + len(seqs) > self.max_queue
+            if not full:
+                self.waiting.extend(seqs)
+                self.wake.notify()
+        for s in gone:  # as the engine's thread tells a cancelled sequence it pops
+            with contextlib.suppress(Exception):  # a caller that cannot be told is not this caller's failure
+                s.emit("done", "cancelled")
+        if full:
+            raise QueueFull(f"the queue is full ({self.max_queue} waiting sequences)")
 
     def stop(self, timeout: float | None = 10.0) -> None:
         with self.wake:
@@ -150,7 +164,9 @@ class Engine:
 
     @property
     def load(self) -> dict[str, int]:
-        return {"active": len(self.rows), "waiting": len(self.waiting), "max_batch": self.max_batch,
+        with self.wake:  # the engine's thread pops from the queue meanwhile
+            waiting = sum(not s.cancelled for s in self.waiting)  # the clients still waiting (see submit)
+        return {"active": len(self.rows), "waiting": waiting, "max_batch": self.max_batch,
                 "max_queue": self.max_queue, "steps": self.steps}
 
     # --- the engine thread ----------------------------------------------------------------------
@@ -235,8 +251,8 @@ class Engine:
         if s.seed is not None:
             s.generator = torch.Generator().manual_seed(s.seed)
         ids = torch.tensor([s.prompt], dtype=torch.long)
-        logits = self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + 1],
-                                                    self.cache.v[:, slot:slot + 1], 0))[0]  # (T, V)
+        logits = self.model(ids, cache=KVCache.over(self.cache.k[:, slot:slot + 1], self.cache.v[:, slot:slot + 1],
+                                                    0))[0, :, :self.vocab_size]  # (T, V)
         tokens = [Token(s.prompt[0], None, None)]
         tokens += [token_info(logits[t], s.prompt[t + 1], s.logprobs if s.logprobs is not None else 0)
                    for t in range(len(s.prompt) - 1)]
@@ -284,7 +300,8 @@ class Engine:
         if n not in self.step_threads:
             self.step_threads[n] = decoding_threads(self.weights, self.cache.k.device, compiled=self.compiled)
         with self.step_threads[n]():
-            logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n], pos))[:, -1]  # (n, V)
+            logits = self.model(idx, cache=KVCache.over(self.cache.k[:, :n], self.cache.v[:, :n],
+                                                        pos))[:, -1, :self.vocab_size]  # (n, V)
         with one_thread():  # the server's other threads and its clients share the cores
             greedy = argmax_rows(logits)
             for i, s in enumerate(self.rows):

@@ -40,18 +40,23 @@ class Settings:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str | None = None) -> None:
+                 kind: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers  # e.g. a 503's Retry-After
+
+    def body(self) -> dict[str, Any]:
+        """OpenAI's error object: the JSON of the response, or of a stream's last event."""
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.param, self.code, self.kind)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    kind: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return ApiError(status, message, param, code, kind).response()
 
 
 # --- request validation ----------------------------------------------------------------------------
@@ -134,7 +139,23 @@ class Sampling:
     include_usage: bool = False
 
 
+# OpenAI's parameters this server does not implement, with the values that ask for nothing (what the client
+# libraries and front ends send when the user set nothing). Any other value is refused, not ignored: the reply
+# would silently not be the one asked for.
+UNSUPPORTED = {"suffix": ("",), "best_of": (1,), "presence_penalty": (0,), "frequency_penalty": (0,),
+               "logit_bias": ({},), "response_format": ({"type": "text"},)}
+
+
+def check_supported(body: dict) -> None:
+    for key, neutral in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and value not in neutral:
+            raise ApiError(400, f"{key}={str(value)[:60]} is not supported by this server; leave {key} out",
+                           param=key, code="unsupported_parameter")
+
+
 def parse_sampling(body: dict, settings: Settings, context_length: int, vocab_size: int | None = None) -> Sampling:
+    check_supported(body)
     limit = settings.max_tokens or context_length
     max_tokens = _integer(body, "max_tokens", None, 0, limit)
     if "max_completion_tokens" in body and body["max_completion_tokens"] is not None:

@@ -34,6 +34,7 @@ from build_llm.store.fsio import read_json, replace_dir, write_json
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
 CHECKPOINT_DIR, PREVIOUS_DIR = "checkpoint", "checkpoint.old"
+FINETUNE_FILE, ADAPTER_FILE = "finetune.json", "adapter.safetensors"  # a fine-tune's (store/finetuned.py reads them)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -123,8 +124,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     sibling = path.with_name(path.name + ".old")
     if (sibling / MODEL_FILE).exists():
         return sibling
+    check_whole_model(path / CHECKPOINT_DIR, path)
     raise UsageError(f"no checkpoint in {str(path)!r}: expected {MODEL_FILE} and {CONFIG_FILE} there or in "
                      f"{CHECKPOINT_DIR}/")
+
+
+def check_whole_model(path: Path, given: str | Path) -> None:
+    """Refuse, by name, a fine-tune in the checkpoint directory `path` that is not a whole language
+    model (store/finetuned.py reads those): a LoRA run keeps only its adapter, a classifier's head
+    scores labels. Without this a newcomer reads "no checkpoint" or "weights do not match"."""
+    if (path / ADAPTER_FILE).is_file():
+        raise UsageError(f"{str(given)!r} is a LoRA run: it holds an adapter, not a whole model; merge it into its "
+                         f"base first (build-llm merge-lora --checkpoint {given} --out DIR) and give DIR")
+    meta = read_json(path / FINETUNE_FILE, f"checkpoint {str(path)!r}") if (path / FINETUNE_FILE).is_file() else {}
+    if isinstance(meta, dict) and meta.get("task") == "classify":
+        raise UsageError(f"{str(given)!r} is a classification fine-tune: its head scores labels, not the next token, "
+                         "so it is no language model; use it with build-llm classify")
 
 
 @dataclass
@@ -143,7 +158,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu",
     straight into its place: the process holds the model and one part in flight, never a second copy.
     `convert(part)`, if given, turns each part into its final form (e.g. decoding weights) before the
     next is read; `memory(cfg)` is then the peak that refuses a model too large for the machine."""
-    path = resolve_checkpoint(path)
+    given, path = path, resolve_checkpoint(path)
+    check_whole_model(path, given)
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
             raise UsageError(f"checkpoint {str(path)!r} is incomplete: {name} is missing")

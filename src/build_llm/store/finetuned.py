@@ -33,12 +33,11 @@ from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.runtime import check_fits
 from build_llm.sizing import count_parameters, model_memory
-from build_llm.store.checkpoint import (CHECKPOINT_DIR, CONFIG_FILE, MODEL_FILE, PREVIOUS_DIR, TOKENIZER_FILE,
-                                        load_checkpoint, save_checkpoint)
+from build_llm.store.checkpoint import (ADAPTER_FILE, CHECKPOINT_DIR, CONFIG_FILE, FINETUNE_FILE, MODEL_FILE,
+                                        PREVIOUS_DIR, TOKENIZER_FILE, load_checkpoint, save_checkpoint)
 from build_llm.store.fsio import check_not_input, read_json, write_json
 
-FINETUNE_FILE = "finetune.json"
-ADAPTER_FILE, ADAPTER_META_FILE = "adapter.safetensors", "adapter.json"  # a LoRA run's checkpoint
+ADAPTER_META_FILE = "adapter.json"  # beside ADAPTER_FILE in a LoRA run's checkpoint
 CLASSIFY_TRAINABLE = ("last-block", "all")  # what a classification fine-tune trains besides the new head
 TASKS = ("classify", "instruct")
 
@@ -251,8 +250,8 @@ def load_language_model(path: str | Path, device: str | torch.device = "cpu") ->
     ft = load_finetuned(path, device)
     if ft.meta["task"] == "classify":
         raise UsageError(f"--checkpoint {str(path)!r} is a classification fine-tune: its head scores "
-                         f"{len(ft.meta['labels'])} labels, not the next token; it has no causal language model "
-                         "to write (use `build-llm classify`)")
+                         f"{len(ft.meta['labels'])} labels, not the next token; it is no language model (use it "
+                         "with `build-llm classify`)")
     return lora_mod.merge_lora(ft.model), ft.tokenizer
 
 

@@ -367,6 +367,13 @@ def _is_empty_dir(path: Path) -> bool:
         return next(it, None) is None
 
 
+def _holds_cwd(path: Path) -> bool:
+    try:
+        return _same_or_inside(Path.cwd(), path)
+    except OSError:  # the current directory was deleted: nothing holds it
+        return False
+
+
 def check_writable_dir(path: str | os.PathLike[str], kind: str, what: str = "--out", whole: bool = False) -> None:
     """Raise UsageError unless `path` is absent, an empty directory, or a directory of `kind` that
     the tool created (and, with `whole`, for a directory to be replaced: holding only what the tool
@@ -378,6 +385,9 @@ def check_writable_dir(path: str | os.PathLike[str], kind: str, what: str = "--o
     if whole and path.is_symlink():  # replacing it whole would replace the link, not the folder it names
         raise UsageError(f"{what} {str(path)!r} is a symbolic link; give the directory itself "
                          f"({os.path.realpath(path)!r}) or a new path")
+    if whole and _holds_cwd(path):  # its new version is built beside it, never inside
+        raise UsageError(f"{what} {str(path)!r} is the current directory or holds it; replacing it whole would leave "
+                         "this shell in a deleted directory: give a directory elsewhere (or run from another one)")
     if not path.exists():
         return
     if not path.is_dir():

@@ -239,7 +239,8 @@ class MultiHeadAttention(nn.Module):
             end = start + num_tokens
             cache.k[:, :, start:end] = keys
             cache.v[:, :, start:end] = values
-            keys, values = cache.k[:, :, :end], cache.v[:, :, :end]  # (B, n_kv, start+T, hs)
+            # (B, n_kv, start+T, hs), read as they are kept (a bfloat16 cache: rounded) in the queries' dtype
+            keys, values = cache.k[:, :, :end].to(queries.dtype), cache.v[:, :, :end].to(queries.dtype)
 
         if self.use_fused():
             dropout_p = self.dropout.p if self.training else 0.0
@@ -269,12 +270,12 @@ class MultiHeadAttention(nn.Module):
         b, _, num_tokens, _ = queries.shape
         pos = cache.pos[:, None] + torch.arange(num_tokens, device=queries.device)  # (B, T)
         rows = torch.arange(b, device=queries.device)[:, None]  # (B, 1)
-        cache.k[rows, :, pos] = keys.transpose(1, 2)  # (B, T, n_kv, hs) into each row's own slots
-        cache.v[rows, :, pos] = values.transpose(1, 2)
+        cache.k[rows, :, pos] = keys.transpose(1, 2).to(cache.k.dtype)  # (B, T, n_kv, hs) into each row's own slots
+        cache.v[rows, :, pos] = values.transpose(1, 2).to(cache.v.dtype)
         end = int(pos.max()) + 1
         allowed = blocked(pos, end, self.window).logical_not()  # (B, T, S)
-        context = F.scaled_dot_product_attention(queries, self.expand(cache.k[:, :, :end]),
-                                                 self.expand(cache.v[:, :, :end]), attn_mask=allowed[:, None],
+        keys, values = cache.k[:, :, :end].to(queries.dtype), cache.v[:, :, :end].to(queries.dtype)  # as kept
+        context = F.scaled_dot_product_attention(queries, self.expand(keys), self.expand(values), attn_mask=allowed[:, None],
                                                  scale=self.scale)  # (B, nh, T, hs)
         return context.transpose(1, 2).reshape(b, num_tokens, self.d_out)  # (B, T, nh * hs)
 

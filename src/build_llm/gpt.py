@@ -67,7 +67,8 @@ class GPTModel(nn.Module):
         per_row = isinstance(start, torch.Tensor)
         self.check_input(in_idx, int(start.max()) if per_row else start)
         batch_size, seq_len = in_idx.shape
-        if cache is not None and seq_len == 1 and self.decode_step is not None and not self.training:
+        if (cache is not None and seq_len == 1 and self.decode_step is not None and not self.training
+                and cache.k.dtype == self.decode_step.cache_dtype):  # a cache of another dtype: the modules
             return self.decode_step(self, in_idx, cache)  # (B, 1, vocab_size): the same numbers, in one C call
 
         x = self.tok_emb(in_idx)  # (B, T, C)
@@ -107,9 +108,13 @@ class GPTModel(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         """An empty KVCache for this model, sized by its context length; it holds the key/value heads only."""
-        ref = self.tok_emb.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.kv_heads, max_len or self.cfg.context_length,
-                       self.cfg.head_dim, device=ref.device, dtype=ref.dtype)
+                       self.cfg.head_dim, device=self.tok_emb.weight.device, dtype=self.cache_dtype())
+
+    def cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: the compiled decoding step's (bfloat16) where the model has one, else the token
+        table's (float32, or bfloat16 for a model in bfloat16)."""
+        return self.tok_emb.weight.dtype if self.decode_step is None else self.decode_step.cache_dtype
 
 
 @torch.no_grad()

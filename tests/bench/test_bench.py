@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from build_llm import GPTConfig
+from build_llm.attention import KVCache
 from build_llm.bench import ceilings, perplexity, serve, steady
 from build_llm.bench.ceilings import bandwidth_megabytes, cache_levels, fits_in
 from build_llm.bench.decode import (add_bandwidth_bounds, add_cache_levels, decoding_models, integrate_steps,
@@ -363,7 +364,8 @@ def test_int4_perplexity_is_scored_as_decoding_rounds_the_inputs(tmp_path):
     model, tok, _ = beer_checkpoint(tmp_path, emb_dim=128)
     r = bench_perplexity(tmp_path / "ckpt", tmp_path / "text.txt", max_windows=4, log=lambda m: None)
     # the reference: PyTorch's modules on the dequantised int4 weights, each Linear's input rounded to int8 per group
-    # of 64 by the test's own rounding (tiny.int8_groups), every window as one prompt
+    # of 64 by the test's own rounding (tiny.int8_groups), every window as one prompt, its keys and values read from
+    # a bfloat16 cache as the compiled step keeps them
     low = prepare_for_decoding(copy.deepcopy(model), "int4")
     twin = copy.deepcopy(model)
     twin.out_head.weight = nn.Parameter(low.out_head.dequantized())
@@ -372,8 +374,10 @@ def test_int4_perplexity_is_scored_as_decoding_rounds_the_inputs(tmp_path):
             ours.weight.data = theirs.dequantized()
             ours.register_forward_pre_hook(lambda m, a: (int8_groups(a[0].flatten(0, -2)).float().view_as(a[0]),))
     data = torch.tensor(heldout_ids(tok, tmp_path / "text.txt")[0][:4 * 32 + 1])
+    cfg = model.cfg
     with torch.no_grad():
-        logits = twin(data[:-1].view(4, 32))
+        logits = twin(data[:-1].view(4, 32), cache=KVCache(cfg.n_layers, 4, cfg.kv_heads, 32, cfg.head_dim,
+                                                           dtype=torch.bfloat16))
     expected = math.exp(F.cross_entropy(logits.flatten(0, 1), data[1:]).item())
     # (unrounded inputs give 1e-4 more: the windows scored as prompts would fail this)
     assert r["perplexity"]["int4"] == pytest.approx(expected, rel=2e-5)

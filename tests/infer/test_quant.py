@@ -192,9 +192,11 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
 
 
 def modules_only(model: GPTModel) -> GPTModel:
-    """The same prepared model, decoding through its PyTorch modules (the independent reference)."""
+    """The same prepared model, decoding through its PyTorch modules (the independent reference), its KV caches of
+    the compiled step's dtype (bfloat16): both read the keys and values rounded alike."""
     plain = copy.deepcopy(model)
     plain.decode_step = None
+    plain.cache_dtype = model.cache_dtype
     return plain
 
 
@@ -233,6 +235,7 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, shape):
     gen = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, 300, (5, 6), generator=gen)  # 5 rows: a group of 4 in the kernels, then one
     caches = [model.new_cache(5), plain.new_cache(5)]
+    assert caches[0].k.dtype == caches[1].k.dtype == torch.bfloat16
     with torch.inference_mode():
         for m, cache in zip((model, plain), caches):
             m(prompt, cache=cache)
@@ -244,7 +247,8 @@ def test_compiled_step_computes_what_the_modules_compute(dtype, shape):
                                        rtol=0)
     assert caches[0].pos == caches[1].pos == 26
     for fast, ref in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):  # the keys and values it wrote
-        torch.testing.assert_close(fast, ref, atol=(INT4_INPUTS if dtype == "int4" else 1e-4) * ref.abs().max().item(),
+        fast, ref = fast.float(), ref.float()  # each side's float32 key rounded to bfloat16: at most one step apart
+        torch.testing.assert_close(fast, ref, atol=(INT4_INPUTS if dtype == "int4" else 2**-7) * ref.abs().max().item(),
                                    rtol=0)
     assert torch.equal(generate(model, prompt, 12), generate(plain, prompt, 12))
 
@@ -258,7 +262,7 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
     assert isinstance(model.decode_step, CompiledStep)
     plain = modules_only(model)
     prompts = [torch.randint(0, 300, (1, n), generator=torch.Generator().manual_seed(n)) for n in (3, 9)]
-    k, v = (torch.zeros(2, 2, 4, 32, 16) for _ in range(2))  # (layers, rows, heads, max_len, head_dim)
+    k, v = (torch.zeros(2, 2, 4, 32, 16, dtype=torch.bfloat16) for _ in range(2))  # (layers, rows, heads, max_len, head_dim)
     if shape != "gpt2":  # the model's own cache shape: (layers, rows, kv_heads, max_len, head_dim)
         k, v = (torch.zeros_like(t) for t in (model.new_cache(2).k, model.new_cache(2).v))
     for row, p in enumerate(prompts):  # each row's prompt into its own slot
@@ -267,12 +271,12 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
     with torch.inference_mode():
         both = model(torch.tensor([[7], [8]]), cache=KVCache.over(k, v, pos.clone()))[:, -1]  # (2, V)
         for row, (p, token) in enumerate(zip(prompts, (7, 8))):
-            alone = plain(torch.cat([p, torch.tensor([[token]])], dim=1))[0, -1]
+            alone = plain(torch.cat([p, torch.tensor([[token]])], dim=1), cache=plain.new_cache(1))[0, -1]
             torch.testing.assert_close(both[row], alone, atol=2e-4 * alone.abs().max().item(), rtol=0)
         before = k.clone()
         with pytest.raises(IndexError, match="outside the vocabulary"):
             model(torch.tensor([[300], [1]]), cache=KVCache.over(k, v, pos.clone()))
-        short = torch.zeros(2, 1, k.shape[2], 3, k.shape[4])  # room for 3 positions
+        short = torch.zeros(2, 1, k.shape[2], 3, k.shape[4], dtype=torch.bfloat16)  # room for 3 positions
         with pytest.raises(IndexError, match="outside the KV cache"):
             model(torch.tensor([[1]]), cache=KVCache.over(short, short.clone(), 3))
         with pytest.raises(ValueError, match="contiguous in their last 3 dimensions"):
@@ -280,6 +284,40 @@ def test_compiled_step_takes_a_position_per_row_and_refuses_what_is_out_of_range
         with pytest.raises(ValueError, match=re.escape(f"shape {tuple(k[:, :1].shape)} does not fit 2 rows")):
             model(torch.tensor([[1], [2]]), cache=KVCache.over(k[:, :1], v[:, :1], pos.clone()))
         assert torch.equal(k, before)  # nothing written
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_compiled_step_keeps_keys_and_values_rounded_to_bfloat16_as_pytorch_rounds_them(dtype):
+    model = prepare_for_decoding(tiny(), dtype)
+    plain = copy.deepcopy(model)
+    plain.decode_step = None  # the modules, on a float32 cache: the keys and values unrounded
+    prompt = torch.randint(0, 300, (3, 5), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 300, (3, 1), generator=torch.Generator().manual_seed(4))
+    ours, ref = model.new_cache(3), plain.new_cache(3)
+    assert (ours.k.dtype, ref.k.dtype) == (torch.bfloat16, torch.float32)
+    with torch.inference_mode():
+        for m, cache in ((model, ours), (plain, ref)):
+            m(prompt, cache=cache)
+            m(ids, cache=cache)  # position 5: the compiled step writes it on our side
+    # The first block's: its keys and values are products of the same inputs on both sides (a later block's inputs
+    # have been through attention over keys rounded on one side only). To nearest, ties to even: equal but where
+    # the two sides' float32 sums straddle a rounding boundary (a truncation would differ at about half of them).
+    for fast, exact in ((ours.k[0, :, :, 5], ref.k[0, :, :, 5]), (ours.v[0, :, :, 5], ref.v[0, :, :, 5])):
+        assert (fast == exact.to(torch.bfloat16)).float().mean() > 0.99
+
+
+@needs_kernels
+def test_a_float32_cache_decodes_through_the_modules():
+    model = prepare_for_decoding(tiny(), "int8")
+    plain = copy.deepcopy(model)
+    plain.decode_step = None
+    prompt = torch.randint(0, 300, (2, 4), generator=torch.Generator().manual_seed(6))
+    caches = [KVCache(2, 2, 4, 32, 16) for _ in range(2)]  # float32: not the compiled step's cache
+    with torch.inference_mode():
+        for m, cache in zip((model, plain), caches):
+            m(prompt, cache=cache)
+        assert torch.equal(model(torch.tensor([[5], [6]]), cache=caches[0]), plain(torch.tensor([[5], [6]]), cache=caches[1]))
 
 
 def test_compiled_step_only_for_models_it_computes_exactly():

@@ -41,8 +41,8 @@ def host_name_arg(text: str) -> str:
 
 def check_cache_fits(model, max_batch: int) -> None:
     """Refuse a --max-batch whose KV cache (allocated whole when the server starts) the memory cannot hold."""
-    cfg, dtype = model.cfg, model.tok_emb.weight.dtype
-    need, free = kv_cache_bytes(cfg, max_batch, dtype), available_memory()
+    cfg = model.cfg
+    need, free = kv_cache_bytes(cfg, max_batch, model.cache_dtype()), available_memory()
     if free is not None and need > free:
         raise UsageError(f"--max-batch {max_batch} needs {need / 2**30:,.1f} GiB for its KV cache ({max_batch} rows of "
                          f"{cfg.context_length} positions) but {free / 2**30:,.1f} GiB of memory is available; "

@@ -472,6 +472,18 @@ static inline float bf16_to_float(uint16_t b) {
     return v.f;
 }
 
+/* float32 -> bfloat16 as PyTorch converts: to nearest, ties to even (past the largest bfloat16: infinity); NaN 0x7FC0 */
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+static inline const float *widen(const uint16_t *b, float *out, int64_t n) {  /* n bfloat16 -> out (float32); out */
+    for (int64_t i = 0; i < n; i++) out[i] = bf16_to_float(b[i]);
+    return out;
+}
+
 /* AVX2 (with FMA) for one block of 4 weight rows against the input rows (bfloat16: one at a time; int8: in pairs,
    see int8_rows_avx2), where the compiler's vectorisation of the portable loops below is slow (measured on an AVX2
    CPU, 3072 x 768, one thread: int8 9.7 and bfloat16 10.2 billion weights a second through those loops). int8: 16 weights widen to 16 int16 lanes and one `vpmaddwd` multiplies
@@ -923,7 +935,8 @@ void matvec_int4(const float *x, const uint8_t *w, const uint16_t *scale, const 
 }
 /* ---- One decoding step: every block, the final norm and the head in one call ----
    M rows (sequences), each adding one token at its own position; keys and values go into the caller's KV
-   cache (float32, (layers, rows, kv_heads, max_len, head_dim) with the given layer and row strides). The
+   cache (bfloat16, (layers, rows, kv_heads, max_len, head_dim) with the given layer and row strides: half the bytes
+   of float32 to read at every step, which at 16 rows of ~100 positions are as many as gpt2-small's int8 weights). The
    Linear layers are packed bfloat16, int8 or int4 weights (`kind`); everything else is float32, computed as
    PyTorch's modules compute it: GPT-2's shape (LayerNorm, a position table, GELU) or Llama's (RMSNorm, rotary
    positions, a gated feed-forward, grouped key/value heads), with Qwen3's and Gemma 3's options (RMS-normalised
@@ -1015,7 +1028,8 @@ static void residual(const Model *md, float *x, float *part, const float *w, con
 
 /* One block's attention, shared among threads by (row, query head) */
 typedef struct {
-    const Model *md; const Block *B; const float *qkv, *kc0, *vc0; float *ctx, *scores; const int64_t *pos;
+    const Model *md; const Block *B; const float *qkv; const uint16_t *kc0, *vc0; float *ctx, *scores;
+    const int64_t *pos;
     int64_t longest, row_stride, max_len;
 } Attention;
 
@@ -1034,9 +1048,9 @@ static inline __attribute__((always_inline)) __m256 lane_sums8_avx2(const __m256
     return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
 }
 
-/* s[j] = (q . k_j) * scale for j in [first, last], k_j = kc + j * D; each position's sum in the same order whether
-   it is one of 8 or computed alone (the same scores for a row however many rows the step has) */
-static void scores_avx2(const float *q, const float *kc, int64_t first, int64_t last, int64_t D, float scale,
+/* s[j] = (q . k_j) * scale for j in [first, last], k_j = kc + j * D (bfloat16); each position's sum in the same
+   order whether it is one of 8 or computed alone (the same scores for a row however many rows the step has) */
+static void scores_avx2(const float *q, const uint16_t *kc, int64_t first, int64_t last, int64_t D, float scale,
                         float *s) {
     int64_t j = first;
     for (; j + 8 <= last + 1; j += 8) {
@@ -1044,33 +1058,33 @@ static void scores_avx2(const float *q, const float *kc, int64_t first, int64_t 
         for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(q + d);
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(kc + (j + i) * D + d), qd, acc[i]);
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(bf16x8_avx2(kc + (j + i) * D + d), qd, acc[i]);
         }
         _mm256_storeu_ps(s + j, _mm256_mul_ps(lane_sums8_avx2(acc), _mm256_set1_ps(scale)));
     }
     for (; j <= last; j++) {
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(kc + j * D + d), _mm256_loadu_ps(q + d), acc);
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(bf16x8_avx2(kc + j * D + d), _mm256_loadu_ps(q + d), acc);
         float l[8];
         _mm256_storeu_ps(l, acc);
         s[j] = (((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))) * scale;
     }
 }
 
-/* out[c0 .. c0 + 8 NV) = sum over j in [first, last] of p[j] * v_j, v_j = vc + j * D, added in order of j */
-static inline __attribute__((always_inline)) void values_avx2(const int NV, const float *p, const float *vc,
+/* out[c0 .. c0 + 8 NV) = sum over j in [first, last] of p[j] * v_j, v_j = vc + j * D (bfloat16), added in order of j */
+static inline __attribute__((always_inline)) void values_avx2(const int NV, const float *p, const uint16_t *vc,
                                                               int64_t first, int64_t last, int64_t D, int64_t c0,
                                                               float *out) {
     __m256 o[8];
     for (int i = 0; i < NV; i++) o[i] = _mm256_setzero_ps();
     for (int64_t j = first; j <= last; j++) {
         const __m256 pj = _mm256_set1_ps(p[j]);
-        for (int i = 0; i < NV; i++) o[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vc + j * D + c0 + 8 * i), o[i]);
+        for (int i = 0; i < NV; i++) o[i] = _mm256_fmadd_ps(pj, bf16x8_avx2(vc + j * D + c0 + 8 * i), o[i]);
     }
     for (int i = 0; i < NV; i++) _mm256_storeu_ps(out + c0 + 8 * i, o[i]);
 }
 
-static void weighted_values_avx2(const float *p, const float *vc, int64_t first, int64_t last, int64_t D,
+static void weighted_values_avx2(const float *p, const uint16_t *vc, int64_t first, int64_t last, int64_t D,
                                  float *out) {
     int64_t c = 0;
     for (; c + 64 <= D; c += 64) values_avx2(8, p, vc, first, last, D, c, out);  /* 8 registers of sums */
@@ -1086,14 +1100,15 @@ static CLONES void attention_heads(const void *work, int64_t first, int64_t end)
     for (int64_t mh = first; mh < end; mh++) {
         const int64_t m = mh / H, hd = mh % H, p = a->pos[m], window = a->B->window;
         const int64_t first_j = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
-        const float *kc = a->kc0 + m * a->row_stride + hd / G * a->max_len * D;
-        const float *vc = a->vc0 + m * a->row_stride + hd / G * a->max_len * D;
+        const uint16_t *kc = a->kc0 + m * a->row_stride + hd / G * a->max_len * D;
+        const uint16_t *vc = a->vc0 + m * a->row_stride + hd / G * a->max_len * D;
         const float *q = a->qkv + m * QW + hd * D;
         float *s = a->scores + mh * a->longest, top = -INFINITY, sum = 0.0f;
         const int fast = D % 8 == 0 && avx2();
+        float row[D];  /* the portable loops' key or value, widened to float32 */
         if (fast) scores_avx2(q, kc, first_j, p, D, md->att_scale, s);
         else
-            for (int64_t j = first_j; j <= p; j++) s[j] = dot(q, kc + j * D, D) * md->att_scale;
+            for (int64_t j = first_j; j <= p; j++) s[j] = dot(q, widen(kc + j * D, row, D), D) * md->att_scale;
         for (int64_t j = first_j; j <= p; j++) top = s[j] > top ? s[j] : top;
         for (int64_t j = first_j; j <= p; j++) sum += (s[j] = expf(s[j] - top));
         for (int64_t j = first_j; j <= p; j++) s[j] /= sum;
@@ -1101,14 +1116,14 @@ static CLONES void attention_heads(const void *work, int64_t first, int64_t end)
         if (fast) weighted_values_avx2(s, vc, first_j, p, D, out);
         else {
             memset(out, 0, sizeof(float) * D);
-            for (int64_t j = first_j; j <= p; j++) axpy(s[j], vc + j * D, out, D);
+            for (int64_t j = first_j; j <= p; j++) axpy(s[j], widen(vc + j * D, row, D), out, D);
         }
     }
 }
 
 /* Block B's attention for M rows: q, k, v (M, QW) -> ctx (M, H * D), keys and values written at each row's position. */
 static void attention(const Model *md, const Block *B, float *qkv, float *ctx, float *scores, const int64_t *pos,
-                      int64_t M, int64_t longest, float *kc0, float *vc0, int64_t row_stride, int64_t max_len,
+                      int64_t M, int64_t longest, uint16_t *kc0, uint16_t *vc0, int64_t row_stride, int64_t max_len,
                       int threads) {
     const int64_t H = md->n_heads, KV = md->n_kv_heads, D = md->head_dim, QW = (H + 2 * KV) * D;
     for (int64_t mh = 0; mh < M * (H + KV); mh++) {  /* queries and keys: normalised, turned */
@@ -1117,8 +1132,11 @@ static void attention(const Model *md, const Block *B, float *qkv, float *ctx, f
     }
     for (int64_t mh = 0; mh < M * KV; mh++) {  /* the new key and value into the cache */
         const int64_t m = mh / KV, hd = mh % KV;
-        memcpy(kc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + hd) * D, sizeof(float) * D);
-        memcpy(vc0 + m * row_stride + (hd * max_len + pos[m]) * D, qkv + m * QW + (H + KV + hd) * D, sizeof(float) * D);
+        uint16_t *kc = kc0 + m * row_stride + (hd * max_len + pos[m]) * D, *vc = vc0 + m * row_stride + (hd * max_len + pos[m]) * D;
+        for (int64_t d = 0; d < D; d++) {
+            kc[d] = float_to_bf16(qkv[m * QW + (H + hd) * D + d]);
+            vc[d] = float_to_bf16(qkv[m * QW + (H + KV + hd) * D + d]);
+        }
     }
     const Attention a = {md, B, qkv, kc0, vc0, ctx, scores, pos, longest, row_stride, max_len};
     share(attention_heads, &a, M * H, 1, M * H * longest * D >= (1 << 16) ? threads : 1);
@@ -1214,7 +1232,7 @@ static void mixture(const Model *md, const Block *B, const float *h, float *part
 
 /* Returns 0, or 1 when a token id is outside the vocabulary, 2 when a position is outside the cache or the
    context (nothing is written then). */
-CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, float *k_cache, float *v_cache,
+CLONES int decode_step(const Model *md, const int64_t *ids, const int64_t *pos, int64_t M, uint16_t *k_cache, uint16_t *v_cache,
                 int64_t layer_stride, int64_t row_stride, int64_t max_len, int64_t n_positions, float *logits,
                 int threads) {
     const int64_t C = md->emb_dim, A = md->n_heads * md->head_dim, QW = A + 2 * md->n_kv_heads * md->head_dim;

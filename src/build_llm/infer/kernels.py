@@ -385,14 +385,14 @@ def matvec(x: torch.Tensor, packed: torch.Tensor, n: int, scale: torch.Tensor | 
 def decode_step(model: Model, ids: torch.Tensor, pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 n_positions: int) -> torch.Tensor:
     """One token for each of M rows through the whole model described by `model` (see quant.CompiledStep):
-    token ids and positions int64 (M,), caches float32 (layers, >= M rows, kv_heads, max_len, head_dim) whose
+    token ids and positions int64 (M,), caches bfloat16 (layers, >= M rows, kv_heads, max_len, head_dim) whose
     last three dimensions are contiguous; returns the logits (M, vocab) float32."""
     rows = ids.shape[0]
     max_len, head_dim = k_cache.shape[3], k_cache.shape[4]
     for c in (k_cache, v_cache):
-        if (c.dtype != torch.float32 or c.device.type != "cpu" or c.shape != k_cache.shape
+        if (c.dtype != torch.bfloat16 or c.device.type != "cpu" or c.shape != k_cache.shape
                 or c.stride() != k_cache.stride() or c.stride()[2:] != (max_len * head_dim, head_dim, 1)):
-            raise ValueError("decode_step: the keys and values must be float32 CPU tensors of the same shape and "
+            raise ValueError("decode_step: the keys and values must be bfloat16 CPU tensors of the same shape and "
                              "layout, contiguous in their last 3 dimensions")
     if (k_cache.shape[0] != model.n_layers or k_cache.shape[1] < rows or k_cache.shape[2] != model.n_kv_heads
             or head_dim != model.head_dim):

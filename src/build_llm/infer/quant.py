@@ -273,6 +273,10 @@ class CompiledStep:
     and kept while the head's weight stays where it is (a deep copy starts afresh); it holds every tensor it
     describes, so none is freed under it, and a module replaced after the first step is not seen."""
 
+    # Its KV cache (GPTModel.new_cache): keys and values rounded to bfloat16, half the bytes of float32 to read at each
+    # step (at 16 rows of ~100 positions, as many as gpt2-small's int8 weights); the modules read it the same way.
+    cache_dtype = torch.bfloat16
+
     def __init__(self) -> None:
         self.built: tuple | None = None  # (weight address it was built for, kernels.Model, tensors it points to)
 
@@ -393,7 +397,8 @@ def prepare_for_decoding(model: nn.Module, dtype: str = "float32") -> nn.Module:
 
     float32: the fastest memory layout (see `use_decoding_layout`). bfloat16 on the CPU, int8 and int4:
     every Linear, the output head included, becomes a DecodeLinear of that dtype (a tied head gets
-    its own copy; the token table, norms, attention, KV cache and residual stream stay float32).
+    its own copy; the token table, norms, attention and residual stream stay float32, and the KV cache holds
+    bfloat16 where the compiled step runs: see CompiledStep.cache_dtype).
     bfloat16 on other devices: the whole model in bfloat16. The model is for inference afterwards
     (no training; a checkpoint is saved from the original).
     """

@@ -482,3 +482,29 @@ def test_eval_of_a_classifier_says_it_is_no_language_model_not_that_it_writes_on
     line = one_line_error(capsys, "eval", "--checkpoint", bpe_runs["cls"], "--data", bpe_runs["dir"] / "train.csv",
                           contains="is a classification fine-tune")
     assert "to write" not in line and "build-llm classify" in line
+
+
+def test_an_empty_csv_is_called_empty_not_missing_a_column(bpe_runs, tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("")  # it said "--text-column 'text' is not a column ...; its columns are []"
+    one_line_error(capsys, "finetune", "classify", "--init-from", bpe_runs["base"], "--data", tmp_path / "empty.csv",
+                   "--out", tmp_path / "run", contains="is empty; expected a CSV file with a header row")
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_classify_with_an_instruction_fine_tune_is_an_error_line_like_the_others(bpe_runs, capsys):
+    line = one_line_error(capsys, "classify", "--checkpoint", bpe_runs["lora"], "--text", "the cat",
+                          contains="is an instruction fine-tune")
+    assert line.startswith("build-llm: error: --checkpoint")  # it lacked "error:"
+
+
+def test_finetune_resume_on_a_pretraining_run_names_out_not_checkpoint(tmp_path, capsys):
+    from tiny import write_instruct_json
+
+    run = tmp_path / "pretrained"
+    write_instruct_json(tmp_path / "text.json", 40)  # a text to pretrain on, and instructions to fine-tune on
+    assert main(["train", "--data", str(tmp_path / "text.json"), "--tokenizer", "char", "--out", str(run), "--steps", "1", "--context-length", "8", "--emb-dim", "8",
+                 "--n-layers", "1", "--n-heads", "2", "--eval-batches", "1", "--batch-size", "2"]) == 0
+    capsys.readouterr()
+    line = one_line_error(capsys, "finetune", "instruct", "--init-from", run, "--data", tmp_path / "text.json",
+                          "--out", run, "--resume", contains="--resume: --out")
+    assert "holds no fine-tuning run" in line and "--checkpoint" not in line

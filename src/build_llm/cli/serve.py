@@ -145,7 +145,7 @@ def add_chat(p: argparse.ArgumentParser) -> None:
 def run_classify(args: argparse.Namespace) -> None:
     ft = load_finetuned(args.checkpoint)
     if ft.meta["task"] != "classify":
-        raise UsageError(f"build-llm classify: --checkpoint {args.checkpoint!r} is an instruction fine-tune, not a "
+        raise UsageError(f"--checkpoint {args.checkpoint!r} is an instruction fine-tune, not a "
                          "classifier; use `build-llm chat`")
     for text, result in zip(args.text, classify_texts(ft.model, ft.tokenizer, ft.meta["labels"], args.text,
                                                        ft.meta.get("max_length"))):

@@ -20,7 +20,10 @@ def read_labeled_csv(path: str | Path, text_column: str, label_column: str) -> t
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
+            if reader.fieldnames is None:  # not even a header: say so, not that a column is missing
+                raise UsageError(f"{str(path)!r} is empty; expected a CSV file with a header row (the columns "
+                                 f"{text_column!r} and {label_column!r}) and one row per example")
+            columns = reader.fieldnames
             for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
                 if col not in columns:
                     raise UsageError(f"{flag} {col!r} is not a column of {str(path)!r}; its columns are {columns}")

@@ -430,7 +430,11 @@ def run_finetune(out: str | Path, init_from: str | Path, task: str, *, data: str
                              f"{'CSV' if task == 'classify' else 'JSON or JSONL'} file")
     out = check_run_dir(out, resume)
     if resume:
-        ckpt = resolve_finetuned(out)
+        try:
+            ckpt = resolve_finetuned(out)
+        except UsageError:  # it names --checkpoint, which this verb does not have
+            raise UsageError(f"--resume: --out {str(out)!r} holds no fine-tuning run; give the --out of an earlier "
+                             "build-llm finetune, or leave out --resume to start one") from None
         saved = load_trainer_state(ckpt).state["finetune_config"]
         try:
             FinetuneConfig.from_dict(saved)

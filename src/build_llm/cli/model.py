@@ -18,7 +18,7 @@ from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, Ch
                                       get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
+from build_llm.infer.generate import check_sampling, decodable_ids, decode_stream, stream, text_to_token_ids
 from build_llm.infer.quant import DECODE_DTYPES
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
@@ -101,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> None:
             print(f"--- sample {n + 1} of {args.num_samples} ---", flush=True)
         tokens = stream(model, idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                         top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
-                        use_cache=not args.no_cache)
+                        use_cache=not args.no_cache, vocab_size=decodable_ids(model, tokenizer))
         # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
         for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=shown):
             sys.stdout.write(piece)

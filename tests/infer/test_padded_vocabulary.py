@@ -1,7 +1,8 @@
 """A model whose embedding and head have more rows than its tokenizer has ids (Qwen pads its vocabulary): generate
 and chat draw only the tokenizer's ids, greedy or sampled, and refuse prompt ids past them. The padding's rows are
 made here the most likely by far; they used to be drawn, and decoding them ended `build-llm generate` and
-`build-llm chat` with exit 2 ("ids contains id(s) outside the vocabulary")."""
+`build-llm chat` with exit 2 ("ids contains id(s) outside the vocabulary"), as it would have ended a training run
+from such a model (--init-from) at its first sample."""
 
 import dataclasses
 
@@ -13,6 +14,7 @@ from build_llm.cli import main
 from build_llm.errors import UsageError
 from build_llm.infer.chat import stream_response
 from build_llm.infer.generate import decodable_ids
+from build_llm.train.pretrain import sample_text
 from tiny import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,3 +82,8 @@ def test_the_chat_verb_prints_only_the_tokenizers_text(checkpoint, capsys):
         code = main(["chat", "--checkpoint", str(checkpoint), "--prompt", "hi", "--max-new-tokens", "3", *how])
         out, err = capsys.readouterr()
         assert (code, out) == (0, " x x x\n"), err
+
+
+def test_the_training_sample_draws_only_the_tokenizers_ids(padded):
+    for top_k in (None, 40):  # greedy, and the report's top-k sampling
+        assert sample_text(padded, TOK, "hi", 3, torch.device("cpu"), top_k=top_k) == "hi x x x"

@@ -465,15 +465,13 @@ def test_serve_refuses_an_api_key_no_header_can_carry(ckpt, key, monkeypatch, ca
 # --- a newcomer's path: a fine-tune given where a whole language model is needed --------------------
 @pytest.mark.parametrize("kind, says", [("lora", "is a LoRA run: it holds an adapter, not a whole model"),
                                         ("cls", "is a classification fine-tune")])
-@pytest.mark.parametrize("verb", ["train", "finetune", "info"])
+@pytest.mark.parametrize("verb", ["train", "finetune"])
 def test_a_fine_tune_that_is_no_whole_model_is_named_as_such(bpe_runs, kind, says, verb, tmp_path, capsys):
     # They read "no checkpoint in ..." (LoRA) and "weights do not match config.json" (a classifier).
     run = bpe_runs[kind]
     argv = {"train": ["train", "--data", bpe_runs["dir"] / "train.csv", "--init-from", run, "--steps", 1],
-            "finetune": ["finetune", "instruct", "--data", bpe_runs["dir"] / "train.json", "--init-from", run],
-            "info": ["info", "--checkpoint", run]}[verb]
-    out = [] if verb == "info" else ["--out", tmp_path / "new"]
-    line = one_line_error(capsys, *argv, *out, contains=says)
+            "finetune": ["finetune", "instruct", "--data", bpe_runs["dir"] / "train.json", "--init-from", run]}[verb]
+    line = one_line_error(capsys, *argv, "--out", tmp_path / "new", contains=says)
     assert ("merge-lora" if kind == "lora" else "build-llm classify") in line
     assert not (tmp_path / "new" / "checkpoint").exists()
 
@@ -508,3 +506,18 @@ def test_finetune_resume_on_a_pretraining_run_names_out_not_checkpoint(tmp_path,
     line = one_line_error(capsys, "finetune", "instruct", "--init-from", run, "--data", tmp_path / "text.json",
                           "--out", run, "--resume", contains="--resume: --out")
     assert "holds no fine-tuning run" in line and "--checkpoint" not in line
+
+
+def test_info_and_doctor_take_a_lora_run_as_every_checkpoint_verb_does(bpe_runs, capsys):
+    # docs/fine-tuning.md: "every --checkpoint verb takes the LoRA run"; both said "no checkpoint in".
+    assert main(["info", "--checkpoint", str(bpe_runs["lora"])]) == 0
+    table = capsys.readouterr().out
+    assert ".lora.A " in table and "Total parameters:" in table
+    assert main(["info", "--checkpoint", str(bpe_runs["cls"])]) == 0  # a classifier's table: its head of 3 labels
+    assert "out_head.bias" in capsys.readouterr().out
+    lines = {}
+    for kind in ("base", "lora"):
+        main(["doctor", "--checkpoint", str(bpe_runs[kind]), "--steps", "2"])
+        lines[kind] = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("PASS  gradients"))
+    # the merged run's doctor trains every weight, as the base's does (the adapter's frozen base weights did not)
+    assert lines["lora"].split("(")[0] == lines["base"].split("(")[0]

@@ -18,19 +18,29 @@ from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, Ch
                                       get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
-from build_llm.infer.generate import check_sampling, decode_stream, stream, text_to_token_ids
+from build_llm.infer.generate import check_sampling, decodable_ids, decode_stream, stream, text_to_token_ids
 from build_llm.infer.quant import DECODE_DTYPES
 from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.finetuned import load_language_model
+from build_llm.store.finetuned import load_finetuned, load_language_model, resolve_finetuned
 from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_dir, check_writable_file, read_json
+
+
+def info_model(checkpoint: str) -> torch.nn.Module:
+    """The model `info` tabulates: a fine-tune's as it was trained (a classifier's head, a LoRA run's
+    adapters beside its base weights), or a plain checkpoint's."""
+    try:
+        path = resolve_finetuned(checkpoint)
+    except UsageError:  # no finetune.json: a plain checkpoint
+        return load_model(checkpoint)
+    return load_finetuned(path).model
 
 
 def run_info(args: argparse.Namespace) -> None:
     if args.checkpoint:
-        model = load_model(args.checkpoint)
+        model = info_model(args.checkpoint)
     else:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
             model = GPTModel(GPTConfig.from_preset(args.preset or "book-124m"))
@@ -91,7 +101,7 @@ def run_generate(args: argparse.Namespace) -> None:
             print(f"--- sample {n + 1} of {args.num_samples} ---", flush=True)
         tokens = stream(model, idx, args.max_new_tokens, temperature=temperature, top_k=args.top_k,
                         top_p=args.top_p, eos_id=getattr(tokenizer, "eos_id", None), generator=generator,
-                        use_cache=not args.no_cache)
+                        use_cache=not args.no_cache, vocab_size=decodable_ids(model, tokenizer))
         # The prompt, then each token's text as soon as it is generated (stdout is exactly the text).
         for piece in decode_stream(tokenizer, (int(t) for t in tokens), prefix=shown):
             sys.stdout.write(piece)

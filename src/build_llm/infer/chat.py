@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from build_llm.data.chat_template import ChatFormat, chat_format, template_source
 from build_llm.errors import UsageError
-from build_llm.infer.generate import check_sampling, decode_stream, stream
+from build_llm.infer.generate import check_sampling, decodable_ids, decode_stream, stream
 from build_llm.infer.load import load_decoder
 from build_llm.store.finetuned import FINETUNE_FILE, read_finetune_meta, resolve_finetuned
 
@@ -78,7 +78,8 @@ def stream_response(model: nn.Module, tokenizer: Any, prompt_ids: list[int], sto
     stops = set(stop_ids)
 
     def new_ids() -> Iterator[int]:
-        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator):
+        for token in stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator,
+                            vocab_size=decodable_ids(model, tokenizer)):
             if int(token[0, 0]) in stops:
                 return
             yield int(token[0, 0])

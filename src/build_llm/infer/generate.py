@@ -114,6 +114,23 @@ def _check_idx(idx: Any) -> None:
         raise TypeError(f"idx: expected an integer dtype (e.g. torch.long), got {idx.dtype}")
 
 
+def decodable_ids(model: nn.Module, tokenizer: Any) -> int:
+    """How many ids a decoder may take and produce with `tokenizer`: ids 0 .. n-1, those both the model and the
+    tokenizer know. The one rule for every front end (generate, chat, the server): an embedding may have rows past
+    the tokenizer's last id (Qwen pads its vocabulary), which are no tokens, and decoding them fails."""
+    return min(model.cfg.vocab_size, tokenizer.vocab_size)
+
+
+def _check_vocab(idx: torch.Tensor, vocab_size: int | None) -> None:
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise UsageError(f"vocab_size={vocab_size!r} is invalid; expected None or an integer >= 1 "
+                         "(decodable_ids(model, tokenizer))")
+    if vocab_size is not None and idx.numel() and not 0 <= int(idx.min()) <= int(idx.max()) < vocab_size:
+        bad = sorted({i for i in idx.reshape(-1).tolist() if not 0 <= i < vocab_size})
+        raise UsageError(f"idx holds token ids outside [0, {vocab_size}), which the tokenizer cannot decode: "
+                         f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
+
+
 def last_logits(model: nn.Module, idx: torch.Tensor, cache: Any = None) -> torch.Tensor:
     """The last position's logits (B, V): a GPTModel runs its head for that position alone; any other
     module (a test's stand-in, say) is called as the book calls it."""
@@ -125,12 +142,13 @@ def last_logits(model: nn.Module, idx: torch.Tensor, cache: Any = None) -> torch
 def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_size: int | None = None,
            temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
            eos_id: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool | None = None) -> Iterator[torch.Tensor]:
+           use_cache: bool | None = None, vocab_size: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the next tokens (B, 1) one step at a time; see `generate` for the arguments.
 
     Rows that have produced `eos_id` keep yielding `eos_id`; the stream ends when every row has.
     """
     _check_idx(idx)
+    _check_vocab(idx, vocab_size)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise UsageError(f"max_new_tokens={max_new_tokens!r} is invalid; expected an integer >= 0")
     check_sampling(temperature, top_k, top_p)
@@ -155,6 +173,7 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
                 else:
                     cache = None  # the window slides: positions shift, cached keys are stale
                     logits = last_logits(model, idx[:, -ctx:])
+            logits = logits[:, :vocab_size]  # (B, V): a padded embedding's last rows are never drawn
             with one_thread():  # a few vectors of the vocabulary's size: shared, they would wait for a busy core
                 idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B, 1)
             if eos_id is not None:
@@ -169,16 +188,19 @@ def stream(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_
 def generate(model: nn.Module, idx: torch.Tensor, max_new_tokens: int, *, context_size: int | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, generator: torch.Generator | None = None,
-             use_cache: bool | None = None) -> torch.Tensor:
+             use_cache: bool | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Extend token ids `idx` (B, T) by up to `max_new_tokens`; returns (B, T + generated).
 
     temperature 0 is greedy (argmax); otherwise logits are divided by the temperature, cut to the
     `top_k` most likely and to the smallest set with probability >= `top_p`, and sampled with
     `generator`. Generation stops early once every row has produced `eos_id`. The KV cache is used
-    when the model is in eval mode (override with `use_cache`); it gives the same tokens.
+    when the model is in eval mode (override with `use_cache`); it gives the same tokens. With
+    `vocab_size` (decodable_ids(model, tokenizer)), only ids below it are drawn and the prompt may hold
+    only those; without, any of the model's ids.
     """
     new = list(stream(model, idx, max_new_tokens, context_size=context_size, temperature=temperature,
-                      top_k=top_k, top_p=top_p, eos_id=eos_id, generator=generator, use_cache=use_cache))
+                      top_k=top_k, top_p=top_p, eos_id=eos_id, generator=generator, use_cache=use_cache,
+                      vocab_size=vocab_size))
     return torch.cat([idx.long(), *new], dim=1)
 
 

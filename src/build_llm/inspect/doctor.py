@@ -160,8 +160,11 @@ def check_kv_cache(model: nn.Module, idx: torch.Tensor, new_tokens: int = 8) -> 
 
 
 def _trainable_copy(model: nn.Module) -> nn.Module:
-    """A copy in training mode without dropout, so that its loss curve is deterministic."""
+    """A copy in training mode without dropout, so that its loss curve is deterministic; every weight
+    trains (a LoRA run, merged, keeps its base's frozen flags)."""
     twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(True)
     for m in twin.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

@@ -42,6 +42,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from build_llm.infer.generate import decodable_ids
 from build_llm.serve.engine import Engine, QueueFull, Sequence
 from build_llm.serve.protocol import (ApiError, Choice, Sampling, Settings, error_response, parse_json,
                                       parse_messages, parse_prompts, parse_sampling)
@@ -302,7 +303,7 @@ class Api:
         self.context_length = engine.context_length
         # The ids a prompt may hold and the engine may produce: those the tokenizer can turn into text (a padded
         # embedding's last rows are no tokens: decoding them would fail the request).
-        self.vocab_size = engine.vocab_size = min(engine.model.cfg.vocab_size, tokenizer.vocab_size)
+        self.vocab_size = engine.vocab_size = decodable_ids(engine.model, tokenizer)
         eos = getattr(tokenizer, "eos_id", None)
         self.stop_ids = frozenset(() if eos is None else (eos,))  # where a completion ends
         self.chat_stop_ids = frozenset(settings.chat_stop_ids) or self.stop_ids  # where a chat reply ends

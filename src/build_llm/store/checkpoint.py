@@ -302,7 +302,10 @@ def trainer_files(optimizer_state: dict[str, Any], trainer_state: dict[str, Any]
 def trained_steps(path: str | Path) -> int | None:
     """The optimizer steps a checkpoint's trainer state records (None: it has none, e.g. a model saved
     or imported without training, or the record is unreadable)."""
-    state_file = resolve_checkpoint(path) / TRAINER_FILE
+    try:
+        state_file = resolve_checkpoint(path) / TRAINER_FILE
+    except UsageError:  # a LoRA run's checkpoint has a trainer state but no model.safetensors
+        state_file = Path(path) / CHECKPOINT_DIR / TRAINER_FILE
     if not state_file.is_file():
         return None
     try:

@@ -32,7 +32,7 @@ from build_llm.data.tokenizer import GPT2_VOCAB_SIZE, text_size
 from build_llm.errors import UsageError
 from build_llm.gpt import GPTModel
 from build_llm.infer.evaluate import bits_per_counts, evaluate_windows
-from build_llm.infer.generate import generate, text_to_token_ids
+from build_llm.infer.generate import decodable_ids, generate, text_to_token_ids
 from build_llm.interop.hf import from_hf
 from build_llm.runtime import check_fits, configure_backends, cpu_has_bf16, set_cpu_threads, set_seed, training_dtype
 from build_llm.sizing import count_parameters, training_memory
@@ -86,7 +86,8 @@ def sample_text(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int, d
     model.eval()
     idx = text_to_token_ids(prompt, tokenizer).to(device)[:, -model.cfg.context_length:]
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max_new_tokens, temperature=1.0 if top_k else 0.0, top_k=top_k, generator=generator)
+    out = generate(model, idx, max_new_tokens, temperature=1.0 if top_k else 0.0, top_k=top_k, generator=generator,
+                   vocab_size=decodable_ids(model, tokenizer))  # an --init-from with a padded vocabulary (Qwen's)
     model.train(was_training)
     return tokenizer.decode(out[0].tolist())
 

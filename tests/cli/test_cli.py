@@ -1,5 +1,6 @@
 """The command line: stdout carries only the result; bad input is one stderr line and exit 2."""
 
+import os
 import subprocess
 import sys
 
@@ -119,3 +120,13 @@ def test_every_verb_has_the_same_device_default():
             if a.dest == "device":
                 defaults.add(a.default)
     assert defaults == {DEVICE_DEFAULT}
+
+
+def test_a_reader_that_stops_reading_is_no_error(tmp_path):
+    # `build-llm info ... | head -1`: it printed "build-llm: error: Broken pipe" and exited 2.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "build_llm.cli", "info", "--preset", "gpt2-small"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as `yes | head` exits, and silent

@@ -145,3 +145,12 @@ def test_eval_of_a_long_text_stays_within_a_bound(tmp_path, megabytes):
     m = eval_peak(tmp_path, megabytes)
     assert m["tokens"] > megabytes * 10**6
     assert m["peak"] < EVAL_BOUND, m
+
+
+def test_a_text_shorter_than_a_window_says_how_long_a_text_must_be(tmp_path):
+    # It said "too short for one window of context_length + 1 = 25", the code's name, without what would do.
+    tok = CharTokenizer.from_text(TEXT)
+    ckpt = save_checkpoint(tmp_path / "c", GPTModel(GPTConfig(vocab_size=tok.vocab_size, **SMALL)), tok)
+    (tmp_path / "short.txt").write_text(TEXT[:10])
+    with pytest.raises(ValueError, match=r"data has 10 tokens, .*; give a text of at least 25 tokens"):
+        evaluate_checkpoint(ckpt, str(tmp_path / "short.txt"))

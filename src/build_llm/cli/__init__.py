@@ -99,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         with _sigterm_as_interrupt():
             status = args.run(args)  # a verb may return an exit code (doctor: 1 when a check fails)
+            sys.stdout.flush()  # a reader that stopped shows here, not at the interpreter's exit
     except (UsageError, OSError) as e:  # anything else is a bug: its traceback shows
+        if isinstance(e, BrokenPipeError):  # stdout's reader stopped reading (`build-llm generate | head`)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush cannot fail again
+            return 141  # 128 + SIGPIPE, as a program the signal ends; the reader wanted no more: no error line
         if os.environ.get("BUILD_LLM_DEBUG"):
             raise
         message = " ".join(error_text(e, getattr(args, "setting_flags", {})).split())  # one line

@@ -146,7 +146,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_s
     T = model.cfg.context_length
     if scored["windows"] == 0:  # then the text is shorter than a window: read whole to say how short
         n_ids = len(tokenizer.encode(text if data is None else read_text(data)))
-        raise UsageError(f"data has {n_ids} tokens: too short for one window of context_length + 1 = {T + 1}")
+        raise UsageError(f"data has {n_ids} tokens, fewer than one window of the model's context + 1 = {T + 1} (eval "
+                         f"scores whole windows); give a text of at least {T + 1} tokens")
     loss, n = scored["loss"], scored["tokens"]
     if not math.isfinite(loss):
         raise UsageError(f"checkpoint {str(checkpoint)!r}: the loss is {loss} (its weights hold NaN or infinity: a "

@@ -83,7 +83,7 @@ class FinetuneConfig(Config):
     lora_rank: int | None = setting(None, "train rank-R adapters instead of the weights", at_least=1,
                                     unset="no LoRA", group=LORA)
     lora_alpha: float | None = setting(None, "adapter scale: the update is multiplied by alpha / rank", above=0,
-                                       group=LORA)
+                                       unset="none; --lora-rank needs it, e.g. twice the rank", group=LORA)
     lora_targets: tuple[str, ...] = setting(lora_mod.DEFAULT_TARGETS, "layers that get adapters",
                                             choices=tuple(lora_mod.TARGETS), group=LORA)
     trainable: str | None = setting(None, "what a classification fine-tune without LoRA trains besides the new "
@@ -98,7 +98,7 @@ class FinetuneConfig(Config):
             raise invalid(self, f"micro_batch_size={self.micro_batch_size} does not divide batch_size="
                                 f"{self.batch_size}; choose a divisor", "micro_batch_size", "batch_size")
         if (self.lora_rank is None) != (self.lora_alpha is None):
-            raise invalid(self, "lora_rank and lora_alpha go together; give both or neither", "lora_rank", "lora_alpha")
+            raise invalid(self, "lora_rank and lora_alpha go together; give both (alpha is often twice the rank) or neither", "lora_rank", "lora_alpha")
         if self.trainable == "all" and (self.task != "classify" or self.lora_rank is not None):
             raise invalid(self, f"trainable={self.trainable!r} applies to a classification fine-tune without LoRA "
                                 "(an instruction fine-tune trains every weight, a LoRA run only its adapters)",

@@ -177,3 +177,29 @@ def test_the_command_reports_errors_without_a_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.strip() == (f"build-llm: error: {str(tmp_path)!r} has no config.json; a Hugging Face "
                                      "GPT-2 directory holds config.json plus model.safetensors or pytorch_model.bin")
+
+
+def test_export_hf_of_an_instruction_fine_tune_carries_its_chat_format(tmp_path, capsys):
+    # The export had no chat template: transformers' apply_chat_template failed, and import-hf read it back as
+    # a model that is not instruction-tuned. Now transformers prompts it with the ids it was fine-tuned on.
+    from build_llm.data.chat_template import chat_format
+    from build_llm.store.finetuned import load_finetuned
+    from tiny import tiny_cfg, words_tokenizer, write_instruct_json
+
+    tok = words_tokenizer()
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "base", GPTModel(tiny_cfg(tok.vocab_size)), tok)
+    write_instruct_json(tmp_path / "train.json", 24)
+    assert run(capsys, "finetune", "instruct", "--init-from", tmp_path / "base", "--data", tmp_path / "train.json",
+               "--out", tmp_path / "sft", "--steps", "1")[0] == 0
+    for name in ("sft", "base"):
+        assert run(capsys, "export-hf", "--checkpoint", tmp_path / name, "--out", tmp_path / f"{name}-hf")[0] == 0
+    assert AutoTokenizer.from_pretrained(tmp_path / "base-hf").chat_template is None  # not instruction-tuned
+    hf, ours = AutoTokenizer.from_pretrained(tmp_path / "sft-hf"), chat_format(load_finetuned(tmp_path / "sft").tokenizer)
+    user, reply = {"role": "user", "content": "what is the word\n\n### Input:\nfox"}, {"role": "assistant", "content": "animal"}
+    for messages, prompt in (([{"role": "system", "content": "Be brief."}, user], True),
+                             ([user, reply, {"role": "user", "content": "and the cat"}], True),
+                             ([user, reply], False)):  # the text a training example is
+        ids = hf.apply_chat_template(messages, add_generation_prompt=prompt)
+        ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+        assert list(ids) == ours.encode(messages, add_generation_prompt=prompt)[0]

@@ -14,6 +14,8 @@ from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed,
                                   model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
+from build_llm.data.chat_template import template_source
+from build_llm.data.instruct import ALPACA_CHAT_TEMPLATE
 from build_llm.data.tokenizer import (ENDOFTEXT, MAX_BPE_VOCAB, BPETokenizer, CharTokenizer, GPT2Tokenizer, bpe_training_estimate,
                                       get_tokenizer, load_tokenizer, tokenizer_stats)
 from build_llm.errors import UsageError
@@ -24,7 +26,7 @@ from build_llm.interop.hf import from_hf, save_hf
 from build_llm.runtime import get_device
 from build_llm.sizing import active_parameters, count_parameters, format_parameter_table, model_size_mb
 from build_llm.store.checkpoint import TOKENIZER_FILE, TRAINER_FILE, load_checkpoint, load_model, save_checkpoint
-from build_llm.store.finetuned import load_finetuned, load_language_model, resolve_finetuned
+from build_llm.store.finetuned import load_finetuned, load_language_model, read_finetune_meta, resolve_finetuned
 from build_llm.store.fsio import check_not_input, check_overwrite, check_writable_dir, check_writable_file, read_json
 
 
@@ -196,8 +198,19 @@ def run_export_hf(args: argparse.Namespace) -> None:
     if tokenizer is not None and not isinstance(tokenizer, (GPT2Tokenizer, BPETokenizer)):
         print(f"build-llm: note: the {type(tokenizer).__name__} has no Hugging Face form; exporting the model only",
               file=sys.stderr)
-    written = save_hf(model, args.out, tokenizer)
+    written = save_hf(model, args.out, tokenizer, export_chat_template(args.checkpoint, tokenizer))
     print(f"{args.out}: {', '.join(written)}")
+
+
+def export_chat_template(checkpoint: str, tokenizer: Any) -> str | None:
+    """The chat template an export carries for an instruction fine-tune whose tokenizer has none of its
+    own: the package's format, so that transformers' apply_chat_template prompts it as it was tuned."""
+    try:
+        path = resolve_finetuned(checkpoint)
+    except UsageError:  # no finetune.json: not instruction-tuned here
+        return None
+    tuned = read_finetune_meta(path)["task"] == "instruct"
+    return ALPACA_CHAT_TEMPLATE if tuned and tokenizer is not None and template_source(tokenizer) is None else None
 
 
 @verb("export-hf", run_export_hf)
@@ -210,7 +223,8 @@ def add_export_hf(p: argparse.ArgumentParser) -> None:
     a gated feed-forward as the first of llama, mistral, qwen2, qwen3 and gemma3_text that holds all
     its options (e.g. --pos-emb rope --norm rmsnorm --mlp swiglu --no-bias --no-qkv-bias: llama;
     qwen3_moe for a mixture of experts). A LoRA run (`finetune ... --lora-rank`) is written with its
-    adapter merged, as `merge-lora` would; a classifier (its head scores labels) is refused."""
+    adapter merged, as `merge-lora` would; a classifier (its head scores labels) is refused. An instruction
+    fine-tune's tokenizer carries the prompt format it was tuned in as its chat_template (apply_chat_template)."""
     add_checkpoint(p)
     add_out(p, "directory to write (a new, empty or earlier export directory)")
     p.add_argument("--no-tokenizer", action="store_true", help="write the model only")

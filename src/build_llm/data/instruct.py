@@ -26,6 +26,15 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 INSTRUCTION_HEADER, INPUT_HEADER, RESPONSE_HEADER = "\n\n### Instruction:\n", "\n\n### Input:\n", "\n\n### Response:\n"
 ROLES = ("system", "user", "assistant")
+# render_pieces' text as a Jinja chat template in Hugging Face's terms (messages, eos_token), which export-hf
+# writes for an instruction fine-tune: transformers' apply_chat_template then gives the ids the model was tuned
+# on (the end token follows each response; the response header ends every user turn).
+ALPACA_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}{{- messages[0]['content'] -}}"
+    "{%- set turns = messages[1:] -%}{%- else -%}{{- " + json.dumps(ALPACA_PREAMBLE) + " -}}"
+    "{%- set turns = messages -%}{%- endif -%}{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
+    "{{- " + json.dumps(INSTRUCTION_HEADER) + " + m['content'] + " + json.dumps(RESPONSE_HEADER) + " -}}"
+    "{%- else -%}{{- m['content'] + eos_token -}}{%- endif -%}{%- endfor -%}")
 
 
 @dataclass

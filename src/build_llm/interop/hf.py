@@ -443,7 +443,8 @@ def to_hf(model: nn.Module) -> Any:
 HF_KIND = "hf-export"  # the kind in the ownership marker of a directory save_hf writes
 
 
-def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None) -> list[str]:
+def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = None,
+            chat_template: str | None = None) -> list[str]:
     """Write `model` (and `tokenizer`, if Hugging Face can hold it) as a Hugging Face GPT-2 directory
     (a Llama-family one for a model with their options).
 
@@ -485,6 +486,8 @@ def save_hf(model: nn.Module, out_dir: str | os.PathLike[str], tokenizer: Any = 
                 special = "<|endoftext|>" if eos_id is not None else None
                 tok_config.update(bos_token=special, eos_token=special, unk_token=special,
                                   model_max_length=model.cfg.context_length)
+                if chat_template is not None:  # the format a tokenizer without its own was fine-tuned in
+                    tok_config["chat_template"] = chat_template
                 (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
             written = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     except (OSError, SafetensorError) as e:

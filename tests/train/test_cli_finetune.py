@@ -328,3 +328,17 @@ def test_the_help_says_lora_rank_needs_lora_alpha(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "instruct", "--help"])
     assert "--lora-rank needs it, e.g. twice the rank" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("steps", [2, 1])
+def test_resume_to_a_step_the_run_has_passed_is_refused_as_train_refuses_it(base, tmp_path, capsys, steps):
+    # It printed the last row and exited 0, having trained nothing.
+    data = tmp_path / "train.csv"
+    write_classification_csv(data, 2)
+    argv = ["finetune", "classify", "--init-from", base, "--data", data, "--out", tmp_path / "run"]
+    assert run([*argv, "--steps", 2], capsys)[0] == 0
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    code, out, err = run([*argv, "--resume", "--steps", steps], capsys)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--resume: the run in" in err and "is already at step 2; give --steps above 2" in err
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics

@@ -280,6 +280,10 @@ def finetune(out_dir: str | Path, init_from: str | Path, cfg: FinetuneConfig, *,
         cfg = cfg.replace(**{k: getattr(saved_cfg, k) for k in BY_BASE if getattr(cfg, k) is None})
     run = prepare_finetuning(out_dir, init_from, cfg, saved, device, data=data, val_data=val_data,
                              text_column=text_column, label_column=label_column)
+    if saved is not None and saved.state["step"] >= run.total_steps:  # as train's --resume: nothing would run
+        step = saved.state["step"]
+        raise UsageError(f"--resume: the run in {str(out_dir)!r} is already at step {step}; give --steps above "
+                         f"{step} (or more --epochs) to train further")
     state = start_state(run, saved, log)
     threads = torch.get_num_threads()  # restored at the end: the setting is process-wide
     set_cpu_threads(count_parameters(run.model.cfg), device)

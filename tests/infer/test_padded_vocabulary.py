@@ -1,10 +1,11 @@
 """A model whose embedding and head have more rows than its tokenizer has ids (Qwen pads its vocabulary): generate
-and chat draw only the tokenizer's ids, greedy or sampled, and refuse prompt ids past them. The padding's rows are
+and chat draw only the tokenizer's ids, greedy or sampled, and refuse prompt ids past them; inspect shows them alone. The padding's rows are
 made here the most likely by far; they used to be drawn, and decoding them ended `build-llm generate` and
 `build-llm chat` with exit 2 ("ids contains id(s) outside the vocabulary"), as it would have ended a training run
 from such a model (--init-from) at its first sample."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from build_llm.cli import main
 from build_llm.errors import UsageError
 from build_llm.infer.chat import stream_response
 from build_llm.infer.generate import decodable_ids
+from build_llm.inspect.intermediates import inspect_model
+from build_llm.inspect.tables import next_token_distribution
 from build_llm.train.pretrain import sample_text
 from tiny import TINY
 
@@ -87,3 +90,13 @@ def test_the_chat_verb_prints_only_the_tokenizers_text(checkpoint, capsys):
 def test_the_training_sample_draws_only_the_tokenizers_ids(padded):
     for top_k in (None, 40):  # greedy, and the report's top-k sampling
         assert sample_text(padded, TOK, "hi", 3, torch.device("cpu"), top_k=top_k) == "hi x x x"
+
+
+def test_inspect_shows_the_distribution_generation_draws_from(padded, tmp_path):
+    """next_token_distribution and inspect_model's table: the tokenizer's ids only (the padding's rows, 64 logits
+    above " x", would have taken every place of the top-k and failed to decode)."""
+    top = next_token_distribution(padded, TOK, "hi", k=3)
+    assert top[0][:2] == (" x", X) and top[0][2] == pytest.approx(1.0) and all(i < TOK.vocab_size for _, i, _ in top)
+    inspect_model(padded, TOK, "hi", tmp_path / "inspect", top_k=3)
+    table = json.loads((tmp_path / "inspect" / "inspect.json").read_text())["next_token"]
+    assert table[0]["id"] == X and all(row["id"] < TOK.vocab_size for row in table)

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from build_llm.data.markov import ABC, is_abc_tokenizer, next_char_distribution
 from build_llm.errors import UsageError
+from build_llm.infer.generate import decodable_ids
 from build_llm.inspect import plots
 from build_llm.inspect.tables import next_token_table, tempered_distributions, token_label, token_labels
 from build_llm.store.fsio import check_writable_dir, replace_dir
@@ -207,7 +208,8 @@ def inspect_model(model: nn.Module, tokenizer: Any, prompt: str, out_dir: str | 
     title = title or f"{sum(1 for _ in model.trf_blocks)} layers x {model.cfg.n_heads} heads"
     attention = [a[0].float().cpu() for a in inter["attention"]]  # each (nh, T, T)
     mask_text = format_mask(labels, inter["mask"])
-    nxt = next_token_report(inter["logits"][0, -1].float().cpu(), tokenizer, ids, top_k, top_p, list(temperatures))
+    last = inter["logits"][0, -1, :decodable_ids(model, tokenizer)].float().cpu()  # (V,): the ids generation draws from
+    nxt = next_token_report(last, tokenizer, ids, top_k, top_p, list(temperatures))
     layers = layer_report(inter, len(ids))
     shown = f"{'…' if len(ids) > 12 else ''}{token_label(tokenizer.decode(ids[-12:]))}"
     # Everything is written to a temporary folder that then takes the place of out_dir whole: a failure

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from build_llm.errors import UsageError
-from build_llm.infer.generate import check_sampling, filter_logits, text_to_token_ids
+from build_llm.infer.generate import check_sampling, decodable_ids, filter_logits, text_to_token_ids
 
 
 # --- readable tokens -----------------------------------------------------------------------------
@@ -56,7 +56,8 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
 
 # --- the next token --------------------------------------------------------------------------------
 def next_token_distribution(model: nn.Module, tokenizer: Any, prompt: str, k: int = 10) -> list[tuple[str, int, float]]:
-    """Top-k (token string, id, probability) of the next token after `prompt` (eval mode)."""
+    """Top-k (token string, id, probability) of the next token after `prompt` (eval mode), over the ids the
+    tokenizer can decode (the distribution generation draws from: an embedding's padding rows are no tokens)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise UsageError(f"k={k!r} is invalid; expected an integer >= 1")
     idx = text_to_token_ids(prompt, tokenizer)
@@ -68,7 +69,7 @@ def next_token_distribution(model: nn.Module, tokenizer: Any, prompt: str, k: in
             logits = model(idx[:, -ctx:].to(model.tok_emb.weight.device), last_only=True)[0, -1]
     finally:
         model.train(was_training)
-    probas = torch.softmax(logits.float(), dim=-1)
+    probas = torch.softmax(logits[:decodable_ids(model, tokenizer)].float(), dim=-1)
     top = torch.topk(probas, min(k, probas.numel()))
     return [(tokenizer.decode([i]), i, p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 

@@ -166,7 +166,7 @@ def test_export_hf_bad_input(checkpoint, tmp_path, capsys):
     assert code == 2 and "is a file" in err
     before = sorted(p.name for p in checkpoint.iterdir())
     code, _, err = run(capsys, "export-hf", "--checkpoint", checkpoint, "--out", checkpoint)
-    assert code == 2 and "is a build-llm checkpoint directory, not a hf-export directory" in err
+    assert code == 2 and "is a build-llm checkpoint directory, not an hf-export directory" in err  # "a hf-export" before
     assert sorted(p.name for p in checkpoint.iterdir()) == before
 
 

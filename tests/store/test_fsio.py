@@ -257,3 +257,10 @@ def test_a_directory_replaced_whole_may_not_be_the_current_one_or_hold_it(tmp_pa
     with fsio.replace_dir(here / "deeper", "inspect") as tmp:  # beside the current directory: fine
         (tmp / "a.txt").write_text("a")
     assert sorted(p.name for p in here.iterdir()) == ["deeper"] and (here / "deeper" / "a.txt").is_file()
+
+
+def test_the_kind_a_directory_is_not_takes_its_article(tmp_path):
+    # It said "not a inspect directory".
+    fsio.claim_dir(tmp_path / "run", "run")
+    with pytest.raises(UsageError, match="is a build-llm run directory, not an inspect directory"):
+        fsio.claim_dir(tmp_path / "run", "inspect")

@@ -399,7 +399,8 @@ def check_writable_dir(path: str | os.PathLike[str], kind: str, what: str = "--o
         raise UsageError(f"{what} {str(path)!r} is a non-empty directory that build-llm did not create; "
                          "give a new or empty directory")
     if marker.get("kind") != kind:
-        raise UsageError(f"{what} {str(path)!r} is a build-llm {marker.get('kind')} directory, not a {kind} "
+        article = "an" if kind[:1] in "aeiou" or kind.startswith("hf") else "a"  # "an inspect", "an hf-export"
+        raise UsageError(f"{what} {str(path)!r} is a build-llm {marker.get('kind')} directory, not {article} {kind} "
                          "directory; give a new or empty directory")
     extra = _foreign_entries(path, marker) if whole else []
     if extra:

@@ -124,6 +124,18 @@ def test_a_tokenizer_that_is_no_choice_is_named_as_the_flag_before_the_run_is_ma
     assert not (tmp_path / "run").exists()
 
 
+def test_eval_of_a_model_trained_on_a_text_needs_data_not_the_abc_default(tmp_path, capsys):
+    # Without --data it scored the ABC source and exited 0: bits per character and an "excess" over the ABC
+    # optimum that say nothing of a model of one's own text.
+    run = tmp_path / "run"
+    assert cli(capsys, "train", "--data", abc_file(tmp_path, 400), "--tokenizer", "char", "--out", run, *SMALL_RUN)[0] == 0
+    code, out, err = cli(capsys, "eval", "--checkpoint", run)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "give --data (a held-out text)" in err and "was not trained on the ABC source" in err
+    code, out, err = cli(capsys, "eval", "--checkpoint", run, "--abc")  # asked for: scored, with the optimum
+    assert code == 0 and "optimal_loss" in json.loads(out), err
+
+
 def test_out_is_a_file_or_an_existing_run(tmp_path, capsys, abc_run):
     abc_run = abc_run[0]
     f = tmp_path / "file"

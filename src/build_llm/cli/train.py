@@ -81,7 +81,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device), indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.abc), indent=2))
 
 
 @verb("eval", run_eval)
@@ -89,12 +89,14 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     """loss and perplexity of a checkpoint on a text
 
     Print JSON with loss, perplexity and tokens of a checkpoint on the non-overlapping windows of a
-    text; for the ABC source (no --data, or a model trained on ABC) also the exact optimum on the same
-    windows and the excess."""
+    text; for the ABC source (a model trained on it without --data, or --abc) also the exact optimum on
+    the same windows and the excess."""
     add_checkpoint(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="a UTF-8 text file or folder (default: a held-out ABC draw)")
-    src.add_argument("--abc", action="store_true", help="a held-out draw of the ABC source (the default)")
+    src.add_argument("--data", help="a UTF-8 text file or folder (default: for a model trained on the ABC "
+                                    "source, a held-out ABC draw)")
+    src.add_argument("--abc", action="store_true", help="a held-out draw of the ABC source (the default for a "
+                                                        "model trained on it)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     add_device(p)
 

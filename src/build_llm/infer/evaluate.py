@@ -122,15 +122,18 @@ def bits_per_counts(loss: float, tokens: int, chars: int, n_bytes: int) -> dict[
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, batch_size: int = 64,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", abc: bool = False) -> dict[str, Any]:
     """`build-llm eval`: loss, perplexity and tokens of a checkpoint on the non-overlapping windows
-    of a text (or, with no data, of a held-out ABC draw); for the ABC source also the exact optimum
-    on the same windows and the excess over it."""
+    of a text (or, with no data, of a held-out ABC draw: for a model trained on it, or with `abc`);
+    for the ABC source also the exact optimum on the same windows and the excess over it."""
     dev = get_device(device)
     model, tokenizer = load_decoder(checkpoint, dev)  # a LoRA run merged in memory
     if tokenizer is None:
         raise UsageError(f"checkpoint {str(checkpoint)!r} has no tokenizer.json; it cannot encode the data")
     trained_on_abc = _trained_on_abc(checkpoint)
+    if data is None and not (abc or trained_on_abc):  # its numbers would say nothing of the model (exit 0 before)
+        raise UsageError(f"give --data (a held-out text): {str(checkpoint)!r} was not trained on the ABC source, "
+                         "eval's default text; --abc scores it on that source all the same")
     if data is None:
         text = abc_text(ABC_EVAL_WORDS, ABC_EVAL_SEED)
         pieces: Iterable[str] = [text]

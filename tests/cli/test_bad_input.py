@@ -66,7 +66,7 @@ def test_sampling_flags_nan_are_refused(ckpt, capsys):
     one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "inf",
                    contains="temperature=inf")
     one_line_error(capsys, "generate", "--checkpoint", ckpt, "--prompt", "A", "--temperature", "1", "--top-p", "nan",
-                   contains="top_p=nan")
+                   contains="--top-p=nan")
 
 
 def test_a_tiny_temperature_or_top_p_samples_the_most_likely_token(ckpt, capsys):
@@ -521,3 +521,12 @@ def test_info_and_doctor_take_a_lora_run_as_every_checkpoint_verb_does(bpe_runs,
         lines[kind] = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("PASS  gradients"))
     # the merged run's doctor trains every weight, as the base's does (the adapter's frozen base weights did not)
     assert lines["lora"].split("(")[0] == lines["base"].split("(")[0]
+
+
+@pytest.mark.parametrize("verb, extra, flag", [("chat", ["--prompt", "hi", "--temperature", "-1"], "--temperature=-1.0"),
+                                               ("inspect", ["--prompt", "hi", "--top-p", "3"], "--top-p=3.0")])
+def test_chat_and_inspect_name_the_sampling_flag_not_the_argument(bpe_runs, verb, extra, flag, tmp_path, capsys):
+    # They said "temperature=-1.0" and "top_p=3.0 ... expected None or ...", the library's words.
+    out = ["--out", tmp_path / "out"] if verb == "inspect" else []
+    line = one_line_error(capsys, verb, "--checkpoint", bpe_runs["lora"], *extra, *out, contains=flag)
+    assert line.startswith(f"build-llm: error: {flag} is invalid") and "None" not in line

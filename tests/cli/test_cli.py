@@ -68,8 +68,8 @@ def test_generate_is_seeded(capsys):
     (["info", "--preset", "gpt5"], ["invalid choice: 'gpt5'", "gpt2-small"]),
     (["generate", "--preset", "gpt2-small", "--prompt", ""], ["--prompt is empty", "leave --prompt out"]),
     (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-k", "0"], ["--top-k", "expected an integer >= 1"]),
-    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["temperature=-1.0"]),
-    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["top_p=2.0", "(0, 1]"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--temperature", "-1"], ["--temperature=-1.0"]),
+    (["generate", "--preset", "gpt2-small", "--prompt", "x", "--top-p", "2"], ["--top-p=2.0", "(0, 1]"]),  # the flags, not the names
     (["generate", "--checkpoint", "no/such/dir", "--prompt", "x"], ["'no/such/dir' does not exist"]),
     (["generate", "--preset", "r-abc", "--prompt", "x"], ["not in the vocabulary: 'x'", "'A', 'B', 'C'"]),
     (["bogus"], ["invalid choice: 'bogus'"]),
@@ -130,3 +130,4 @@ def test_a_reader_that_stops_reading_is_no_error(tmp_path):
     proc.stdout.close()  # before the interpreter has started: every write meets a closed pipe
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and err == "", err  # 128 + SIGPIPE, as `yes | head` exits, and silent
+

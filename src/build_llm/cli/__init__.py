@@ -65,7 +65,10 @@ def error_text(e: UsageError | OSError, flags: dict[str, str]) -> str:
     """What went wrong, for the user: a config field named as this verb's flag (lr= -> --lr=)."""
     if isinstance(e, OSError):
         return os_error_text(e)
-    return e.with_flags(flags) if isinstance(e, SettingError) else str(e)
+    if isinstance(e, SettingError):
+        return e.with_flags(flags)
+    name = str(e).split("=", 1)[0]  # a library check's "top_p=2.0 is invalid ..." (infer/generate's sampling rules)
+    return flags[name] + str(e)[len(name):] if name in flags else str(e)
 
 
 @contextlib.contextmanager

@@ -116,6 +116,11 @@ def add_seed(p: argparse.ArgumentParser, help: str | None = None) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help=help)
 
 
+# The sampling checks (infer/generate) name their arguments ("top_p=2.0 is invalid"); a verb with these flags
+# names the flags instead (cli.error_text).
+SAMPLING_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p"}
+
+
 def add_settings(p: argparse.ArgumentParser, cls: type, title: str, *, skip: tuple[str, ...] = (),
                  variants: Mapping[str, Any] | None = None, default_text: str | None = None) -> dict[str, Any]:
     """A flag for each field of a config dataclass (settings.add_arguments), --device defaulting to

@@ -8,7 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from build_llm.cli.common import add_device, add_out, add_seed, load_source, model_source, positive_int, verb
+from build_llm.cli.common import (SAMPLING_FLAGS, add_device, add_out, add_seed, load_source, model_source,
+                                  positive_int, verb)
 from build_llm.data.corpus import read_text
 from build_llm.data.markov import ABC, abc_text, is_abc_tokenizer
 from build_llm.errors import UsageError
@@ -57,6 +58,7 @@ def add_inspect(p: argparse.ArgumentParser) -> None:
     temperatures with the top-k and top-p cut-offs), layers.png (residual-stream norms and attention
     entropy) and inspect.json (all the numbers). The summary is printed too, its mask cut to the
     terminal's size (the whole mask is in mask.txt)."""
+    p.set_defaults(setting_flags=SAMPLING_FLAGS)
     model_source(p)
     p.add_argument("--prompt", required=True, help="text to look at (its last --max-tokens tokens are used)")
     add_out(p, "directory for the files: new, empty, or an earlier inspect --out (replaced whole)")

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from build_llm.cli.common import (add_checkpoint, add_device, add_out, add_seed, add_verbs, load_source,
-                                  model_source, non_negative_int, positive_int, verb)
+from build_llm.cli.common import (SAMPLING_FLAGS, add_checkpoint, add_device, add_out, add_seed, add_verbs,
+                                  load_source, model_source, non_negative_int, positive_int, verb)
 from build_llm.config import GPTConfig
 from build_llm.data.corpus import read_showing_progress, read_text, small_pieces, text_files
 from build_llm.data.chat_template import template_source
@@ -120,6 +120,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     tokens, seeded (the same --seed gives the same text); --greedy (or --temperature 0) takes the most
     likely token each step. Without --prompt a new text starts after the end-of-text token (a newline for
     a tokenizer without one). With --num-samples N, each sample follows a line "--- sample i of N ---"."""
+    p.set_defaults(setting_flags=SAMPLING_FLAGS)
     model_source(p)
     p.add_argument("--prompt", default=None, help="text to continue (default: none, start a new text)")
     p.add_argument("--num-samples", type=positive_int, default=1, help="how many texts to sample")

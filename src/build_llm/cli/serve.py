@@ -8,7 +8,8 @@ import json
 import os
 from pathlib import Path
 
-from build_llm.cli.common import add_checkpoint, add_seed, int_at_least, load_source, model_source, positive_int, verb
+from build_llm.cli.common import (SAMPLING_FLAGS, add_checkpoint, add_seed, int_at_least, load_source, model_source,
+                                  positive_int, verb)
 from build_llm.data.chat_template import chat_format
 from build_llm.errors import UsageError
 from build_llm.infer.chat import load_chat_model
@@ -131,6 +132,7 @@ def add_chat(p: argparse.ArgumentParser) -> None:
     Interactive chat: replies stream as they are generated; the conversation is kept within the context
     window (the oldest turns are dropped, with a note). Commands: /reset, /temperature T, /top-k K|off,
     /help, /quit. With --prompt, print one reply and exit."""
+    p.set_defaults(setting_flags=SAMPLING_FLAGS)
     add_checkpoint(p, "an instruction fine-tune (or any checkpoint with a tokenizer)")
     p.add_argument("--prompt", help="answer this one message on stdout and exit (no interaction)")
     p.add_argument("--system", help="a system message (in the package's own format it replaces the Alpaca preamble)")

@@ -41,7 +41,7 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise UsageError(f"top_k={top_k!r} is invalid; expected None or an integer >= 1")
     if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-        raise UsageError(f"top_p={top_p!r} is invalid; expected None or a number in (0, 1]")
+        raise UsageError(f"top_p={top_p!r} is invalid; expected a number in (0, 1] (or none: no cut)")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

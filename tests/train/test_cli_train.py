@@ -197,7 +197,7 @@ def test_ctrl_c_saves_exits_130_and_resumes(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "interrupted at step" in err and "continue with --resume" in err and "Traceback" not in err
+    assert "interrupted at step" in err and "continue: the same command with --resume" in err and "Traceback" not in err
     step = load_trainer_state(run).state["step"]
     assert step >= 20 and step >= rows(run)[-1]["step"]  # saved where it stopped, not only at evaluations
     assert main(["train", "--data", str(data), "--out", str(run), "--resume", "--steps", str(step + 3)]) == 0
@@ -348,3 +348,19 @@ def test_resumed_plan_counts_the_steps_left(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--out", str(run), "--resume", "--steps", "10"]) == 0
     err = capsys.readouterr().err
     assert "steps 4 to 10 = 384 tokens to go" in err, err  # 6 steps x 8 windows x 8 tokens
+
+
+@pytest.mark.parametrize("budget, says", [([], "the same command with --resume\n"),
+                                          (["--time-budget", "5m"], "with --resume and without --time-budget\n")])
+def test_an_interrupted_run_says_which_command_resumes_it(tmp_path, capsys, monkeypatch, budget, says):
+    # It said "continue with --resume"; a run with --time-budget resumed so is refused ("drop --time-budget").
+    from build_llm.cli import train as train_cli
+    from build_llm.train.loop import TrainingStopped
+
+    def stopped(*args, **kwargs):
+        raise TrainingStopped("interrupted at step 3/9; checkpoint saved in run/checkpoint; continue: the same "
+                              "command with --resume", 130)
+
+    monkeypatch.setattr(train_cli, "run_training", stopped)
+    code, _, err = cli(capsys, "train", "--data", abc_file(tmp_path, 100), "--out", tmp_path / "run", *budget)
+    assert code == 130 and err.endswith(says) and err.count("\n") == 1, err

@@ -26,15 +26,16 @@ TRAIN_VARIANTS = {"ABC": ABC_TRAIN, "time budget": BUDGET_TRAIN}
 RESUME_HELP = "continue the run in --out from its checkpoint"
 
 
-def report_training(train: Callable[[], Any], result: Callable[[Any], str]) -> int:
+def report_training(train: Callable[[], Any], result: Callable[[Any], str], resume_note: str = "") -> int:
     """Run `train` (a training call of the library) and print `result` of what it returns, unless
     that is empty: exit code 0. A run that stops early (TrainingStopped: interrupted, 130, or
-    diverged, 1) is one line on stderr, told by the main process only, and its exit code."""
+    diverged, 1) is one line on stderr, told by the main process only, and its exit code; an
+    interrupted one's ends with `resume_note` (what the resuming command must leave out)."""
     try:
         value = train()
     except TrainingStopped as e:
         if e.main_process:
-            print(f"build-llm: {e}", file=sys.stderr, flush=True)
+            print(f"build-llm: {e}{resume_note if e.exit_code == 130 else ''}", file=sys.stderr, flush=True)
         return e.exit_code
     text = result(value)
     if text:
@@ -47,7 +48,8 @@ def run_train(args: argparse.Namespace) -> int:
                     model_options=given(args, GPTConfig), train_options=given(args, TrainConfig),
                     resume=args.resume, init_from=args.init_from, time_budget=args.time_budget,
                     log=lambda line: print(line, file=sys.stderr, flush=True))
-    return report_training(train, lambda run: run.report)
+    # --resume refuses a budget: the run keeps the plan it made
+    return report_training(train, lambda run: run.report, " and without --time-budget" if args.time_budget else "")
 
 
 @verb("train", run_train)

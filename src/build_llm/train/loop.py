@@ -490,7 +490,8 @@ def _interrupted(state: TrainState, log: RunLog, save, saved_at: int | None, whe
     if saved_at != state.step:
         save(state)
     log.plot(force=True)
-    return TrainingStopped(f"interrupted {when} saved in {log.out_dir / CHECKPOINT_DIR}; continue with --resume", 130)
+    return TrainingStopped(f"interrupted {when} saved in {log.out_dir / CHECKPOINT_DIR}; continue: the same command "
+                           "with --resume", 130)
 
 
 def _finite_weights(model: nn.Module, d: Dist, device: torch.device) -> bool:

@@ -172,7 +172,7 @@ def test_bad_input_is_one_line_and_exit_2(abc_checkpoint, gpt2_checkpoint, tmp_p
          "does not exist")
     _bad(capsys, ["inspect", "--checkpoint", ck, "--prompt", "xyz", "--out", str(tmp_path / "o")], "'x'", "valid")
     _bad(capsys, ["inspect", "--checkpoint", ck, "--prompt", "A", "--out", str(tmp_path / "o"), "--top-p", "1.5"],
-         "top_p")
+         "--top-p")
     _bad(capsys, ["inspect", "--checkpoint", ck, "--prompt", "A", "--out", str(tmp_path), "--temperatures", "1,x"],
          "temperatures")
     a_file = tmp_path / "keep.txt"

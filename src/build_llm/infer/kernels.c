@@ -41,8 +41,9 @@
 #define INT8_MR 2  /* input rows per widened weight tile in the AVX2 int8 kernel (see int8_rows_avx2) */
 #endif
 #define INT8_ROWS 16  /* input rows a portable int8 block function takes at a time */
-/* A step's per-row work (norms, an int8 product's input rounding) is shared among threads from ROWS_SHARED rows of a
-   shared product or of 4096 values: a 16-row gpt2-small step did 0.6 ms of it a step on one thread */
+/* A step's per-row work (norms, an int8 product's input rounding) is shared among threads when it has ROWS_SHARED
+   rows or more, 4096 values or more, and (rounding) belongs to a shared product: a 16-row gpt2-small step did 0.6 ms
+   of it a step on one thread */
 #define ROWS_SHARED 4
 #define SHARED_ROWS(M, width, shared) ((M) >= ROWS_SHARED && (M) * (width) >= 4096 && (shared))
 /* Both kernels ask for the weights PREFETCH ahead of the ones they multiply (into L1): one core alone cannot
@@ -1067,8 +1068,9 @@ typedef struct {
 /* AVX2 for a head's scores and weighted values where D is a multiple of 8: the portable loops add each position's 16
    partial sums one after another, and keep the weighted sum in memory. Here 8 positions' dot products are computed
    together (8 independent sums of D / 8 FMAs) and their lanes added in one transposing tree; the weighted sum stays in
-   registers. Measured on an AVX2 CPU (2 threads, gpt2-small's 12 layers): one row at position 900, 3.7 -> 2.4 ms a
-   token; 16 rows at 150 run at the memory's bandwidth either way (~8 ms). Prefetching ahead did not help. */
+   registers. Measured on an AVX2 CPU (2 threads, gpt2-small's 12 layers, a float32 cache then): one row at position
+   900, 3.7 -> 2.4 ms a token; 16 rows at 150 ran at the memory's bandwidth either way (~8 ms), which the bfloat16
+   cache then halved in bytes. Prefetching ahead did not help. */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 /* [the sum of a[0]'s 8 lanes, ..., of a[7]'s], each as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) */

@@ -17,7 +17,8 @@ whole row's range, so each group of INT4_GROUP consecutive weights of a row gets
 (the largest weight lands exactly on -8, the end with one more level); 4 bits a weight plus a bfloat16
 scale a group. A tied output head gets its own copy;
 the token table stays float32 for the lookup, and everything outside the Linear layers (LayerNorm,
-attention, the KV cache, the residual stream) stays float32. A mixture of experts becomes a `DecodeMoE`:
+attention, the residual stream) stays float32; the compiled step's KV cache holds bfloat16 (see
+CompiledStep.cache_dtype). A mixture of experts becomes a `DecodeMoE`:
 each projection's experts stacked in one such layer, its router left float32.
 
 The products run in `kernels.matvec` (a prompt in pieces of 16 rows), which widens the weights to
